@@ -1,0 +1,206 @@
+"""CrossbarConfig: the one description of a crossbar hardware configuration.
+
+A frozen dataclass, validated on construction, loadable from / savable to YAML and overridable
+with ``key=value`` strings (the ``--set`` flag of every script).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, fields
+from typing import Any, Iterable, Mapping
+
+ENCODINGS = ("differential", "twos_complement", "offset")
+SORT_KEYS = ("none", "magnitude", "value")
+SORT_SCOPES = ("filter",)
+QUANT_MODES = ("per_channel", "per_tensor")
+STUCK_VALUES = ("initial", 0, 1)
+
+
+@dataclass(frozen=True)
+class CrossbarConfig:
+    """Hardware and mapping parameters (DESIGN.md, Semantics)."""
+
+    rows: int = 128
+    cols: int = 128
+    weight_bits: int = 8
+    bits_per_cell: int = 1
+    encoding: str = "differential"
+    quant: str = "per_channel"
+    sort: str = "magnitude"
+    sort_scope: str = "filter"
+    stuck_slices: int = 0
+    reprogram_fraction: float = 1.0
+    stuck_value: Any = "initial"
+    pool: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        def bad(name, allowed):
+            raise ValueError(
+                f"CrossbarConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
+
+        for name in ("rows", "cols", "weight_bits", "bits_per_cell", "stuck_slices", "pool", "seed"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                bad(name, "an integer")
+        if self.rows < 1 or self.rows > 1 << 20:
+            bad("rows", "1 <= rows <= 2**20")
+        if self.cols < 1 or self.cols > 1 << 20:
+            bad("cols", "1 <= cols <= 2**20")
+        if not 2 <= self.weight_bits <= 16:
+            bad("weight_bits", "2 <= weight_bits <= 16")
+        if not 1 <= self.bits_per_cell <= 8:
+            bad("bits_per_cell", "1 <= bits_per_cell <= 8")
+        if self.encoding not in ENCODINGS:
+            bad("encoding", f"one of {ENCODINGS}")
+        if self.bits_per_cell > self.magnitude_bits:
+            bad("bits_per_cell", f"at most the {self.magnitude_bits} bits a {self.encoding} "
+                "weight stores (a wider cell would hold one partial slice)")
+        if self.quant not in QUANT_MODES:
+            bad("quant", f"one of {QUANT_MODES}")
+        if self.sort not in SORT_KEYS:
+            bad("sort", f"one of {SORT_KEYS}")
+        if self.sort_scope not in SORT_SCOPES:
+            bad("sort_scope", f"one of {SORT_SCOPES}")
+        if not 0 <= self.stuck_slices <= self.slices:
+            bad("stuck_slices", f"0 <= stuck_slices <= {self.slices} (the slices of one weight)")
+        rf = self.reprogram_fraction
+        if isinstance(rf, bool) or not isinstance(rf, (int, float)) or not (0.0 <= rf <= 1.0):
+            bad("reprogram_fraction", "a number in [0, 1]")
+        object.__setattr__(self, "reprogram_fraction", float(rf))
+        sv = self.stuck_value
+        if isinstance(sv, str) and sv in ("0", "1"):
+            sv = int(sv)
+            object.__setattr__(self, "stuck_value", sv)
+        if isinstance(sv, bool) or sv not in STUCK_VALUES:
+            bad("stuck_value", "'initial', 0 or 1")
+        if self.pool < 1:
+            bad("pool", "pool >= 1")
+        if not 0 <= self.seed < 2 ** 63:
+            bad("seed", "0 <= seed < 2**63")
+        if self.cols < self.cells_per_weight:
+            raise ValueError(
+                f"CrossbarConfig.cols={self.cols} is invalid: one weight takes "
+                f"{self.cells_per_weight} cells ({self.encoding}, weight_bits={self.weight_bits}, "
+                f"bits_per_cell={self.bits_per_cell}), so cols must be >= {self.cells_per_weight}")
+
+    # Derived quantities (DESIGN.md rules 3 and 5).
+    @property
+    def magnitude_bits(self) -> int:
+        """Bits stored per array: B-1 magnitude bits (differential) or the B-bit word."""
+        return self.weight_bits - 1 if self.encoding == "differential" else self.weight_bits
+
+    @property
+    def slices(self) -> int:
+        """S: slices per array (per weight for single-array encodings)."""
+        return math.ceil(self.magnitude_bits / self.bits_per_cell)
+
+    @property
+    def arrays(self) -> int:
+        return 2 if self.encoding == "differential" else 1
+
+    @property
+    def cells_per_weight(self) -> int:
+        """c: cells one weight occupies (2S for differential, S otherwise)."""
+        return self.arrays * self.slices
+
+    @property
+    def filters_per_crossbar(self) -> int:
+        """F = cols // c filters share one crossbar."""
+        return self.cols // self.cells_per_weight
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.weight_bits - 1) - 1
+
+    @property
+    def stucking(self) -> bool:
+        """True when some cells can be stuck (rule 7: p = 1 or L = 0 means no stucking)."""
+        return (self.stuck_slices > 0 and self.reprogram_fraction < 1.0)
+
+    @property
+    def encoding_id(self) -> int:
+        return ENCODINGS.index(self.encoding)
+
+    # Conversions.
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "CrossbarConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown CrossbarConfig field(s) {unknown}; known: {sorted(known)}")
+        return cls(**dict(d))
+
+    def replace(self, **changes) -> "CrossbarConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def baseline(self) -> "CrossbarConfig":
+        """Rule 10: the same configuration with sort='none' and no stucking."""
+        return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
+                            stuck_value="initial")
+
+    def with_overrides(self, overrides: Iterable[str]) -> "CrossbarConfig":
+        """Apply ``key=value`` strings (values parsed as YAML scalars)."""
+        return self.replace(**parse_overrides(overrides))
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike) -> "CrossbarConfig":
+        import yaml
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"config file not found: {path}")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of CrossbarConfig fields")
+        data = data.get("crossbar", data)
+        return cls.from_dict(data)
+
+    def to_yaml(self, path: str | os.PathLike | None = None) -> str:
+        import yaml
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            atomic_write_text(path, text)
+        return text
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    import yaml
+    known = {f.name for f in fields(CrossbarConfig)}
+    out = {}
+    for item in overrides or ():
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, value = item.split("=", 1)
+        key = key.strip()
+        if key not in known:
+            raise ValueError(f"override {item!r}: unknown field {key!r}; known: {sorted(known)}")
+        out[key] = yaml.safe_load(value) if value.strip() else value
+    return out
+
+
+def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> CrossbarConfig:
+    """What scripts call: YAML file (or defaults) then ``--set`` overrides."""
+    cfg = CrossbarConfig.from_yaml(path) if path else CrossbarConfig()
+    return cfg.with_overrides(overrides)
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename, so no reader sees half a file."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
