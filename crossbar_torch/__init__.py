@@ -1,4 +1,13 @@
-"""crossbar_torch: bit-sliced memristive crossbars inside PyTorch models."""
+"""crossbar_torch: bit-sliced memristive crossbars inside PyTorch models.
+
+Implements sorted weight sectioning and bit stucking (Farias & Kung, arXiv 2410.21730):
+``convert`` swaps Linear / Conv2d layers for crossbar layers, ``reprogram_report`` counts
+memristor writes against an unsorted baseline. See DESIGN.md for the normative semantics.
+"""
 from .config import CrossbarConfig, load_config  # noqa: F401
+from .modules import CrossbarConv2d, CrossbarLinear, crossbar_layers  # noqa: F401
+from .convert import ConversionRecord, convert  # noqa: F401
+from .programming import CrossbarPool, ProgramResult, program_model, reprogram, stuck_mask  # noqa: F401
+from .report import ReprogramReport, reprogram_report  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""CrossbarLinear / CrossbarConv2d: layers whose weights live in bit-sliced crossbars.
+
+Each layer holds, as buffers that round-trip through ``state_dict``:
+
+* ``scale``      float32 (out,)       quantization scale per row (fixed after conversion)
+* ``sort_index`` int64 (out, K)       position k' of the sorted filter holds weight index[o, k']
+* ``cells``      uint8 (out, K, c)    the cell levels the crossbars hold (sorted order), i.e. the
+                                      conductance states after programming (DESIGN.md rule 9)
+* ``stuck``      bool (out, K, c)     cells that are stuck (empty when the config has no stucking)
+
+and the latent float ``weight`` stays a parameter for fine-tuning.
+
+Eval mode computes with the effective weights decoded from ``cells`` (cached once per
+programming, then the native GEMM / conv). Train mode simulates programming the *current* latent
+weight (quantize with the fixed scales, gather through the fixed sort index, encode, keep the
+stuck cells' levels, decode, un-sort) and passes the gradient straight through to the latent
+weight.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from .config import CrossbarConfig
+from .quantization import check_weight, quantize, sort_index
+
+
+class CrossbarMixin:
+    """What CrossbarLinear and CrossbarConv2d share: buffers, programming state, weights."""
+
+    config: CrossbarConfig
+
+    def _init_crossbar(self, config: CrossbarConfig, out_features: int, k: int) -> None:
+        self.config = config
+        c = config.cells_per_weight
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("sort_index", torch.arange(k, dtype=torch.int64)
+                             .expand(out_features, k).contiguous())
+        self.register_buffer("cells", torch.zeros(out_features, k, c, dtype=torch.uint8))
+        self.register_buffer("stuck", torch.zeros(0, dtype=torch.bool))
+        self._eff_cache = None
+        self._programmed_version = None
+        self._stale_warned = False
+
+    # ---- the weight the layer computes with, as an (out, K) matrix -----------------------
+    def matrix_weight(self) -> torch.Tensor:
+        """The float weight the original layer actually used, flattened to (out, K)."""
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def _weight_shape(self):
+        return self.weight.shape
+
+    # ---- conversion-time setup --------------------------------------------------------------
+    @torch.no_grad()
+    def quantize_and_sort(self) -> None:
+        """Compute scales and the sort index from the current weight (once, at conversion)."""
+        w = self.matrix_weight().detach().float().cpu()
+        q, s = quantize(w, self.config)
+        self.scale.copy_(s.to(self.scale.device))
+        self.sort_index = sort_index(q, self.config).to(self.sort_index.device)
+        self.set_cells(self.target_cells(), None)
+
+    def target_cells(self) -> torch.Tensor:
+        """Cell levels that programming the current latent weight asks for (sorted order)."""
+        w = self.matrix_weight().detach().to(torch.float32).contiguous()
+        check_weight(w, f"{type(self).__name__}.weight")
+        cfg = self.config
+        return ops.sort_and_encode(w, self.scale, self.sort_index, cfg.weight_bits,
+                                   cfg.bits_per_cell, cfg.encoding_id)
+
+    def set_cells(self, cells: torch.Tensor, stuck: torch.Tensor | None) -> None:
+        """Store what the crossbars hold after programming (called by the programmer)."""
+        self.cells = cells.to(self.cells.device).contiguous()
+        self.stuck = (stuck.to(self.cells.device).contiguous() if stuck is not None
+                      else torch.zeros(0, dtype=torch.bool, device=self.cells.device))
+        self._eff_cache = None
+        self._programmed_version = self.weight._version
+        self._stale_warned = False
+
+    # ---- effective weights --------------------------------------------------------------------
+    def _decode(self, cells: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        w = ops.effective_weight(cells, self.sort_index, self.scale, cfg.weight_bits,
+                                 cfg.bits_per_cell, cfg.encoding_id)
+        return w.reshape(self._weight_shape()).to(self.weight.dtype)
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight the crossbars compute with: decoded held cells, un-sorted, times scale."""
+        if self._eff_cache is None:
+            with torch.no_grad():
+                self._eff_cache = self._decode(self.cells)
+        return self._eff_cache
+
+    def effective_q(self) -> torch.Tensor:
+        """Integer effective weights q_eff (out, K) in the original order (rule 9)."""
+        cfg = self.config
+        q_sorted = ops.decode(self.cells, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
+        q = torch.empty_like(q_sorted)
+        q.scatter_(1, self.sort_index, q_sorted)
+        return q
+
+    def simulated_weight(self) -> torch.Tensor:
+        """Train mode: effective weight of the current latent weight with the stuck cells kept,
+        gradient passed straight through (d W_used / d weight = identity)."""
+        target = self.target_cells()
+        if self.stuck.numel():
+            target = torch.where(self.stuck, self.cells, target)
+        w_eff = self._decode(target)
+        w = self.weight
+        return w + (w_eff - w).detach()
+
+    def weight_for_forward(self) -> torch.Tensor:
+        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
+            return self.simulated_weight()
+        if (self._programmed_version is not None and self.weight._version != self._programmed_version
+                and not self._stale_warned):
+            warnings.warn(f"{type(self).__name__}: the latent weight changed since the crossbars "
+                          "were programmed; eval uses what the crossbars hold. Call "
+                          "crossbar_torch.reprogram(model) to program the new weights.",
+                          stacklevel=3)
+            self._stale_warned = True
+        return self.effective_weight()
+
+    # ---- state dict: the config travels with the buffers ------------------------------------
+    def get_extra_state(self):
+        return {"crossbar_config": self.config.to_dict()}
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked (before the buffers) in _load_from_state_dict
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "_extra_state"
+        if key in state_dict:
+            theirs = dict(state_dict[key].get("crossbar_config", {}))
+            mine = self.config.to_dict()
+            if theirs != mine:
+                diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
+                        if theirs.get(k) != mine.get(k)}
+                raise RuntimeError(
+                    f"crossbar layer {prefix.rstrip('.') or '<root>'}: the state dict was made "
+                    f"with a different CrossbarConfig (field: (saved, this model)) {diff}; "
+                    "convert the model with the saved config before loading")
+        # `stuck` is empty without stucking: resize to what is being loaded
+        skey = prefix + "stuck"
+        if skey in state_dict:
+            self.stuck = torch.empty_like(state_dict[skey], device=self.cells.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._eff_cache = None
+        self._programmed_version = self.weight._version
+        self._stale_warned = False
+
+    def _apply(self, fn, recurse=True):
+        # `.to(dtype)` must not round the float32 scales (rule 2 computes in float32): keep
+        # them float32, follow only the device.
+        scale = self.scale
+        in_sync = self._programmed_version == self.weight._version
+        super()._apply(fn, recurse)
+        self.scale = scale.to(self.scale.device, torch.float32)
+        self._eff_cache = None
+        if in_sync:
+            self._programmed_version = self.weight._version
+        return self
+
+    def crossbar_repr(self) -> str:
+        cfg = self.config
+        return (f"bits={cfg.weight_bits}, {cfg.encoding}, cell={cfg.bits_per_cell}b, "
+                f"sort={cfg.sort}, xbar={cfg.rows}x{cfg.cols}")
+
+
+class CrossbarLinear(CrossbarMixin, nn.Module):
+    """nn.Linear computed with the weights held by crossbars."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 config: CrossbarConfig | None = None, device=None, dtype=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device,
+                                               dtype=dtype))
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+                     if bias else None)
+        self._init_crossbar(config or CrossbarConfig(), out_features, in_features)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, config: CrossbarConfig) -> "CrossbarLinear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, config,
+                device=lin.weight.device, dtype=lin.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                m.bias.copy_(lin.bias)
+        m.quantize_and_sort()
+        m.train(lin.training)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_for_forward(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.crossbar_repr()}")
+
+
+class CrossbarConv2d(CrossbarMixin, nn.Module):
+    """nn.Conv2d (any groups / dilation / padding mode, timm's dynamic 'same' padding and
+    weight standardization) computed with the weights held by crossbars."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 config: CrossbarConfig | None = None, *, dynamic_same_pad: bool = False,
+                 std_eps: float | None = None, std_gain: bool = False, std_scale: float = 1.0,
+                 device=None, dtype=None):
+        super().__init__()
+        pair = nn.modules.utils._pair
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = pair(kernel_size), pair(stride)
+        self.padding = padding if isinstance(padding, str) else pair(padding)
+        self.dilation, self.groups, self.padding_mode = pair(dilation), groups, padding_mode
+        if padding_mode != "zeros":
+            if isinstance(self.padding, str):
+                raise ValueError("string padding with a non-zeros padding_mode is not supported")
+            self._reversed_padding_repeated_twice = nn.modules.utils._reverse_repeat_tuple(
+                self.padding, 2)
+        self.dynamic_same_pad = dynamic_same_pad
+        self.std_eps = std_eps
+        self.std_scale = std_scale
+        shape = (out_channels, in_channels // groups, *self.kernel_size)
+        self.weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        self.bias = (nn.Parameter(torch.zeros(out_channels, device=device, dtype=dtype))
+                     if bias else None)
+        self.gain = (nn.Parameter(torch.ones(out_channels, 1, 1, 1, device=device, dtype=dtype))
+                     if std_gain else None)
+        k = shape[1] * shape[2] * shape[3]
+        self._init_crossbar(config or CrossbarConfig(), out_channels, k)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, config: CrossbarConfig, *, dynamic_same_pad=False,
+                  std_eps=None, std_gain=False, std_scale=1.0) -> "CrossbarConv2d":
+        m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                conv.padding_mode, config, dynamic_same_pad=dynamic_same_pad, std_eps=std_eps,
+                std_gain=std_gain, std_scale=std_scale, device=conv.weight.device,
+                dtype=conv.weight.dtype)
+        with torch.no_grad():
+            m.weight.copy_(conv.weight)
+            if conv.bias is not None:
+                m.bias.copy_(conv.bias)
+            if std_gain:
+                m.gain.copy_(conv.gain)
+        m.quantize_and_sort()
+        m.train(conv.training)
+        return m
+
+    def matrix_weight(self) -> torch.Tensor:
+        w = self.weight.reshape(self.out_channels, -1)
+        if self.std_eps is not None:
+            # timm StdConv2d / ScaledStdConv2d: the crossbar holds the standardized weight
+            gain = (self.gain * self.std_scale).view(-1) if self.gain is not None else None
+            w = F.batch_norm(w.unsqueeze(0), None, None, weight=gain, training=True,
+                             momentum=0.0, eps=self.std_eps).squeeze(0)
+        return w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_for_forward()
+        padding = self.padding
+        if self.dynamic_same_pad:
+            from timm.layers.padding import pad_same
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+            padding = 0
+        elif self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def extra_repr(self) -> str:
+        s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+             f"stride={self.stride}, padding={self.padding}")
+        if self.dilation != (1, 1):
+            s += f", dilation={self.dilation}"
+        if self.groups != 1:
+            s += f", groups={self.groups}"
+        if self.padding_mode != "zeros":
+            s += f", padding_mode={self.padding_mode}"
+        if self.dynamic_same_pad:
+            s += ", same_pad=dynamic"
+        if self.std_eps is not None:
+            s += f", weight_std(eps={self.std_eps})"
+        return s + ", " + self.crossbar_repr()
+
+
+CROSSBAR_LAYERS = (CrossbarLinear, CrossbarConv2d)
+
+
+def crossbar_layers(model: nn.Module):
+    """(name, layer) of every crossbar layer, in module order (the schedule order, rule 6)."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, CROSSBAR_LAYERS)]
