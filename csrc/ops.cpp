@@ -1,0 +1,38 @@
+// Schemas of the crossbar_torch custom ops and the `crossbar_torch._C` Python module.
+//
+// Kernels are registered per device in cpu/<op>_kernel.cpp and cuda/<op>_kernel.cu (the latter
+// only in builds WITH_CUDA); fake (meta) kernels are registered in Python
+// (crossbar_torch/ops/__init__.py). Semantics: DESIGN.md and crossbar_torch/ops/reference.py.
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// Importing crossbar_torch._C loads this library, which runs the TORCH_LIBRARY static
+// initializers below; the module itself is empty (pytorch/extension-cpp style).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",  // name
+      NULL,  // doc
+      -1,    // size
+      NULL,  // methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(crossbar_torch, m) {
+  m.def("encode(Tensor q, int weight_bits, int bits_per_cell, int encoding) -> Tensor");
+  m.def("decode(Tensor cells, int weight_bits, int bits_per_cell, int encoding) -> Tensor");
+  m.def(
+      "effective_weight(Tensor cells, Tensor index, Tensor scale, int weight_bits, "
+      "int bits_per_cell, int encoding) -> Tensor");
+  m.def(
+      "sort_and_encode(Tensor w, Tensor scale, Tensor index, int weight_bits, "
+      "int bits_per_cell, int encoding) -> Tensor");
+  m.def(
+      "program_layer(Tensor cells, Tensor(a!) state, Tensor(b!) written, Tensor stuck, "
+      "Tensor(c!) cell_writes, int tile_offset, int rows, int cols, int bits_per_cell, "
+      "int slices, bool stuck_initial, bool count_cells) -> (Tensor, Tensor)");
+}
