@@ -1,0 +1,87 @@
+import pytest
+
+import crossbar_torch as xb
+from crossbar_torch.config import CrossbarConfig, load_config, parse_overrides
+
+
+def test_defaults_follow_design():
+    c = CrossbarConfig()
+    assert (c.rows, c.cols, c.weight_bits, c.bits_per_cell) == (128, 128, 8, 1)
+    assert (c.encoding, c.quant, c.sort, c.sort_scope) == ("differential", "per_channel",
+                                                           "magnitude", "filter")
+    assert (c.stuck_slices, c.reprogram_fraction, c.stuck_value, c.pool, c.seed) == (
+        0, 1.0, "initial", 1, 0)
+    # differential 8 bits, 1 bit per cell: 7 magnitude slices per array, 14 cells, 9 filters
+    assert (c.slices, c.cells_per_weight, c.filters_per_crossbar) == (7, 14, 9)
+    assert not c.stucking
+
+
+@pytest.mark.parametrize("enc,B,b,S,cells", [
+    ("differential", 8, 2, 4, 8), ("twos_complement", 8, 1, 8, 8), ("offset", 8, 3, 3, 3),
+    ("differential", 16, 4, 4, 8), ("twos_complement", 5, 2, 3, 3)])
+def test_derived_slices(enc, B, b, S, cells):
+    c = CrossbarConfig(encoding=enc, weight_bits=B, bits_per_cell=b)
+    assert c.slices == S and c.cells_per_weight == cells
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("rows", 0, "rows"), ("cols", -1, "cols"), ("weight_bits", 1, "weight_bits"),
+    ("weight_bits", 17, "weight_bits"), ("bits_per_cell", 0, "bits_per_cell"),
+    ("reprogram_fraction", 1.5, "reprogram_fraction"), ("reprogram_fraction", -0.1,
+                                                        "reprogram_fraction"),
+    ("encoding", "gray", "encoding"), ("sort", "random", "sort"), ("quant", "per_row", "quant"),
+    ("stuck_value", 2, "stuck_value"), ("pool", 0, "pool"), ("stuck_slices", 8, "stuck_slices"),
+    ("cols", 13, "cols"), ("rows", 2.5, "rows"), ("sort_scope", "layer", "sort_scope")])
+def test_bad_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match) as e:
+        CrossbarConfig(**{field: value})
+    assert repr(value) in str(e.value) or str(value) in str(e.value)
+
+
+def test_bits_per_cell_wider_than_the_word():
+    with pytest.raises(ValueError, match="bits_per_cell"):
+        CrossbarConfig(weight_bits=3, bits_per_cell=4)
+
+
+def test_frozen():
+    with pytest.raises(Exception):
+        CrossbarConfig().rows = 3
+
+
+def test_yaml_round_trip(tmp_path):
+    c = CrossbarConfig(rows=64, stuck_slices=3, reprogram_fraction=0.25, stuck_value=1,
+                       encoding="offset")
+    p = tmp_path / "c.yaml"
+    c.to_yaml(p)
+    assert CrossbarConfig.from_yaml(p) == c
+    assert load_config(str(p), ["rows=32", "sort=value"]) == c.replace(rows=32, sort="value")
+
+
+def test_overrides_errors(tmp_path):
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["rows"])
+    with pytest.raises(ValueError, match="unknown field 'row'"):
+        parse_overrides(["row=3"])
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    (tmp_path / "bad.yaml").write_text("rows: 1\ncolumns: 3\n")
+    with pytest.raises(ValueError, match="columns"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_baseline_config():
+    c = CrossbarConfig(sort="value", stuck_slices=2, reprogram_fraction=0.5, pool=4)
+    b = c.baseline()
+    assert b.sort == "none" and not b.stucking and b.pool == 4
+
+
+def test_shipped_configs_load():
+    import glob
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    paths = sorted(glob.glob(os.path.join(root, "configs", "*.yaml")))
+    assert len(paths) >= 3
+    for p in paths:
+        if os.path.basename(p).startswith("sweep"):
+            continue  # sweep files list runs; tests/test_scripts.py loads them
+        assert isinstance(xb.CrossbarConfig.from_yaml(p), CrossbarConfig)

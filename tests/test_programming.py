@@ -1,0 +1,262 @@
+"""Rules 5 to 10 held against tests/independent.py (a naive, separately written simulator)
+and against cases worked out by hand."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import crossbar_torch as xb
+from independent import simulate
+
+COUNT_KEYS = ["tiles", "initial_writes", "writes_per_pass", "set_writes_per_pass",
+              "reset_writes_per_pass", "pulses_per_pass", "rows_programmed_per_pass",
+              "max_cell_writes_per_pass"]
+
+
+def weight_matrices(model):
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            out.append((name, m.weight.detach().reshape(m.weight.shape[0], -1).numpy()))
+    return out
+
+
+def assert_matches_simulator(model, cfg):
+    xm = xb.convert(model, cfg)
+    rep = xb.reprogram_report(xm).to_dict()
+    sim = simulate(weight_matrices(model), cfg.to_dict())
+    for k in COUNT_KEYS:
+        assert rep[k] == sim[k], k
+    assert [rep["per_slice"][str(i)] for i in range(cfg.slices)] == sim["per_slice"]
+    assert [(l["name"], l["writes_per_pass"]) for l in rep["layers"]] == sim["layers"]
+    for (name, layer), q_eff, s in zip(xb.crossbar_layers(xm), sim["q_eff"], sim["scales"]):
+        assert torch.equal(layer.effective_q(), torch.tensor(q_eff, dtype=torch.int32)), name
+        assert torch.equal(layer.scale, torch.tensor(np.array(s, dtype=np.float32)))
+    base = simulate(weight_matrices(model), cfg.baseline().to_dict())
+    assert rep["baseline_writes_per_pass"] == base["writes_per_pass"]
+    if sim["writes_per_pass"]:
+        assert rep["reduction"] == pytest.approx(base["writes_per_pass"] / sim["writes_per_pass"])
+    return xm, rep
+
+
+def small_model(seed, conv=True):
+    g = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(19, 13), nn.Linear(13, 7, bias=False)]
+    if conv:
+        layers = [nn.Conv2d(4, 6, 3, groups=2), nn.Conv2d(6, 5, 1)] + layers
+    m = nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+        m[-1].weight[0, :3] = 0.0   # ties for the stable sort
+    return m
+
+
+configs = st.builds(
+    dict,
+    rows=st.integers(1, 12), cols_extra=st.integers(0, 70),
+    weight_bits=st.integers(2, 9), bits_per_cell=st.integers(1, 4),
+    encoding=st.sampled_from(["differential", "twos_complement", "offset"]),
+    sort=st.sampled_from(["none", "magnitude", "value"]),
+    quant=st.sampled_from(["per_channel", "per_tensor"]),
+    stuck_slices=st.integers(0, 8), reprogram_fraction=st.sampled_from([0.0, 0.3, 0.7, 1.0]),
+    stuck_value=st.sampled_from(["initial", 0, 1]), pool=st.integers(1, 5),
+    seed=st.integers(0, 2 ** 31))
+
+
+def make_config(d):
+    d = dict(d)
+    enc, B = d["encoding"], d["weight_bits"]
+    mag = B - 1 if enc == "differential" else B
+    d["bits_per_cell"] = min(d["bits_per_cell"], mag)
+    probe = xb.CrossbarConfig(encoding=enc, weight_bits=B, bits_per_cell=d["bits_per_cell"],
+                              cols=64)
+    d["cols"] = probe.cells_per_weight + d.pop("cols_extra")
+    d["stuck_slices"] = min(d["stuck_slices"], probe.slices)
+    return xb.CrossbarConfig(**d)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=configs, seed=st.integers(0, 1000))
+def test_counts_and_effective_weights_match_independent_simulator(cfg, seed):
+    assert_matches_simulator(small_model(seed), make_config(cfg))
+
+
+@pytest.mark.parametrize("enc", ["differential", "twos_complement", "offset"])
+def test_paper_scale_configs_match_simulator(enc):
+    cfg = xb.CrossbarConfig(rows=16, cols=64, encoding=enc, stuck_slices=3,
+                            reprogram_fraction=0.25, pool=2, seed=7)
+    assert_matches_simulator(small_model(3), cfg)
+
+
+# ---- hand-checked two-tile layer ---------------------------------------------------------
+# Linear(2 -> 1), w = [3, -1], 3-bit weights (qmax 3, s = 1, q = [3, -1]), 1-row crossbars:
+# two sections of one weight, two tiles on one crossbar, sort none, 1 bit per cell.
+#  differential (c = 4, S = 2): 3 -> [1,1 | 0,0], -1 -> [0,0 | 1,0]
+#     pass 1: tile0 2 writes (set), tile1 3 writes (1 set, 2 resets)        initial = 5
+#     pass 2: tile0 3 (2 set, 1 reset), tile1 3 (1 set, 2 reset)         per pass = 6
+#     slices: columns 0 and 2 are slice 0, 1 and 3 slice 1 -> [4, 2]; every changing cell
+#     flips twice per pass -> max 2; 2 rows programmed per pass
+#  twos_complement (c = 3): 3 = 011 -> [1,1,0], -1 = 111 -> [1,1,1]
+#     initial 2 + 1 = 3; per pass 1 + 1 = 2, all in slice 2; 1 set 1 reset; max 2
+#  offset (u = q + 3, c = 3): 6 = 110 -> [0,1,1], 2 = 010 -> [0,1,0]
+#     initial 2 + 1 = 3; per pass 2, slice 2 only
+HAND = {
+    "differential": dict(initial_writes=5, writes_per_pass=6, set_writes_per_pass=3,
+                         reset_writes_per_pass=3, pulses_per_pass=6,
+                         rows_programmed_per_pass=2, max_cell_writes_per_pass=2,
+                         per_slice={"0": 4, "1": 2}, tiles=2),
+    "twos_complement": dict(initial_writes=3, writes_per_pass=2, set_writes_per_pass=1,
+                            reset_writes_per_pass=1, pulses_per_pass=2,
+                            rows_programmed_per_pass=2, max_cell_writes_per_pass=2,
+                            per_slice={"0": 0, "1": 0, "2": 2}, tiles=2),
+    "offset": dict(initial_writes=3, writes_per_pass=2, set_writes_per_pass=1,
+                   reset_writes_per_pass=1, pulses_per_pass=2, rows_programmed_per_pass=2,
+                   max_cell_writes_per_pass=2, per_slice={"0": 0, "1": 0, "2": 2}, tiles=2),
+}
+
+
+def two_weight_linear(w):
+    lin = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([w]))
+    return nn.Sequential(lin)
+
+
+@pytest.mark.parametrize("enc", list(HAND))
+def test_two_tile_layer_by_hand(enc):
+    cfg = xb.CrossbarConfig(rows=1, cols=4, weight_bits=3, encoding=enc, sort="none")
+    rep = xb.reprogram_report(xb.convert(two_weight_linear([3.0, -1.0]), cfg)).to_dict()
+    for k, v in HAND[enc].items():
+        assert rep[k] == v, k
+
+
+def test_two_tile_pulses_count_level_steps():
+    # 2 bits per cell, twos complement, 3-bit weights: 3 = 011 -> levels [3, 0],
+    # -1 = 111 -> [3, 1]: only the top cell changes, by one level: 0 -> 1 -> 0 -> 1.
+    # With w = [3, -3]: -3 = 101 -> [1, 1]; cell 0 steps 3 -> 1 (2 pulses), cell 1 0 -> 1.
+    cfg = xb.CrossbarConfig(rows=1, cols=2, weight_bits=3, bits_per_cell=2,
+                            encoding="twos_complement", sort="none")
+    rep = xb.reprogram_report(xb.convert(two_weight_linear([3.0, -3.0]), cfg)).to_dict()
+    # pass 1: tile0 writes cell0 (0->3, 3 pulses); tile1 cell0 3->1 (2), cell1 0->1 (1)
+    assert rep["initial_writes"] == 3
+    # pass 2: tile0 cell0 1->3 (2 pulses, set), cell1 1->0 (1, reset); tile1 reverses it
+    assert rep["writes_per_pass"] == 4
+    assert rep["pulses_per_pass"] == 6
+    assert rep["set_writes_per_pass"] == 2 and rep["reset_writes_per_pass"] == 2
+
+
+def test_sorting_reduces_writes_on_a_hand_case():
+    # Two filters of 4 weights in 2-row sections: sorted by magnitude, each section holds
+    # similar magnitudes, so consecutive tiles differ less than unsorted ones.
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[7.0, 0.0, 7.0, 0.0]]))
+    cfg = xb.CrossbarConfig(rows=2, cols=6, weight_bits=4, sort="magnitude")
+    rep = xb.reprogram_report(xb.convert(nn.Sequential(lin), cfg)).to_dict()
+    # sorted sections: [7, 7] then [0, 0]: per pass 2 x (3 + 3) = 12 writes;
+    # unsorted: [7, 0] then [7, 0]: identical tiles, 0 writes per pass.
+    assert rep["writes_per_pass"] == 12 and rep["baseline_writes_per_pass"] == 0
+    cfg2 = xb.CrossbarConfig(rows=2, cols=6, weight_bits=4, sort="none")
+    rep2 = xb.reprogram_report(xb.convert(nn.Sequential(lin), cfg2)).to_dict()
+    assert rep2["writes_per_pass"] == 0 and rep2["reduction"] is None
+
+
+def test_model_that_fits_in_the_pool_costs_nothing_per_pass():
+    m = small_model(1)
+    cfg = xb.CrossbarConfig(rows=8, cols=32)
+    tiles = xb.reprogram_report(xb.convert(m, cfg)).to_dict()["tiles"]
+    rep = xb.reprogram_report(xb.convert(m, cfg.replace(pool=tiles))).to_dict()
+    assert rep["writes_per_pass"] == 0 and rep["initial_writes"] > 0
+    assert rep["max_cell_writes_per_pass"] == 0
+    rep = xb.reprogram_report(xb.convert(m, cfg.replace(pool=tiles - 1))).to_dict()
+    assert rep["writes_per_pass"] > 0
+
+
+def test_full_reprogram_fraction_equals_no_stucking():
+    m = small_model(2)
+    cfg = xb.CrossbarConfig(rows=8, cols=32, pool=2)
+    a = xb.reprogram_report(xb.convert(m, cfg)).to_dict()
+    b = xb.reprogram_report(xb.convert(m, cfg.replace(stuck_slices=5,
+                                                      reprogram_fraction=1.0))).to_dict()
+    for k in COUNT_KEYS + ["per_slice"]:
+        assert a[k] == b[k]
+
+
+@pytest.mark.parametrize("stuck_value", ["initial", 0, 1])
+def test_zero_fraction_freezes_low_slices(stuck_value):
+    m = small_model(4)
+    cfg = xb.CrossbarConfig(rows=8, cols=40, stuck_slices=3, reprogram_fraction=0.0,
+                            stuck_value=stuck_value)
+    rep = xb.reprogram_report(xb.convert(m, cfg)).to_dict()
+    assert [rep["per_slice"][str(s)] for s in range(3)] == [0, 0, 0]
+    assert all(rep["per_slice"][str(s)] > 0 for s in range(3, cfg.slices))
+    if stuck_value != "initial":
+        free = xb.reprogram_report(xb.convert(m, cfg.replace(stuck_slices=0)))
+        # cells stuck at a fixed level are never written, not even initially
+        assert rep["initial_writes"] < free.to_dict()["initial_writes"]
+
+
+def test_stuck_values_are_what_the_layers_hold():
+    m = small_model(5, conv=False)
+    for sv in (0, 1):
+        cfg = xb.CrossbarConfig(rows=8, cols=28, stuck_slices=7, reprogram_fraction=0.0,
+                                stuck_value=sv)
+        xm = xb.convert(m, cfg)
+        for _, layer in xb.crossbar_layers(xm):
+            # every used cell of every slice is stuck: all levels equal the stuck value
+            assert layer.stuck.all()
+            assert (layer.cells == sv).all()
+
+
+def test_sorting_never_changes_outputs_without_stucking():
+    m = small_model(6)
+    x = torch.randn(3, 4, 5, 5)
+    outs = []
+    for key in ("none", "magnitude", "value"):
+        xm = xb.convert(m, xb.CrossbarConfig(rows=8, cols=32, sort=key)).eval()
+        outs.append(xm[:2](x))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_stuck_cells_never_change_after_first_pass_even_after_finetuning():
+    m = small_model(7)
+    cfg = xb.CrossbarConfig(rows=8, cols=32, stuck_slices=4, reprogram_fraction=0.3, pool=3)
+    xm = xb.convert(m, cfg)
+    held = {n: (l.stuck.clone(), l.cells[l.stuck].clone()) for n, l in xb.crossbar_layers(xm)}
+    assert sum(s.sum().item() for s, _ in held.values()) > 0
+    with torch.no_grad():
+        for p in xm.parameters():
+            p.add_(torch.randn_like(p) * p.abs().mean())
+    xb.reprogram(xm)
+    for n, l in xb.crossbar_layers(xm):
+        stuck, levels = held[n]
+        assert torch.equal(l.stuck, stuck)
+        assert torch.equal(l.cells[stuck], levels)
+    # and a second pass on top never writes a stuck cell: replaying gives the same counts
+    r1 = xb.reprogram_report(xm).to_dict()
+    r2 = xb.reprogram_report(xm).to_dict()
+    assert r1 == r2
+
+
+def test_stuck_mask_is_a_pure_function_and_has_the_right_rate():
+    cfg = xb.CrossbarConfig(rows=128, cols=128, stuck_slices=7, reprogram_fraction=0.25,
+                            seed=11)
+    a, b = xb.stuck_mask(cfg, 3), xb.stuck_mask(cfg, 3)
+    assert torch.equal(a, b) and not torch.equal(a, xb.stuck_mask(cfg, 4))
+    used = 9 * 14  # F * c columns are used
+    rate = a[:, :used].float().mean().item()
+    assert 0.72 < rate < 0.78  # 1 - p = 0.75 of the used cells
+    assert not a[:, used:].any()
+
+
+def test_per_layer_and_slice_totals_add_up():
+    m = small_model(8)
+    rep = xb.reprogram_report(xb.convert(m, xb.CrossbarConfig(rows=8, cols=32, pool=2)))
+    d = rep.to_dict()
+    assert sum(l["writes_per_pass"] for l in d["layers"]) == d["writes_per_pass"]
+    assert sum(d["per_slice"].values()) == d["writes_per_pass"]
+    assert d["set_writes_per_pass"] + d["reset_writes_per_pass"] == d["writes_per_pass"]
+    assert sum(l["tiles"] for l in d["layers"]) == d["tiles"]
