@@ -6,11 +6,18 @@
 // (s, j) is sorted position k' = s*rows + r), so rows are split across threads with
 // at::parallel_for; each thread walks the tiles in schedule order over its own block of rows
 // (rows inner, so consecutive rows read consecutive cells), keeps per-row partial stats, and the
-// partials are summed at the end. Only O(planes) words per row are live at a time: no unpacked
+// partials are summed at the end. The targets of a tile row are packed 16 cells at a time
+// (SSE2 movemask); the effective cells start as a copy of the targets and only cells that kept
+// another level are patched. Only O(planes) words per row are live at a time: no unpacked
 // copy of the state or of a tile is ever made.
 #include <ATen/Parallel.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -18,6 +25,71 @@
 
 namespace crossbar_torch {
 namespace {
+
+// x86-64 without -mpopcnt turns __builtin_popcountll into a libgcc call; the row kernel is
+// instantiated a second time with the POPCNT instruction enabled and chosen at run time.
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && \
+    !defined(__POPCNT__)
+#define XB_ALWAYS_INLINE __attribute__((always_inline))
+inline bool cpu_has_popcnt() { return __builtin_cpu_supports("popcnt"); }
+template <class Fn>
+__attribute__((target("popcnt"), noinline)) void run_with_popcnt(const Fn& fn, int64_t b,
+                                                                 int64_t e) {
+  fn(b, e);
+}
+#else
+#define XB_ALWAYS_INLINE
+inline bool cpu_has_popcnt() { return false; }
+template <class Fn>
+void run_with_popcnt(const Fn& fn, int64_t b, int64_t e) { fn(b, e); }
+#endif
+
+// Packs one tile row's target levels into planes x words bit planes (target[p * words + w]):
+// column f*c + i holds cells src[f * Kc + i], f < nf, i < c. Uncovered bits are zero.
+// SSE2 path: 16 cells at a time, bit p of each byte moved to the sign bit, then movemask.
+inline void pack_tile_row(const uint8_t* src, int64_t Kc, int64_t nf, int64_t c, int planes,
+                          int64_t words, const uint8_t* cend, uint64_t* target) {
+  const int64_t nw = (nf * c + 63) / 64;
+  for (int p = 0; p < planes; ++p) {
+    for (int64_t w = 0; w < nw; ++w) target[p * words + w] = 0;
+  }
+  auto put = [&](int p, int64_t col, uint64_t m, int64_t n) {  // n <= 16 bits at col
+    const int64_t w = col >> 6, b = col & 63;
+    target[p * words + w] |= m << b;
+    if (b + n > 64) target[p * words + w + 1] |= m >> (64 - b);
+  };
+  for (int64_t f = 0; f < nf; ++f) {
+    const uint8_t* cell = src + f * Kc;
+    for (int64_t i0 = 0; i0 < c; i0 += 16) {
+      const int64_t n = std::min<int64_t>(16, c - i0);
+      const uint64_t nmask = (uint64_t(1) << n) - 1;
+      const int64_t col = f * c + i0;
+#if defined(__SSE2__)
+      __m128i v;
+      if (cell + i0 + 16 <= cend) {
+        v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(cell + i0));
+      } else {
+        alignas(16) uint8_t buf[16] = {0};
+        std::memcpy(buf, cell + i0, size_t(n));
+        v = _mm_load_si128(reinterpret_cast<const __m128i*>(buf));
+      }
+      for (int p = 0; p < planes; ++p) {
+        // 16-bit lanes shifted left by 7 - p: bit p of every byte lands in that byte's bit 7.
+        const __m128i sh = _mm_sll_epi16(v, _mm_cvtsi32_si128(7 - p));
+        const uint64_t m = uint64_t(uint32_t(_mm_movemask_epi8(sh))) & nmask;
+        if (m) put(p, col, m, n);
+      }
+#else
+      for (int p = 0; p < planes; ++p) {
+        uint64_t m = 0;
+        for (int64_t i = 0; i < n; ++i) m |= uint64_t((cell[i0 + i] >> p) & 1) << i;
+        if (m) put(p, col, m, n);
+      }
+      (void)cend;
+#endif
+    }
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
     const at::Tensor& cells_in, at::Tensor& state, at::Tensor& written, const at::Tensor& stuck_in,
@@ -39,16 +111,24 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
   const int64_t n_sections = K ? (K + rows - 1) / rows : 0;
   const int64_t n_blocks = out ? (out + F - 1) / F : 0;
 
-  at::Tensor eff = at::empty_like(cells);
+  // Effective cells start as the targets; cells that keep another level (stuck, or not
+  // allowed) are patched below, so the common case costs one parallel copy.
+  at::Tensor eff = cells.clone();
   // Column -> slice masks: column col (< F*c) holds slice (col % c) % slices.
   std::vector<uint64_t> slice_mask(size_t(nsl * words), 0);
   for (int64_t col = 0; col < F * c; ++col) {
     slice_mask[size_t(((col % c) % slices) * words + col / 64)] |= uint64_t(1) << (col % 64);
   }
+  // Column -> offset of its cell within a tile row of `cells` / `eff` (avoids a division per
+  // patched cell).
+  std::vector<int64_t> col_offset(size_t(F * c));
+  for (int64_t col = 0; col < F * c; ++col) col_offset[size_t(col)] = (col / c) * K * c + col % c;
   // Per-row partial stats (writes, sets, resets, pulses, rows_programmed, per slice).
-  std::vector<int64_t> row_stats(size_t(rows * (kNumStats + nsl)), 0);
+  const int64_t rstride = kNumStats + nsl;
+  std::vector<int64_t> row_stats(size_t(rows * rstride), 0);
 
   const uint8_t* cp = cells.const_data_ptr<uint8_t>();
+  const uint8_t* cend = cp + cells.numel();
   uint8_t* ep = eff.mutable_data_ptr<uint8_t>();
   uint64_t* stp = reinterpret_cast<uint64_t*>(state.mutable_data_ptr<int64_t>());
   uint64_t* wrp = reinterpret_cast<uint64_t*>(written.mutable_data_ptr<int64_t>());
@@ -58,51 +138,50 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
 
   if (n_sections > 0 && n_blocks > 0) {
     const int64_t grain = std::max<int64_t>(1, rows / (4 * at::get_num_threads()));
-    at::parallel_for(0, rows, grain, [&](int64_t r_begin, int64_t r_end) {
-      uint64_t target[kMaxPlanes], fresh[kMaxPlanes];
+    auto rows_kernel = [&](int64_t r_begin, int64_t r_end) XB_ALWAYS_INLINE {
+      // Packed target levels of one tile row: planes x words (a few words per thread).
+      std::vector<uint64_t> target(size_t(planes * words));
+      uint64_t old[kMaxPlanes], tw[kMaxPlanes], fresh[kMaxPlanes];
       for (int64_t s = 0; s < n_sections; ++s) {
         const int64_t k0 = s * rows;
         const int64_t nr = std::min(K, k0 + rows) - k0;  // rows this section covers
         for (int64_t j = 0; j < n_blocks; ++j) {
           const int64_t o0 = j * F;
-          const int64_t ncol = (std::min(out, o0 + F) - o0) * c;
+          const int64_t nf = std::min(out, o0 + F) - o0;  // filters in this tile
+          const int64_t ncol = nf * c;
           const int64_t nw = (ncol + 63) / 64;
           const int64_t x = (tile_offset + s * n_blocks + j) % pool;
           for (int64_t r = r_begin; r < std::min(r_end, nr); ++r) {
             const int64_t kp = k0 + r;
-            int64_t* rs = row_stats.data() + r * (kNumStats + nsl);
+            int64_t* rs = row_stats.data() + r * rstride;
             const int64_t xr = x * rows + r;
             uint64_t* st_row = stp + xr * planes * words;
             uint64_t* wr_row = wrp + xr * words;
             const uint64_t* sk_row = skp + xr * words;
             int32_t* cw_row = count_cells ? cwp + xr * cols : nullptr;
-            // Walk the tile row's columns: column f*c + i is cell i of filter o0 + f.
-            int64_t f = 0, i = 0;
+            // Column f*c + i of the tile row is cell i of filter o0 + f at sorted position kp.
             const uint8_t* src = cp + o0 * Kc + kp * c;
             uint8_t* dst = ep + o0 * Kc + kp * c;
+            pack_tile_row(src, Kc, nf, c, planes, words, cend, target.data());
             bool any = false;
             for (int64_t w = 0; w < nw; ++w) {
-              const int64_t nb = std::min<int64_t>(64, ncol - w * 64);
-              const uint64_t covered = low_mask(nb);
-              // Pack the target levels of this word, plane by plane.
-              for (int p = 0; p < planes; ++p) target[p] = 0;
-              {
-                int64_t ff = f, ii = i;
-                for (int64_t bit = 0; bit < nb; ++bit) {
-                  const uint64_t v = src[ff * Kc + ii];
-                  for (int p = 0; p < planes; ++p) target[p] |= ((v >> p) & 1) << bit;
-                  if (++ii == c) { ii = 0; ++ff; }
-                }
+              const uint64_t covered = low_mask(std::min<int64_t>(64, ncol - w * 64));
+              for (int p = 0; p < planes; ++p) {
+                old[p] = st_row[p * words + w];
+                tw[p] = target[p * words + w];
               }
-              uint64_t old[kMaxPlanes];
-              for (int p = 0; p < planes; ++p) old[p] = st_row[p * words + w];
               uint64_t allowed = covered & ~sk_row[w];
               if (stuck_initial) {
                 allowed |= covered & ~wr_row[w];
                 wr_row[w] |= covered;
               }
-              const WordStats ws = transition_word(old, target, allowed, planes, fresh);
-              for (int p = 0; p < planes; ++p) st_row[p * words + w] = fresh[p];
+              const WordStats ws = transition_word(old, tw, allowed, planes, fresh);
+              uint64_t kept = 0;  // covered cells that hold something else than their target
+              for (int p = 0; p < planes; ++p) {
+                st_row[p * words + w] = fresh[p];
+                kept |= fresh[p] ^ tw[p];
+              }
+              kept &= covered;
               if (ws.changed) {
                 any = true;
                 rs[0] += popcount64(ws.changed);
@@ -119,17 +198,26 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
                   }
                 }
               }
-              // Effective cells: what the cells hold now.
-              for (int64_t bit = 0; bit < nb; ++bit) {
+              // Effective cells: patch the ones that kept a level other than the target.
+              for (uint64_t m = kept; m; m &= m - 1) {
+                const int bit = ctz64(m);
+                const int64_t col = w * 64 + bit;
                 uint64_t v = 0;
                 for (int p = 0; p < planes; ++p) v |= ((fresh[p] >> bit) & 1) << p;
-                dst[f * Kc + i] = static_cast<uint8_t>(v);
-                if (++i == c) { i = 0; ++f; }
+                dst[col_offset[size_t(col)]] = static_cast<uint8_t>(v);
               }
             }
             if (any) rs[4] += 1;
           }
         }
+      }
+    };
+    static const bool has_popcnt = cpu_has_popcnt();
+    at::parallel_for(0, rows, grain, [&](int64_t r_begin, int64_t r_end) {
+      if (has_popcnt) {
+        run_with_popcnt(rows_kernel, r_begin, r_end);
+      } else {
+        rows_kernel(r_begin, r_end);
       }
     });
   }
@@ -138,7 +226,7 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
   at::Tensor stats = at::zeros({nstat}, cells.options().dtype(at::kLong));
   int64_t* sp = stats.mutable_data_ptr<int64_t>();
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < kNumStats + nsl; ++k) sp[k] += row_stats[size_t(r * (kNumStats + nsl) + k)];
+    for (int64_t k = 0; k < rstride; ++k) sp[k] += row_stats[size_t(r * rstride + k)];
   }
   return std::make_tuple(eff, stats);
 }
