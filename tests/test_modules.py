@@ -1,0 +1,170 @@
+"""Crossbar layers as PyTorch modules: state_dict round trips, devices and dtypes, saving,
+train / eval, compile tracing, bad input."""
+import io
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+import crossbar_torch as xb
+from conftest import SAMPLE_DATA
+
+
+def small_cnn():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, groups=2, padding=1), nn.Flatten(),
+                         nn.Linear(8 * 6 * 6, 10))
+
+
+STUCK = xb.CrossbarConfig(rows=16, cols=32, stuck_slices=3, reprogram_fraction=0.4, pool=2)
+
+
+@pytest.mark.parametrize("cfg", [xb.CrossbarConfig(), STUCK])
+def test_state_dict_round_trip_gives_identical_outputs(tmp_path, cfg):
+    m = small_cnn()
+    xm = xb.convert(m, cfg).eval()
+    x = torch.randn(2, 3, 6, 6)
+    path = tmp_path / "sd.pt"
+    torch.save(xm.state_dict(), path)
+    fresh = xb.convert(small_cnn(), cfg).eval()   # different random weights
+    assert not torch.equal(fresh(x), xm(x))
+    fresh.load_state_dict(torch.load(path, weights_only=True))
+    assert torch.equal(fresh(x), xm(x))
+    for (_, a), (_, b) in zip(xb.crossbar_layers(xm), xb.crossbar_layers(fresh)):
+        for k in ("cells", "sort_index", "scale", "stuck"):
+            assert torch.equal(getattr(a, k), getattr(b, k)), k
+    # and the counts replay exactly after loading
+    assert xb.reprogram_report(fresh).to_dict() == xb.reprogram_report(xm).to_dict()
+
+
+def test_loading_a_state_dict_of_another_config_fails_clearly():
+    xm = xb.convert(small_cnn(), STUCK)
+    other = xb.convert(small_cnn(), STUCK.replace(encoding="twos_complement"))
+    with pytest.raises(RuntimeError, match="different CrossbarConfig.*encoding"):
+        other.load_state_dict(xm.state_dict())
+
+
+def test_whole_module_save_and_load():
+    xm = xb.convert(small_cnn(), STUCK).eval()
+    buf = io.BytesIO()
+    torch.save(xm, buf)
+    buf.seek(0)
+    again = torch.load(buf, weights_only=False)
+    x = torch.randn(1, 3, 6, 6)
+    assert torch.equal(again(x), xm(x))
+
+
+def test_to_dtype_keeps_float32_scales_and_cells():
+    xm = xb.convert(small_cnn(), xb.CrossbarConfig())
+    layer = xm[0]
+    scale, cells = layer.scale.clone(), layer.cells.clone()
+    w32 = layer.effective_weight().clone()
+    xm.to(torch.float64)
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scale)
+    assert torch.equal(layer.cells, cells) and layer.weight.dtype == torch.float64
+    assert torch.equal(layer.effective_weight(), w32.double())
+    xm.to(torch.bfloat16).eval()
+    out = xm(torch.randn(1, 3, 6, 6, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    xm.to("meta")
+    assert layer.cells.device.type == "meta" and layer.scale.dtype == torch.float32
+
+
+def test_train_eval_modes():
+    xm = xb.convert(small_cnn(), STUCK)
+    x = torch.randn(2, 3, 6, 6)
+    xm.eval()
+    y_eval = xm(x)
+    xm.train()
+    y_train = xm(x)
+    # nothing changed since programming: simulated programming equals the held cells
+    torch.testing.assert_close(y_train, y_eval, rtol=0, atol=1e-6)
+    y_train.sum().backward()
+    assert all(p.grad is not None for p in xm.parameters())
+
+
+def test_eval_warns_when_the_latent_weight_changed_since_programming():
+    xm = xb.convert(small_cnn(), xb.CrossbarConfig()).eval()
+    with torch.no_grad():
+        xm[0].weight.mul_(2)
+    with pytest.warns(UserWarning, match="reprogram"):
+        xm(torch.randn(1, 3, 6, 6))
+
+
+def test_torch_compile_traces_the_ops():
+    xm = xb.convert(small_cnn(), STUCK).train()
+    x = torch.randn(2, 3, 6, 6)
+    expected = xm(x)
+    from torch._dynamo.testing import CompileCounter
+    cnt = CompileCounter()
+    compiled = torch.compile(xm, backend=cnt, fullgraph=False)
+    torch.testing.assert_close(compiled(x), expected)
+    assert cnt.frame_count >= 1
+
+
+def test_fake_kernels_give_shapes():
+    from crossbar_torch import ops
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        q = torch.empty(5, 7, dtype=torch.int32)
+        cells = ops.encode(q, 8, 1, 0)
+        assert cells.shape == (5, 7, 14) and cells.dtype == torch.uint8
+        w = ops.effective_weight(cells, torch.empty(5, 7, dtype=torch.int64),
+                                 torch.empty(5), 8, 1, 0)
+        assert w.shape == (5, 7) and w.dtype == torch.float32
+
+
+def test_nan_weights_are_refused():
+    m = small_cnn()
+    with torch.no_grad():
+        m[0].weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        xb.convert(m, xb.CrossbarConfig())
+
+
+def test_config_type_checked():
+    with pytest.raises(TypeError, match="CrossbarConfig"):
+        xb.convert(small_cnn(), {"rows": 3})
+
+
+def test_convert_without_crossbar_layers_to_report():
+    with pytest.raises(ValueError, match="no crossbar layers"):
+        xb.reprogram_report(nn.Sequential(nn.ReLU()))
+
+
+def test_report_outputs(tmp_path):
+    xm = xb.convert(small_cnn(), STUCK)
+    rep = xb.reprogram_report(xm)
+    d = rep.to_dict()
+    for k in ("tiles", "pool", "initial_writes", "writes_per_pass", "set_writes_per_pass",
+              "reset_writes_per_pass", "pulses_per_pass", "rows_programmed_per_pass",
+              "baseline_writes_per_pass", "reduction", "per_slice", "layers",
+              "max_cell_writes_per_pass", "config"):
+        assert k in d
+    import json
+    rep.to_json(tmp_path / "r.json")
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(d))
+    csv_text = rep.to_csv(tmp_path / "r.csv")
+    assert csv_text.splitlines()[-1].startswith("TOTAL") and len(csv_text.splitlines()) == 5
+    text = str(rep)
+    assert "writes per pass" in text and "reduction" in text and "slice  0" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(SAMPLE_DATA), reason="../shared/data not present")
+def test_lite0_top1_agrees_with_float_at_16_and_8_bits():
+    from crossbar_torch.data import ImageNetFolder, transform_for
+    from crossbar_torch.weights import load_efficientnet_lite
+    model = load_efficientnet_lite("tf_efficientnet_lite0")
+    ds = ImageNetFolder(os.path.join(SAMPLE_DATA, "val"), transform_for(model))
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        ref = torch.cat([model(b) for b in x.split(25)]).argmax(1)
+        agree = {}
+        for bits in (16, 8):
+            xm = xb.convert(model, xb.CrossbarConfig(weight_bits=bits)).eval()
+            got = torch.cat([xm(b) for b in x.split(25)]).argmax(1)
+            agree[bits] = (got == ref).sum().item()
+    assert agree[16] == len(ds)           # all 100 images
+    assert agree[8] >= len(ds) - 3        # nearly all (measured: see README)
