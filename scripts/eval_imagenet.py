@@ -1,0 +1,328 @@
+#!/usr/bin/env python
+"""ImageNet-1K evaluation: float model and crossbar model on the same images, in one run.
+
+Reports top-1 / top-5 of both, their difference, top-1 agreement, throughput, and the reprogram
+report (memristor writes per pass against the unsorted baseline) of the configuration.
+
+Examples:
+  python scripts/eval_imagenet.py                                  # lite0, bundled photos
+  python scripts/eval_imagenet.py --data /datasets/imagenet/val --batch-size 100 --out r.json
+  python scripts/eval_imagenet.py --data ../shared/data/imagenet-sample-dev --config configs/paper_mild.yaml
+  python scripts/eval_imagenet.py --model resnet50 --pretrained --data /datasets/imagenet/val
+  python scripts/eval_imagenet.py --checkpoint finetuned.pth --data /datasets/imagenet/val
+  torchrun --nproc_per_node 8 scripts/eval_imagenet.py --data /datasets/imagenet/val --out r.json
+
+--data is a folder in the ImageNet validation layout <root>/<synset>/<image> (any subset of the
+1000 classes; a label comes from its folder's synset). A root holding only val/ is accepted.
+--checkpoint may be a plain state dict of the float model, or a fine-tuned crossbar checkpoint
+{"model": state dict of the converted model, "crossbar_config": {...}, "model_name": ...} as
+scripts/finetune.py writes: then the crossbar model is rebuilt with the saved configuration and
+cells, and the "float" column is the checkpoint's latent float weights.
+Under torchrun each rank evaluates every world-th image (no duplicates, none dropped), counts
+are summed across ranks, and only rank 0 prints and writes --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import crossbar_torch as xb  # noqa: E402
+from crossbar_torch.cli import (PYPI_LITE, add_config_args, add_model_args,  # noqa: E402
+                                config_from_args, describe_source, model_from_args)
+from crossbar_torch.config import atomic_write_text  # noqa: E402
+from crossbar_torch.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
+                                 collate_skip_bad)
+from crossbar_torch.evaluate import StridedSampler, evaluate, init_distributed  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DEV = os.path.join(os.path.dirname(REPO), "shared", "data", "imagenet-sample-dev")
+CROSSBAR_BUFFERS = ("scale", "sort_index", "cells", "stuck", "_extra_state")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    add_config_args(p)
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="DIR",
+                   help="ImageNet validation folder <root>/<synset>/<image> (default: the real "
+                        "photos bundled in scikit-image / scikit-learn / matplotlib)")
+    d.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted order)")
+    d.add_argument("--batch-size", type=int, default=50)
+    d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="DataLoader worker processes (default min(4, cpus))")
+    d.add_argument("--skip-bad", action="store_true",
+                   help="count, list and skip unreadable images (default: stop with an error)")
+    pp = p.add_argument_group("preprocessing (default: the model's pretrained config)")
+    pp.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    pp.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    pp.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest", "lanczos", "random"))
+    pp.add_argument("--crop-pct", type=float)
+    pp.add_argument("--img-size", type=int, metavar="PX", help="input size (square)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda if available); under "
+                                    "torchrun with CUDA each rank uses cuda:LOCAL_RANK")
+    p.add_argument("--out", metavar="JSON", help="write the result as JSON (atomic; rank 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def data_overrides(args) -> dict:
+    o = {}
+    if args.mean:
+        o["mean"] = tuple(args.mean)
+    if args.std:
+        o["std"] = tuple(args.std)
+    if args.interpolation:
+        o["interpolation"] = args.interpolation
+    if args.crop_pct is not None:
+        if not 0 < args.crop_pct <= 1:
+            raise SystemExit(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+        o["crop_pct"] = args.crop_pct
+    if args.img_size is not None:
+        o["input_size"] = (3, args.img_size, args.img_size)
+    return o
+
+
+def data_config(model, overrides: dict) -> dict:
+    import timm.data
+    cfg = dict(timm.data.resolve_data_config({}, model=model))
+    cfg.update(overrides)
+    return cfg
+
+
+# --------------------------------------------------------------------------- models
+
+
+def is_crossbar_checkpoint(path) -> "dict | None":
+    """The checkpoint dict if ``path`` is a fine-tuned crossbar checkpoint, else None."""
+    if not path or not os.path.isfile(path):
+        return None
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and {"model", "crossbar_config"} <= set(obj):
+        return obj
+    return None
+
+
+def models_from_crossbar_checkpoint(ckpt: dict, args, log):
+    """(float model from the latent weights, crossbar model with the saved cells, config, name)."""
+    import timm
+    from crossbar_torch.weights import preprocess_config
+
+    name = ckpt.get("model_name") or args.model
+    if name != args.model:
+        log(f"note: the checkpoint is of {name!r}; using it (not --model {args.model!r})")
+    if args.config or args.overrides:
+        log("note: --config / --set are ignored: a crossbar checkpoint carries its configuration")
+    cfg = xb.CrossbarConfig.from_dict(ckpt["crossbar_config"])
+    sd = ckpt["model"]
+    float_model = timm.create_model(name, pretrained=False)
+    if name.split(".")[0] in PYPI_LITE:
+        float_model.pretrained_cfg = {**float_model.pretrained_cfg, **preprocess_config(name)}
+    latent = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in CROSSBAR_BUFFERS}
+    float_model.load_state_dict(latent, strict=True)
+    float_model.eval()
+    layers = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".cells")})
+    xmodel = xb.convert(float_model, cfg, include=layers, program=False)
+    xmodel.load_state_dict(sd, strict=True)
+    return float_model, xmodel.eval(), cfg, name
+
+
+# --------------------------------------------------------------------------- data
+
+
+def resolve_data_root(root: str, log) -> str:
+    """Accept a dataset root holding only ``val/`` (e.g. imagenet-sample-dev)."""
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: --data {root!r} is not a folder")
+    subs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
+    if "val" in subs and not any(d.startswith("n") and d[1:].isdigit() for d in subs):
+        log(f"using {os.path.join(root, 'val')}")
+        return os.path.join(root, "val")
+    return root
+
+
+def build_dataset(args, transform, log):
+    if args.data:
+        root = resolve_data_root(args.data, log)
+        ds = ImageNetFolder(root, transform, skip_bad=True)  # bad files reach evaluate() as records
+        label_sets, source = False, root
+    else:
+        ds = BundledPhotos(transform)
+        label_sets, source = True, "bundled photos (scikit-image, scikit-learn, matplotlib)"
+    if args.limit is not None:
+        if args.limit < 1:
+            raise SystemExit(f"--limit must be >= 1, got {args.limit}")
+        ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
+    return ds, label_sets, source
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def fmt_pct(v):
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.2f}%"
+
+
+def summary(res: dict) -> str:
+    f, c = res["float"], res["crossbar"]
+    n = res["images"]
+    lines = [f"ImageNet evaluation - {res['model']} ({res['weights']})",
+             f"data: {res['data']}  images: {n}"
+             + (f"  (top-1 = any acceptable class)" if res["label_sets"] else ""),
+             f"config: {res['config_summary']}", ""]
+    lines.append(f"  {'':<10}{'top-1':>10}{'top-5':>10}{'correct@1':>11}{'img/s':>10}")
+    tp = res["throughput"]
+    for key, d, ips in (("float", f, tp["float_img_per_s"]), ("crossbar", c, tp["crossbar_img_per_s"])):
+        lines.append(f"  {key:<10}{fmt_pct(d['top1']):>10}{fmt_pct(d['top5']):>10}"
+                     f"{d['top1_correct']:>7}/{n:<3}{(f'{ips:.1f}' if ips else 'n/a'):>10}")
+    dl = res["delta_top1"]
+    lines.append(f"  delta top-1 (crossbar - float): {dl:+.2f} points "
+                 f"({c['top1_correct'] - f['top1_correct']:+d} images)" if dl == dl else "  delta n/a")
+    lines.append(f"  top-1 agreement float vs crossbar: {fmt_pct(res['agreement_top1']).strip()} "
+                 f"({res['agreement_top1_count']}/{n})")
+    r = res["reprogram"]
+    red = r["reduction"]
+    red = f"{red:.3f}x" if isinstance(red, float) else str(red)
+    lines += ["", f"  reprogram: writes per pass {r['writes_per_pass']:,}, baseline (no sort, no "
+                  f"stucking) {r['baseline_writes_per_pass']:,}, reduction {red}; "
+                  f"{r['tiles']:,} tiles, initial programming {r['initial_writes']:,} writes"]
+    if res["bad_images"]:
+        lines.append(f"  skipped {len(res['bad_images'])} unreadable image(s):")
+        lines += [f"    {b['path']}: {b['reason']}" for b in res["bad_images"][:20]]
+        if len(res["bad_images"]) > 20:
+            lines.append(f"    ... ({len(res['bad_images']) - 20} more in --out)")
+    if res["label_sets"]:
+        lines += ["", "  These are a handful of bundled photos, not ImageNet: to evaluate on a real "
+                      "ImageNet validation folder (<root>/<synset>/<image>):",
+                  f"    python scripts/eval_imagenet.py --model {res['model']} --data /path/to/imagenet/val "
+                  "--batch-size 100 --out result.json",
+                  "    torchrun --nproc_per_node <gpus> scripts/eval_imagenet.py --data /path/to/imagenet/val"]
+        if os.path.isdir(SAMPLE_DEV):
+            lines.append(f"    python scripts/eval_imagenet.py --data {os.path.relpath(SAMPLE_DEV)}")
+    return "\n".join(lines)
+
+
+def config_summary(cfg) -> str:
+    return (f"{cfg.rows}x{cfg.cols}, {cfg.weight_bits}-bit {cfg.encoding}, sort={cfg.sort}, "
+            f"stuck_slices={cfg.stuck_slices}, reprogram_fraction={cfg.reprogram_fraction}")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def run(args) -> dict:
+    distributed, rank, world, device = init_distributed(args.device)
+    try:
+        return _run(args, distributed, rank, world, device)
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, distributed, rank, world, device) -> "dict | None":
+    def log(msg):
+        if rank == 0:
+            print(msg, file=sys.stderr, flush=True)
+
+    t_start = time.perf_counter()
+    ckpt = is_crossbar_checkpoint(args.checkpoint)
+    if ckpt is not None:
+        float_model, xmodel, cfg, name = models_from_crossbar_checkpoint(ckpt, args, log)
+        weights = f"crossbar checkpoint {args.checkpoint} (float = its latent weights)"
+    else:
+        name = args.model
+        float_model = model_from_args(args)
+        cfg = config_from_args(args)
+        weights = describe_source(args)
+        log(f"converting {name} ({weights}) to crossbars: {config_summary(cfg)}")
+        xmodel = xb.convert(float_model, cfg, program=True, progress=not args.quiet and rank == 0)
+    dcfg = data_config(float_model, data_overrides(args))
+    import timm.data
+    transform = timm.data.create_transform(**dcfg, is_training=False)
+    ds, label_sets, source = build_dataset(args, transform, log)
+    if not args.data:
+        log("no --data given: evaluating on the real photos bundled in installed packages "
+            "(scikit-image, scikit-learn, matplotlib); top-1 counts any acceptable class")
+    sampler = StridedSampler(len(ds), rank, world) if distributed else None
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, shuffle=False, sampler=sampler,
+        num_workers=args.workers, collate_fn=collate_skip_bad,
+        pin_memory=device.type == "cuda", persistent_workers=False)
+    float_model.to(device)
+    xmodel.to(device)
+    log(f"evaluating {len(ds)} image(s) on {device}" + (f" x {world} ranks" if world > 1 else ""))
+    ev = evaluate({"float": float_model, "crossbar": xmodel}, loader, device,
+                  label_sets=label_sets, distributed=distributed, skip_bad=args.skip_bad,
+                  progress=not args.quiet)
+    if rank != 0:
+        return None
+    log("counting memristor writes (reprogram report)")
+    report = xb.reprogram_report(xmodel, model_name=name, progress=not args.quiet).to_dict()
+    f, c = ev["models"]["float"], ev["models"]["crossbar"]
+    res = {
+        "model": name,
+        "weights": weights,
+        "data": source,
+        "label_sets": label_sets,
+        "images": ev["images"],
+        "float": {k: f[k] for k in ("top1", "top5", "top1_correct", "top5_correct")},
+        "crossbar": {k: c[k] for k in ("top1", "top5", "top1_correct", "top5_correct")},
+        "delta_top1": c["top1"] - f["top1"],
+        "agreement_top1": ev["agreement_top1"],
+        "agreement_top1_count": ev["agreement_top1_count"],
+        "reprogram": report,
+        "config": cfg.to_dict(),
+        "config_summary": config_summary(cfg),
+        "bad_images": ev["bad_images"],
+        "throughput": {"float_img_per_s": f["img_per_s"], "crossbar_img_per_s": c["img_per_s"],
+                       "float_seconds": f["seconds"], "crossbar_seconds": c["seconds"],
+                       "batch_size": args.batch_size, "device": str(device), "world_size": world,
+                       "threads": torch.get_num_threads()},
+        "preprocessing": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()},
+        "limit": args.limit,
+        "wall_seconds": time.perf_counter() - t_start,
+    }
+    print(summary(res), flush=True)
+    if args.out:
+        atomic_write_text(args.out, json.dumps(_json_safe(res), indent=2) + "\n")
+        log(f"wrote {args.out}")
+    return res
+
+
+def _json_safe(o):
+    """NaN (no images scored) and infinities become null: JSON has neither."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _json_safe(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_json_safe(v) for v in o]
+    return o
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except UnreadableImageError as e:
+        print(f"error: {e}\n(pass --skip-bad to count, list and skip unreadable images)",
+              file=sys.stderr)
+        raise SystemExit(2)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+if __name__ == "__main__":
+    main()
