@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--img-size", type=int, metavar="PX", help="input size (square)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda if available); under "
                                     "torchrun with CUDA each rank uses cuda:LOCAL_RANK")
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch seed set before building the model, so --random-init weights are "
+                        "reproducible and identical on every torchrun rank (default 0)")
     p.add_argument("--out", metavar="JSON", help="write the result as JSON (atomic; rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
@@ -236,6 +239,7 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
             print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
+    torch.manual_seed(args.seed)  # same random-init weights on every rank and every run
     ckpt = is_crossbar_checkpoint(args.checkpoint)
     if ckpt is not None:
         float_model, xmodel, cfg, name = models_from_crossbar_checkpoint(ckpt, args, log)
