@@ -57,7 +57,7 @@ def _matches(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def _convert_one(name, module, parent, config, known_convs, known_linears):
+def _convert_one(name, module, parent, config, known_convs, known_linears, encode):
     """Return (new_module, None) or (None, reason)."""
     if isinstance(module, nn.Linear):
         if isinstance(parent, nn.MultiheadAttention):
@@ -65,7 +65,7 @@ def _convert_one(name, module, parent, config, known_convs, known_linears):
         if type(module) is not nn.Linear and type(module) not in known_linears \
                 and type(module).forward is not nn.Linear.forward:
             return None, f"subclass {type(module).__name__} overrides forward"
-        return CrossbarLinear.from_linear(module, config), None
+        return CrossbarLinear.from_linear(module, config, encode), None
     if isinstance(module, nn.Conv2d):
         if type(module) in known_convs:
             same, std, scaled = known_convs[type(module)]
@@ -74,10 +74,10 @@ def _convert_one(name, module, parent, config, known_convs, known_linears):
                 kw["std_eps"] = float(module.eps)
                 if scaled:
                     kw.update(std_gain=True, std_scale=float(module.scale))
-            return CrossbarConv2d.from_conv(module, config, **kw), None
+            return CrossbarConv2d.from_conv(module, config, encode=encode, **kw), None
         if type(module) is not nn.Conv2d and type(module).forward is not nn.Conv2d.forward:
             return None, f"subclass {type(module).__name__} overrides forward"
-        return CrossbarConv2d.from_conv(module, config), None
+        return CrossbarConv2d.from_conv(module, config, encode=encode), None
     return None, None
 
 
@@ -122,7 +122,8 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
             record.skipped.append((name, type(mod).__name__, "matched by exclude"))
             continue
         parent, attr = parents.get(name, (None, None))
-        new, reason = _convert_one(name, mod, parent, config, known_convs, known_linears)
+        new, reason = _convert_one(name, mod, parent, config, known_convs, known_linears,
+                                   encode=not program)
         if new is None:
             record.skipped.append((name, type(mod).__name__, reason))
             continue

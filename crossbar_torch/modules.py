@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import CrossbarConfig
-from .quantization import check_weight, quantize, sort_index
+from .quantization import quantize, sort_index
 
 
 class CrossbarMixin:
@@ -56,19 +56,21 @@ class CrossbarMixin:
 
     # ---- conversion-time setup --------------------------------------------------------------
     @torch.no_grad()
-    def quantize_and_sort(self) -> None:
-        """Compute scales and the sort index from the current weight (once, at conversion)."""
+    def quantize_and_sort(self, encode: bool = True) -> None:
+        """Compute scales and the sort index from the current weight (once, at conversion).
+        With ``encode`` the cells are set to the ideal (unstuck) levels; convert() skips that
+        when it programs the model right after."""
         w = self.matrix_weight().detach().float().cpu()
         q, s = quantize(w, self.config)
         self.scale.copy_(s.to(self.scale.device))
         self.sort_index = sort_index(q, self.config).to(self.sort_index.device)
-        self.set_cells(self.target_cells(), None)
+        if encode:
+            self.set_cells(self.target_cells(), None)
 
     def target_cells(self) -> torch.Tensor:
         """Cell levels that programming the current latent weight asks for (sorted order)."""
         w = self.matrix_weight().detach().to(torch.float32).contiguous()
-        check_weight(w, f"{type(self).__name__}.weight")
-        cfg = self.config
+        cfg = self.config  # the kernel refuses NaN / Inf weights
         return ops.sort_and_encode(w, self.scale, self.sort_index, cfg.weight_bits,
                                    cfg.bits_per_cell, cfg.encoding_id)
 
@@ -188,14 +190,15 @@ class CrossbarLinear(CrossbarMixin, nn.Module):
         self._init_crossbar(config or CrossbarConfig(), out_features, in_features)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, config: CrossbarConfig) -> "CrossbarLinear":
+    def from_linear(cls, lin: nn.Linear, config: CrossbarConfig,
+                    encode: bool = True) -> "CrossbarLinear":
         m = cls(lin.in_features, lin.out_features, lin.bias is not None, config,
                 device=lin.weight.device, dtype=lin.weight.dtype)
         with torch.no_grad():
             m.weight.copy_(lin.weight)
             if lin.bias is not None:
                 m.bias.copy_(lin.bias)
-        m.quantize_and_sort()
+        m.quantize_and_sort(encode)
         m.train(lin.training)
         return m
 
@@ -241,7 +244,8 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, config: CrossbarConfig, *, dynamic_same_pad=False,
-                  std_eps=None, std_gain=False, std_scale=1.0) -> "CrossbarConv2d":
+                  std_eps=None, std_gain=False, std_scale=1.0,
+                  encode: bool = True) -> "CrossbarConv2d":
         m = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                 conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                 conv.padding_mode, config, dynamic_same_pad=dynamic_same_pad, std_eps=std_eps,
@@ -253,7 +257,7 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
                 m.bias.copy_(conv.bias)
             if std_gain:
                 m.gain.copy_(conv.gain)
-        m.quantize_and_sort()
+        m.quantize_and_sort(encode)
         m.train(conv.training)
         return m
 

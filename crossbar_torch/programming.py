@@ -131,6 +131,9 @@ def _check_config(layers, config):
     return config
 
 
+TARGET_CACHE_BYTES = 1 << 30
+
+
 def identity_index(out: int, k: int, device=None) -> torch.Tensor:
     return torch.arange(k, dtype=torch.int64, device=device).expand(out, k).contiguous()
 
@@ -177,11 +180,19 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     total = 2 * len(layers)
     bar = tqdm(total=total, desc="program" + (" baseline" if baseline else ""),
                disable=not progress, leave=False)
+    # Targets are the same in both passes: keep them from pass 1 while they fit the budget,
+    # recompute the rest (memory stays bounded on ViT-sized models).
+    cached, budget = {}, TARGET_CACHE_BYTES
     for pass_no in (0, 1):
         pool.next_tile = 0
         counts = result.initial if pass_no == 0 else result.per_pass
         for i, (name, layer) in enumerate(layers):
-            target = layer_targets(layer, config, baseline)
+            target = cached.pop(i, None)
+            if target is None:
+                target = layer_targets(layer, config, baseline)
+                if pass_no == 0 and target.numel() <= budget:
+                    cached[i] = target
+                    budget -= target.numel()
             eff, stats, t0 = pool.program(target, count_cells=pass_no == 1)
             counts.add(stats)
             out, k = target.shape[0], target.shape[1]
