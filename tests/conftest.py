@@ -17,3 +17,9 @@ def _seed():
 
 def pytest_configure(config):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not CUDA, reason="no CUDA device on this machine (the CUDA build is compile-checked by "
+                     "scripts/check_cuda_build.sh)"))]

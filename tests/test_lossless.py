@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crossbar_torch as xb
+from conftest import DEVICES
 
 COMBOS = [("differential", "magnitude"), ("twos_complement", "magnitude"),
           ("offset", "magnitude"), ("differential", "none"), ("differential", "value")]
@@ -70,8 +71,9 @@ def quantized_reference(model: nn.Module, bits: int) -> nn.Module:
     return ref.eval()
 
 
-def check_lossless(model, x, combos, bits=8, atol=0.0):
-    model = model.eval()
+def check_lossless(model, x, combos, bits=8, atol=0.0, device="cpu"):
+    model = model.eval().to(device)
+    x = x.to(device)
     ref = quantized_reference(model, bits)
     with torch.no_grad():
         expected = ref(x)
@@ -110,8 +112,9 @@ class GroupedDilated(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def test_grouped_dilated_all_combos():
-    check_lossless(GroupedDilated(), torch.randn(2, 3, 15, 13), ALL_COMBOS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_dilated_all_combos(device):
+    check_lossless(GroupedDilated(), torch.randn(2, 3, 15, 13), ALL_COMBOS, device=device)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 16])
@@ -156,12 +159,13 @@ def test_include_exclude_are_recorded():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name,size", [("resnet18", 64), ("vit_tiny_patch16_224", 224),
                                        ("convnext_atto", 64)])
-def test_timm_models_lossless(name, size):
+def test_timm_models_lossless(name, size, device):
     import timm
     model = timm.create_model(name, pretrained=False)
-    check_lossless(model, torch.randn(2, 3, size, size), COMBOS, atol=1e-5)
+    check_lossless(model, torch.randn(2, 3, size, size), COMBOS, atol=1e-5, device=device)
 
 
 @pytest.mark.slow

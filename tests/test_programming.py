@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crossbar_torch as xb
+from conftest import DEVICES
 from independent import simulate
 
 COUNT_KEYS = ["tiles", "initial_writes", "writes_per_pass", "set_writes_per_pass",
@@ -19,12 +20,12 @@ def weight_matrices(model):
     out = []
     for name, m in model.named_modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
-            out.append((name, m.weight.detach().reshape(m.weight.shape[0], -1).numpy()))
+            out.append((name, m.weight.detach().cpu().reshape(m.weight.shape[0], -1).numpy()))
     return out
 
 
-def assert_matches_simulator(model, cfg):
-    xm = xb.convert(model, cfg)
+def assert_matches_simulator(model, cfg, device="cpu"):
+    xm = xb.convert(model.to(device), cfg)
     rep = xb.reprogram_report(xm).to_dict()
     sim = simulate(weight_matrices(model), cfg.to_dict())
     for k in COUNT_KEYS:
@@ -32,8 +33,8 @@ def assert_matches_simulator(model, cfg):
     assert [rep["per_slice"][str(i)] for i in range(cfg.slices)] == sim["per_slice"]
     assert [(l["name"], l["writes_per_pass"]) for l in rep["layers"]] == sim["layers"]
     for (name, layer), q_eff, s in zip(xb.crossbar_layers(xm), sim["q_eff"], sim["scales"]):
-        assert torch.equal(layer.effective_q(), torch.tensor(q_eff, dtype=torch.int32)), name
-        assert torch.equal(layer.scale, torch.tensor(np.array(s, dtype=np.float32)))
+        assert torch.equal(layer.effective_q().cpu(), torch.tensor(q_eff, dtype=torch.int32)), name
+        assert torch.equal(layer.scale.cpu(), torch.tensor(np.array(s, dtype=np.float32)))
     base = simulate(weight_matrices(model), cfg.baseline().to_dict())
     assert rep["baseline_writes_per_pass"] == base["writes_per_pass"]
     if sim["writes_per_pass"]:
@@ -84,11 +85,12 @@ def test_counts_and_effective_weights_match_independent_simulator(cfg, seed):
     assert_matches_simulator(small_model(seed), make_config(cfg))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("enc", ["differential", "twos_complement", "offset"])
-def test_paper_scale_configs_match_simulator(enc):
+def test_paper_scale_configs_match_simulator(enc, device):
     cfg = xb.CrossbarConfig(rows=16, cols=64, encoding=enc, stuck_slices=3,
                             reprogram_fraction=0.25, pool=2, seed=7)
-    assert_matches_simulator(small_model(3), cfg)
+    assert_matches_simulator(small_model(3), cfg, device)
 
 
 # ---- hand-checked two-tile layer ---------------------------------------------------------
