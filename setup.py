@@ -33,7 +33,9 @@ def get_extensions():
         extension = CUDAExtension
         sources += _sources(os.path.join("cuda", "*.cu"))
         define_macros.append(("WITH_CUDA", None))
-        extra_compile_args["nvcc"] = ["-O3", "-g0"]
+        # nvcc has no -g0 (it emits no device debug info unless -G / -g): pass it to the host
+        # compiler.
+        extra_compile_args["nvcc"] = ["-O3", "-Xcompiler=-g0"]
     return [
         extension(
             "crossbar_torch._C",

@@ -1,0 +1,65 @@
+// effective_weight / CUDA: out[o, index[o, k]] = float(decode(cells[o, k])) * scale[o].
+#include <torch/library.h>
+
+#include "../common.h"
+#include "cuda_utils.cuh"
+
+namespace crossbar_torch {
+namespace {
+
+__global__ void effective_weight_kernel(const uint8_t* __restrict__ cells,
+                                        const int64_t* __restrict__ index,
+                                        const float* __restrict__ scale, float* __restrict__ out,
+                                        int64_t n, int64_t K, int64_t c, int B, int b, int e,
+                                        int S) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t o = i / K;
+    const float q = static_cast<float>(decode_one(cells + i * c, B, b, e, S));
+    out[o * K + index[i]] = __fmul_rn(q, scale[o]);  // float32 multiply, no FMA contraction
+  }
+}
+
+at::Tensor effective_weight_cuda(const at::Tensor& cells_in, const at::Tensor& index_in,
+                                 const at::Tensor& scale_in, int64_t weight_bits,
+                                 int64_t bits_per_cell, int64_t encoding) {
+  const char* op = "effective_weight";
+  check_format(weight_bits, bits_per_cell, encoding);
+  check_dtype(cells_in, at::kByte, op, "cells");
+  check_dtype(index_in, at::kLong, op, "index");
+  check_dtype(scale_in, at::kFloat, op, "scale");
+  check_cuda(cells_in, op, "cells");
+  check_device(index_in, cells_in, op, "index", "cells");
+  check_device(scale_in, cells_in, op, "scale", "cells");
+  check_dim(cells_in, 3, op, "cells", "(out, K, c)");
+  check_dim(index_in, 2, op, "index", "(out, K)");
+  check_dim(scale_in, 1, op, "scale", "(out,)");
+  const int64_t out = cells_in.size(0), K = cells_in.size(1);
+  const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
+  const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
+  check_size(cells_in, 2, c, op, "cells", "cells per weight c");
+  check_size(index_in, 0, out, op, "index", "out = cells.size(0)");
+  check_size(index_in, 1, K, op, "index", "K = cells.size(1)");
+  check_size(scale_in, 0, out, op, "scale", "out = cells.size(0)");
+  const c10::cuda::CUDAGuard guard(cells_in.device());
+  const at::Tensor cells = cells_in.contiguous();
+  const at::Tensor index = index_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+  check_index_range(index, op);
+  at::Tensor result = at::zeros({out, K}, cells.options().dtype(at::kFloat));
+  const int64_t n = out * K;
+  if (n > 0) {
+    effective_weight_kernel<<<blocks_for(n), kThreads, 0, current_stream()>>>(
+        cells.const_data_ptr<uint8_t>(), index.const_data_ptr<int64_t>(),
+        scale.const_data_ptr<float>(), result.mutable_data_ptr<float>(), n, K, c,
+        int(weight_bits), int(bits_per_cell), int(encoding), int(S));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crossbar_torch, CUDA, m) { m.impl("effective_weight", &effective_weight_cuda); }
+
+}  // namespace crossbar_torch
