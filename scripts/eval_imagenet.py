@@ -320,11 +320,13 @@ def main(argv=None):
     try:
         return run(args)
     except UnreadableImageError as e:
-        print(f"error: {e}\n(pass --skip-bad to count, list and skip unreadable images)",
-              file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # every rank raises it; rank 0 says it
+            print(f"error: {e}\n(pass --skip-bad to count, list and skip unreadable images)",
+                  file=sys.stderr)
         raise SystemExit(2)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
 
