@@ -226,6 +226,45 @@ def test_program_layer_large_random_matches_reference():
             assert torch.equal(got, expect)
 
 
+def test_program_layer_clears_padding_bits_like_reference():
+    """Bits past `cols` in the last word of state / written are cleared, as the reference's
+    repacking does; stuck is read only."""
+    g = _gen(3)
+    rows, cols, b = 3, 70, 2
+    state = torch.randint(-2**62, 2**62, (2, rows, b, 2), generator=g)
+    written = torch.randint(-2**62, 2**62, (2, rows, 2), generator=g)
+    stuck = torch.randint(-2**62, 2**62, (2, rows, 2), generator=g)
+    cw = torch.zeros(2, rows, cols, dtype=torch.int32)
+    cells = torch.randint(0, 4, (5, 4, 7), generator=g, dtype=torch.uint8)
+    mine = [t.clone() for t in (state, written, stuck, cw)]
+    args = (1, rows, cols, b, 3, False, True)
+    res_ref = ref.program_layer(cells, state, written, stuck, cw, *args)
+    res = ops.program_layer(cells, *mine, *args)
+    assert all(torch.equal(x, y) for x, y in zip(res, res_ref))
+    assert all(torch.equal(x, y) for x, y in zip(mine, (state, written, stuck, cw)))
+
+
+def test_program_layer_count_cells_false_ignores_cell_writes_shape():
+    t = _layer()
+    t["cell_writes"] = torch.zeros(0, dtype=torch.int32)
+    _program(t, count=False)
+
+
+def test_non_contiguous_inputs():
+    g = _gen(5)
+    q = random_q((6, 10), 8, g).t()
+    assert not q.is_contiguous()
+    cells = ops.encode(q, 8, 2, 0)
+    assert torch.equal(cells, ref.encode(q, 8, 2, 0))
+    cells_nc = cells.transpose(0, 1)
+    assert torch.equal(ops.decode(cells_nc, 8, 2, 0), ref.decode(cells_nc, 8, 2, 0))
+    w = torch.randn(9, 5, generator=g).t()
+    _, scale = ref.quantize(w, 8, True)
+    index = random_perm_index(5, 9, g)
+    assert torch.equal(ops.sort_and_encode(w, scale, index, 8, 1, 1),
+                       ref.sort_and_encode(w, scale, index, 8, 1, 1))
+
+
 # ---- errors ---------------------------------------------------------------------------------
 
 def _layer(pool=1, rows=4, cols=16, b=1, out=3, K=5, c=4):
