@@ -5,6 +5,7 @@ CPU kernels always; CUDA kernels when ``torch.cuda.is_available()`` or ``FORCE_C
 """
 import glob
 import os
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
@@ -23,7 +24,9 @@ def get_extensions():
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     use_cuda = (torch.cuda.is_available() and CUDA_HOME is not None) or force_cuda
     sources = _sources("*.cpp") + _sources(os.path.join("cpu", "*.cpp"))
-    cxx_flags = ["-O3", "-g0", "-fopenmp"]
+    # at::parallel_for runs on OpenMP in the Linux wheels of torch.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx_flags = ["-O3", "-g0"] + openmp
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = []
     extension = CppExtension
@@ -43,7 +46,7 @@ def get_extensions():
             include_dirs=[os.path.join(ROOT, CSRC)],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
-            extra_link_args=["-fopenmp"],
+            extra_link_args=openmp,
         )
     ]
 
