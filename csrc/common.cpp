@@ -7,7 +7,7 @@ ProgramArgs check_program_layer(const at::Tensor& cells, const at::Tensor& state
                                 const at::Tensor& written, const at::Tensor& stuck,
                                 const at::Tensor& cell_writes, int64_t tile_offset, int64_t rows,
                                 int64_t cols, int64_t bits_per_cell, int64_t slices,
-                                bool count_cells) {
+                                bool count_cells, bool check_levels) {
   const char* op = "program_layer";
   TORCH_CHECK(rows >= 1, "crossbar_torch.program_layer: rows must be >= 1, got ", rows);
   TORCH_CHECK(cols >= 1, "crossbar_torch.program_layer: cols must be >= 1, got ", cols);
@@ -64,15 +64,18 @@ ProgramArgs check_program_layer(const at::Tensor& cells, const at::Tensor& state
     check_size(cell_writes, 1, rows, op, "cell_writes", "rows");
     check_size(cell_writes, 2, cols, op, "cell_writes", "cols");
   }
-  if (cells.numel() > 0 && bits_per_cell < 8) {
-    const int64_t hi = cells.max().item<int64_t>();
-    TORCH_CHECK(hi < (int64_t(1) << bits_per_cell),
-                "crossbar_torch.program_layer: cells hold level ", hi,
-                " but a cell with bits_per_cell=", bits_per_cell, " holds levels in [0, ",
-                (int64_t(1) << bits_per_cell) - 1, "]");
+  if (check_levels && cells.numel() > 0 && bits_per_cell < 8) {
+    check_levels_fit(cells.max().item<int64_t>(), bits_per_cell);
   }
   a.nsl = std::min(a.c, slices);  // slices a column can actually hold
   return a;
+}
+
+void check_levels_fit(int64_t max_level, int64_t bits_per_cell) {
+  TORCH_CHECK(max_level < (int64_t(1) << bits_per_cell),
+              "crossbar_torch.program_layer: cells hold level ", max_level,
+              " but a cell with bits_per_cell=", bits_per_cell, " holds levels in [0, ",
+              (int64_t(1) << bits_per_cell) - 1, "]");
 }
 
 void clear_padding_bits(at::Tensor& state, at::Tensor& written, int64_t cols) {

@@ -230,7 +230,10 @@ ProgramArgs check_program_layer(const at::Tensor& cells, const at::Tensor& state
                                 const at::Tensor& written, const at::Tensor& stuck,
                                 const at::Tensor& cell_writes, int64_t tile_offset, int64_t rows,
                                 int64_t cols, int64_t bits_per_cell, int64_t slices,
-                                bool count_cells);
+                                bool count_cells, bool check_levels = true);
+
+// Error unless every cell level fits in bits_per_cell bits (max_level: the largest level).
+void check_levels_fit(int64_t max_level, int64_t bits_per_cell);
 
 // Clears the bits beyond `cols` in the last word of state and written, as the reference
 // does when it repacks them.

@@ -100,8 +100,29 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
               cells_in.device());
   const ProgramArgs a = check_program_layer(cells_in, state, written, stuck_in, cell_writes,
                                             tile_offset, rows, cols, bits_per_cell, slices,
-                                            count_cells);
+                                            count_cells, /*check_levels=*/false);
   const at::Tensor cells = cells_in.contiguous();
+  // Small layers run on one thread: waking the pool costs more than it saves (and much more
+  // on an oversubscribed machine).
+  const int64_t ncells = cells.numel();
+  const bool small = ncells < (int64_t(1) << 21);
+  // One pass over the cells before anything is mutated: the largest level (validation) and
+  // the effective cells' starting point, a copy of the targets (cells that keep another level
+  // are patched below).
+  at::Tensor eff = at::empty_like(cells);
+  {
+    const uint8_t* cp = cells.const_data_ptr<uint8_t>();
+    uint8_t* ep = eff.mutable_data_ptr<uint8_t>();
+    const uint8_t max_level = at::parallel_reduce(
+        0, ncells, small ? std::max<int64_t>(ncells, 1) : (int64_t(1) << 20), uint8_t(0),
+        [&](int64_t b, int64_t e, uint8_t acc) {
+          std::memcpy(ep + b, cp + b, size_t(e - b));
+          for (int64_t i = b; i < e; ++i) acc = std::max(acc, cp[i]);
+          return acc;
+        },
+        [](uint8_t x, uint8_t y) { return std::max(x, y); });
+    check_levels_fit(max_level, bits_per_cell);
+  }
   const at::Tensor stuck = stuck_in.contiguous();
   const int64_t out = a.out, K = a.K, c = a.c, pool = a.pool, words = a.words;
   const int planes = int(a.planes);
@@ -111,9 +132,6 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
   const int64_t n_sections = K ? (K + rows - 1) / rows : 0;
   const int64_t n_blocks = out ? (out + F - 1) / F : 0;
 
-  // Effective cells start as the targets; cells that keep another level (stuck, or not
-  // allowed) are patched below, so the common case costs one parallel copy.
-  at::Tensor eff = cells.clone();
   // Column -> slice masks: column col (< F*c) holds slice (col % c) % slices.
   std::vector<uint64_t> slice_mask(size_t(nsl * words), 0);
   for (int64_t col = 0; col < F * c; ++col) {
@@ -137,7 +155,9 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
   const int64_t Kc = K * c;
 
   if (n_sections > 0 && n_blocks > 0) {
-    const int64_t grain = std::max<int64_t>(1, rows / (4 * at::get_num_threads()));
+    const int64_t grain = small
+                              ? rows
+                              : std::max<int64_t>(1, rows / (4 * at::get_num_threads()));
     auto rows_kernel = [&](int64_t r_begin, int64_t r_end) XB_ALWAYS_INLINE {
       // Packed target levels of one tile row: planes x words (a few words per thread).
       std::vector<uint64_t> target(size_t(planes * words));
