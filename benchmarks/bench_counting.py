@@ -2,6 +2,10 @@
 in one process, on synthetic layers; prints reference / C++ per layer and overall.
 
     python benchmarks/bench_counting.py [--threads N] [--reps R]
+
+Without --threads it runs twice: on one thread and on torch's default thread count (the
+multi-threaded numbers suffer on an oversubscribed machine; the one-thread ratio is the stable
+figure).
 """
 from __future__ import annotations
 
@@ -43,8 +47,14 @@ def main():
     ap.add_argument("--bits-per-cell", type=int, default=1)
     ap.add_argument("--pool", type=int, default=1)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    default_threads = torch.get_num_threads()
+    for threads in ([args.threads] if args.threads else sorted({1, default_threads})):
+        torch.set_num_threads(threads)
+        bench(args)
+        print()
+
+
+def bench(args):
     B, b, e = args.weight_bits, args.bits_per_cell, ref.DIFFERENTIAL
     c, slices = ref.cells_for(B, b, e), ref.slices_for(B, b, e)
     rows, cols, pool = args.rows, args.cols, args.pool
