@@ -14,7 +14,7 @@ distillation from the float model on unlabeled images.
 * output: top-1 / top-5 on the evaluation half for float, stuck and stuck + fine-tuned, reprogram
   numbers before / after, the time taken; ``--json`` writes them.
 
-    .venv/bin/python scripts/example_lite0_distill.py [--steps 24] [--json out.json]
+    .venv/bin/python scripts/example_lite0_distill.py [--steps 80] [--json out.json]
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def transforms(scale=(0.25, 1.0)):
     return train_tf, eval_tf
 
 
-def run(data=DEFAULT_DATA, *, steps=24, batch_size=16, lr=3e-4, warmup_steps=4,
+def run(data=DEFAULT_DATA, *, steps=80, batch_size=16, lr=3e-4, warmup_steps=4,
         temperature=2.0, weight_decay=0.0, overrides=("stuck_slices=2", "reprogram_fraction=0.5"),
         seed=0, limit_train=None, limit_eval=None, progress=True, reports=True,
         out_dir=None, log=print) -> dict:
@@ -142,7 +142,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA),
                     help="folder holding val/<synset>/<image> (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup-steps", type=int, default=4)
