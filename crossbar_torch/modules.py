@@ -112,7 +112,9 @@ class CrossbarMixin:
         if self.stuck.numel():
             target = torch.where(self.stuck, self.cells, target)
         w_eff = self._decode(target)
-        w = self.weight
+        # straight through the quantizer, but not through the weight standardization of
+        # StdConv2d-style layers: the gradient reaches the raw weight (and gain) through it
+        w = self.matrix_weight().reshape(self._weight_shape())
         return w + (w_eff - w).detach()
 
     def weight_for_forward(self) -> torch.Tensor:

@@ -131,7 +131,7 @@ def _check_config(layers, config):
     return config
 
 
-TARGET_CACHE_BYTES = 1 << 30
+TARGET_CACHE_BYTES = 1 << 28  # 256 MiB of cached target cells
 
 
 def identity_index(out: int, k: int, device=None) -> torch.Tensor:

@@ -185,3 +185,28 @@ def test_efficientnet_lite0_real_weights_lossless():
     kinds = {(l.groups == l.in_channels, l.dynamic_same_pad) for _, l in xb.crossbar_layers(xm)
              if isinstance(l, xb.CrossbarConv2d)}
     assert (True, True) in kinds  # depthwise with dynamic 'same' padding (Conv2dSame)
+
+
+def test_std_conv_gradient_flows_through_the_standardization():
+    """Train mode: d out / d raw weight (and gain) equals the gradient through timm's weight
+    standardization with the quantizer passed straight through."""
+    from timm.layers import ScaledStdConv2d
+    conv = ScaledStdConv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.gain.uniform_(0.5, 1.5)
+    xm = xb.convert(nn.Sequential(conv), xb.CrossbarConfig()).train()
+    layer = xm[0]
+    x = torch.randn(2, 4, 5, 5)
+    gy = torch.randn(2, 6, 5, 5)
+    (xm(x) * gy).sum().backward()
+    # reference: the standardized weight as a function of (weight, gain), value replaced by
+    # the effective weight the crossbar holds
+    w = layer.weight.detach().clone().requires_grad_()
+    g = layer.gain.detach().clone().requires_grad_()
+    std = F.batch_norm(w.reshape(1, 6, -1), None, None, weight=(g * conv.scale).view(-1),
+                       training=True, momentum=0.0, eps=conv.eps).reshape_as(w)
+    w_used = std + (layer.effective_weight() - std).detach()
+    (F.conv2d(x, w_used, layer.bias, padding=1) * gy).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, w.grad)
+    torch.testing.assert_close(layer.gain.grad, g.grad)
+    assert layer.gain.grad.abs().sum() > 0
