@@ -1,4 +1,4 @@
-// Argument validation shared by the CPU and CUDA kernels of program_layer.
+// Argument validation shared by the CPU and CUDA kernels.
 #include "common.h"
 
 namespace crossbar_torch {
@@ -85,6 +85,53 @@ void clear_padding_bits(at::Tensor& state, at::Tensor& written, int64_t cols) {
   const int64_t mask = static_cast<int64_t>((uint64_t(1) << rem) - 1);
   state.select(-1, words - 1).bitwise_and_(mask);
   written.select(-1, words - 1).bitwise_and_(mask);
+}
+
+void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& index,
+                           int64_t weight_bits, int64_t bits_per_cell, int64_t encoding) {
+  const char* op = "sort_and_encode";
+  check_format(weight_bits, bits_per_cell, encoding);
+  check_dtype(w, at::kFloat, op, "w");
+  check_dtype(scale, at::kFloat, op, "scale");
+  check_dtype(index, at::kLong, op, "index");
+  check_device(scale, w, op, "scale", "w");
+  check_device(index, w, op, "index", "w");
+  check_dim(w, 2, op, "w", "(out, K)");
+  check_dim(scale, 1, op, "scale", "(out,)");
+  check_dim(index, 2, op, "index", "(out, K)");
+  const int64_t out = w.size(0), K = w.size(1);
+  check_size(scale, 0, out, op, "scale", "out = w.size(0)");
+  check_size(index, 0, out, op, "index", "out = w.size(0)");
+  check_size(index, 1, K, op, "index", "K = w.size(1)");
+  TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
+              "crossbar_torch.sort_and_encode: w contains NaN or Inf; weights must be finite");
+  TORCH_CHECK(scale.numel() == 0 || at::isfinite(scale).all().item<bool>(),
+              "crossbar_torch.sort_and_encode: scale contains NaN or Inf; scales must be finite");
+  TORCH_CHECK(scale.numel() == 0 || at::ne(scale, 0).all().item<bool>(),
+              "crossbar_torch.sort_and_encode: scale contains 0; scales must be nonzero");
+  check_index_range(index, op);
+}
+
+void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
+                            const at::Tensor& scale, int64_t weight_bits, int64_t bits_per_cell,
+                            int64_t encoding) {
+  const char* op = "effective_weight";
+  check_format(weight_bits, bits_per_cell, encoding);
+  check_dtype(cells, at::kByte, op, "cells");
+  check_dtype(index, at::kLong, op, "index");
+  check_dtype(scale, at::kFloat, op, "scale");
+  check_device(index, cells, op, "index", "cells");
+  check_device(scale, cells, op, "scale", "cells");
+  check_dim(cells, 3, op, "cells", "(out, K, c)");
+  check_dim(index, 2, op, "index", "(out, K)");
+  check_dim(scale, 1, op, "scale", "(out,)");
+  const int64_t out = cells.size(0), K = cells.size(1);
+  const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
+  check_size(cells, 2, c, op, "cells", "cells per weight c");
+  check_size(index, 0, out, op, "index", "out = cells.size(0)");
+  check_size(index, 1, K, op, "index", "K = cells.size(1)");
+  check_size(scale, 0, out, op, "scale", "out = cells.size(0)");
+  check_index_range(index, op);
 }
 
 }  // namespace crossbar_torch

@@ -232,6 +232,16 @@ ProgramArgs check_program_layer(const at::Tensor& cells, const at::Tensor& state
                                 int64_t cols, int64_t bits_per_cell, int64_t slices,
                                 bool count_cells, bool check_levels = true);
 
+// Validates sort_and_encode's arguments (dtypes, same device, shapes, finite weights, usable
+// scales, index range); the caller checks the device type it runs on.
+void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& index,
+                           int64_t weight_bits, int64_t bits_per_cell, int64_t encoding);
+
+// Validates effective_weight's arguments (dtypes, same device, shapes, index range).
+void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
+                            const at::Tensor& scale, int64_t weight_bits, int64_t bits_per_cell,
+                            int64_t encoding);
+
 // Error unless every cell level fits in bits_per_cell bits (max_level: the largest level).
 void check_levels_fit(int64_t max_level, int64_t bits_per_cell);
 

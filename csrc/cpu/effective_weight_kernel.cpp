@@ -10,30 +10,16 @@ namespace {
 at::Tensor effective_weight_cpu(const at::Tensor& cells_in, const at::Tensor& index_in,
                                 const at::Tensor& scale_in, int64_t weight_bits,
                                 int64_t bits_per_cell, int64_t encoding) {
-  const char* op = "effective_weight";
-  check_format(weight_bits, bits_per_cell, encoding);
-  check_dtype(cells_in, at::kByte, op, "cells");
-  check_dtype(index_in, at::kLong, op, "index");
-  check_dtype(scale_in, at::kFloat, op, "scale");
   TORCH_CHECK(cells_in.device().is_cpu(),
               "crossbar_torch.effective_weight: cells must be a CPU tensor here, got ",
               cells_in.device());
-  check_device(index_in, cells_in, op, "index", "cells");
-  check_device(scale_in, cells_in, op, "scale", "cells");
-  check_dim(cells_in, 3, op, "cells", "(out, K, c)");
-  check_dim(index_in, 2, op, "index", "(out, K)");
-  check_dim(scale_in, 1, op, "scale", "(out,)");
+  check_effective_weight(cells_in, index_in, scale_in, weight_bits, bits_per_cell, encoding);
   const int64_t out = cells_in.size(0), K = cells_in.size(1);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
   const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
-  check_size(cells_in, 2, c, op, "cells", "cells per weight c");
-  check_size(index_in, 0, out, op, "index", "out = cells.size(0)");
-  check_size(index_in, 1, K, op, "index", "K = cells.size(1)");
-  check_size(scale_in, 0, out, op, "scale", "out = cells.size(0)");
   const at::Tensor cells = cells_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
-  check_index_range(index, op);
   at::Tensor result = at::zeros({out, K}, cells.options().dtype(at::kFloat));
   const uint8_t* cp = cells.const_data_ptr<uint8_t>();
   const int64_t* ip = index.const_data_ptr<int64_t>();

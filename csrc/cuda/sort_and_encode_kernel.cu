@@ -24,32 +24,13 @@ __global__ void sort_and_encode_kernel(const float* __restrict__ w, const float*
 at::Tensor sort_and_encode_cuda(const at::Tensor& w_in, const at::Tensor& scale_in,
                                 const at::Tensor& index_in, int64_t weight_bits,
                                 int64_t bits_per_cell, int64_t encoding) {
-  const char* op = "sort_and_encode";
-  check_format(weight_bits, bits_per_cell, encoding);
-  check_dtype(w_in, at::kFloat, op, "w");
-  check_dtype(scale_in, at::kFloat, op, "scale");
-  check_dtype(index_in, at::kLong, op, "index");
-  check_cuda(w_in, op, "w");
-  check_device(scale_in, w_in, op, "scale", "w");
-  check_device(index_in, w_in, op, "index", "w");
-  check_dim(w_in, 2, op, "w", "(out, K)");
-  check_dim(scale_in, 1, op, "scale", "(out,)");
-  check_dim(index_in, 2, op, "index", "(out, K)");
+  check_cuda(w_in, "sort_and_encode", "w");
+  check_sort_and_encode(w_in, scale_in, index_in, weight_bits, bits_per_cell, encoding);
   const int64_t out = w_in.size(0), K = w_in.size(1);
-  check_size(scale_in, 0, out, op, "scale", "out = w.size(0)");
-  check_size(index_in, 0, out, op, "index", "out = w.size(0)");
-  check_size(index_in, 1, K, op, "index", "K = w.size(1)");
   const c10::cuda::CUDAGuard guard(w_in.device());
   const at::Tensor w = w_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor index = index_in.contiguous();
-  TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
-              "crossbar_torch.sort_and_encode: w contains NaN or Inf; weights must be finite");
-  TORCH_CHECK(scale.numel() == 0 || at::isfinite(scale).all().item<bool>(),
-              "crossbar_torch.sort_and_encode: scale contains NaN or Inf; scales must be finite");
-  TORCH_CHECK(scale.numel() == 0 || at::ne(scale, 0).all().item<bool>(),
-              "crossbar_torch.sort_and_encode: scale contains 0; scales must be nonzero");
-  check_index_range(index, op);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
   const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
   at::Tensor cells = at::empty({out, K, c}, w.options().dtype(at::kByte));
