@@ -525,6 +525,11 @@ def _load_checkpoint_into(model: nn.Module, checkpoint) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {str(path)!r}")
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "crossbar_config" in obj:
+        raise WeightLoadError(
+            f"{path} is a crossbar checkpoint (scripts/finetune.py): load it into a converted "
+            "model with crossbar_torch.finetune.load_finetuned(path, builder), or pass it to "
+            "scripts/eval_imagenet.py --checkpoint")
     sd = _extract_state_dict(obj, path)
     try:
         model.load_state_dict(sd, strict=True)

