@@ -49,7 +49,7 @@ class CrossbarMixin:
     # ---- the weight the layer computes with, as an (out, K) matrix -----------------------
     def matrix_weight(self) -> torch.Tensor:
         """The float weight the original layer actually used, flattened to (out, K)."""
-        return self.weight.reshape(self.weight.shape[0], -1)
+        return self.weight.flatten(1)
 
     def _weight_shape(self):
         return self.weight.shape
@@ -264,7 +264,7 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
         return m
 
     def matrix_weight(self) -> torch.Tensor:
-        w = self.weight.reshape(self.out_channels, -1)
+        w = self.weight.flatten(1)
         if self.std_eps is not None:
             # timm StdConv2d / ScaledStdConv2d: the crossbar holds the standardized weight
             gain = (self.gain * self.std_scale).view(-1) if self.gain is not None else None
