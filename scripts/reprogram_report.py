@@ -98,9 +98,13 @@ def main(argv=None):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
 
-    model = model_from_args(args)
-    runs = (load_sweep(args.sweep, args.overrides) if args.sweep
-            else [("config", config_from_args(args))])
+    try:  # configuration and input errors: one clear line, exit status 2
+        runs = (load_sweep(args.sweep, args.overrides) if args.sweep
+                else [(os.path.splitext(os.path.basename(args.config))[0] if args.config
+                       else "default config", config_from_args(args))])
+        model = model_from_args(args)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        p.error(str(e))
     print(f"model {args.model} ({describe_source(args)})", file=sys.stderr)
     rows, reports = [], []
     from tqdm.auto import tqdm
