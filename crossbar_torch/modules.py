@@ -106,19 +106,20 @@ class CrossbarMixin:
         return q
 
     def simulated_weight(self) -> torch.Tensor:
-        """Train mode: effective weight of the current latent weight with the stuck cells kept,
-        gradient passed straight through (d W_used / d weight = identity)."""
+        """Train mode: effective weight of the current latent weight with the stuck cells kept.
+        The quantizer (and the stuck cells) are passed straight through: the gradient with
+        respect to the latent weight is the gradient with respect to the effective weight."""
         target = self.target_cells()
         if self.stuck.numel():
             target = torch.where(self.stuck, self.cells, target)
         w_eff = self._decode(target)
-        # straight through the quantizer, but not through the weight standardization of
-        # StdConv2d-style layers: the gradient reaches the raw weight (and gain) through it
+        # only the quantizer is skipped by the gradient: StdConv2d-style weight
+        # standardization stays differentiable, so its raw weight and gain are trained too
         w = self.matrix_weight().reshape(self._weight_shape())
         return w + (w_eff - w).detach()
 
     def weight_for_forward(self) -> torch.Tensor:
-        if self.training and torch.is_grad_enabled() and self.weight.requires_grad:
+        if self.training:  # simulate programming the current latent weight (fine-tuning)
             return self.simulated_weight()
         if (self._programmed_version is not None and self.weight._version != self._programmed_version
                 and not self._stale_warned):
