@@ -180,7 +180,15 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         key = key.strip()
         if key not in known:
             raise ValueError(f"override {item!r}: unknown field {key!r}; known: {sorted(known)}")
-        out[key] = yaml.safe_load(value) if value.strip() else value
+        parsed = yaml.safe_load(value) if value.strip() else value
+        if isinstance(parsed, str):  # YAML 1.1 reads "1e-1" as a string: take numbers as such
+            for cast in (int, float):
+                try:
+                    parsed = cast(parsed)
+                    break
+                except ValueError:
+                    pass
+        out[key] = parsed
     return out
 
 

@@ -110,6 +110,10 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
         if isinstance(mod, CROSSBAR_LAYERS):
             record.converted.append(name)
             continue
+        if isinstance(mod, nn.MultiheadAttention):
+            record.skipped.append((name, type(mod).__name__, "its in_proj_weight / out_proj are "
+                                   "used directly by F.multi_head_attention_forward"))
+            continue
         if not isinstance(mod, (nn.Linear, nn.Conv2d)):
             if isinstance(mod, (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                                 nn.ConvTranspose3d, nn.Bilinear)):
@@ -121,6 +125,13 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
         if _matches(name, exclude):
             record.skipped.append((name, type(mod).__name__, "matched by exclude"))
             continue
+        if isinstance(mod, nn.modules.lazy.LazyModuleMixin) and mod.has_uninitialized_params():
+            record.skipped.append((name, type(mod).__name__, "lazy module not initialized yet "
+                                   "(run one forward before converting)"))
+            continue
+        if mod.weight.is_meta:
+            raise ValueError(f"convert: {name or type(mod).__name__} has its weight on the meta "
+                             "device; load real weights before converting")
         parent, attr = parents.get(name, (None, None))
         new, reason = _convert_one(name, mod, parent, config, known_convs, known_linears,
                                    encode=not program)

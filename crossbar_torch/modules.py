@@ -116,7 +116,9 @@ class CrossbarMixin:
         # only the quantizer is skipped by the gradient: StdConv2d-style weight
         # standardization stays differentiable, so its raw weight and gain are trained too
         w = self.matrix_weight().reshape(self._weight_shape())
-        return w + (w_eff - w).detach()
+        # w - w.detach() is exactly 0 for finite w, so the value is w_eff bit for bit (train
+        # and eval compute the same numbers) while d/dw is the identity
+        return w_eff.detach() + (w - w.detach())
 
     def weight_for_forward(self) -> torch.Tensor:
         if self.training:  # simulate programming the current latent weight (fine-tuning)
@@ -154,6 +156,14 @@ class CrossbarMixin:
         skey = prefix + "stuck"
         if skey in state_dict:
             self.stuck = torch.empty_like(state_dict[skey], device=self.cells.device)
+        ikey = prefix + "sort_index"
+        if ikey in state_dict:
+            idx = state_dict[ikey]
+            if idx.dim() == 2 and idx.numel() and not torch.equal(
+                    idx.sort(dim=1).values.cpu(),
+                    torch.arange(idx.shape[1]).expand(idx.shape[0], -1)):
+                raise RuntimeError(f"crossbar layer {prefix.rstrip('.') or '<root>'}: "
+                                   "sort_index is not a permutation of each row")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._eff_cache = None

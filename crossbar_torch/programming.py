@@ -122,13 +122,19 @@ class ProgramResult:
 
 
 def _check_config(layers, config):
+    """The layers' one config. Their scales, sort index and cell layout were made with it, so
+    programming with another would count one thing and label it another: refuse that."""
     configs = {m.config for _, m in layers}
-    if config is None:
-        if len(configs) > 1:
-            raise ValueError("the crossbar layers of this model use different configs; pass "
-                             "the one to program with")
-        config = configs.pop()
-    return config
+    if len(configs) > 1:
+        raise ValueError("the crossbar layers of this model use different configs; convert "
+                         "the whole model with one CrossbarConfig")
+    mine = configs.pop()
+    if config is not None and config != mine:
+        diff = {k: (v, getattr(mine, k)) for k, v in config.to_dict().items()
+                if v != getattr(mine, k)}
+        raise ValueError(f"config differs from the one the layers were converted with "
+                         f"(field: (given, layers)) {diff}; convert the model with it instead")
+    return mine
 
 
 TARGET_CACHE_BYTES = 1 << 28  # 256 MiB of cached target cells

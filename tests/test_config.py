@@ -85,3 +85,9 @@ def test_shipped_configs_load():
         if os.path.basename(p).startswith("sweep"):
             continue  # sweep files list runs; tests/test_scripts.py loads them
         assert isinstance(xb.CrossbarConfig.from_yaml(p), CrossbarConfig)
+
+
+def test_numeric_override_forms():
+    assert parse_overrides(["reprogram_fraction=1e-1", "rows=64", "sort=value",
+                            "stuck_value=initial"]) == {
+        "reprogram_fraction": 0.1, "rows": 64, "sort": "value", "stuck_value": "initial"}

@@ -142,7 +142,7 @@ def test_mha_out_proj_is_left_alone_and_listed():
     with pytest.warns(UserWarning, match="MultiheadAttention"):
         xm = xb.convert(m, xb.CrossbarConfig())
     names = [n for n, _, _ in xm.crossbar_conversion.skipped]
-    assert names == ["self_attn.out_proj"]
+    assert names == ["self_attn", "self_attn.out_proj"]
     assert set(xm.crossbar_conversion.converted) == {"linear1", "linear2"}
     x = torch.randn(2, 3, 16)
     assert xm.eval()(x).shape == (2, 3, 16)
@@ -210,3 +210,13 @@ def test_std_conv_gradient_flows_through_the_standardization():
     torch.testing.assert_close(layer.weight.grad, w.grad)
     torch.testing.assert_close(layer.gain.grad, g.grad)
     assert layer.gain.grad.abs().sum() > 0
+
+
+def test_lazy_and_meta_layers():
+    with pytest.warns(UserWarning, match="lazy module"):
+        xm = xb.convert(nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2)), xb.CrossbarConfig())
+    assert xm.crossbar_conversion.converted == ["1"]
+    with torch.device("meta"):
+        m = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match="meta device"):
+        xb.convert(m, xb.CrossbarConfig())

@@ -78,8 +78,11 @@ def test_train_eval_modes():
     y_eval = xm(x)
     xm.train()
     y_train = xm(x)
-    # nothing changed since programming: simulated programming equals the held cells
-    torch.testing.assert_close(y_train, y_eval, rtol=0, atol=1e-6)
+    # nothing changed since programming: simulated programming gives the held cells, and the
+    # straight-through forward computes with them bit for bit
+    for _, layer in xb.crossbar_layers(xm):
+        assert torch.equal(layer.simulated_weight(), layer.effective_weight())
+    assert torch.equal(y_train, y_eval)
     y_train.sum().backward()
     assert all(p.grad is not None for p in xm.parameters())
 
@@ -168,3 +171,30 @@ def test_lite0_top1_agrees_with_float_at_16_and_8_bits():
             agree[bits] = (got == ref).sum().item()
     assert agree[16] == len(ds)           # all 100 images
     assert agree[8] >= len(ds) - 3        # nearly all (measured: see README)
+
+
+def test_report_refuses_a_config_other_than_the_layers():
+    cfg = xb.CrossbarConfig(rows=8, cols=28)
+    xm = xb.convert(small_cnn(), cfg)
+    assert xb.reprogram_report(xm, cfg).writes_per_pass == xb.reprogram_report(xm).writes_per_pass
+    with pytest.raises(ValueError, match="sort"):
+        xb.reprogram_report(xm, cfg.replace(sort="none"))
+
+
+def test_underflowing_scale_quantizes_to_zero():
+    lin = nn.Linear(3, 2)
+    with torch.no_grad():
+        lin.weight[0] = 1e-44   # amax / 127 underflows to 0 in float32
+        lin.weight[1] = torch.tensor([1.0, -0.5, 0.25])
+    xm = xb.convert(nn.Sequential(lin), xb.CrossbarConfig(rows=8, cols=28))
+    assert xm[0].scale[0].item() == 1.0
+    assert xm[0].effective_q()[0].tolist() == [0, 0, 0]
+    assert xm[0].effective_q()[1].tolist() == [127, -64, 32]
+
+
+def test_loading_a_non_permutation_index_fails():
+    xm = xb.convert(small_cnn(), xb.CrossbarConfig())
+    sd = xm.state_dict()
+    sd["0.sort_index"][0, 1] = sd["0.sort_index"][0, 0]
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        xb.convert(small_cnn(), xb.CrossbarConfig()).load_state_dict(sd)

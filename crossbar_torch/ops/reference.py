@@ -45,7 +45,9 @@ def quantize(w: torch.Tensor, weight_bits: int, per_channel: bool):
     else:
         amax = (w.abs().amax() if w.numel() else torch.zeros(())).expand(w.shape[0])
     s = amax / torch.tensor(qmax, dtype=torch.float32)
-    s = torch.where(amax == 0, torch.ones_like(s), s).contiguous()
+    # s = 1 for an all-zero row (rule 2), and also where amax / qmax underflows to 0 in
+    # float32 (|w| < ~1.8e-43): such a row quantizes to zeros either way
+    s = torch.where(s == 0, torch.ones_like(s), s).contiguous()
     q = torch.clamp(torch.round(w / s[:, None]), -qmax, qmax).to(torch.int32)
     return q, s
 
