@@ -198,17 +198,24 @@ def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Cross
     return cfg.with_overrides(overrides)
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename, so no reader sees half a file."""
+def atomic_write(path, write, binary: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it
+    over ``path``: a reader never sees half a result or checkpoint."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text))

@@ -31,14 +31,12 @@ weights bit-identical to an uninterrupted run (same seed, CPU; tested).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
 import random
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -46,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import CrossbarConfig, atomic_write_text
+from .config import CrossbarConfig, atomic_write, atomic_write_text
 from .modules import crossbar_layers
 
 __all__ = [
@@ -141,20 +139,7 @@ def _set_rng_state(st: dict) -> None:
 
 def atomic_torch_save(obj: Any, path) -> None:
     """``torch.save`` to a temporary file beside ``path``, then ``os.replace``."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
 
 
 def load_checkpoint(path) -> dict:

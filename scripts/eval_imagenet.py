@@ -182,7 +182,7 @@ def summary(res: dict) -> str:
     n = res["images"]
     lines = [f"ImageNet evaluation - {res['model']} ({res['weights']})",
              f"data: {res['data']}  images: {n}"
-             + (f"  (top-1 = any acceptable class)" if res["label_sets"] else ""),
+             + ("  (top-1 = any acceptable class)" if res["label_sets"] else ""),
              f"config: {res['config_summary']}", ""]
     lines.append(f"  {'':<10}{'top-1':>10}{'top-5':>10}{'correct@1':>11}{'img/s':>10}")
     tp = res["throughput"]

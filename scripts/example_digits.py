@@ -146,7 +146,7 @@ def table(r: dict) -> str:
         f"  {'crossbar, no stucking':<34}{r['top1_quantized_no_stuck']:>9.2f}",
         f"  {'crossbar, stuck':<34}{r['top1_stuck']:>9.2f}",
         f"  {'crossbar, stuck + fine-tuned':<34}{r['top1_finetuned']:>9.2f}",
-        f"  recovered fraction of the loss: "
+        "  recovered fraction of the loss: "
         + (f"{r['recovered_fraction']:.3f}" if r["recovered_fraction"] is not None else "n/a"),
         "",
         f"  {'':<26}{'writes/pass':>12}{'baseline':>12}{'reduction':>11}{'initial':>10}",

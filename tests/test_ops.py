@@ -212,7 +212,7 @@ def test_program_layer_large_random_matches_reference():
     """One bigger layer (several words per row, pool 2, stucking) for good measure."""
     g = _gen(7)
     B, b, e = 8, 2, ref.DIFFERENTIAL
-    c, slices = ref.cells_for(B, b, e), ref.slices_for(B, b, e)
+    slices = ref.slices_for(B, b, e)
     rows, cols, pool = 32, 150, 2
     state, written, stuck, cw = _pool_tensors(pool, rows, cols, b, g, 0.3, False)
     mine = [t.clone() for t in (state, written, stuck, cw)]
