@@ -226,10 +226,17 @@ def config_summary(cfg) -> str:
 
 def run(args) -> dict:
     distributed, rank, world, device = init_distributed(args.device)
+    finished = False
     try:
-        return _run(args, distributed, rank, world, device)
+        res = _run(args, distributed, rank, world, device)
+        finished = True
+        return res
     finally:
         if distributed and torch.distributed.is_initialized():
+            if finished:
+                # rank 0 still counts writes and writes --out when the others are done: leave
+                # together, so no rank tears its gloo / nccl connections down under a peer
+                torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
