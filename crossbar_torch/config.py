@@ -15,8 +15,13 @@ from typing import Any, Iterable, Mapping
 ENCODINGS = ("differential", "twos_complement", "offset")
 SORT_KEYS = ("none", "magnitude", "value")
 SORT_SCOPES = ("filter",)
+# Rule 13 enumerates the free low cells of a weight: bound the search (2**20 assignments at most,
+# reached only by configurations far past the paper's: 8-bit weights never exceed 2**16).
+MAX_COMPENSATION_BITS = 21
 QUANT_MODES = ("per_channel", "per_tensor")
 STUCK_VALUES = ("initial", 0, 1)
+FILTER_ORDERS = ("natural", "profile")
+SCHEDULES = ("section_major", "greedy")
 
 
 @dataclass(frozen=True)
@@ -36,13 +41,19 @@ class CrossbarConfig:
     stuck_value: Any = "initial"
     pool: int = 1
     seed: int = 0
+    # Rules 11 to 13 (docs/semantics.md): the defaults keep rules 1 to 10 unchanged.
+    filter_order: str = "natural"
+    schedule: str = "section_major"
+    schedule_window: int = 256
+    compensate: bool = False
 
     def __post_init__(self):
         def bad(name, allowed):
             raise ValueError(
                 f"CrossbarConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
 
-        for name in ("rows", "cols", "weight_bits", "bits_per_cell", "stuck_slices", "pool", "seed"):
+        for name in ("rows", "cols", "weight_bits", "bits_per_cell", "stuck_slices", "pool", "seed",
+                     "schedule_window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 bad(name, "an integer")
@@ -81,6 +92,19 @@ class CrossbarConfig:
             bad("pool", "pool >= 1")
         if not 0 <= self.seed < 2 ** 63:
             bad("seed", "0 <= seed < 2**63")
+        if self.filter_order not in FILTER_ORDERS:
+            bad("filter_order", f"one of {FILTER_ORDERS}")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", f"one of {SCHEDULES}")
+        if not 1 <= self.schedule_window <= 1 << 30:
+            bad("schedule_window", "1 <= schedule_window <= 2**30 (tiles the greedy schedule "
+                "looks ahead)")
+        if not isinstance(self.compensate, bool):
+            bad("compensate", "true or false")
+        if self.compensate and self.compensation_bits > MAX_COMPENSATION_BITS:
+            bad("compensate", f"at most {MAX_COMPENSATION_BITS} bits of low cells per weight to "
+                f"search (bits_per_cell x cells in the stuck slices = {self.compensation_bits}); "
+                "lower stuck_slices")
         if self.cols < self.cells_per_weight:
             raise ValueError(
                 f"CrossbarConfig.cols={self.cols} is invalid: one weight takes "
@@ -122,6 +146,12 @@ class CrossbarConfig:
         return (self.stuck_slices > 0 and self.reprogram_fraction < 1.0)
 
     @property
+    def compensation_bits(self) -> int:
+        """Bits of the cells in slices < stuck_slices of one weight: rule 13 enumerates at most
+        2**(this - bits_per_cell) assignments per weight (at least one cell is held)."""
+        return self.arrays * self.stuck_slices * self.bits_per_cell
+
+    @property
     def encoding_id(self) -> int:
         return ENCODINGS.index(self.encoding)
 
@@ -143,7 +173,7 @@ class CrossbarConfig:
     def baseline(self) -> "CrossbarConfig":
         """Rule 10: the same configuration with sort='none' and no stucking."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
-                            stuck_value="initial")
+                            stuck_value="initial", compensate=False)
 
     def with_overrides(self, overrides: Iterable[str]) -> "CrossbarConfig":
         """Apply ``key=value`` strings (values parsed as YAML scalars)."""

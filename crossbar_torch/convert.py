@@ -108,6 +108,15 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
     from tqdm.auto import tqdm
     for name, mod in tqdm(modules, desc="convert", disable=not progress, leave=False):
         if isinstance(mod, CROSSBAR_LAYERS):
+            if mod.config != config:
+                # its scales, sort index, placement and stuck cells belong to its own config:
+                # silently keeping them would label one configuration's numbers as another's
+                diff = {k: (v, getattr(config, k)) for k, v in mod.config.to_dict().items()
+                        if v != getattr(config, k)}
+                raise ValueError(
+                    f"convert: {name or type(mod).__name__} is already a crossbar layer, "
+                    f"converted with another config (field: (its, asked)) {diff}; convert the "
+                    "original float model with the new config instead")
             record.converted.append(name)
             continue
         if isinstance(mod, nn.MultiheadAttention):

@@ -7,14 +7,18 @@ Each layer holds, as buffers that round-trip through ``state_dict``:
 * ``cells``      uint8 (out, K, c)    the cell levels the crossbars hold (sorted order), i.e. the
                                       conductance states after programming (DESIGN.md rule 9)
 * ``stuck``      bool (out, K, c)     cells that are stuck (empty when the config has no stucking)
+* ``filter_index`` int64 (nb*F,)      filter placement (rule 11): the filter in column block j,
+                                      slot f is filter_index[j*F + f]; -1 marks an unused slot
+* ``tile_order`` int64 (tiles,)       the order the layer's tiles are programmed in (rule 12;
+                                      chosen by the first programming, replayed afterwards)
 
 and the latent float ``weight`` stays a parameter for fine-tuning.
 
 Eval mode computes with the effective weights decoded from ``cells`` (cached once per
 programming, then the native GEMM / conv). Train mode simulates programming the *current* latent
 weight (quantize with the fixed scales, gather through the fixed sort index, encode, keep the
-stuck cells' levels, decode, un-sort) and passes the gradient straight through to the latent
-weight.
+stuck cells' levels, compensate (rule 13) when configured, decode, un-sort) and passes the
+gradient straight through to the latent weight. Semantics: docs/semantics.md.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from . import ops
 from .config import CrossbarConfig
+from .mapping import check_filter_index, filter_index, natural_filter_index
 from .quantization import quantize, sort_index
 
 
@@ -42,8 +47,11 @@ class CrossbarMixin:
                              .expand(out_features, k).contiguous())
         self.register_buffer("cells", torch.zeros(out_features, k, c, dtype=torch.uint8))
         self.register_buffer("stuck", torch.zeros(0, dtype=torch.bool))
+        self.register_buffer("filter_index", natural_filter_index(out_features, config))
+        self.register_buffer("tile_order", torch.zeros(0, dtype=torch.int64))
         self._eff_cache = None
         self._programmed_version = None
+        self._programmed_checksum = 0.0
         self._stale_warned = False
 
     # ---- the weight the layer computes with, as an (out, K) matrix -----------------------
@@ -64,6 +72,7 @@ class CrossbarMixin:
         q, s = quantize(w, self.config)
         self.scale.copy_(s.to(self.scale.device))
         self.sort_index = sort_index(q, self.config).to(self.sort_index.device)
+        self.filter_index = filter_index(q, self.config).to(self.filter_index.device)
         if encode:
             self.set_cells(self.target_cells(), None)
 
@@ -74,14 +83,55 @@ class CrossbarMixin:
         return ops.sort_and_encode(w, self.scale, self.sort_index, cfg.weight_bits,
                                    cfg.bits_per_cell, cfg.encoding_id)
 
-    def set_cells(self, cells: torch.Tensor, stuck: torch.Tensor | None) -> None:
-        """Store what the crossbars hold after programming (called by the programmer)."""
+    def set_cells(self, cells: torch.Tensor, stuck: torch.Tensor | None,
+                  tile_order: torch.Tensor | None = None) -> None:
+        """Store what the crossbars hold after programming (called by the programmer), and the
+        tile order the programming used (replayed by later programmings)."""
         self.cells = cells.to(self.cells.device).contiguous()
         self.stuck = (stuck.to(self.cells.device).contiguous() if stuck is not None
                       else torch.zeros(0, dtype=torch.bool, device=self.cells.device))
+        if tile_order is not None:
+            self.tile_order = tile_order.to(self.tile_order.device, torch.int64).contiguous()
         self._eff_cache = None
-        self._programmed_version = self.weight._version
+        self._mark_programmed()
+
+    # ---- is the latent weight still the one the crossbars were programmed with? -------------
+    # The version counter says when the weight changed in place; it is compared only for the
+    # same tensor object (deepcopy, .to() and load_state_dict give new objects with fresh
+    # counters: then a checksum of the values decides). Inference tensors have no counter and
+    # cannot change outside inference_mode: they are not checked. torch.compile skips the check.
+    def _weight_stamp(self):
+        w = self.weight
+        if w.is_inference():
+            return None
+        return id(w), w._version
+
+    def _weight_checksum(self) -> float | None:
+        if self.weight.is_meta:  # no values to compare
+            return None
+        with torch.no_grad():
+            return float(self.weight.detach().double().sum()) if self.weight.numel() else 0.0
+
+    def _mark_programmed(self) -> None:
+        self._programmed_version = self._weight_stamp()
+        self._programmed_checksum = self._weight_checksum()
         self._stale_warned = False
+
+    def _weight_changed(self) -> bool:
+        if self._programmed_version is None or torch.compiler.is_compiling():
+            return False
+        now = self._weight_stamp()
+        if now is None:
+            return False
+        if now[0] == self._programmed_version[0]:
+            return now[1] != self._programmed_version[1]
+        # another tensor object: compare values, then follow the new object's counter
+        now_sum = self._weight_checksum()
+        changed = (now_sum is not None and self._programmed_checksum is not None
+                   and now_sum != self._programmed_checksum)
+        if not changed:
+            self._programmed_version = now
+        return changed
 
     # ---- effective weights --------------------------------------------------------------------
     def _decode(self, cells: torch.Tensor) -> torch.Tensor:
@@ -111,7 +161,12 @@ class CrossbarMixin:
         respect to the latent weight is the gradient with respect to the effective weight."""
         target = self.target_cells()
         if self.stuck.numel():
-            target = torch.where(self.stuck, self.cells, target)
+            # what programming would leave: the stuck cells keep their levels, and with rule 13
+            # the free cells compensate (the write tie-break measured against the held cells)
+            cfg = self.config
+            target = ops.compensate(target, self.stuck, self.cells, cfg.weight_bits,
+                                    cfg.bits_per_cell, cfg.encoding_id,
+                                    cfg.stuck_slices if cfg.compensate else 0)
         w_eff = self._decode(target)
         # only the quantizer is skipped by the gradient: StdConv2d-style weight
         # standardization stays differentiable, so its raw weight and gain are trained too
@@ -123,8 +178,7 @@ class CrossbarMixin:
     def weight_for_forward(self) -> torch.Tensor:
         if self.training:  # simulate programming the current latent weight (fine-tuning)
             return self.simulated_weight()
-        if (self._programmed_version is not None and self.weight._version != self._programmed_version
-                and not self._stale_warned):
+        if not self._stale_warned and self._weight_changed():
             warnings.warn(f"{type(self).__name__}: the latent weight changed since the crossbars "
                           "were programmed; eval uses what the crossbars hold. Call "
                           "crossbar_torch.reprogram(model) to program the new weights.",
@@ -141,45 +195,61 @@ class CrossbarMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        layer = prefix.rstrip('.') or '<root>'
         key = prefix + "_extra_state"
         if key in state_dict:
-            theirs = dict(state_dict[key].get("crossbar_config", {}))
+            # fields a saved config predates hold their defaults (rules 11 to 13 came later)
+            theirs = {**CrossbarConfig().to_dict(),
+                      **dict(state_dict[key].get("crossbar_config", {}))}
             mine = self.config.to_dict()
             if theirs != mine:
                 diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
                         if theirs.get(k) != mine.get(k)}
                 raise RuntimeError(
-                    f"crossbar layer {prefix.rstrip('.') or '<root>'}: the state dict was made "
+                    f"crossbar layer {layer}: the state dict was made "
                     f"with a different CrossbarConfig (field: (saved, this model)) {diff}; "
                     "convert the model with the saved config before loading")
-        # `stuck` is empty without stucking: resize to what is being loaded
+        # `stuck` is empty without stucking, `tile_order` before the first programming: resize
+        # them to what is being loaded
         skey = prefix + "stuck"
         if skey in state_dict:
             self.stuck = torch.empty_like(state_dict[skey], device=self.cells.device)
+        okey = prefix + "tile_order"
+        if okey in state_dict:
+            self.tile_order = torch.empty_like(state_dict[okey], device=self.cells.device)
+        else:  # saved before tile orders were kept: the first programming chooses one
+            self.tile_order = self.tile_order.new_zeros(0)
+            state_dict[okey] = self.tile_order
+        fkey = prefix + "filter_index"
+        if fkey in state_dict:
+            why = check_filter_index(state_dict[fkey], self.cells.shape[0], self.config)
+            if why:
+                raise RuntimeError(f"crossbar layer {layer}: filter_index {why}")
+        else:  # saved before filter placement existed: the natural one
+            state_dict[fkey] = natural_filter_index(self.cells.shape[0], self.config)
         ikey = prefix + "sort_index"
         if ikey in state_dict:
             idx = state_dict[ikey]
             if idx.dim() == 2 and idx.numel() and not torch.equal(
                     idx.sort(dim=1).values.cpu(),
                     torch.arange(idx.shape[1]).expand(idx.shape[0], -1)):
-                raise RuntimeError(f"crossbar layer {prefix.rstrip('.') or '<root>'}: "
+                raise RuntimeError(f"crossbar layer {layer}: "
                                    "sort_index is not a permutation of each row")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._eff_cache = None
-        self._programmed_version = self.weight._version
-        self._stale_warned = False
+        self._mark_programmed()
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` must not round the float32 scales (rule 2 computes in float32): keep
         # them float32, follow only the device.
         scale = self.scale
-        in_sync = self._programmed_version == self.weight._version
+        in_sync = not self._weight_changed()
         super()._apply(fn, recurse)
         self.scale = scale.to(self.scale.device, torch.float32)
         self._eff_cache = None
         if in_sync:
-            self._programmed_version = self.weight._version
+            self._mark_programmed()
         return self
 
     def crossbar_repr(self) -> str:

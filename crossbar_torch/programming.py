@@ -1,11 +1,14 @@
-"""Model-wide programming: tiling, schedule, the shared crossbar pool, bit stucking and write
-counting (DESIGN.md rules 5 to 8). One object, the :class:`CrossbarPool`, owns the physical
-crossbars: their packed cell levels, the stuck masks and the per-cell write counters; the
-transition counting itself runs in the ``program_layer`` op (C++ / CUDA, packed bits).
+"""Model-wide programming: the shared crossbar pool, bit stucking, compensation and write
+counting (docs/semantics.md rules 6 to 13). One object, the :class:`CrossbarPool`, owns the
+physical crossbars: their packed cell levels, the stuck masks and the per-cell write counters;
+the programming itself (tile order, transitions, compensation) runs in the ``program_layer``
+op (C++ / CUDA, packed bits). Where weights sit is the mapping module's (``mapping.py``).
+
+Data flows one way: layer (targets, placement, stored tile order) -> mapping (geometry) ->
+programming (pool) -> layer (held cells, stuck cells, tile order).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,15 +17,11 @@ import torch.nn as nn
 
 from . import ops
 from .config import CrossbarConfig
+from .mapping import (STAT_NAMES, LayerGeometry, column_slices, layer_tiles,  # noqa: F401
+                      pack_bits, weight_crossbars, words_for)
 from .modules import crossbar_layers
-from .ops.reference import STAT_NAMES, column_slices, pack_bits, words_for
 
-
-def layer_tiles(out: int, k: int, config: CrossbarConfig) -> int:
-    """Rule 5: ceil(K / rows) sections times ceil(out / F) column blocks."""
-    if out == 0 or k == 0:
-        return 0
-    return math.ceil(k / config.rows) * math.ceil(out / config.filters_per_crossbar)
+NOT_PINNED = 255  # program_layer's `pinned` level for a cell whose held level is not known
 
 
 def stuck_mask(config: CrossbarConfig, crossbar: int) -> torch.Tensor:
@@ -58,33 +57,41 @@ class CrossbarPool:
         self.cell_writes = torch.zeros(pool, rows, cols, dtype=torch.int32, device=device)
         self.next_tile = 0
 
-    def program(self, cells: torch.Tensor, count_cells: bool):
-        """Program one layer's tiles (target levels (out, K, c)), continuing the schedule."""
+    def program(self, cells: torch.Tensor, filter_index: torch.Tensor, order: torch.Tensor | None,
+                pinned: torch.Tensor | None, count_cells: bool):
+        """Program one layer's tiles (target levels (out, K, c)), continuing the schedule.
+
+        ``order`` replays a tile order; None chooses it (section-major, or greedy per the
+        config). ``pinned``: levels already known for cells on stuck positions (255 elsewhere).
+        Returns (effective cells, stats, the order used, the layer's first global tile)."""
         cfg = self.config
-        eff, stats = ops.program_layer(
-            cells.to(self.state.device), self.state, self.written, self.stuck,
-            self.cell_writes, self.next_tile, cfg.rows, cfg.cols, cfg.bits_per_cell,
-            cfg.slices, cfg.stuck_value == "initial", count_cells)
+        dev = self.state.device
+        empty = torch.empty(0, dtype=torch.int64, device=dev)
+        window = cfg.schedule_window if cfg.schedule == "greedy" else 0
+        eff, stats, used = ops.program_layer(
+            cells.to(dev), filter_index.to(dev), empty if order is None else order.to(dev),
+            torch.empty(0, dtype=torch.uint8, device=dev) if pinned is None else pinned.to(dev),
+            self.state, self.written, self.stuck, self.cell_writes, self.next_tile, cfg.rows,
+            cfg.cols, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id,
+            cfg.stuck_value == "initial", count_cells,
+            cfg.stuck_slices if cfg.compensate and cfg.stucking else 0, window)
         t0 = self.next_tile
         self.next_tile += layer_tiles(cells.shape[0], cells.shape[1], cfg)
-        return eff, stats.cpu(), t0
+        return eff, stats.cpu(), used.cpu(), t0
 
-    def layer_stuck(self, out: int, k: int, t0: int, chunk: int = 256) -> torch.Tensor:
+    def layer_stuck(self, geom: LayerGeometry, filter_index: torch.Tensor, order: torch.Tensor,
+                    t0: int, chunk: int = 256) -> torch.Tensor:
         """Which cells of a layer (sorted order, (out, K, c)) sit on stuck physical cells."""
         cfg = self.config
-        c, F, rows, cols, pool = (cfg.cells_per_weight, cfg.filters_per_crossbar, cfg.rows,
-                                  cfg.cols, cfg.pool)
-        blocks = math.ceil(out / F)
+        c, rows, cols = geom.c, cfg.rows, cfg.cols
+        crossbar, row, col0 = weight_crossbars(geom, filter_index.cpu(), order, t0, cfg.pool)
         flat = self.stuck_bits.reshape(-1)
-        kk = torch.arange(k)
-        sec, row = kk // rows, kk % rows
-        result = torch.empty(out, k, c, dtype=torch.bool)
-        for o0 in range(0, out, chunk):
-            o = torch.arange(o0, min(out, o0 + chunk))
-            x = (t0 + sec[None, :] * blocks + (o // F)[:, None]) % pool          # (o, K)
-            col = (o % F)[:, None] * c + torch.arange(c)[None, :]               # (o, c)
-            lin = ((x * rows + row[None, :]) * cols)[:, :, None] + col[:, None, :]
-            result[o0:o0 + len(o)] = flat[lin]
+        result = torch.empty(geom.out, geom.k, c, dtype=torch.bool)
+        for o0 in range(0, geom.out, chunk):
+            o1 = min(geom.out, o0 + chunk)
+            col = col0[o0:o1, None] + torch.arange(c)[None, :]                  # (o, c)
+            lin = ((crossbar[o0:o1] * rows + row[None, :]) * cols)[:, :, None] + col[:, None, :]
+            result[o0:o1] = flat[lin]
         return result
 
 
@@ -144,22 +151,24 @@ def identity_index(out: int, k: int, device=None) -> torch.Tensor:
     return torch.arange(k, dtype=torch.int64, device=device).expand(out, k).contiguous()
 
 
-def layer_targets(layer, config: CrossbarConfig, baseline: bool) -> torch.Tensor:
-    """Target levels of a layer in programming order.
+def layer_targets(layer, config: CrossbarConfig, baseline: bool):
+    """Target levels of a layer in programming order, and the levels already known for its
+    cells on stuck positions (or None).
 
     * ``baseline``: unsorted (identity index), as rule 10's baseline programs them.
-    * otherwise: sorted through the layer's fixed index; cells already known to be stuck keep
-      the level they hold (after fine-tuning, a stuck cell does not take a new weight).
+    * otherwise: sorted through the layer's fixed index; a cell already known to be stuck
+      keeps the level it holds (after fine-tuning, a stuck cell does not take a new weight).
     """
     if baseline:
         w = layer.matrix_weight().detach().to(torch.float32).contiguous()
         idx = identity_index(w.shape[0], w.shape[1], w.device)
         return ops.sort_and_encode(w, layer.scale, idx, config.weight_bits,
-                                   config.bits_per_cell, config.encoding_id)
-    target = layer.target_cells()
+                                   config.bits_per_cell, config.encoding_id), None
+    pinned = None
     if layer.stuck.numel():
-        target = torch.where(layer.stuck, layer.cells, target)
-    return target
+        pinned = torch.where(layer.stuck, layer.cells,
+                             torch.full_like(layer.cells, NOT_PINNED))
+    return layer.target_cells(), pinned
 
 
 def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
@@ -169,7 +178,10 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
 
     ``baseline`` programs the rule-10 baseline (no sort, no stucking) of the configuration.
     ``write_back`` stores what the crossbars hold after programming into the layers (their
-    ``cells`` and ``stuck`` buffers), so inference computes with it (rule 9).
+    ``cells`` and ``stuck`` buffers), so inference computes with it (rule 9), and the tile
+    order of every layer (``tile_order``), which later programmings replay (rule 12).
+    A layer that already holds a tile order replays it (except for the baseline, which
+    chooses its own in its first pass).
     """
     layers = crossbar_layers(model)
     if not layers:
@@ -189,28 +201,37 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     # Targets are the same in both passes: keep them from pass 1 while they fit the budget,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
+    orders = {}
     for pass_no in (0, 1):
         pool.next_tile = 0
         counts = result.initial if pass_no == 0 else result.per_pass
         for i, (name, layer) in enumerate(layers):
-            target = cached.pop(i, None)
+            target, pinned = cached.pop(i, (None, None))
             if target is None:
-                target = layer_targets(layer, config, baseline)
+                target, pinned = layer_targets(layer, config, baseline)
                 if pass_no == 0 and target.numel() <= budget:
-                    cached[i] = target
-                    budget -= target.numel()
-            eff, stats, t0 = pool.program(target, count_cells=pass_no == 1)
-            counts.add(stats)
+                    cached[i] = (target, pinned)
+                    budget -= target.numel() * (2 if pinned is not None else 1)
             out, k = target.shape[0], target.shape[1]
+            geom = LayerGeometry.of(out, k, run_cfg)
+            order = orders.get(i)
+            if order is None and not baseline and layer.tile_order.numel() == geom.tiles > 0:
+                order = layer.tile_order.cpu()  # rule 12: the stored order is replayed
+            eff, stats, used, t0 = pool.program(target, layer.filter_index, order, pinned,
+                                                count_cells=pass_no == 1)
+            orders[i] = used
+            counts.add(stats)
             if pass_no == 0:
                 result.layers.append({"name": name, "kind": type(layer).__name__,
-                                      "shape": [out, k], "tiles": layer_tiles(out, k, run_cfg),
+                                      "shape": [out, k], "tiles": geom.tiles,
                                       "initial_writes": int(stats[0])})
             else:
                 result.layers[i]["writes_per_pass"] = int(stats[0])
+                result.layers[i]["tile_order"] = used.tolist()
                 if write_back:
-                    stuck = pool.layer_stuck(out, k, t0) if run_cfg.stucking else None
-                    layer.set_cells(eff, stuck)
+                    stuck = (pool.layer_stuck(geom, layer.filter_index, used, t0)
+                             if run_cfg.stucking else None)
+                    layer.set_cells(eff, stuck, used)
             bar.update(1)
         if pass_no == 0:
             result.tiles = pool.next_tile

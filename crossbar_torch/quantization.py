@@ -1,10 +1,10 @@
-"""Per-layer pure stages: weight checks, quantization (rule 2) and the sort index (rule 4)."""
+"""Per-layer pure stages: weight checks, quantization (rule 2) and the sort index (rule 4).
+Semantics: docs/semantics.md."""
 from __future__ import annotations
 
 import torch
 
 from .config import CrossbarConfig
-from .ops import reference
 
 
 def check_weight(w: torch.Tensor, name: str = "weight") -> None:
@@ -16,12 +16,43 @@ def check_weight(w: torch.Tensor, name: str = "weight") -> None:
         raise ValueError(f"{name} holds {bad} NaN or Inf value(s); a crossbar cannot store them")
 
 
+def quantize_rows(w: torch.Tensor, weight_bits: int, per_channel: bool):
+    """Rule 2. ``w`` is (out, K); returns (q int32 (out, K), s float32 (out,)), in float32."""
+    w = w.detach().to(torch.float32)
+    qmax = 2 ** (weight_bits - 1) - 1
+    if per_channel:
+        amax = w.abs().amax(dim=1) if w.shape[1] > 0 else torch.zeros(w.shape[0])
+    else:
+        amax = (w.abs().amax() if w.numel() else torch.zeros(())).expand(w.shape[0])
+    s = amax / torch.tensor(qmax, dtype=torch.float32)
+    # s = 1 for an all-zero row (rule 2), and also where amax / qmax underflows to 0 in
+    # float32 (|w| < ~1.8e-43): such a row quantizes to zeros either way
+    s = torch.where(s == 0, torch.ones_like(s), s).contiguous()
+    q = torch.clamp(torch.round(w / s[:, None]), -qmax, qmax).to(torch.int32)
+    return q, s
+
+
+def quantize_with_scale(w: torch.Tensor, s: torch.Tensor, weight_bits: int) -> torch.Tensor:
+    """Rule 2 with fixed scales (fine-tuned weights: the scales stay those of conversion)."""
+    qmax = 2 ** (weight_bits - 1) - 1
+    w = w.to(torch.float32)
+    return torch.clamp(torch.round(w / s[:, None]), -qmax, qmax).to(torch.int32)
+
+
+def sort_rows(q: torch.Tensor, key: str) -> torch.Tensor:
+    """Rule 4: per-row stable descending order of |q| (magnitude) or q (value); int64."""
+    if key == "none":
+        return torch.arange(q.shape[1], dtype=torch.int64).expand(q.shape[0], -1).contiguous()
+    k = q.abs() if key == "magnitude" else q
+    return torch.sort(k, dim=1, descending=True, stable=True).indices.contiguous()
+
+
 def quantize(w2d: torch.Tensor, config: CrossbarConfig):
     """Rule 2 on a (out, K) weight matrix: (q int32, s float32 (out,)), in float32."""
     check_weight(w2d)
-    return reference.quantize(w2d, config.weight_bits, config.quant == "per_channel")
+    return quantize_rows(w2d, config.weight_bits, config.quant == "per_channel")
 
 
 def sort_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     """Rule 4: the layer's sort index (out, K) int64; position k' holds weight index[o, k']."""
-    return reference.sort_index(q, config.sort)
+    return sort_rows(q, config.sort)

@@ -8,6 +8,7 @@ import json
 import torch.nn as nn
 
 from .config import CrossbarConfig, atomic_write_text
+from .mapping import format_order
 from .programming import ProgramResult, program_model
 
 
@@ -58,6 +59,8 @@ class ReprogramReport:
             "layers": [{"name": l["name"], "tiles": l["tiles"],
                         "writes_per_pass": l["writes_per_pass"],
                         "initial_writes": l["initial_writes"], "shape": l["shape"],
+                        # tile ids (s * column blocks + j) in programming order (rule 12)
+                        "tile_order": l["tile_order"],
                         **({"baseline_writes_per_pass": bl["writes_per_pass"]} if b else {})}
                        for l, bl in zip(r.layers, b.layers if b else r.layers)],
             "max_cell_writes_per_pass": r.max_cell_writes_per_pass,
@@ -104,6 +107,9 @@ class ReprogramReport:
                      f"{cfg.encoding}, {cfg.bits_per_cell} bit/cell, sort={cfg.sort}, "
                      f"stuck_slices={cfg.stuck_slices}, reprogram_fraction="
                      f"{cfg.reprogram_fraction}, stuck_value={cfg.stuck_value}, seed={cfg.seed}")
+        lines.append(f"filter_order={cfg.filter_order}, schedule={cfg.schedule}"
+                     + (f" (window {cfg.schedule_window})" if cfg.schedule == "greedy" else "")
+                     + f", compensate={str(cfg.compensate).lower()}")
         lines.append(f"layers {d['layer_count']}, weights {d['weights']:,}, tiles {d['tiles']:,}")
         lines.append("")
 
@@ -129,14 +135,15 @@ class ReprogramReport:
             lines.append(f"    slice {s:>2}: {v:>14,}{extra}")
         lines.append("")
         lines.append(f"  {'layer':<40}{'tiles':>8}{'writes/pass':>14}"
-                     + (f"{'baseline':>14}{'reduction':>10}" if self.baseline else ""))
+                     + (f"{'baseline':>14}{'reduction':>10}" if self.baseline else "")
+                     + "  tile order (ids s*blocks+j; a-b = a run)")
         for l in d["layers"]:
             s = f"  {l['name'][:40]:<40}{l['tiles']:>8,}{l['writes_per_pass']:>14,}"
             if self.baseline is not None:
                 b = l["baseline_writes_per_pass"]
                 r = f"{b / l['writes_per_pass']:.2f}x" if l["writes_per_pass"] else "-"
                 s += f"{b:>14,}{r:>10}"
-            lines.append(s)
+            lines.append(s + "  " + format_order(l["tile_order"], width=60))
         return "\n".join(lines)
 
     def __repr__(self) -> str:

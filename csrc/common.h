@@ -221,17 +221,6 @@ inline void check_index_range(const at::Tensor& index, const char* op) {
 
 // ---- per-op argument validation (shared by the CPU and CUDA kernels) -----------------------
 
-struct ProgramArgs {
-  int64_t out, K, c, pool, words, planes, nsl;
-};
-
-// Validates program_layer's arguments (before anything is mutated) and returns the sizes.
-ProgramArgs check_program_layer(const at::Tensor& cells, const at::Tensor& state,
-                                const at::Tensor& written, const at::Tensor& stuck,
-                                const at::Tensor& cell_writes, int64_t tile_offset, int64_t rows,
-                                int64_t cols, int64_t bits_per_cell, int64_t slices,
-                                bool count_cells, bool check_levels = true);
-
 // Validates sort_and_encode's arguments (dtypes, same device, shapes, finite weights, usable
 // scales, index range); the caller checks the device type it runs on.
 void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& index,

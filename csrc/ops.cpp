@@ -32,7 +32,12 @@ TORCH_LIBRARY(crossbar_torch, m) {
       "sort_and_encode(Tensor w, Tensor scale, Tensor index, int weight_bits, "
       "int bits_per_cell, int encoding) -> Tensor");
   m.def(
-      "program_layer(Tensor cells, Tensor(a!) state, Tensor(b!) written, Tensor stuck, "
-      "Tensor(c!) cell_writes, int tile_offset, int rows, int cols, int bits_per_cell, "
-      "int slices, bool stuck_initial, bool count_cells) -> (Tensor, Tensor)");
+      "program_layer(Tensor cells, Tensor filter_index, Tensor order, Tensor pinned, "
+      "Tensor(a!) state, Tensor(b!) written, Tensor stuck, Tensor(c!) cell_writes, "
+      "int tile_offset, int rows, int cols, int weight_bits, int bits_per_cell, int encoding, "
+      "bool stuck_initial, bool count_cells, int compensate_slices, int window) "
+      "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "compensate(Tensor cells, Tensor held, Tensor old, int weight_bits, int bits_per_cell, "
+      "int encoding, int compensate_slices) -> Tensor");
 }

@@ -17,54 +17,17 @@ Conventions shared with the kernels (csrc/):
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 
+# The packed layout and the quantizer are shared conventions, not semantics under test.
+from ..mapping import STAT_NAMES, cells_for, column_slices, pack_bits, slices_for, words_for  # noqa: F401
+from ..quantization import quantize_rows as quantize  # noqa: F401
+from ..quantization import quantize_with_scale, sort_rows as sort_index  # noqa: F401
+
 DIFFERENTIAL, TWOS_COMPLEMENT, OFFSET = 0, 1, 2
-
-# Order of the counters returned by program_layer (then one entry per slice).
-STAT_NAMES = ("writes", "sets", "resets", "pulses", "rows_programmed")
-
-
-def slices_for(weight_bits: int, bits_per_cell: int, encoding: int) -> int:
-    magnitude = weight_bits - 1 if encoding == DIFFERENTIAL else weight_bits
-    return math.ceil(magnitude / bits_per_cell)
-
-
-def cells_for(weight_bits: int, bits_per_cell: int, encoding: int) -> int:
-    s = slices_for(weight_bits, bits_per_cell, encoding)
-    return 2 * s if encoding == DIFFERENTIAL else s
-
-
-def quantize(w: torch.Tensor, weight_bits: int, per_channel: bool):
-    """Rule 2. ``w`` is (out, K); returns (q int32 (out, K), s float32 (out,))."""
-    w = w.detach().to(torch.float32)
-    qmax = 2 ** (weight_bits - 1) - 1
-    if per_channel:
-        amax = w.abs().amax(dim=1) if w.shape[1] > 0 else torch.zeros(w.shape[0])
-    else:
-        amax = (w.abs().amax() if w.numel() else torch.zeros(())).expand(w.shape[0])
-    s = amax / torch.tensor(qmax, dtype=torch.float32)
-    # s = 1 for an all-zero row (rule 2), and also where amax / qmax underflows to 0 in
-    # float32 (|w| < ~1.8e-43): such a row quantizes to zeros either way
-    s = torch.where(s == 0, torch.ones_like(s), s).contiguous()
-    q = torch.clamp(torch.round(w / s[:, None]), -qmax, qmax).to(torch.int32)
-    return q, s
-
-
-def quantize_with_scale(w: torch.Tensor, s: torch.Tensor, weight_bits: int) -> torch.Tensor:
-    """Rule 2 with fixed scales (used for fine-tuned weights: scales stay fixed)."""
-    qmax = 2 ** (weight_bits - 1) - 1
-    w = w.to(torch.float32)
-    return torch.clamp(torch.round(w / s[:, None]), -qmax, qmax).to(torch.int32)
-
-
-def sort_index(q: torch.Tensor, key: str) -> torch.Tensor:
-    """Rule 4: per-row stable descending order of |q| (magnitude) or q (value); int64."""
-    if key == "none":
-        return torch.arange(q.shape[1], dtype=torch.int64).expand(q.shape[0], -1).contiguous()
-    k = q.abs() if key == "magnitude" else q
-    return torch.sort(k, dim=1, descending=True, stable=True).indices.contiguous()
+NOT_PINNED = 255
 
 
 def encode(q: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int) -> torch.Tensor:
@@ -137,26 +100,11 @@ def sort_and_encode(w: torch.Tensor, scale: torch.Tensor, index: torch.Tensor,
 # Programming and transition counting (rules 5 to 8)
 # ----------------------------------------------------------------------------------------
 
-def words_for(cols: int) -> int:
-    return (cols + 63) // 64
-
-
 def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """int64 (..., words) -> bool (..., cols)."""
     bits = torch.arange(64, dtype=torch.int64)
     out = ((packed.unsqueeze(-1) >> bits) & 1).bool()
     return out.reshape(*packed.shape[:-1], -1)[..., :cols]
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """bool (..., cols) -> int64 (..., words) (bit 63 lands in the sign bit)."""
-    cols = bits.shape[-1]
-    words = words_for(cols)
-    padded = torch.zeros(*bits.shape[:-1], words * 64, dtype=torch.int64)
-    padded[..., :cols] = bits.to(torch.int64)
-    padded = padded.reshape(*bits.shape[:-1], words, 64)
-    shifts = torch.arange(64, dtype=torch.int64)
-    return (padded << shifts).sum(-1)  # wraps into the sign bit for bit 63, as intended
 
 
 def unpack_levels(state: torch.Tensor, cols: int) -> torch.Tensor:
@@ -171,75 +119,226 @@ def pack_levels(levels: torch.Tensor, planes: int) -> torch.Tensor:
     return torch.stack([pack_bits(((levels >> p) & 1).bool()) for p in range(planes)], dim=2)
 
 
-def column_slices(cols: int, cells_per_weight: int, slices: int) -> torch.Tensor:
-    """Slice held by each physical column (-1 for columns no filter uses)."""
-    F = cols // cells_per_weight
-    col = torch.arange(cols)
-    return torch.where(col < F * cells_per_weight, (col % cells_per_weight) % slices,
-                       torch.full_like(col, -1))
+def _decode_levels(levels, weight_bits, bits_per_cell, encoding) -> int:
+    return int(decode(torch.tensor([list(levels)], dtype=torch.uint8), weight_bits,
+                      bits_per_cell, encoding)[0])
 
 
-def program_layer(cells: torch.Tensor, state: torch.Tensor, written: torch.Tensor,
-                  stuck: torch.Tensor, cell_writes: torch.Tensor, tile_offset: int,
-                  rows: int, cols: int, bits_per_cell: int, slices: int,
-                  stuck_initial: bool, count_cells: bool):
-    """Program every tile of one layer, in schedule order, onto the pool; update the state in
-    place and return ``(effective_cells, stats)``.
+def _encode_high(h, weight_bits, bits_per_cell, encoding, L):
+    """{cell: level} of the slices >= L holding the rule-3 encoding of the high part h."""
+    S = slices_for(weight_bits, bits_per_cell, encoding)
+    b, mask = bits_per_cell, (1 << bits_per_cell) - 1
+    out = {}
+    if L >= S:
+        return out
+    if encoding == DIFFERENTIAL:
+        for i in range(L, S):
+            out[i] = (max(h, 0) >> ((i - L) * b)) & mask
+            out[S + i] = (max(-h, 0) >> ((i - L) * b)) & mask
+    else:
+        hbits = weight_bits - L * b
+        word = h % (1 << hbits) if encoding == TWOS_COMPLEMENT else h
+        for i in range(L, S):
+            out[i] = (word >> ((i - L) * b)) & mask
+    return out
 
-    * ``cells``: target levels uint8 (out, K, c) in sorted (programmed) order.
-    * Tile ``(s, j)`` (section-major: for s, for j) is global tile ``tile_offset + local`` and
-      goes to crossbar ``global % pool``. Weight ``(o, k')`` of the tile sits in row
-      ``k' - s*rows`` and columns ``(o mod F)*c ..``; cells the tile does not cover are
-      untouched (don't care).
+
+def _high_range(weight_bits, bits_per_cell, encoding, L):
+    S = slices_for(weight_bits, bits_per_cell, encoding)
+    if L >= S:
+        return 0, 0
+    hbits = (weight_bits - 1 if encoding == DIFFERENTIAL else weight_bits) - L * bits_per_cell
+    if encoding == DIFFERENTIAL:
+        return -(2 ** hbits - 1), 2 ** hbits - 1
+    if encoding == TWOS_COMPLEMENT:
+        return -(2 ** (hbits - 1)), 2 ** (hbits - 1) - 1
+    return 0, 2 ** hbits - 1
+
+
+def compensate_weight(q, old, fixed, weight_bits, bits_per_cell, encoding, L):
+    """Rule 13 for one weight. ``old``: its cells' current levels; ``fixed``: {cell: level}
+    of the cells that take no search level. Returns the levels of its c cells."""
+    S = slices_for(weight_bits, bits_per_cell, encoding)
+    c = len(old)
+    L = min(L, S)
+    m = L * bits_per_cell
+    hmin, hmax = _high_range(weight_bits, bits_per_cell, encoding, L)
+    free = [i for i in range(c) if i not in fixed and i % S < L]
+    levels = 2 ** bits_per_cell
+    best = None
+    for x in range(levels ** len(free)):
+        cells = [0] * c
+        for i, v in fixed.items():
+            if i % S < L:
+                cells[i] = v
+        for k, i in enumerate(free):
+            cells[i] = (x // levels ** k) % levels
+        d = _decode_levels(cells, weight_bits, bits_per_cell, encoding)
+        h = min(hmax, max(hmin, round(Fraction(q - d, 2 ** m)))) if hmax > hmin else 0
+        err = abs(h * 2 ** m + d - q)
+        high = _encode_high(h, weight_bits, bits_per_cell, encoding, L)
+        writes = sum(cells[i] != old[i] for i in free) + sum(v != old[i] for i, v in high.items())
+        if best is None or (err, writes) < best[:2]:
+            best = (err, writes, cells, high)
+    cells, high = best[2], best[3]
+    for i, v in fixed.items():
+        cells[i] = v
+    for i, v in high.items():  # (a fixed cell is never in a high slice)
+        cells[i] = v
+    return cells
+
+
+def compensate(cells: torch.Tensor, held: torch.Tensor, old: torch.Tensor, weight_bits: int,
+               bits_per_cell: int, encoding: int, compensate_slices: int) -> torch.Tensor:
+    """Per weight (trailing cell axis): held cells keep ``old``; a weight with a held cell and
+    ``compensate_slices`` > 0 gets rule 13 against the value its plain targets ``cells`` encode
+    (write tie-break against ``old``); the others take their targets."""
+    c = cells.shape[-1]
+    flat_c, flat_h, flat_o = (t.reshape(-1, c).tolist() for t in (cells, held, old))
+    result = []
+    for tgt, h, o in zip(flat_c, flat_h, flat_o):
+        if compensate_slices > 0 and any(h):
+            q = _decode_levels(tgt, weight_bits, bits_per_cell, encoding)
+            fixed = {i: o[i] for i in range(c) if h[i]}
+            result.append(compensate_weight(q, o, fixed, weight_bits, bits_per_cell, encoding,
+                                            compensate_slices))
+        else:
+            result.append([o[i] if h[i] else tgt[i] for i in range(c)])
+    return torch.tensor(result, dtype=torch.uint8).reshape(cells.shape)
+
+
+def program_layer(cells: torch.Tensor, filter_index: torch.Tensor, order: torch.Tensor,
+                  pinned: torch.Tensor, state: torch.Tensor, written: torch.Tensor,
+                  stuck: torch.Tensor, cell_writes: torch.Tensor, tile_offset: int, rows: int,
+                  cols: int, weight_bits: int, bits_per_cell: int, encoding: int,
+                  stuck_initial: bool, count_cells: bool, compensate_slices: int = 0,
+                  window: int = 0):
+    """Program every tile of one layer onto the pool; update the state in place and return
+    ``(effective_cells, stats, order)``.
+
+    * ``cells``: plain target levels uint8 (out, K, c) in sorted (programmed) order.
+    * ``filter_index`` (rule 11): slot f of column block j holds filter ``filter_index[j*F+f]``
+      (-1: unused slot, its cells are don't care); empty means natural (o in block o // F).
+    * Tile id ``s * n_blocks + j`` holds section s (rows ``k' = s*rows ..``) of block j. The
+      tile at position p of the order is global tile ``tile_offset + p`` on crossbar
+      ``(tile_offset + p) % pool``. ``order`` given: replayed; empty: section-major when
+      ``window`` is 0, else greedy (rule 12): at each step, among the first ``window``
+      unprogrammed tiles (by id), the one whose covered cells' plain targets differ from the
+      crossbar's current levels in the fewest cells, ties to the smallest id.
     * A stuck cell is never reprogrammed. With ``stuck_initial`` the first tile that covers it
       writes it (tracked in ``written``), later ones don't; otherwise it holds the level the
-      caller put in ``state`` and is never written.
+      caller put in ``state`` and is never written. ``pinned`` (uint8 like cells, or empty):
+      the level a cell on a stuck position is known to hold (255: unknown); its first write
+      writes that level.
+    * ``compensate_slices`` = L > 0 (rule 13): a weight with a held cell (one that keeps its
+      level now) gets, in its free cells of slices < L, the levels that decode closest to its
+      q (the value of its plain targets), the high slices in closed form; ties: fewest writes,
+      then the smallest assignment (first free cell least significant).
     * ``stats`` int64: writes, SETs, RESETs, pulses (sum |new - old|), rows programmed (a tile
-      row with at least one write), then writes per slice (``slices`` entries).
+      row with at least one write), then writes per slice.
     * ``effective_cells``: what the cells hold right after their tile was programmed.
     * If ``count_cells``, ``cell_writes`` (int32, (pool, rows, cols)) gets +1 per written cell.
     """
     out, K, c = cells.shape
+    S = slices_for(weight_bits, bits_per_cell, encoding)
     pool = state.shape[0]
     F = cols // c
-    lv = unpack_levels(state, cols)
-    wr = unpack_bits(written, cols)
-    st = unpack_bits(stuck, cols)
-    col_slice = column_slices(cols, c, slices)
-    stats = torch.zeros(len(STAT_NAMES) + slices, dtype=torch.int64)
-    eff = torch.empty_like(cells)
-    n_sections = math.ceil(K / rows) if K else 0
-    n_blocks = math.ceil(out / F) if out else 0
-    t = tile_offset
-    for s in range(n_sections):
+    nb = math.ceil(out / F) if out else 0
+    ns = math.ceil(K / rows) if K else 0
+    tiles = nb * ns
+    if filter_index.numel() == 0:
+        filter_index = torch.tensor(list(range(out)) + [-1] * (nb * F - out), dtype=torch.int64)
+    slot_filter = filter_index.cpu().reshape(nb, F) if nb else filter_index.reshape(0, F)
+    lv = unpack_levels(state.cpu(), cols)
+    wr = unpack_bits(written.cpu(), cols)
+    st = unpack_bits(stuck.cpu(), cols)
+    col_slice = column_slices(cols, c, S)
+    stats = torch.zeros(len(STAT_NAMES) + S, dtype=torch.int64)
+    eff = cells.clone()
+    has_pin = pinned.numel() > 0
+
+    def tile_layout(t):
+        """Targets, covered mask and pinned levels of tile t as (nr, cols) matrices."""
+        s, j = divmod(t, nb)
         k0, k1 = s * rows, min(K, (s + 1) * rows)
-        for j in range(n_blocks):
-            o0, o1 = j * F, min(out, (j + 1) * F)
-            x = t % pool
-            t += 1
-            nr, ncol = k1 - k0, (o1 - o0) * c
-            # tile (nr, ncol): row r holds k' = k0 + r, column f*c + i holds cell i of o0 + f
-            tile = cells[o0:o1, k0:k1, :].permute(1, 0, 2).reshape(nr, ncol).to(torch.int64)
-            old = lv[x, :nr, :ncol]
-            stk = st[x, :nr, :ncol]
-            if stuck_initial:
-                allowed = ~stk | ~wr[x, :nr, :ncol]
-                wr[x, :nr, :ncol] = True
-            else:
-                allowed = ~stk
-            new = torch.where(allowed, tile, old)
-            changed = new != old
-            stats[0] += changed.sum()
-            stats[1] += (new > old).sum()
-            stats[2] += (new < old).sum()
-            stats[3] += (new - old).abs().sum()
-            stats[4] += changed.any(dim=1).sum()
-            for sl in range(slices):
-                stats[len(STAT_NAMES) + sl] += changed[:, col_slice[:ncol] == sl].sum()
-            if count_cells:
-                cell_writes[x, :nr, :ncol] += changed.to(cell_writes.dtype)
-            lv[x, :nr, :ncol] = new
-            eff[o0:o1, k0:k1, :] = new.reshape(nr, o1 - o0, c).permute(1, 0, 2).to(torch.uint8)
-    state.copy_(pack_levels(lv, state.shape[2]))
-    written.copy_(pack_bits(wr))
-    return eff, stats
+        tgt = torch.zeros(k1 - k0, cols, dtype=torch.int64)
+        cov = torch.zeros(k1 - k0, cols, dtype=torch.bool)
+        pin = torch.full((k1 - k0, cols), NOT_PINNED, dtype=torch.int64)
+        slots = []
+        for f in range(F):
+            o = int(slot_filter[j, f])
+            if o < 0:
+                continue
+            slots.append((f, o))
+            tgt[:, f * c:(f + 1) * c] = cells[o, k0:k1].to(torch.int64)
+            cov[:, f * c:(f + 1) * c] = True
+            if has_pin:
+                pin[:, f * c:(f + 1) * c] = pinned[o, k0:k1].to(torch.int64)
+        return k0, k1, tgt, cov, pin, slots
+
+    def program(t, x):
+        k0, k1, tgt, cov, pin, slots = tile_layout(t)
+        nr = k1 - k0
+        old = lv[x, :nr].clone()
+        stk = st[x, :nr]
+        if stuck_initial:
+            allowed = cov & (~stk | ~wr[x, :nr])
+            wr[x, :nr] |= cov
+        else:
+            allowed = cov & ~stk
+        want = tgt.clone()
+        pinned_here = cov & stk & (pin != NOT_PINNED)
+        want[pinned_here] = pin[pinned_here]
+        if compensate_slices > 0:
+            held = cov & ~allowed
+            for r in range(nr):
+                for f, o in slots:
+                    cs = slice(f * c, (f + 1) * c)
+                    if not held[r, cs].any():
+                        continue
+                    q = _decode_levels(tgt[r, cs].tolist(), weight_bits, bits_per_cell, encoding)
+                    fixed = {i: int(old[r, f * c + i]) if held[r, f * c + i]
+                             else int(want[r, f * c + i]) for i in range(c)
+                             if held[r, f * c + i] or pinned_here[r, f * c + i]}
+                    want[r, cs] = torch.tensor(compensate_weight(
+                        q, old[r, cs].tolist(), fixed, weight_bits, bits_per_cell, encoding,
+                        compensate_slices))
+        new = torch.where(allowed, want, old)
+        changed = new != old
+        stats[0] += changed.sum()
+        stats[1] += (new > old).sum()
+        stats[2] += (new < old).sum()
+        stats[3] += (new - old).abs().sum()
+        stats[4] += changed.any(dim=1).sum()
+        for sl in range(S):
+            stats[len(STAT_NAMES) + sl] += changed[:, col_slice == sl].sum()
+        if count_cells:
+            cell_writes[x, :nr] += changed.to(cell_writes.dtype).to(cell_writes.device)
+        lv[x, :nr] = new
+        for f, o in slots:
+            eff[o, k0:k1] = new[:, f * c:(f + 1) * c].to(torch.uint8)
+
+    if order.numel():
+        chosen = [int(t) for t in order.cpu()]
+        for p, t in enumerate(chosen):
+            program(t, (tile_offset + p) % pool)
+    elif window == 0:
+        chosen = list(range(tiles))
+        for p, t in enumerate(chosen):
+            program(t, (tile_offset + p) % pool)
+    else:
+        chosen, remaining = [], list(range(tiles))
+        for p in range(tiles):
+            x = (tile_offset + p) % pool
+
+            def distance(t):
+                k0, k1, tgt, cov, _, _ = tile_layout(t)
+                return int(((tgt != lv[x, :k1 - k0]) & cov).sum())
+
+            dist = [distance(t) for t in remaining[:window]]
+            t = remaining.pop(dist.index(min(dist)))  # first minimum: the smallest id
+            chosen.append(t)
+            program(t, x)
+    state.copy_(pack_levels(lv, state.shape[2]).to(state.device))
+    written.copy_(pack_bits(wr).to(written.device))
+    return eff, stats, torch.tensor(chosen, dtype=torch.int64)

@@ -1,15 +1,20 @@
 // program_layer / CPU: program every tile of one layer onto the pool of crossbars, count the
 // transitions on packed 64-bit words (XOR + popcount), update state / written / cell_writes in
-// place. Semantics: reference.program_layer.
+// place. Semantics: docs/semantics.md rules 5 to 13; reference: reference.program_layer.
 //
-// Every physical row r of every crossbar evolves independently of the other rows (row r of tile
-// (s, j) is sorted position k' = s*rows + r), so rows are split across threads with
-// at::parallel_for; each thread walks the tiles in schedule order over its own block of rows
-// (rows inner, so consecutive rows read consecutive cells), keeps per-row partial stats, and the
-// partials are summed at the end. The targets of a tile row are packed 16 cells at a time
-// (SSE2 movemask); the effective cells start as a copy of the targets and only cells that kept
-// another level are patched. Only O(planes) words per row are live at a time: no unpacked
-// copy of the state or of a tile is ever made.
+// Tile order: replayed when given; otherwise section-major (window 0) or chosen greedily
+// (rule 12) while programming.
+//
+// Replay: every physical row r of every crossbar evolves independently of the other rows (row r
+// of tile (s, j) is sorted position k' = s*rows + r, and a weight lies in one row), so rows are
+// split across threads with at::parallel_for; each thread walks the tiles in order over its own
+// block of rows, keeps per-row partial stats, and the partials are summed at the end. The
+// targets of a tile row are packed 16 cells at a time (SSE2 movemask); the effective cells
+// start as a copy of the targets and only cells that end on another level are patched.
+//
+// Greedy: each step needs the distance of every candidate tile to the crossbar's current
+// state, so steps run one after the other: all tiles are packed once, candidates are scored in
+// parallel, and the chosen tile is programmed row by row.
 #include <ATen/Parallel.h>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -22,6 +27,8 @@
 #include <vector>
 
 #include "../common.h"
+#include "../program_layer_args.h"
+#include "../program_row.h"
 
 namespace crossbar_torch {
 namespace {
@@ -44,12 +51,12 @@ template <class Fn>
 void run_with_popcnt(const Fn& fn, int64_t b, int64_t e) { fn(b, e); }
 #endif
 
-// Packs one tile row's target levels into planes x words bit planes (target[p * words + w]):
-// column f*c + i holds cells src[f * Kc + i], f < nf, i < c. Uncovered bits are zero.
+// Packs one tile row's plain target levels into planes x words bit planes (out[p * words + w]):
+// slot f of the block holds filter slot_filter[f] (-1: nothing), its cell i in column f*c + i.
 // SSE2 path: 16 cells at a time, bit p of each byte moved to the sign bit, then movemask.
-inline void pack_tile_row(const uint8_t* src, int64_t Kc, int64_t nf, int64_t c, int planes,
-                          int64_t words, const uint8_t* cend, uint64_t* target) {
-  const int64_t nw = (nf * c + 63) / 64;
+inline void pack_tile_row(const uint8_t* cp, const int64_t* slot_filter, int64_t F, int64_t K,
+                          int64_t kp, int64_t c, int planes, int64_t words, int64_t nw,
+                          const uint8_t* cend, uint64_t* target) {
   for (int p = 0; p < planes; ++p) {
     for (int64_t w = 0; w < nw; ++w) target[p * words + w] = 0;
   }
@@ -58,8 +65,10 @@ inline void pack_tile_row(const uint8_t* src, int64_t Kc, int64_t nf, int64_t c,
     target[p * words + w] |= m << b;
     if (b + n > 64) target[p * words + w + 1] |= m >> (64 - b);
   };
-  for (int64_t f = 0; f < nf; ++f) {
-    const uint8_t* cell = src + f * Kc;
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t o = slot_filter[f];
+    if (o < 0) continue;
+    const uint8_t* cell = cp + (o * K + kp) * c;
     for (int64_t i0 = 0; i0 < c; i0 += 16) {
       const int64_t n = std::min<int64_t>(16, c - i0);
       const uint64_t nmask = (uint64_t(1) << n) - 1;
@@ -91,24 +100,27 @@ inline void pack_tile_row(const uint8_t* src, int64_t Kc, int64_t nf, int64_t c,
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
-    const at::Tensor& cells_in, at::Tensor& state, at::Tensor& written, const at::Tensor& stuck_in,
-    at::Tensor& cell_writes, int64_t tile_offset, int64_t rows, int64_t cols,
-    int64_t bits_per_cell, int64_t slices, bool stuck_initial, bool count_cells) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cpu(
+    const at::Tensor& cells_in, const at::Tensor& filter_index, const at::Tensor& order_in,
+    const at::Tensor& pinned_in, at::Tensor& state, at::Tensor& written,
+    const at::Tensor& stuck_in, at::Tensor& cell_writes, int64_t tile_offset, int64_t rows,
+    int64_t cols, int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
+    bool stuck_initial, bool count_cells, int64_t compensate_slices, int64_t window) {
   TORCH_CHECK(cells_in.device().is_cpu(),
               "crossbar_torch.program_layer: cells must be a CPU tensor here, got ",
               cells_in.device());
-  const ProgramArgs a = check_program_layer(cells_in, state, written, stuck_in, cell_writes,
-                                            tile_offset, rows, cols, bits_per_cell, slices,
-                                            count_cells, /*check_levels=*/false);
+  const ProgramLayout L = check_program_layer(
+      cells_in, filter_index, order_in, pinned_in, state, written, stuck_in, cell_writes,
+      tile_offset, rows, cols, weight_bits, bits_per_cell, encoding, count_cells,
+      compensate_slices, window);
   const at::Tensor cells = cells_in.contiguous();
   // Small layers run on one thread: waking the pool costs more than it saves (and much more
   // on an oversubscribed machine).
   const int64_t ncells = cells.numel();
   const bool small = ncells < (int64_t(1) << 21);
   // One pass over the cells before anything is mutated: the largest level (validation) and
-  // the effective cells' starting point, a copy of the targets (cells that keep another level
-  // are patched below).
+  // the effective cells' starting point, a copy of the targets (cells that end on another
+  // level are patched while programming).
   at::Tensor eff = at::empty_like(cells);
   {
     const uint8_t* cp = cells.const_data_ptr<uint8_t>();
@@ -124,26 +136,14 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
     check_levels_fit(max_level, bits_per_cell);
   }
   const at::Tensor stuck = stuck_in.contiguous();
-  const int64_t out = a.out, K = a.K, c = a.c, pool = a.pool, words = a.words;
-  const int planes = int(a.planes);
-  const int64_t nsl = a.nsl;
-  const int64_t nstat = kNumStats + slices;
-  const int64_t F = cols / c;
-  const int64_t n_sections = K ? (K + rows - 1) / rows : 0;
-  const int64_t n_blocks = out ? (out + F - 1) / F : 0;
-
-  // Column -> slice masks: column col (< F*c) holds slice (col % c) % slices.
-  std::vector<uint64_t> slice_mask(size_t(nsl * words), 0);
-  for (int64_t col = 0; col < F * c; ++col) {
-    slice_mask[size_t(((col % c) % slices) * words + col / 64)] |= uint64_t(1) << (col % 64);
-  }
-  // Column -> offset of its cell within a tile row of `cells` / `eff` (avoids a division per
-  // patched cell).
-  std::vector<int64_t> col_offset(size_t(F * c));
-  for (int64_t col = 0; col < F * c; ++col) col_offset[size_t(col)] = (col / c) * K * c + col % c;
-  // Per-row partial stats (writes, sets, resets, pulses, rows_programmed, per slice).
-  const int64_t rstride = kNumStats + nsl;
+  const at::Tensor pinned = pinned_in.numel() ? pinned_in.contiguous() : pinned_in;
+  const int64_t K = L.K, c = L.c, pool = L.pool, words = L.words, F = L.F, nb = L.n_blocks;
+  const int planes = int(L.planes);
+  const int64_t nstat = kNumStats + L.S;
+  const int64_t rstride = kNumStats + L.nsl;
   std::vector<int64_t> row_stats(size_t(rows * rstride), 0);
+  at::Tensor order = L.order.defined() ? L.order : at::empty({L.tiles}, at::kLong);
+  int64_t* od = order.mutable_data_ptr<int64_t>();
 
   const uint8_t* cp = cells.const_data_ptr<uint8_t>();
   const uint8_t* cend = cp + cells.numel();
@@ -152,87 +152,62 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
   uint64_t* wrp = reinterpret_cast<uint64_t*>(written.mutable_data_ptr<int64_t>());
   const uint64_t* skp = reinterpret_cast<const uint64_t*>(stuck.const_data_ptr<int64_t>());
   int32_t* cwp = count_cells ? cell_writes.mutable_data_ptr<int32_t>() : nullptr;
-  const int64_t Kc = K * c;
+  const int64_t* slot_filter = L.slot_filter.const_data_ptr<int64_t>();
+  const uint64_t* covered = reinterpret_cast<const uint64_t*>(L.covered.const_data_ptr<int64_t>());
+  const uint64_t* slice_mask =
+      reinterpret_cast<const uint64_t*>(L.slice_mask.const_data_ptr<int64_t>());
 
-  if (n_sections > 0 && n_blocks > 0) {
-    const int64_t grain = small
-                              ? rows
-                              : std::max<int64_t>(1, rows / (4 * at::get_num_threads()));
+  TileRowArgs proto;
+  proto.cells = cp;
+  proto.pinned = pinned.numel() ? pinned.const_data_ptr<uint8_t>() : nullptr;
+  proto.eff = ep;
+  proto.K = K;
+  proto.c = c;
+  proto.words = words;
+  proto.nw = L.nw;
+  proto.nsl = L.nsl;
+  proto.planes = planes;
+  proto.stuck_initial = stuck_initial;
+  proto.comp_slices = int(compensate_slices);
+  proto.fmt = make_comp_format(int(weight_bits), int(bits_per_cell), int(encoding),
+                               int(compensate_slices));
+  proto.slice_mask = slice_mask;
+  // Points `a` at tile row r of tile t (block j) on crossbar x.
+  auto bind = [&](TileRowArgs& a, int64_t x, int64_t r, int64_t s, int64_t j) {
+    const int64_t xr = x * rows + r;
+    a.slot_filter = slot_filter + j * F;
+    a.kp = s * rows + r;
+    a.state = stp + xr * planes * words;
+    a.written = wrp + xr * words;
+    a.stuck = skp + xr * words;
+    a.cell_writes = count_cells ? cwp + xr * cols : nullptr;
+    a.covered = covered + j * words;
+  };
+  auto rows_of = [&](int64_t s) { return std::min(K, (s + 1) * rows) - s * rows; };
+  static const bool has_popcnt = cpu_has_popcnt();
+
+  if (L.tiles > 0 && (L.order.defined() || window == 0)) {
+    if (!L.order.defined()) {
+      for (int64_t t = 0; t < L.tiles; ++t) od[t] = t;  // section-major
+    }
+    const int64_t grain = small ? rows : std::max<int64_t>(1, rows / (4 * at::get_num_threads()));
     auto rows_kernel = [&](int64_t r_begin, int64_t r_end) XB_ALWAYS_INLINE {
-      // Packed target levels of one tile row: planes x words (a few words per thread).
-      std::vector<uint64_t> target(size_t(planes * words));
-      uint64_t old[kMaxPlanes], tw[kMaxPlanes], fresh[kMaxPlanes];
-      for (int64_t s = 0; s < n_sections; ++s) {
-        const int64_t k0 = s * rows;
-        const int64_t nr = std::min(K, k0 + rows) - k0;  // rows this section covers
-        for (int64_t j = 0; j < n_blocks; ++j) {
-          const int64_t o0 = j * F;
-          const int64_t nf = std::min(out, o0 + F) - o0;  // filters in this tile
-          const int64_t ncol = nf * c;
-          const int64_t nw = (ncol + 63) / 64;
-          const int64_t x = (tile_offset + s * n_blocks + j) % pool;
-          for (int64_t r = r_begin; r < std::min(r_end, nr); ++r) {
-            const int64_t kp = k0 + r;
-            int64_t* rs = row_stats.data() + r * rstride;
-            const int64_t xr = x * rows + r;
-            uint64_t* st_row = stp + xr * planes * words;
-            uint64_t* wr_row = wrp + xr * words;
-            const uint64_t* sk_row = skp + xr * words;
-            int32_t* cw_row = count_cells ? cwp + xr * cols : nullptr;
-            // Column f*c + i of the tile row is cell i of filter o0 + f at sorted position kp.
-            const uint8_t* src = cp + o0 * Kc + kp * c;
-            uint8_t* dst = ep + o0 * Kc + kp * c;
-            pack_tile_row(src, Kc, nf, c, planes, words, cend, target.data());
-            bool any = false;
-            for (int64_t w = 0; w < nw; ++w) {
-              const uint64_t covered = low_mask(std::min<int64_t>(64, ncol - w * 64));
-              for (int p = 0; p < planes; ++p) {
-                old[p] = st_row[p * words + w];
-                tw[p] = target[p * words + w];
-              }
-              uint64_t allowed = covered & ~sk_row[w];
-              if (stuck_initial) {
-                allowed |= covered & ~wr_row[w];
-                wr_row[w] |= covered;
-              }
-              const WordStats ws = transition_word(old, tw, allowed, planes, fresh);
-              uint64_t kept = 0;  // covered cells that hold something else than their target
-              for (int p = 0; p < planes; ++p) {
-                st_row[p * words + w] = fresh[p];
-                kept |= fresh[p] ^ tw[p];
-              }
-              kept &= covered;
-              if (ws.changed) {
-                any = true;
-                rs[0] += popcount64(ws.changed);
-                rs[1] += popcount64(ws.gt);
-                rs[2] += popcount64(ws.lt);
-                rs[3] += ws.pulses;
-                for (int64_t sl = 0; sl < nsl; ++sl) {
-                  rs[kNumStats + sl] += popcount64(ws.changed & slice_mask[sl * words + w]);
-                }
-                if (count_cells) {
-                  for (uint64_t m = ws.changed; m; m &= m - 1) {
-                    int32_t& cw = cw_row[w * 64 + ctz64(m)];
-                    cw = static_cast<int32_t>(static_cast<uint32_t>(cw) + 1u);
-                  }
-                }
-              }
-              // Effective cells: patch the ones that kept a level other than the target.
-              for (uint64_t m = kept; m; m &= m - 1) {
-                const int bit = ctz64(m);
-                const int64_t col = w * 64 + bit;
-                uint64_t v = 0;
-                for (int p = 0; p < planes; ++p) v |= ((fresh[p] >> bit) & 1) << p;
-                dst[col_offset[size_t(col)]] = static_cast<uint8_t>(v);
-              }
-            }
-            if (any) rs[4] += 1;
-          }
+      std::vector<uint64_t> scratch(size_t(2 * planes * words + words));
+      TileRowArgs a = proto;
+      a.plain = scratch.data();
+      a.target = a.plain + planes * words;
+      a.allowed = a.target + planes * words;
+      for (int64_t pos = 0; pos < L.tiles; ++pos) {
+        const int64_t t = od[pos], s = t / nb, j = t % nb;
+        const int64_t x = (tile_offset + pos) % pool;
+        const int64_t nr = rows_of(s);
+        for (int64_t r = r_begin; r < std::min(r_end, nr); ++r) {
+          bind(a, x, r, s, j);
+          pack_tile_row(cp, a.slot_filter, F, K, a.kp, c, planes, words, L.nw, cend, a.plain);
+          program_tile_row(a, row_stats.data() + r * rstride);
         }
       }
     };
-    static const bool has_popcnt = cpu_has_popcnt();
     at::parallel_for(0, rows, grain, [&](int64_t r_begin, int64_t r_end) {
       if (has_popcnt) {
         run_with_popcnt(rows_kernel, r_begin, r_end);
@@ -240,6 +215,63 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
         rows_kernel(r_begin, r_end);
       }
     });
+  } else if (L.tiles > 0) {
+    // Greedy (rule 12). Every tile row's plain targets, packed once: (tile, row, plane, word).
+    const int64_t row_words = planes * words;
+    const int64_t tile_words = rows * row_words;
+    std::vector<uint64_t> packed(size_t(L.tiles * tile_words), 0);
+    at::parallel_for(0, L.tiles, small ? L.tiles : 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t s = t / nb, j = t % nb;
+        for (int64_t r = 0; r < rows_of(s); ++r) {
+          pack_tile_row(cp, slot_filter + j * F, F, K, s * rows + r, c, planes, words, L.nw,
+                        cend, packed.data() + t * tile_words + r * row_words);
+        }
+      }
+    });
+    std::vector<int64_t> remaining(size_t(L.tiles));
+    for (int64_t t = 0; t < L.tiles; ++t) remaining[size_t(t)] = t;
+    std::vector<int64_t> dist;
+    std::vector<uint64_t> scratch(size_t(planes * words + words));
+    TileRowArgs a = proto;
+    a.target = scratch.data();
+    a.allowed = a.target + planes * words;
+    auto score = [&](int64_t x, int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t t = remaining[size_t(i)], s = t / nb, j = t % nb;
+        int64_t d = 0;
+        for (int64_t r = 0; r < rows_of(s); ++r) {
+          d += tile_row_distance(stp + (x * rows + r) * row_words,
+                                 packed.data() + t * tile_words + r * row_words,
+                                 covered + j * words, L.nw, words, planes);
+        }
+        dist[size_t(i)] = d;
+      }
+    };
+    for (int64_t step = 0; step < L.tiles; ++step) {
+      const int64_t x = (tile_offset + step) % pool;
+      const int64_t n = std::min<int64_t>(window, int64_t(remaining.size()));
+      dist.assign(size_t(n), 0);
+      const int64_t work = n * rows * L.nw * planes;
+      if (work < (int64_t(1) << 16)) {
+        score(x, 0, n);
+      } else {
+        at::parallel_for(0, n, std::max<int64_t>(1, n / (4 * at::get_num_threads())),
+                         [&](int64_t b, int64_t e) { score(x, b, e); });
+      }
+      int64_t best = 0;  // the first minimum: ties go to the earliest tile in section-major order
+      for (int64_t i = 1; i < n; ++i) {
+        if (dist[size_t(i)] < dist[size_t(best)]) best = i;
+      }
+      const int64_t t = remaining[size_t(best)], s = t / nb, j = t % nb;
+      remaining.erase(remaining.begin() + best);
+      od[step] = t;
+      for (int64_t r = 0; r < rows_of(s); ++r) {
+        bind(a, x, r, s, j);
+        a.plain = packed.data() + t * tile_words + r * row_words;
+        program_tile_row(a, row_stats.data() + r * rstride);
+      }
+    }
   }
 
   clear_padding_bits(state, written, cols);
@@ -248,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor> program_layer_cpu(
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t k = 0; k < rstride; ++k) sp[k] += row_stats[size_t(r * rstride + k)];
   }
-  return std::make_tuple(eff, stats);
+  return std::make_tuple(eff, stats, order);
 }
 
 }  // namespace

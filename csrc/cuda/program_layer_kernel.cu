@@ -1,180 +1,220 @@
-// program_layer / CUDA: one warp per physical crossbar row walks the layer's tiles in schedule
-// order (rows evolve independently); lane l handles the row's 64-column words l, l+32, ...
-// The per-word arithmetic (transition_word in common.h) is the one the CPU kernel runs.
+// program_layer / CUDA: one thread per physical crossbar row walks the layer's tiles in order
+// (rows evolve independently, and a weight, with its compensation, lies in one row). The
+// per-row arithmetic (program_tile_row in program_row.h) is literally the one the CPU kernel
+// runs. Greedy order (rule 12): the tiles are packed once on the device, then each step scores
+// the candidates (one thread per candidate), takes the first minimum and programs that tile.
 #include <torch/library.h>
 
 #include <tuple>
 #include <vector>
 
 #include "../common.h"
+#include "../program_layer_args.h"
+#include "../program_row.h"
 #include "cuda_utils.cuh"
 
 namespace crossbar_torch {
 namespace {
 
-constexpr int kWarpsPerBlock = 4;
-constexpr int kLocalSlices = 32;  // per-slice counters kept in registers / local memory
-
 struct ProgramParams {
-  const uint8_t* cells;
-  uint8_t* eff;
+  TileRowArgs proto;
   uint64_t* state;
   uint64_t* written;
   const uint64_t* stuck;
   int32_t* cell_writes;
-  const uint64_t* slice_mask;  // (nsl, words)
-  unsigned long long* stats;   // (kNumStats + slices,)
-  int64_t out, K, c, F, rows, cols, words, pool, tile_offset, n_sections, n_blocks, nsl;
+  const int64_t* slot_filter;
+  const uint64_t* covered;
+  uint64_t* scratch;        // (rows, 2 * planes * words + words)
+  const uint64_t* packed;   // (tiles, rows, planes, words) plain targets, or null: pack here
+  int64_t* row_stats;       // (rows, rstride)
+  const int64_t* order;     // tile at each position, or null with `single_tile`
+  int64_t single_tile, pos_begin, pos_end;
+  int64_t rows, cols, words, pool, tile_offset, n_blocks, K, F, rstride;
   int planes;
-  bool stuck_initial, count_cells;
 };
 
-__global__ void program_layer_kernel(ProgramParams P) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (r >= P.rows) return;  // whole warp leaves together
-  const int64_t Kc = P.K * P.c;
-  const int planes = P.planes;
-  unsigned long long acc[kNumStats] = {0, 0, 0, 0, 0};
-  unsigned long long slc[kLocalSlices];
-  for (int i = 0; i < kLocalSlices; ++i) slc[i] = 0;
-  uint64_t old[kMaxPlanes], target[kMaxPlanes], fresh[kMaxPlanes];
+__device__ void bind_row(const ProgramParams& P, TileRowArgs& a, int64_t x, int64_t r, int64_t s,
+                         int64_t j) {
+  const int64_t xr = x * P.rows + r;
+  a.slot_filter = P.slot_filter + j * P.F;
+  a.kp = s * P.rows + r;
+  a.state = P.state + xr * P.planes * P.words;
+  a.written = P.written + xr * P.words;
+  a.stuck = P.stuck + xr * P.words;
+  a.cell_writes = P.cell_writes ? P.cell_writes + xr * P.cols : nullptr;
+  a.covered = P.covered + j * P.words;
+}
 
-  for (int64_t s = 0; s < P.n_sections; ++s) {
-    const int64_t k0 = s * P.rows;
-    const int64_t nr = min(P.K, k0 + P.rows) - k0;
-    if (r >= nr) continue;  // uniform across the warp
-    const int64_t kp = k0 + r;
-    for (int64_t j = 0; j < P.n_blocks; ++j) {
-      const int64_t o0 = j * P.F;
-      const int64_t ncol = (min(P.out, o0 + P.F) - o0) * P.c;
-      const int64_t nw = (ncol + 63) / 64;
-      const int64_t x = (P.tile_offset + s * P.n_blocks + j) % P.pool;
-      const int64_t xr = x * P.rows + r;
-      uint64_t* st_row = P.state + xr * planes * P.words;
-      const uint8_t* src = P.cells + o0 * Kc + kp * P.c;
-      uint8_t* dst = P.eff + o0 * Kc + kp * P.c;
-      bool any = false;
-      for (int64_t w0 = 0; w0 < nw; w0 += 32) {
-        const int64_t w = w0 + lane;
-        bool changed_here = false;
-        if (w < nw) {
-          const int64_t nb = min(int64_t(64), ncol - w * 64);
-          const uint64_t covered = low_mask(nb);
-          for (int p = 0; p < planes; ++p) target[p] = 0;
-          for (int64_t bit = 0; bit < nb; ++bit) {
-            const int64_t col = w * 64 + bit;
-            const uint64_t v = src[(col / P.c) * Kc + col % P.c];
-            for (int p = 0; p < planes; ++p) target[p] |= ((v >> p) & 1) << bit;
-          }
-          for (int p = 0; p < planes; ++p) old[p] = st_row[p * P.words + w];
-          uint64_t allowed = covered & ~P.stuck[xr * P.words + w];
-          if (P.stuck_initial) {
-            const uint64_t wr = P.written[xr * P.words + w];
-            allowed |= covered & ~wr;
-            P.written[xr * P.words + w] = wr | covered;
-          }
-          const WordStats ws = transition_word(old, target, allowed, planes, fresh);
-          for (int p = 0; p < planes; ++p) st_row[p * P.words + w] = fresh[p];
-          if (ws.changed) {
-            changed_here = true;
-            acc[0] += popcount64(ws.changed);
-            acc[1] += popcount64(ws.gt);
-            acc[2] += popcount64(ws.lt);
-            acc[3] += ws.pulses;
-            for (int64_t sl = 0; sl < P.nsl; ++sl) {
-              const int cnt = popcount64(ws.changed & P.slice_mask[sl * P.words + w]);
-              if (cnt == 0) continue;
-              if (sl < kLocalSlices) {
-                slc[sl] += cnt;
-              } else {
-                atomicAdd(P.stats + kNumStats + sl, (unsigned long long)cnt);
-              }
-            }
-            if (P.count_cells) {
-              int32_t* cw_row = P.cell_writes + xr * P.cols;
-              for (uint64_t m = ws.changed; m; m &= m - 1) {
-                int32_t& cw = cw_row[w * 64 + ctz64(m)];
-                cw = static_cast<int32_t>(static_cast<uint32_t>(cw) + 1u);
-              }
-            }
-          }
-          for (int64_t bit = 0; bit < nb; ++bit) {
-            const int64_t col = w * 64 + bit;
-            uint64_t v = 0;
-            for (int p = 0; p < planes; ++p) v |= ((fresh[p] >> bit) & 1) << p;
-            dst[(col / P.c) * Kc + col % P.c] = static_cast<uint8_t>(v);
-          }
-        }
-        any |= __any_sync(0xffffffffu, changed_here) != 0;
-      }
-      if (any && lane == 0) acc[4] += 1;
+__global__ void program_tiles_kernel(ProgramParams P) {
+  const int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= P.rows) return;
+  TileRowArgs a = P.proto;
+  const int64_t row_words = int64_t(P.planes) * P.words;
+  uint64_t* scratch = P.scratch + r * (2 * row_words + P.words);
+  a.target = scratch + row_words;
+  a.allowed = scratch + 2 * row_words;
+  for (int64_t pos = P.pos_begin; pos < P.pos_end; ++pos) {
+    const int64_t t = P.order ? P.order[pos] : P.single_tile;
+    const int64_t s = t / P.n_blocks, j = t % P.n_blocks;
+    const int64_t nr = min(P.K, (s + 1) * P.rows) - s * P.rows;
+    if (r >= nr) continue;
+    bind_row(P, a, (P.tile_offset + pos) % P.pool, r, s, j);
+    if (P.packed) {
+      a.plain = const_cast<uint64_t*>(P.packed) + (t * P.rows + r) * row_words;
+    } else {
+      a.plain = scratch;
+      pack_row_targets(a, P.F, a.plain);
     }
-  }
-  for (int i = 0; i < kNumStats; ++i) {
-    if (acc[i]) atomicAdd(P.stats + i, acc[i]);
-  }
-  for (int64_t sl = 0; sl < min(P.nsl, int64_t(kLocalSlices)); ++sl) {
-    if (slc[sl]) atomicAdd(P.stats + kNumStats + sl, slc[sl]);
+    program_tile_row(a, P.row_stats + r * P.rstride);
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> program_layer_cuda(
-    const at::Tensor& cells_in, at::Tensor& state, at::Tensor& written, const at::Tensor& stuck_in,
-    at::Tensor& cell_writes, int64_t tile_offset, int64_t rows, int64_t cols,
-    int64_t bits_per_cell, int64_t slices, bool stuck_initial, bool count_cells) {
+// Plain targets of every (tile, row): one thread each.
+__global__ void pack_tiles_kernel(ProgramParams P, int64_t tiles, uint64_t* packed) {
+  const int64_t row_words = int64_t(P.planes) * P.words;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < tiles * P.rows;
+       i += int64_t(blockDim.x) * gridDim.x) {
+    const int64_t t = i / P.rows, r = i % P.rows;
+    const int64_t s = t / P.n_blocks, j = t % P.n_blocks;
+    if (r >= min(P.K, (s + 1) * P.rows) - s * P.rows) continue;
+    TileRowArgs a = P.proto;
+    a.slot_filter = P.slot_filter + j * P.F;
+    a.kp = s * P.rows + r;
+    pack_row_targets(a, P.F, packed + i * row_words);
+  }
+}
+
+// Greedy distance of each candidate tile to crossbar x (rule 12).
+__global__ void score_kernel(ProgramParams P, const int64_t* cand, int64_t n, int64_t x,
+                             int64_t* dist) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const int64_t t = cand[i], s = t / P.n_blocks, j = t % P.n_blocks;
+  const int64_t row_words = int64_t(P.planes) * P.words;
+  const int64_t nr = min(P.K, (s + 1) * P.rows) - s * P.rows;
+  int64_t d = 0;
+  for (int64_t r = 0; r < nr; ++r) {
+    d += tile_row_distance(P.state + (x * P.rows + r) * row_words,
+                           P.packed + (t * P.rows + r) * row_words, P.covered + j * P.words,
+                           P.proto.nw, P.words, P.planes);
+  }
+  dist[i] = d;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cuda(
+    const at::Tensor& cells_in, const at::Tensor& filter_index, const at::Tensor& order_in,
+    const at::Tensor& pinned_in, at::Tensor& state, at::Tensor& written,
+    const at::Tensor& stuck_in, at::Tensor& cell_writes, int64_t tile_offset, int64_t rows,
+    int64_t cols, int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
+    bool stuck_initial, bool count_cells, int64_t compensate_slices, int64_t window) {
   check_cuda(cells_in, "program_layer", "cells");
-  const ProgramArgs a = check_program_layer(cells_in, state, written, stuck_in, cell_writes,
-                                            tile_offset, rows, cols, bits_per_cell, slices,
-                                            count_cells);
+  const ProgramLayout L = check_program_layer(
+      cells_in, filter_index, order_in, pinned_in, state, written, stuck_in, cell_writes,
+      tile_offset, rows, cols, weight_bits, bits_per_cell, encoding, count_cells,
+      compensate_slices, window);
   const c10::cuda::CUDAGuard guard(cells_in.device());
   const at::Tensor cells = cells_in.contiguous();
-  const at::Tensor stuck = stuck_in.contiguous();
-  const int64_t F = cols / a.c;
-  at::Tensor eff = at::empty_like(cells);
-  at::Tensor stats = at::zeros({kNumStats + slices}, cells.options().dtype(at::kLong));
-
-  // Column -> slice masks (column col < F*c holds slice (col % c) % slices), built on the host.
-  at::Tensor slice_mask_cpu = at::zeros({std::max<int64_t>(a.nsl, 1), a.words}, at::kLong);
-  uint64_t* sm = reinterpret_cast<uint64_t*>(slice_mask_cpu.mutable_data_ptr<int64_t>());
-  for (int64_t col = 0; col < F * a.c; ++col) {
-    sm[((col % a.c) % slices) * a.words + col / 64] |= uint64_t(1) << (col % 64);
+  if (cells.numel() > 0 && bits_per_cell < 8) {
+    check_levels_fit(cells.max().item<int64_t>(), bits_per_cell);
   }
-  const at::Tensor slice_mask = slice_mask_cpu.to(cells.device());
+  const at::Tensor stuck = stuck_in.contiguous();
+  const at::Tensor pinned = pinned_in.numel() ? pinned_in.contiguous() : pinned_in;
+  const auto dev = cells.device();
+  const auto i64 = cells.options().dtype(at::kLong);
+  const at::Tensor slot_filter = L.slot_filter.to(dev);
+  const at::Tensor covered = L.covered.to(dev);
+  const at::Tensor slice_mask = L.slice_mask.to(dev);
+  const int64_t rstride = kNumStats + L.nsl;
+  const int64_t row_words = L.planes * L.words;
+  at::Tensor eff = cells.clone();
+  at::Tensor row_stats = at::zeros({rows, rstride}, i64);
+  at::Tensor scratch = at::zeros({rows, 2 * row_words + L.words}, i64);
 
   ProgramParams P;
-  P.cells = cells.const_data_ptr<uint8_t>();
-  P.eff = eff.mutable_data_ptr<uint8_t>();
+  TileRowArgs& a = P.proto;
+  a.cells = cells.const_data_ptr<uint8_t>();
+  a.pinned = pinned.numel() ? pinned.const_data_ptr<uint8_t>() : nullptr;
+  a.eff = eff.mutable_data_ptr<uint8_t>();
+  a.K = L.K;
+  a.c = L.c;
+  a.words = L.words;
+  a.nw = L.nw;
+  a.nsl = L.nsl;
+  a.planes = int(L.planes);
+  a.stuck_initial = stuck_initial;
+  a.comp_slices = int(compensate_slices);
+  a.fmt = make_comp_format(int(weight_bits), int(bits_per_cell), int(encoding),
+                           int(compensate_slices));
+  a.slice_mask = reinterpret_cast<const uint64_t*>(slice_mask.const_data_ptr<int64_t>());
   P.state = reinterpret_cast<uint64_t*>(state.mutable_data_ptr<int64_t>());
   P.written = reinterpret_cast<uint64_t*>(written.mutable_data_ptr<int64_t>());
   P.stuck = reinterpret_cast<const uint64_t*>(stuck.const_data_ptr<int64_t>());
   P.cell_writes = count_cells ? cell_writes.mutable_data_ptr<int32_t>() : nullptr;
-  P.slice_mask = reinterpret_cast<const uint64_t*>(slice_mask.const_data_ptr<int64_t>());
-  P.stats = reinterpret_cast<unsigned long long*>(stats.mutable_data_ptr<int64_t>());
-  P.out = a.out;
-  P.K = a.K;
-  P.c = a.c;
-  P.F = F;
+  P.slot_filter = slot_filter.const_data_ptr<int64_t>();
+  P.covered = reinterpret_cast<const uint64_t*>(covered.const_data_ptr<int64_t>());
+  P.scratch = reinterpret_cast<uint64_t*>(scratch.mutable_data_ptr<int64_t>());
+  P.packed = nullptr;
+  P.row_stats = row_stats.mutable_data_ptr<int64_t>();
+  P.order = nullptr;
+  P.single_tile = -1;
   P.rows = rows;
   P.cols = cols;
-  P.words = a.words;
-  P.pool = a.pool;
+  P.words = L.words;
+  P.pool = L.pool;
   P.tile_offset = tile_offset;
-  P.n_sections = a.K ? (a.K + rows - 1) / rows : 0;
-  P.n_blocks = a.out ? (a.out + F - 1) / F : 0;
-  P.nsl = a.nsl;
-  P.planes = int(a.planes);
-  P.stuck_initial = stuck_initial;
-  P.count_cells = count_cells;
+  P.n_blocks = L.n_blocks;
+  P.K = L.K;
+  P.F = L.F;
+  P.rstride = rstride;
+  P.planes = int(L.planes);
+  const unsigned int row_blocks = static_cast<unsigned int>((rows + kThreads - 1) / kThreads);
 
-  if (P.n_sections > 0 && P.n_blocks > 0) {
-    const unsigned int blocks =
-        static_cast<unsigned int>((rows + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    program_layer_kernel<<<blocks, 32 * kWarpsPerBlock, 0, current_stream()>>>(P);
+  at::Tensor order;
+  if (L.tiles > 0 && (L.order.defined() || window == 0)) {
+    order = L.order.defined() ? L.order : at::arange(L.tiles, at::kLong);
+    const at::Tensor order_dev = order.to(dev);
+    P.order = order_dev.const_data_ptr<int64_t>();
+    P.pos_begin = 0;
+    P.pos_end = L.tiles;
+    program_tiles_kernel<<<row_blocks, kThreads, 0, current_stream()>>>(P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else if (L.tiles > 0) {
+    at::Tensor packed = at::zeros({L.tiles * rows * row_words}, i64);
+    pack_tiles_kernel<<<blocks_for(L.tiles * rows), kThreads, 0, current_stream()>>>(
+        P, L.tiles, reinterpret_cast<uint64_t*>(packed.mutable_data_ptr<int64_t>()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    P.packed = reinterpret_cast<const uint64_t*>(packed.const_data_ptr<int64_t>());
+    order = at::empty({L.tiles}, at::kLong);
+    int64_t* od = order.mutable_data_ptr<int64_t>();
+    std::vector<int64_t> remaining(size_t(L.tiles));
+    for (int64_t t = 0; t < L.tiles; ++t) remaining[size_t(t)] = t;
+    at::Tensor dist = at::empty({std::min<int64_t>(window, L.tiles)}, i64);
+    for (int64_t step = 0; step < L.tiles; ++step) {
+      const int64_t x = (tile_offset + step) % L.pool;
+      const int64_t n = std::min<int64_t>(window, int64_t(remaining.size()));
+      const at::Tensor cand =
+          at::from_blob(remaining.data(), {n}, at::kLong).to(dev, /*non_blocking=*/false);
+      score_kernel<<<blocks_for(n), kThreads, 0, current_stream()>>>(
+          P, cand.const_data_ptr<int64_t>(), n, x, dist.mutable_data_ptr<int64_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      // argmin returns the first minimum: ties go to the earliest tile in section-major order
+      const int64_t best = dist.narrow(0, 0, n).argmin().item<int64_t>();
+      const int64_t t = remaining[size_t(best)];
+      remaining.erase(remaining.begin() + best);
+      od[step] = t;
+      P.order = nullptr;
+      P.single_tile = t;
+      P.pos_begin = step;
+      P.pos_end = step + 1;
+      program_tiles_kernel<<<row_blocks, kThreads, 0, current_stream()>>>(P);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  } else {
+    order = at::empty({0}, at::kLong);
   }
   clear_padding_bits(state, written, cols);
-  return std::make_tuple(eff, stats);
+  at::Tensor stats = row_stats.sum(0);
+  return std::make_tuple(eff, stats, order.to(dev));
 }
 
 }  // namespace

@@ -1,0 +1,186 @@
+"""Where a layer's weights sit on the crossbars (docs/semantics.md rules 5, 6, 11 and 12).
+
+One home for the geometry that programming, the layers and the reports share:
+
+* the cell layout: which slice each physical column holds, the packed bit layout of a
+  crossbar's state (``pack_bits``), the counters ``program_layer`` returns (``STAT_NAMES``);
+* the tile geometry of a layer (:class:`LayerGeometry`): sections, column blocks, tiles;
+* the filter placement (rule 11): ``filter_index``, the filter in block j, slot f at
+  ``j*F + f``, ``-1`` for an unused slot (a partial block leaves slots past its end unused);
+* the tile order (rules 6 and 12): tile id ``s * n_blocks + j`` (section-major), the order a
+  layer's tiles are programmed in, and where each weight's cells land (``weight_crossbars``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import ENCODINGS, CrossbarConfig
+
+# Order of the counters returned by the program_layer op (then one entry per slice).
+STAT_NAMES = ("writes", "sets", "resets", "pulses", "rows_programmed")
+UNUSED_SLOT = -1
+
+
+# ---- cell layout -----------------------------------------------------------------------------
+
+def slices_for(weight_bits: int, bits_per_cell: int, encoding: int | str) -> int:
+    enc = ENCODINGS[encoding] if isinstance(encoding, int) else encoding
+    magnitude = weight_bits - 1 if enc == "differential" else weight_bits
+    return math.ceil(magnitude / bits_per_cell)
+
+
+def cells_for(weight_bits: int, bits_per_cell: int, encoding: int | str) -> int:
+    enc = ENCODINGS[encoding] if isinstance(encoding, int) else encoding
+    s = slices_for(weight_bits, bits_per_cell, enc)
+    return 2 * s if enc == "differential" else s
+
+
+def column_slices(cols: int, cells_per_weight: int, slices: int) -> torch.Tensor:
+    """Slice held by each physical column (-1 for columns no filter uses)."""
+    F = cols // cells_per_weight
+    col = torch.arange(cols)
+    return torch.where(col < F * cells_per_weight, (col % cells_per_weight) % slices,
+                       torch.full_like(col, -1))
+
+
+def words_for(cols: int) -> int:
+    """64-bit words per packed crossbar row."""
+    return (cols + 63) // 64
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """bool (..., cols) -> int64 (..., words): bit j of word w is column 64*w + j."""
+    cols = bits.shape[-1]
+    words = words_for(cols)
+    padded = torch.zeros(*bits.shape[:-1], words * 64, dtype=torch.int64)
+    padded[..., :cols] = bits.to(torch.int64)
+    padded = padded.reshape(*bits.shape[:-1], words, 64)
+    shifts = torch.arange(64, dtype=torch.int64)
+    return (padded << shifts).sum(-1)  # wraps into the sign bit for bit 63, as intended
+
+
+# ---- tile geometry -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Rule 5: a layer of ``out`` filters of ``k`` weights on ``rows`` x ``cols`` crossbars."""
+    out: int
+    k: int
+    rows: int
+    c: int          # cells per weight
+    F: int          # filters (slots) per crossbar
+
+    @classmethod
+    def of(cls, out: int, k: int, config: CrossbarConfig) -> "LayerGeometry":
+        return cls(out, k, config.rows, config.cells_per_weight, config.filters_per_crossbar)
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.out / self.F) if self.out and self.k else 0
+
+    @property
+    def n_sections(self) -> int:
+        return math.ceil(self.k / self.rows) if self.out and self.k else 0
+
+    @property
+    def tiles(self) -> int:
+        return self.n_blocks * self.n_sections
+
+    @property
+    def slots(self) -> int:
+        """Length of ``filter_index``: every slot of every column block."""
+        return math.ceil(self.out / self.F) * self.F if self.out else 0
+
+
+def layer_tiles(out: int, k: int, config: CrossbarConfig) -> int:
+    """Rule 5: ceil(K / rows) sections times ceil(out / F) column blocks."""
+    return LayerGeometry.of(out, k, config).tiles
+
+
+# ---- filter placement (rule 11) ------------------------------------------------------------
+
+def filter_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
+    """The layer's placement, int64 (n_blocks * F,), from its quantized weights q (out, K).
+
+    ``natural``: filter o in block o // F, slot o % F. ``profile``: rank the filters by
+    sum_k |q[o, k]| descending (stable), ``order``; block j holds order[j], order[j + nb],
+    order[j + 2nb], ... in slots 0, 1, 2, ...; the slots past a block's end are unused (-1).
+    """
+    out = q.shape[0]
+    geom = LayerGeometry.of(out, q.shape[1] if q.dim() == 2 else 0, config)
+    F, nb = geom.F, math.ceil(out / geom.F) if out else 0
+    index = torch.full((nb * F,), UNUSED_SLOT, dtype=torch.int64)
+    if config.filter_order == "natural" or out == 0:
+        index[:out] = torch.arange(out)
+        return index
+    profile = q.to(torch.int64).abs().sum(dim=1)
+    order = torch.sort(profile, descending=True, stable=True).indices
+    rank = torch.arange(out)
+    block, slot = rank % nb, rank // nb          # rank r -> block r mod nb, slot r div nb
+    index[block * F + slot] = order
+    return index
+
+
+def natural_filter_index(out: int, config: CrossbarConfig) -> torch.Tensor:
+    return filter_index(torch.zeros(out, 0, dtype=torch.int32), config.replace(
+        filter_order="natural"))
+
+
+def check_filter_index(index: torch.Tensor, out: int, config: CrossbarConfig) -> str | None:
+    """Why ``index`` is not a placement of ``out`` filters (None when it is)."""
+    slots = LayerGeometry.of(out, 1, config).slots
+    if index.dtype != torch.int64 or index.dim() != 1 or index.numel() != slots:
+        return f"must be int64 of shape ({slots},), got {index.dtype} {tuple(index.shape)}"
+    used = index[index != UNUSED_SLOT]
+    if not torch.equal(used.sort().values.cpu(), torch.arange(out)):
+        return f"must place each of the {out} filters exactly once (-1 marks an unused slot)"
+    return None
+
+
+# ---- tile order (rules 6 and 12) -----------------------------------------------------------
+
+def section_major_order(tiles: int) -> torch.Tensor:
+    return torch.arange(tiles, dtype=torch.int64)
+
+
+def weight_crossbars(geom: LayerGeometry, index: torch.Tensor, order: torch.Tensor, t0: int,
+                     pool: int):
+    """Where each weight of a layer is programmed: ``(crossbar (out, K), row (K,), col0 (out,))``.
+
+    Weight (o, k') of the sorted layer sits in row k' mod rows of the physical crossbar that
+    programs its tile (the tile at position ``p`` of ``order`` is global tile ``t0 + p``, on
+    crossbar ``(t0 + p) mod pool``), in columns ``col0[o] .. col0[o] + c - 1``.
+    """
+    out, k, nb, F = geom.out, geom.k, geom.n_blocks, geom.F
+    slot_of = torch.empty(out, dtype=torch.int64)
+    used = (index != UNUSED_SLOT).nonzero().flatten()
+    slot_of[index[used]] = used                              # filter -> j*F + f
+    block, col0 = slot_of // F, (slot_of % F) * geom.c
+    position = torch.empty(geom.tiles, dtype=torch.int64)    # tile id -> place in the order
+    position[order] = torch.arange(geom.tiles)
+    kk = torch.arange(k)
+    tile = (kk // geom.rows)[None, :] * nb + block[:, None]  # (out, K) tile ids
+    crossbar = (t0 + position[tile]) % pool
+    return crossbar, kk % geom.rows, col0
+
+
+def format_order(order, width: int | None = None) -> str:
+    """A tile order as text, runs of consecutive ids as ``a-b`` (section-major: ``0-N``);
+    cut at ``width`` characters with the number of tiles left out."""
+    parts, i, order = [], 0, list(order)
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and order[j + 1] == order[j] + 1:
+            j += 1
+        parts.append(str(order[i]) if i == j else f"{order[i]}-{order[j]}")
+        i = j + 1
+    text = " ".join(parts)
+    if width is not None and len(text) > width:
+        cut = text[:width].rsplit(" ", 1)[0]
+        shown = sum(int(p.split("-")[1]) - int(p.split("-")[0]) + 1 if "-" in p else 1
+                    for p in cut.split())
+        text = f"{cut} ... (+{len(order) - shown} tiles)"
+    return text or "-"

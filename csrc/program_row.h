@@ -1,0 +1,331 @@
+// Programming one tile row: the arithmetic the CPU and CUDA program_layer kernels share
+// (XB_HD: compiled for both, so the two devices run literally the same code).
+//
+// A tile row is row r of one tile (section s, column block j) on crossbar x: slot f of the
+// block holds filter filter_index[j*F + f] (-1: unused slot, its cells are don't care), its
+// cells sit in columns f*c .. f*c + c - 1, and the row holds sorted position k' = s*rows + r.
+// Semantics: docs/semantics.md rules 5 to 13; reference: crossbar_torch/ops/reference.py.
+#pragma once
+
+#include "common.h"
+
+namespace crossbar_torch {
+
+constexpr uint8_t kNotPinned = 255;  // `pinned` level meaning "no level known for this cell"
+constexpr int kMaxCells = 32;        // cells per weight: 2 * ceil(15 / 1) = 30 at most
+
+// ---- rule 13: stuck-aware compensation of one weight -----------------------------------------
+
+struct CompFormat {
+  int B, b, enc, S, c, L, m;  // m = L*b: the weight of the high part is 2**m
+  int64_t hmin, hmax;         // integers the high slices (>= L) can hold
+  int hbits;                  // bits of the high part (0: no high slices)
+};
+
+XB_HD CompFormat make_comp_format(int B, int b, int enc, int L) {
+  CompFormat f;
+  f.B = B;
+  f.b = b;
+  f.enc = enc;
+  f.S = int(slices_for(B, b, enc));
+  f.c = int(cells_for(B, b, enc));
+  f.L = L < f.S ? L : f.S;
+  f.m = f.L * b;
+  const int stored = enc == kDifferential ? B - 1 : B;
+  f.hbits = f.L < f.S ? stored - f.m : 0;
+  if (f.hbits <= 0) {
+    f.hbits = 0;
+    f.hmin = f.hmax = 0;
+  } else if (enc == kDifferential) {
+    f.hmax = (int64_t(1) << f.hbits) - 1;
+    f.hmin = -f.hmax;
+  } else if (enc == kTwosComplement) {
+    f.hmax = (int64_t(1) << (f.hbits - 1)) - 1;
+    f.hmin = -(int64_t(1) << (f.hbits - 1));
+  } else {
+    f.hmin = 0;
+    f.hmax = (int64_t(1) << f.hbits) - 1;
+  }
+  return f;
+}
+
+XB_HD int slice_of(int cell, int S) { return cell % S; }
+
+// The representable high part nearest v / 2**m, exact ties to the even integer.
+XB_HD int64_t nearest_high(int64_t v, const CompFormat& f) {
+  if (f.hbits == 0) return 0;
+  const int64_t unit = int64_t(1) << f.m;
+  const int64_t fl = v >= 0 ? v / unit : -((-v + unit - 1) / unit);  // floor(v / unit)
+  const int64_t rem = v - fl * unit;                                 // in [0, unit)
+  int64_t h = fl;
+  if (2 * rem > unit || (2 * rem == unit && (fl & 1))) h = fl + 1;
+  return h < f.hmin ? f.hmin : (h > f.hmax ? f.hmax : h);
+}
+
+// Levels of the high slices (>= L) holding the rule-3 encoding of h; low slices untouched.
+XB_HD void encode_high(int64_t h, const CompFormat& f, uint8_t* lv) {
+  const int64_t mask = (int64_t(1) << f.b) - 1;
+  if (f.enc == kDifferential) {
+    const int64_t pos = h > 0 ? h : 0, neg = h < 0 ? -h : 0;
+    for (int i = f.L; i < f.S; ++i) {
+      lv[i] = uint8_t((pos >> ((i - f.L) * f.b)) & mask);
+      lv[f.S + i] = uint8_t((neg >> ((i - f.L) * f.b)) & mask);
+    }
+  } else {
+    const int64_t word =
+        f.enc == kTwosComplement ? (h & ((int64_t(1) << f.hbits) - 1)) : h;
+    for (int i = f.L; i < f.S; ++i) lv[i] = uint8_t((word >> ((i - f.L) * f.b)) & mask);
+  }
+}
+
+// Rule 13 for one weight with at least one held cell. `old`: the levels its c cells hold now;
+// `fixed` (bit i): cell i takes no search level (held, or pinned to a known stuck level);
+// `fixed_lv`: the level a fixed cell ends with. Writes into `out` the levels that make the
+// weight decode closest to q; ties: fewest cells changed, then the smallest x (free low cells
+// as digits, the first free cell least significant). Enumerates x in increasing order, the
+// high part in closed form.
+XB_HD void compensate_weight(int64_t q, const uint8_t* old, uint32_t fixed, const uint8_t* fixed_lv,
+                             const CompFormat& f, uint8_t* out) {
+  uint8_t cur[kMaxCells], hi[kMaxCells];
+  int free_cells[kMaxCells];
+  int nfree = 0;
+  for (int i = 0; i < f.c; ++i) {
+    const bool low = slice_of(i, f.S) < f.L;
+    if ((fixed >> i) & 1u) {
+      cur[i] = fixed_lv[i];
+    } else {
+      cur[i] = 0;
+      if (low) free_cells[nfree++] = i;
+    }
+    if (!low) cur[i] = 0;  // high slices read as 0 in d(x)
+  }
+  const int top = (1 << f.b) - 1;
+  int64_t best_err = -1, best_writes = 0, best_h = 0;
+  uint8_t best[kMaxCells];
+  for (int i = 0; i < f.c; ++i) best[i] = cur[i];
+  for (;;) {
+    const int64_t d = decode_one(cur, f.B, f.b, f.enc, f.S);
+    const int64_t h = nearest_high(q - d, f);
+    const int64_t val = h * (int64_t(1) << f.m) + d;
+    const int64_t err = val > q ? val - q : q - val;
+    if (best_err < 0 || err <= best_err) {
+      // writes only matter against an equal error: count them lazily
+      int64_t writes = 0;
+      for (int k = 0; k < nfree; ++k) writes += cur[free_cells[k]] != old[free_cells[k]];
+      encode_high(h, f, hi);
+      for (int i = 0; i < f.c; ++i) {
+        if (slice_of(i, f.S) >= f.L) writes += hi[i] != old[i];
+      }
+      if (best_err < 0 || err < best_err || writes < best_writes) {
+        best_err = err;
+        best_writes = writes;
+        best_h = h;
+        for (int k = 0; k < nfree; ++k) best[free_cells[k]] = cur[free_cells[k]];
+      }
+    }
+    int k = 0;  // next x: odometer, first free cell fastest
+    while (k < nfree && cur[free_cells[k]] == top) cur[free_cells[k++]] = 0;
+    if (k == nfree) break;
+    cur[free_cells[k]] += 1;
+  }
+  for (int i = 0; i < f.c; ++i) {
+    out[i] = ((fixed >> i) & 1u) ? fixed_lv[i] : best[i];
+  }
+  encode_high(best_h, f, out);
+}
+
+// One weight of the compensate op: held cells keep `old`; with `on` and a held cell, rule 13
+// against the value the plain target `cells` encode; otherwise the plain target.
+XB_HD void compensate_one_weight(const uint8_t* cells, const bool* held, const uint8_t* old,
+                                 const CompFormat& f, bool on, uint8_t* out) {
+  uint32_t fixed = 0;
+  for (int i = 0; i < f.c; ++i) fixed |= uint32_t(held[i]) << i;
+  if (on && fixed) {
+    compensate_weight(decode_one(cells, f.B, f.b, f.enc, f.S), old, fixed, old, f, out);
+  } else {
+    for (int i = 0; i < f.c; ++i) out[i] = held[i] ? old[i] : cells[i];
+  }
+}
+
+// ---- one tile row ------------------------------------------------------------------------------
+
+struct TileRowArgs {
+  // layer
+  const uint8_t* cells;     // targets (out, K, c): plain rule-3 encoding of q
+  const uint8_t* pinned;    // (out, K, c) known stuck levels, kNotPinned elsewhere; or null
+  uint8_t* eff;             // (out, K, c) what the cells hold after programming
+  const int64_t* slot_filter;  // this block's F slots: filter or -1
+  int64_t K, c, kp;
+  // crossbar row
+  uint64_t* state;           // planes x words
+  uint64_t* written;         // words
+  const uint64_t* stuck;     // words
+  int32_t* cell_writes;      // cols, or null
+  const uint64_t* covered;   // words: columns of used slots
+  const uint64_t* slice_mask;  // nsl x words
+  int64_t words, nw, nsl;
+  int planes;
+  bool stuck_initial;
+  int comp_slices;  // rule 13 over slices < comp_slices (0: off)
+  CompFormat fmt;
+  // scratch: packed targets of the row (planes x words) as the tile asks them (`plain`) and as
+  // programmed (`target`, may be the same buffer when nothing changes them), and `allowed`
+  uint64_t* plain;
+  uint64_t* target;
+  uint64_t* allowed;
+};
+
+XB_HD uint8_t level_at(const uint64_t* planes_, int64_t words, int planes, int64_t col) {
+  uint8_t v = 0;
+  for (int p = 0; p < planes; ++p) v |= uint8_t(((planes_[p * words + (col >> 6)] >> (col & 63)) & 1) << p);
+  return v;
+}
+
+XB_HD void set_level_at(uint64_t* planes_, int64_t words, int planes, int64_t col, uint8_t v) {
+  const uint64_t bit = uint64_t(1) << (col & 63);
+  for (int p = 0; p < planes; ++p) {
+    uint64_t& w = planes_[p * words + (col >> 6)];
+    w = ((v >> p) & 1) ? (w | bit) : (w & ~bit);
+  }
+}
+
+// Packs the plain target levels of a tile row (scalar; the CPU kernel has a SIMD twin).
+XB_HD void pack_row_targets(const TileRowArgs& a, int64_t F, uint64_t* out) {
+  for (int64_t i = 0; i < a.planes * a.words; ++i) out[i] = 0;
+  for (int64_t f = 0; f < F; ++f) {
+    const int64_t o = a.slot_filter[f];
+    if (o < 0) continue;
+    const uint8_t* src = a.cells + (o * a.K + a.kp) * a.c;
+    for (int64_t i = 0; i < a.c; ++i) {
+      const int64_t col = f * a.c + i;
+      for (int p = 0; p < a.planes; ++p) {
+        out[p * a.words + (col >> 6)] |= uint64_t((src[i] >> p) & 1) << (col & 63);
+      }
+    }
+  }
+}
+
+// Row stats layout: writes, sets, resets, pulses, rows_programmed, then writes per slice.
+// `a.plain` must hold the packed plain targets. Returns nothing; updates state, written,
+// cell_writes, eff and rs.
+XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
+  const int planes = a.planes;
+  const int64_t words = a.words;
+  uint64_t any_held = 0, any_pinned = 0;
+  for (int64_t w = 0; w < a.nw; ++w) {
+    const uint64_t cov = a.covered[w];
+    uint64_t allowed = cov & ~a.stuck[w];
+    if (a.stuck_initial) {
+      allowed |= cov & ~a.written[w];
+      a.written[w] |= cov;
+    }
+    a.allowed[w] = allowed;
+    any_held |= cov & ~allowed;
+    any_pinned |= cov & a.stuck[w];
+  }
+  const bool pin = a.pinned != nullptr && any_pinned != 0;
+  const bool comp = a.comp_slices > 0 && any_held != 0;
+  const uint64_t* tgt = a.plain;
+  if (pin || comp) {
+    for (int64_t i = 0; i < planes * words; ++i) a.target[i] = a.plain[i];
+    tgt = a.target;
+  }
+  if (pin) {  // cells on stuck positions whose level is already known take that level
+    for (int64_t w = 0; w < a.nw; ++w) {
+      for (uint64_t m = a.covered[w] & a.stuck[w]; m; m &= m - 1) {
+        const int64_t col = w * 64 + ctz64(m);
+        const int64_t o = a.slot_filter[col / a.c];
+        const uint8_t lv = a.pinned[(o * a.K + a.kp) * a.c + col % a.c];
+        if (lv != kNotPinned) set_level_at(a.target, words, planes, col, lv);
+      }
+    }
+  }
+  if (comp) {  // rule 13: every weight with a held cell
+    int64_t last_slot = -1;
+    for (int64_t w = 0; w < a.nw; ++w) {
+      for (uint64_t m = a.covered[w] & ~a.allowed[w]; m; m &= m - 1) {
+        const int64_t slot = (w * 64 + ctz64(m)) / a.c;
+        if (slot == last_slot) continue;
+        last_slot = slot;
+        const int64_t o = a.slot_filter[slot];
+        const int64_t base = (o * a.K + a.kp) * a.c;
+        uint8_t old[kMaxCells], fixed_lv[kMaxCells], lv[kMaxCells];
+        uint32_t fixed = 0;
+        for (int i = 0; i < a.c; ++i) {
+          const int64_t col = slot * a.c + i;
+          old[i] = level_at(a.state, words, planes, col);
+          fixed_lv[i] = 0;
+          const bool ok = (a.allowed[col >> 6] >> (col & 63)) & 1;
+          if (!ok) {
+            fixed |= 1u << i;
+            fixed_lv[i] = old[i];
+          } else if (pin && ((a.stuck[col >> 6] >> (col & 63)) & 1) &&
+                     a.pinned[base + i] != kNotPinned) {
+            fixed |= 1u << i;
+            fixed_lv[i] = a.pinned[base + i];
+          }
+        }
+        const int64_t q = decode_one(a.cells + base, a.fmt.B, a.fmt.b, a.fmt.enc, a.fmt.S);
+        compensate_weight(q, old, fixed, fixed_lv, a.fmt, lv);
+        for (int i = 0; i < a.c; ++i) set_level_at(a.target, words, planes, slot * a.c + i, lv[i]);
+      }
+    }
+  }
+  uint64_t old[kMaxPlanes], tw[kMaxPlanes], fresh[kMaxPlanes];
+  bool any = false;
+  for (int64_t w = 0; w < a.nw; ++w) {
+    const uint64_t cov = a.covered[w];
+    if (!cov) continue;
+    for (int p = 0; p < planes; ++p) {
+      old[p] = a.state[p * words + w];
+      tw[p] = tgt[p * words + w];
+    }
+    const WordStats ws = transition_word(old, tw, a.allowed[w], planes, fresh);
+    uint64_t kept = 0;  // covered cells that end on a level other than the plain target
+    for (int p = 0; p < planes; ++p) {
+      a.state[p * words + w] = fresh[p];
+      kept |= fresh[p] ^ a.plain[p * words + w];
+    }
+    kept &= cov;
+    if (ws.changed) {
+      any = true;
+      rs[0] += popcount64(ws.changed);
+      rs[1] += popcount64(ws.gt);
+      rs[2] += popcount64(ws.lt);
+      rs[3] += ws.pulses;
+      for (int64_t sl = 0; sl < a.nsl; ++sl) {
+        rs[kNumStats + sl] += popcount64(ws.changed & a.slice_mask[sl * words + w]);
+      }
+      if (a.cell_writes) {
+        for (uint64_t m = ws.changed; m; m &= m - 1) {
+          int32_t& cw = a.cell_writes[w * 64 + ctz64(m)];
+          cw = static_cast<int32_t>(static_cast<uint32_t>(cw) + 1u);
+        }
+      }
+    }
+    for (uint64_t m = kept; m; m &= m - 1) {  // effective cells start as the plain targets
+      const int bit = ctz64(m);
+      const int64_t col = w * 64 + bit;
+      uint8_t v = 0;
+      for (int p = 0; p < planes; ++p) v |= uint8_t(((fresh[p] >> bit) & 1) << p);
+      const int64_t o = a.slot_filter[col / a.c];
+      a.eff[(o * a.K + a.kp) * a.c + col % a.c] = v;
+    }
+  }
+  if (any) rs[4] += 1;
+}
+
+// Greedy distance (rule 12): covered cells of a tile row whose plain target differs from the
+// level the crossbar row holds (stuck cells ignored).
+XB_HD int64_t tile_row_distance(const uint64_t* state, const uint64_t* plain,
+                                const uint64_t* covered, int64_t nw, int64_t words, int planes) {
+  int64_t d = 0;
+  for (int64_t w = 0; w < nw; ++w) {
+    uint64_t diff = 0;
+    for (int p = 0; p < planes; ++p) diff |= state[p * words + w] ^ plain[p * words + w];
+    d += popcount64(diff & covered[w]);
+  }
+  return d;
+}
+
+}  // namespace crossbar_torch
