@@ -171,9 +171,12 @@ class CrossbarConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
     def baseline(self) -> "CrossbarConfig":
-        """Rule 10: the same configuration with sort='none' and no stucking."""
+        """Rule 10: the same configuration with sort='none' and no stucking; placement and
+        schedule are rules 5 and 6 (natural, section-major), so a reduction counts everything
+        the method does against a chip programmed without it (docs/semantics.md)."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
-                            stuck_value="initial", compensate=False)
+                            stuck_value="initial", compensate=False, filter_order="natural",
+                            schedule="section_major")
 
     def with_overrides(self, overrides: Iterable[str]) -> "CrossbarConfig":
         """Apply ``key=value`` strings (values parsed as YAML scalars)."""

@@ -18,7 +18,7 @@ import torch.nn as nn
 from . import ops
 from .config import CrossbarConfig
 from .mapping import (STAT_NAMES, LayerGeometry, column_slices, layer_tiles,  # noqa: F401
-                      pack_bits, weight_crossbars, words_for)
+                      natural_filter_index, pack_bits, weight_crossbars, words_for)
 from .modules import crossbar_layers
 
 NOT_PINNED = 255  # program_layer's `pinned` level for a cell whose held level is not known
@@ -217,7 +217,9 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
             order = orders.get(i)
             if order is None and not baseline and layer.tile_order.numel() == geom.tiles > 0:
                 order = layer.tile_order.cpu()  # rule 12: the stored order is replayed
-            eff, stats, used, t0 = pool.program(target, layer.filter_index, order, pinned,
+            # the baseline places filters naturally (rule 10); a layer's own placement is rule 11
+            index = natural_filter_index(out, run_cfg) if baseline else layer.filter_index
+            eff, stats, used, t0 = pool.program(target, index, order, pinned,
                                                 count_cells=pass_no == 1)
             orders[i] = used
             counts.add(stats)

@@ -55,8 +55,8 @@ XB_HD int slice_of(int cell, int S) { return cell % S; }
 XB_HD int64_t nearest_high(int64_t v, const CompFormat& f) {
   if (f.hbits == 0) return 0;
   const int64_t unit = int64_t(1) << f.m;
-  const int64_t fl = v >= 0 ? v / unit : -((-v + unit - 1) / unit);  // floor(v / unit)
-  const int64_t rem = v - fl * unit;                                 // in [0, unit)
+  const int64_t fl = v >> f.m;       // floor(v / unit): arithmetic shift
+  const int64_t rem = v & (unit - 1);  // in [0, unit)
   int64_t h = fl;
   if (2 * rem > unit || (2 * rem == unit && (fl & 1))) h = fl + 1;
   return h < f.hmin ? f.hmin : (h > f.hmax ? f.hmax : h);
@@ -82,40 +82,48 @@ XB_HD void encode_high(int64_t h, const CompFormat& f, uint8_t* lv) {
 // `fixed` (bit i): cell i takes no search level (held, or pinned to a known stuck level);
 // `fixed_lv`: the level a fixed cell ends with. Writes into `out` the levels that make the
 // weight decode closest to q; ties: fewest cells changed, then the smallest x (free low cells
-// as digits, the first free cell least significant). Enumerates x in increasing order, the
-// high part in closed form.
+// as digits, the first free cell least significant). Enumerates x in increasing order (an
+// odometer, first free cell fastest), the high part in closed form. d(x) is linear in the
+// levels (each cell weighs +-2**(slice*b)) except for two's complement with every slice low,
+// whose top bit weighs negatively: that case decodes each x in full.
 XB_HD void compensate_weight(int64_t q, const uint8_t* old, uint32_t fixed, const uint8_t* fixed_lv,
                              const CompFormat& f, uint8_t* out) {
   uint8_t cur[kMaxCells], hi[kMaxCells];
   int free_cells[kMaxCells];
+  int64_t coef[kMaxCells];
   int nfree = 0;
   for (int i = 0; i < f.c; ++i) {
     const bool low = slice_of(i, f.S) < f.L;
-    if ((fixed >> i) & 1u) {
-      cur[i] = fixed_lv[i];
-    } else {
-      cur[i] = 0;
-      if (low) free_cells[nfree++] = i;
+    cur[i] = ((fixed >> i) & 1u) && low ? fixed_lv[i] : 0;  // high slices read as 0 in d(x)
+    if (!((fixed >> i) & 1u) && low) {
+      coef[nfree] = (f.enc == kDifferential && i >= f.S ? -1 : 1) * (int64_t(1) << (slice_of(i, f.S) * f.b));
+      free_cells[nfree++] = i;
     }
-    if (!low) cur[i] = 0;  // high slices read as 0 in d(x)
   }
+  const bool linear = !(f.enc == kTwosComplement && f.hbits == 0);
+  const int64_t unit = int64_t(1) << f.m;
   const int top = (1 << f.b) - 1;
+  int64_t d = decode_one(cur, f.B, f.b, f.enc, f.S);
+  int64_t low_writes = 0;  // free low cells whose level differs from `old`
+  for (int k = 0; k < nfree; ++k) low_writes += cur[free_cells[k]] != old[free_cells[k]];
+  int high_cells[kMaxCells];
+  int nhigh = 0;
+  for (int i = 0; i < f.c; ++i) {
+    if (slice_of(i, f.S) >= f.L) high_cells[nhigh++] = i;
+  }
   int64_t best_err = -1, best_writes = 0, best_h = 0;
   uint8_t best[kMaxCells];
   for (int i = 0; i < f.c; ++i) best[i] = cur[i];
   for (;;) {
-    const int64_t d = decode_one(cur, f.B, f.b, f.enc, f.S);
+    if (!linear) d = decode_one(cur, f.B, f.b, f.enc, f.S);
     const int64_t h = nearest_high(q - d, f);
-    const int64_t val = h * (int64_t(1) << f.m) + d;
+    const int64_t val = h * unit + d;
     const int64_t err = val > q ? val - q : q - val;
     if (best_err < 0 || err <= best_err) {
-      // writes only matter against an equal error: count them lazily
-      int64_t writes = 0;
-      for (int k = 0; k < nfree; ++k) writes += cur[free_cells[k]] != old[free_cells[k]];
+      // the high cells' writes only matter against an equal error: count them lazily
+      int64_t writes = low_writes;
       encode_high(h, f, hi);
-      for (int i = 0; i < f.c; ++i) {
-        if (slice_of(i, f.S) >= f.L) writes += hi[i] != old[i];
-      }
+      for (int k = 0; k < nhigh; ++k) writes += hi[high_cells[k]] != old[high_cells[k]];
       if (best_err < 0 || err < best_err || writes < best_writes) {
         best_err = err;
         best_writes = writes;
@@ -123,10 +131,19 @@ XB_HD void compensate_weight(int64_t q, const uint8_t* old, uint32_t fixed, cons
         for (int k = 0; k < nfree; ++k) best[free_cells[k]] = cur[free_cells[k]];
       }
     }
-    int k = 0;  // next x: odometer, first free cell fastest
-    while (k < nfree && cur[free_cells[k]] == top) cur[free_cells[k++]] = 0;
+    int k = 0;  // next x
+    while (k < nfree && cur[free_cells[k]] == top) {
+      const int i = free_cells[k];
+      low_writes += (0 != old[i]) - (top != old[i]);
+      d -= coef[k] * top;
+      cur[i] = 0;
+      ++k;
+    }
     if (k == nfree) break;
-    cur[free_cells[k]] += 1;
+    const int i = free_cells[k];
+    low_writes += (cur[i] + 1 != old[i]) - (cur[i] != old[i]);
+    d += coef[k];
+    cur[i] += 1;
   }
   for (int i = 0; i < f.c; ++i) {
     out[i] = ((fixed >> i) & 1u) ? fixed_lv[i] : best[i];
@@ -179,6 +196,26 @@ XB_HD uint8_t level_at(const uint64_t* planes_, int64_t words, int planes, int64
   uint8_t v = 0;
   for (int p = 0; p < planes; ++p) v |= uint8_t(((planes_[p * words + (col >> 6)] >> (col & 63)) & 1) << p);
   return v;
+}
+
+// Bits [col, col + n) of a packed plane, n <= 32 (a weight's cells, one plane).
+XB_HD uint64_t bits_at(const uint64_t* plane, int64_t col, int n) {
+  const int64_t w = col >> 6;
+  const int sh = int(col & 63);
+  uint64_t v = plane[w] >> sh;
+  if (sh + n > 64) v |= plane[w + 1] << (64 - sh);
+  return v & ((uint64_t(1) << n) - 1);
+}
+
+XB_HD void put_bits(uint64_t* plane, int64_t col, int n, uint64_t v) {
+  const int64_t w = col >> 6;
+  const int sh = int(col & 63);
+  const uint64_t mask = (uint64_t(1) << n) - 1;
+  plane[w] = (plane[w] & ~(mask << sh)) | (v << sh);
+  if (sh + n > 64) {
+    const int hi = 64 - sh;
+    plane[w + 1] = (plane[w + 1] & ~(mask >> hi)) | (v >> hi);
+  }
 }
 
 XB_HD void set_level_at(uint64_t* planes_, int64_t words, int planes, int64_t col, uint8_t v) {
@@ -250,24 +287,32 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
         const int64_t o = a.slot_filter[slot];
         const int64_t base = (o * a.K + a.kp) * a.c;
         uint8_t old[kMaxCells], fixed_lv[kMaxCells], lv[kMaxCells];
-        uint32_t fixed = 0;
-        for (int i = 0; i < a.c; ++i) {
-          const int64_t col = slot * a.c + i;
-          old[i] = level_at(a.state, words, planes, col);
-          fixed_lv[i] = 0;
-          const bool ok = (a.allowed[col >> 6] >> (col & 63)) & 1;
-          if (!ok) {
-            fixed |= 1u << i;
-            fixed_lv[i] = old[i];
-          } else if (pin && ((a.stuck[col >> 6] >> (col & 63)) & 1) &&
-                     a.pinned[base + i] != kNotPinned) {
-            fixed |= 1u << i;
-            fixed_lv[i] = a.pinned[base + i];
+        const int c = int(a.c);
+        const int64_t col0 = slot * a.c;
+        for (int i = 0; i < c; ++i) old[i] = 0;
+        for (int p = 0; p < planes; ++p) {
+          const uint64_t bp = bits_at(a.state + p * words, col0, c);
+          for (int i = 0; i < c; ++i) old[i] |= uint8_t(((bp >> i) & 1) << p);
+        }
+        const uint64_t held = ~bits_at(a.allowed, col0, c) & ((uint64_t(1) << c) - 1);
+        uint32_t fixed = uint32_t(held);
+        for (int i = 0; i < c; ++i) fixed_lv[i] = old[i];
+        if (pin) {  // a pinned cell written now takes its known level: not searched either
+          for (uint64_t pm = bits_at(a.stuck, col0, c) & ~held; pm; pm &= pm - 1) {
+            const int i = ctz64(pm);
+            if (a.pinned[base + i] != kNotPinned) {
+              fixed |= 1u << i;
+              fixed_lv[i] = a.pinned[base + i];
+            }
           }
         }
         const int64_t q = decode_one(a.cells + base, a.fmt.B, a.fmt.b, a.fmt.enc, a.fmt.S);
         compensate_weight(q, old, fixed, fixed_lv, a.fmt, lv);
-        for (int i = 0; i < a.c; ++i) set_level_at(a.target, words, planes, slot * a.c + i, lv[i]);
+        for (int p = 0; p < planes; ++p) {
+          uint64_t bp = 0;
+          for (int i = 0; i < c; ++i) bp |= uint64_t((lv[i] >> p) & 1) << i;
+          put_bits(a.target + p * words, col0, c, bp);
+        }
       }
     }
   }
