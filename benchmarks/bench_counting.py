@@ -56,7 +56,7 @@ def main():
 
 def bench(args):
     B, b, e = args.weight_bits, args.bits_per_cell, ref.DIFFERENTIAL
-    c, slices = ref.cells_for(B, b, e), ref.slices_for(B, b, e)
+    c = ref.cells_for(B, b, e)
     rows, cols, pool = args.rows, args.cols, args.pool
     words = ref.words_for(cols)
     g = torch.Generator().manual_seed(0)
@@ -76,14 +76,17 @@ def bench(args):
                     torch.zeros(pool, rows, words, dtype=torch.int64), stuck,
                     torch.zeros(pool, rows, cols, dtype=torch.int32))
 
-        call = (0, rows, cols, b, slices, True, True)
+        empty = torch.zeros(0, dtype=torch.int64)
+        head = (empty, empty, torch.zeros(0, dtype=torch.uint8))
+        call = (0, rows, cols, B, b, e, True, True, 0, 0)
         st_r, st_c = fresh(), fresh()
-        res_r = ref.program_layer(cells, *st_r, *call)
-        res_c = ops.program_layer(cells, *st_c, *call)
+        res_r = ref.program_layer(cells, *head, *st_r, *call)
+        res_c = ops.program_layer(cells, *head, *st_c, *call)
         assert all(torch.equal(x, y) for x, y in zip(res_r, res_c)), name
         assert all(torch.equal(x, y) for x, y in zip(st_r, st_c)), name
-        t_ref = run(lambda: ref.program_layer(cells, *fresh(), *call), max(1, args.reps // 2))
-        t_cpp = run(lambda: ops.program_layer(cells, *fresh(), *call), args.reps)
+        t_ref = run(lambda: ref.program_layer(cells, *head, *fresh(), *call),
+                    max(1, args.reps // 2))
+        t_cpp = run(lambda: ops.program_layer(cells, *head, *fresh(), *call), args.reps)
         tiles = -(-K // rows) * -(-out // (cols // c))
         tot_ref += t_ref
         tot_cpp += t_cpp

@@ -34,6 +34,11 @@ from .mapping import check_filter_index, filter_index, natural_filter_index
 from .quantization import quantize, sort_index
 
 
+# What a crossbar layer keeps beside the parameters of the layer it replaced.
+CROSSBAR_BUFFERS = ("scale", "sort_index", "cells", "stuck", "filter_index", "tile_order",
+                    "_extra_state")
+
+
 class CrossbarMixin:
     """What CrossbarLinear and CrossbarConv2d share: buffers, programming state, weights."""
 

@@ -80,18 +80,23 @@ class CrossbarPool:
         return eff, stats.cpu(), used.cpu(), t0
 
     def layer_stuck(self, geom: LayerGeometry, filter_index: torch.Tensor, order: torch.Tensor,
-                    t0: int, chunk: int = 256) -> torch.Tensor:
+                    t0: int) -> torch.Tensor:
         """Which cells of a layer (sorted order, (out, K, c)) sit on stuck physical cells."""
-        cfg = self.config
-        c, rows, cols = geom.c, cfg.rows, cfg.cols
-        crossbar, row, col0 = weight_crossbars(geom, filter_index.cpu(), order, t0, cfg.pool)
-        flat = self.stuck_bits.reshape(-1)
-        result = torch.empty(geom.out, geom.k, c, dtype=torch.bool)
-        for o0 in range(0, geom.out, chunk):
-            o1 = min(geom.out, o0 + chunk)
-            col = col0[o0:o1, None] + torch.arange(c)[None, :]                  # (o, c)
-            lin = ((crossbar[o0:o1] * rows + row[None, :]) * cols)[:, :, None] + col[:, None, :]
-            result[o0:o1] = flat[lin]
+        crossbar, row, col0 = weight_crossbars(geom, filter_index.cpu(), order, t0,
+                                               self.config.pool)
+        slot = col0 // geom.c
+        span = geom.F * geom.c
+        result = None
+        pool = self.config.pool
+        for x in (range(pool) if pool <= 8 else crossbar.unique().tolist()):
+            # crossbar x's mask at each weight's row and slot, as if every tile went there
+            on_x = (self.stuck_bits[x, :, :span].view(torch.uint8).index_select(0, row)
+                    .view(geom.k, geom.F, geom.c).index_select(1, slot).permute(1, 0, 2)
+                    .view(torch.bool))
+            result = (on_x.contiguous() if result is None
+                      else torch.where((crossbar == x)[:, :, None], on_x, result))
+        if result is None:
+            return torch.zeros(geom.out, geom.k, geom.c, dtype=torch.bool)
         return result
 
 
@@ -164,11 +169,13 @@ def layer_targets(layer, config: CrossbarConfig, baseline: bool):
         idx = identity_index(w.shape[0], w.shape[1], w.device)
         return ops.sort_and_encode(w, layer.scale, idx, config.weight_bits,
                                    config.bits_per_cell, config.encoding_id), None
-    pinned = None
-    if layer.stuck.numel():
-        pinned = torch.where(layer.stuck, layer.cells,
-                             torch.full_like(layer.cells, NOT_PINNED))
-    return layer.target_cells(), pinned
+    target = layer.target_cells()
+    if not layer.stuck.numel():
+        return target, None
+    if not config.compensate:  # the kernel needs only the levels to write
+        return torch.where(layer.stuck, layer.cells, target), None
+    # rule 13 searches around the plain targets: keep them, and say which levels are known
+    return target, torch.where(layer.stuck, layer.cells, torch.full_like(layer.cells, NOT_PINNED))
 
 
 def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,

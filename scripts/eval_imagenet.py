@@ -39,13 +39,13 @@ from crossbar_torch.cli import (PYPI_LITE, add_config_args, add_model_args,  # n
                                 add_preprocess_args, config_from_args, describe_source,
                                 model_from_args, preprocess_overrides)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
+from crossbar_torch.modules import CROSSBAR_BUFFERS  # noqa: E402
 from crossbar_torch.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
                                  collate_skip_bad, data_config_for)
 from crossbar_torch.evaluate import StridedSampler, evaluate, init_distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DEV = os.path.join(os.path.dirname(REPO), "shared", "data", "imagenet-sample-dev")
-CROSSBAR_BUFFERS = ("scale", "sort_index", "cells", "stuck", "_extra_state")
 
 
 # --------------------------------------------------------------------------- arguments
