@@ -20,7 +20,7 @@ SORT_SCOPES = ("filter",)
 MAX_COMPENSATION_BITS = 21
 QUANT_MODES = ("per_channel", "per_tensor")
 STUCK_VALUES = ("initial", 0, 1)
-FILTER_ORDERS = ("natural", "profile")
+FILTER_ORDERS = ("natural", "profile", "chain")  # chain: this project's, beyond rule 11
 SCHEDULES = ("section_major", "greedy")
 
 

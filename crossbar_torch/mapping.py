@@ -108,6 +108,8 @@ def filter_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     ``natural``: filter o in block o // F, slot o % F. ``profile``: rank the filters by
     sum_k |q[o, k]| descending (stable), ``order``; block j holds order[j], order[j + nb],
     order[j + 2nb], ... in slots 0, 1, 2, ...; the slots past a block's end are unused (-1).
+    ``chain`` (this project's, beyond rule 11): the ranking is a nearest-neighbour chain
+    instead (:func:`chain_order`), placed the same way.
     """
     out = q.shape[0]
     geom = LayerGeometry.of(out, q.shape[1] if q.dim() == 2 else 0, config)
@@ -116,12 +118,51 @@ def filter_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     if config.filter_order == "natural" or out == 0:
         index[:out] = torch.arange(out)
         return index
-    profile = q.to(torch.int64).abs().sum(dim=1)
-    order = torch.sort(profile, descending=True, stable=True).indices
+    if config.filter_order == "chain":
+        order = chain_order(q, config)
+    else:
+        profile = q.to(torch.int64).abs().sum(dim=1)
+        order = torch.sort(profile, descending=True, stable=True).indices
     rank = torch.arange(out)
     block, slot = rank % nb, rank // nb          # rank r -> block r mod nb, slot r div nb
     index[block * F + slot] = order
     return index
+
+
+def chain_order(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
+    """A ranking of the filters in which neighbours hold similar cells.
+
+    Each filter is described by the bits of its cells after sorting (its sorted row, encoded,
+    as the crossbar will hold it). Start from the filter of largest sum |q| (the first of
+    profile); then repeatedly append the unvisited filter at the smallest Hamming distance from
+    the last one (ties: the lowest filter number). The profile placement puts rank neighbours
+    in one slot of consecutive column blocks, so consecutive tiles then differ in few cells.
+    Costs one (out x out) distance matrix per layer (a matmul over out x K*c bits).
+    """
+    from . import ops  # ops imports this module: import here
+    from .quantization import sort_rows
+
+    out, k = q.shape
+    if k == 0:
+        return torch.arange(out)
+    q_sorted = torch.gather(q, 1, sort_rows(q, config.sort)).to(torch.int32).contiguous()
+    cells = ops.encode(q_sorted, config.weight_bits, config.bits_per_cell, config.encoding_id)
+    planes = torch.stack([(cells >> p) & 1 for p in range(config.bits_per_cell)], -1)
+    bits = planes.reshape(out, -1).to(torch.float32)
+    ones = bits.sum(1)
+    # Hamming distance of bit vectors a, b: |a| + |b| - 2 a.b (exact in float32 below 2**24)
+    dist = ones[:, None] + ones[None, :] - 2.0 * (bits @ bits.T)
+    del bits
+    visited = torch.zeros(out, dtype=torch.bool)
+    cur = int(torch.argmax(q.to(torch.int64).abs().sum(1)))  # first maximum: lowest filter
+    order = [cur]
+    visited[cur] = True
+    for _ in range(out - 1):
+        d = dist[cur].masked_fill(visited, float("inf"))
+        cur = int(torch.argmin(d))  # first minimum: the lowest filter number
+        order.append(cur)
+        visited[cur] = True
+    return torch.tensor(order, dtype=torch.int64)
 
 
 def natural_filter_index(out: int, config: CrossbarConfig) -> torch.Tensor:

@@ -31,7 +31,7 @@ import crossbar_torch as xb  # noqa: E402
 from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.finetune import evaluate, finetune, set_seed  # noqa: E402
 
-DIGITS_CONFIG = dict(rows=32, cols=32, weight_bits=8, sort="magnitude", stuck_slices=4,
+DIGITS_CONFIG = dict(rows=32, cols=32, weight_bits=8, sort="magnitude", stuck_slices=5,
                      reprogram_fraction=0.25, pool=1, seed=0)
 
 

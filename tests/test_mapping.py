@@ -35,13 +35,43 @@ def test_profile_placement_by_hand():
     assert filter_index(q, cfg).tolist() == [2, 1, 0, -1]
 
 
+@pytest.mark.parametrize("enc, b, sort", [("differential", 1, "value"),
+                                          ("twos_complement", 2, "magnitude"),
+                                          ("offset", 3, "none")])
+def test_chain_order_is_a_nearest_neighbour_chain(enc, b, sort):
+    """chain_order against a per-cell python recomputation: Hamming distances between the
+    bits of the encoded sorted rows, start at the largest sum |q|, nearest unvisited next,
+    ties to the lowest filter."""
+    from crossbar_torch.mapping import chain_order
+    from crossbar_torch.ops import reference as ref
+    g = torch.Generator().manual_seed(3)
+    cfg = xb.CrossbarConfig(encoding=enc, bits_per_cell=b, sort=sort, cols=64)
+    q = torch.randint(-20, 21, (13, 6), generator=g, dtype=torch.int32)
+    q[4] = q[7]  # equal rows: distance 0, and a tie for the lowest number
+    rows = []
+    for o in range(13):
+        row = sorted(range(6), key=lambda k: (-abs(int(q[o, k])) if sort == "magnitude" else
+                                              -int(q[o, k]) if sort == "value" else 0, k))
+        cells = ref.encode(q[o, row], 8, b, cfg.encoding_id).flatten().tolist()
+        rows.append([(v >> p) & 1 for v in cells for p in range(b)])
+    ham = [[sum(x != y for x, y in zip(a, c)) for c in rows] for a in rows]
+    sums = [int(q[o].abs().sum()) for o in range(13)]
+    cur = sums.index(max(sums))
+    want, left = [cur], set(range(13)) - {cur}
+    while left:
+        cur = min(left, key=lambda o: (ham[cur][o], o))
+        want.append(cur)
+        left.remove(cur)
+    assert chain_order(q, cfg).tolist() == want
+
+
 @pytest.mark.parametrize("sort", ["none", "magnitude", "value"])
 def test_outputs_are_bit_identical_for_every_placement_and_schedule(sort):
     """Without stucking neither the sort, the placement nor the tile order changes a result."""
     model = small_model()
     x = torch.randn(2, 3, 6, 6)
     base = xb.convert(model, xb.CrossbarConfig(rows=16, cols=28, sort="none"))(x)
-    for order in ("natural", "profile"):
+    for order in ("natural", "profile", "chain"):
         for schedule in ("section_major", "greedy"):
             cfg = xb.CrossbarConfig(rows=16, cols=28, sort=sort, filter_order=order,
                                     schedule=schedule, schedule_window=3)
