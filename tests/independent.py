@@ -1,8 +1,15 @@
-"""An independent, deliberately naive implementation of DESIGN.md's Semantics, written from the
-rules (python ints and lists, one cell at a time), shared by no code with the package. The
-tests hold crossbar_torch's numbers to it exactly. Only the stuck-mask draw is shared by
-definition (the package documents it: numpy default_rng([seed, crossbar]).random((rows, cols))
-compared with reprogram_fraction), since rule 7 leaves the random generator open.
+"""An independent, deliberately naive implementation of docs/semantics.md (rules 1 to 13),
+written from the rules (python ints and lists, one cell at a time), sharing no code with the
+package. The tests hold crossbar_torch's numbers to it exactly. Only what the rules leave open
+is taken from the project's documented choices (docs/semantics.md):
+
+* the stuck-mask draw: numpy default_rng([seed, crossbar]).random((rows, cols)) >= p;
+* decoding a level the encoding never writes (a compensated top cell of a partial slice):
+  every cell adds level * 2**(i*b) (the shift-and-add); two's complement then subtracts
+  2**B times bit B-1 of that sum (the top bit weighs -2**(B-1));
+* rule 13 compensates the weights that hold a cell now: stuck, and never written (0 / 1) or
+  already written once ("initial"); a stuck cell under its first write is free;
+* the chain placement (the project's own filter_order, beyond rule 11).
 """
 import math
 
@@ -51,7 +58,7 @@ def decode_one(cells, bits, b, encoding):
     word = sum(cells[i] << (i * b) for i in range(S))
     if encoding == "twos_complement":
         value = 0
-        for bit in range(bits):
+        for bit in range(word.bit_length()):
             if (word >> bit) & 1:
                 value += -(2 ** bit) if bit == bits - 1 else 2 ** bit
         return value
@@ -84,15 +91,110 @@ def stuck_of(cfg, crossbar):
     return out
 
 
+def placement(q, idx, cfg, F):
+    """Rule 11: blocks[j][f] = the filter in slot f of column block j, or None (unused)."""
+    out = len(q)
+    nb = math.ceil(out / F) if out else 0
+    blocks = [[None] * F for _ in range(nb)]
+    order_kind = cfg.get("filter_order", "natural")
+    if order_kind == "natural":
+        for o in range(out):
+            blocks[o // F][o % F] = o
+        return blocks
+    if order_kind == "profile":
+        ranking = sorted(range(out), key=lambda o: (-sum(abs(v) for v in q[o]), o))
+    else:  # chain: nearest neighbour over the bits of the encoded sorted rows
+        bits, b, enc = cfg["weight_bits"], cfg["bits_per_cell"], cfg["encoding"]
+        vec = []
+        for o in range(out):
+            v = []
+            for kp in range(len(q[o])):
+                for level in encode_one(q[o][idx[o][kp]], bits, b, enc):
+                    v.extend((level >> p) & 1 for p in range(b))
+            vec.append(v)
+        first = sorted(range(out), key=lambda o: (-sum(abs(v) for v in q[o]), o))[0]
+        ranking, left = [first], set(range(out)) - {first}
+        while left:
+            last = vec[ranking[-1]]
+            nxt = min(left, key=lambda o: (sum(a != z for a, z in zip(vec[o], last)), o))
+            ranking.append(nxt)
+            left.remove(nxt)
+    for r, o in enumerate(ranking):
+        blocks[r % nb][r // nb] = o
+    return blocks
+
+
+def high_values(bits, b, enc, L):
+    """Rule 13: every integer h the slices >= L can hold, with those cells' levels."""
+    S = slices(bits, b, enc)
+    mask = (1 << b) - 1
+    if L >= S:
+        return [(0, {})]
+    if enc == "differential":
+        hb = bits - 1 - L * b
+        out = []
+        for h in range(-(2 ** hb - 1), 2 ** hb):
+            pos, neg = max(h, 0), max(-h, 0)
+            cells = {}
+            for i in range(L, S):
+                cells[i] = (pos >> ((i - L) * b)) & mask
+                cells[S + i] = (neg >> ((i - L) * b)) & mask
+            out.append((h, cells))
+        return out
+    hb = bits - L * b
+    values = range(-(2 ** (hb - 1)), 2 ** (hb - 1)) if enc == "twos_complement" else range(2 ** hb)
+    out = []
+    for h in values:
+        word = h % (2 ** hb)
+        out.append((h, {i: (word >> ((i - L) * b)) & mask for i in range(L, S)}))
+    return out
+
+
+def compensated(q, old, held, bits, b, enc, L):
+    """Rule 13 for one weight: old = its cells' current levels, held = the cells that keep
+    them. Search every level assignment of the free cells of slices < L, the high part h
+    nearest (ties even); smallest error, then fewest writes, then the smallest assignment."""
+    S = slices(bits, b, enc)
+    c = len(old)
+    L = min(L, S)
+    free = [i for i in range(c) if not held[i] and i % S < L]
+    highs = high_values(bits, b, enc, L)
+    unit = 2 ** (L * b)
+    best = None
+    for x in range(2 ** (b * len(free))):
+        low = [old[i] if held[i] else 0 for i in range(c)]
+        for n, i in enumerate(free):
+            low[i] = (x >> (n * b)) & ((1 << b) - 1)
+        for i in range(c):
+            if i % S >= L:
+                low[i] = 0
+        d = decode_one(low, bits, b, enc)
+        # h nearest to (q - d) / unit among the representable ones, ties to the even h
+        h, high = min(highs, key=lambda hc: (abs(hc[0] * unit + d - q), hc[0] % 2))
+        cells = list(low)
+        for i, v in high.items():
+            cells[i] = v
+        err = abs(decode_one(cells, bits, b, enc) - q)
+        writes = sum(cells[i] != old[i] for i in range(c))
+        if best is None or (err, writes) < best[0]:
+            best = ((err, writes), cells)
+    return best[1]
+
+
 def simulate(layers, cfg):
     """layers: list of (name, float weight matrix (out, K)); cfg: dict of CrossbarConfig fields.
-    Returns counts per rule 8 and effective integer weights per rule 9 (original order)."""
+    Returns counts per rule 8, effective integer weights per rule 9 (original order) and the
+    tile order of each layer (rules 6 and 12; tile id s * n_blocks + j)."""
     bits, b, enc = cfg["weight_bits"], cfg["bits_per_cell"], cfg["encoding"]
     S = slices(bits, b, enc)
     c = 2 * S if enc == "differential" else S
     rows, cols, pool = cfg["rows"], cfg["cols"], cfg["pool"]
     F = cols // c
     sv = cfg["stuck_value"]
+    L = cfg["stuck_slices"]
+    greedy = cfg.get("schedule", "section_major") == "greedy"
+    window = cfg.get("schedule_window", 256)
+    compensate = cfg.get("compensate", False) and L > 0
     stuck = [stuck_of(cfg, x) for x in range(pool)]
     level = [[[0] * cols for _ in range(rows)] for _ in range(pool)]
     if sv == 1:
@@ -104,49 +206,85 @@ def simulate(layers, cfg):
     for name, w in layers:
         q, s = quantize_rows(w, bits, cfg["quant"] == "per_channel")
         idx = [sort_row(row, cfg["sort"]) for row in q]
-        prepared.append((name, q, s, idx))
+        prepared.append((name, q, s, idx, placement(q, idx, cfg, F)))
+    orders = {}
 
     def one_pass(count_cells):
         t = 0
         stats = {"writes": 0, "sets": 0, "resets": 0, "pulses": 0, "rows": 0,
                  "per_slice": [0] * S, "layers": [], "eff": []}
         cell_w = {}
-        for name, q, s, idx in prepared:
+        for name, q, s, idx, blocks in prepared:
             out, K = len(q), len(q[0]) if q else 0
+            nb = len(blocks)
+            ns = math.ceil(K / rows) if K and out else 0
             lw = 0
             eff = [[None] * K for _ in range(out)]
-            for sec in range(math.ceil(K / rows) if K else 0):
-                for blk in range(math.ceil(out / F) if out else 0):
-                    x = t % pool
+
+            def covered(tile):
+                """(row, col, plain target level, filter, k', cell) of every covered cell."""
+                sec, blk = divmod(tile, nb)
+                for f, o in enumerate(blocks[blk]):
+                    if o is None:
+                        continue
+                    for kp in range(sec * rows, min(K, (sec + 1) * rows)):
+                        cells = encode_one(q[o][idx[o][kp]], bits, b, enc)
+                        for i in range(c):
+                            yield kp - sec * rows, f * c + i, cells[i], o, kp, i
+
+            def program(tile, x):
+                nonlocal lw
+                row_written = set()
+                weights = {}
+                for r, col, target, o, kp, i in covered(tile):
+                    weights.setdefault((o, kp), []).append((r, col, target))
+                for (o, kp), cells in weights.items():
+                    old = [level[x][r][col] for r, col, _ in cells]
+                    held = [(r, col) in stuck[x] and (sv != "initial" or (r, col) in written[x])
+                            for r, col, _ in cells]
+                    if compensate and any(held):
+                        new = compensated(q[o][idx[o][kp]], old, held, bits, b, enc, L)
+                    else:
+                        new = [old[i] if held[i] else cells[i][2] for i in range(c)]
+                    for i, (r, col, _) in enumerate(cells):
+                        written[x].add((r, col))
+                        if new[i] != old[i]:
+                            stats["writes"] += 1
+                            lw += 1
+                            stats["sets" if new[i] > old[i] else "resets"] += 1
+                            stats["pulses"] += abs(new[i] - old[i])
+                            stats["per_slice"][i % S] += 1
+                            row_written.add(r)
+                            cell_w[(x, r, col)] = cell_w.get((x, r, col), 0) + 1
+                        level[x][r][col] = new[i]
+                    eff[o][idx[o][kp]] = decode_one(new, bits, b, enc)
+                stats["rows"] += len(row_written)
+
+            tiles = nb * ns
+            if name in orders:                       # later passes replay the first pass
+                order = orders[name]
+            elif not greedy:
+                order = list(range(tiles))
+            else:
+                order, left = [], list(range(tiles))
+                for p in range(tiles):
+                    x = (t + p) % pool
+
+                    def distance(tile):
+                        return sum(level[x][r][col] != target
+                                   for r, col, target, _, _, _ in covered(tile))
+
+                    pick = min(left[:window], key=lambda tile: (distance(tile), tile))
+                    left.remove(pick)
+                    order.append(pick)
+                    program(pick, x)
+            if name not in orders and greedy:
+                t += tiles
+            else:
+                for tile in order:
+                    program(tile, t % pool)
                     t += 1
-                    row_written = set()
-                    for o in range(blk * F, min(out, (blk + 1) * F)):
-                        for kp in range(sec * rows, min(K, (sec + 1) * rows)):
-                            r = kp - sec * rows
-                            cells = encode_one(q[o][idx[o][kp]], bits, b, enc)
-                            held = []
-                            for i in range(c):
-                                col = (o % F) * c + i
-                                old = level[x][r][col]
-                                new = cells[i]
-                                if (r, col) in stuck[x]:
-                                    if sv == "initial" and (r, col) not in written[x]:
-                                        pass
-                                    else:
-                                        new = old
-                                written[x].add((r, col))
-                                if new != old:
-                                    stats["writes"] += 1
-                                    lw += 1
-                                    stats["sets" if new > old else "resets"] += 1
-                                    stats["pulses"] += abs(new - old)
-                                    stats["per_slice"][i % S] += 1
-                                    row_written.add(r)
-                                    cell_w[(x, r, col)] = cell_w.get((x, r, col), 0) + 1
-                                level[x][r][col] = new
-                                held.append(new)
-                            eff[o][idx[o][kp]] = decode_one(held, bits, b, enc)
-                    stats["rows"] += len(row_written)
+            orders[name] = order
             stats["layers"].append((name, lw))
             stats["eff"].append(eff)
         stats["max_cell"] = max(cell_w.values()) if cell_w else 0
@@ -160,4 +298,5 @@ def simulate(layers, cfg):
             "reset_writes_per_pass": second["resets"], "pulses_per_pass": second["pulses"],
             "rows_programmed_per_pass": second["rows"], "per_slice": second["per_slice"],
             "layers": second["layers"], "max_cell_writes_per_pass": second["max_cell"],
-            "q_eff": second["eff"], "scales": [p[2] for p in prepared]}
+            "q_eff": second["eff"], "scales": [p[2] for p in prepared],
+            "orders": [orders[p[0]] for p in prepared]}

@@ -1,5 +1,5 @@
-"""Rules 5 to 10 held against tests/independent.py (a naive, separately written simulator)
-and against cases worked out by hand."""
+"""Rules 5 to 13 (docs/semantics.md) held against tests/independent.py (a naive, separately
+written simulator) and against cases worked out by hand."""
 import numpy as np
 import pytest
 import torch
@@ -28,6 +28,9 @@ def assert_matches_simulator(model, cfg, device="cpu"):
     xm = xb.convert(model.to(device), cfg)
     rep = xb.reprogram_report(xm).to_dict()
     sim = simulate(weight_matrices(model), cfg.to_dict())
+    assert [l["tile_order"] for l in rep["layers"]] == sim["orders"]
+    for (name, layer), order in zip(xb.crossbar_layers(xm), sim["orders"]):
+        assert layer.tile_order.cpu().tolist() == order, name
     for k in COUNT_KEYS:
         assert rep[k] == sim[k], k
     assert [rep["per_slice"][str(i)] for i in range(cfg.slices)] == sim["per_slice"]
@@ -86,6 +89,43 @@ def make_config(d):
 @given(cfg=configs, seed=st.integers(0, 1000))
 def test_counts_and_effective_weights_match_independent_simulator(cfg, seed):
     assert_matches_simulator(small_model(seed), make_config(cfg))
+
+
+# Rules 11 to 13 on top of everything above: placement, greedy windows (smaller and larger
+# than a layer's tile count), pools, compensation for every encoding and bits per cell.
+mapping_configs = st.builds(
+    dict, base=configs,
+    filter_order=st.sampled_from(["natural", "profile", "chain"]),
+    schedule=st.sampled_from(["section_major", "greedy"]),
+    schedule_window=st.sampled_from([1, 2, 3, 5, 256]),
+    compensate=st.booleans())
+
+
+def make_mapping_config(d):
+    cfg = make_config(d["base"])
+    extra = {k: v for k, v in d.items() if k != "base"}
+    if extra["compensate"] and cfg.compensation_bits > 12:   # keep the naive search small
+        cfg = cfg.replace(stuck_slices=max(0, 12 // (cfg.bits_per_cell * cfg.cells_per_weight
+                                                     // cfg.slices)))
+    return cfg.replace(**extra)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=mapping_configs, seed=st.integers(0, 1000))
+def test_placement_order_and_compensation_match_independent_simulator(cfg, seed):
+    assert_matches_simulator(small_model(seed), make_mapping_config(cfg))
+
+
+@pytest.mark.parametrize("enc", ["differential", "twos_complement", "offset"])
+@pytest.mark.parametrize("bits_per_cell", [1, 2, 3])
+def test_compensation_with_every_stuck_value_matches_simulator(enc, bits_per_cell):
+    for stuck_value in ("initial", 0, 1):
+        cfg = xb.CrossbarConfig(rows=5, cols=40, encoding=enc, weight_bits=7,
+                                bits_per_cell=bits_per_cell, stuck_slices=2,
+                                reprogram_fraction=0.4, stuck_value=stuck_value, pool=2,
+                                seed=11, sort="value", filter_order="profile",
+                                schedule="greedy", schedule_window=3, compensate=True)
+        assert_matches_simulator(small_model(5), cfg)
 
 
 @pytest.mark.parametrize("device", DEVICES)
