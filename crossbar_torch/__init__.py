@@ -2,7 +2,7 @@
 
 Implements sorted weight sectioning and bit stucking (Farias & Kung, arXiv 2410.21730):
 ``convert`` swaps Linear / Conv2d layers for crossbar layers, ``reprogram_report`` counts
-memristor writes against an unsorted baseline. See DESIGN.md for the normative semantics.
+memristor writes against an unsorted baseline. The normative semantics: docs/semantics.md.
 """
 from .config import CrossbarConfig, load_config  # noqa: F401
 from .modules import CrossbarConv2d, CrossbarLinear, crossbar_layers  # noqa: F401

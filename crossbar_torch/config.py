@@ -26,7 +26,7 @@ SCHEDULES = ("section_major", "greedy")
 
 @dataclass(frozen=True)
 class CrossbarConfig:
-    """Hardware and mapping parameters (DESIGN.md, Semantics)."""
+    """Hardware and mapping parameters (docs/semantics.md)."""
 
     rows: int = 128
     cols: int = 128
@@ -111,7 +111,7 @@ class CrossbarConfig:
                 f"{self.cells_per_weight} cells ({self.encoding}, weight_bits={self.weight_bits}, "
                 f"bits_per_cell={self.bits_per_cell}), so cols must be >= {self.cells_per_weight}")
 
-    # Derived quantities (DESIGN.md rules 3 and 5).
+    # Derived quantities (docs/semantics.md rules 3 and 5).
     @property
     def magnitude_bits(self) -> int:
         """Bits stored per array: B-1 magnitude bits (differential) or the B-bit word."""

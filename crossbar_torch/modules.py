@@ -5,7 +5,7 @@ Each layer holds, as buffers that round-trip through ``state_dict``:
 * ``scale``      float32 (out,)       quantization scale per row (fixed after conversion)
 * ``sort_index`` int64 (out, K)       position k' of the sorted filter holds weight index[o, k']
 * ``cells``      uint8 (out, K, c)    the cell levels the crossbars hold (sorted order), i.e. the
-                                      conductance states after programming (DESIGN.md rule 9)
+                                      conductance states after programming (docs/semantics.md rule 9)
 * ``stuck``      bool (out, K, c)     cells that are stuck (empty when the config has no stucking)
 * ``filter_index`` int64 (nb*F,)      filter placement (rule 11): the filter in column block j,
                                       slot f is filter_index[j*F + f]; -1 marks an unused slot

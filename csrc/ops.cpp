@@ -2,7 +2,7 @@
 //
 // Kernels are registered per device in cpu/<op>_kernel.cpp and cuda/<op>_kernel.cu (the latter
 // only in builds WITH_CUDA); fake (meta) kernels are registered in Python
-// (crossbar_torch/ops/__init__.py). Semantics: DESIGN.md and crossbar_torch/ops/reference.py.
+// (crossbar_torch/ops/__init__.py). Semantics: docs/semantics.md and crossbar_torch/ops/reference.py.
 #include <Python.h>
 
 #include <torch/library.h>

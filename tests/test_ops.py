@@ -289,10 +289,10 @@ def test_greedy_order_by_hand():
 
 def test_compensation_by_hand():
     """4-bit two's complement in 1-bit cells, low slice stuck at 1 (L=1, stuck_value 1): q = 4
-    (0100) cannot end in 0; the nearest values with a 1 in bit 0 are 3 (0011) and 5 (0101), both
-    1 away; from pristine 5 takes 1 write (bit 2; bit 0 is held) and 3 takes 1 write (bit 1)
-    too... so the smallest x decides; with no free low cell x is empty and h is the nearest to
-    (4 - 1) / 2 = 1.5 -> 2 (even): decoded 2*2 + 1 = 5."""
+    (0100) cannot end in 0; the nearest values with a 1 in bit 0 are 3 (0011) and 5 (0101),
+    both 1 away. The only low cell is held, so there is no free cell to search (x is empty)
+    and the tie is settled by rule 13's rounding: h is the nearest to (4 - 1) / 2 = 1.5, a
+    tie, so the even 2: decoded 2*2 + 1 = 5 (1 write, bit 2)."""
     B, b, e = 4, 1, ref.TWOS_COMPLEMENT
     cells = ref.encode(torch.tensor([[4]], dtype=torch.int32), B, b, e)
     for impl in (ops.program_layer, ref.program_layer):

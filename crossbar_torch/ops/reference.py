@@ -1,7 +1,7 @@
 """Plain-PyTorch reference implementations of every ``crossbar_torch`` op.
 
 These are written for clarity, one cell at a time where that is clearest (as tensors), and are
-the yardstick the C++ / CUDA kernels are held to, exactly. They follow DESIGN.md, Semantics.
+the yardstick the C++ / CUDA kernels are held to, exactly. They follow docs/semantics.md.
 
 Conventions shared with the kernels (csrc/):
 
