@@ -231,14 +231,31 @@ def load_config(path: str | None = None, overrides: Iterable[str] = ()) -> Cross
     return cfg.with_overrides(overrides)
 
 
+def _umask() -> int:
+    """The process umask (Linux: read from /proc, which leaves it untouched; elsewhere set and
+    restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path, write, binary: bool = False) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, then rename it
-    over ``path``: a reader never sees half a result or checkpoint."""
+    over ``path``: a reader never sees half a result or checkpoint. The file gets the mode a
+    plain ``open(path, "w")`` would give (0666 minus the umask), not mkstemp's 0600."""
     path = os.fspath(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
             f.flush()

@@ -34,6 +34,7 @@ __all__ = [
     "Batch",
     "open_rgb",
     "ImageNetFolder",
+    "resolve_split_root",
     "ImageList",
     "images_in_folder",
     "collate_skip_bad",
@@ -96,8 +97,16 @@ class UnreadableImageError(RuntimeError):
     """An image file PIL cannot open or decode. Attributes: ``path``, ``reason``."""
 
     def __init__(self, path, reason: str = ""):
-        self.path = str(path)
-        self.reason = str(reason)
+        path, reason = str(path), str(reason)
+        if not reason and path.startswith("Caught UnreadableImageError"):
+            # re-raised from a DataLoader worker, which passes its whole formatted traceback
+            # as the only argument: recover the file and the reason from its last line
+            import re
+            m = re.search(r"cannot read image '(.*?)'(?:: (.*))?\s*$", path.strip())
+            if m:
+                path, reason = m.group(1), m.group(2) or ""
+        self.path = path
+        self.reason = reason
         super().__init__(self.path, self.reason)
 
     def __str__(self) -> str:
@@ -216,6 +225,20 @@ class ImageNetFolder(_ImageDatasetBase):
     def class_indices(self) -> List[int]:
         """Canonical indices of the synsets present, in folder order."""
         return [synset_to_index(s) for s in self.synsets]
+
+
+def resolve_split_root(root, split: str = "val") -> str:
+    """``root``, or ``root/<split>`` when ``root`` is a dataset root holding a ``<split>/``
+    folder and no synset folder (e.g. ``imagenet-sample-dev`` holds ``val/``). Both
+    ``eval_imagenet.py --data`` and ``finetune.py --val`` / ``--train`` accept either form."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"ImageNet folder not found: {root!r}")
+    subs = [d for d in os.listdir(root)
+            if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
+    if split in subs and not any(d.startswith("n") and d[1:].isdigit() for d in subs):
+        return os.path.join(root, split)
+    return root
 
 
 class ImageList(_ImageDatasetBase):

@@ -17,6 +17,18 @@ This module is the library part:
 * :func:`evaluate` (top-1 / top-5), :func:`save_final` / :func:`load_finetuned` (the final
   checkpoint format ``{"model", "crossbar_config", "model_name"}``).
 
+Training checkpoints (``checkpoint-<step>.pt``) hold only what a resume needs: the latent
+weights and the other parameters / buffers of the model, the optimizer, scheduler and scaler
+states, the RNG states, the step, the losses, the CrossbarConfig and the arguments. The
+crossbar buffers that conversion derives from the *original* weights (``cells``, ``stuck``,
+``sort_index``: about 10x the float weights) are left out: training never changes them, and a
+resume rebuilds them by converting the same float model again (a fingerprint of them, stored
+in the checkpoint, checks that the rebuilt ones are the same). ``keep`` keeps only the last N.
+
+A resume refuses a checkpoint made with other arguments (naming each changed one), another
+CrossbarConfig (naming the fields), another training set size or process count, or more steps
+than the run asks for, and logs the step it resumed from.
+
 Determinism and exact resume
 ----------------------------
 * Sample order: :class:`ResumableSampler` (a ``DistributedSampler`` that can start mid-epoch);
@@ -45,14 +57,34 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import CrossbarConfig, atomic_write, atomic_write_text
+from .data import BadImage, Batch, UnreadableImageError
 from .modules import crossbar_layers
 
 __all__ = [
     "cross_entropy", "distillation_loss", "FinetuneArgs", "FinetuneResult", "Trainer",
     "finetune", "evaluate", "set_seed", "freeze_batchnorm", "stuck_snapshot",
     "check_stuck_cells", "atomic_torch_save", "save_final", "load_finetuned",
-    "load_checkpoint", "ResumableSampler", "SeededDataset", "cosine_lambda",
+    "load_checkpoint", "ResumableSampler", "SeededDataset", "cosine_lambda", "ResumeError",
+    "TrainingDiverged", "crossbar_fingerprint", "resume_state_dict",
 ]
+
+# crossbar buffers a training checkpoint leaves out (rebuilt on resume by converting the same
+# float model; training never changes them)
+DERIVED_BUFFERS = ("cells", "stuck", "sort_index")
+CHECKPOINT_FORMAT = "crossbar_torch.finetune/2"
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this run cannot continue exactly. ``changes``: ``[(name, value in the
+    checkpoint, value now)]`` for the arguments that differ."""
+
+    def __init__(self, message: str, changes=()):
+        super().__init__(message)
+        self.changes = list(changes)
+
+
+class TrainingDiverged(ValueError):
+    """The loss or a weight became NaN / Inf during training (names the step and the layers)."""
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -143,8 +175,41 @@ def atomic_torch_save(obj: Any, path) -> None:
 
 
 def load_checkpoint(path) -> dict:
-    """Load a checkpoint written by :class:`Trainer` (tensors and plain containers only)."""
-    return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    """Load a checkpoint written by :class:`Trainer` (tensors and plain containers only).
+    A missing, unreadable or truncated file raises an error naming it."""
+    from .weights import WeightLoadError, read_checkpoint
+    ck = read_checkpoint(path, "checkpoint")
+    if not isinstance(ck, dict) or not {"model", "step", "optimizer"} <= set(ck):
+        raise WeightLoadError(f"checkpoint {os.fspath(path)!r} is not a training checkpoint of "
+                              "crossbar_torch.finetune (expected the keys 'model', 'step', "
+                              "'optimizer')")
+    return ck
+
+
+def _derived_keys(model: nn.Module) -> list:
+    return [f"{name}.{leaf}" if name else leaf
+            for name, _ in crossbar_layers(model) for leaf in DERIVED_BUFFERS]
+
+
+def resume_state_dict(model: nn.Module) -> dict:
+    """``model.state_dict()`` without the derived crossbar buffers (:data:`DERIVED_BUFFERS`)."""
+    drop = set(_derived_keys(model))
+    return {k: v for k, v in model.state_dict().items() if k not in drop}
+
+
+@torch.no_grad()
+def crossbar_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every crossbar layer's derived buffers (cells, stuck mask, sort index,
+    scales): equal fingerprints mean the same programmed crossbars."""
+    import hashlib
+    h = hashlib.sha256()
+    for name, layer in crossbar_layers(_unwrap(model)):
+        h.update(name.encode() + b"\0")
+        for leaf in DERIVED_BUFFERS + ("scale",):
+            t = getattr(layer, leaf).detach().cpu().contiguous()
+            h.update(f"{leaf}{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -222,6 +287,21 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
         return max(0, self.num_samples - self.position)
 
 
+def collate_train(items):
+    """Training ``collate_fn``: ``(images, labels, bad)``; unreadable images
+    (:class:`~crossbar_torch.data.BadImage` records) are taken out of the batch and listed in
+    ``bad``, so they reach the training process (even from DataLoader workers), which stops
+    with an error naming the file or skips them (``skip_bad``). ``images`` is None when every
+    item was bad."""
+    from torch.utils.data import default_collate
+    good = [it for it in items if not isinstance(it, BadImage)]
+    bad = [it for it in items if isinstance(it, BadImage)]
+    if not good:
+        return None, None, bad
+    x, y = default_collate(good)
+    return x, y, bad
+
+
 class SeededDataset(torch.utils.data.Dataset):
     """Wraps a dataset whose items are ``(image, label, ...)``; ``dataset[(index, seed)]`` runs
     the wrapped ``__getitem__`` (and so its random augmentation) with python, numpy and torch
@@ -252,6 +332,8 @@ class SeededDataset(torch.utils.data.Dataset):
                 finally:
                     random.setstate(py)
                     np.random.set_state(npst)
+        if isinstance(item, BadImage):  # an unreadable image (skip_bad dataset): the
+            return item                 # collate function reports or skips it
         if isinstance(item, (tuple, list)):
             image = item[0]
             label = item[1] if len(item) > 1 else -1
@@ -284,15 +366,21 @@ def cosine_lambda(total_steps: int, warmup_steps: int = 0, min_factor: float = 0
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, device="cpu", *, progress: bool = False,
-             desc: str = "eval") -> dict:
+             desc: str = "eval", skip_bad: bool = False) -> dict:
     """Top-1 / top-5 accuracy (percent) of ``model`` in eval mode on ``loader``, whose batches
     are ``(images, labels, ...)``; samples with label < 0 are skipped. Under DDP the counts are
-    summed over ranks (each rank evaluates its own loader)."""
+    summed over ranks (each rank evaluates its own loader). Batches of
+    :func:`~crossbar_torch.data.collate_skip_bad` may list unreadable images: an error naming
+    the first one, or (``skip_bad``) counted in ``"bad_images"``."""
     from tqdm.auto import tqdm
     was_training = model.training
     model.eval()
-    correct1 = correct5 = total = 0
+    correct1 = correct5 = total = bad = 0
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        if isinstance(batch, Batch) and batch.bad:
+            if not skip_bad:
+                raise UnreadableImageError(batch.bad[0].path, batch.bad[0].reason)
+            bad += len(batch.bad)
         x, y = batch[0], batch[1]
         if x is None:
             continue
@@ -313,7 +401,7 @@ def evaluate(model: nn.Module, loader, device="cpu", *, progress: bool = False,
         correct1, correct5, total = (int(v) for v in t.tolist())
     model.train(was_training)
     return {"top1": 100.0 * correct1 / max(total, 1), "top5": 100.0 * correct5 / max(total, 1),
-            "n": total}
+            "n": total, "bad_images": bad}
 
 
 # ---------------------------------------------------------------------------- the trainer
@@ -345,14 +433,23 @@ class FinetuneArgs:
     out_dir: Optional[str] = None
     progress: bool = True
     log_every: int = 10
+    keep: int = 0                    # keep only the last N checkpoint-*.pt of out_dir (0: all)
+    skip_bad: bool = False           # skip unreadable images (default: stop, naming the file)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.steps is not None and self.steps < 0:
-            raise ValueError("steps must be >= 0")
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.epochs < 1 and self.steps is None:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        for name in ("workers", "save_every", "warmup_steps", "keep"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -367,6 +464,8 @@ class FinetuneResult:
     stuck_cells_checked: int
     seconds: float
     checkpoint: Optional[str] = None  # last checkpoint written (rank 0 with out_dir)
+    resumed_from: Optional[dict] = None  # {"checkpoint", "step"} when resumed
+    bad_images: list = dataclasses.field(default_factory=list)  # skipped (skip_bad)
 
     @property
     def writes_per_pass(self) -> int:
@@ -379,7 +478,17 @@ class FinetuneResult:
                 "last_loss": self.losses[-1][1] if self.losses else None,
                 "stuck_cells_checked": self.stuck_cells_checked, "seconds": self.seconds,
                 "initial_writes": p.initial.writes if p else None,
-                "writes_per_pass": p.per_pass.writes if p else None}
+                "writes_per_pass": p.per_pass.writes if p else None,
+                "resumed_from": self.resumed_from,
+                "bad_images": list(self.bad_images)}
+
+
+# FinetuneArgs fields a resume may change: they do not change what is computed
+RESUME_FREE = ("workers", "save_every", "out_dir", "progress", "log_every", "keep", "skip_bad")
+
+
+def _fmt(v) -> str:
+    return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
 
 
 class Trainer:
@@ -387,15 +496,25 @@ class Trainer:
 
     ``model``: a model converted by :func:`crossbar_torch.convert` (programmed, so the stuck
     cells hold their levels). ``dataset``: items ``(image, label, ...)`` (label ``-1`` when
-    unknown). ``teacher``: the float model, needed for ``loss='kd'`` / ``'kd+ce'``; kept in eval
-    mode without gradients. ``config``: the CrossbarConfig (taken from the layers when omitted),
-    saved in checkpoints. ``resume``: a checkpoint path written by a previous run with the same
-    arguments; training continues exactly where it stopped.
+    unknown), or :class:`~crossbar_torch.data.BadImage` records for unreadable images (a
+    ``skip_bad=True`` dataset): the run stops with an error naming the file, or skips it with
+    ``args.skip_bad``. ``teacher``: the float model, needed for ``loss='kd'`` / ``'kd+ce'``;
+    kept in eval mode without gradients. ``config``: the CrossbarConfig (taken from the layers
+    when omitted), saved in checkpoints.
+
+    Resume (``fit(resume=path)``): ``model`` must be converted from the same float weights
+    with the same config (the derived crossbar buffers are rebuilt that way, and checked), and
+    the arguments must be the checkpoint's: a change raises :class:`ResumeError` naming each
+    changed argument (``arg_names`` maps field names to the caller's flags for the message).
+    ``run_info``: more JSON-able facts of the run (e.g. augmentation flags) that a resume must
+    not change. ``log``: where progress messages go (default: stderr on rank 0).
     """
 
     def __init__(self, model: nn.Module, dataset, args: FinetuneArgs, *,
                  teacher: Optional[nn.Module] = None, config: Optional[CrossbarConfig] = None,
-                 model_name: Optional[str] = None, device="cpu", collate_fn=None):
+                 model_name: Optional[str] = None, device="cpu", collate_fn=None,
+                 log: Optional[Callable[[str], None]] = None,
+                 arg_names: Optional[dict] = None, run_info: Optional[dict] = None):
         self.args = args
         self.device = torch.device(device)
         self.rank, self.world = _dist()
@@ -404,6 +523,14 @@ class Trainer:
             raise ValueError("the model has no crossbar layers: convert it first")
         self.config = config or layers[0][1].config
         self.model_name = model_name
+        self.arg_names = dict(arg_names or {})
+        self.run_info = dict(run_info or {})
+        if log is None:
+            import sys
+
+            def log(msg):
+                print(msg, file=sys.stderr, flush=True)
+        self.log = log if self.rank == 0 else (lambda msg: None)
         if args.loss in ("kd", "kd+ce") and teacher is None:
             raise ValueError(f"loss={args.loss!r} needs a teacher (the float model)")
         self.student = model.to(self.device)
@@ -412,7 +539,9 @@ class Trainer:
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
         self.dataset = SeededDataset(dataset)
-        n = len(dataset)
+        self.train_size = n = len(dataset)
+        if n == 0:
+            raise ValueError("the training data holds no items")
         drop_last = n >= args.batch_size * self.world
         self.sampler = ResumableSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                         shuffle=True, seed=args.seed, drop_last=drop_last)
@@ -422,10 +551,8 @@ class Trainer:
         self.total_steps = (args.steps if args.steps is not None
                             else args.epochs * self.steps_per_epoch)
         self.amp = bool(args.amp and self.device.type == "cuda")
-        self.module = self.student
-        if self.world > 1:
-            self.module = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.module = self.student  # wrapped in DistributedDataParallel by fit() (its
+        # parameter broadcast would otherwise precede a caller's evaluation of the student)
         from timm.optim import create_optimizer_v2
         kw = {"momentum": args.momentum} if args.opt.lower() in ("sgd", "momentum", "nesterov") else {}
         self.optimizer = create_optimizer_v2(self.student, opt=args.opt, lr=args.lr,
@@ -436,18 +563,34 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.step = 0
         self.epoch = 0
-        self.epoch_step = 0   # optimizer steps done in the current epoch
+        self.epoch_step = 0   # batches consumed in the current epoch (one optimizer step each)
         self.losses: list = []
+        self.bad_images: list = []
         self.last_checkpoint = None
+        self.resumed_from = None
+        self._fingerprint = None
+
+    def _name(self, field: str) -> str:
+        return self.arg_names.get(field, field)
 
     # ---- checkpoints ----------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """:func:`crossbar_fingerprint` of the student as converted (computed once: training
+        never changes the derived buffers; the final reprogramming comes after the last use)."""
+        if self._fingerprint is None:
+            self._fingerprint = crossbar_fingerprint(self.student)
+        return self._fingerprint
+
     def state_dict(self) -> dict:
         return {
-            "model": self.student.state_dict(),
+            "format": CHECKPOINT_FORMAT,
+            "model": resume_state_dict(self.student),
+            "crossbar_fingerprint": self.fingerprint(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step,
+            "total_steps": self.total_steps, "train_size": self.train_size,
             "sampler": {"epoch": self.epoch, "position": self.epoch_step * self.args.batch_size,
                         "seed": self.args.seed},
             "rng": _rng_state(),
@@ -455,17 +598,73 @@ class Trainer:
             "crossbar_config": self.config.to_dict(),
             "model_name": self.model_name,
             "finetune_args": self.args.to_dict(),
+            "run_info": self.run_info,
             "world_size": self.world,
         }
 
-    def load_state_dict(self, ck: dict) -> None:
-        saved = ck.get("crossbar_config")
-        if saved is not None and saved != self.config.to_dict():
-            raise ValueError("resume: the checkpoint was made with a different CrossbarConfig")
+    def check_resume(self, ck: dict, where: str = "the checkpoint") -> None:
+        """Raise :class:`ResumeError` unless this run can continue ``ck`` exactly."""
+        step = int(ck.get("step", 0))
+        if step > self.total_steps:
+            what = (f"{self._name('steps')} {self.args.steps}" if self.args.steps is not None
+                    else f"{self.total_steps} steps ({self._name('epochs')} {self.args.epochs})")
+            raise ResumeError(f"resume: {where} is at step {step}, past the end of this run "
+                              f"({what}); ask for at least {step} steps")
+        saved = {**CrossbarConfig().to_dict(), **dict(ck.get("crossbar_config") or {})}
+        mine = self.config.to_dict()
+        diff = [f"{k} {_fmt(saved.get(k))} (checkpoint) vs {_fmt(mine.get(k))} (now)"
+                for k in mine if saved.get(k) != mine.get(k)]
+        if ck.get("crossbar_config") is not None and diff:
+            raise ResumeError(f"resume: {where} was made with another CrossbarConfig: "
+                              + "; ".join(diff))
         if ck.get("world_size", 1) != self.world:
-            raise ValueError(f"resume: the checkpoint was made with {ck.get('world_size')} "
-                             f"process(es), this run has {self.world}")
-        self.student.load_state_dict(ck["model"])
+            raise ResumeError(f"resume: {where} was made with {ck.get('world_size')} "
+                              f"process(es), this run has {self.world}")
+        if (ck.get("model_name") is not None and self.model_name is not None
+                and ck["model_name"] != self.model_name):
+            raise ResumeError(f"resume: {where} is of model {ck['model_name']!r}, this run "
+                              f"trains {self.model_name!r}")
+        changes = []
+        saved_args = ck.get("finetune_args") or {}
+        now = self.args.to_dict()
+        for k, v in now.items():
+            if k in RESUME_FREE or k not in saved_args:
+                continue
+            if k == "epochs" and saved_args.get("steps") is not None and now["steps"] is not None:
+                continue  # --steps decides the length; --epochs is unused
+            if saved_args[k] != v:
+                changes.append((self._name(k), saved_args[k], v))
+        saved_info = ck.get("run_info") or {}
+        for k, v in self.run_info.items():
+            if k in saved_info and saved_info[k] != v:
+                changes.append((self._name(k), saved_info[k], v))
+        if "train_size" in ck and ck["train_size"] != self.train_size:
+            changes.append(("training images", ck["train_size"], self.train_size))
+        if changes:
+            raise ResumeError(
+                f"resume: {where} was made with other arguments: "
+                + "; ".join(f"{n} {_fmt(a)} (checkpoint) vs {_fmt(b)} (now)"
+                            for n, a, b in changes)
+                + ". Resume with the checkpoint's values, or start a new run", changes)
+
+    def load_state_dict(self, ck: dict, where: str = "the checkpoint") -> None:
+        self.check_resume(ck, where)
+        sd = ck["model"]
+        if "crossbar_fingerprint" in ck:  # a resume state: the derived buffers are rebuilt
+            if ck["crossbar_fingerprint"] != self.fingerprint():
+                raise ResumeError(
+                    f"resume: the crossbars of this run's converted model differ from those "
+                    f"{where} was trained with (cells, stuck cells, sort index or scales): "
+                    "convert the same float weights (same --model, weights and --seed) with the "
+                    "same configuration")
+            missing, unexpected = self.student.load_state_dict(sd, strict=False)
+            expected = set(_derived_keys(self.student))
+            bad = sorted(set(missing) - expected)
+            if bad or unexpected:
+                raise ResumeError(f"resume: {where} does not fit the model: "
+                                  f"missing {bad[:5]}, unexpected {sorted(unexpected)[:5]}")
+        else:  # an older, full checkpoint
+            self.student.load_state_dict(sd)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scheduler.load_state_dict(ck["scheduler"])
         self.scaler.load_state_dict(ck["scaler"])
@@ -481,14 +680,34 @@ class Trainer:
         if self.args.out_dir:
             atomic_write_text(os.path.join(self.args.out_dir, "last_checkpoint.txt"),
                               os.path.basename(path) + "\n")
+            self._prune_checkpoints(path)
         self.last_checkpoint = path
         return path
+
+    def _prune_checkpoints(self, newest) -> None:
+        """Keep the last ``args.keep`` ``checkpoint-<step>.pt`` of out_dir (0: keep all)."""
+        import re
+        if not self.args.keep:
+            return
+        found = []
+        for f in os.listdir(self.args.out_dir):
+            m = re.fullmatch(r"checkpoint-(\d+)\.pt", f)
+            if m:
+                found.append((int(m.group(1)), f))
+        found.sort()
+        for _, f in found[:-self.args.keep]:
+            p = os.path.join(self.args.out_dir, f)
+            if os.path.abspath(p) != os.path.abspath(newest):
+                try:
+                    os.unlink(p)
+                except FileNotFoundError:
+                    pass
 
     # ---- training ---------------------------------------------------------------------------
     def _loader(self):
         return torch.utils.data.DataLoader(
             self.dataset, batch_size=self.args.batch_size, sampler=self.sampler,
-            num_workers=self.args.workers, collate_fn=self.collate_fn,
+            num_workers=self.args.workers, collate_fn=self.collate_fn or collate_train,
             drop_last=self.sampler.drop_last,
             generator=torch.Generator().manual_seed(self.args.seed),
             persistent_workers=False, pin_memory=self.device.type == "cuda")
@@ -510,19 +729,58 @@ class Trainer:
         if self.args.freeze_bn:
             freeze_batchnorm(self.student)
 
-    def fit(self, resume=None, *, stop_after: Optional[int] = None) -> FinetuneResult:
+    def _batch(self, batch):
+        """(x, y) of a loader batch, or None when every image of it was unreadable (skipped)."""
+        if self.collate_fn is not None:
+            return batch[0], batch[1]
+        x, y, bad = batch
+        for b in bad:
+            if not self.args.skip_bad:
+                raise UnreadableImageError(b.path, b.reason)
+            if all(r["path"] != b.path for r in self.bad_images):  # listed once, not per epoch
+                self.bad_images.append({"path": b.path, "reason": b.reason})
+                self.log(f"skipped unreadable image {b.path}: {b.reason}")
+        return None if x is None else (x, y)
+
+    def _diverged_hint(self) -> str:
+        return (f"training diverged: lower {self._name('lr')} (now {self.args.lr:g})"
+                + ("" if self.args.grad_clip else f" or set {self._name('grad_clip')}"))
+
+    def _check_weights_finite(self) -> None:
+        """After an optimizer step: every parameter finite, else name the layers."""
+        bad = [n for n, p in self.student.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise TrainingDiverged(
+                f"step {self.step}: NaN / Inf in {', '.join(bad[:5])}"
+                + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+                + f" ({self._diverged_hint()})")
+
+    def fit(self, resume=None, *, stop_after: Optional[int] = None,
+            resume_path=None) -> FinetuneResult:
         """Train to ``total_steps`` (or stop early after ``stop_after`` total steps, writing a
-        checkpoint: for tests and time-limited jobs), then reprogram the crossbars."""
+        checkpoint: for tests and time-limited jobs), then reprogram the crossbars.
+        ``resume``: a checkpoint path, or its loaded dict (then ``resume_path`` names it in
+        messages)."""
         from tqdm.auto import tqdm
         from .programming import reprogram
         t0 = time.time()
         if resume is not None:
-            self.load_state_dict(load_checkpoint(resume) if not isinstance(resume, dict)
-                                 else resume)
+            if not isinstance(resume, dict):
+                resume_path, resume = resume, load_checkpoint(resume)
+            where = f"{os.fspath(resume_path)!r}" if resume_path is not None else "the checkpoint"
+            self.load_state_dict(resume, where)
+            self.resumed_from = {"checkpoint": None if resume_path is None
+                                 else os.fspath(resume_path), "step": self.step}
+            self.log(f"resumed from step {self.step} of {self.total_steps} "
+                     f"(epoch {self.epoch}, {where})")
         else:
             set_seed(self.args.seed)
         snapshot = stuck_snapshot(self.student)
         cells_before = {n: l.cells.clone() for n, l in crossbar_layers(self.student)}
+        self.fingerprint()  # of the crossbars as converted, before the final reprogramming
+        if self.world > 1 and self.module is self.student:
+            self.module = nn.parallel.DistributedDataParallel(
+                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.train_mode()
         bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune",
                    disable=not (self.args.progress and self.rank == 0), dynamic_ncols=True)
@@ -534,9 +792,17 @@ class Trainer:
             batches = 0
             for batch in self._loader():
                 batches += 1
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
+                xy = self._batch(batch)
+                if xy is None:  # every image of the batch was unreadable: no step
+                    self.epoch_step += 1
+                    continue
+                x, y = xy[0].to(self.device), xy[1].to(self.device)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self._loss(x, y)
+                lv = float(loss.detach())
+                if not math.isfinite(lv) and not self.amp:  # (AMP skips such steps itself)
+                    raise TrainingDiverged(f"step {self.step + 1}: the loss is {lv} "
+                                           f"({self._diverged_hint()})")
                 self.scaler.scale(loss).backward()
                 if self.args.grad_clip:
                     self.scaler.unscale_(self.optimizer)
@@ -546,7 +812,7 @@ class Trainer:
                 self.scheduler.step()
                 self.step += 1
                 self.epoch_step += 1
-                lv = float(loss.detach())
+                self._check_weights_finite()
                 self.losses.append((self.step, lv))
                 bar.update(1)
                 bar.set_postfix(loss=f"{lv:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
@@ -575,10 +841,11 @@ class Trainer:
             program = reprogram(self.student)
             checked = check_stuck_cells(self.student, snapshot)
         if self.args.out_dir and saved_at != self.step:
-            self.save_checkpoint()  # the final one holds the reprogrammed cells
+            self.save_checkpoint()  # the final one (its latent weights are the final ones)
         self.student.eval()
         return FinetuneResult(self.step, self.epoch, list(self.losses), program, checked,
-                              time.time() - t0, self.last_checkpoint)
+                              time.time() - t0, self.last_checkpoint, self.resumed_from,
+                              list(self.bad_images))
 
 
 def finetune(model: nn.Module, dataset, *, teacher: Optional[nn.Module] = None,
@@ -616,20 +883,40 @@ def load_finetuned(path, model_builder: Callable[..., nn.Module], *, map_locatio
     """Load a fine-tuned checkpoint: ``model_builder()`` (or ``model_builder(model_name)`` if
     it takes an argument) builds the float model, which is converted with the saved config
     (without programming: the saved buffers hold what the crossbars hold) and given the saved
-    state dict. Returns the converted model in eval mode. Also accepts training checkpoints
-    (they have the same ``model`` / ``crossbar_config`` keys)."""
+    state dict. Returns the converted model in eval mode.
+
+    Also accepts training checkpoints (``checkpoint-<step>.pt``), which leave out the derived
+    crossbar buffers: then ``model_builder`` must give the *original* float weights (the ones
+    the run converted); they are converted and programmed, checked against the checkpoint's
+    fingerprint, given the checkpoint's latent weights and reprogrammed (stuck cells keep
+    their levels), i.e. the model as it would be deployed had training stopped at that step."""
     import inspect
     from .convert import convert
-    ck = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
+    from .programming import reprogram
+    from .weights import read_checkpoint
+    ck = read_checkpoint(path, "checkpoint")
     if not isinstance(ck, dict) or "model" not in ck or "crossbar_config" not in ck:
-        raise ValueError(f"{path}: not a fine-tuned crossbar checkpoint (expected keys 'model' "
-                         "and 'crossbar_config')")
+        raise ValueError(f"{os.fspath(path)!r}: not a fine-tuned crossbar checkpoint (expected "
+                         "keys 'model' and 'crossbar_config')")
     cfg = CrossbarConfig.from_dict(ck["crossbar_config"])
     try:
         takes_arg = len(inspect.signature(model_builder).parameters) > 0
     except (TypeError, ValueError):
         takes_arg = False
     base = model_builder(ck.get("model_name")) if takes_arg else model_builder()
-    xmodel = convert(base, cfg, program=False)
-    xmodel.load_state_dict(ck["model"])
-    return xmodel.eval()
+    if "crossbar_fingerprint" in ck:  # a training checkpoint: rebuild the derived buffers
+        xmodel = convert(base, cfg)
+        if crossbar_fingerprint(xmodel) != ck["crossbar_fingerprint"]:
+            raise ValueError(f"{os.fspath(path)!r} is a training checkpoint whose crossbars "
+                             "cannot be rebuilt from these weights: the builder must give the "
+                             "float weights the run converted (or load the run's final.pt)")
+        missing, unexpected = xmodel.load_state_dict(ck["model"], strict=False)
+        bad = sorted(set(missing) - set(_derived_keys(xmodel)))
+        if bad or unexpected:
+            raise ValueError(f"{os.fspath(path)!r} does not fit the model: missing {bad[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
+        reprogram(xmodel)
+    else:
+        xmodel = convert(base, cfg, program=False)
+        xmodel.load_state_dict(ck["model"])
+    return xmodel.to(map_location).eval()

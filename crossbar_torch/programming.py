@@ -255,4 +255,36 @@ def reprogram(model: nn.Module, *, progress: bool = False) -> ProgramResult:
     layers. Returns the counts (also kept as ``model.crossbar_program``)."""
     result = program_model(model, write_back=True, progress=progress)
     object.__setattr__(model, "crossbar_program", result)
+    object.__setattr__(model, "_crossbar_program_stamp", _program_stamp(model))
+    return result
+
+
+def _program_stamp(model: nn.Module):
+    """What the last programming's counts depend on, as cheap identities: each layer's name and
+    the object and version counter of every buffer programming reads or writes. Any in-place
+    change (load_state_dict, an optimizer step on a buffer) bumps a version; a new tensor has
+    a new id. The latent weights are checked separately (``_weight_changed``)."""
+    stamp = []
+    for name, layer in crossbar_layers(model):
+        for buf in ("cells", "stuck", "scale", "sort_index", "filter_index", "tile_order"):
+            t = getattr(layer, buf)
+            if t.is_inference():
+                return None
+            stamp.append((name, buf, id(t), t._version))
+    return tuple(stamp)
+
+
+def last_program(model: nn.Module, config: CrossbarConfig | None) -> ProgramResult | None:
+    """The counts of the model's last programming (``reprogram`` / ``convert``) when programming
+    it again would give the same numbers: same layers, buffers and latent weights, same config.
+    Programming is a pure function of those (rule 8 counts from pristine crossbars, and the
+    stored tile order and stuck levels replay the first programming exactly)."""
+    result = getattr(model, "crossbar_program", None)
+    stamp = getattr(model, "_crossbar_program_stamp", None)
+    if result is None or stamp is None or stamp != _program_stamp(model):
+        return None
+    if config is not None and config != result.config:
+        return None
+    if any(layer._weight_changed() for _, layer in crossbar_layers(model)):
+        return None
     return result

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from .config import CrossbarConfig, atomic_write_text
 from .mapping import format_order
-from .programming import ProgramResult, program_model
+from .programming import ProgramResult, last_program, program_model
 
 
 class ReprogramReport:
@@ -75,20 +75,22 @@ class ReprogramReport:
         return text
 
     def to_csv(self, path=None) -> str:
-        """One row per layer plus a TOTAL row."""
+        """One row per layer plus a TOTAL row. ``weight_shape``: the layer's weight matrix
+        (out x K, as mapped); ``crossbar``: the crossbar size (rows x cols) of the config."""
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["layer", "rows_x_cols", "tiles", "initial_writes", "writes_per_pass",
-                    "baseline_writes_per_pass", "reduction"])
+        w.writerow(["layer", "weight_shape", "crossbar", "tiles", "initial_writes",
+                    "writes_per_pass", "baseline_writes_per_pass", "reduction"])
         d = self.to_dict()
+        xbar = f"{self.result.config.rows}x{self.result.config.cols}"
         for l in d["layers"]:
             base = l.get("baseline_writes_per_pass")
             red = (base / l["writes_per_pass"]) if base is not None and l["writes_per_pass"] else ""
-            w.writerow([l["name"], "x".join(map(str, l["shape"])), l["tiles"],
+            w.writerow([l["name"], "x".join(map(str, l["shape"])), xbar, l["tiles"],
                         l["initial_writes"], l["writes_per_pass"], base if base is not None else "",
                         f"{red:.4f}" if red != "" else ""])
         red = d["reduction"]
-        w.writerow(["TOTAL", "", d["tiles"], d["initial_writes"], d["writes_per_pass"],
+        w.writerow(["TOTAL", "", xbar, d["tiles"], d["initial_writes"], d["writes_per_pass"],
                     d["baseline_writes_per_pass"] if d["baseline_writes_per_pass"] is not None else "",
                     f"{red:.4f}" if isinstance(red, float) else (red or "")])
         text = buf.getvalue()
@@ -154,9 +156,13 @@ class ReprogramReport:
 
 def reprogram_report(model: nn.Module, config: CrossbarConfig | None = None, *,
                      baseline: bool = True, progress: bool = False,
-                     model_name: str | None = None) -> ReprogramReport:
+                     model_name: str | None = None, reuse: bool = True) -> ReprogramReport:
     """Count the writes of programming ``model`` (its current weights, fixed sort index and
-    stuck cells) and of the baseline. Pure: the model is not changed."""
-    result = program_model(model, config, progress=progress)
+    stuck cells) and of the baseline. Pure: the model is not changed. With ``reuse``, the
+    counts of the model's last programming are taken as they are when nothing it depends on
+    has changed since (same numbers, one programming fewer); ``reuse=False`` always counts."""
+    result = last_program(model, config) if reuse else None
+    if result is None:
+        result = program_model(model, config, progress=progress)
     base = program_model(model, config, baseline=True, progress=progress) if baseline else None
     return ReprogramReport(result, base, model_name=model_name)

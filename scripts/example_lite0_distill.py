@@ -18,7 +18,6 @@ distillation from the float model on unlabeled images.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -139,25 +138,37 @@ def table(r: dict) -> str:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    from crossbar_torch.cli import (ArgumentParser, UsageError, add_progress_args,
+                                    apply_overrides, check_input_dir, check_output_file,
+                                    nonnegative_int, positive_float, positive_int, show_progress)
+    ap = ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(DEFAULT_DATA),
                     help="folder holding val/<synset>/<image> (default: %(default)s)")
-    ap.add_argument("--steps", type=int, default=80)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--warmup-steps", type=int, default=4)
-    ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--steps", type=nonnegative_int, default=80)
+    ap.add_argument("--batch-size", type=positive_int, default=16)
+    ap.add_argument("--lr", type=positive_float, default=3e-4)
+    ap.add_argument("--warmup-steps", type=nonnegative_int, default=4)
+    ap.add_argument("--temperature", type=positive_float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=None, metavar="KEY=VALUE",
                     help="crossbar config overrides (default: stuck_slices=2 "
                          "reprogram_fraction=0.5)")
     ap.add_argument("--no-report", action="store_true", help="skip the reprogram reports")
     ap.add_argument("--json", help="write the results here (atomically)")
+    add_progress_args(ap)
     args = ap.parse_args(argv)
     overrides = args.set if args.set is not None else ("stuck_slices=2", "reprogram_fraction=0.5")
+    # every input before the work: the data folder, the output path, the configuration
+    check_input_dir(args.data, "--data")
+    if not os.path.isdir(os.path.join(args.data, "val")):
+        raise UsageError(f"--data {args.data!r} holds no val/ folder (expected "
+                         "<data>/val/<synset>/<image>)")
+    if args.json:
+        check_output_file(args.json, "--json")
+    apply_overrides(xb.CrossbarConfig(), overrides)
     r = run(args.data, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
             warmup_steps=args.warmup_steps, temperature=args.temperature, seed=args.seed,
-            overrides=overrides, reports=not args.no_report)
+            overrides=overrides, reports=not args.no_report, progress=show_progress(args))
     print(table(r))
     if args.json:
         atomic_write_text(args.json, json.dumps(r, indent=2) + "\n")
@@ -165,4 +176,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from crossbar_torch.cli import run_main
+    run_main(main)

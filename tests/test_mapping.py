@@ -263,3 +263,34 @@ def test_format_order():
     assert format_order([]) == "-"
     text = format_order(list(range(0, 200, 2)), width=20)
     assert text.startswith("0 2 4") and text.endswith("tiles)")
+
+
+@pytest.mark.parametrize("extra", [
+    dict(),
+    dict(stuck_slices=2, reprogram_fraction=0.4, filter_order="chain", compensate=True),
+    dict(stuck_slices=3, reprogram_fraction=0.3, stuck_value=1, schedule="greedy",
+         schedule_window=2, filter_order="profile", compensate=True, pool=3),
+    dict(stuck_slices=2, reprogram_fraction=0.5, schedule="greedy", pool=2),
+])
+def test_report_reuses_the_last_programming_only_when_nothing_changed(extra):
+    """reprogram_report takes the counts of convert's programming when the model is unchanged:
+    they must be exactly what programming it again gives; any change makes it count again."""
+    cfg = xb.CrossbarConfig(rows=6, cols=28, sort="value", seed=3, **extra)
+    xm = xb.convert(small_model(4), cfg)
+    fresh = xb.reprogram_report(xm, reuse=False).to_dict()
+    reused = xb.reprogram_report(xm)
+    assert reused.result is xm.crossbar_program          # really reused ...
+    assert reused.to_dict() == fresh                     # ... and the same numbers
+    layer = xb.crossbar_layers(xm)[0][1]
+    with torch.no_grad():
+        layer.weight.mul_(-1.0)                          # latent weight changed in place
+    again = xb.reprogram_report(xm)
+    assert again.result is not xm.crossbar_program
+    assert again.to_dict() == xb.reprogram_report(xm, reuse=False).to_dict()
+    xb.reprogram(xm)
+    assert xb.reprogram_report(xm).result is xm.crossbar_program
+    xm.load_state_dict(copy.deepcopy(xm.state_dict()))   # buffers copied in place: versions move
+    assert xb.reprogram_report(xm).result is not xm.crossbar_program
+    clone = copy.deepcopy(xm)                             # new tensors: counted again
+    assert xb.reprogram_report(clone).result is not clone.crossbar_program
+    assert xb.reprogram_report(clone).to_dict() == xb.reprogram_report(xm, reuse=False).to_dict()

@@ -41,7 +41,7 @@ def test_single_config_outputs_match_the_library(tmp_path):
     rows = list(csv.reader(open(tmp_path / "r.csv")))
     assert rows[0][0] == "layer" and rows[-1][0] == "TOTAL"
     assert len(rows) == len(d["layers"]) + 2
-    assert int(rows[-1][4]) == d["writes_per_pass"]
+    assert int(rows[-1][rows[0].index("writes_per_pass")]) == d["writes_per_pass"]
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -61,6 +61,7 @@ def test_sweep_table_and_json(tmp_path):
     for name in d:
         assert name[:28] in out
     assert len(list(csv.reader(open(tmp_path / "s.csv")))) == 9
+    assert [d[n]["config"]["encoding"] for n in d].count("twos_complement") == 3
 
 
 def test_bad_override_is_a_clear_error():
@@ -74,3 +75,131 @@ def test_bad_override_is_a_clear_error():
 def test_minilm_linear_layers():
     out = run("--model", "minilm", "--set", "stuck_slices=2", "--set", "reprogram_fraction=0.5")
     assert "layers 37" in out
+
+
+# ------------------------------------------------------------- outputs that are right (issue 12)
+
+def _script():
+    import importlib.util
+    import sys
+    if "_xb_report_script" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("_xb_report_script", SCRIPT)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        sys.modules["_xb_report_script"] = mod
+    return sys.modules["_xb_report_script"]
+
+
+def _rows(*configs):
+    """(name, report dict) of a small two-layer model under each (name, config)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 12), torch.nn.ReLU(), torch.nn.Linear(12, 5))
+    return [(name, xb.reprogram_report(xb.convert(model, cfg)).to_dict()) for name, cfg in configs]
+
+
+DIFF = xb.CrossbarConfig(rows=8, cols=16)
+TWOS = xb.CrossbarConfig(rows=8, cols=16, encoding="twos_complement")
+
+
+def test_plot_series_every_slice_and_one_baseline_per_encoding():
+    import math
+    rows = _rows(("sorted", DIFF), ("twos sorted", TWOS),
+                 ("twos stuck", TWOS.replace(stuck_slices=2, reprogram_fraction=0.5)))
+    slices, series = _script().plot_series(rows)
+    # differential 8-bit weights have 7 slices per array, two's complement 8: slice 7 is kept
+    assert slices == list(range(TWOS.slices)) and TWOS.slices == DIFF.slices + 1
+    labels = [s[0] for s in series]
+    assert len(labels) == len(set(labels))
+    assert labels == ["sorted", "twos sorted", "twos stuck", "baseline (differential)",
+                      "baseline (twos_complement)"]
+    by = {s[0]: s[1] for s in series}
+    assert math.isnan(by["sorted"][7]) and by["twos sorted"][7] == rows[1][1]["per_slice"]["7"]
+    for label, (_, d) in (("baseline (differential)", rows[0]),
+                          ("baseline (twos_complement)", rows[1])):
+        assert [v for v in by[label] if not math.isnan(v)] == list(d["baseline_per_slice"].values())
+    assert [s[2] for s in series] == [False, False, False, True, True]  # hatched baselines
+
+
+def test_plot_series_a_run_that_is_the_baseline_is_not_drawn_twice():
+    rows = _rows(("baseline", DIFF.replace(sort="none")), ("sorted", DIFF),
+                 ("twos baseline", TWOS.replace(sort="none")), ("twos sorted", TWOS))
+    _, series = _script().plot_series(rows)
+    assert [s[0] for s in series] == ["baseline", "sorted", "twos baseline", "twos sorted"]
+    assert [s[2] for s in series] == [True, False, True, False]
+
+
+def test_plot_legend_does_not_cover_the_bars():
+    rows = _rows(("sorted", DIFF), ("twos sorted", TWOS))
+    fig, ax = _script().draw(rows)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(r)
+    axes = ax.get_window_extent(r)
+    assert legend.x0 >= axes.x1  # beside the axes, not over them
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_plot_format_from_extension_and_nothing_left_on_failure(tmp_path, monkeypatch):
+    from crossbar_torch.cli import UsageError
+    mod = _script()
+    rows = _rows(("sorted", DIFF))
+    mod.plot(rows, str(tmp_path / "p.svg"))
+    mod.plot(rows, str(tmp_path / "p.pdf"))
+    mod.plot(rows, str(tmp_path / "p.png"))
+    svg = (tmp_path / "p.svg").read_text()
+    assert svg.startswith("<?xml") and "<svg" in svg
+    assert (tmp_path / "p.pdf").read_bytes()[:5] == b"%PDF-"
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(UsageError, match="unknown image format"):
+        mod.plot(rows, str(tmp_path / "p.svgx"))
+    import matplotlib.figure
+
+    def broken(self, *a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        mod.plot(rows, str(tmp_path / "q.png"))
+    assert sorted(os.listdir(tmp_path)) == ["p.pdf", "p.png", "p.svg"]  # no q.png, no temp file
+
+
+def test_sweep_csv_names_the_crossbar_size(tmp_path):
+    import sys
+    import contextlib
+    import io
+    from crossbar_torch.cli import run_main
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("base: {rows: 16, cols: 32}\nruns:\n  - {name: a, sort: none}\n"
+                     "  - {name: a, sort: magnitude}\n")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        run_main(_script().main, ["--model", "test_efficientnet", "--random-init", "--quiet",
+                                  "--sweep", str(sweep), "--csv", str(tmp_path / "s.csv"),
+                                  "--json", str(tmp_path / "s.json")])
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert [r["run"] for r in rows] == ["a", "a #2"]  # a repeated name is made unique
+    assert all((r["crossbar_rows"], r["crossbar_cols"]) == ("16", "32") for r in rows)
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert list(d) == ["a", "a #2"] and all(v["random_weights"] for v in d.values())
+
+
+def test_per_layer_csv_columns_name_what_they_hold(tmp_path):
+    """weight_shape is the layer's (out, K) weight matrix; crossbar is rows x cols."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 12), torch.nn.Conv2d(3, 6, 3))
+    cfg = xb.CrossbarConfig(rows=8, cols=16)
+    text = xb.reprogram_report(xb.convert(model, cfg)).to_csv()
+    rows = list(csv.DictReader(text.splitlines()))
+    assert "rows_x_cols" not in rows[0]
+    assert [r["weight_shape"] for r in rows[:-1]] == ["12x24", "6x27"]
+    assert {r["crossbar"] for r in rows} == {"8x16"}
+
+
+def test_random_weights_without_a_flag_are_said_in_output_and_json(tmp_path, capsys):
+    from crossbar_torch.cli import run_main
+    run_main(_script().main, ["--model", "test_efficientnet", "--quiet", "--set", "rows=32",
+                              "--json", str(tmp_path / "r.json")])
+    cap = capsys.readouterr()
+    assert "WARNING: --model test_efficientnet has RANDOM weights" in cap.out
+    d = json.loads((tmp_path / "r.json").read_text())
+    assert d["random_weights"] is True and "RANDOM" in d["warning"]
+    assert isinstance(d["weights"], int)  # the report's own field is untouched

@@ -386,3 +386,77 @@ def test_minilm_matches_sentence_transformers(minilm, monkeypatch):
 def test_load_model_minilm(minilm):
     m = W.load_model("minilm")
     assert isinstance(m, W.MiniLM) and not m.training
+
+
+# --------------------------------------------------------------- unreadable files (issue 12)
+
+
+def test_read_checkpoint_names_the_file_and_the_trouble(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.arange(10_000, dtype=torch.float32)}, good)
+    assert torch.equal(W.read_checkpoint(good)["w"], torch.arange(10_000, dtype=torch.float32))
+    blob = good.read_bytes()
+    cases = {
+        "random.pt": (os.urandom(5000), "not a PyTorch checkpoint"),
+        "truncated.pt": (blob[: len(blob) // 2], "truncated"),
+        "empty.pt": (b"", "empty"),
+    }
+    import warnings
+    for name, (content, why) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(W.WeightLoadError) as e, warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            W.read_checkpoint(tmp_path / name)
+        assert not rec, [str(w.message)[:80] for w in rec]  # only the error, no torch warning
+        msg = str(e.value)
+        assert name in msg and why in msg, msg
+        assert "\n" not in msg and "pop from empty list" not in msg
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        W.read_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(IsADirectoryError, match="is a folder"):
+        W.read_checkpoint(tmp_path)
+
+    import datetime
+    torch.save({"x": datetime.date(2020, 1, 1)}, tmp_path / "obj.pt")  # weights_only refuses it
+    with pytest.raises(W.WeightLoadError, match=r"obj.pt.*objects other than tensors"):
+        W.read_checkpoint(tmp_path / "obj.pt")
+
+
+def test_wrong_architecture_is_one_line_with_counts(tmp_path):
+    src = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 2))
+    p = tmp_path / "ck.pt"
+    torch.save(src.state_dict(), p)
+    with pytest.raises(W.WeightLoadError) as e:
+        W._load_checkpoint_into(other, p, "other-net")
+    msg = str(e.value)
+    assert "\n" not in msg and "ck.pt" in msg and "other-net" in msg
+    assert "2 model key(s) missing from it (3.weight, 3.bias)" in msg
+    assert "2 shape mismatch(es) (2.weight: [3, 8] in the file, [5, 8] in the model" in msg
+    assert W.state_dict_mismatch(src.state_dict(), src.state_dict()) is None
+
+
+def test_unreadable_image_error_from_a_worker_keeps_the_path():
+    """A DataLoader worker re-raises with its whole traceback as the only argument; the error
+    still names the file (not the traceback inside the quotes)."""
+    inner = D.UnreadableImageError("/data/x/img 1.jpg", "OSError: broken data stream")
+    worker_text = ("Caught UnreadableImageError in DataLoader worker process 0.\n"
+                   "Original Traceback (most recent call last):\n  File \"...\", line 3\n"
+                   f"crossbar_torch.data.UnreadableImageError: {inner}\n")
+    e = D.UnreadableImageError(worker_text)
+    assert e.path == "/data/x/img 1.jpg" and e.reason == "OSError: broken data stream"
+    assert str(e) == str(inner)
+
+
+def test_resolve_split_root(tmp_path):
+    (tmp_path / "ds" / "val" / "n01440764").mkdir(parents=True)
+    (tmp_path / "ds" / "train" / "n01440764").mkdir(parents=True)
+    ds = tmp_path / "ds"
+    assert D.resolve_split_root(ds, "val") == str(ds / "val")
+    assert D.resolve_split_root(ds, "train") == str(ds / "train")
+    # a synset folder itself, or a root with synsets, is used as it is
+    assert D.resolve_split_root(ds / "val", "val") == str(ds / "val")
+    (ds / "n01443537").mkdir()
+    assert D.resolve_split_root(ds, "val") == str(ds)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        D.resolve_split_root(tmp_path / "nope")
