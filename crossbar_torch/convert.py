@@ -142,8 +142,11 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
             raise ValueError(f"convert: {name or type(mod).__name__} has its weight on the meta "
                              "device; load real weights before converting")
         parent, attr = parents.get(name, (None, None))
-        new, reason = _convert_one(name, mod, parent, config, known_convs, known_linears,
-                                   encode=not program)
+        try:
+            new, reason = _convert_one(name, mod, parent, config, known_convs, known_linears,
+                                       encode=not program)
+        except (ValueError, TypeError) as e:  # e.g. NaN weights: say which layer
+            raise type(e)(f"convert: layer {name or type(mod).__name__}: {e}") from None
         if new is None:
             record.skipped.append((name, type(mod).__name__, reason))
             continue

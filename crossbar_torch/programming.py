@@ -20,6 +20,7 @@ from .config import CrossbarConfig
 from .mapping import (STAT_NAMES, LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, weight_crossbars, words_for)
 from .modules import crossbar_layers
+from .quantization import check_weight
 
 NOT_PINNED = 255  # program_layer's `pinned` level for a cell whose held level is not known
 
@@ -214,6 +215,8 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
         counts = result.initial if pass_no == 0 else result.per_pass
         for i, (name, layer) in enumerate(layers):
             target, pinned = cached.pop(i, (None, None))
+            if pass_no == 0:  # name the layer (the kernel's message cannot)
+                check_weight(layer.matrix_weight().detach(), f"{name}.weight")
             if target is None:
                 target, pinned = layer_targets(layer, config, baseline)
                 if pass_no == 0 and target.numel() <= budget:

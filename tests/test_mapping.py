@@ -294,3 +294,16 @@ def test_report_reuses_the_last_programming_only_when_nothing_changed(extra):
     clone = copy.deepcopy(xm)                             # new tensors: counted again
     assert xb.reprogram_report(clone).result is not clone.crossbar_program
     assert xb.reprogram_report(clone).to_dict() == xb.reprogram_report(xm, reuse=False).to_dict()
+
+
+def test_nan_weights_are_refused_naming_the_layer():
+    model = small_model(1)
+    with torch.no_grad():
+        model[2].weight.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=r"convert: layer 2: .*NaN or Inf"):
+        xb.convert(model, xb.CrossbarConfig(rows=6, cols=28))
+    xm = xb.convert(small_model(1), xb.CrossbarConfig(rows=6, cols=28))
+    with torch.no_grad():
+        xm[2].weight.view(-1)[5] = float("inf")
+    with pytest.raises(ValueError, match=r"^2\.weight holds 1 NaN or Inf"):
+        xb.reprogram(xm)
