@@ -1,6 +1,8 @@
 # One entry point for setup, the demo, the tests and the benchmarks.
 #   make demo    set up .venv (first time) and run the main job on embedded defaults
 #   make test    set up .venv (first time) and run the whole test suite
+#   make sanitize  build the extension with AddressSanitizer + UBSan into a scratch dir and run
+#                the op and fuzz tests against it (SANITIZE_OUT, default /tmp/crossbar_sanitize)
 # PyTorch: torch 2.14.1 / torchvision 0.29.1 (pip takes them from this machine's disk, or from
 # PyPI elsewhere). The extension builds in place with --no-build-isolation, against that torch.
 
@@ -12,7 +14,7 @@ export CUDA_HOME ?= /usr/local/cuda
 STAMP  := $(VENV)/.crossbar-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: setup demo test test-fast bench cuda-check report clean
+.PHONY: setup demo test test-fast bench cuda-check sanitize report clean
 
 setup: $(STAMP)
 
@@ -43,6 +45,29 @@ bench: setup
 
 cuda-check: setup
 	bash scripts/check_cuda_build.sh
+
+# ASan + UBSan build (CPU kernels; -fno-wrapv so that signed overflow is reported) in
+# $(SANITIZE_OUT), next to a copy of the Python package, so the in-place build is untouched; the
+# tests import that copy (it comes first on sys.path). libasan is preloaded into the unsanitized
+# python; leaks are not checked (CPython and torch keep memory at exit); allocations too large
+# for the machine return NULL (torch raises) rather than abort, as without ASan.
+SANITIZE_OUT ?= /tmp/crossbar_sanitize
+SANITIZE_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -fno-wrapv
+sanitize: setup
+	rm -rf $(SANITIZE_OUT) && mkdir -p $(SANITIZE_OUT)/pkg
+	@echo "sanitize: building into $(SANITIZE_OUT) (log: $(SANITIZE_OUT)/build.log)"
+	CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="-fsanitize=address,undefined" MAX_JOBS=$${MAX_JOBS:-2} \
+	  $(PY) setup.py build_ext --build-temp $(SANITIZE_OUT)/temp --build-lib $(SANITIZE_OUT)/lib \
+	  > $(SANITIZE_OUT)/build.log 2>&1 || { tail -40 $(SANITIZE_OUT)/build.log; exit 1; }
+	cp -r crossbar_torch $(SANITIZE_OUT)/pkg/
+	rm -f $(SANITIZE_OUT)/pkg/crossbar_torch/_C*.so
+	cp $(SANITIZE_OUT)/lib/crossbar_torch/_C*.so $(SANITIZE_OUT)/pkg/crossbar_torch/
+	cd $(SANITIZE_OUT)/pkg && \
+	  LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
+	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
+	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_fuzz_ops.py
 
 clean:
 	rm -rf build *.egg-info crossbar_torch/_C*.so

@@ -1,13 +1,42 @@
 // Argument validation shared by the CPU and CUDA kernels.
 #include "common.h"
 
+#include <c10/util/safe_numerics.h>
+
 namespace crossbar_torch {
 
-void check_levels_fit(int64_t max_level, int64_t bits_per_cell) {
-  TORCH_CHECK(max_level < (int64_t(1) << bits_per_cell),
-              "crossbar_torch.program_layer: cells hold level ", max_level,
-              " but a cell with bits_per_cell=", bits_per_cell, " holds levels in [0, ",
-              (int64_t(1) << bits_per_cell) - 1, "]");
+void check_levels_fit(int64_t max_level, int64_t bits_per_cell, const char* op,
+                      const char* name) {
+  TORCH_CHECK(max_level < (int64_t(1) << bits_per_cell), "crossbar_torch.", op, ": ", name,
+              " hold level ", max_level, " but a cell with bits_per_cell=", bits_per_cell,
+              " holds levels in [0, ", (int64_t(1) << bits_per_cell) - 1, "]");
+}
+
+void check_levels(const at::Tensor& cells, int64_t bits_per_cell, const char* op,
+                  const char* name) {
+  if (cells.numel() == 0 || bits_per_cell >= 8) return;  // uint8 holds nothing beyond 255
+  check_levels_fit(cells.max().item<int64_t>(), bits_per_cell, op, name);
+}
+
+void check_index_permutation(const at::Tensor& index, const char* op) {
+  if (index.numel() == 0) return;
+  // entries are in [0, K): each row is a permutation iff every value occurs exactly once
+  const at::Tensor counts = at::zeros(index.sizes(), index.options().dtype(at::kInt))
+                                .scatter_add_(1, index, at::ones_like(index, at::kInt));
+  const at::Tensor bad_rows = at::ne(counts, 1).any(1);
+  if (!bad_rows.any().item<bool>()) return;
+  const int64_t row = bad_rows.to(at::kInt).argmax().item<int64_t>();
+  const at::Tensor row_counts = counts.select(0, row);
+  const int64_t value = row_counts.argmax().item<int64_t>();
+  TORCH_CHECK(false, "crossbar_torch.", op, ": index row ", row, " is not a permutation of [0, ",
+              index.size(1), "): entry value ", value, " occurs ",
+              row_counts[value].item<int64_t>(), " times");
+}
+
+void check_output_size(int64_t numel, int64_t per, const char* op, const char* what) {
+  int64_t total = 0;
+  TORCH_CHECK(!c10::mul_overflows(numel, per, &total), "crossbar_torch.", op, ": ", what,
+              " = ", numel, " * ", per, " overflows int64; the inputs are too large");
 }
 
 void clear_padding_bits(at::Tensor& state, at::Tensor& written, int64_t cols) {
@@ -35,6 +64,13 @@ void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const a
   check_size(scale, 0, out, op, "scale", "out = w.size(0)");
   check_size(index, 0, out, op, "index", "out = w.size(0)");
   check_size(index, 1, K, op, "index", "K = w.size(1)");
+  check_output_size(w.numel(), cells_for(weight_bits, bits_per_cell, encoding), op,
+                    "the output's out * K * c cells");
+}
+
+void check_sort_and_encode_values(const at::Tensor& w, const at::Tensor& scale,
+                                  const at::Tensor& index) {
+  const char* op = "sort_and_encode";
   TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
               "crossbar_torch.sort_and_encode: w contains NaN or Inf; weights must be finite");
   TORCH_CHECK(scale.numel() == 0 || at::isfinite(scale).all().item<bool>(),
@@ -42,6 +78,7 @@ void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const a
   TORCH_CHECK(scale.numel() == 0 || at::ne(scale, 0).all().item<bool>(),
               "crossbar_torch.sort_and_encode: scale contains 0; scales must be nonzero");
   check_index_range(index, op);
+  check_index_permutation(index, op);
 }
 
 void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
@@ -63,7 +100,14 @@ void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
   check_size(index, 0, out, op, "index", "out = cells.size(0)");
   check_size(index, 1, K, op, "index", "K = cells.size(1)");
   check_size(scale, 0, out, op, "scale", "out = cells.size(0)");
+}
+
+void check_effective_weight_values(const at::Tensor& cells, const at::Tensor& index,
+                                   int64_t bits_per_cell) {
+  const char* op = "effective_weight";
   check_index_range(index, op);
+  check_index_permutation(index, op);
+  check_levels(cells, bits_per_cell, op, "cells");
 }
 
 }  // namespace crossbar_torch

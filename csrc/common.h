@@ -64,8 +64,9 @@ XB_HD void encode_one(int64_t q, int weight_bits, int b, int encoding, int S, ui
   }
 }
 
-// Decode the c cells of one weight. Never clamps: whatever the cells hold is decoded (levels are
-// not range-checked, exactly like the reference), then wrapped to int32 like `.to(torch.int32)`.
+// Decode the c cells of one weight. Never clamps: whatever the cells hold is decoded, then wrapped
+// to int32 like `.to(torch.int32)`, exactly like the reference. The ops that read cells refuse
+// levels outside [0, 2**bits_per_cell) before they get here (check_levels).
 XB_HD int32_t decode_one(const uint8_t* cells, int weight_bits, int b, int encoding, int S) {
   int64_t q;
   if (encoding == kDifferential) {
@@ -221,18 +222,42 @@ inline void check_index_range(const at::Tensor& index, const char* op) {
 
 // ---- per-op argument validation (shared by the CPU and CUDA kernels) -----------------------
 
-// Validates sort_and_encode's arguments (dtypes, same device, shapes, finite weights, usable
-// scales, index range); the caller checks the device type it runs on.
+// Each op checks its arguments in two steps: first what the metadata says (format, dtypes, same
+// device, shapes, sizes that fit int64), then, on the contiguous copies the kernel reads, their
+// values (`*_values`). A huge expanded (stride 0) input thus fails when it is materialized,
+// before any pass over its elements. The caller checks the device type it runs on.
+
+// sort_and_encode: metadata.
 void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const at::Tensor& index,
                            int64_t weight_bits, int64_t bits_per_cell, int64_t encoding);
+// sort_and_encode: finite weights, usable scales, each index row a permutation of [0, K).
+void check_sort_and_encode_values(const at::Tensor& w, const at::Tensor& scale,
+                                  const at::Tensor& index);
 
-// Validates effective_weight's arguments (dtypes, same device, shapes, index range).
+// effective_weight: metadata.
 void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
                             const at::Tensor& scale, int64_t weight_bits, int64_t bits_per_cell,
                             int64_t encoding);
+// effective_weight: each index row a permutation of [0, K), cell levels in [0, 2**b).
+void check_effective_weight_values(const at::Tensor& cells, const at::Tensor& index,
+                                   int64_t bits_per_cell);
 
-// Error unless every cell level fits in bits_per_cell bits (max_level: the largest level).
-void check_levels_fit(int64_t max_level, int64_t bits_per_cell);
+// Error unless every cell level fits in bits_per_cell bits (max_level: the largest level of
+// the tensor `name` given to `op`).
+void check_levels_fit(int64_t max_level, int64_t bits_per_cell, const char* op = "program_layer",
+                      const char* name = "cells");
+
+// Error unless every level of the uint8 tensor `cells` (any shape, strides, device) lies in
+// [0, 2**bits_per_cell): a level beyond would decode to a value no cell can hold.
+void check_levels(const at::Tensor& cells, int64_t bits_per_cell, const char* op,
+                  const char* name);
+
+// Error unless each row of index (out, K), already range-checked, is a permutation of [0, K).
+void check_index_permutation(const at::Tensor& index, const char* op);
+
+// Error unless an output of `numel` elements of `per` items each can be indexed with int64
+// (what): sizes of expanded (stride 0) inputs may be huge without any memory behind them.
+void check_output_size(int64_t numel, int64_t per, const char* op, const char* what);
 
 // Clears the bits beyond `cols` in the last word of state and written, as the reference
 // does when it repacks them.

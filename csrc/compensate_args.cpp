@@ -28,11 +28,13 @@ int64_t check_compensate(const at::Tensor& cells, const at::Tensor& held, const 
   TORCH_CHECK(held.sizes() == cells.sizes() && old.sizes() == cells.sizes(),
               "crossbar_torch.compensate: held ", held.sizes(), " and old ", old.sizes(),
               " must have the shape of cells ", cells.sizes());
-  if (cells.numel() > 0 && bits_per_cell < 8) {
-    check_levels_fit(std::max(cells.max().item<int64_t>(), old.max().item<int64_t>()),
-                     bits_per_cell);
-  }
   return c;
+}
+
+void check_compensate_values(const at::Tensor& cells, const at::Tensor& old,
+                             int64_t bits_per_cell) {
+  check_levels(cells, bits_per_cell, "compensate", "cells");
+  check_levels(old, bits_per_cell, "compensate", "old");
 }
 
 }  // namespace crossbar_torch

@@ -15,6 +15,10 @@ constexpr const char* kOp = "program_layer";
 // as CrossbarConfig (MAX_COMPENSATION_BITS).
 constexpr int64_t kMaxCompensationBits = 21;
 
+// Crossbar rows and columns: the bound CrossbarConfig puts on them (2**20); it keeps every
+// size derived from them (words, slots, grid sizes) far from overflowing.
+constexpr int64_t kMaxRowsCols = int64_t(1) << 20;
+
 void check_same_device(const at::Tensor& t, const at::Tensor& cells, const char* name) {
   check_device(t, cells, kOp, name, "cells");
 }
@@ -28,8 +32,10 @@ ProgramLayout check_program_layer(const at::Tensor& cells, const at::Tensor& fil
                                   int64_t tile_offset, int64_t rows, int64_t cols,
                                   int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
                                   bool count_cells, int64_t compensate_slices, int64_t window) {
-  TORCH_CHECK(rows >= 1, "crossbar_torch.program_layer: rows must be >= 1, got ", rows);
-  TORCH_CHECK(cols >= 1, "crossbar_torch.program_layer: cols must be >= 1, got ", cols);
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRowsCols, "crossbar_torch.program_layer: rows must be in "
+              "[1, ", kMaxRowsCols, "], got ", rows);
+  TORCH_CHECK(cols >= 1 && cols <= kMaxRowsCols, "crossbar_torch.program_layer: cols must be in "
+              "[1, ", kMaxRowsCols, "], got ", cols);
   check_format(weight_bits, bits_per_cell, encoding);
   TORCH_CHECK(tile_offset >= 0, "crossbar_torch.program_layer: tile_offset must be >= 0, got ",
               tile_offset);

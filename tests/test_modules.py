@@ -198,3 +198,73 @@ def test_loading_a_non_permutation_index_fails():
     sd["0.sort_index"][0, 1] = sd["0.sort_index"][0, 0]
     with pytest.raises(RuntimeError, match="not a permutation"):
         xb.convert(small_cnn(), xb.CrossbarConfig()).load_state_dict(sd)
+
+
+# ---- tampered buffers in a loaded state dict (issue 12, reliability) ------------------------
+
+def _tamper_cases():
+    """(layer prefix, buffer, how to tamper with the saved tensor, expected message)."""
+    return [
+        ("0.", "cells", lambda t: t.view(-1).__setitem__(5, 2), r"'cells' holds level 2 .*\[0, 1\]"),
+        ("4.", "cells", lambda t: t.view(-1).__setitem__(-1, 200), "'cells' holds level 200"),
+        ("0.", "cells", lambda t: t.to(torch.int64).add_(300), "'cells' must have dtype"),
+        ("4.", "cells", lambda t: t[:, :-1], "'cells' must have shape"),
+        ("0.", "scale", lambda t: t.__setitem__(1, float("nan")), "'scale' holds 1 NaN or Inf"),
+        ("2.", "scale", lambda t: t.__setitem__(0, float("inf")), "'scale' holds 1 NaN or Inf"),
+        ("4.", "scale", lambda t: t.__setitem__(3, -0.5), "'scale' holds 1 value.* <= 0"),
+        ("0.", "scale", lambda t: t.zero_(), "'scale' holds 8 value.* <= 0"),
+        ("0.", "scale", lambda t: t.to(torch.int64), "'scale' must have dtype"),
+        ("2.", "stuck", lambda t: torch.zeros(3, dtype=torch.bool), "'stuck' must have shape"),
+        ("2.", "stuck", lambda t: torch.zeros(8, 36, 3, dtype=torch.bool),
+         "'stuck' must have shape"),
+        ("4.", "stuck", lambda t: torch.zeros(0, dtype=torch.uint8), "'stuck' must have dtype"),
+        ("0.", "sort_index", lambda t: t.__setitem__((2, 3), t[2, 4].item()),
+         "'sort_index' is not a permutation of each row: row 2"),
+        ("4.", "sort_index", lambda t: t.int(), "'sort_index' must have dtype"),
+        ("2.", "sort_index", lambda t: t.t(), "'sort_index' must have shape"),
+        ("0.", "tile_order", lambda t: torch.zeros(t.numel(), dtype=torch.int64),
+         "'tile_order' is not a permutation"),
+        ("4.", "tile_order", lambda t: torch.arange(t.numel() + 1), "'tile_order' must have shape"),
+        ("2.", "tile_order", lambda t: t.float(), "'tile_order' must have dtype"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_tamper_cases())))
+def test_tampered_buffers_are_refused_naming_layer_and_buffer(i):
+    prefix, name, tamper, match = _tamper_cases()[i]
+    cfg = xb.CrossbarConfig(rows=16, cols=32)
+    xm = xb.convert(small_cnn(), cfg)
+    sd = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in xm.state_dict().items()}
+    t = sd[prefix + name]
+    changed = tamper(t)
+    sd[prefix + name] = changed if isinstance(changed, torch.Tensor) else t
+    fresh = xb.convert(small_cnn(), cfg)
+    before = {k: v.clone() for k, v in fresh.state_dict().items() if isinstance(v, torch.Tensor)}
+    layer = prefix.rstrip(".")
+    with pytest.raises(RuntimeError, match=f"crossbar layer {layer}: buffer {match}"):
+        fresh.load_state_dict(sd)
+    # refused before anything of that layer was copied
+    after = fresh.state_dict()
+    for k in before:
+        if k.startswith(prefix):
+            assert torch.equal(before[k], after[k]), k
+
+
+def test_tampered_buffers_are_named_in_a_nested_model():
+    cfg = xb.CrossbarConfig(rows=16, cols=32)
+    xm = xb.convert(nn.Sequential(nn.Sequential(small_cnn())), cfg)
+    sd = xm.state_dict()
+    sd["0.0.2.cells"] = sd["0.0.2.cells"].clone().fill_(3)
+    with pytest.raises(RuntimeError, match=r"crossbar layer 0\.0\.2: buffer 'cells' holds level 3"):
+        xb.convert(nn.Sequential(nn.Sequential(small_cnn())), cfg).load_state_dict(sd)
+
+
+def test_untampered_state_dict_with_stuck_cells_and_tile_order_loads():
+    xm = xb.convert(small_cnn(), STUCK)
+    sd = xm.state_dict()
+    assert sd["0.stuck"].numel() and sd["0.tile_order"].numel()
+    fresh = xb.convert(small_cnn(), STUCK)
+    fresh.load_state_dict(sd)
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            assert torch.equal(fresh.state_dict()[k], v), k

@@ -25,26 +25,93 @@ _ops = torch.ops.crossbar_torch
 
 
 # ---- fake kernels: shapes and dtypes only, for torch.compile / meta tensors ----------------
+# They check what the metadata tells (format, dtypes, one device, ranks, sizes) with the C++
+# kernels' messages; the checks of values (levels, index permutations, finiteness) need data.
+# The dispatcher also routes a call mixing meta and real tensors here: refused as a device
+# mismatch rather than answered with an uninitialized tensor.
+
+def _check_format(op, weight_bits, bits_per_cell, encoding):
+    torch._check(2 <= weight_bits <= 16,
+                 lambda: f"crossbar_torch.{op}: weight_bits must be in [2, 16], got {weight_bits}")
+    torch._check(1 <= bits_per_cell <= 8,
+                 lambda: f"crossbar_torch.{op}: bits_per_cell must be in [1, 8], got "
+                         f"{bits_per_cell}")
+    torch._check(0 <= encoding <= 2,
+                 lambda: f"crossbar_torch.{op}: encoding must be 0 (differential), 1 "
+                         f"(twos_complement) or 2 (offset), got {encoding}")
+    return cells_for(weight_bits, bits_per_cell, encoding)
+
+
+_DTYPE_NAMES = {torch.uint8: "Byte", torch.int32: "Int", torch.int64: "Long",
+                torch.float32: "Float", torch.bool: "Bool"}  # as the C++ checks name them
+
+
+def _dtype_name(dtype):
+    return _DTYPE_NAMES.get(dtype, str(dtype))
+
+
+def _check_tensors(op, first, specs):
+    """specs: (name, tensor, dtype, rank or None); devices compared with the first tensor."""
+    ref_name, ref = first
+    for name, t, dtype, rank in specs:
+        torch._check(t.dtype == dtype,
+                     lambda: f"crossbar_torch.{op}: {name} must be {_dtype_name(dtype)}, got "
+                             f"{_dtype_name(t.dtype)}")
+        torch._check(t.device == ref.device,
+                     lambda: f"crossbar_torch.{op}: {name} is on {t.device} but {ref_name} is on "
+                             f"{ref.device} (all tensors must be on the same device)")
+        if rank is not None:
+            torch._check(t.dim() == rank,
+                         lambda: f"crossbar_torch.{op}: {name} must have {rank} dimensions, got "
+                                 f"shape {tuple(t.shape)}")
+
+
+def _check_size(op, name, t, dim, expected, what):
+    torch._check(t.shape[dim] == expected,
+                 lambda: f"crossbar_torch.{op}: {name}.size({dim}) must equal {what} = "
+                         f"{expected}, got {t.shape[dim]} (shape {tuple(t.shape)})")
+
 
 @torch.library.register_fake("crossbar_torch::encode")
 def _encode_fake(q, weight_bits, bits_per_cell, encoding):
-    c = cells_for(weight_bits, bits_per_cell, encoding)
+    c = _check_format("encode", weight_bits, bits_per_cell, encoding)
+    _check_tensors("encode", ("q", q), [("q", q, torch.int32, None)])
     return q.new_empty((*q.shape, c), dtype=torch.uint8)
 
 
 @torch.library.register_fake("crossbar_torch::decode")
 def _decode_fake(cells, weight_bits, bits_per_cell, encoding):
+    c = _check_format("decode", weight_bits, bits_per_cell, encoding)
+    _check_tensors("decode", ("cells", cells), [("cells", cells, torch.uint8, None)])
+    torch._check(cells.dim() >= 1,
+                 lambda: "crossbar_torch.decode: cells must have a trailing cell axis")
+    _check_size("decode", "cells", cells, cells.dim() - 1, c, "cells per weight c")
     return cells.new_empty(cells.shape[:-1], dtype=torch.int32)
 
 
 @torch.library.register_fake("crossbar_torch::effective_weight")
 def _effective_weight_fake(cells, index, scale, weight_bits, bits_per_cell, encoding):
+    op = "effective_weight"
+    c = _check_format(op, weight_bits, bits_per_cell, encoding)
+    _check_tensors(op, ("cells", cells), [("cells", cells, torch.uint8, 3),
+                                          ("index", index, torch.int64, 2),
+                                          ("scale", scale, torch.float32, 1)])
+    _check_size(op, "cells", cells, 2, c, "cells per weight c")
+    _check_size(op, "index", index, 0, cells.shape[0], "out = cells.size(0)")
+    _check_size(op, "index", index, 1, cells.shape[1], "K = cells.size(1)")
+    _check_size(op, "scale", scale, 0, cells.shape[0], "out = cells.size(0)")
     return cells.new_empty(cells.shape[:-1], dtype=torch.float32)
 
 
 @torch.library.register_fake("crossbar_torch::sort_and_encode")
 def _sort_and_encode_fake(w, scale, index, weight_bits, bits_per_cell, encoding):
-    c = cells_for(weight_bits, bits_per_cell, encoding)
+    op = "sort_and_encode"
+    c = _check_format(op, weight_bits, bits_per_cell, encoding)
+    _check_tensors(op, ("w", w), [("w", w, torch.float32, 2), ("scale", scale, torch.float32, 1),
+                                  ("index", index, torch.int64, 2)])
+    _check_size(op, "scale", scale, 0, w.shape[0], "out = w.size(0)")
+    _check_size(op, "index", index, 0, w.shape[0], "out = w.size(0)")
+    _check_size(op, "index", index, 1, w.shape[1], "K = w.size(1)")
     return w.new_empty((*index.shape, c), dtype=torch.uint8)
 
 
@@ -52,8 +119,34 @@ def _sort_and_encode_fake(w, scale, index, weight_bits, bits_per_cell, encoding)
 def _program_layer_fake(cells, filter_index, order, pinned, state, written, stuck, cell_writes,
                         tile_offset, rows, cols, weight_bits, bits_per_cell, encoding,
                         stuck_initial, count_cells, compensate_slices, window):
+    op = "program_layer"
+    torch._check(1 <= rows <= 1 << 20,
+                 lambda: f"crossbar_torch.{op}: rows must be in [1, {1 << 20}], got {rows}")
+    torch._check(1 <= cols <= 1 << 20,
+                 lambda: f"crossbar_torch.{op}: cols must be in [1, {1 << 20}], got {cols}")
+    c = _check_format(op, weight_bits, bits_per_cell, encoding)
+    torch._check(c <= cols, lambda: f"crossbar_torch.{op}: cells per weight c = {c} must be <= "
+                                    f"cols = {cols} (at least one filter per crossbar)")
+    _check_tensors(op, ("cells", cells), [
+        ("cells", cells, torch.uint8, 3), ("filter_index", filter_index, torch.int64, 1),
+        ("order", order, torch.int64, 1), ("pinned", pinned, torch.uint8, None),
+        ("state", state, torch.int64, 4), ("written", written, torch.int64, 3),
+        ("stuck", stuck, torch.int64, 3), ("cell_writes", cell_writes, torch.int32, None)])
+    _check_size(op, "cells", cells, 2, c, "cells per weight c")
+    torch._check(pinned.numel() == 0 or pinned.shape == cells.shape,
+                 lambda: f"crossbar_torch.{op}: pinned must be empty or have the shape of cells "
+                         f"{tuple(cells.shape)}, got {tuple(pinned.shape)}")
+    words = -(-cols // 64)
+    pool = state.shape[0]
+    _check_size(op, "state", state, 1, rows, "rows")
+    _check_size(op, "state", state, 2, bits_per_cell, "bits_per_cell (planes)")
+    _check_size(op, "state", state, 3, words, "words = ceil(cols / 64)")
+    for name, t in (("written", written), ("stuck", stuck)):
+        _check_size(op, name, t, 0, pool, "pool = state.size(0)")
+        _check_size(op, name, t, 1, rows, "rows")
+        _check_size(op, name, t, 2, words, "words = ceil(cols / 64)")
     out, k = cells.shape[0], cells.shape[1]
-    F = cols // cells.shape[2]
+    F = cols // c
     tiles = (-(-out // F)) * (-(-k // rows)) if out and k else 0
     return (torch.empty_like(cells),
             cells.new_empty((len(STAT_NAMES) + slices_for(weight_bits, bits_per_cell, encoding),),
@@ -63,6 +156,17 @@ def _program_layer_fake(cells, filter_index, order, pinned, state, written, stuc
 
 @torch.library.register_fake("crossbar_torch::compensate")
 def _compensate_fake(cells, held, old, weight_bits, bits_per_cell, encoding, compensate_slices):
+    op = "compensate"
+    c = _check_format(op, weight_bits, bits_per_cell, encoding)
+    _check_tensors(op, ("cells", cells), [("cells", cells, torch.uint8, None),
+                                          ("held", held, torch.bool, None),
+                                          ("old", old, torch.uint8, None)])
+    torch._check(cells.dim() >= 1,
+                 lambda: f"crossbar_torch.{op}: cells must have a trailing cell axis")
+    _check_size(op, "cells", cells, cells.dim() - 1, c, "cells per weight c")
+    torch._check(held.shape == cells.shape and old.shape == cells.shape,
+                 lambda: f"crossbar_torch.{op}: held {tuple(held.shape)} and old "
+                         f"{tuple(old.shape)} must have the shape of cells {tuple(cells.shape)}")
     return torch.empty_like(cells)
 
 

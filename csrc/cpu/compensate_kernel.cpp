@@ -23,6 +23,7 @@ at::Tensor compensate_cpu(const at::Tensor& cells_in, const at::Tensor& held_in,
                                      encoding, compensate_slices);
   const at::Tensor cells = cells_in.contiguous(), held = held_in.contiguous(),
                    old = old_in.contiguous();
+  check_compensate_values(cells, old, bits_per_cell);
   at::Tensor out = at::empty_like(cells);
   const uint8_t* cp = cells.const_data_ptr<uint8_t>();
   const bool* hp = held.const_data_ptr<bool>();

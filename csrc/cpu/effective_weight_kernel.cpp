@@ -20,6 +20,7 @@ at::Tensor effective_weight_cpu(const at::Tensor& cells_in, const at::Tensor& in
   const at::Tensor cells = cells_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
+  check_effective_weight_values(cells, index, bits_per_cell);
   at::Tensor result = at::zeros({out, K}, cells.options().dtype(at::kFloat));
   const uint8_t* cp = cells.const_data_ptr<uint8_t>();
   const int64_t* ip = index.const_data_ptr<int64_t>();

@@ -113,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cpu(
       cells_in, filter_index, order_in, pinned_in, state, written, stuck_in, cell_writes,
       tile_offset, rows, cols, weight_bits, bits_per_cell, encoding, count_cells,
       compensate_slices, window);
+  tile_offset %= L.pool;  // crossbar (tile_offset + pos) % pool, without overflowing int64
   const at::Tensor cells = cells_in.contiguous();
   // Small layers run on one thread: waking the pool costs more than it saves (and much more
   // on an oversubscribed machine).

@@ -27,6 +27,7 @@ at::Tensor compensate_cuda(const at::Tensor& cells_in, const at::Tensor& held_in
   const c10::cuda::CUDAGuard guard(cells_in.device());
   const at::Tensor cells = cells_in.contiguous(), held = held_in.contiguous(),
                    old = old_in.contiguous();
+  check_compensate_values(cells, old, bits_per_cell);
   at::Tensor out = at::empty_like(cells);
   const int64_t n = c ? cells.numel() / c : 0;
   if (n > 0) {

@@ -32,6 +32,7 @@ at::Tensor effective_weight_cuda(const at::Tensor& cells_in, const at::Tensor& i
   const at::Tensor cells = cells_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
+  check_effective_weight_values(cells, index, bits_per_cell);
   at::Tensor result = at::zeros({out, K}, cells.options().dtype(at::kFloat));
   const int64_t n = out * K;
   if (n > 0) {

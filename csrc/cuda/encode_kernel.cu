@@ -21,6 +21,8 @@ at::Tensor encode_cuda(const at::Tensor& q_in, int64_t weight_bits, int64_t bits
   check_dtype(q_in, at::kInt, "encode", "q");
   check_cuda(q_in, "encode", "q");
   const c10::cuda::CUDAGuard guard(q_in.device());
+  check_output_size(q_in.numel(), cells_for(weight_bits, bits_per_cell, encoding), "encode",
+                    "the output's q.numel() * c cells");
   const at::Tensor q = q_in.contiguous();
   check_q_range(q, weight_bits);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);

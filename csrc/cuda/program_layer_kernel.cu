@@ -112,6 +112,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cuda(
       cells_in, filter_index, order_in, pinned_in, state, written, stuck_in, cell_writes,
       tile_offset, rows, cols, weight_bits, bits_per_cell, encoding, count_cells,
       compensate_slices, window);
+  tile_offset %= L.pool;  // crossbar (tile_offset + pos) % pool, without overflowing int64
   const c10::cuda::CUDAGuard guard(cells_in.device());
   const at::Tensor cells = cells_in.contiguous();
   if (cells.numel() > 0 && bits_per_cell < 8) {

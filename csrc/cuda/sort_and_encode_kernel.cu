@@ -31,6 +31,7 @@ at::Tensor sort_and_encode_cuda(const at::Tensor& w_in, const at::Tensor& scale_
   const at::Tensor w = w_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor index = index_in.contiguous();
+  check_sort_and_encode_values(w, scale, index);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
   const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
   at::Tensor cells = at::empty({out, K, c}, w.options().dtype(at::kByte));
