@@ -1,0 +1,777 @@
+"""The accuracy / writes frontier of a sweep of crossbar configurations (``scripts/frontier.py``).
+
+For a float model and a sweep of named configurations, every row converts a fresh copy of the
+float model (:func:`crossbar_torch.convert` deep-copies it), counts its writes
+(:func:`crossbar_torch.reprogram_report`) and scores it against the float model:
+
+* images (timm models, e.g. EfficientNet-Lite0): top-1 / top-5 (percent of the images), top-1
+  agreement with the float model (percent of the images whose crossbar argmax is the float
+  argmax) and the top-1 drop (points) from the reference row ``crossbar8``;
+* sentences (MiniLM-L6): mean and minimum cosine similarity between the float and the crossbar
+  sentence embeddings of :func:`frontier_sentences` (fixed, generated deterministically), and the
+  drop of the mean from the reference row;
+* both: the weight error ``sum |q_eff - q| / sum |q|`` over every crossbar weight of the model
+  (``q`` the rule-2 target, ``q_eff`` what the crossbars hold, rule 9), i.e. mean |q_eff - q|
+  over mean |q|.
+
+The reference row ``crossbar8`` is the sweep's base configuration with no stucking and no
+compensation (or the sweep's own run of that name, which must be lossless): the 8-bit crossbar
+the drops are measured from. Without stucking every placement, sort and schedule computes
+exactly what it computes (rules 4 and 11), so its accuracy is that of any lossless row.
+
+Outputs, rewritten atomically after every row: a CSV (one line per row) and a JSON (the same
+rows with their full configurations, the float model's scores and the Pareto front). A rerun
+with the same CSV skips the rows already in it (their values are read back), after checking
+that each was measured with the configuration the sweep now gives it. The float model's
+outputs are computed once and reused by every row (and kept beside the CSV, keyed by model,
+weights and data, so a resumed run does not recompute them). :func:`plot_frontier` draws
+reduction (x, log scale) against the drop (y) with the Pareto front marked.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, fields
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .config import CrossbarConfig, atomic_write, atomic_write_text
+from .convert import convert
+from .evaluate import topk_correct
+from .modules import crossbar_layers
+from .quantization import quantize_with_scale
+from .report import reprogram_report
+
+__all__ = ["REFERENCE", "SweepRun", "frontier_sentences", "load_sweeps", "reference_config",
+           "varying_fields", "weight_error", "pareto_front", "ImageScorer", "SentenceScorer",
+           "read_previous", "run_frontier", "plot_frontier", "FrontierError"]
+
+REFERENCE = "crossbar8"
+CONFIG_FIELDS = tuple(f.name for f in fields(CrossbarConfig))
+
+
+class FrontierError(ValueError):
+    """Bad input (sweep file, previous CSV, output path): one line naming what is wrong."""
+
+
+# --------------------------------------------------------------------------- sentences
+
+_TEMPLATES = (
+    "The {s} {v} the {o}.",
+    "Yesterday the {s} {v} the {o} near the old harbour.",
+    "Why does everyone say that the {s} {v} the {o}?",
+    "Nobody expected that the {s} {v} the {o} so quickly.",
+    "Early in the morning, a {s} quietly {v} a {o} for the whole village.",
+    "After a long argument about money, the {s} finally {v} the {o}.",
+    "I read in the newspaper that a {s} {v} a {o} last week.",
+    "Under the grey winter sky the {s} {v} the {o} and then went home.",
+)
+_SUBJECTS = ("old farmer", "young engineer", "nervous student", "famous chef", "tired nurse",
+             "local mayor", "curious child", "retired pilot")
+_VERBS = ("repaired", "painted", "sold", "described", "photographed", "carried", "studied",
+          "ignored")
+_OBJECTS = ("broken bicycle", "wooden table", "ancient map", "red umbrella", "new computer",
+            "small boat", "long letter", "strange painting")
+_STEP = 1283  # a prime: coprime with the 4096 combinations, so the walk visits distinct ones
+
+
+def frontier_sentences(n: int = 256) -> List[str]:
+    """``n`` distinct English sentences (at most 4096), the same on every call and machine.
+
+    Combinations of 8 templates x 8 subjects x 8 verbs x 8 objects, visited in a fixed stride so
+    consecutive sentences differ in every part; nothing is random, nothing is downloaded.
+    """
+    sizes = (len(_TEMPLATES), len(_SUBJECTS), len(_VERBS), len(_OBJECTS))
+    total = math.prod(sizes)
+    if not 1 <= n <= total:
+        raise ValueError(f"frontier_sentences: n must be in [1, {total}], got {n}")
+    out = []
+    for i in range(n):
+        idx = (i * _STEP) % total
+        o, idx = idx % sizes[3], idx // sizes[3]
+        v, idx = idx % sizes[2], idx // sizes[2]
+        s, t = idx % sizes[1], idx // sizes[1]
+        out.append(_TEMPLATES[t].format(s=_SUBJECTS[s], v=_VERBS[v], o=_OBJECTS[o]))
+    return out
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str
+    config: CrossbarConfig
+    source: str  # the sweep file (or "reference" for the added crossbar8 row)
+
+
+def reference_config(base: CrossbarConfig) -> CrossbarConfig:
+    """The 8-bit crossbar of a sweep: its base with no stucking and no compensation."""
+    return base.replace(stuck_slices=0, reprogram_fraction=1.0, stuck_value="initial",
+                        compensate=False)
+
+
+def _is_lossless(cfg: CrossbarConfig) -> bool:
+    return not cfg.stucking and cfg.stuck_value == "initial"
+
+
+def load_sweeps(paths: Sequence[str], overrides: Iterable[str] = ()) -> List[SweepRun]:
+    """The runs of one or more sweep YAMLs ``{base: {fields}, runs: [{name, fields}, ...]}``,
+    with ``overrides`` (``key=value``, the ``--set`` flag) applied to every run, reference row
+    first. Raises :class:`FrontierError` naming the file, the run and the field."""
+    import yaml
+
+    from .config import parse_overrides
+
+    try:
+        over = parse_overrides(overrides)
+    except ValueError as e:
+        raise FrontierError(f"--set: {e}") from None
+    runs: List[SweepRun] = []
+    first_base: Optional[CrossbarConfig] = None
+    for path in paths:
+        if os.path.isdir(path):
+            raise FrontierError(f"sweep {path!r} is a folder, not a YAML file")
+        if not os.path.isfile(path):
+            raise FrontierError(f"sweep file not found: {path!r}")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            msg = " ".join(str(e).split())
+            raise FrontierError(f"{path}: not valid YAML ({msg})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or not data["runs"]:
+            raise FrontierError(f"{path}: expected a mapping with 'base' (config fields) and "
+                                "'runs' (a non-empty list of {name: ..., field: value, ...})")
+        extra = sorted(set(data) - {"base", "runs"})
+        if extra:
+            raise FrontierError(f"{path}: unknown top-level key(s) {extra}; expected 'base' "
+                                "and 'runs'")
+        base_d = data.get("base") or {}
+        if not isinstance(base_d, dict):
+            raise FrontierError(f"{path}: 'base' must be a mapping of CrossbarConfig fields")
+        try:
+            base = CrossbarConfig.from_dict({**base_d, **over})
+        except (ValueError, TypeError) as e:
+            raise FrontierError(f"{path}: base: {e}") from None
+        if first_base is None:
+            first_base = base
+        for i, run in enumerate(data["runs"]):
+            if not isinstance(run, dict) or "name" not in run:
+                raise FrontierError(f"{path}: runs[{i}] must be a mapping with a 'name'")
+            run = dict(run)
+            name = run.pop("name")
+            if not isinstance(name, (str, int, float)) or not str(name).strip():
+                raise FrontierError(f"{path}: runs[{i}]: name {name!r} must be a non-empty string")
+            name = str(name).strip()
+            if any(ch in name for ch in "\n\r"):
+                raise FrontierError(f"{path}: runs[{i}]: name {name!r} must be one line")
+            try:
+                cfg = CrossbarConfig.from_dict({**base_d, **run, **over})
+            except (ValueError, TypeError) as e:
+                raise FrontierError(f"{path}: run {name!r}: {e}") from None
+            if any(r.name == name for r in runs):
+                raise FrontierError(f"{path}: run name {name!r} appears twice (names key the "
+                                    "rows of the CSV: make them unique)")
+            runs.append(SweepRun(name, cfg, path))
+    if not paths:
+        raise FrontierError("no sweep file given")
+    ref = [r for r in runs if r.name == REFERENCE]
+    if ref:
+        if not _is_lossless(ref[0].config):
+            raise FrontierError(f"{ref[0].source}: run {REFERENCE!r} is the reference 8-bit "
+                                "crossbar: it must have no stucking (stuck_slices 0 or "
+                                "reprogram_fraction 1, stuck_value initial)")
+        runs.remove(ref[0])
+        runs.insert(0, ref[0])
+    else:
+        runs.insert(0, SweepRun(REFERENCE, reference_config(first_base), "reference"))
+    return runs
+
+
+def varying_fields(configs: Iterable[CrossbarConfig]) -> List[str]:
+    """The CrossbarConfig fields whose value differs between ``configs`` (field order)."""
+    dicts = [c.to_dict() for c in configs]
+    return [f for f in CONFIG_FIELDS if len({json.dumps(d[f]) for d in dicts}) > 1]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def weight_error(model: nn.Module) -> dict:
+    """``sum |q_eff - q| / sum |q|`` over every crossbar weight of ``model``.
+
+    ``q``: the rule-2 quantization of the layer's current weight with its (fixed) scales, the
+    value programming aims for; ``q_eff``: what its cells decode to (rule 9). Returns
+    ``{"weight_error", "abs_error", "abs_target", "weights"}`` (the sums are integers).
+    """
+    num = den = n = 0
+    for _, layer in crossbar_layers(model):
+        cfg = layer.config
+        w = layer.matrix_weight().detach().to(torch.float32).cpu()
+        q = quantize_with_scale(w, layer.scale.cpu(), cfg.weight_bits).to(torch.int64)
+        q_eff = layer.effective_q().cpu().to(torch.int64)
+        num += int((q_eff - q).abs().sum())
+        den += int(q.abs().sum())
+        n += q.numel()
+    return {"weight_error": num / den if den else 0.0, "abs_error": num, "abs_target": den,
+            "weights": n}
+
+
+def pareto_front(points: Sequence[tuple]) -> List[int]:
+    """Indices of the Pareto-optimal points ``(x, y)`` maximizing x and minimizing y, in
+    increasing x. A point is dropped when another is at least as good in both and better in
+    one; equal points are all kept. Points with a non-finite coordinate are left out."""
+    ok = [i for i, (x, y) in enumerate(points)
+          if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)]
+    front = []
+    for i in ok:
+        xi, yi = points[i]
+        dominated = any(points[j][0] >= xi and points[j][1] <= yi
+                        and (points[j][0] > xi or points[j][1] < yi) for j in ok)
+        if not dominated:
+            front.append(i)
+    return sorted(front, key=lambda i: (points[i][0], points[i][1]))
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ImageScorer:
+    """Top-1 / top-5 on labelled images and top-1 agreement with the float model.
+
+    ``loader`` yields ``(images, labels[, indices])`` or :class:`~crossbar_torch.data.Batch`
+    (``collate_skip_bad``); with ``cache`` the preprocessed batches are kept in memory after the
+    first pass (``len(dataset) * 3 * H * W`` floats), else every row reads the images again.
+    ``on_bad(record)`` is called for each unreadable image (default: raise).
+    """
+
+    kind = "image"
+    primary = "top1"
+    drop = "top1_drop"
+    metrics = (("top1", float), ("top5", float), ("top1_agreement", float),
+               ("top1_drop", float), ("images", int), ("top1_correct", int),
+               ("top5_correct", int), ("agreement_count", int))
+
+    def __init__(self, loader, device="cpu", *, cache: bool = True, on_bad=None,
+                 key: Optional[dict] = None):
+        self.loader = loader
+        self.device = torch.device(device)
+        self.cache = cache
+        self.on_bad = on_bad
+        self.key = key
+        self._batches: Optional[list] = None
+        self.ref_logits: Optional[torch.Tensor] = None
+        self.labels: Optional[torch.Tensor] = None
+        self._bad_reported = False
+
+    def _iter(self):
+        if self._batches is not None:
+            yield from self._batches
+            return
+        from .data import Batch, UnreadableImageError
+        keep = [] if self.cache else None
+        for batch in self.loader:
+            if isinstance(batch, Batch):
+                x, y, bad = batch.images, batch.labels, batch.bad
+            else:
+                x, y, bad = batch[0], batch[1], []
+            for b in bad:
+                if self.on_bad is None:
+                    raise UnreadableImageError(b.path, b.reason)
+                if not self._bad_reported:  # listed once, not once per row
+                    self.on_bad(b)
+            if x is None or not x.shape[0]:
+                continue
+            if keep is not None:
+                keep.append((x, y))
+            yield x, y
+        self._bad_reported = True
+        if keep is not None:
+            self._batches = keep
+
+    @torch.no_grad()
+    def _logits(self, model: nn.Module):
+        model.eval()
+        outs, labels = [], []
+        for x, y in self._iter():
+            outs.append(model(x.to(self.device)).float().cpu())
+            labels.append(y.cpu())
+        if not outs:
+            raise FrontierError("no readable images to evaluate")
+        return torch.cat(outs), torch.cat(labels)
+
+    def reference(self, model: nn.Module, cache_path: Optional[str] = None) -> dict:
+        """Run the float model once (or read its outputs from ``cache_path`` when they were
+        saved there with the same key) and return its top-1 / top-5."""
+        key = _hash(self.key) if self.key is not None else None
+        if cache_path and key and os.path.isfile(cache_path):
+            try:
+                saved = torch.load(cache_path, map_location="cpu", weights_only=True)
+            except Exception:  # unreadable cache: recompute
+                saved = None
+            if isinstance(saved, dict) and saved.get("key") == key:
+                self.ref_logits, self.labels = saved["outputs"], saved["labels"]
+        if self.ref_logits is None:
+            self.ref_logits, self.labels = self._logits(model)
+            if cache_path and key:
+                atomic_write(cache_path, lambda f: torch.save(
+                    {"key": key, "outputs": self.ref_logits, "labels": self.labels}, f),
+                    binary=True)
+        n = self.labels.shape[0]
+        return {"images": n,
+                "top1": 100.0 * int(topk_correct(self.ref_logits, self.labels, 1).sum()) / n,
+                "top5": 100.0 * int(topk_correct(self.ref_logits, self.labels, 5).sum()) / n}
+
+    def score(self, model: nn.Module) -> dict:
+        logits, labels = self._logits(model)
+        if self.ref_logits is None or logits.shape != self.ref_logits.shape or \
+                not torch.equal(labels, self.labels):
+            raise RuntimeError("ImageScorer.score: call reference() first, on the same images")
+        n = labels.shape[0]
+        c1 = int(topk_correct(logits, labels, 1).sum())
+        c5 = int(topk_correct(logits, labels, 5).sum())
+        agree = int((logits.argmax(-1) == self.ref_logits.argmax(-1)).sum())
+        return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n,
+                "top1_agreement": 100.0 * agree / n, "images": n, "top1_correct": c1,
+                "top5_correct": c5, "agreement_count": agree}
+
+
+class SentenceScorer:
+    """Cosine similarity between float and crossbar sentence embeddings (MiniLM-L6)."""
+
+    kind = "sentence"
+    primary = "cosine_mean"
+    drop = "cosine_drop"
+    metrics = (("cosine_mean", float), ("cosine_min", float), ("cosine_drop", float),
+               ("sentences", int))
+
+    def __init__(self, sentences: Sequence[str], tokenizer=None, *, batch_size: int = 64,
+                 key: Optional[dict] = None):
+        self.sentences = list(sentences)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.key = key
+        self.ref: Optional[torch.Tensor] = None
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module) -> torch.Tensor:
+        from .weights import encode_sentences, minilm_tokenizer
+        if self.tokenizer is None:
+            self.tokenizer = minilm_tokenizer()
+        model.eval()
+        s, b = self.sentences, self.batch_size
+        return torch.cat([encode_sentences(model, s[i:i + b], self.tokenizer).float()
+                          for i in range(0, len(s), b)])
+
+    def reference(self, model: nn.Module, cache_path: Optional[str] = None) -> dict:
+        key = _hash(self.key) if self.key is not None else None
+        if cache_path and key and os.path.isfile(cache_path):
+            try:
+                saved = torch.load(cache_path, map_location="cpu", weights_only=True)
+            except Exception:
+                saved = None
+            if isinstance(saved, dict) and saved.get("key") == key:
+                self.ref = saved["outputs"]
+        if self.ref is None:
+            self.ref = self.embed(model)
+            if cache_path and key:
+                atomic_write(cache_path, lambda f: torch.save(
+                    {"key": key, "outputs": self.ref}, f), binary=True)
+        return {"sentences": len(self.sentences)}
+
+    def score(self, model: nn.Module) -> dict:
+        if self.ref is None:
+            raise RuntimeError("SentenceScorer.score: call reference() first")
+        emb = self.embed(model)
+        cos = torch.nn.functional.cosine_similarity(emb.double(), self.ref.double(), dim=-1)
+        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+                "sentences": len(self.sentences)}
+
+
+# --------------------------------------------------------------------------- table (CSV / JSON)
+
+REPORT_COLUMNS = (("writes_per_pass", int), ("baseline_writes_per_pass", int),
+                  ("reduction", float), ("initial_writes", int))
+TAIL_COLUMNS = (("weight_error", float), ("convert_seconds", float), ("eval_seconds", float))
+
+
+def _columns(scorer_cls, varying: Sequence[str]) -> List[str]:
+    return (["name", *varying] + [c for c, _ in REPORT_COLUMNS]
+            + [c for c, _ in scorer_cls.metrics] + [c for c, _ in TAIL_COLUMNS] + ["config"])
+
+
+def _types(scorer_cls) -> dict:
+    return dict(REPORT_COLUMNS + tuple(scorer_cls.metrics) + TAIL_COLUMNS)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return "inf" if v == float("inf") else repr(v)
+    return str(v)
+
+
+def _parse(text: str, typ):
+    if text == "":
+        return None
+    if typ is int:
+        return int(text)
+    return float(text)
+
+
+def read_previous(csv_path: Optional[str], runs: Sequence[SweepRun], scorer_cls) -> Dict[str, dict]:
+    """Rows of an earlier run of the tool (``{name: row}``), checked against the sweep: a row
+    whose configuration is not the one the sweep gives its name is an error (a mislabelled
+    result), so is a CSV the tool did not write. Rows the sweep does not name are kept."""
+    if not csv_path or not os.path.exists(csv_path):
+        return {}
+    if os.path.isdir(csv_path):
+        raise FrontierError(f"--csv {csv_path!r} is a folder; give a file path")
+    types = _types(scorer_cls)
+    try:
+        with open(csv_path, newline="") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FrontierError(f"{csv_path}: cannot read the previous results ({e})") from None
+    if not text.strip():
+        return {}
+    reader = csv.DictReader(io.StringIO(text))
+    need = {"name", "config", *[c for c, _ in REPORT_COLUMNS], scorer_cls.primary}
+    missing = sorted(need - set(reader.fieldnames or ()))
+    if missing:
+        raise FrontierError(f"{csv_path}: not a {scorer_cls.kind} frontier CSV (missing columns "
+                            f"{missing}); write to another --csv or remove it")
+    by_name = {r.name: r for r in runs}
+    out: Dict[str, dict] = {}
+    for line, rec in enumerate(reader, start=2):
+        name = rec.get("name") or ""
+        try:
+            cfg = CrossbarConfig.from_dict(json.loads(rec["config"]))
+            row = {"name": name, "config": cfg}
+            for col, typ in types.items():
+                if col in rec:
+                    row[col] = _parse(rec[col], typ)
+        except (ValueError, TypeError, KeyError) as e:
+            raise FrontierError(f"{csv_path}: line {line} (row {name!r}) cannot be read ({e}); "
+                                "fix or remove it") from None
+        if name in out:
+            raise FrontierError(f"{csv_path}: row {name!r} appears twice (line {line})")
+        run = by_name.get(name)
+        if run is not None and run.config != cfg:
+            diff = {k: (v, getattr(run.config, k)) for k, v in cfg.to_dict().items()
+                    if v != getattr(run.config, k)}
+            raise FrontierError(f"{csv_path}: row {name!r} was measured with another config "
+                                f"(field: (csv, sweep) {diff}); remove that line or write to "
+                                "another --csv")
+        out[name] = row
+    return out
+
+
+def _json_value(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else None
+    return v
+
+
+def _row_points(rows: Sequence[dict], scorer_cls):
+    return [(r.get("reduction"), r.get(scorer_cls.drop)) for r in rows]
+
+
+def write_outputs(rows: Sequence[dict], scorer_cls, csv_path: str, json_path: Optional[str],
+                  meta: dict) -> None:
+    """Rewrite the CSV and the JSON (atomically) from ``rows``."""
+    varying = varying_fields([r["config"] for r in rows]) if len(rows) > 1 else []
+    cols = _columns(scorer_cls, varying)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for r in rows:
+        cd = r["config"].to_dict()
+        line = []
+        for c in cols:
+            if c == "config":
+                line.append(json.dumps(cd))
+            elif c in varying and c not in r:
+                line.append(_fmt(cd[c]))
+            else:
+                line.append(_fmt(r.get(c)))
+        w.writerow(line)
+    atomic_write_text(csv_path, buf.getvalue())
+    if json_path:
+        front = pareto_front(_row_points(rows, scorer_cls))
+        out = {**meta,
+               "reference": REFERENCE,
+               "varying_fields": varying,
+               "pareto_front": [rows[i]["name"] for i in front],
+               "rows": [{**{k: _json_value(v) for k, v in r.items() if k != "config"},
+                         "config": r["config"].to_dict()} for r in rows]}
+        atomic_write_text(json_path, json.dumps(out, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def run_frontier(float_model: nn.Module, runs: Sequence[SweepRun], scorer, *, csv_path: str,
+                 json_path: Optional[str] = None, png_path: Optional[str] = None,
+                 meta: Optional[dict] = None, previous: Optional[Dict[str, dict]] = None,
+                 float_cache: Optional[str] = None, progress: bool = False,
+                 log: Callable[[str], None] = lambda s: None, title: str = "") -> List[dict]:
+    """Evaluate every run (skipping those ``previous`` holds), rewriting the CSV / JSON after
+    each row; draw the PNG at the end. Returns the rows (sweep order, then rows of the previous
+    CSV the sweep does not name)."""
+    if not runs or runs[0].name != REFERENCE:
+        raise ValueError(f"run_frontier: the first run must be the reference {REFERENCE!r} "
+                         "(load_sweeps puts it there)")
+    meta = dict(meta or {})
+    previous = dict(previous if previous is not None else read_previous(csv_path, runs,
+                                                                        type(scorer)))
+    names = {r.name for r in runs}
+    extra = [row for name, row in previous.items() if name not in names]
+    if extra:
+        log(f"keeping {len(extra)} row(s) of {csv_path} the sweep does not name: "
+            + ", ".join(r["name"] for r in extra))
+    todo = [r for r in runs if r.name not in previous]
+    if len(todo) < len(runs):
+        log(f"resuming {csv_path}: {len(runs) - len(todo)} row(s) already measured, "
+            f"{len(todo)} to go")
+    t0 = time.perf_counter()
+    meta["float"] = scorer.reference(float_model, float_cache)
+    meta["float_seconds"] = time.perf_counter() - t0
+
+    rows: Dict[str, dict] = {}
+    for r in runs:
+        if r.name in previous:
+            rows[r.name] = dict(previous[r.name])
+    done_order = lambda: [rows[r.name] for r in runs if r.name in rows] + extra  # noqa: E731
+
+    def refresh_drops():
+        ref = rows.get(REFERENCE)
+        for row in list(rows.values()) + extra:
+            p = row.get(scorer.primary)
+            row[scorer.drop] = (ref[scorer.primary] - p
+                                if ref is not None and p is not None else None)
+
+    from tqdm.auto import tqdm
+    bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="frontier", unit="config",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        for run in todo:
+            bar.set_postfix_str(run.name[:40])
+            t1 = time.perf_counter()
+            xmodel = convert(float_model, run.config)  # a fresh deep copy, programmed
+            rep = reprogram_report(xmodel).to_dict()
+            t2 = time.perf_counter()
+            scores = scorer.score(xmodel)
+            t3 = time.perf_counter()
+            werr = weight_error(xmodel)
+            del xmodel
+            red = rep["reduction"]
+            row = {"name": run.name, "config": run.config,
+                   "writes_per_pass": rep["writes_per_pass"],
+                   "baseline_writes_per_pass": rep["baseline_writes_per_pass"],
+                   "reduction": float("inf") if red == "inf" else red,
+                   "initial_writes": rep["initial_writes"],
+                   **scores,
+                   "weight_error": werr["weight_error"],
+                   "convert_seconds": round(t2 - t1, 3), "eval_seconds": round(t3 - t2, 3)}
+            rows[run.name] = row
+            refresh_drops()
+            write_outputs(done_order(), type(scorer), csv_path, json_path, meta)
+            red_s = f"{row['reduction']:.3f}x" if row["reduction"] is not None else "n/a"
+            with tqdm.external_write_mode(file=sys.stderr):  # a line above the bar
+                log(f"{run.name}: reduction {red_s}, {scorer.primary} {row[scorer.primary]:.4f}, "
+                    f"drop {row[scorer.drop]:+.4f}, weight error {row['weight_error']:.4f} "
+                    f"({t3 - t1:.0f} s)")
+            bar.update(1)
+    finally:
+        bar.close()
+    refresh_drops()
+    out = done_order()
+    write_outputs(out, type(scorer), csv_path, json_path, meta)
+    if png_path:
+        plot_frontier(out, png_path, type(scorer), title=title)
+    return out
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def _category(cfg: CrossbarConfig) -> str:
+    if not cfg.stucking:
+        return "lossless (no stucking)"
+    return "stucking + compensation" if cfg.compensate else "stucking, no compensation"
+
+
+_STYLE = {"lossless (no stucking)": ("tab:blue", "o"),
+          "stucking + compensation": ("tab:green", "s"),
+          "stucking, no compensation": ("tab:red", "^")}
+
+
+def _box_distance(box, p) -> float:
+    dx = max(box[0] - p[0], 0.0, p[0] - box[2])
+    dy = max(box[1] - p[1], 0.0, p[1] - box[3])
+    return math.hypot(dx, dy)
+
+
+def _place_labels(ax, xy_px, texts, fontsize, obstacles=()):
+    """Put each label next to its point where it overlaps no other label and no point
+    (display coordinates), trying offsets of growing distance; a leader line when far."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    axbox = ax.get_window_extent(renderer)
+    dpi = fig.dpi / 72.0
+    placed = list(obstacles)  # bboxes (x0, y0, x1, y1) in pixels
+    pts = [(x - 5 * dpi, y - 5 * dpi, x + 5 * dpi, y + 5 * dpi) for x, y in xy_px]
+    dirs = [(1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)]
+    anns = []
+
+    def overlap(a, b):
+        w = min(a[2], b[2]) - max(a[0], b[0])
+        h = min(a[3], b[3]) - max(a[1], b[1])
+        return w * h if w > 0 and h > 0 else 0.0
+
+    order = sorted(range(len(texts)), key=lambda i: (xy_px[i][0], xy_px[i][1]))
+    for i in order:
+        x, y = xy_px[i]
+        t = ax.text(0, 0, texts[i], fontsize=fontsize)
+        bb = t.get_window_extent(renderer)
+        tw, th = bb.width, bb.height
+        t.remove()
+        best = None
+        for dist in (6, 10, 16, 24, 34, 46, 60, 80):
+            for dx, dy in dirs:
+                ox, oy = dx * dist * dpi, dy * dist * dpi
+                x0 = x + ox + (0 if dx > 0 else -tw if dx < 0 else -tw / 2)
+                y0 = y + oy + (0 if dy > 0 else -th if dy < 0 else -th / 2)
+                box = (x0, y0, x0 + tw, y0 + th)
+                cost = sum(overlap(box, p) for p in placed) + sum(
+                    overlap(box, p) for j, p in enumerate(pts) if j != i)
+                outside = (max(0, axbox.x0 - box[0]) + max(0, box[2] - axbox.x1)
+                           + max(0, axbox.y0 - box[1]) + max(0, box[3] - axbox.y1))
+                cost += outside * th * 10
+                if best is None or cost < best[0] - 1e-9:
+                    best = (cost, box, ox, oy, dx, dy, dist)
+            if best[0] == 0:
+                break
+        cost, box, ox, oy, dx, dy, dist = best
+        placed.append(box)
+        ha = "left" if dx > 0 else "right" if dx < 0 else "center"
+        va = "bottom" if dy > 0 else "top" if dy < 0 else "center"
+        # a leader line when the label is far, or when another point is about as close to it
+        # as its own (so no label reads as another point's)
+        own = _box_distance(box, (x, y))
+        near = min((_box_distance(box, q) for j, q in enumerate(xy_px) if j != i),
+                   default=float("inf"))
+        arrow = dict(arrowstyle="-", color="0.55", lw=0.6, shrinkA=0, shrinkB=3) \
+            if dist >= 10 or near < own + 12 * dpi else None
+        anns.append(ax.annotate(texts[i], xy=ax.transData.inverted().transform((x, y)),
+                                xytext=(ox / dpi, oy / dpi), textcoords="offset points",
+                                ha=ha, va=va, fontsize=fontsize, arrowprops=arrow))
+    return anns
+
+
+def plot_frontier(rows: Sequence[dict], path: str, scorer_cls, *, title: str = "") -> None:
+    """Reduction (x, log) against the drop from the reference (y); Pareto front, labels."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import (FixedLocator, FuncFormatter, LogLocator, NullFormatter,
+                                   NullLocator)
+
+    sentence = scorer_cls.kind == "sentence"
+    pts = []
+    for r in rows:
+        x = r.get("reduction")
+        if sentence:
+            y = None if r.get("cosine_mean") is None else 1.0 - r["cosine_mean"]
+        else:
+            y = r.get(scorer_cls.drop)
+        if x is None or y is None or not math.isfinite(x) or not math.isfinite(y):
+            continue
+        pts.append((r, x, y))
+    extra = max(0, len(rows) - 15)  # more room for more labels
+    fig, ax = plt.subplots(figsize=(11 + 0.08 * extra, 6.5 + 0.08 * extra), dpi=110)
+    if not pts:
+        ax.text(0.5, 0.5, "no finite points to plot", ha="center", transform=ax.transAxes)
+    else:
+        if sentence:
+            ymin = min(max(y, 1e-6) for _, _, y in pts)
+            pts = [(r, x, max(y, ymin)) for r, x, y in pts]  # 1 - cos can round to 0
+        for cat, (color, marker) in _STYLE.items():
+            sel = [(x, y) for r, x, y in pts if _category(r["config"]) == cat]
+            if sel:
+                ax.scatter(*zip(*sel), s=42, color=color, marker=marker, zorder=3,
+                           edgecolor="black", linewidth=0.5, label=cat)
+        front = pareto_front([(x, y) for _, x, y in pts])
+        fx = [pts[i][1] for i in front]
+        fy = [pts[i][2] for i in front]
+        ax.plot(fx, fy, "-", color="0.25", lw=1.2, zorder=2, label="Pareto front")
+        ax.scatter(fx, fy, s=130, facecolor="none", edgecolor="0.25", lw=1.0, zorder=2)
+        ax.set_xscale("log")
+        xs = [x for _, x, _ in pts]
+        lo, hi = min(xs), max(xs)
+        ax.set_xlim(lo / 1.12, hi * 1.25)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 1.25, 1.5, 2, 2.5, 3, 4, 5, 6, 8)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        if sentence:
+            ax.set_yscale("log")
+            ax.axhline(0.01, color="tab:purple", ls="--", lw=1,
+                       label="target: cosine 0.99 (1 - cos = 0.01)")
+            ax.set_ylabel("1 - mean cosine similarity to the float embeddings\n"
+                          "(log scale; lower is better)")
+            ys = [y for _, _, y in pts]
+            ax.set_ylim(min(ys) / 2.5, max(max(ys), 0.01) * 2.5)
+        else:
+            ax.axhline(0.0, color="0.6", lw=0.8)
+            ax.axhline(1.0, color="tab:purple", ls="--", lw=1, label="1 point below crossbar8")
+            ax.set_ylabel(f"top-1 drop from the 8-bit crossbar ({REFERENCE})\n"
+                          "(percentage points; lower is better)")
+            ys = [y for _, _, y in pts]
+            lo_y, hi_y = min(min(ys), 0.0), max(max(ys), 1.0)
+            if hi_y - lo_y > 8:  # a collapsed row would squash the interesting 0-2 points
+                ax.set_yscale("symlog", linthresh=2.0, linscale=1.5)
+                ticks = [t for t in (-5, -2, -1, 0, 1, 2, 5, 10, 20, 50, 100)
+                         if lo_y - 0.5 <= t <= hi_y * 1.3 + 1]
+                ax.yaxis.set_major_locator(FixedLocator(ticks))
+                ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.yaxis.set_minor_locator(NullLocator())
+                ax.set_ylim(lo_y - 0.6, hi_y * 1.35 + 0.5)
+                ax.set_ylabel(f"top-1 drop from the 8-bit crossbar ({REFERENCE})\n"
+                              "(percentage points, linear below 2, log above; lower is better)")
+            else:
+                span = max(hi_y - lo_y, 2.0)
+                ax.set_ylim(lo_y - 0.08 * span, hi_y + 0.1 * span)
+        ax.set_xlabel("reduction of memristor writes per pass against the unsorted baseline "
+                      "(log scale; higher is better)")
+        ax.grid(True, which="major", color="0.9", lw=0.6)
+        leg = ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+        if title:
+            ax.set_title(title, fontsize=10)
+        fig.tight_layout()
+        fig.canvas.draw()
+        lb = leg.get_window_extent(fig.canvas.get_renderer())
+        xy_px = [tuple(ax.transData.transform((x, y))) for _, x, y in pts]
+        _place_labels(ax, xy_px, [r["name"] for r, _, _ in pts], fontsize=7.5,
+                      obstacles=[(lb.x0, lb.y0, lb.x1, lb.y1)])
+    tmp_dir = os.path.dirname(os.path.abspath(path))
+    os.makedirs(tmp_dir, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    plt.close(fig)

