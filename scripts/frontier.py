@@ -38,16 +38,17 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from crossbar_torch.cli import (ArgumentParser, UsageError, add_model_args,  # noqa: E402
+                                add_preprocess_args, add_progress_args, check_input_dir,
+                                check_output_file, is_minilm, run_main, show_progress)
+from crossbar_torch.data import resolve_split_root  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_SWEEP = os.path.join(REPO, "configs", "sweep_frontier.yaml")
-MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "minilm-l6")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from crossbar_torch.cli import add_model_args, add_preprocess_args
-
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     g = p.add_argument_group("sweep")
     g.add_argument("--sweep", nargs="+", metavar="YAML", default=[DEFAULT_SWEEP],
@@ -84,37 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu or cuda (default cuda if available)")
     p.add_argument("--seed", type=int, default=0,
                    help="torch seed set before building the model (--random-init weights)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-row lines")
+    add_progress_args(p)  # --quiet also silences the per-row lines
     return p
 
 
 def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def check_output(path: str, flag: str) -> str:
-    if os.path.isdir(path):
-        fail(f"{flag} {path!r} is a folder; give a file path")
-    parent = os.path.dirname(os.path.abspath(path))
-    probe = parent
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        fail(f"{flag} {path!r}: {probe!r} is a file, not a folder")
-    if not os.access(probe, os.W_OK):
-        fail(f"{flag} {path!r}: folder {probe!r} is not writable")
-    return path
-
-
-def resolve_data_root(root: str) -> str:
-    if not os.path.isdir(root):
-        fail(f"--data {root!r} is not a folder")
-    subs = [e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e))
-            and not e.startswith(".")]
-    if "val" in subs and not any(e.startswith("n") and e[1:].isdigit() for e in subs):
-        return os.path.join(root, "val")
-    return root
+    """A user's mistake: run_main prints it as one ``error:`` line, exit status 2."""
+    raise UsageError(msg)
 
 
 def main(argv=None):
@@ -131,11 +108,11 @@ def main(argv=None):
             print(msg, file=sys.stderr, flush=True)
 
     # ---- everything a user can get wrong, before any long work ------------------------------
-    sentence = args.model.lower() in MINILM_NAMES
-    csv_path = check_output(args.csv, "--csv")
+    sentence = is_minilm(args.model)
+    csv_path = check_output_file(args.csv, "--csv")
     stem = os.path.splitext(csv_path)[0]
-    json_path = check_output(args.json or stem + ".json", "--json")
-    png_path = None if args.no_png else check_output(args.png or stem + ".png", "--png")
+    json_path = check_output_file(args.json or stem + ".json", "--json")
+    png_path = None if args.no_png else check_output_file(args.png or stem + ".png", "--png")
     if len({os.path.abspath(p) for p in (csv_path, json_path, png_path) if p}) < \
             len([p for p in (csv_path, json_path, png_path) if p]):
         fail("--csv, --json and --png must be different files")
@@ -172,7 +149,7 @@ def main(argv=None):
         if not args.data:
             fail("--data DIR is required for image models (an ImageNet validation folder "
                  "<root>/<synset>/<image>, e.g. ../shared/data/imagenet-sample-dev)")
-        root = resolve_data_root(args.data)
+        root = resolve_split_root(check_input_dir(args.data, "--data"), "val")
         try:
             pre = preprocess_overrides(args)
         except SystemExit as e:
@@ -238,7 +215,7 @@ def main(argv=None):
         rows = fr.run_frontier(float_model, runs, scorer, csv_path=csv_path,
                                json_path=json_path, png_path=png_path, meta=meta,
                                previous=previous, float_cache=float_cache,
-                               progress=not args.quiet and sys.stderr.isatty(), log=log,
+                               progress=show_progress(args), log=log,
                                title=title)
     except UnreadableImageError as e:
         fail(f"{e} (pass --skip-bad to count, list and skip unreadable images)")
@@ -265,4 +242,4 @@ def table(rows, scorer_cls) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
