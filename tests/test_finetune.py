@@ -47,6 +47,15 @@ class Tiny(nn.Module):
         return self.fc(self.drop(x))
 
 
+def tiny_builder(state):
+    """A model builder for load_finetuned: a fresh Tiny holding ``state``, in eval mode."""
+    def build():
+        m = Tiny()
+        m.load_state_dict(state)
+        return m.eval()
+    return build
+
+
 def tiny_model(seed=0, config=STUCK):
     torch.manual_seed(seed)
     return xb.convert(Tiny().eval(), config)
@@ -239,12 +248,7 @@ def test_kd_trainer_runs_and_checks_teacher_is_needed():
 
 def test_checkpoint_round_trip_into_fresh_converted_model(tmp_path):
     torch.manual_seed(4)
-    base_state = Tiny().state_dict()
-
-    def builder():
-        m = Tiny()
-        m.load_state_dict(base_state)
-        return m.eval()
+    builder = tiny_builder(Tiny().state_dict())
 
     model = xb.convert(builder(), STUCK)
     tr = Trainer(model, NoisyData(), FinetuneArgs(steps=4, batch_size=8, lr=0.1, opt="sgd",
@@ -418,12 +422,7 @@ def test_training_checkpoint_loads_with_rebuilt_buffers(tmp_path):
     the checkpoint's latent weights, reprogrammed = the trained model, bit for bit."""
     torch.manual_seed(0)
     base = Tiny().eval()
-    state = {k: v.clone() for k, v in base.state_dict().items()}
-
-    def builder():
-        m = Tiny()
-        m.load_state_dict(state)
-        return m.eval()
+    builder = tiny_builder({k: v.clone() for k, v in base.state_dict().items()})
 
     model = xb.convert(builder(), STUCK)
     tr = Trainer(model, NoisyData(), FinetuneArgs(steps=3, batch_size=8, lr=0.1, opt="sgd",
