@@ -7,11 +7,14 @@
 2. On the same targets: compensation (rule 13) on against off (target <= 1.5x), and the greedy
    tile order (rule 12, value sort + profile placement) against section-major
    (target <= 2x), each a first programming from pristine crossbars plus a replay.
-3. A full report (convert + count, configuration and baseline) on vit_base_patch16_224 (random
+3. Wear statistics (rules 14, 15): Lite0 report (configuration + baseline, magnitude sort)
+   with the per-layer cell statistics against without (target <= 1.2x), and the time and
+   lifetime gain of rotate_rows and rotate (a period of 128 passes each) against none.
+4. A full report (convert + count, configuration and baseline) on vit_base_patch16_224 (random
    init, 86M weights), section-major and greedy, each in a fresh subprocess: wall time and
    peak RSS (targets: < 15 s and < 3 GB for section-major; greedy <= 2x).
 
-  python benchmarks/bench_report.py [--skip-vit] [--ref-layers N]
+  python benchmarks/bench_report.py [--skip-vit] [--skip-rotation] [--ref-layers N]
 """
 import argparse
 import json
@@ -85,9 +88,54 @@ def vit(cfg: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def best_time(fn, repeat=3):
+    best = None
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn()
+        dt = time.perf_counter() - t
+        best = dt if best is None else min(best, dt)
+    return best, out
+
+
+def wear(skip_rotation: bool) -> None:
+    """Section 3: what the lifetime statistics cost, and what wear levelling buys."""
+    from crossbar_torch.weights import load_efficientnet_lite
+    model = load_efficientnet_lite("tf_efficientnet_lite0")
+    cfg = xb.CrossbarConfig(sort="magnitude")
+    xm = xb.convert(model, cfg, program=False)
+
+    def report(layer_wear):
+        r = xb.programming.program_model(xm, layer_wear=layer_wear)
+        b = xb.programming.program_model(xm, baseline=True, layer_wear=layer_wear)
+        return xb.report.ReprogramReport(r, b).to_dict()
+
+    t_plain, _ = best_time(lambda: report(False))
+    t_wear, d = best_time(lambda: report(True))
+    print(f"report Lite0 with per-layer cell statistics {t_wear:.3f} s / without "
+          f"{t_plain:.3f} s = {t_wear / t_plain:.2f}x (target <= 1.2x)")
+    cw = d["cell_writes_per_pass"]
+    print(f"  none: max cell {cw['max']:,} writes/pass, mean over worn cells {cw['mean']:.0f}, "
+          f"worn {cw['worn_cells']:,} of {cw['cells']:,}; limits: perfect levelling over the "
+          f"worn cells {cw['max'] / cw['mean']:.2f}x")
+    if skip_rotation:
+        return
+    for wl in ("rotate_rows", "rotate"):
+        xr = xb.convert(model, cfg.replace(wear_leveling=wl), program=False)
+        t = time.perf_counter()
+        r = xb.programming.program_model(xr)
+        dt = time.perf_counter() - t
+        print(f"  {wl}: max cell {r.cells.max:,.1f} writes/pass (lifetime {cw['max'] / r.cells.max:.2f}x "
+              f"none), writes/pass {r.per_pass.writes:,.0f} vs {d['writes_per_pass']:,}; "
+              f"{r.period} passes counted in {dt:.1f} s ({dt / t_wear:.0f}x the whole none "
+              "report)")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--skip-vit", action="store_true")
+    p.add_argument("--skip-rotation", action="store_true",
+                   help="skip the wear-levelling runs (128 passes each)")
     p.add_argument("--ref-layers", type=int, default=0,
                    help="time the reference on the first N layers only (0 = all)")
     args = p.parse_args()
@@ -114,6 +162,7 @@ def main():
     t_gr, _ = count_all(layers, mapped.replace(schedule="greedy"), ops.program_layer, best_of=3)
     print(f"greedy order (rule 12, window 256), Lite0: greedy {t_gr:.3f} s / section-major "
           f"{t_sm:.3f} s = {t_gr / t_sm:.2f}x (target <= 2x)")
+    wear(args.skip_rotation)
     if args.skip_vit:
         return
     runs = {}

@@ -22,6 +22,10 @@ QUANT_MODES = ("per_channel", "per_tensor")
 STUCK_VALUES = ("initial", 0, 1)
 FILTER_ORDERS = ("natural", "profile", "chain")  # chain: this project's, beyond rule 11
 SCHEDULES = ("section_major", "greedy")
+WEAR_LEVELING = ("none", "rotate_rows", "rotate")
+# Fields that change neither the layers' cells nor their effective weights, only how the
+# programming is counted and costed: a model converted with one value may be counted with another.
+COUNTING_FIELDS = ("wear_leveling", "device")
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,10 @@ class CrossbarConfig:
     schedule: str = "section_major"
     schedule_window: int = 256
     compensate: bool = False
+    # Endurance and cost (docs/semantics.md rules 14 to 16): wear levelling of the mapping, and
+    # the memristor device (a preset in configs/devices/ or a path to a device YAML).
+    wear_leveling: str = "none"
+    device: str = "default"
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -105,6 +113,19 @@ class CrossbarConfig:
             bad("compensate", f"at most {MAX_COMPENSATION_BITS} bits of low cells per weight to "
                 f"search (bits_per_cell x cells in the stuck slices = {self.compensation_bits}); "
                 "lower stuck_slices")
+        if self.wear_leveling not in WEAR_LEVELING:
+            bad("wear_leveling", f"one of {WEAR_LEVELING}")
+        if self.wear_leveling != "none" and self.stucking:
+            raise ValueError(
+                f"CrossbarConfig.wear_leveling={self.wear_leveling!r} is invalid with bit stucking "
+                f"(stuck_slices={self.stuck_slices}, reprogram_fraction="
+                f"{self.reprogram_fraction}): a stuck cell keeps its level where it is, so a "
+                "shifted mapping would compute with another weight's bit in it; use "
+                "wear_leveling='none' with stucking (docs/semantics.md rule 14)")
+        if not isinstance(self.device, str) or not self.device:
+            bad("device", "a device preset name or a path to a device YAML")
+        from .device import load_device
+        load_device(self.device)  # ValueError naming the device, its file or its field
         if self.cols < self.cells_per_weight:
             raise ValueError(
                 f"CrossbarConfig.cols={self.cols} is invalid: one weight takes "
@@ -152,6 +173,23 @@ class CrossbarConfig:
         return self.arrays * self.stuck_slices * self.bits_per_cell
 
     @property
+    def wear_period(self) -> int:
+        """Rule 14: steady passes before the mapping offsets repeat (1 without wear levelling)."""
+        if self.wear_leveling == "rotate_rows":
+            return self.rows
+        if self.wear_leveling == "rotate":
+            return math.lcm(self.rows, self.cols)
+        return 1
+
+    def pass_offset(self, t: int) -> tuple:
+        """Rule 14: (row, column) offset of the mapping in pass t (0 = initial programming)."""
+        if self.wear_leveling == "rotate_rows":
+            return (t % self.rows, 0)
+        if self.wear_leveling == "rotate":
+            return (t % self.rows, t % self.cols)
+        return (0, 0)
+
+    @property
     def encoding_id(self) -> int:
         return ENCODINGS.index(self.encoding)
 
@@ -172,11 +210,12 @@ class CrossbarConfig:
 
     def baseline(self) -> "CrossbarConfig":
         """Rule 10: the same configuration with sort='none' and no stucking; placement and
-        schedule are rules 5 and 6 (natural, section-major), so a reduction counts everything
-        the method does against a chip programmed without it (docs/semantics.md)."""
+        schedule are rules 5 and 6 (natural, section-major), and the mapping does not rotate
+        (rule 14), so a reduction counts everything the method does against a chip programmed
+        without it (docs/semantics.md). The device stays: costs compare on the same device."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
                             stuck_value="initial", compensate=False, filter_order="natural",
-                            schedule="section_major")
+                            schedule="section_major", wear_leveling="none")
 
     def with_overrides(self, overrides: Iterable[str]) -> "CrossbarConfig":
         """Apply ``key=value`` strings (values parsed as YAML scalars)."""

@@ -20,7 +20,8 @@ import torch
 from .config import ENCODINGS, CrossbarConfig
 
 # Order of the counters returned by the program_layer op (then one entry per slice).
-STAT_NAMES = ("writes", "sets", "resets", "pulses", "rows_programmed")
+# set_pulses: the part of `pulses` on SET writes (reset pulses = pulses - set_pulses).
+STAT_NAMES = ("writes", "sets", "resets", "pulses", "rows_programmed", "set_pulses")
 UNUSED_SLOT = -1
 
 
@@ -60,6 +61,13 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     padded = padded.reshape(*bits.shape[:-1], words, 64)
     shifts = torch.arange(64, dtype=torch.int64)
     return (padded << shifts).sum(-1)  # wraps into the sign bit for bit 63, as intended
+
+
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """int64 (..., words) -> bool (..., cols), the inverse of :func:`pack_bits`."""
+    bits = torch.arange(64, dtype=torch.int64, device=packed.device)
+    out = ((packed.unsqueeze(-1) >> bits) & 1).bool()
+    return out.reshape(*packed.shape[:-1], -1)[..., :cols]
 
 
 # ---- tile geometry -----------------------------------------------------------------------------

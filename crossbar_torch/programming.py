@@ -16,11 +16,12 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .config import CrossbarConfig
+from .config import COUNTING_FIELDS, CrossbarConfig
 from .mapping import (STAT_NAMES, LayerGeometry, column_slices, layer_tiles,  # noqa: F401
-                      natural_filter_index, pack_bits, weight_crossbars, words_for)
+                      natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .modules import crossbar_layers
 from .quantization import check_weight
+from .wear import CellStats, cell_stats, shift_frame
 
 NOT_PINNED = 255  # program_layer's `pinned` level for a cell whose held level is not known
 
@@ -57,6 +58,28 @@ class CrossbarPool:
         self.written = torch.zeros(pool, rows, words, dtype=torch.int64, device=device)
         self.cell_writes = torch.zeros(pool, rows, cols, dtype=torch.int32, device=device)
         self.next_tile = 0
+        self.offset = (0, 0)  # rule 14: the mapping offset the tensors above are indexed in
+
+    def move_to(self, offset: tuple) -> None:
+        """Re-index the crossbars' per-cell tensors in the frame of mapping ``offset`` (rule 14):
+        afterwards cell (i, j) of every tensor is physical cell ((i + a) mod rows,
+        (j + b) mod cols), which is where the mapping puts a tile's cell (i, j). Counting stays
+        on physical cells; only their indexing moves."""
+        rows, cols = self.config.rows, self.config.cols
+        dr, dc = offset[0] - self.offset[0], offset[1] - self.offset[1]
+        self.offset = tuple(offset)
+        if dr % rows == 0 and dc % cols == 0:
+            return
+
+        def packed(t):  # (..., rows, words) packed bits
+            return pack_bits(shift_frame(unpack_bits(t.cpu(), cols), rows, cols, dr, dc)).to(
+                t.device)
+
+        self.state = packed(self.state.transpose(1, 2)).transpose(1, 2).contiguous()
+        self.written = packed(self.written)
+        self.stuck = packed(self.stuck)
+        self.stuck_bits = shift_frame(self.stuck_bits, rows, cols, dr, dc)
+        self.cell_writes = shift_frame(self.cell_writes, rows, cols, dr, dc).contiguous()
 
     def program(self, cells: torch.Tensor, filter_index: torch.Tensor, order: torch.Tensor | None,
                 pinned: torch.Tensor | None, count_cells: bool):
@@ -108,7 +131,21 @@ class PassCounts:
     resets: int = 0
     pulses: int = 0
     rows_programmed: int = 0
+    set_pulses: int = 0
     per_slice: list = field(default_factory=list)
+
+    @property
+    def reset_pulses(self) -> int:
+        return self.pulses - self.set_pulses
+
+    def per_pass(self, passes: int) -> "PassCounts":
+        """These totals over ``passes`` passes as averages per pass (exact quotients; the same
+        integers when ``passes`` is 1)."""
+        if passes == 1:
+            return self
+        return PassCounts(*(getattr(self, f) / passes for f in
+                            ("writes", "sets", "resets", "pulses", "rows_programmed",
+                             "set_pulses")), [v / passes for v in self.per_slice])
 
     def add(self, stats: torch.Tensor) -> None:
         v = [int(x) for x in stats.tolist()]
@@ -117,6 +154,7 @@ class PassCounts:
         self.resets += v[2]
         self.pulses += v[3]
         self.rows_programmed += v[4]
+        self.set_pulses += v[5]
         sl = v[len(STAT_NAMES):]
         if not self.per_slice:
             self.per_slice = [0] * len(sl)
@@ -125,13 +163,26 @@ class PassCounts:
 
 @dataclass
 class ProgramResult:
-    """Counts of one programming of a model (two passes, rule 8)."""
+    """Counts of one programming of a model: the initial programming, then the steady passes of
+    one wear-levelling period (rules 8 and 14; one pass without wear levelling)."""
     config: CrossbarConfig
     tiles: int = 0
     initial: PassCounts = field(default_factory=PassCounts)
-    per_pass: PassCounts = field(default_factory=PassCounts)
-    layers: list = field(default_factory=list)  # {name, tiles, shape, initial_writes, writes_per_pass}
-    max_cell_writes_per_pass: int = 0
+    period: int = 1
+    period_total: PassCounts = field(default_factory=PassCounts)
+    # {name, kind, shape, tiles, initial_writes, writes_per_pass, tile_order, cell_stats}
+    layers: list = field(default_factory=list)
+    cells: CellStats = field(default_factory=CellStats)  # rule 15, over the whole pool
+    crossbar_max: list = field(default_factory=list)  # max writes per pass of each crossbar
+
+    @property
+    def per_pass(self) -> PassCounts:
+        """Steady-state counts per pass: the period's totals over its passes."""
+        return self.period_total.per_pass(self.period)
+
+    @property
+    def max_cell_writes_per_pass(self):
+        return int(self.cells.max) if self.period == 1 else self.cells.max
 
 
 def _check_config(layers, config):
@@ -142,15 +193,18 @@ def _check_config(layers, config):
         raise ValueError("the crossbar layers of this model use different configs; convert "
                          "the whole model with one CrossbarConfig")
     mine = configs.pop()
-    if config is not None and config != mine:
-        diff = {k: (v, getattr(mine, k)) for k, v in config.to_dict().items()
-                if v != getattr(mine, k)}
+    if config is None:
+        return mine
+    diff = {k: (v, getattr(mine, k)) for k, v in config.to_dict().items()
+            if v != getattr(mine, k) and k not in COUNTING_FIELDS}
+    if diff:
         raise ValueError(f"config differs from the one the layers were converted with "
                          f"(field: (given, layers)) {diff}; convert the model with it instead")
-    return mine
+    return config  # the counting fields (wear levelling, device) are the caller's to choose
 
 
 TARGET_CACHE_BYTES = 1 << 28  # 256 MiB of cached target cells
+LAYER_CELL_BYTES = 1 << 29  # 512 MiB of per-layer per-cell counters across a wear period
 
 
 def identity_index(out: int, k: int, device=None) -> torch.Tensor:
@@ -181,15 +235,18 @@ def layer_targets(layer, config: CrossbarConfig, baseline: bool):
 
 def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                   baseline: bool = False, write_back: bool = False,
-                  progress: bool = False) -> ProgramResult:
-    """Program every crossbar layer of ``model``, two passes from pristine crossbars (rule 8).
+                  progress: bool = False, layer_wear: bool = True) -> ProgramResult:
+    """Program every crossbar layer of ``model`` from pristine crossbars: the initial
+    programming, then the steady passes of one wear-levelling period (rules 8 and 14; one pass
+    without wear levelling), counting every physical cell's writes (rule 15).
 
     ``baseline`` programs the rule-10 baseline (no sort, no stucking) of the configuration.
     ``write_back`` stores what the crossbars hold after programming into the layers (their
     ``cells`` and ``stuck`` buffers), so inference computes with it (rule 9), and the tile
     order of every layer (``tile_order``), which later programmings replay (rule 12).
     A layer that already holds a tile order replays it (except for the baseline, which
-    chooses its own in its first pass).
+    chooses its own in its first pass). ``layer_wear=False`` leaves out the per-layer cell
+    statistics (their ``cell_stats`` is None); the pool's are always counted.
     """
     layers = crossbar_layers(model)
     if not layers:
@@ -203,18 +260,27 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     pool = CrossbarPool(run_cfg, device=device)
     result = ProgramResult(config=run_cfg)
     from tqdm.auto import tqdm
-    total = 2 * len(layers)
+    total = (1 + run_cfg.wear_period) * len(layers)
     bar = tqdm(total=total, desc="program" + (" baseline" if baseline else ""),
                disable=not progress, leave=False)
-    # Targets are the same in both passes: keep them from pass 1 while they fit the budget,
+    # Targets are the same in every pass: keep them from the first while they fit the budget,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
     orders = {}
-    for pass_no in (0, 1):
+    period = result.period = run_cfg.wear_period
+    shape = tuple(pool.cell_writes.shape)
+    cells_total = torch.zeros(shape, dtype=torch.int64)  # physical, over the period
+    # per-layer per-cell totals, kept across a period (> 1 pass) while they fit the bound
+    keep_layers = layer_wear and (
+        period == 1 or len(layers) * pool.cell_writes.numel() * 8 <= LAYER_CELL_BYTES)
+    layer_cells = {}
+    for pass_no in range(1 + period):
         pool.next_tile = 0
-        counts = result.initial if pass_no == 0 else result.per_pass
+        pool.move_to(run_cfg.pass_offset(pass_no))
+        counting = pass_no >= 1
+        counts = result.period_total if counting else result.initial
         for i, (name, layer) in enumerate(layers):
-            target, pinned = cached.pop(i, (None, None))
+            target, pinned = cached.get(i, (None, None))
             if pass_no == 0:  # name the layer (the kernel's message cannot)
                 check_weight(layer.matrix_weight().detach(), f"{name}.weight")
             if target is None:
@@ -229,17 +295,30 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                 order = layer.tile_order.cpu()  # rule 12: the stored order is replayed
             # the baseline places filters naturally (rule 10); a layer's own placement is rule 11
             index = natural_filter_index(out, run_cfg) if baseline else layer.filter_index
+            if counting and layer_wear:
+                pool.cell_writes.zero_()  # this layer's writes alone
             eff, stats, used, t0 = pool.program(target, index, order, pinned,
-                                                count_cells=pass_no == 1)
+                                                count_cells=counting)
             orders[i] = used
             counts.add(stats)
             if pass_no == 0:
                 result.layers.append({"name": name, "kind": type(layer).__name__,
                                       "shape": [out, k], "tiles": geom.tiles,
-                                      "initial_writes": int(stats[0])})
-            else:
-                result.layers[i]["writes_per_pass"] = int(stats[0])
-                result.layers[i]["tile_order"] = used.tolist()
+                                      "initial_writes": int(stats[0]), "period_writes": 0})
+                bar.update(1)
+                continue
+            entry = result.layers[i]
+            entry["period_writes"] += int(stats[0])
+            if layer_wear:  # this layer's per-cell writes, indexed physically (rule 14)
+                mine = shift_frame(pool.cell_writes.cpu(), run_cfg.rows, run_cfg.cols,
+                                   -pool.offset[0], -pool.offset[1]).to(torch.int64)
+                cells_total += mine
+                if period == 1:  # the layer's statistics now: nothing to keep
+                    entry["cell_stats"] = cell_stats(mine, 1)
+                elif keep_layers:
+                    layer_cells[i] = mine if i not in layer_cells else layer_cells[i] + mine
+            if pass_no == 1:
+                entry["tile_order"] = used.tolist()
                 if write_back:
                     stuck = (pool.layer_stuck(geom, layer.filter_index, used, t0)
                              if run_cfg.stucking else None)
@@ -247,8 +326,20 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
             bar.update(1)
         if pass_no == 0:
             result.tiles = pool.next_tile
+        elif not layer_wear:  # the whole pass at once
+            cells_total += shift_frame(pool.cell_writes.cpu(), run_cfg.rows, run_cfg.cols,
+                                       -pool.offset[0], -pool.offset[1]).to(torch.int64)
+            pool.cell_writes.zero_()
     bar.close()
-    result.max_cell_writes_per_pass = int(pool.cell_writes.max()) if pool.cell_writes.numel() else 0
+    for i, entry in enumerate(result.layers):
+        w = entry.pop("period_writes")
+        entry["writes_per_pass"] = w if period == 1 else w / period
+        if period > 1 or not layer_wear:
+            entry["cell_stats"] = (cell_stats(layer_cells.pop(i), period) if keep_layers
+                                   else None)
+    result.cells = cell_stats(cells_total, period)
+    result.crossbar_max = [float(v) / period if period > 1 else int(v)
+                           for v in cells_total.flatten(1).max(1).values.tolist()]
     return result
 
 

@@ -30,7 +30,7 @@ constexpr int64_t kDifferential = 0;
 constexpr int64_t kTwosComplement = 1;
 constexpr int64_t kOffset = 2;
 constexpr int kMaxPlanes = 8;      // bits_per_cell <= 8 (cells are uint8)
-constexpr int kNumStats = 5;       // writes, sets, resets, pulses, rows_programmed
+constexpr int kNumStats = 6;  // writes, sets, resets, pulses, rows_programmed, set_pulses
 
 // ---- encoding ------------------------------------------------------------------------------
 
@@ -111,6 +111,7 @@ struct WordStats {
   uint64_t gt;       // new > old (SET)
   uint64_t lt;       // new < old (RESET)
   int64_t pulses;    // sum over the word of |new - old|
+  int64_t set_pulses;  // the part of `pulses` on SET cells (new > old)
 };
 
 // One 64-column word of one crossbar row, all planes at once.
@@ -136,7 +137,7 @@ XB_HD WordStats transition_word(const uint64_t* old, const uint64_t* target, uin
   r.gt = gt;
   r.lt = lt;
   // |new - old| = max - min by ripple subtraction, LSB first.
-  int64_t pulses = 0;
+  int64_t pulses = 0, set_pulses = 0;
   uint64_t borrow = 0;
   for (int p = 0; p < planes; ++p) {
     const uint64_t a = (n[p] & gt) | (o[p] & ~gt);  // max
@@ -144,9 +145,11 @@ XB_HD WordStats transition_word(const uint64_t* old, const uint64_t* target, uin
     const uint64_t d = a ^ b ^ borrow;
     borrow = (~a & b) | (~(a ^ b) & borrow);
     pulses += int64_t(popcount64(d)) << p;
+    set_pulses += int64_t(popcount64(d & gt)) << p;
     out[p] = n[p];
   }
   r.pulses = pulses;
+  r.set_pulses = set_pulses;
   return r;
 }
 

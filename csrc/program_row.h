@@ -242,7 +242,8 @@ XB_HD void pack_row_targets(const TileRowArgs& a, int64_t F, uint64_t* out) {
   }
 }
 
-// Row stats layout: writes, sets, resets, pulses, rows_programmed, then writes per slice.
+// Row stats layout: writes, sets, resets, pulses, rows_programmed, set_pulses, then writes per
+// slice.
 // `a.plain` must hold the packed plain targets. Returns nothing; updates state, written,
 // cell_writes, eff and rs.
 XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
@@ -338,6 +339,7 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
       rs[1] += popcount64(ws.gt);
       rs[2] += popcount64(ws.lt);
       rs[3] += ws.pulses;
+      rs[5] += ws.set_pulses;
       for (int64_t sl = 0; sl < a.nsl; ++sl) {
         rs[kNumStats + sl] += popcount64(ws.changed & a.slice_mask[sl * words + w]);
       }

@@ -32,6 +32,7 @@ from crossbar_torch.cli import (ArgumentParser, add_progress_args, config_from_f
                                 run_main, show_progress)
 from crossbar_torch.data import BundledPhotos, collate_skip_bad, imagenet_class_names, transform_for  # noqa: E402
 from crossbar_torch.evaluate import evaluate  # noqa: E402
+from crossbar_torch.report import si  # noqa: E402
 from crossbar_torch.weights import load_efficientnet_lite  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,23 +78,34 @@ def main(argv=None):
     say(f"== Reprogram report: {rep_sorted['layer_count']} layers, {rep_sorted['weights']:,} "
         f"weights, {rep_sorted['tiles']:,} tiles of 128x128, pool 1 (every inference reprograms "
         "every tile)")
-    head = f"  {'configuration':<52}{'writes/pass':>14}{'rows/pass':>12}{'reduction':>11}"
+    head = (f"  {'configuration':<52}{'writes/pass':>14}{'rows/pass':>12}{'reduction':>11}"
+            f"{'max/cell':>10}{'life':>9}{'energy/pass':>13}")
     say(head)
     say("  " + "-" * (len(head) - 2))
-    rows = [("baseline: no sort, no stucking", base, rep_sorted["baseline_rows_programmed_per_pass"]),
+    def wear(d, prefix=""):  # rules 15 and 16: hottest cell, passes to first failure, energy
+        return (d[prefix + "max_cell_writes_per_pass"], d[prefix + "passes_to_first_failure"],
+                d[prefix + "write_energy_per_pass_j"])
+
+    rows = [("baseline: no sort, no stucking", base, rep_sorted["baseline_rows_programmed_per_pass"],
+             wear(rep_sorted, "baseline_")),
             ("sorted (magnitude), 8-bit, no stucking", rep_sorted["writes_per_pass"],
-             rep_sorted["rows_programmed_per_pass"]),
+             rep_sorted["rows_programmed_per_pass"], wear(rep_sorted)),
             (f"sorted + stucking ({stuck_name}: {stuck_cfg.stuck_slices} slices, "
              f"p={stuck_cfg.reprogram_fraction})", rep_stuck["writes_per_pass"],
-             rep_stuck["rows_programmed_per_pass"]),
+             rep_stuck["rows_programmed_per_pass"], wear(rep_stuck)),
             ("value sort + chain placement, no stucking (lossless)", rep_chain["writes_per_pass"],
-             rep_chain["rows_programmed_per_pass"]),
+             rep_chain["rows_programmed_per_pass"], wear(rep_chain)),
             (f"{best_name}: value+chain, {best_cfg.stuck_slices} slice"
              f"{'s' if best_cfg.stuck_slices != 1 else ''} p={best_cfg.reprogram_fraction}"
              f"{', compensated' if best_cfg.compensate else ''}", rep_best["writes_per_pass"],
-             rep_best["rows_programmed_per_pass"])]
-    for name, w, r in rows:
-        say(f"  {name[:52]:<52}{w:>14,}{r:>12,}{(f'{base / w:.3f}x' if w else 'inf'):>11}")
+             rep_best["rows_programmed_per_pass"], wear(rep_best))]
+    for name, w, r, (hot, life, energy) in rows:
+        say(f"  {name[:52]:<52}{w:>14,}{r:>12,}{(f'{base / w:.3f}x' if w else 'inf'):>11}"
+            f"{hot:>10,}{(f'{life:,}' if life is not None else '-'):>9}{si(energy, 'J'):>13}")
+    dev = rep_sorted["device"]
+    say(f"  max/cell: writes per pass of the most-written cell; life: passes until it reaches "
+        f"the endurance of the {dev['name']!r} device ({dev['endurance']:.0e} writes); energy: "
+        "SET + RESET pulses (docs/semantics.md rules 15, 16; --device in reprogram_report.py)")
 
     say("")
     say("== Float vs crossbar on real photos bundled in scikit-image / scikit-learn / matplotlib")

@@ -209,9 +209,11 @@ def simulate(layers, cfg):
         prepared.append((name, q, s, idx, placement(q, idx, cfg, F)))
     orders = {}
 
-    def one_pass(count_cells):
+    def one_pass(count_cells, offset=(0, 0)):
+        """One pass; ``offset`` (rule 14) moves logical cell (r, col) of every tile to physical
+        cell ((r + a) mod rows, (col + b) mod cols)."""
         t = 0
-        stats = {"writes": 0, "sets": 0, "resets": 0, "pulses": 0, "rows": 0,
+        stats = {"writes": 0, "sets": 0, "resets": 0, "pulses": 0, "set_pulses": 0, "rows": 0,
                  "per_slice": [0] * S, "layers": [], "eff": []}
         cell_w = {}
         for name, q, s, idx, blocks in prepared:
@@ -230,7 +232,8 @@ def simulate(layers, cfg):
                     for kp in range(sec * rows, min(K, (sec + 1) * rows)):
                         cells = encode_one(q[o][idx[o][kp]], bits, b, enc)
                         for i in range(c):
-                            yield kp - sec * rows, f * c + i, cells[i], o, kp, i
+                            yield ((kp - sec * rows + offset[0]) % rows,
+                                   (f * c + i + offset[1]) % cols, cells[i], o, kp, i)
 
             def program(tile, x):
                 nonlocal lw
@@ -248,11 +251,15 @@ def simulate(layers, cfg):
                         new = [old[i] if held[i] else cells[i][2] for i in range(c)]
                     for i, (r, col, _) in enumerate(cells):
                         written[x].add((r, col))
+                        if new[i] != old[i] and count_cells:
+                            lcell = layer_cells.setdefault(name, {})
+                            lcell[(x, r, col)] = lcell.get((x, r, col), 0) + 1
                         if new[i] != old[i]:
                             stats["writes"] += 1
                             lw += 1
                             stats["sets" if new[i] > old[i] else "resets"] += 1
                             stats["pulses"] += abs(new[i] - old[i])
+                            stats["set_pulses"] += max(new[i] - old[i], 0)
                             stats["per_slice"][i % S] += 1
                             row_written.add(r)
                             cell_w[(x, r, col)] = cell_w.get((x, r, col), 0) + 1
@@ -287,16 +294,43 @@ def simulate(layers, cfg):
             orders[name] = order
             stats["layers"].append((name, lw))
             stats["eff"].append(eff)
-        stats["max_cell"] = max(cell_w.values()) if cell_w else 0
+        stats["cells"] = cell_w
         stats["tiles"] = t
         return stats
 
+    # rule 14: the steady passes of one wear-levelling period, offsets per pass
+    wl = cfg.get("wear_leveling", "none")
+    period = {"none": 1, "rotate_rows": rows}.get(wl, rows * cols // math.gcd(rows, cols))
+
+    def offset(t):
+        return {"none": (0, 0), "rotate_rows": (t % rows, 0)}.get(wl, (t % rows, t % cols))
+
+    layer_cells = {}
     first = one_pass(False)
-    second = one_pass(True)
+    passes = [one_pass(True, offset(t)) for t in range(1, period + 1)]
+
+    def avg(v):
+        return v if period == 1 else v / period
+
+    def total(key):
+        return avg(sum(p[key] for p in passes))
+
+    cells = {}
+    for p in passes:
+        for cell, n in p["cells"].items():
+            cells[cell] = cells.get(cell, 0) + n
+    second = passes[0]
     return {"tiles": first["tiles"], "initial_writes": first["writes"],
-            "writes_per_pass": second["writes"], "set_writes_per_pass": second["sets"],
-            "reset_writes_per_pass": second["resets"], "pulses_per_pass": second["pulses"],
-            "rows_programmed_per_pass": second["rows"], "per_slice": second["per_slice"],
-            "layers": second["layers"], "max_cell_writes_per_pass": second["max_cell"],
+            "writes_per_pass": total("writes"), "set_writes_per_pass": total("sets"),
+            "reset_writes_per_pass": total("resets"), "pulses_per_pass": total("pulses"),
+            "set_pulses_per_pass": total("set_pulses"),
+            "rows_programmed_per_pass": total("rows"),
+            "per_slice": [avg(sum(p["per_slice"][i] for p in passes)) for i in range(S)],
+            "layers": [(name, avg(sum(dict(p["layers"])[name] for p in passes)))
+                       for name, _ in second["layers"]],
+            "max_cell_writes_per_pass": avg(max(cells.values())) if cells else 0,
+            # per physical cell (crossbar, row, col): writes over the period (rule 15)
+            "cell_period_writes": cells, "period": period,
+            "layer_cell_period_writes": layer_cells,
             "q_eff": second["eff"], "scales": [p[2] for p in prepared],
             "orders": [orders[p[0]] for p in prepared]}

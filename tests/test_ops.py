@@ -258,14 +258,16 @@ def _fresh_pool(rows, cols, b, pool=1):
 
 
 def test_program_layer_multibit_pulses():
-    """2-bit cells: 0 -> 3 is one write, one SET, three pulses; 3 -> 1 one RESET, two pulses."""
+    """2-bit cells: 0 -> 3 is one write, one SET, three pulses (all SET pulses); 3 -> 1 one
+    RESET, two pulses (no SET pulse). Stats: writes, sets, resets, pulses, rows, set pulses,
+    then writes per slice (one slice here)."""
     t = _fresh_pool(1, 4, 2)
     cells = torch.tensor([[[3, 0]]], dtype=torch.uint8)  # differential, B=3, b=2: c=2
     _, stats, _ = call_program(ops.program_layer, cells, t, 0, 1, 4, 3, 2, 0, False)
-    assert stats.tolist() == [1, 1, 0, 3, 1, 1]
+    assert stats.tolist() == [1, 1, 0, 3, 1, 3, 1]
     cells = torch.tensor([[[1, 0]]], dtype=torch.uint8)
     _, stats, _ = call_program(ops.program_layer, cells, t, 0, 1, 4, 3, 2, 0, False)
-    assert stats.tolist() == [1, 0, 1, 2, 1, 1]
+    assert stats.tolist() == [1, 0, 1, 2, 1, 0, 1]
     assert t[3].tolist() == [[[2, 0, 0, 0]]]
 
 

@@ -235,7 +235,8 @@ def program_layer(cells: torch.Tensor, filter_index: torch.Tensor, order: torch.
       q (the value of its plain targets), the high slices in closed form; ties: fewest writes,
       then the smallest assignment (first free cell least significant).
     * ``stats`` int64: writes, SETs, RESETs, pulses (sum |new - old|), rows programmed (a tile
-      row with at least one write), then writes per slice.
+      row with at least one write), SET pulses (sum of new - old where new > old), then
+      writes per slice.
     * ``effective_cells``: what the cells hold right after their tile was programmed.
     * If ``count_cells``, ``cell_writes`` (int32, (pool, rows, cols)) gets +1 per written cell.
     """
@@ -310,6 +311,7 @@ def program_layer(cells: torch.Tensor, filter_index: torch.Tensor, order: torch.
         stats[2] += (new < old).sum()
         stats[3] += (new - old).abs().sum()
         stats[4] += changed.any(dim=1).sum()
+        stats[5] += (new - old).clamp(min=0).sum()
         for sl in range(S):
             stats[len(STAT_NAMES) + sl] += changed[:, col_slice == sl].sum()
         if count_cells:
