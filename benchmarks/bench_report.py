@@ -115,7 +115,7 @@ def wear(skip_rotation: bool) -> None:
     print(f"report Lite0 with per-layer cell statistics {t_wear:.3f} s / without "
           f"{t_plain:.3f} s = {t_wear / t_plain:.2f}x (target <= 1.2x)")
     cw = d["cell_writes_per_pass"]
-    print(f"  none: max cell {cw['max']:,} writes/pass, mean over worn cells {cw['mean']:.0f}, "
+    print(f"  none: max cell {cw['max']:,.0f} writes/pass, mean over worn cells {cw['mean']:.0f}, "
           f"worn {cw['worn_cells']:,} of {cw['cells']:,}; limits: perfect levelling over the "
           f"worn cells {cw['max'] / cw['mean']:.2f}x")
     if skip_rotation:

@@ -314,7 +314,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                                    -pool.offset[0], -pool.offset[1]).to(torch.int64)
                 cells_total += mine
                 if period == 1:  # the layer's statistics now: nothing to keep
-                    entry["cell_stats"] = cell_stats(mine, 1)
+                    entry["cell_stats"] = cell_stats(mine, 1, brief=True)
                 elif keep_layers:
                     layer_cells[i] = mine if i not in layer_cells else layer_cells[i] + mine
             if pass_no == 1:
@@ -335,8 +335,8 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
         w = entry.pop("period_writes")
         entry["writes_per_pass"] = w if period == 1 else w / period
         if period > 1 or not layer_wear:
-            entry["cell_stats"] = (cell_stats(layer_cells.pop(i), period) if keep_layers
-                                   else None)
+            entry["cell_stats"] = (cell_stats(layer_cells.pop(i), period, brief=True)
+                                   if keep_layers else None)
     result.cells = cell_stats(cells_total, period)
     result.crossbar_max = [float(v) / period if period > 1 else int(v)
                            for v in cells_total.flatten(1).max(1).values.tolist()]

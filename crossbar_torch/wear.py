@@ -69,8 +69,11 @@ class CellStats:
         return passes_until(endurance, Fraction(total, self.period))
 
 
-def cell_stats(totals: torch.Tensor, period: int, bins: int = HISTOGRAM_BINS) -> CellStats:
-    """Statistics of per-cell write totals over ``period`` passes (any shape, integer)."""
+def cell_stats(totals: torch.Tensor, period: int, bins: int = HISTOGRAM_BINS,
+               brief: bool = False) -> CellStats:
+    """Statistics of per-cell write totals over ``period`` passes (any shape, integer).
+    ``brief``: worn cells, mean, max and p99 only (p50 and the histogram left empty), for the
+    per-layer statistics a report computes for every layer."""
     flat = totals.reshape(-1).to(torch.int64).cpu()
     worn = flat[flat > 0]
     n = int(worn.numel())
@@ -83,6 +86,8 @@ def cell_stats(totals: torch.Tensor, period: int, bins: int = HISTOGRAM_BINS) ->
     st.p99_total = kth_largest(worn, math.ceil(n / 100))
     st.max = st.max_total / period
     st.p99 = st.p99_total / period
+    if brief:
+        return st
     st.p50 = kth_largest(worn, math.ceil(n / 2)) / period
     # equal-width bins from 0 to the maximum; the last bin holds the maximum
     top = st.max

@@ -203,3 +203,149 @@ def test_random_weights_without_a_flag_are_said_in_output_and_json(tmp_path, cap
     d = json.loads((tmp_path / "r.json").read_text())
     assert d["random_weights"] is True and "RANDOM" in d["warning"]
     assert isinstance(d["weights"], int)  # the report's own field is untouched
+
+
+# ------------------------------------------------- wear panels of --plot (issue 11)
+
+def _panels(rows):
+    """draw(rows) -> (fig, slices axes, histogram axes, layers axes, layers' right axis)."""
+    fig, ax = _script().draw(rows)
+    assert len(fig.axes) == 4 and fig.axes[0] is ax
+    return (fig, *fig.axes)
+
+
+def _layer_bars(lax):
+    from matplotlib.patches import Rectangle
+    return [p for p in lax.patches if isinstance(p, Rectangle)]
+
+
+def _close(fig):
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def test_plot_has_slice_histogram_and_layer_panels_with_labels():
+    from matplotlib.colors import to_rgba
+    from matplotlib.patches import StepPatch
+    rows = _rows(("baseline", DIFF.replace(sort="none")), ("sorted", DIFF),
+                 ("rotated", DIFF.replace(wear_leveling="rotate_rows")))
+    assert rows[2][1]["period_passes"] > 1  # an averaged (maybe fractional) run is drawn too
+    fig, ax, hax, lax, twin = _panels(rows)
+    assert ax.get_ylabel() == "writes per pass"
+    assert hax.get_yscale() == "log" and "log scale" in hax.get_ylabel()
+    assert hax.get_ylabel().startswith("worn cells")
+    assert hax.get_xlabel() == "writes per pass of one cell"
+    assert lax.get_ylabel().startswith("writes per pass")
+    assert twin.get_ylabel().startswith("max writes of one cell per pass")
+    assert lax.get_xlabel().startswith("layer") and "per pass" in lax.get_title()
+    names = [l["name"] for l in rows[0][1]["layers"]]
+    assert [t.get_text() for t in lax.get_xticklabels()] == names  # few layers: by name
+
+    # one step line per run, the stored bins exactly, the run's colour of the slice panel
+    stairs = [p for p in hax.patches if isinstance(p, StepPatch)]
+    assert len(stairs) == len(rows)
+    for (_, d), st in zip(rows, stairs):
+        h = d["cell_writes_per_pass"]["histogram"]
+        assert list(st.get_data().values) == h["counts"]
+        assert list(st.get_data().edges) == pytest.approx(h["bin_edges"])
+    # bar containers carry the run's label
+    slice_colour = {c.get_label(): c.patches[0].get_facecolor() for c in ax.containers}
+    for (name, d), st in zip(rows, stairs):
+        assert to_rgba(st.get_edgecolor()) == to_rgba(slice_colour[name])
+        # dotted vertical line at the run's max, same colour
+        assert any(list(l.get_xdata()) == [d["max_cell_writes_per_pass"]] * 2
+                   and l.get_linestyle() == ":" and to_rgba(l.get_color()) == st.get_edgecolor()
+                   for l in hax.lines)
+    labels = [t.get_text() for t in hax.get_legend().get_texts()]
+    for (name, d), label in zip(rows, labels):
+        assert label.startswith(name + ":")
+        assert f"first failure after {d['passes_to_first_failure']:,} passes on " \
+               f"{d['device']['name']}" in label
+    assert "average over" in labels[2] and "average over" not in labels[1]
+
+    # per layer: one bar per layer and run with the layer's writes; a diamond per bar with the
+    # layer's max writes of one cell, on the right axis
+    bars = _layer_bars(lax)
+    assert len(bars) == len(names) * len(rows)
+    for i, (name, d) in enumerate(rows):
+        mine = bars[i * len(names):(i + 1) * len(names)]
+        assert [b.get_height() for b in mine] == [l["writes_per_pass"] for l in d["layers"]]
+        assert all(to_rgba(b.get_facecolor()) == to_rgba(slice_colour[name]) for b in mine)
+        ys = list(twin.lines[i].get_ydata())
+        assert ys == [l["max_cell_writes_per_pass"] for l in d["layers"]]
+        assert list(twin.lines[i].get_xdata()) == [b.get_x() + b.get_width() / 2 for b in mine]
+    _close(fig)
+
+
+def test_plot_legends_hide_no_data():
+    rows = _rows(("baseline", DIFF.replace(sort="none")), ("sorted", DIFF))
+    fig, ax, hax, lax, twin = _panels(rows)
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    hleg = hax.get_legend().get_window_extent(r)
+    assert hleg.y1 <= hax.xaxis.label.get_window_extent(r).y0 + 1  # below axes and x label
+    assert len(fig.legends) == 1  # the per-layer legend: the figure's, under everything
+    fleg = fig.legends[0].get_window_extent(r)
+    assert fleg.y1 <= min(lax.get_tightbbox(r).y0, twin.get_tightbbox(r).y0) + 1
+    texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "baseline" in texts and "sorted" in texts
+    assert any("right axis" in t for t in texts) and any("left axis" in t for t in texts)
+    _close(fig)
+
+
+def test_plot_six_runs_caps_the_layer_panel_at_four():
+    from matplotlib.patches import StepPatch
+    rows = _rows(*[(f"run {k}", DIFF.replace(seed=k)) for k in range(6)])
+    fig, ax, hax, lax, twin = _panels(rows)
+    layers = len(rows[0][1]["layers"])
+    assert len([p for p in hax.patches if isinstance(p, StepPatch)]) == 6  # all runs here
+    assert len(_layer_bars(lax)) == layers * 4
+    assert [c.get_label() for c in lax.containers] == [f"run {k}" for k in range(4)]
+    assert len(twin.lines) == 4
+    assert "first 4 of 6 runs" in lax.get_title()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "run 3" in legend and "run 4" not in legend
+    _close(fig)
+
+
+def test_plot_draws_layers_without_max_cell_counts_and_runs_without_writes(tmp_path):
+    import copy
+    rows = _rows(("sorted", DIFF), ("other", DIFF.replace(seed=1)))
+    d = copy.deepcopy(rows[0][1])
+    for l in d["layers"]:  # past the per-layer memory bound: no per-cell maximum
+        l["max_cell_writes_per_pass"] = None
+        l["p99_cell_writes_per_pass"] = None
+    idle = copy.deepcopy(rows[1][1])  # nothing written: no worn cell, empty histogram
+    idle["cell_writes_per_pass"]["histogram"] = {"bin_edges": [], "counts": []}
+    idle["max_cell_writes_per_pass"] = 0
+    idle["passes_to_first_failure"] = None
+    for l in idle["layers"]:
+        l["max_cell_writes_per_pass"] = None
+    rows = [("no max", d), ("idle", idle)]
+    fig, ax, hax, lax, twin = _panels(rows)
+    assert len(_layer_bars(lax)) == 2 * len(d["layers"])
+    assert all(all(y != y for y in line.get_ydata()) for line in twin.lines)  # no diamond
+    assert any("not counted" in t.get_text() for t in lax.texts)
+    labels = [t.get_text() for t in hax.get_legend().get_texts()]
+    assert labels[1].startswith("idle:") and "never wears" in labels[1]
+    _close(fig)
+    _script().plot(rows, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_many_layers_are_numbered_not_named():
+    import copy
+    rows = _rows(("sorted", DIFF))
+    d = copy.deepcopy(rows[0][1])
+    base = d["layers"]
+    d["layers"] = [dict(base[i % len(base)], name=f"layer{i}",
+                        writes_per_pass=base[i % len(base)]["writes_per_pass"] * (i + 1) ** 2)
+                   for i in range(45)]
+    fig, ax, hax, lax, twin = _panels([("many", d)])
+    assert lax.get_xlabel().startswith("layer (index in model order")
+    ticks = [t.get_text() for t in lax.get_xticklabels()]
+    assert 5 <= len(ticks) <= 26 and all(t.isdigit() for t in ticks) and ticks[0] == "0"
+    assert len(_layer_bars(lax)) == 45
+    # writes spanning orders of magnitude: a log axis, said in the label
+    assert lax.get_yscale() == "log" and "log" in lax.get_ylabel()
+    _close(fig)
