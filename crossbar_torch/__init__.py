@@ -9,5 +9,6 @@ from .modules import CrossbarConv2d, CrossbarLinear, crossbar_layers  # noqa: F4
 from .convert import ConversionRecord, convert  # noqa: F401
 from .programming import CrossbarPool, ProgramResult, program_model, reprogram, stuck_mask  # noqa: F401
 from .report import ReprogramReport, reprogram_report  # noqa: F401
+from .analog import calibrate  # noqa: F401
 
 __version__ = "0.1.0"

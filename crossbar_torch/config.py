@@ -23,9 +23,15 @@ STUCK_VALUES = ("initial", 0, 1)
 FILTER_ORDERS = ("natural", "profile", "chain")  # chain: this project's, beyond rule 11
 SCHEDULES = ("section_major", "greedy")
 WEAR_LEVELING = ("none", "rotate_rows", "rotate")
+ADC_RANGES = ("full", "calibrated")
+ADC_SCOPES = ("slice", "weight")
 # Fields that change neither the layers' cells nor their effective weights, only how the
 # programming is counted and costed: a model converted with one value may be counted with another.
 COUNTING_FIELDS = ("wear_leveling", "device")
+# Rules 17 to 19: how the crossbar computes, not what it holds or what programming it costs.
+ANALOG_FIELDS = ("input_bits", "input_bits_per_cycle", "input_range", "adc_bits", "adc_range",
+                 "adc_scope", "g_ratio", "prog_noise", "read_noise", "drift_nu", "drift_nu_std",
+                 "t_inference")
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,19 @@ class CrossbarConfig:
     # the memristor device (a preset in configs/devices/ or a path to a device YAML).
     wear_leveling: str = "none"
     device: str = "default"
+    # Analog periphery (docs/semantics.md rules 17 to 20): every default is ideal.
+    input_bits: Any = None          # DAC bits (None: ideal inputs)
+    input_bits_per_cycle: int = 1   # bits driven per cycle (bit-serial: 1)
+    input_range: Any = None         # DAC full scale (None: calibrated per layer)
+    adc_bits: Any = None            # ADC bits per column partial sum (None: ideal)
+    adc_range: str = "full"         # "full" (largest possible sum) or "calibrated"
+    adc_scope: str = "slice"        # "slice" (bit-sliced columns) or "weight" (whole weights)
+    g_ratio: Any = None             # G_max / G_min (None or inf: G_min = 0)
+    prog_noise: float = 0.0         # relative std of a written cell's conductance
+    read_noise: float = 0.0         # relative std drawn at each forward
+    drift_nu: float = 0.0           # mean drift exponent
+    drift_nu_std: float = 0.0       # its spread over cells
+    t_inference: float = 1.0        # seconds since programming (t0 = 1 s)
 
     def __post_init__(self):
         def bad(name, allowed):
@@ -126,11 +145,88 @@ class CrossbarConfig:
             bad("device", "a device preset name or a path to a device YAML")
         from .device import load_device
         load_device(self.device)  # ValueError naming the device, its file or its field
+        self._check_analog(bad)
         if self.cols < self.cells_per_weight:
             raise ValueError(
                 f"CrossbarConfig.cols={self.cols} is invalid: one weight takes "
                 f"{self.cells_per_weight} cells ({self.encoding}, weight_bits={self.weight_bits}, "
                 f"bits_per_cell={self.bits_per_cell}), so cols must be >= {self.cells_per_weight}")
+
+    def _check_analog(self, bad) -> None:
+        """Rules 17 to 19: each field in range, named when it is not."""
+        def number(name, lo, hi=math.inf, lo_open=False, allow_inf=False):
+            v = getattr(self, name)
+            if isinstance(v, str):  # YAML 1.1 reads 1e-2 / inf as strings
+                try:
+                    v = float(v)
+                except ValueError:
+                    bad(name, "a number")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+                bad(name, "a number")
+            if math.isinf(v) and not allow_inf:
+                bad(name, "a finite number")
+            if (v <= lo if lo_open else v < lo) or v > hi:
+                bad(name, f"{'>' if lo_open else '>='} {lo}" + (f" and <= {hi}"
+                                                                  if hi != math.inf else ""))
+            object.__setattr__(self, name, float(v))
+
+        for name, hi in (("input_bits", 16), ("adc_bits", 24)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                                  or not 1 <= v <= hi):
+                bad(name, f"None (ideal) or an integer 1 .. {hi}")
+        v = self.input_bits_per_cycle
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
+            bad("input_bits_per_cycle", "an integer 1 .. 16")
+        if self.input_bits is not None and v > self.input_bits:
+            bad("input_bits_per_cycle", f"at most input_bits={self.input_bits}")
+        if self.input_range is not None:
+            number("input_range", 0.0, lo_open=True)
+        if self.adc_range not in ADC_RANGES:
+            bad("adc_range", f"one of {ADC_RANGES}")
+        if self.adc_scope not in ADC_SCOPES:
+            bad("adc_scope", f"one of {ADC_SCOPES}")
+        if self.g_ratio is not None:
+            number("g_ratio", 1.0, lo_open=True, allow_inf=True)
+            if math.isinf(self.g_ratio):  # stored as None: JSON has no infinity
+                object.__setattr__(self, "g_ratio", None)
+        number("prog_noise", 0.0, 10.0)
+        number("read_noise", 0.0, 10.0)
+        number("drift_nu", 0.0, 10.0)
+        number("drift_nu_std", 0.0, 10.0)
+        number("t_inference", 1.0, 1e12)
+        if self.adc_scope == "weight":
+            if self.input_bits is None:
+                bad("adc_scope", "'slice' unless input_bits is set ('weight' quantizes the "
+                    "signed inputs in one cycle)")
+            if self.noisy or self.g_ratio is not None:
+                bad("adc_scope", "'slice' with noise or a finite g_ratio ('weight' holds "
+                    "ideal whole weights)")
+        if self.analog and self.encoding == "twos_complement" and (
+                self.weight_bits - 1) % self.bits_per_cell:
+            bad("encoding", "differential or offset with the analog periphery, unless the top "
+                "two's-complement slice holds only the sign bit (weight_bits - 1 a multiple "
+                "of bits_per_cell): its other bits would not add linearly (rule 18)")
+        if self.noisy and self.wear_leveling != "none":
+            bad("wear_leveling", "'none' with programming noise, read noise or drift (their "
+                "draws are keyed by physical cells, which rule 14 moves)")
+
+    @property
+    def noisy(self) -> bool:
+        """Rule 19: some conductance differs from its level (noise or drift)."""
+        return bool(self.prog_noise or self.read_noise
+                    or (self.drift_nu or self.drift_nu_std) and self.t_inference > 1.0)
+
+    @property
+    def analog(self) -> bool:
+        """Rules 17 to 19: the crossbar is not ideal, so layers do not use the cached GEMM."""
+        return (self.input_bits is not None or self.adc_bits is not None or self.noisy
+                or self.g_ratio is not None)
+
+    @property
+    def g0(self) -> float:
+        """Rule 19: the conductance of level 0 in level units, (2**b - 1) / (g_ratio - 1)."""
+        return 0.0 if self.g_ratio is None else (2 ** self.bits_per_cell - 1) / (self.g_ratio - 1)
 
     # Derived quantities (docs/semantics.md rules 3 and 5).
     @property
@@ -215,7 +311,12 @@ class CrossbarConfig:
         without it (docs/semantics.md). The device stays: costs compare on the same device."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
                             stuck_value="initial", compensate=False, filter_order="natural",
-                            schedule="section_major", wear_leveling="none")
+                            schedule="section_major", wear_leveling="none",
+                            **self._ideal_periphery())
+
+    def _ideal_periphery(self) -> dict:
+        """The analog fields at their ideal defaults (the baseline counts writes only)."""
+        return {f.name: f.default for f in fields(self) if f.name in ANALOG_FIELDS}
 
     def with_overrides(self, overrides: Iterable[str]) -> "CrossbarConfig":
         """Apply ``key=value`` strings (values parsed as YAML scalars)."""

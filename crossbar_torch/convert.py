@@ -161,6 +161,9 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
         warnings.warn("convert: left alone " + "; ".join(f"{n} ({t}): {r}"
                                                          for n, t, r in unexpected))
     object.__setattr__(model, "crossbar_conversion", record)
+    from .modules import crossbar_layers
+    for number, (name, layer) in enumerate(crossbar_layers(model)):
+        layer.layer_number, layer.layer_name = number, name  # rule 19's read-noise draws
     if program and record.converted:
         from .programming import reprogram
         reprogram(model, progress=progress)

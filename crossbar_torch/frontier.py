@@ -250,6 +250,10 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+CALIBRATION_IMAGES = 8       # images that set the analog ranges (rule 20)
+CALIBRATION_SENTENCES = 32
+
+
 class ImageScorer:
     """Top-1 / top-5 on labelled images and top-1 agreement with the float model.
 
@@ -336,6 +340,12 @@ class ImageScorer:
                 "top1": 100.0 * int(topk_correct(self.ref_logits, self.labels, 1).sum()) / n,
                 "top5": 100.0 * int(topk_correct(self.ref_logits, self.labels, 5).sum()) / n}
 
+    def calibrate(self, model: nn.Module, images: int = CALIBRATION_IMAGES) -> None:
+        """Rule 20: the analog ranges from the first ``images`` images of the data."""
+        from .analog import calibrate
+        x = torch.cat([b[0] for b in self._iter()])[:images]
+        calibrate(model, x.to(self.device))
+
     def score(self, model: nn.Module) -> dict:
         logits, labels = self._logits(model)
         if self.ref_logits is None or logits.shape != self.ref_logits.shape or \
@@ -392,6 +402,15 @@ class SentenceScorer:
                 atomic_write(cache_path, lambda f: torch.save(
                     {"key": key, "outputs": self.ref}, f), binary=True)
         return {"sentences": len(self.sentences)}
+
+    def calibrate(self, model: nn.Module, sentences: int = CALIBRATION_SENTENCES) -> None:
+        """Rule 20: the analog ranges from the first ``sentences`` sentences."""
+        from .analog import calibrate
+        from .weights import encode_sentences, minilm_tokenizer
+        if self.tokenizer is None:
+            self.tokenizer = minilm_tokenizer()
+        calibrate(model, run=lambda m: encode_sentences(m, self.sentences[:sentences],
+                                                        self.tokenizer))
 
     def score(self, model: nn.Module) -> dict:
         if self.ref is None:
@@ -576,6 +595,8 @@ def run_frontier(float_model: nn.Module, runs: Sequence[SweepRun], scorer, *, cs
             bar.set_postfix_str(run.name[:40])
             t1 = time.perf_counter()
             xmodel = convert(float_model, run.config)  # a fresh deep copy, programmed
+            if run.config.analog:  # rule 20: converter ranges from the first samples
+                scorer.calibrate(xmodel)
             rep = reprogram_report(xmodel).to_dict()
             t2 = time.perf_counter()
             scores = scorer.score(xmodel)

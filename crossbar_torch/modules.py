@@ -36,7 +36,11 @@ from .quantization import quantize, sort_index
 
 # What a crossbar layer keeps beside the parameters of the layer it replaced.
 CROSSBAR_BUFFERS = ("scale", "sort_index", "cells", "stuck", "filter_index", "tile_order",
-                    "_extra_state")
+                    "input_range", "adc_range", "prog_eps", "drift_nu", "_extra_state")
+# Rules 17 to 20: empty unless the periphery needs them; their size depends on the config and
+# calibration, and state dicts from before they existed load without them.
+ANALOG_BUFFERS = {"input_range": torch.float32, "adc_range": torch.float64,
+                  "prog_eps": torch.float32, "drift_nu": torch.float32}
 
 
 class CrossbarMixin:
@@ -54,7 +58,12 @@ class CrossbarMixin:
         self.register_buffer("stuck", torch.zeros(0, dtype=torch.bool))
         self.register_buffer("filter_index", natural_filter_index(out_features, config))
         self.register_buffer("tile_order", torch.zeros(0, dtype=torch.int64))
+        for name, dtype in ANALOG_BUFFERS.items():
+            self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self.layer_number, self.layer_name = 0, type(self).__name__  # set by convert
+        self._forward_count = 0  # read-noise draws (rule 19)
         self._eff_cache = None
+        self._linear_cache = None
         self._programmed_version = None
         self._programmed_checksum = 0.0
         self._stale_warned = False
@@ -98,6 +107,7 @@ class CrossbarMixin:
         if tile_order is not None:
             self.tile_order = tile_order.to(self.tile_order.device, torch.int64).contiguous()
         self._eff_cache = None
+        self._linear_cache = None
         self._mark_programmed()
 
     # ---- is the latent weight still the one the crossbars were programmed with? -------------
@@ -160,10 +170,8 @@ class CrossbarMixin:
         q.scatter_(1, self.sort_index, q_sorted)
         return q
 
-    def simulated_weight(self) -> torch.Tensor:
-        """Train mode: effective weight of the current latent weight with the stuck cells kept.
-        The quantizer (and the stuck cells) are passed straight through: the gradient with
-        respect to the latent weight is the gradient with respect to the effective weight."""
+    def simulated_cells(self) -> torch.Tensor:
+        """The cells programming the current latent weight would leave (sorted order)."""
         target = self.target_cells()
         if self.stuck.numel():
             # what programming would leave: the stuck cells keep their levels, and with rule 13
@@ -172,7 +180,13 @@ class CrossbarMixin:
             target = ops.compensate(target, self.stuck, self.cells, cfg.weight_bits,
                                     cfg.bits_per_cell, cfg.encoding_id,
                                     cfg.stuck_slices if cfg.compensate else 0)
-        w_eff = self._decode(target)
+        return target
+
+    def simulated_weight(self, cells: torch.Tensor | None = None) -> torch.Tensor:
+        """Train mode: effective weight of the current latent weight with the stuck cells kept.
+        The quantizer (and the stuck cells) are passed straight through: the gradient with
+        respect to the latent weight is the gradient with respect to the effective weight."""
+        w_eff = self._decode(self.simulated_cells() if cells is None else cells)
         # only the quantizer is skipped by the gradient: StdConv2d-style weight
         # standardization stays differentiable, so its raw weight and gain are trained too
         w = self.matrix_weight().reshape(self._weight_shape())
@@ -183,13 +197,38 @@ class CrossbarMixin:
     def weight_for_forward(self) -> torch.Tensor:
         if self.training:  # simulate programming the current latent weight (fine-tuning)
             return self.simulated_weight()
+        self._warn_if_stale()
+        return self.effective_weight()
+
+    def _warn_if_stale(self) -> None:
         if not self._stale_warned and self._weight_changed():
             warnings.warn(f"{type(self).__name__}: the latent weight changed since the crossbars "
                           "were programmed; eval uses what the crossbars hold. Call "
                           "crossbar_torch.reprogram(model) to program the new weights.",
-                          stacklevel=3)
+                          stacklevel=4)
             self._stale_warned = True
-        return self.effective_weight()
+
+    # ---- the analog periphery (rules 17 to 20) ----------------------------------------------
+    def analog_forward(self, x: torch.Tensor, rows_fn, apply_fn, groups: int = 1):
+        """The output rows (N, out) for input ``x`` through the DAC, the crossbar's
+        conductances and the ADC (rules 17 to 20), without bias. ``rows_fn(x)``: the input rows
+        (N, groups*K); ``apply_fn(x, w)``: the layer's op with weight ``w``, as rows. In train
+        mode the result carries the ideal path's gradient (a straight-through estimator)."""
+        from . import analog
+        calibrating = analog.is_calibrating()
+        if not self.training:
+            self._warn_if_stale()
+            with torch.no_grad():
+                return analog.layer_output(self, x, rows_fn, apply_fn, groups,
+                                           calibrating=calibrating).to(x.dtype)
+        cells = self.simulated_cells()
+        with torch.no_grad():
+            y = analog.layer_output(self, x.detach(), rows_fn, apply_fn, groups, cells=cells,
+                                    calibrating=calibrating).to(x.dtype)
+        y_ideal = apply_fn(x, self.simulated_weight(cells))
+        # y_ideal - y_ideal.detach() is exactly 0 (finite values): the value is the analog y
+        # bit for bit, the gradient that of the ideal path
+        return y + (y_ideal - y_ideal.detach())
 
     # ---- state dict: the config travels with the buffers ------------------------------------
     def get_extra_state(self):
@@ -220,6 +259,12 @@ class CrossbarMixin:
         skey = prefix + "stuck"
         if skey in state_dict:
             self.stuck = torch.empty_like(state_dict[skey], device=self.cells.device)
+        for name in ANALOG_BUFFERS:
+            akey = prefix + name
+            if akey in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[akey], device=self.cells.device))
+            else:  # saved before the analog periphery existed: uncalibrated, noiseless
+                state_dict[akey] = getattr(self, name).new_zeros(0)
         okey = prefix + "tile_order"
         if okey in state_dict:
             self.tile_order = torch.empty_like(state_dict[okey], device=self.cells.device)
@@ -236,6 +281,7 @@ class CrossbarMixin:
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self._eff_cache = None
+        self._linear_cache = None
         self._mark_programmed()
 
     def _check_loaded_buffers(self, state_dict, prefix, layer) -> None:
@@ -298,6 +344,7 @@ class CrossbarMixin:
         super()._apply(fn, recurse)
         self.scale = scale.to(self.scale.device, torch.float32)
         self._eff_cache = None
+        self._linear_cache = None
         if in_sync:
             self._mark_programmed()
         return self
@@ -336,6 +383,11 @@ class CrossbarLinear(CrossbarMixin, nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.analog:
+            rows = x.reshape(-1, x.shape[-1])
+            y = self.analog_forward(rows, lambda r: r, lambda r, w: F.linear(r, w.to(r.dtype)))
+            y = y.reshape(*x.shape[:-1], y.shape[-1])
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_for_forward(), self.bias)
 
     def extra_repr(self) -> str:
@@ -404,7 +456,6 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
         return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_for_forward()
         padding = self.padding
         if self.dynamic_same_pad:
             from timm.layers.padding import pad_same
@@ -413,7 +464,39 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
         elif self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        if self.config.analog:
+            return self._analog_conv(x, padding)
+        w = self.weight_for_forward()
         return F.conv2d(x, w, self.bias, self.stride, padding, self.dilation, self.groups)
+
+    def _analog_conv(self, x: torch.Tensor, padding) -> torch.Tensor:
+        """The convolution as rows of im2col columns through the analog periphery."""
+        if isinstance(padding, str):  # 'valid' / 'same' (stride 1): pad explicitly
+            if padding == "same":
+                pads = []
+                for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
+                    total = d * (k - 1)
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+            padding = 0
+        padding = nn.modules.utils._pair(padding)
+        B, _, H, W = x.shape
+        (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
+        ph, pw = padding
+        Ho = (H + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        Wo = (W + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+
+        def rows_fn(inp):  # im2col: one row per output position, (channel, kh, kw) order
+            cols = F.unfold(inp, self.kernel_size, self.dilation, padding, self.stride)
+            return cols.transpose(1, 2).reshape(B * Ho * Wo, -1)
+
+        def apply_fn(inp, w):
+            return F.conv2d(inp, w.to(inp.dtype), None, self.stride, padding, self.dilation,
+                            self.groups).permute(0, 2, 3, 1).reshape(B * Ho * Wo, -1)
+
+        y = self.analog_forward(x, rows_fn, apply_fn, self.groups)
+        y = y.reshape(B, Ho, Wo, -1).permute(0, 3, 1, 2)
+        return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 
     def extra_repr(self) -> str:
         s = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -274,6 +274,9 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     keep_layers = layer_wear and (
         period == 1 or len(layers) * pool.cell_writes.numel() * 8 <= LAYER_CELL_BYTES)
     layer_cells = {}
+    # rule 19: the programming error / drift of every cell needs each layer's writes replayed
+    noise = write_back and (run_cfg.prog_noise or run_cfg.drift_nu or run_cfg.drift_nu_std)
+    placed = [] if noise else None
     for pass_no in range(1 + period):
         pool.next_tile = 0
         pool.move_to(run_cfg.pass_offset(pass_no))
@@ -301,6 +304,8 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                                                 count_cells=counting)
             orders[i] = used
             counts.add(stats)
+            if noise and pass_no == 0:
+                placed.append([geom, index.cpu(), used, t0, eff.cpu(), None])
             if pass_no == 0:
                 result.layers.append({"name": name, "kind": type(layer).__name__,
                                       "shape": [out, k], "tiles": geom.tiles,
@@ -319,6 +324,8 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                     layer_cells[i] = mine if i not in layer_cells else layer_cells[i] + mine
             if pass_no == 1:
                 entry["tile_order"] = used.tolist()
+                if noise:
+                    placed[i][5] = eff.cpu()
                 if write_back:
                     stuck = (pool.layer_stuck(geom, layer.filter_index, used, t0)
                              if run_cfg.stucking else None)
@@ -331,6 +338,12 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                                        -pool.offset[0], -pool.offset[1]).to(torch.int64)
             pool.cell_writes.zero_()
     bar.close()
+    if noise:
+        from .analog import program_noise
+        for (_, layer), (eps, nu) in zip(layers, program_noise(run_cfg, pool.stuck_bits, placed)):
+            dev = layer.cells.device
+            layer.prog_eps = eps.to(dev) if eps is not None else layer.prog_eps.new_zeros(0)
+            layer.drift_nu = nu.to(dev) if nu is not None else layer.drift_nu.new_zeros(0)
     for i, entry in enumerate(result.layers):
         w = entry.pop("period_writes")
         entry["writes_per_pass"] = w if period == 1 else w / period

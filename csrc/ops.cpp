@@ -2,7 +2,8 @@
 //
 // Kernels are registered per device in cpu/<op>_kernel.cpp and cuda/<op>_kernel.cu (the latter
 // only in builds WITH_CUDA); fake (meta) kernels are registered in Python
-// (crossbar_torch/ops/__init__.py). Semantics: docs/semantics.md and crossbar_torch/ops/reference.py.
+// (crossbar_torch/ops/__init__.py). Semantics: docs/semantics.md and crossbar_torch/ops/reference.py
+// (analog_matmul: crossbar_torch/ops/analog_reference.py).
 #include <Python.h>
 
 #include <torch/library.h>
@@ -40,4 +41,9 @@ TORCH_LIBRARY(crossbar_torch, m) {
   m.def(
       "compensate(Tensor cells, Tensor held, Tensor old, int weight_bits, int bits_per_cell, "
       "int encoding, int compensate_slices) -> Tensor");
+  m.def(
+      "analog_matmul(Tensor x, Tensor g, Tensor sort_index, Tensor cell_weight, "
+      "Tensor adc_steps, int groups, int rows, int input_bits, int input_bits_per_cycle, "
+      "float input_scale, int adc_bits, float g0, float encoding_offset, bool signed_weights) "
+      "-> (Tensor, Tensor)");
 }

@@ -209,7 +209,18 @@ def simulate(layers, cfg):
         prepared.append((name, q, s, idx, placement(q, idx, cfg, F)))
     orders = {}
 
-    def one_pass(count_cells, offset=(0, 0)):
+    last_write = [dict() for _ in range(pool)]  # (r, col) -> pass of the cell's last write
+    cell_noise = {}  # (layer, o, original k, i) -> (eps_p, nu) of pass 1 (rule 19)
+
+    normals = {}
+
+    def normal(x, *tag):
+        if (x, *tag) not in normals:
+            normals[(x, *tag)] = np.random.default_rng([cfg.get("seed", 0), x, *tag]) \
+                .standard_normal((rows, cols))
+        return normals[(x, *tag)]
+
+    def one_pass(count_cells, offset=(0, 0), pass_no=0):
         """One pass; ``offset`` (rule 14) moves logical cell (r, col) of every tile to physical
         cell ((r + a) mod rows, (col + b) mod cols)."""
         t = 0
@@ -264,6 +275,14 @@ def simulate(layers, cfg):
                             row_written.add(r)
                             cell_w[(x, r, col)] = cell_w.get((x, r, col), 0) + 1
                         level[x][r][col] = new[i]
+                        if new[i] != old[i]:
+                            last_write[x][(r, col)] = pass_no
+                        if pass_no == 1:
+                            t_last = last_write[x].get((r, col), -1)
+                            eps = 0.0 if t_last < 0 else normal(x, t_last, 1)[r, col]
+                            nu = max(0.0, cfg.get("drift_nu", 0.0) + cfg.get(
+                                "drift_nu_std", 0.0) * normal(x, 2)[r, col])
+                            cell_noise[(name, o, idx[o][kp], i)] = (eps, nu)
                     eff[o][idx[o][kp]] = decode_one(new, bits, b, enc)
                 stats["rows"] += len(row_written)
 
@@ -307,7 +326,7 @@ def simulate(layers, cfg):
 
     layer_cells = {}
     first = one_pass(False)
-    passes = [one_pass(True, offset(t)) for t in range(1, period + 1)]
+    passes = [one_pass(True, offset(t), t) for t in range(1, period + 1)]
 
     def avg(v):
         return v if period == 1 else v / period
@@ -331,6 +350,6 @@ def simulate(layers, cfg):
             "max_cell_writes_per_pass": avg(max(cells.values())) if cells else 0,
             # per physical cell (crossbar, row, col): writes over the period (rule 15)
             "cell_period_writes": cells, "period": period,
-            "layer_cell_period_writes": layer_cells,
+            "layer_cell_period_writes": layer_cells, "cell_noise": cell_noise,
             "q_eff": second["eff"], "scales": [p[2] for p in prepared],
             "orders": [orders[p[0]] for p in prepared]}

@@ -12,6 +12,7 @@ a message that names the problem. Nothing may crash or hang.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +37,7 @@ WORKER = textwrap.dedent(r'''
     import torch
     import crossbar_torch.ops as ops
     from crossbar_torch.ops import reference as ref
+    from crossbar_torch.ops import analog_reference as aref
     torch.set_num_threads(1)
     X = torch.ops.crossbar_torch
     DT = {"uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
@@ -96,7 +98,8 @@ WORKER = textwrap.dedent(r'''
                 and torch.equal(a.cpu().contiguous(), b.cpu().contiguous()))
 
     REF = {"encode": ref.encode, "decode": ref.decode, "effective_weight": ref.effective_weight,
-           "sort_and_encode": ref.sort_and_encode, "compensate": ref.compensate}
+           "sort_and_encode": ref.sort_and_encode, "compensate": ref.compensate,
+           "analog_matmul": aref.analog_matmul}
 
     def check(op, args, got):
         """A call that succeeded: meta in, meta out; on the CPU, the reference's values."""
@@ -107,7 +110,11 @@ WORKER = textwrap.dedent(r'''
             return
         if op in REF:
             want = REF[op](*[a.clone() if isinstance(a, torch.Tensor) else a for a in args])
-            assert same(got, want), f"{op} differs from the reference"
+            if isinstance(got, tuple):
+                assert len(got) == len(want) and all(same(a, b) for a, b in zip(got, want)), \
+                    f"{op} differs from the reference"
+            else:
+                assert same(got, want), f"{op} differs from the reference"
 
     results = {}
     cases = json.load(sys.stdin)
@@ -305,6 +312,87 @@ HAND = [
     # meta cells, the rest on the CPU: the fake kernel refuses the mixture
     case("program_layer", _pl(cells="T('uint8', (3, 5, 4), device='meta')"), "same device"),
 ]
+
+
+def _am(x="T('float32', (3, 10), 'randn', 2.0)", g="T('float32', (4, 3, 5), 'rand', 0, 4)",
+        sort_index="T('int64', (4, 5), 'perm')", cell_weight="T('float64', (3,), 'rand', -4, 5)",
+        adc_steps="T('float64', (3,), 'rand', 1, 4)", groups=2, rows=2, input_bits=4,
+        per_cycle=1, input_scale=0.5, adc_bits=3, g0=0.5, encoding_offset=1.0, signed=False):
+    """analog_matmul arguments (valid by default: 3 input rows, 2 groups of 2 filters of 5
+    weights, 3 cells; integer conductances, so that the reference's sums are exact)."""
+    def num(v):  # a float the child can eval, nan and inf included
+        return repr(v) if math.isfinite(v) else f"float({str(v)!r})"
+    return (f"({x}, {g}, {sort_index}, {cell_weight}, {adc_steps}, {groups}, {rows}, "
+            f"{input_bits}, {per_cycle}, {num(input_scale)}, {adc_bits}, {num(g0)}, "
+            f"{num(encoding_offset)}, {signed})")
+
+
+HAND += [
+    case("analog_matmul", _am()),
+    case("analog_matmul", _am(x="T('float32', (3, 10), 'randn', 2.0, layout='T')")),
+    case("analog_matmul", _am(x="T('float32', (3, 10), 'randn', 2.0, layout='expand')",
+                              g="T('float32', (4, 3, 5), 'rand', 0, 4, layout='slice')")),
+    case("analog_matmul", _am(sort_index="T('int64', (4, 5), 'perm', layout='expand')",
+                              adc_steps="T('float64', (3,), 'rand', 1, 4, layout='slice')")),
+    case("analog_matmul", _am(x="T('float32', (3, 10), 'rand', -9, 9)", input_bits=0)),
+    case("analog_matmul", _am(x="T('float32', (0, 10))")),
+    case("analog_matmul", _am(x="T('float32', (3, 0))", g="T('float32', (4, 3, 0))",
+                              sort_index="T('int64', (4, 0))")),
+    case("analog_matmul", _am(g="T('float32', (4, 1, 5), 'rand', -4, 4)",
+                              cell_weight="T('float64', (1,), 'rand', 1, 2)",
+                              adc_steps="T('float64', (1,), 'rand', 1, 4)", signed=True)),
+    case("analog_matmul", _am(adc_bits=0, adc_steps="T('float64', (3,), 'zeros')")),
+    case("analog_matmul", _am(x="T('float32', (3, 10), 'randn', 2.0, poke=(4, float('nan')))"),
+         "x contains NaN or Inf"),
+    case("analog_matmul", _am(x="T('float32', (3, 10), 'rand', -9, 9, poke=(29, -float('inf')))",
+                              input_bits=0), "x contains NaN or Inf"),
+    case("analog_matmul", _am(g="T('float32', (4, 3, 5), 'rand', 0, 4, poke=(7, float('inf')))"),
+         "g contains NaN or Inf"),
+    case("analog_matmul", _am(cell_weight="T('float64', (3,), 'zeros', poke=(2, float('nan')))"),
+         "cell_weight contains NaN or Inf"),
+    case("analog_matmul", _am(sort_index="T('int64', (4, 5), 'perm', poke=(3, 5))"),
+         "sort_index entries"),
+    case("analog_matmul", _am(sort_index="T('int64', (4, 5), 'perm', poke=(3, -2**62))"),
+         "sort_index entries"),
+    case("analog_matmul", _am(adc_steps="T('float64', (3,), 'rand', 1, 4, poke=(1, 0.0))"),
+         "adc_steps must be > 0"),
+    case("analog_matmul", _am(x="T('float64', (3, 10))"), "x must be Float"),
+    case("analog_matmul", _am(cell_weight="T('float32', (3,))"), "cell_weight must be Double"),
+    case("analog_matmul", _am(g="T('float32', (4, 15))"), "g must have shape"),
+    case("analog_matmul", _am(x="T('float32', (3, 11))"), "x.size(1)"),
+    case("analog_matmul", _am(adc_steps="T('float64', (2,))"), "adc_steps.size(0)"),
+    case("analog_matmul", _am(groups=0), "groups must be >= 1"),
+    case("analog_matmul", _am(groups=2**62), "groups"),
+    case("analog_matmul", _am(groups=-2**63), "groups must be >= 1"),
+    case("analog_matmul", _am(rows=0), "rows must be >= 1"),
+    case("analog_matmul", _am(rows=2**63 - 1)),
+    case("analog_matmul", _am(input_bits=17), "input_bits must be in"),
+    case("analog_matmul", _am(input_bits=-2**40), "input_bits must be in"),
+    case("analog_matmul", _am(per_cycle=0), "input_bits_per_cycle must be in"),
+    case("analog_matmul", _am(per_cycle=2**31), "input_bits_per_cycle must be in"),
+    case("analog_matmul", _am(input_scale=0.0), "input_scale"),
+    case("analog_matmul", _am(input_scale=1e-60), "input_scale"),
+    case("analog_matmul", _am(input_scale=float('nan')), "input_scale"),
+    case("analog_matmul", _am(input_scale=1e-30, input_bits=16)),  # everything clamps
+    case("analog_matmul", _am(adc_bits=25), "adc_bits must be in"),
+    case("analog_matmul", _am(adc_bits=24)),
+    case("analog_matmul", _am(g0=-1.0), "g0 must be"),
+    case("analog_matmul", _am(encoding_offset=float('inf')), "encoding_offset must be finite"),
+    case("analog_matmul", _am(signed=True), "signed_weights needs one cell"),
+    # meta tensors: the fake kernel; mixed with CPU ones: refused as a device mismatch
+    case("analog_matmul", _am(*[f"T({d!r}, {sh!r}, device='meta')" for d, sh in (
+        ("float32", (3, 10)), ("float32", (4, 3, 5)), ("int64", (4, 5)), ("float64", (3,)),
+        ("float64", (3,)))])),
+    case("analog_matmul", _am(g="T('float32', (4, 3, 5), device='meta')"), "same device"),
+    case("eval", "CPU('analog_matmul', *" + _am(adc_steps="T('float64', (3,), device='meta')")
+         + ")", "adc_steps is on meta"),
+    # huge (expanded) inputs: the output's size overflows int64, or cannot be allocated
+    case("analog_matmul", _am(x="E('float32', (2**40, 10))", g="E('float32', (2**24, 3, 5))",
+                              sort_index="E('int64', (2**24, 5))"), "overflows int64"),
+    case("analog_matmul", _am(x="E('float32', (2**30, 10))", g="E('float32', (2**20, 3, 5))",
+                              sort_index="E('int64', (2**20, 5))"), "allocate"),
+]
+
 META_PL = case("program_layer", _pl(
     cells="T('uint8', (3, 5, 4), device='meta')", filter_index="T('int64', (0,), device='meta')",
     order="T('int64', (0,), device='meta')", pinned="T('uint8', (0,), device='meta')",
@@ -501,6 +589,83 @@ def program_layer_cases(draw):
     return case("program_layer", _pl(**kw), expect)
 
 
+@st.composite
+def analog_matmul_cases(draw):
+    """One valid analog_matmul call (integer conductances: the reference's sums are exact),
+    changed in at most one way."""
+    signed = draw(st.booleans())
+    N, groups = draw(st.integers(0, 4)), draw(st.integers(1, 3))
+    out, K = groups * draw(st.integers(0, 3)), draw(st.integers(0, 6))
+    c = 1 if signed else draw(st.integers(1, 4))
+    input_bits = draw(st.integers(1, 10)) if signed else draw(st.integers(0, 10))
+    seed = draw(st.integers(0, 2**20))
+    xkind = "'rand', -20, 21" if input_bits == 0 else "'randn', 3.0"
+    glo = -3 if signed else 0
+    kw = dict(x=f"T('float32', {(N, groups * K)}, {xkind}, seed={seed})",
+              g=f"T('float32', {(out, c, K)}, 'rand', {glo}, 4, seed={seed})",
+              sort_index=f"T('int64', {(out, K)}, 'perm', seed={seed})",
+              cell_weight=f"T('float64', {(c,)}, 'rand', -8, 9, seed={seed})",
+              adc_steps=f"T('float64', {(c,)}, 'rand', 1, 8, seed={seed})",
+              groups=groups, rows=draw(st.integers(1, 4)), input_bits=input_bits,
+              per_cycle=draw(st.integers(1, 16)), input_scale=draw(st.sampled_from([0.25, 0.3,
+                                                                                   1.0, 7.5])),
+              adc_bits=draw(st.integers(0, 24)), g0=draw(st.sampled_from([0.0, 0.5, 3.0])),
+              encoding_offset=draw(st.sampled_from([0.0, 1.0, -2.5])), signed=signed)
+    mutation = draw(st.sampled_from(BENIGN + ("dtype", "rank", "mixed_device", "index_range",
+                                              "nan_x", "inf_g", "bad_step", "scalar")))
+    tensors = ["x", "g", "sort_index", "cell_weight", "adc_steps"]
+    dtypes = {"x": "float32", "g": "float32", "sort_index": "int64", "cell_weight": "float64",
+              "adc_steps": "float64"}
+    name = draw(st.sampled_from(tensors))
+    expect = "ok"
+
+    def add(key, text):  # one more keyword of the T(...) call of kw[key]
+        kw[key] = kw[key][:-1] + f", {text})"
+
+    if mutation in ("T", "slice", "expand"):
+        add(name, f"layout={mutation!r}")
+    elif mutation == "meta":
+        for t in tensors:
+            add(t, "device='meta'")
+    elif mutation == "empty":
+        kw["x"] = f"T('float32', {(0, groups * K)})"
+    elif mutation == "dtype":
+        other = {"float32": "float64", "float64": "float32", "int64": "int32"}[dtypes[name]]
+        kw[name] = kw[name].replace(repr(dtypes[name]), repr(other), 1)
+        expect = f"{name} must be"
+    elif mutation == "rank":
+        kw[name] = f"T({dtypes[name]!r}, (2, 1, 1, 1))"
+        expect = f"{name} must have"
+    elif mutation == "mixed_device":
+        add(name, "device='meta'")
+        expect = "same device"
+    elif mutation == "index_range" and out and K:
+        add("sort_index", f"poke=({draw(st.integers(0, 10**6))}, "
+                          f"{draw(st.sampled_from([-1, K, 2**40, -2**62]))})")
+        expect = "sort_index entries"
+    elif mutation == "nan_x" and N and K:
+        bad = draw(st.sampled_from(["float('nan')", "float('inf')", "-float('inf')"]))
+        add("x", f"poke=({draw(st.integers(0, 10**6))}, {bad})")
+        expect = "x contains NaN or Inf"
+    elif mutation == "inf_g" and out and c and K:
+        add("g", f"poke=({draw(st.integers(0, 10**6))}, float('inf'))")
+        expect = "g contains NaN or Inf"
+    elif mutation == "bad_step" and kw["adc_bits"] > 0:
+        add("adc_steps", f"poke=({draw(st.integers(0, 10**6))}, "
+                         f"{draw(st.sampled_from([0.0, -1.0]))})")
+        expect = "adc_steps must be > 0"
+    elif mutation == "scalar":
+        field, value, expect = draw(st.sampled_from([
+            ("groups", 0, "groups"), ("groups", -5, "groups"), ("rows", 0, "rows"),
+            ("rows", -2**63, "rows"), ("input_bits", 17, "input_bits"),
+            ("input_bits", -1, "input_bits"), ("per_cycle", 0, "input_bits_per_cycle"),
+            ("per_cycle", 2**62, "input_bits_per_cycle"), ("adc_bits", 25, "adc_bits"),
+            ("adc_bits", -1, "adc_bits"), ("g0", -0.5, "g0"),
+            ("encoding_offset", float("nan"), "encoding_offset")]))
+        kw[field] = value
+    return case("analog_matmul", _am(**kw), expect)
+
+
 FUZZ = settings(max_examples=250, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -523,6 +688,10 @@ def test_fuzz_ops_with_hypothesis():
 
 def test_fuzz_program_layer_with_hypothesis():
     assert_cases(_collect(program_layer_cases(), 150))
+
+
+def test_fuzz_analog_matmul_with_hypothesis():
+    assert_cases(_collect(analog_matmul_cases(), 250))
 
 
 def test_decode_refuses_levels_out_of_range_in_process():

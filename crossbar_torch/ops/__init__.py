@@ -4,9 +4,11 @@ The kernels live in ``csrc/`` (CPU always, CUDA when built with it) and are regi
 ``TORCH_LIBRARY``; this module loads the compiled library, registers the fake (meta) kernels so
 the ops trace under ``torch.compile``, and offers thin typed wrappers. ``reference`` holds the
 plain-PyTorch implementation every kernel is tested against (tests only: production code never
-calls it).
+calls it); ``analog_reference`` the same for ``analog_matmul`` (rules 17 and 18).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,7 +45,8 @@ def _check_format(op, weight_bits, bits_per_cell, encoding):
 
 
 _DTYPE_NAMES = {torch.uint8: "Byte", torch.int32: "Int", torch.int64: "Long",
-                torch.float32: "Float", torch.bool: "Bool"}  # as the C++ checks name them
+                torch.float32: "Float", torch.float64: "Double",
+                torch.bool: "Bool"}  # as the C++ checks name them
 
 
 def _dtype_name(dtype):
@@ -170,6 +173,61 @@ def _compensate_fake(cells, held, old, weight_bits, bits_per_cell, encoding, com
     return torch.empty_like(cells)
 
 
+@torch.library.register_fake("crossbar_torch::analog_matmul")
+def _analog_matmul_fake(x, g, sort_index, cell_weight, adc_steps, groups, rows, input_bits,
+                        input_bits_per_cycle, input_scale, adc_bits, g0, encoding_offset,
+                        signed_weights):
+    op = "analog_matmul"
+    torch._check(groups >= 1, lambda: f"crossbar_torch.{op}: groups must be >= 1, got {groups}")
+    torch._check(rows >= 1, lambda: f"crossbar_torch.{op}: rows must be >= 1, got {rows}")
+    torch._check(0 <= input_bits <= 16,
+                 lambda: f"crossbar_torch.{op}: input_bits must be in [0, 16] (0: ideal DAC), "
+                         f"got {input_bits}")
+    torch._check(1 <= input_bits_per_cycle <= 16,
+                 lambda: f"crossbar_torch.{op}: input_bits_per_cycle must be in [1, 16], got "
+                         f"{input_bits_per_cycle}")
+    torch._check(input_bits == 0 or (math.isfinite(input_scale) and input_scale > 0
+                                     and _f32_positive(input_scale)),
+                 lambda: f"crossbar_torch.{op}: input_scale must be finite and > 0 (in float32, "
+                         f"where the inputs are quantized) when input_bits > 0, got "
+                         f"{input_scale}")
+    torch._check(0 <= adc_bits <= 24,
+                 lambda: f"crossbar_torch.{op}: adc_bits must be in [0, 24] (0: no ADC), got "
+                         f"{adc_bits}")
+    torch._check(math.isfinite(g0) and g0 >= 0,
+                 lambda: f"crossbar_torch.{op}: g0 must be finite and >= 0, got {g0}")
+    torch._check(math.isfinite(encoding_offset),
+                 lambda: f"crossbar_torch.{op}: encoding_offset must be finite, got "
+                         f"{encoding_offset}")
+    _check_tensors(op, ("x", x), [
+        ("x", x, torch.float32, 2), ("g", g, torch.float32, 3),
+        ("sort_index", sort_index, torch.int64, 2), ("cell_weight", cell_weight, torch.float64, 1),
+        ("adc_steps", adc_steps, torch.float64, 1)])
+    out, c, k = g.shape
+    torch._check(out % groups == 0,
+                 lambda: f"crossbar_torch.{op}: groups = {groups} must divide out = g.size(0) = "
+                         f"{out}")
+    _check_size(op, "x", x, 1, groups * k, "groups * K = groups * g.size(2)")
+    _check_size(op, "sort_index", sort_index, 0, out, "out = g.size(0)")
+    _check_size(op, "sort_index", sort_index, 1, k, "K = g.size(2)")
+    _check_size(op, "cell_weight", cell_weight, 0, c, "c = g.size(1)")
+    _check_size(op, "adc_steps", adc_steps, 0, c, "c = g.size(1)")
+    if signed_weights:
+        torch._check(c == 1, lambda: f"crossbar_torch.{op}: signed_weights needs one cell per "
+                                     f"weight (g.size(1) = c = 1, the signed weight), got c = {c}")
+        torch._check(input_bits > 0, lambda: f"crossbar_torch.{op}: signed_weights needs "
+                                             f"quantized inputs (input_bits > 0), got "
+                                             f"input_bits = 0")
+    return (x.new_empty((x.shape[0], out), dtype=torch.float64),
+            x.new_empty((c,), dtype=torch.float64))
+
+
+def _f32_positive(v):
+    """v > 0 and finite once rounded to float32 (the scale the inputs are divided by)."""
+    v32 = float(torch.tensor(v, dtype=torch.float32))
+    return math.isfinite(v32) and v32 > 0
+
+
 # ---- wrappers -------------------------------------------------------------------------------
 
 def encode(q, weight_bits: int, bits_per_cell: int, encoding: int) -> torch.Tensor:
@@ -206,3 +264,15 @@ def compensate(cells, held, old, weight_bits: int, bits_per_cell: int, encoding:
     """Rule 13 per weight (the training forward's programming): see reference.compensate."""
     return _ops.compensate(cells, held, old, weight_bits, bits_per_cell, encoding,
                            compensate_slices)
+
+
+def analog_matmul(x, g, sort_index, cell_weight, adc_steps, groups: int, rows: int,
+                  input_bits: int, input_bits_per_cycle: int, input_scale: float, adc_bits: int,
+                  g0: float, encoding_offset: float, signed_weights: bool):
+    """A crossbar layer's output through the DAC and the ADC (docs/semantics.md rules 17, 18);
+    returns ``(acc (N, out) float64, pmax (c,) float64)``. See analog_reference.analog_matmul
+    for the full contract."""
+    return _ops.analog_matmul(x, g, sort_index, cell_weight, adc_steps, int(groups), int(rows),
+                              int(input_bits), int(input_bits_per_cycle), float(input_scale),
+                              int(adc_bits), float(g0), float(encoding_offset),
+                              bool(signed_weights))

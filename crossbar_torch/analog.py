@@ -1,0 +1,417 @@
+"""The analog periphery of a crossbar layer: DAC, ADC, conductance noise and drift
+(docs/semantics.md rules 17 to 20).
+
+A crossbar layer whose config is not ideal (``config.analog``) computes its output here instead
+of with the cached GEMM of rule 9:
+
+* ``conductances``: each cell's conductance in level units (rule 19), from the held levels,
+  the programming error of its last write, its drift and a fresh read-noise draw;
+* ``layer_output``: the layer's output for rows of inputs (Linear rows, or the im2col columns
+  of a convolution): a float64 GEMM when there is no ADC (the shift-and-add is then linear),
+  the fused op ``analog_matmul`` when there is one;
+* ``calibrate``: the input and ADC ranges of every layer, from one batch (rule 20);
+* ``program_noise``: after programming, the programming error and drift exponent of every cell
+  (rule 19), replaying the writes tile by tile on the physical crossbars.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from . import ops
+from .config import CrossbarConfig
+from .mapping import weight_crossbars
+from .ops.analog_reference import adc_step
+
+T0_SECONDS = 1.0
+
+
+# ---- cell decoding weights (rule 18) -----------------------------------------------------------
+
+def cell_weights(cfg: CrossbarConfig) -> tuple:
+    """(w_i (c,) float64, encoding offset): q = sum_i w_i * level_i - offset (rule 3 / 18)."""
+    S, b, B = cfg.slices, cfg.bits_per_cell, cfg.weight_bits
+    w = [float(2 ** (b * i)) for i in range(S)]
+    if cfg.encoding == "differential":
+        return torch.tensor(w + [-v for v in w], dtype=torch.float64), 0.0
+    if cfg.encoding == "offset":
+        return torch.tensor(w, dtype=torch.float64), float(cfg.qmax)  # u = q + qmax
+    # two's complement, top slice = the sign bit alone (checked by the config)
+    w[-1] = -float(2 ** (B - 1))
+    return torch.tensor(w, dtype=torch.float64), 0.0
+
+
+def cell_slices(cfg: CrossbarConfig) -> list:
+    """Slice of each of a weight's c cells."""
+    return [i % cfg.slices for i in range(cfg.cells_per_weight)]
+
+
+# ---- conductances (rule 19) ------------------------------------------------------------------
+
+def _seed(*parts) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint64)[0] >> 1)
+
+
+def conductances(layer, read: bool = True, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 (out, c, K): the conductance of every cell in level units, as the crossbar reads
+    it now (rule 19). ``read`` draws a fresh read noise (one per forward). ``cells``: levels
+    to read instead of the held ones (train mode: what programming the latent weight gives)."""
+    cfg = layer.config
+    g = (layer.cells if cells is None else cells).to(torch.float32) + cfg.g0
+    if cfg.prog_noise and layer.prog_eps.numel():
+        g = g * (1 + cfg.prog_noise * layer.prog_eps)
+    if layer.drift_nu.numel() and cfg.t_inference > T0_SECONDS:
+        g = g * torch.pow(torch.tensor(cfg.t_inference / T0_SECONDS), -layer.drift_nu)
+    if read and cfg.read_noise:
+        count = layer._forward_count
+        layer._forward_count += 1
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, 3, layer.layer_number, count))
+        eps = torch.randn(g.shape, generator=gen, dtype=torch.float32).to(g.device)
+        g = g * (1 + cfg.read_noise * eps)
+    return torch.clamp(g, min=0).permute(0, 2, 1).contiguous()
+
+
+# ---- the layer's output (rules 17 and 18) --------------------------------------------------------
+
+class CalibrationNeeded(RuntimeError):
+    pass
+
+
+def input_scale(layer, x: torch.Tensor) -> float:
+    """Rule 17: s_x = r / (2**I - 1) (1.0 with an ideal DAC)."""
+    cfg = layer.config
+    if cfg.input_bits is None:
+        return 1.0
+    r = input_full_scale(layer)
+    return float(torch.tensor(r, dtype=torch.float32) / (2 ** cfg.input_bits - 1))
+
+
+def input_full_scale(layer) -> float:
+    cfg = layer.config
+    if cfg.input_range is not None:
+        return float(cfg.input_range)
+    if not layer.input_range.numel():
+        raise CalibrationNeeded(
+            f"crossbar layer {layer.layer_name!r} has no calibrated input range: call "
+            "crossbar_torch.calibrate(model, batch) or set input_range in the config")
+    return float(layer.input_range[0])
+
+
+def adc_steps(layer, pmax: torch.Tensor | None = None) -> torch.Tensor:
+    """Rule 18: the ADC step of each cell (c,) float64, from the full or calibrated range of
+    its slice (``pmax``: ranges being calibrated now, per cell)."""
+    cfg = layer.config
+    signed = cfg.adc_scope == "weight"
+    c = 1 if signed else cfg.cells_per_weight
+    if cfg.adc_bits is None:
+        return torch.ones(c, dtype=torch.float64)
+    if cfg.adc_range == "full":
+        if signed:
+            r = cfg.rows * cfg.qmax * (2 ** cfg.input_bits - 1)
+        else:
+            top = (2 ** cfg.input_bits_per_cycle - 1 if cfg.input_bits is not None
+                   else input_full_scale(layer))
+            r = cfg.rows * (2 ** cfg.bits_per_cell - 1 + cfg.g0) * top
+        return torch.full((c,), adc_step(r, cfg.adc_bits, signed), dtype=torch.float64)
+    if pmax is not None:
+        ranges = slice_ranges(layer, pmax)
+    elif layer.adc_range.numel():
+        ranges = layer.adc_range.tolist()
+    else:
+        raise CalibrationNeeded(
+            f"crossbar layer {layer.layer_name!r} has no calibrated ADC range: call "
+            "crossbar_torch.calibrate(model, batch) or set adc_range='full'")
+    sl = [0] if signed else cell_slices(cfg)
+    return torch.tensor([adc_step(ranges[s], cfg.adc_bits, signed) for s in sl],
+                        dtype=torch.float64)
+
+
+def slice_ranges(layer, pmax: torch.Tensor) -> list:
+    """Calibrated ADC range per slice: the largest partial sum of its cells (both arrays)."""
+    cfg = layer.config
+    if cfg.adc_scope == "weight":
+        return [float(pmax.max())]
+    out = [0.0] * cfg.slices
+    for i, s in enumerate(cell_slices(cfg)):
+        out[s] = max(out[s], float(pmax[i]))
+    return out
+
+
+def _quantize(layer, x: torch.Tensor, s_x: float) -> torch.Tensor:
+    """Rule 17: xq in float32 arithmetic, returned as float64 (the raw x with an ideal DAC)."""
+    bits = layer.config.input_bits
+    x = x.to(torch.float32)
+    if bits is None:
+        return x.to(torch.float64)
+    top = 2 ** bits - 1
+    return torch.clamp(torch.round(x / torch.tensor(s_x, dtype=torch.float32)), -top,
+                       top).to(torch.float64)
+
+
+def _cells_and_weights(layer, cells):
+    """(g (out, c, K) float32, w_i (c,), encoding offset, g0) for the layer's scope."""
+    cfg = layer.config
+    if cfg.adc_scope == "weight":
+        held = layer.cells if cells is None else cells
+        g = ops.decode(held, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id).to(
+            torch.float32)[:, None, :]                                  # q_eff, sorted order
+        return g, torch.ones(1, dtype=torch.float64), 0.0, 0.0
+    w_cells, offset = cell_weights(cfg)
+    return conductances(layer, cells=cells), w_cells, offset, cfg.g0
+
+
+def linear_weight(layer, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """Rule 20's linear path: W_g[o, k] = sum_i w_i (g - g0) - offset in float64, original
+    order, shaped like the layer's weight. Cached while the cells, their programming errors
+    and drift are unchanged and there is no read noise (which draws anew each forward)."""
+    cfg = layer.config
+    stamp = None
+    if cells is None and not cfg.read_noise:
+        # set_cells / load_state_dict / .to() clear the cache; in-place edits bump a version
+        stamp = tuple((id(t), t._version) for t in (layer.cells, layer.prog_eps, layer.drift_nu,
+                                                     layer.sort_index))
+        cached = getattr(layer, "_linear_cache", None)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+    g, w_cells, offset, g0 = _cells_and_weights(layer, cells)
+    wg = ((g.to(torch.float64) - g0) * w_cells.to(g.device)[None, :, None]).sum(1) - offset
+    w = torch.empty_like(wg).scatter_(1, layer.sort_index, wg).reshape(layer._weight_shape())
+    if stamp is not None:
+        layer._linear_cache = (stamp, w)
+    return w
+
+
+def layer_output(layer, x: torch.Tensor, rows_fn, linear_fn, groups: int = 1,
+                 calibrating: bool = False, cells: torch.Tensor | None = None) -> torch.Tensor:
+    """The analog output rows (N, out) float32 of the layer for its input ``x``, no bias.
+
+    ``rows_fn(x)``: the input rows (N, groups * K) the crossbar sees (im2col for a
+    convolution); ``linear_fn(x64, w64)``: the layer's op in float64 with weight ``w64``, as
+    rows (N, out). ``cells``: levels to compute with instead of the held ones."""
+    cfg = layer.config
+    if calibrating:
+        _calibrate_input(layer, x)
+    s_x = input_scale(layer, x)
+    scale = layer.scale.to(torch.float64)
+    if cfg.adc_bits is None:  # linear: the shift-and-add collapses into one float64 op
+        acc = linear_fn(_quantize(layer, x, s_x), linear_weight(layer, cells))
+    elif cfg.adc_scope == "weight":  # ideal whole weights: partial sums by GEMMs
+        acc = _weight_scope(layer, rows_fn(x), groups, s_x, cells, calibrating)
+    else:
+        rows = rows_fn(x).to(torch.float32).contiguous()
+        g, w_cells, offset, g0 = _cells_and_weights(layer, cells)
+        pmax = None
+        if calibrating and cfg.adc_range == "calibrated":
+            _, pmax = _matmul(layer, rows, g, w_cells, torch.ones_like(w_cells), groups, s_x, 0,
+                              g0, offset)
+        acc, _ = _matmul(layer, rows, g, w_cells, adc_steps(layer, pmax), groups, s_x,
+                         cfg.adc_bits, g0, offset)
+        if pmax is not None:
+            layer.adc_range = torch.tensor(slice_ranges(layer, pmax), dtype=torch.float64,
+                                           device=layer.cells.device)
+    return (acc * (s_x * scale)[None, :]).to(torch.float32)
+
+
+def _weight_scope(layer, rows, groups, s_x, cells, calibrating) -> torch.Tensor:
+    """Rule 18 with ``adc_scope = "weight"``: P[n, o, s] = sum over the rows of section s of
+    q_eff * xq, one signed ADC per section, summed. The sections are GEMMs over the inputs
+    (one GEMM split along K without sorting, one masked GEMM per section with it); exact: every
+    partial sum is an integer below 2**24 in float32 (float64 when it could be larger)."""
+    cfg = layer.config
+    xq = _quantize(layer, rows, s_x)                          # (N, groups * K) integers
+    held = layer.cells if cells is None else cells
+    q_sorted = ops.decode(held, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
+    out, K = q_sorted.shape
+    q = torch.empty_like(q_sorted).scatter_(1, layer.sort_index, q_sorted)   # original order
+    bound = cfg.rows * cfg.qmax * (2 ** cfg.input_bits - 1)
+    dt = torch.float32 if bound < 2 ** 24 else torch.float64
+    N, per = xq.shape[0], out // groups
+    xg = xq.to(dt).view(N, groups, K).transpose(0, 1)          # (groups, N, K)
+    identity = bool((layer.sort_index == torch.arange(K, device=q.device)).all())
+    if not identity:
+        section = torch.empty_like(layer.sort_index).scatter_(
+            1, layer.sort_index, torch.arange(K, device=q.device).expand(out, K).contiguous()
+        ) // cfg.rows                                           # section of each original k
+    parts = []
+    for s in range(-(-K // cfg.rows)):
+        if identity:
+            k0, k1 = s * cfg.rows, min(K, (s + 1) * cfg.rows)
+            w = q[:, k0:k1].to(dt).view(groups, per, k1 - k0)
+            p = torch.bmm(xg[:, :, k0:k1], w.transpose(1, 2))   # (groups, N, per)
+        else:
+            w = torch.where(section == s, q, torch.zeros_like(q)).to(dt).view(groups, per, K)
+            p = torch.bmm(xg, w.transpose(1, 2))
+        parts.append(p.transpose(0, 1).reshape(N, out).to(torch.float64))
+    if not parts:
+        return torch.zeros(N, out, dtype=torch.float64, device=rows.device)
+    if calibrating and cfg.adc_range == "calibrated":
+        top = max(float(p.abs().max()) if p.numel() else 0.0 for p in parts)
+        layer.adc_range = torch.tensor([top], dtype=torch.float64, device=layer.cells.device)
+    step = float(adc_steps(layer)[0])
+    hi = float(2 ** (cfg.adc_bits - 1) - 1)
+    acc = torch.zeros_like(parts[0])
+    for p in parts:
+        acc += torch.clamp(torch.round(p / step), -hi, hi) * step
+    return acc
+
+
+def _matmul(layer, x, g, w_cells, steps, groups, s_x, adc_bits, g0, offset):
+    cfg = layer.config
+    return ops.analog_matmul(x, g, layer.sort_index, w_cells.to(x.device), steps.to(x.device),
+                             groups, cfg.rows, cfg.input_bits or 0, cfg.input_bits_per_cycle,
+                             s_x, adc_bits, g0, offset, cfg.adc_scope == "weight")
+
+
+def _calibrate_input(layer, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"calibrate: the input of layer {layer.layer_name!r} holds NaN or Inf")
+    if layer.config.input_range is None and layer.config.input_bits is not None or (
+            layer.config.input_bits is None and layer.config.adc_bits is not None
+            and layer.config.adc_range == "full" and layer.config.input_range is None):
+        top = float(x.abs().max()) if x.numel() else 0.0
+        layer.input_range = torch.tensor([top if top > 0 else 1.0], dtype=torch.float32,
+                                         device=layer.cells.device)
+
+
+# ---- calibration (rule 20) ---------------------------------------------------------------------
+
+_CALIBRATING = []
+
+
+def is_calibrating() -> bool:
+    return bool(_CALIBRATING)
+
+
+@contextlib.contextmanager
+def _calibration():
+    _CALIBRATING.append(True)
+    try:
+        yield
+    finally:
+        _CALIBRATING.pop()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batch=None, run=None) -> dict:
+    """Rule 20: set every analog layer's input and ADC ranges from one batch, in model order.
+    ``batch``: a tensor (``model(batch)``), a dict (``model(**batch)``) or a tuple / list
+    (``model(*batch)``); or ``run(model)`` runs the model however it is run (e.g. a sentence
+    encoder). Returns ``{layer name: {"input_range": [r], "adc_range": [per slice]}}``."""
+    from .modules import crossbar_layers
+    layers = crossbar_layers(model)
+    if not layers:
+        raise ValueError("calibrate: the model has no crossbar layers (convert it first)")
+    if (batch is None) == (run is None):
+        raise ValueError("calibrate: give a batch or a run(model) callable (one of them)")
+    tensors = [] if batch is None else [batch] if isinstance(batch, torch.Tensor) else (
+        list(batch.values()) if isinstance(batch, dict) else list(batch))
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if batch is not None and (not tensors or any(t.numel() == 0 or t.shape[0] == 0
+                                                 for t in tensors)):
+        raise ValueError("calibrate: the batch is empty; give at least one sample")
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"calibrate: the batch holds {int((~torch.isfinite(t)).sum())} "
+                             "NaN or Inf value(s)")
+    for _, layer in layers:  # forget old ranges: calibrate from this batch only
+        layer.input_range = layer.input_range.new_zeros(0)
+        layer.adc_range = layer.adc_range.new_zeros(0)
+    was = model.training
+    model.eval()
+    try:
+        with _calibration():
+            if run is not None:
+                run(model)
+            elif isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        model.train(was)
+    return {name: {"input_range": l.input_range.tolist(), "adc_range": l.adc_range.tolist()}
+            for name, l in layers}
+
+
+# ---- programming noise and drift (rule 19) --------------------------------------------------------
+
+def crossbar_normal(cfg: CrossbarConfig, crossbar: int, *tag) -> np.ndarray:
+    return np.random.default_rng([cfg.seed, crossbar, *tag]).standard_normal(
+        (cfg.rows, cfg.cols))
+
+
+def program_noise(cfg: CrossbarConfig, stuck_bits: torch.Tensor, placed: list) -> list:
+    """The programming error ``eps_p`` and drift exponent ``nu`` of every cell of every layer.
+
+    ``placed``: per layer, in model order, ``(geom, filter_index, order, t0, eff0, eff1)``: its
+    placement, tile order, first global tile, and the levels its cells hold right after their
+    tile in pass 0 and in pass 1. The writes are replayed tile by tile on the physical crossbars
+    (rule 8: a write is a level change), recording the pass of each cell's last write; a layer
+    cell takes the draw of its physical cell for that pass, as it stands right after its own
+    tile in pass 1. Returns ``[(eps float32 (out, K, c) or None, nu or None), ...]``."""
+    pool, rows, cols = cfg.pool, cfg.rows, cfg.cols
+    level = torch.zeros(pool, rows, cols, dtype=torch.int16)
+    if cfg.stuck_value == 1:
+        level[stuck_bits] = 1
+    last = torch.full((pool, rows, cols), -1, dtype=torch.int8)
+    want_eps = bool(cfg.prog_noise)
+    want_nu = bool(cfg.drift_nu or cfg.drift_nu_std)
+    draws = {}
+
+    def draw(x, t):
+        if (x, t) not in draws:
+            draws[x, t] = torch.from_numpy(crossbar_normal(cfg, x, t, 1)).to(torch.float32)
+        return draws[x, t]
+
+    result = [[None, None] for _ in placed]
+    for pass_no in (0, 1):
+        for li, (geom, index, order, t0, eff0, eff1) in enumerate(placed):
+            eff = (eff0 if pass_no == 0 else eff1).cpu()
+            out, K, c, F, nb = geom.out, geom.k, geom.c, geom.F, geom.n_blocks
+            eps = torch.zeros(out, K, c, dtype=torch.float32) if (
+                pass_no == 1 and want_eps) else None
+            for p, tile in enumerate(order.tolist()):
+                x = (t0 + p) % pool
+                s, j = divmod(tile, nb)
+                slots = index[j * F:(j + 1) * F]
+                f = (slots >= 0).nonzero().flatten()
+                if not f.numel():
+                    continue
+                o = slots[f]
+                k0, k1 = s * rows, min(K, (s + 1) * rows)
+                r = torch.arange(k1 - k0)
+                colidx = (f[:, None] * c + torch.arange(c)[None, :])          # (nf, c)
+                after = eff[o, k0:k1, :].to(torch.int16)                       # (nf, nr, c)
+                before = level[x][r[None, :, None], colidx[:, None, :]]
+                changed = before != after
+                cur = last[x][r[None, :, None], colidx[:, None, :]]
+                cur = torch.where(changed, torch.full_like(cur, pass_no), cur)
+                level[x][r[None, :, None], colidx[:, None, :]] = after
+                last[x][r[None, :, None], colidx[:, None, :]] = cur
+                if eps is not None:
+                    e = torch.zeros(cur.shape, dtype=torch.float32)
+                    for t in (0, 1):
+                        sel = cur == t
+                        if sel.any():
+                            e = torch.where(sel, draw(x, t)[r[None, :, None],
+                                                            colidx[:, None, :]], e)
+                    eps[o, k0:k1, :] = e
+            if eps is not None:
+                result[li][0] = eps
+            if pass_no == 1 and want_nu:
+                crossbar, row, col0 = weight_crossbars(geom, index, order, t0, pool)
+                nu = torch.zeros(out, K, c, dtype=torch.float64)
+                for x in crossbar.unique().tolist():
+                    z = torch.from_numpy(crossbar_normal(cfg, x, 2))
+                    cols_ = col0[:, None] + torch.arange(c)[None, :]              # (out, c)
+                    val = z[row[None, :, None], cols_[:, None, :]]                # (out, K, c)
+                    nu = torch.where((crossbar == x)[:, :, None], val, nu)
+                # float64, then stored as float32 (the buffer's dtype)
+                result[li][1] = torch.clamp(cfg.drift_nu + cfg.drift_nu_std * nu, min=0).to(
+                    torch.float32)
+    return [tuple(r) for r in result]
+
