@@ -337,6 +337,25 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
             for name, l in layers}
 
 
+def calibrate_from_loader(model: nn.Module, loader, device, images: int = 8) -> int:
+    """Rule 20 for the scripts: calibrate on the first ``images`` readable images of ``loader``
+    (batches of ``(images, labels, ...)`` or :class:`~crossbar_torch.data.Batch`). Returns the
+    number of images used."""
+    got, n = [], 0
+    for batch in loader:
+        x = batch.images if hasattr(batch, "images") else batch[0]
+        if x is None or not x.shape[0]:
+            continue
+        got.append(x[:images - n])
+        n += got[-1].shape[0]
+        if n >= images:
+            break
+    if not n:
+        raise ValueError("calibrate: no readable image to calibrate the analog ranges on")
+    calibrate(model, torch.cat(got).to(device))
+    return n
+
+
 # ---- programming noise and drift (rule 19) --------------------------------------------------------
 
 def crossbar_normal(cfg: CrossbarConfig, crossbar: int, *tag) -> np.ndarray:

@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--limit", type=positive_int, metavar="N",
                    help="only the first N images (sorted order)")
     d.add_argument("--batch-size", type=positive_int, default=50)
+    d.add_argument("--calib-images", type=positive_int, default=8, metavar="N",
+                   help="with an analog periphery (input_bits, adc_bits, ...): calibrate the "
+                        "input and ADC ranges on the first N images (docs/semantics.md rule 20)")
     d.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes (default min(4, cpus))")
     d.add_argument("--skip-bad", action="store_true",
@@ -273,6 +276,10 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
         pin_memory=device.type == "cuda", persistent_workers=False)
     float_model.to(device)
     xmodel.to(device)
+    if xmodel_config(xmodel).analog:  # rule 20: the converters' ranges from the first images
+        from crossbar_torch.analog import calibrate_from_loader
+        n = calibrate_from_loader(xmodel, loader, device, args.calib_images)
+        log(f"analog periphery: input / ADC ranges calibrated on the first {n} image(s)")
     log(f"evaluating {len(ds)} image(s) on {device}" + (f" x {world} ranks" if world > 1 else ""))
     ev = evaluate({"float": float_model, "crossbar": xmodel}, loader, device,
                   label_sets=label_sets, distributed=distributed, skip_bad=args.skip_bad,
@@ -338,6 +345,11 @@ def check_args(args) -> None:
         check_input_file(args.checkpoint, "--checkpoint")
     else:
         check_model_args(args)
+
+
+def xmodel_config(xmodel):
+    layers = xb.crossbar_layers(xmodel)
+    return layers[0][1].config if layers else xb.CrossbarConfig()
 
 
 def main(argv=None):

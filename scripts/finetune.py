@@ -251,6 +251,13 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
     float_model = float_model.to(device).eval()
     xmodel = xb.convert(float_model, cfg, progress=progress)
     log(xmodel.crossbar_conversion.summary())
+    if cfg.analog:  # rule 20: the converters' ranges (a resumed checkpoint restores its own)
+        from crossbar_torch.analog import calibrate_from_loader
+        from crossbar_torch.data import collate_skip_bad
+        src = val_ds if val_ds is not None else train_ds
+        n = calibrate_from_loader(xmodel, torch.utils.data.DataLoader(
+            src, batch_size=8, collate_fn=collate_skip_bad), device, 8)
+        log(f"analog periphery: input / ADC ranges calibrated on {n} image(s)")
     vl = val_loader(args, val_ds, rank, world)
 
     fargs = FinetuneArgs(
