@@ -185,12 +185,15 @@ def linear_weight(layer, cells: torch.Tensor | None = None) -> torch.Tensor:
 
 
 def layer_output(layer, x: torch.Tensor, rows_fn, linear_fn, groups: int = 1,
-                 calibrating: bool = False, cells: torch.Tensor | None = None) -> torch.Tensor:
+                 calibrating: bool = False, cells: torch.Tensor | None = None,
+                 conv_fn=None) -> torch.Tensor:
     """The analog output rows (N, out) float32 of the layer for its input ``x``, no bias.
 
     ``rows_fn(x)``: the input rows (N, groups * K) the crossbar sees (im2col for a
     convolution); ``linear_fn(x64, w64)``: the layer's op in float64 with weight ``w64``, as
-    rows (N, out). ``cells``: levels to compute with instead of the held ones."""
+    rows (N, out). ``cells``: levels to compute with instead of the held ones. ``conv_fn(x, w)``
+    (ungrouped convolutions): the convolution as rows, which lets ``adc_scope="weight"`` run one
+    convolution per section over the channels it spans instead of im2col."""
     cfg = layer.config
     if calibrating:
         _calibrate_input(layer, x)
@@ -199,7 +202,7 @@ def layer_output(layer, x: torch.Tensor, rows_fn, linear_fn, groups: int = 1,
     if cfg.adc_bits is None:  # linear: the shift-and-add collapses into one float64 op
         acc = linear_fn(_quantize(layer, x, s_x), linear_weight(layer, cells))
     elif cfg.adc_scope == "weight":  # ideal whole weights: partial sums by GEMMs
-        acc = _weight_scope(layer, rows_fn(x), groups, s_x, cells, calibrating)
+        acc = _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn)
     else:
         rows = rows_fn(x).to(torch.float32).contiguous()
         g, w_cells, offset, g0 = _cells_and_weights(layer, cells)
@@ -215,47 +218,64 @@ def layer_output(layer, x: torch.Tensor, rows_fn, linear_fn, groups: int = 1,
     return (acc * (s_x * scale)[None, :]).to(torch.float32)
 
 
-def _weight_scope(layer, rows, groups, s_x, cells, calibrating) -> torch.Tensor:
+def _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn=None):
     """Rule 18 with ``adc_scope = "weight"``: P[n, o, s] = sum over the rows of section s of
-    q_eff * xq, one signed ADC per section, summed. The sections are GEMMs over the inputs
-    (one GEMM split along K without sorting, one masked GEMM per section with it); exact: every
-    partial sum is an integer below 2**24 in float32 (float64 when it could be larger)."""
+    q_eff * xq, one signed ADC per section, summed. The sections are GEMMs over the inputs: a
+    slice of K each without sorting (for an ungrouped convolution, one convolution over the
+    channels the section spans), one masked GEMM per section with it. Exact: every partial
+    sum is an integer below 2**24 in float32 (float64 when it could be larger), the step a
+    power of two, and the codes are added as integers."""
     cfg = layer.config
-    xq = _quantize(layer, rows, s_x)                          # (N, groups * K) integers
     held = layer.cells if cells is None else cells
     q_sorted = ops.decode(held, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
     out, K = q_sorted.shape
     q = torch.empty_like(q_sorted).scatter_(1, layer.sort_index, q_sorted)   # original order
     bound = cfg.rows * cfg.qmax * (2 ** cfg.input_bits - 1)
     dt = torch.float32 if bound < 2 ** 24 else torch.float64
-    N, per = xq.shape[0], out // groups
-    xg = xq.to(dt).view(N, groups, K).transpose(0, 1)          # (groups, N, K)
     identity = bool((layer.sort_index == torch.arange(K, device=q.device)).all())
-    if not identity:
-        section = torch.empty_like(layer.sort_index).scatter_(
-            1, layer.sort_index, torch.arange(K, device=q.device).expand(out, K).contiguous()
-        ) // cfg.rows                                           # section of each original k
-    parts = []
-    for s in range(-(-K // cfg.rows)):
-        if identity:
-            k0, k1 = s * cfg.rows, min(K, (s + 1) * cfg.rows)
-            w = q[:, k0:k1].to(dt).view(groups, per, k1 - k0)
-            p = torch.bmm(xg[:, :, k0:k1], w.transpose(1, 2))   # (groups, N, per)
-        else:
-            w = torch.where(section == s, q, torch.zeros_like(q)).to(dt).view(groups, per, K)
-            p = torch.bmm(xg, w.transpose(1, 2))
-        parts.append(p.transpose(0, 1).reshape(N, out).to(torch.float64))
+    sections = [(k0, min(K, k0 + cfg.rows)) for k0 in range(0, K, cfg.rows)]
+    if identity and conv_fn is not None and groups == 1:
+        xq = _quantize(layer, x, s_x).to(dt)                  # (B, C, H, W), no im2col
+        per_channel = K // x.shape[1]
+        qc = q.to(dt).view(out, x.shape[1], -1)
+
+        def partial(k0, k1):
+            c0, c1 = k0 // per_channel, -(-k1 // per_channel)
+            w = qc[:, c0:c1].reshape(out, -1).clone()
+            w[:, :k0 - c0 * per_channel] = 0                  # the section's rows only
+            w[:, k1 - c0 * per_channel:] = 0
+            return conv_fn(xq[:, c0:c1], w.view(out, c1 - c0, *layer.kernel_size))
+    else:
+        xq = _quantize(layer, rows_fn(x), s_x).to(dt)         # (N, groups * K)
+        N, per = xq.shape[0], out // groups
+        xg = xq.view(N, groups, K).transpose(0, 1)            # (groups, N, K)
+        if not identity:
+            section = torch.empty_like(layer.sort_index).scatter_(
+                1, layer.sort_index, torch.arange(K, device=q.device).expand(out, K)
+                .contiguous()) // cfg.rows                   # section of each original k
+
+        def partial(k0, k1):
+            if identity:
+                w = q[:, k0:k1].to(dt).view(groups, per, k1 - k0)
+                p = torch.bmm(xg[:, :, k0:k1], w.transpose(1, 2))
+            else:
+                w = torch.where(section == k0 // cfg.rows, q, torch.zeros_like(q)).to(dt)
+                p = torch.bmm(xg, w.view(groups, per, K).transpose(1, 2))
+            return p.transpose(0, 1).reshape(N, out)
+    parts = [partial(k0, k1) for k0, k1 in sections]
     if not parts:
-        return torch.zeros(N, out, dtype=torch.float64, device=rows.device)
+        n = rows_fn(x).shape[0]
+        return torch.zeros(n, out, dtype=torch.float64, device=x.device)
     if calibrating and cfg.adc_range == "calibrated":
         top = max(float(p.abs().max()) if p.numel() else 0.0 for p in parts)
         layer.adc_range = torch.tensor([top], dtype=torch.float64, device=layer.cells.device)
     step = float(adc_steps(layer)[0])
     hi = float(2 ** (cfg.adc_bits - 1) - 1)
-    acc = torch.zeros_like(parts[0])
-    for p in parts:
-        acc += torch.clamp(torch.round(p / step), -hi, hi) * step
-    return acc
+    codes = None
+    for p in parts:  # integer codes, added exactly (|sum| < sections * 2**(A-1))
+        c = p.div_(step).round_().clamp_(-hi, hi)
+        codes = c if codes is None else codes.add_(c)
+    return codes.to(torch.float64) * step
 
 
 def _matmul(layer, x, g, w_cells, steps, groups, s_x, adc_bits, g0, offset):

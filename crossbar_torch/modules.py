@@ -209,7 +209,7 @@ class CrossbarMixin:
             self._stale_warned = True
 
     # ---- the analog periphery (rules 17 to 20) ----------------------------------------------
-    def analog_forward(self, x: torch.Tensor, rows_fn, apply_fn, groups: int = 1):
+    def analog_forward(self, x: torch.Tensor, rows_fn, apply_fn, groups: int = 1, conv_fn=None):
         """The output rows (N, out) for input ``x`` through the DAC, the crossbar's
         conductances and the ADC (rules 17 to 20), without bias. ``rows_fn(x)``: the input rows
         (N, groups*K); ``apply_fn(x, w)``: the layer's op with weight ``w``, as rows. In train
@@ -220,11 +220,11 @@ class CrossbarMixin:
             self._warn_if_stale()
             with torch.no_grad():
                 return analog.layer_output(self, x, rows_fn, apply_fn, groups,
-                                           calibrating=calibrating).to(x.dtype)
+                                           calibrating=calibrating, conv_fn=conv_fn).to(x.dtype)
         cells = self.simulated_cells()
         with torch.no_grad():
             y = analog.layer_output(self, x.detach(), rows_fn, apply_fn, groups, cells=cells,
-                                    calibrating=calibrating).to(x.dtype)
+                                    calibrating=calibrating, conv_fn=conv_fn).to(x.dtype)
         y_ideal = apply_fn(x, self.simulated_weight(cells))
         # y_ideal - y_ideal.detach() is exactly 0 (finite values): the value is the analog y
         # bit for bit, the gradient that of the ideal path
@@ -494,7 +494,11 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
             return F.conv2d(inp, w.to(inp.dtype), None, self.stride, padding, self.dilation,
                             self.groups).permute(0, 2, 3, 1).reshape(B * Ho * Wo, -1)
 
-        y = self.analog_forward(x, rows_fn, apply_fn, self.groups)
+        def conv_fn(inp, w):  # ungrouped: one convolution per section (adc_scope "weight")
+            return F.conv2d(inp, w, None, self.stride, padding, self.dilation) \
+                .permute(0, 2, 3, 1).reshape(B * Ho * Wo, -1)
+
+        y = self.analog_forward(x, rows_fn, apply_fn, self.groups, conv_fn)
         y = y.reshape(B, Ho, Wo, -1).permute(0, 3, 1, 2)
         return y if self.bias is None else y + self.bias.view(1, -1, 1, 1)
 

@@ -355,13 +355,15 @@ def test_lossless_adc_equals_the_path_without_adc(scope_bits):
     assert not torch.equal(coarse(x), plain(x))
 
 
-@pytest.mark.parametrize("sort", ["none", "value"])
-def test_weight_scope_gemms_equal_the_reference_op(sort):
-    """adc_scope='weight' computes its partial sums with GEMMs (one per section); the
+@pytest.mark.parametrize("sort,groups", [("none", 4), ("value", 4), ("none", 1),
+                                         ("value", 1)])
+def test_weight_scope_gemms_equal_the_reference_op(sort, groups):
+    """adc_scope='weight' computes its partial sums with GEMMs (one per section; for an
+    ungrouped unsorted convolution, one convolution per section over its channels); the
     plain-PyTorch reference of the fused op (signed_weights) gives the same numbers."""
     from crossbar_torch.ops import analog_reference as ar
     torch.manual_seed(0)
-    conv = nn.Conv2d(8, 12, 3, groups=4)
+    conv = nn.Conv2d(8, 12, 3, groups=groups)
     cfg = xb.CrossbarConfig(rows=7, cols=28, sort=sort, input_bits=6, input_range=2.0,
                             adc_bits=5, adc_scope="weight")
     layer = xb.convert(conv, cfg).eval()
@@ -371,7 +373,7 @@ def test_weight_scope_gemms_equal_the_reference_op(sort):
     q_sorted = xb.ops.decode(layer.cells, 8, 1, 0).float()[:, None, :]
     step = analog.adc_steps(layer)
     acc, _ = ar.analog_matmul(rows, q_sorted, layer.sort_index, torch.ones(1, dtype=torch.float64),
-                              step, 4, 7, 6, 1, s_x, 5, 0.0, 0.0, True)
+                              step, groups, 7, 6, 1, s_x, 5, 0.0, 0.0, True)
     want = (acc * (s_x * layer.scale.double())).float().reshape(2, 16, 12).permute(0, 2, 1)
     want = want.reshape(2, 12, 4, 4) + layer.bias.detach().view(1, -1, 1, 1)
     assert torch.equal(layer(x), want)
