@@ -81,7 +81,11 @@ def draw(rows, title=""):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label,
                     **styles.get(label, {}))
         for (label, v), ls in zip(s["ref"].items(), ("--", ":")):
-            ax.axhline(v, color="grey", linestyle=ls, linewidth=1, label=f"{label} ({v:.0f}%)")
+            ax.axhline(v, color="grey", linestyle=ls, linewidth=1.5 if ls == ":" else 1,
+                       label=f"{label} ({v:.1f}%)")
+        ticks = sorted({p[0] for pts in s[kind].values() for p in pts})
+        if ticks:
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right" if kind == "adc" else "lower left")
