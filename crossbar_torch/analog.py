@@ -6,9 +6,10 @@ of with the cached GEMM of rule 9:
 
 * ``conductances``: each cell's conductance in level units (rule 19), from the held levels,
   the programming error of its last write, its drift and a fresh read-noise draw;
-* ``layer_output``: the layer's output for rows of inputs (Linear rows, or the im2col columns
-  of a convolution): a float64 GEMM when there is no ADC (the shift-and-add is then linear),
-  the fused op ``analog_matmul`` when there is one;
+* ``layer_output``: the layer's output: without an ADC one float64 op over the quantized
+  inputs (the shift-and-add is then linear); with an ADC per bit-sliced column the fused op
+  ``analog_matmul`` on the input rows (im2col for a convolution); with ``adc_scope="weight"``
+  one GEMM or convolution per 128-row section (``_weight_scope``);
 * ``calibrate``: the input and ADC ranges of every layer, from one batch (rule 20);
 * ``program_noise``: after programming, the programming error and drift exponent of every cell
   (rule 19), replaying the writes tile by tile on the physical crossbars.
