@@ -47,19 +47,10 @@ import torch.nn as nn  # noqa: E402
 import crossbar_torch as xb  # noqa: E402
 from crossbar_torch import ops  # noqa: E402
 from crossbar_torch.ops import analog_reference  # noqa: E402
+from bench_report import best_time  # noqa: E402  (the same best-of-N timer)
 
 SIZE = 224
 ROWS = 128
-
-
-def best_time(fn, repeat=3):
-    best, out = None, None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        dt = time.perf_counter() - t
-        best = dt if best is None else min(best, dt)
-    return best, out
 
 
 def interleaved(fns: dict, repeat=3, inner=None) -> tuple:

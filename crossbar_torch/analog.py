@@ -289,9 +289,10 @@ def _matmul(layer, x, g, w_cells, steps, groups, s_x, adc_bits, g0, offset):
 def _calibrate_input(layer, x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise ValueError(f"calibrate: the input of layer {layer.layer_name!r} holds NaN or Inf")
-    if layer.config.input_range is None and layer.config.input_bits is not None or (
-            layer.config.input_bits is None and layer.config.adc_bits is not None
-            and layer.config.adc_range == "full" and layer.config.input_range is None):
+    cfg = layer.config
+    # a DAC, or a full-range ADC fed with real inputs, needs the input's full scale (rule 18)
+    if cfg.input_range is None and (cfg.input_bits is not None or (
+            cfg.adc_bits is not None and cfg.adc_range == "full")):
         top = float(x.abs().max()) if x.numel() else 0.0
         layer.input_range = torch.tensor([top if top > 0 else 1.0], dtype=torch.float32,
                                          device=layer.cells.device)

@@ -28,13 +28,14 @@ def si(value, unit: str) -> str:
     return f"{value:.3g} {unit}"
 
 
-def _num(v) -> str:
-    """Counts as text: integers with thousands separators, averages with two decimals."""
+def format_count(v, decimals: int = 2) -> str:
+    """Counts as text: integers with thousands separators, a wear-levelling period's averages
+    with ``decimals`` decimals, None as '-'."""
     if v is None:
         return "-"
     if isinstance(v, int) or float(v).is_integer():
         return f"{int(v):,}"
-    return f"{v:,.2f}"
+    return f"{v:,.{decimals}f}"
 
 
 def _ratio(num, den):
@@ -222,7 +223,7 @@ class ReprogramReport:
         def row(k, v):
             lines.append(f"  {k:<34}{v:>18}")
 
-        fmt = _num
+        fmt = format_count
         if d["period_passes"] > 1:
             lines.append(f"wear_leveling={cfg.wear_leveling}: the mapping shifts every pass; "
                          f"counts per pass are averages over a period of {d['period_passes']} "

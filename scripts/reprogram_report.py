@@ -29,7 +29,7 @@ from crossbar_torch.cli import (ArgumentParser, UsageError, add_config_args,  # 
                                 show_progress)
 from crossbar_torch.config import atomic_write, atomic_write_text  # noqa: E402
 from crossbar_torch.device import known_devices  # noqa: E402
-from crossbar_torch.report import si  # noqa: E402
+from crossbar_torch.report import format_count, si  # noqa: E402
 
 
 def load_sweep(paths, overrides):
@@ -75,10 +75,8 @@ def load_sweep(paths, overrides):
 
 
 def _n(v) -> str:
-    """A count, or a wear-levelling period's average per pass."""
-    if v is None:
-        return "-"
-    return f"{int(v):,}" if float(v).is_integer() else f"{v:,.1f}"
+    """A count, or a wear-levelling period's average per pass (one decimal)."""
+    return format_count(v, 1)
 
 
 def sweep_table(rows) -> str:
