@@ -67,12 +67,21 @@ def conductances(layer, read: bool = True, cells: torch.Tensor | None = None) ->
     if layer.drift_nu.numel() and cfg.t_inference > T0_SECONDS:
         g = g * torch.pow(torch.tensor(cfg.t_inference / T0_SECONDS), -layer.drift_nu)
     if read and cfg.read_noise:
-        count = layer._forward_count
-        layer._forward_count += 1
-        gen = torch.Generator().manual_seed(_seed(cfg.seed, 3, layer.layer_number, count))
-        eps = torch.randn(g.shape, generator=gen, dtype=torch.float32).to(g.device)
+        eps = _read_noise_draw(layer, tuple(g.shape)).to(g.device)
         g = g * (1 + cfg.read_noise * eps)
     return torch.clamp(g, min=0).permute(0, 2, 1).contiguous()
+
+
+@torch.compiler.disable
+def _read_noise_draw(layer, shape: tuple) -> torch.Tensor:
+    """Rule 19: the layer's next read-noise draw (standard normal, float32, CPU), keyed by
+    (seed, layer, forward count). Run eagerly under ``torch.compile``: the seed is numpy
+    arithmetic (uint64), which a traced graph cannot hold, and the count is python state that
+    must advance on every call."""
+    count = layer._forward_count
+    layer._forward_count += 1
+    gen = torch.Generator().manual_seed(_seed(layer.config.seed, 3, layer.layer_number, count))
+    return torch.randn(shape, generator=gen, dtype=torch.float32)
 
 
 # ---- the layer's output (rules 17 and 18) --------------------------------------------------------
@@ -338,6 +347,7 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"calibrate: the batch holds {int((~torch.isfinite(t)).sum())} "
                              "NaN or Inf value(s)")
+    old = [(layer.input_range, layer.adc_range) for _, layer in layers]
     for _, layer in layers:  # forget old ranges: calibrate from this batch only
         layer.input_range = layer.input_range.new_zeros(0)
         layer.adc_range = layer.adc_range.new_zeros(0)
@@ -350,9 +360,20 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
             elif isinstance(batch, dict):
                 model(**batch)
             elif isinstance(batch, (tuple, list)):
-                model(*batch)
+                try:
+                    model(*batch)
+                except TypeError as e:  # e.g. a DataLoader batch [images, labels]
+                    raise TypeError(
+                        f"calibrate: model(*batch) with a {type(batch).__name__} of "
+                        f"{len(batch)} item(s) failed ({e}); a tuple / list is passed as the "
+                        "model's positional arguments: for a DataLoader batch (images, labels) "
+                        "pass batch[0]") from e
             else:
                 model(batch)
+    except BaseException:  # a failed calibration keeps the previous ranges
+        for (_, layer), (r_in, r_adc) in zip(layers, old):
+            layer.input_range, layer.adc_range = r_in, r_adc
+        raise
     finally:
         model.train(was)
     return {name: {"input_range": l.input_range.tolist(), "adc_range": l.adc_range.tolist()}

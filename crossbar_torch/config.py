@@ -331,7 +331,16 @@ class CrossbarConfig:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of CrossbarConfig fields")
-        data = data.get("crossbar", data)
+        if "crossbar" in data:  # the fields under one 'crossbar:' section, or all at the top
+            others = sorted(str(k) for k in data if k != "crossbar")
+            if others:
+                raise ValueError(f"{path}: has a 'crossbar:' section and top-level key(s) "
+                                 f"{others}: put every CrossbarConfig field under 'crossbar:' "
+                                 "or every one at the top level")
+            data = data["crossbar"]
+            if not isinstance(data, dict):
+                raise ValueError(f"{path}: 'crossbar:' must be a mapping of CrossbarConfig "
+                                 "fields")
         return cls.from_dict(data)
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:

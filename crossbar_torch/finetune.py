@@ -38,6 +38,8 @@ Determinism and exact resume
   sample does not depend on the number of DataLoader workers nor on where a run was resumed.
 * Everything else random in a step (dropout) uses the global torch RNG of the training process;
   its state (and numpy's and python's) is saved in every checkpoint and restored on resume.
+* Read noise (rule 19): each crossbar layer draws it from a counter of its forwards; the
+  counters are saved in every checkpoint and restored on resume.
 A run stopped after ``k`` steps and resumed from its step-``k`` checkpoint therefore ends with
 weights bit-identical to an uninterrupted run (same seed, CPU; tested).
 """
@@ -594,6 +596,9 @@ class Trainer:
             "sampler": {"epoch": self.epoch, "position": self.epoch_step * self.args.batch_size,
                         "seed": self.args.seed},
             "rng": _rng_state(),
+            # rule 19: each layer draws its read noise from a counter of its forwards
+            "read_noise_draws": {n: int(l._forward_count)
+                                 for n, l in crossbar_layers(self.student)},
             "losses": [[int(s), float(l)] for s, l in self.losses],
             "crossbar_config": self.config.to_dict(),
             "model_name": self.model_name,
@@ -671,6 +676,10 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = ck["step"], ck["epoch"], ck["epoch_step"]
         self.losses = [(int(s), float(l)) for s, l in ck.get("losses", [])]
         _set_rng_state(ck["rng"])
+        draws = ck.get("read_noise_draws") or {}
+        for n, l in crossbar_layers(self.student):
+            if n in draws:
+                l._forward_count = int(draws[n])
 
     def save_checkpoint(self, path=None) -> Optional[str]:
         if self.rank != 0 or (path is None and not self.args.out_dir):

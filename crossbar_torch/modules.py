@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
-from .config import CrossbarConfig
+from .config import COUNTING_FIELDS, CrossbarConfig
 from .mapping import check_filter_index, filter_index, layer_tiles, natural_filter_index
 from .quantization import quantize, sort_index
 
@@ -246,6 +246,9 @@ class CrossbarMixin:
             theirs = {**CrossbarConfig().to_dict(),
                       **dict(state_dict[key].get("crossbar_config", {}))}
             mine = self.config.to_dict()
+            for k in COUNTING_FIELDS:  # counting only: the loaded model keeps its own
+                theirs.pop(k, None)
+                mine.pop(k, None)
             if theirs != mine:
                 diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
                         if theirs.get(k) != mine.get(k)}

@@ -196,6 +196,24 @@ def test_calibrate_sets_input_ranges_in_model_order_and_refuses_bad_batches():
         xb.calibrate(xm, bad)
 
 
+def test_a_failed_calibration_keeps_the_previous_ranges():
+    """Issue 20 defect 6: a wrong-shaped batch or a DataLoader batch [images, labels] used to
+    wipe every range, so every later forward raised CalibrationNeeded."""
+    m, x = conv_model(), inputs()
+    xm = xb.convert(m, xb.CrossbarConfig(**BASE, input_bits=8, adc_bits=6,
+                                         adc_range="calibrated"))
+    before = xb.calibrate(xm, x)
+    y = xm(x)
+    with pytest.raises(RuntimeError):
+        xb.calibrate(xm, torch.randn(2, 5, 9, 9))  # 5 channels: the first conv refuses it
+    with pytest.raises(TypeError, match=r"pass batch\[0\]"):
+        xb.calibrate(xm, [x, torch.zeros(3, dtype=torch.long)])
+    with pytest.raises(TypeError, match=r"pass batch\[0\]"):
+        xb.calibrate(xm, (x, torch.zeros(3, dtype=torch.long)))
+    after = {name: {"input_range": l.input_range.tolist(), "adc_range": l.adc_range.tolist()}
+             for name, l in xb.crossbar_layers(xm)}
+    assert after == before
+    assert torch.equal(xm(x), y)
 def test_ranges_round_trip_through_the_state_dict():
     m, x = conv_model(), inputs()
     cfg = xb.CrossbarConfig(**BASE, input_bits=6, prog_noise=0.02)
@@ -395,3 +413,28 @@ def test_torch_compile_of_an_analog_model_equals_eager():
     eager = xm(x)
     compiled = torch.compile(xm, backend="eager")
     assert torch.equal(compiled(x), eager)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_torch_compile_with_read_noise_equals_eager(train):
+    """Issue 20 defect 5: read_noise > 0 failed under torch.compile (KeyError(torch.uint64) in
+    the numpy seed of the draw); the draw now runs eagerly, so every forward draws anew, the
+    same noise as eager, forward and backward."""
+    import copy
+    m, x = conv_model(), inputs()
+    xm = xb.convert(m, xb.CrossbarConfig(**BASE, input_bits=6, input_range=3.0,
+                                         read_noise=0.05)).train(train)
+    twin = copy.deepcopy(xm)
+    compiled = torch.compile(twin, backend="aot_eager")
+    for _ in range(2):  # fresh draws each forward, the same in both
+        xe, xc = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
+        ye, yc = xm(xe), compiled(xc)
+        assert torch.equal(yc, ye)
+        if train:
+            ye.square().sum().backward()
+            yc.square().sum().backward()
+            assert torch.equal(xc.grad, xe.grad)
+            for (n, p), (_, q) in zip(xm.named_parameters(), twin.named_parameters()):
+                assert p.grad is not None and torch.equal(q.grad, p.grad), n
+    assert [l._forward_count for _, l in xb.crossbar_layers(twin)] == \
+        [l._forward_count for _, l in xb.crossbar_layers(xm)] == [2] * 4

@@ -91,3 +91,22 @@ def test_numeric_override_forms():
     assert parse_overrides(["reprogram_fraction=1e-1", "rows=64", "sort=value",
                             "stuck_value=initial"]) == {
         "reprogram_fraction": 0.1, "rows": 64, "sort": "value", "stuck_value": "initial"}
+
+
+def test_crossbar_section_beside_top_level_fields_is_refused(tmp_path):
+    """Issue 20 defect 8: a 'crossbar:' section silently dropped the other top-level keys."""
+    p = tmp_path / "mixed.yaml"
+    p.write_text("crossbar: {rows: 64}\nadc_bits: 6\nsort: value\n")
+    for load in (CrossbarConfig.from_yaml, load_config):
+        with pytest.raises(ValueError, match=r"mixed.yaml: has a 'crossbar:' section and "
+                                             r"top-level key\(s\) \['adc_bits', 'sort'\]"):
+            load(str(p))
+    # a section alone still works, and means the same as the fields at the top level
+    (tmp_path / "section.yaml").write_text("crossbar: {rows: 64, sort: value}\n")
+    (tmp_path / "top.yaml").write_text("rows: 64\nsort: value\n")
+    assert (load_config(str(tmp_path / "section.yaml"))
+            == load_config(str(tmp_path / "top.yaml"))
+            == CrossbarConfig(rows=64, sort="value"))
+    (tmp_path / "list.yaml").write_text("crossbar: [1, 2]\n")
+    with pytest.raises(ValueError, match="'crossbar:' must be a mapping"):
+        load_config(str(tmp_path / "list.yaml"))

@@ -231,6 +231,30 @@ def test_resume_is_bit_identical(tmp_path, stop):
     assert torch.equal(again.student.fc.weight, full.student.fc.weight)
 
 
+def test_resume_is_bit_identical_with_read_noise(tmp_path):
+    """Issue 20 defect 4: the per-layer read-noise draw counter was neither saved nor
+    restored, so a resumed run drew the noise of other forwards."""
+    cfg = STUCK.replace(read_noise=0.05)
+
+    def trainer(out):
+        args = FinetuneArgs(loss="ce", steps=4, batch_size=8, lr=0.05, opt="sgd", seed=5,
+                            progress=False, out_dir=str(out))
+        return Trainer(tiny_model(config=cfg), NoisyData(), args)
+
+    full = trainer(tmp_path / "full")
+    r_full = full.fit()
+    part = trainer(tmp_path / "part")
+    r_part = part.fit(stop_after=2)
+    ck = load_checkpoint(r_part.checkpoint)
+    assert set(ck["read_noise_draws"]) == {n for n, _ in xb.crossbar_layers(part.student)}
+    assert all(v == 2 for v in ck["read_noise_draws"].values())  # one forward per step
+    resumed = trainer(tmp_path / "resumed")
+    r_res = resumed.fit(resume=r_part.checkpoint)
+    assert [l for _, l in r_full.losses] == [l for _, l in r_res.losses]
+    a, b = full.student.state_dict(), resumed.student.state_dict()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
 def test_kd_trainer_runs_and_checks_teacher_is_needed():
     torch.manual_seed(0)
     teacher = Tiny().eval()

@@ -45,6 +45,20 @@ def test_loading_a_state_dict_of_another_config_fails_clearly():
         other.load_state_dict(xm.state_dict())
 
 
+def test_counting_fields_may_differ_when_loading():
+    """Issue 20 defect 13: device and wear_leveling only change how programming is counted
+    (config.COUNTING_FIELDS), so a state dict loads into a model converted with other values
+    of them; the loaded model keeps its own. Any other field is still refused."""
+    base = xb.CrossbarConfig(rows=16, cols=32, sort="value")
+    xm = xb.convert(small_cnn(), base.replace(device="rram", wear_leveling="rotate")).eval()
+    other = xb.convert(small_cnn(), base).eval()
+    other.load_state_dict(xm.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(other(x), xm(x))
+    for _, layer in xb.crossbar_layers(other):
+        assert (layer.config.device, layer.config.wear_leveling) == ("default", "none")
+    with pytest.raises(RuntimeError, match="different CrossbarConfig.*sort"):
+        xb.convert(small_cnn(), base.replace(sort="magnitude")).load_state_dict(xm.state_dict())
 def test_whole_module_save_and_load():
     xm = xb.convert(small_cnn(), STUCK).eval()
     buf = io.BytesIO()
