@@ -22,7 +22,9 @@ say so ("random_weights": true).
 scripts/finetune.py writes: then the crossbar model is rebuilt with the saved configuration and
 cells, and the "float" column is the checkpoint's latent float weights.
 Under torchrun each rank evaluates every world-th image (no duplicates, none dropped), counts
-are summed across ranks, and only rank 0 prints and writes --out.
+are summed across ranks, and only rank 0 prints and writes --out. With an analog periphery the
+input / ADC ranges are calibrated once, by rank 0 on the first --calib-images images, and sent
+to every rank (the same ranges whatever the number of ranks; --out lists them: "calibration").
 """
 from __future__ import annotations
 
@@ -276,10 +278,12 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
         pin_memory=device.type == "cuda", persistent_workers=False)
     float_model.to(device)
     xmodel.to(device)
+    calibration = None
     if xmodel_config(xmodel).analog:  # rule 20: the converters' ranges from the first images
-        from crossbar_torch.analog import calibrate_from_loader
-        n = calibrate_from_loader(xmodel, loader, device, args.calib_images)
-        log(f"analog periphery: input / ADC ranges calibrated on the first {n} image(s)")
+        calibration = calibrate_once(xmodel, ds, args, device, distributed, rank)
+        log(f"analog periphery: input / ADC ranges calibrated on the first "
+            f"{calibration['images']} image(s)" + (" (rank 0, sent to every rank)"
+                                                   if world > 1 else ""))
     log(f"evaluating {len(ds)} image(s) on {device}" + (f" x {world} ranks" if world > 1 else ""))
     ev = evaluate({"float": float_model, "crossbar": xmodel}, loader, device,
                   label_sets=label_sets, distributed=distributed, skip_bad=args.skip_bad,
@@ -312,6 +316,7 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
                        "batch_size": args.batch_size, "device": str(device), "world_size": world,
                        "threads": torch.get_num_threads()},
         "preprocessing": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dcfg.items()},
+        "calibration": calibration,
         "limit": args.limit,
         "wall_seconds": time.perf_counter() - t_start,
     }
@@ -320,6 +325,40 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
         atomic_write_text(args.out, json.dumps(_json_safe(res), indent=2) + "\n")
         log(f"wrote {args.out}")
     return res
+
+
+def calibrate_once(xmodel, ds, args, device, distributed, rank) -> dict:
+    """Rule 20 on the first ``--calib-images`` readable images of the data set (not of a rank's
+    share of it): rank 0 calibrates and sends the ranges to every rank, so the result does not
+    depend on the number of ranks. Returns ``{"images": n, "layers": {name: {"input_range",
+    "adc_range"}}}``."""
+    from crossbar_torch.analog import calibrate_from_loader
+    layers = xb.crossbar_layers(xmodel)
+    msg, error = [None], None
+    if rank == 0:
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=min(args.batch_size, args.calib_images), shuffle=False,
+            num_workers=0, collate_fn=collate_skip_bad)
+        try:
+            n = calibrate_from_loader(xmodel, loader, device, args.calib_images)
+            msg = [{"images": n, "layers": {
+                name: {"input_range": l.input_range.tolist(), "adc_range": l.adc_range.tolist()}
+                for name, l in layers}}]
+        except Exception as e:  # every rank stops: rank 0 with the error, the others told so
+            error, msg = e, [{"error": one_line(e)}]
+    if distributed:
+        torch.distributed.broadcast_object_list(msg, src=0)
+    if error is not None:
+        raise error
+    out = msg[0]
+    if "error" in out:
+        raise UsageError(f"rank 0 could not calibrate: {out['error']}")
+    if rank != 0:
+        for name, l in layers:
+            got = out["layers"][name]
+            l.input_range = l.input_range.new_tensor(got["input_range"])
+            l.adc_range = l.adc_range.new_tensor(got["adc_range"])
+    return out
 
 
 def _json_safe(o):

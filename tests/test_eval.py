@@ -177,6 +177,28 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     assert r2.stdout.count("ImageNet evaluation") == 1
 
 
+def test_two_process_gloo_calibrates_once_on_the_same_images(tmp_path):
+    """Issue 20 defect 3: under torchrun each rank calibrated the analog ranges on its own share
+    of the images (rank 0 on images 0, 2, 4, ...), so the result depended on the number of
+    ranks. Now rank 0 calibrates on the first --calib-images images and sends the ranges."""
+    make_folder(tmp_path / "val", n_good=7)
+    common = TINY + ["--data", str(tmp_path / "val"), "--device", "cpu", "--calib-images", "4",
+                     "--set", "input_bits=4", "--set", "adc_bits=4",
+                     "--set", "adc_range=calibrated", "--set", "rows=32", "--set", "cols=64"]
+    r1 = run_script(common + ["--out", str(tmp_path / "one.json")])
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = run_script(common + ["--out", str(tmp_path / "two.json")],
+                    cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node", "2", SCRIPT])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["throughput"]["world_size"] == 2
+    assert one["calibration"]["images"] == two["calibration"]["images"] == 4
+    assert one["calibration"]["layers"] and one["calibration"] == two["calibration"]
+    for f in ("top1_correct", "top5_correct"):
+        assert one["crossbar"][f] == two["crossbar"][f], f
+    assert one["agreement_top1_count"] == two["agreement_top1_count"]
 def test_crossbar_checkpoint(tmp_path):
     """A fine-tuned crossbar checkpoint: the crossbar column uses the saved cells, the float
     column the latent weights, and the saved configuration is used."""
