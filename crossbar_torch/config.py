@@ -57,7 +57,8 @@ class CrossbarConfig:
     schedule_window: int = 256
     compensate: bool = False
     # Endurance and cost (docs/semantics.md rules 14 to 16): wear levelling of the mapping, and
-    # the memristor device (a preset in configs/devices/ or a path to a device YAML).
+    # the memristor device (a preset in crossbar_torch/presets/devices/ or a path to a device
+    # YAML).
     wear_leveling: str = "none"
     device: str = "default"
     # Analog periphery (docs/semantics.md rules 17 to 20): every default is ideal.

@@ -7,8 +7,9 @@ reaches its endurance. The semantics are in docs/semantics.md, "Endurance and co
 
 A :class:`Device` is a frozen, validated bundle of per-cell numbers (endurance, energy and width
 of one SET and one RESET pulse, energy of one analog read of a tile) plus one architectural
-number (how many crossbars of the pool can be written at once). Presets live in
-``configs/devices/*.yaml``; every number there cites its source on its own line.
+number (how many crossbars of the pool can be written at once). Presets are package data,
+``crossbar_torch/presets/devices/*.yaml`` (read through :mod:`importlib.resources`, so they come
+with an installed wheel); every number there cites its source on its own line.
 
 Everything here is a pure function of its arguments: no torch, no global state beyond a cache of
 parsed YAML files keyed on (resolved path, mtime, size), so an edited file is read again.
@@ -21,9 +22,12 @@ import os
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 from numbers import Integral, Rational, Real
+from importlib import resources
 from pathlib import Path
 
-DEVICE_DIR = Path(__file__).resolve().parents[1] / "configs" / "devices"
+# The presets ship inside the package (package data in pyproject.toml), not beside it in the
+# repository: a wheel or a plain ``pip install .`` has no checkout around it.
+DEVICE_DIR = Path(str(resources.files("crossbar_torch") / "presets" / "devices"))
 
 # The per-cell numbers: each a real, finite, strictly positive float.
 FLOAT_FIELDS = ("endurance", "set_energy_j", "reset_energy_j", "set_pulse_s", "reset_pulse_s",
@@ -90,7 +94,7 @@ class Device:
 
 
 def known_devices() -> list[str]:
-    """Names of the presets: the sorted stems of ``configs/devices/*.yaml``."""
+    """Names of the presets: the sorted stems of ``crossbar_torch/presets/devices/*.yaml``."""
     return sorted(p.stem for p in DEVICE_DIR.glob("*.yaml"))
 
 

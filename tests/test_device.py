@@ -1,4 +1,5 @@
-"""Device presets (configs/devices/*.yaml) and the write-cost / endurance functions.
+"""Device presets (crossbar_torch/presets/devices/*.yaml, package data) and the write-cost /
+endurance functions.
 
 Expected values are recomputed here from the raw YAML or written out as hand arithmetic; none is
 copied from crossbar_torch/device.py.
@@ -15,7 +16,7 @@ from crossbar_torch.device import (DEVICE_DIR, Device, known_devices, load_devic
                                    passes_until, write_cost)
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET_DIR = REPO / "configs" / "devices"
+PRESET_DIR = REPO / "crossbar_torch" / "presets" / "devices"
 PRESETS = ("default", "fefet", "pcm", "rram")
 FLOAT_KEYS = ("endurance", "set_energy_j", "reset_energy_j", "set_pulse_s", "reset_pulse_s",
               "read_energy_j")
@@ -52,8 +53,14 @@ def round_device(tmp_path, **values):
 # --------------------------------------------------------------------------- presets
 
 
-def test_device_dir_is_the_repository_folder():
+def test_device_dir_is_the_package_data_folder():
+    # The presets live inside the package (an installed wheel has no checkout around it), and
+    # pyproject.toml ships them; scripts/check_wheel.sh loads them from a built wheel.
     assert DEVICE_DIR == PRESET_DIR
+    assert not (REPO / "configs" / "devices" / "default.yaml").exists()
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    data = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "presets/devices/*.yaml" in data["tool"]["setuptools"]["package-data"]["crossbar_torch"]
 
 
 def test_known_devices_are_the_sorted_yaml_stems():

@@ -20,7 +20,7 @@ SCRIPT = os.path.join(REPO, "scripts", "reprogram_report.py")
 
 
 def preset(name):
-    with open(os.path.join(REPO, "configs", "devices", f"{name}.yaml")) as f:
+    with open(os.path.join(REPO, "crossbar_torch", "presets", "devices", f"{name}.yaml")) as f:
         return {k: float(v) for k, v in yaml.safe_load(f).items()
                 if k not in ("name", "description")}
 
