@@ -334,7 +334,8 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     from .modules import crossbar_layers
     layers = crossbar_layers(model)
     if not layers:
-        raise ValueError("calibrate: the model has no crossbar layers (convert it first)")
+        from .convert import no_crossbar_layers
+        raise no_crossbar_layers(model, "calibrate")
     if (batch is None) == (run is None):
         raise ValueError("calibrate: give a batch or a run(model) callable (one of them)")
     tensors = [] if batch is None else [batch] if isinstance(batch, torch.Tensor) else (

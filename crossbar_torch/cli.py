@@ -353,6 +353,13 @@ def check_model_args(args) -> None:
         close = timm.list_models(f"*{name.split('.')[0][:12]}*")[:5]
         raise UsageError(f"--model {name!r}: timm has no such model"
                          + (f" (close: {', '.join(close)})" if close else ""))
+    base, _, tag = name.partition(".")
+    if tag and name not in timm.list_pretrained(name) and timm.is_model(base):
+        tags = [t.partition(".")[2] for t in timm.list_pretrained(base + ".*")]
+        raise UsageError(f"--model {name!r}: timm's {base} has no weight tag {tag!r}"
+                         + (f" (tags: {', '.join(tags[:8])}"
+                            + (", ..." if len(tags) > 8 else "") + ")" if tags else
+                            f" (it has none: use --model {base})"))
 
 
 def model_from_args(args):

@@ -32,6 +32,14 @@ COUNTING_FIELDS = ("wear_leveling", "device")
 ANALOG_FIELDS = ("input_bits", "input_bits_per_cycle", "input_range", "adc_bits", "adc_range",
                  "adc_scope", "g_ratio", "prog_noise", "read_noise", "drift_nu", "drift_nu_std",
                  "t_inference")
+# Fields whose ideal value is None: the strings none / None / null / ~ mean None too (YAML reads
+# only ~ and null as None; "--set input_bits=None" is what a Python user types).
+NULLABLE_FIELDS = ("input_bits", "input_range", "adc_bits", "g_ratio")
+NULL_SPELLINGS = ("none", "null", "~")
+# Rule 14: a wear-levelling period longer than this many passes is announced (counting runs
+# every pass of it), once per (wear_leveling, rows, cols) in a process.
+WEAR_PERIOD_WARN = 1024
+_WARNED_PERIODS: set = set()
 
 
 @dataclass(frozen=True)
@@ -80,6 +88,10 @@ class CrossbarConfig:
             raise ValueError(
                 f"CrossbarConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
 
+        for name in NULLABLE_FIELDS:
+            v = getattr(self, name)
+            if isinstance(v, str) and v.strip().lower() in NULL_SPELLINGS:
+                object.__setattr__(self, name, None)
         for name in ("rows", "cols", "weight_bits", "bits_per_cell", "stuck_slices", "pool", "seed",
                      "schedule_window"):
             v = getattr(self, name)
@@ -152,6 +164,26 @@ class CrossbarConfig:
                 f"CrossbarConfig.cols={self.cols} is invalid: one weight takes "
                 f"{self.cells_per_weight} cells ({self.encoding}, weight_bits={self.weight_bits}, "
                 f"bits_per_cell={self.bits_per_cell}), so cols must be >= {self.cells_per_weight}")
+        self._warn_long_wear_period()
+
+    def _warn_long_wear_period(self) -> None:
+        """Rule 14 counts every pass of a wear-levelling period: say so (once per process and
+        geometry) when the period is long enough to make counting slow."""
+        period = self.wear_period
+        key = (self.wear_leveling, self.rows, self.cols)
+        if period <= WEAR_PERIOD_WARN or key in _WARNED_PERIODS:
+            return
+        _WARNED_PERIODS.add(key)
+        how = (f"lcm(rows={self.rows}, cols={self.cols}) = {period:,}"
+               if self.wear_leveling == "rotate" else f"rows = {period:,}")
+        import warnings
+        warnings.warn(
+            f"wear_leveling={self.wear_leveling!r}: the mapping repeats after {period:,} passes "
+            f"({how}), and counting programs every one of them (about {period:,} times the "
+            "work of one pass)"
+            + ("; rows and cols with a large common divisor (e.g. cols a multiple of rows) "
+               "give a short period" if self.wear_leveling == "rotate" else ""),
+            UserWarning, stacklevel=4)
 
     def _check_analog(self, bad) -> None:
         """Rules 17 to 19: each field in range, named when it is not."""
@@ -355,6 +387,8 @@ class CrossbarConfig:
 def parse_overrides(overrides: Iterable[str]) -> dict:
     import yaml
     known = {f.name for f in fields(CrossbarConfig)}
+    if isinstance(overrides, str):  # one "key=value", not its characters
+        overrides = [overrides]
     out = {}
     for item in overrides or ():
         if "=" not in item:

@@ -33,6 +33,27 @@ class ConversionRecord:
         return "\n".join(lines)
 
 
+def _why_none(record: ConversionRecord) -> str:
+    """Why a conversion converted nothing, from its record."""
+    if not record.skipped:
+        return "the model has no nn.Linear / nn.Conv2d layer"
+    reasons = sorted({r for _, _, r in record.skipped})
+    if set(reasons) <= {"not matched by include", "matched by exclude"}:
+        return "include / exclude leave no nn.Linear / nn.Conv2d layer"
+    return f"every nn.Linear / nn.Conv2d layer was left alone ({'; '.join(reasons)})"
+
+
+def no_crossbar_layers(model: nn.Module, what: str) -> ValueError:
+    """The error of ``what`` (an API call) given a model without crossbar layers: a model that
+    ``convert`` found nothing in is told apart from one never converted."""
+    record = getattr(model, "crossbar_conversion", None)
+    if isinstance(record, ConversionRecord) and not record.converted:
+        return ValueError(f"{what}: the model has no crossbar layers: convert() converted none "
+                          f"({_why_none(record)})")
+    return ValueError(f"{what}: the model has no crossbar layers: convert it first "
+                      "(crossbar_torch.convert)")
+
+
 def _timm_classes():
     try:
         from timm.layers import (Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d,
@@ -160,6 +181,9 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
     if unexpected:
         warnings.warn("convert: left alone " + "; ".join(f"{n} ({t}): {r}"
                                                          for n, t, r in unexpected))
+    if not record.converted:
+        warnings.warn(f"convert: no layer was converted: {_why_none(record)}; the model "
+                      "computes in float and has nothing to program or count")
     object.__setattr__(model, "crossbar_conversion", record)
     from .modules import crossbar_layers
     for number, (name, layer) in enumerate(crossbar_layers(model)):

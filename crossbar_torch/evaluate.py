@@ -72,7 +72,13 @@ def resolve_device(arg: Optional[str] = None, local_rank: Optional[int] = None) 
     """
     if arg is None:
         arg = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(arg)
+    try:
+        dev = torch.device(arg)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device {arg}: unknown device; use cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {arg}: the crossbar ops run on cpu or cuda only; use cpu, "
+                         "cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {arg}: CUDA is not available on this machine")

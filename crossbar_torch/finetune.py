@@ -443,8 +443,8 @@ class FinetuneArgs:
             raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.steps is not None and self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.epochs < 1 and self.steps is None:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
         for name in ("workers", "save_every", "warmup_steps", "keep"):
@@ -493,6 +493,74 @@ def _fmt(v) -> str:
     return "none" if v is None else (f"{v:g}" if isinstance(v, float) else str(v))
 
 
+def run_length(args: FinetuneArgs, train_size: int, world: int = 1) -> tuple:
+    """``(drop_last, steps_per_epoch, total_steps)`` of training ``train_size`` items with
+    ``args`` on ``world`` processes (what :class:`Trainer` runs)."""
+    drop_last = train_size >= args.batch_size * world
+    num_samples = ResumableSampler(range(train_size), num_replicas=world, rank=0, shuffle=False,
+                                   drop_last=drop_last).num_samples
+    steps_per_epoch = max(1, math.ceil(num_samples / args.batch_size)
+                          if not drop_last else num_samples // args.batch_size)
+    total = args.steps if args.steps is not None else args.epochs * steps_per_epoch
+    return drop_last, steps_per_epoch, total
+
+
+def check_resume(ck: dict, where: str = "the checkpoint", *, args: FinetuneArgs,
+                 config: CrossbarConfig, world: int, model_name: Optional[str],
+                 run_info: Optional[dict], train_size: int, total_steps: Optional[int] = None,
+                 arg_names: Optional[dict] = None) -> None:
+    """Raise :class:`ResumeError` unless a run of ``args`` (with this config, process count,
+    model, run facts and training set size) can continue checkpoint ``ck`` exactly. Needs no
+    model: a script checks a resume before converting (:meth:`Trainer.check_resume` is this
+    with the trainer's own facts)."""
+    def name(field):
+        return (arg_names or {}).get(field, field)
+    if total_steps is None:
+        total_steps = run_length(args, train_size, world)[2]
+    step = int(ck.get("step", 0))
+    if step > total_steps:
+        what = (f"{name('steps')} {args.steps}" if args.steps is not None
+                else f"{total_steps} steps ({name('epochs')} {args.epochs})")
+        raise ResumeError(f"resume: {where} is at step {step}, past the end of this run "
+                          f"({what}); ask for at least {step} steps")
+    saved = {**CrossbarConfig().to_dict(), **dict(ck.get("crossbar_config") or {})}
+    mine = config.to_dict()
+    diff = [f"{k} {_fmt(saved.get(k))} (checkpoint) vs {_fmt(mine.get(k))} (now)"
+            for k in mine if saved.get(k) != mine.get(k)]
+    if ck.get("crossbar_config") is not None and diff:
+        raise ResumeError(f"resume: {where} was made with another CrossbarConfig: "
+                          + "; ".join(diff))
+    if ck.get("world_size", 1) != world:
+        raise ResumeError(f"resume: {where} was made with {ck.get('world_size')} "
+                          f"process(es), this run has {world}")
+    if (ck.get("model_name") is not None and model_name is not None
+            and ck["model_name"] != model_name):
+        raise ResumeError(f"resume: {where} is of model {ck['model_name']!r}, this run "
+                          f"trains {model_name!r}")
+    changes = []
+    saved_args = ck.get("finetune_args") or {}
+    now = args.to_dict()
+    for k, v in now.items():
+        if k in RESUME_FREE or k not in saved_args:
+            continue
+        if k == "epochs" and saved_args.get("steps") is not None and now["steps"] is not None:
+            continue  # --steps decides the length; --epochs is unused
+        if saved_args[k] != v:
+            changes.append((name(k), saved_args[k], v))
+    saved_info = ck.get("run_info") or {}
+    for k, v in (run_info or {}).items():
+        if k in saved_info and saved_info[k] != v:
+            changes.append((name(k), saved_info[k], v))
+    if "train_size" in ck and ck["train_size"] != train_size:
+        changes.append(("training images", ck["train_size"], train_size))
+    if changes:
+        raise ResumeError(
+            f"resume: {where} was made with other arguments: "
+            + "; ".join(f"{n} {_fmt(a)} (checkpoint) vs {_fmt(b)} (now)"
+                        for n, a, b in changes)
+            + ". Resume with the checkpoint's values, or start a new run", changes)
+
+
 class Trainer:
     """Fine-tunes a converted model (the *student*) with its stuck cells in place.
 
@@ -522,7 +590,8 @@ class Trainer:
         self.rank, self.world = _dist()
         layers = crossbar_layers(model)
         if not layers:
-            raise ValueError("the model has no crossbar layers: convert it first")
+            from .convert import no_crossbar_layers
+            raise no_crossbar_layers(model, "Trainer")
         self.config = config or layers[0][1].config
         self.model_name = model_name
         self.arg_names = dict(arg_names or {})
@@ -544,14 +613,10 @@ class Trainer:
         self.train_size = n = len(dataset)
         if n == 0:
             raise ValueError("the training data holds no items")
-        drop_last = n >= args.batch_size * self.world
+        drop_last, self.steps_per_epoch, self.total_steps = run_length(args, n, self.world)
         self.sampler = ResumableSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                         shuffle=True, seed=args.seed, drop_last=drop_last)
         self.collate_fn = collate_fn
-        self.steps_per_epoch = max(1, math.ceil(self.sampler.num_samples / args.batch_size)
-                                   if not drop_last else self.sampler.num_samples // args.batch_size)
-        self.total_steps = (args.steps if args.steps is not None
-                            else args.epochs * self.steps_per_epoch)
         self.amp = bool(args.amp and self.device.type == "cuda")
         self.module = self.student  # wrapped in DistributedDataParallel by fit() (its
         # parameter broadcast would otherwise precede a caller's evaluation of the student)
@@ -609,48 +674,10 @@ class Trainer:
 
     def check_resume(self, ck: dict, where: str = "the checkpoint") -> None:
         """Raise :class:`ResumeError` unless this run can continue ``ck`` exactly."""
-        step = int(ck.get("step", 0))
-        if step > self.total_steps:
-            what = (f"{self._name('steps')} {self.args.steps}" if self.args.steps is not None
-                    else f"{self.total_steps} steps ({self._name('epochs')} {self.args.epochs})")
-            raise ResumeError(f"resume: {where} is at step {step}, past the end of this run "
-                              f"({what}); ask for at least {step} steps")
-        saved = {**CrossbarConfig().to_dict(), **dict(ck.get("crossbar_config") or {})}
-        mine = self.config.to_dict()
-        diff = [f"{k} {_fmt(saved.get(k))} (checkpoint) vs {_fmt(mine.get(k))} (now)"
-                for k in mine if saved.get(k) != mine.get(k)]
-        if ck.get("crossbar_config") is not None and diff:
-            raise ResumeError(f"resume: {where} was made with another CrossbarConfig: "
-                              + "; ".join(diff))
-        if ck.get("world_size", 1) != self.world:
-            raise ResumeError(f"resume: {where} was made with {ck.get('world_size')} "
-                              f"process(es), this run has {self.world}")
-        if (ck.get("model_name") is not None and self.model_name is not None
-                and ck["model_name"] != self.model_name):
-            raise ResumeError(f"resume: {where} is of model {ck['model_name']!r}, this run "
-                              f"trains {self.model_name!r}")
-        changes = []
-        saved_args = ck.get("finetune_args") or {}
-        now = self.args.to_dict()
-        for k, v in now.items():
-            if k in RESUME_FREE or k not in saved_args:
-                continue
-            if k == "epochs" and saved_args.get("steps") is not None and now["steps"] is not None:
-                continue  # --steps decides the length; --epochs is unused
-            if saved_args[k] != v:
-                changes.append((self._name(k), saved_args[k], v))
-        saved_info = ck.get("run_info") or {}
-        for k, v in self.run_info.items():
-            if k in saved_info and saved_info[k] != v:
-                changes.append((self._name(k), saved_info[k], v))
-        if "train_size" in ck and ck["train_size"] != self.train_size:
-            changes.append(("training images", ck["train_size"], self.train_size))
-        if changes:
-            raise ResumeError(
-                f"resume: {where} was made with other arguments: "
-                + "; ".join(f"{n} {_fmt(a)} (checkpoint) vs {_fmt(b)} (now)"
-                            for n, a, b in changes)
-                + ". Resume with the checkpoint's values, or start a new run", changes)
+        check_resume(ck, where, args=self.args, config=self.config, world=self.world,
+                     model_name=self.model_name, run_info=self.run_info,
+                     train_size=self.train_size, total_steps=self.total_steps,
+                     arg_names=self.arg_names)
 
     def load_state_dict(self, ck: dict, where: str = "the checkpoint") -> None:
         self.check_resume(ck, where)

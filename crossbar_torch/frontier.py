@@ -271,7 +271,12 @@ class ImageScorer:
                ("top5_correct", int), ("agreement_count", int))
 
     def __init__(self, loader, device="cpu", *, cache: bool = True, on_bad=None,
-                 key: Optional[dict] = None):
+                 key: Optional[dict] = None, calib_images: int = CALIBRATION_IMAGES):
+        if isinstance(calib_images, bool) or not isinstance(calib_images, int) or \
+                calib_images < 1:
+            raise ValueError(f"ImageScorer: calib_images must be an integer >= 1, got "
+                             f"{calib_images!r}")
+        self.calib_images = calib_images
         self.loader = loader
         self.device = torch.device(device)
         self.cache = cache
@@ -340,10 +345,18 @@ class ImageScorer:
                 "top1": 100.0 * int(topk_correct(self.ref_logits, self.labels, 1).sum()) / n,
                 "top5": 100.0 * int(topk_correct(self.ref_logits, self.labels, 5).sum()) / n}
 
-    def calibrate(self, model: nn.Module, images: int = CALIBRATION_IMAGES) -> None:
-        """Rule 20: the analog ranges from the first ``images`` images of the data."""
+    def calibrate(self, model: nn.Module, images: Optional[int] = None) -> None:
+        """Rule 20: the analog ranges from the first ``images`` images of the data (default
+        the scorer's ``calib_images``)."""
         from .analog import calibrate
-        x = torch.cat([b[0] for b in self._iter()])[:images]
+        images = self.calib_images if images is None else images
+        xs, have = [], 0
+        for b in self._iter():  # the first batches only
+            xs.append(b[0])
+            have += b[0].shape[0]
+            if have >= images:
+                break
+        x = torch.cat(xs)[:images]
         calibrate(model, x.to(self.device))
 
     def score(self, model: nn.Module) -> dict:
@@ -635,14 +648,22 @@ def run_frontier(float_model: nn.Module, runs: Sequence[SweepRun], scorer, *, cs
 
 
 def _category(cfg: CrossbarConfig) -> str:
+    """The legend group of a row: what makes it lose accuracy (stucking, the analog
+    periphery: DAC, ADC, finite g_ratio, noise or drift), or nothing (lossless)."""
+    if cfg.stucking and cfg.analog:
+        return "stucking + analog periphery"
+    if cfg.analog:
+        return "analog periphery (DAC / ADC / noise), no stucking"
     if not cfg.stucking:
         return "lossless (no stucking)"
     return "stucking + compensation" if cfg.compensate else "stucking, no compensation"
 
 
 _STYLE = {"lossless (no stucking)": ("tab:blue", "o"),
+          "analog periphery (DAC / ADC / noise), no stucking": ("tab:orange", "D"),
           "stucking + compensation": ("tab:green", "s"),
-          "stucking, no compensation": ("tab:red", "^")}
+          "stucking, no compensation": ("tab:red", "^"),
+          "stucking + analog periphery": ("tab:purple", "v")}
 
 
 def _box_distance(box, p) -> float:
@@ -709,7 +730,21 @@ def _place_labels(ax, xy_px, texts, fontsize, obstacles=()):
 
 
 def plot_frontier(rows: Sequence[dict], path: str, scorer_cls, *, title: str = "") -> None:
-    """Reduction (x, log) against the drop from the reference (y); Pareto front, labels."""
+    """Reduction (x, log) against the drop from the reference (y); Pareto front, labels:
+    :func:`draw_frontier` written to ``path`` as a PNG (atomically)."""
+    import matplotlib.pyplot as plt
+    fig = draw_frontier(rows, scorer_cls, title=title)
+    try:
+        tmp_dir = os.path.dirname(os.path.abspath(path))
+        os.makedirs(tmp_dir, exist_ok=True)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+    finally:
+        plt.close(fig)
+
+
+def draw_frontier(rows: Sequence[dict], scorer_cls, *, title: str = ""):
+    """The frontier figure (see :func:`plot_frontier`); its legend sits outside the axes, so
+    it covers no point. The caller closes it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -783,7 +818,8 @@ def plot_frontier(rows: Sequence[dict], path: str, scorer_cls, *, title: str = "
         ax.set_xlabel("reduction of memristor writes per pass against the unsorted baseline "
                       "(log scale; higher is better)")
         ax.grid(True, which="major", color="0.9", lw=0.6)
-        leg = ax.legend(loc="upper left", fontsize=8, framealpha=0.9)
+        leg = ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
+                        fontsize=8, framealpha=0.9)
         if title:
             ax.set_title(title, fontsize=10)
         fig.tight_layout()
@@ -792,7 +828,4 @@ def plot_frontier(rows: Sequence[dict], path: str, scorer_cls, *, title: str = "
         xy_px = [tuple(ax.transData.transform((x, y))) for _, x, y in pts]
         _place_labels(ax, xy_px, [r["name"] for r, _, _ in pts], fontsize=7.5,
                       obstacles=[(lb.x0, lb.y0, lb.x1, lb.y1)])
-    tmp_dir = os.path.dirname(os.path.abspath(path))
-    os.makedirs(tmp_dir, exist_ok=True)
-    atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
-    plt.close(fig)
+    return fig

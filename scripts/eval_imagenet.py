@@ -222,8 +222,18 @@ def summary(res: dict) -> str:
 
 
 def config_summary(cfg) -> str:
+    """The configuration on one line: the mapping fields, then every analog field (rules 17
+    to 19) that is not ideal, or "analog: ideal"."""
+    from dataclasses import fields
+
+    from crossbar_torch.config import ANALOG_FIELDS
+    defaults = {f.name: f.default for f in fields(cfg)}
+    analog = [f"{k}={getattr(cfg, k)}" for k in ANALOG_FIELDS
+              if getattr(cfg, k) != defaults[k]]
     return (f"{cfg.rows}x{cfg.cols}, {cfg.weight_bits}-bit {cfg.encoding}, sort={cfg.sort}, "
-            f"stuck_slices={cfg.stuck_slices}, reprogram_fraction={cfg.reprogram_fraction}")
+            f"filter_order={cfg.filter_order}, stuck_slices={cfg.stuck_slices}, "
+            f"reprogram_fraction={cfg.reprogram_fraction}, compensate={cfg.compensate}; "
+            f"analog: {', '.join(analog) if analog else 'ideal'}")
 
 
 # --------------------------------------------------------------------------- main

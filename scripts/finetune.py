@@ -75,6 +75,10 @@ def parse_args(argv=None):
                      help="any folder of images (recursive; labels ignored): distillation")
     d.add_argument("--val", metavar="DIR", help="ImageNet val layout, for top-1/top-5 before/after")
     d.add_argument("--workers", type=nonnegative_int, default=2)
+    d.add_argument("--calib-images", type=positive_int, default=8, metavar="N",
+                   help="with an analog periphery (input_bits, adc_bits, ...): calibrate the "
+                        "input and ADC ranges on the first N images of --val (else of the "
+                        "training data) (default 8; docs/semantics.md rule 20)")
     d.add_argument("--skip-bad", action="store_true",
                    help="skip (and list) unreadable images (default: stop with an error naming "
                         "the file)")
@@ -90,7 +94,7 @@ def parse_args(argv=None):
     t.add_argument("--temperature", type=positive_float, default=4.0)
     t.add_argument("--alpha", type=float, default=0.9, help="KD weight in kd+ce")
     t.add_argument("--epochs", type=positive_int, default=1)
-    t.add_argument("--steps", type=nonnegative_int,
+    t.add_argument("--steps", type=positive_int,
                    help="total optimizer steps (overrides --epochs)")
     t.add_argument("--batch-size", type=positive_int, default=32, help="per process")
     t.add_argument("--lr", type=positive_float, default=1e-4)
@@ -248,18 +252,6 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
     log(f"model {args.model} ({weights}); {len(train_ds)} training images; "
         f"loss {loss}; {world} process(es) on {device}")
     log(f"data config: {dcfg}")
-    float_model = float_model.to(device).eval()
-    xmodel = xb.convert(float_model, cfg, progress=progress)
-    log(xmodel.crossbar_conversion.summary())
-    if cfg.analog:  # rule 20: the converters' ranges (a resumed checkpoint restores its own)
-        from crossbar_torch.analog import calibrate_from_loader
-        from crossbar_torch.data import collate_skip_bad
-        src = val_ds if val_ds is not None else train_ds
-        n = calibrate_from_loader(xmodel, torch.utils.data.DataLoader(
-            src, batch_size=8, collate_fn=collate_skip_bad), device, 8)
-        log(f"analog periphery: input / ADC ranges calibrated on {n} image(s)")
-    vl = val_loader(args, val_ds, rank, world)
-
     fargs = FinetuneArgs(
         loss=loss, temperature=args.temperature, alpha=args.alpha, epochs=args.epochs,
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, opt=args.opt,
@@ -273,6 +265,24 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
                 "data_kind": "train" if args.train else "distill-images",
                 "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
                                   for k, v in dcfg.items()}}
+    if "resume_state" in paths:  # refuse changed arguments before converting (slow)
+        from crossbar_torch.finetune import check_resume
+        check_resume(paths["resume_state"], repr(paths["resume"]), args=fargs, config=cfg,
+                     world=world, model_name=args.model, run_info=run_info,
+                     train_size=len(train_ds), arg_names=FLAGS)
+    float_model = float_model.to(device).eval()
+    xmodel = xb.convert(float_model, cfg, progress=progress)
+    log(xmodel.crossbar_conversion.summary())
+    if cfg.analog:  # rule 20: the converters' ranges (a resumed checkpoint restores its own)
+        from crossbar_torch.analog import calibrate_from_loader
+        from crossbar_torch.data import collate_skip_bad
+        src = val_ds if val_ds is not None else train_ds
+        n = calibrate_from_loader(xmodel, torch.utils.data.DataLoader(
+            src, batch_size=min(args.calib_images, args.batch_size),
+            collate_fn=collate_skip_bad), device, args.calib_images)
+        log(f"analog periphery: input / ADC ranges calibrated on the first {n} image(s) of "
+            + ("--val" if val_ds is not None else "the training data"))
+    vl = val_loader(args, val_ds, rank, world)
     trainer = Trainer(xmodel, train_ds, fargs, teacher=float_model if "kd" in loss else None,
                       config=cfg, model_name=args.model, device=device, log=log,
                       arg_names=FLAGS, run_info=run_info)

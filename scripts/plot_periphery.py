@@ -25,8 +25,12 @@ def read_rows(path: str) -> list:
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such CSV (run scripts/frontier.py --sweep "
                          "configs/sweep_periphery.yaml --csv it first)")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not a UTF-8 text CSV (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start}); give the CSV scripts/frontier.py wrote") from None
     need = {"name", "top1"}
     if not rows or not need <= set(rows[0]):
         raise UsageError(f"{path}: not a frontier CSV of an image model (needs columns "

@@ -18,6 +18,7 @@ import fnmatch
 import json
 import os
 import sys
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -349,15 +350,23 @@ def check_patterns(model, include, exclude) -> None:
 
 def no_layer_message(model, xmodel, include, exclude) -> str:
     """Why a conversion gave no crossbar layer, naming the patterns and what they matched."""
-    def sel(n):
-        return ((not include or any(fnmatch.fnmatchcase(n, p) for p in include))
-                and not any(fnmatch.fnmatchcase(n, p) for p in exclude or ()))
-    chosen = [(n, type(m).__name__) for n, m in model.named_modules() if n and sel(n)]
+    def included(n):
+        return not include or any(fnmatch.fnmatchcase(n, p) for p in include)
+
+    def excluded(n):
+        return any(fnmatch.fnmatchcase(n, p) for p in exclude or ())
+    named = [(n, type(m).__name__) for n, m in model.named_modules() if n]
+    chosen = [(n, t) for n, t in named if included(n) and not excluded(n)]
     why = {n: r for n, _, r in xmodel.crossbar_conversion.skipped}
     what = (f"--include {' '.join(include)}" if include else "the model")
-    what += f" (without --exclude {' '.join(exclude)})" if exclude else ""
     if not chosen:
+        n_in = sum(included(n) for n, _ in named)
+        if exclude and n_in:
+            return (f"no layer was converted: --exclude {' '.join(exclude)} removes every one "
+                    f"of the {n_in} module(s) "
+                    + (f"{what} selects" if include else "of the model"))
         return f"no layer was converted: {what} selects no layer"
+    what += f" minus --exclude {' '.join(exclude)}" if exclude else ""
     return (f"no layer was converted: {what} selects only layers that cannot be converted: "
             + ", ".join(f"{n} ({why.get(n, t + ': not a Linear / Conv2d')})"
                         for n, t in chosen[:4]) + (" ..." if len(chosen) > 4 else ""))
@@ -407,8 +416,10 @@ def main(argv=None):
     rows, reports = [], []
     from tqdm.auto import tqdm
     for name, cfg in tqdm(runs, desc="sweep", disable=not progress or len(runs) == 1):
-        xmodel = xb.convert(model, cfg, include=args.include, exclude=args.exclude,
-                            program=False, progress=progress)
+        with warnings.catch_warnings():  # no_layer_message says it better, as the error
+            warnings.filterwarnings("ignore", message="convert: no layer was converted")
+            xmodel = xb.convert(model, cfg, include=args.include, exclude=args.exclude,
+                                program=False, progress=progress)
         if not xb.crossbar_layers(xmodel):
             raise UsageError(no_layer_message(model, xmodel, args.include, args.exclude))
         rep = xb.reprogram_report(xmodel, progress=progress, model_name=args.model)

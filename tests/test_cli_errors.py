@@ -292,3 +292,61 @@ def test_command_line_exit_status_and_one_line(name, argv, expect):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr
+
+
+# ------------------------------------------------------------- issue 20, defects 17 to 26
+
+
+def test_finetune_steps_zero_is_refused_like_epochs_zero(capsys, data):
+    """Defect 17: --steps 0 wrote a final.pt with "loss None -> None"."""
+    from crossbar_torch.finetune import FinetuneArgs
+    for flag in ("--steps", "--epochs"):
+        line = fails(capsys, "finetune", TINY + ["--random-init", "--train", str(data / "train"),
+                                                 "--out", str(data / "o6"), flag, "0"])
+        assert f"argument {flag}: must be >= 1, got 0" in line
+    assert not os.path.exists(data / "o6")
+    with pytest.raises(ValueError, match="steps must be >= 1, got 0"):
+        FinetuneArgs(steps=0)
+
+
+@pytest.mark.parametrize("device, expect", [
+    ("gpu", "error: --device gpu: unknown device; use cpu, cuda or cuda:N"),
+    ("mps", "error: --device mps: the crossbar ops run on cpu or cuda only; use cpu, cuda or "
+            "cuda:N"),
+])
+@pytest.mark.parametrize("name", ["eval_imagenet", "finetune"])
+def test_an_unknown_torch_device_is_one_line(capsys, data, name, device, expect):
+    """Defect 18: --device gpu / mps gave a traceback (frontier.py: tests/test_frontier.py)."""
+    argv = [a for a in TINY if a not in ("--device", "cpu")] + ["--random-init",
+                                                                "--device", device]
+    argv += (["--data", str(data / "val")] if name == "eval_imagenet" else
+             ["--train", str(data / "train"), "--out", str(data / "o7"), "--steps", "1"])
+    assert fails(capsys, name, argv) == expect
+
+
+@pytest.mark.parametrize("name", ["eval_imagenet", "reprogram_report"])
+def test_an_unknown_timm_weight_tag_is_one_line(capsys, data, name):
+    """Defect 18: --model resnet18.not_a_tag gave timm's traceback."""
+    argv = ["--model", "resnet18.not_a_tag", "--random-init", "--quiet"]
+    assert fails(capsys, name, argv) == (
+        "error: --model 'resnet18.not_a_tag': timm's resnet18 has no weight tag 'not_a_tag' "
+        "(tags: a1_in1k, a2_in1k, a3_in1k, fb_ssl_yfcc100m_ft_in1k, fb_swsl_ig1b_ft_in1k, "
+        "gluon_in1k, tv_in1k)")
+
+
+def test_include_and_exclude_of_the_same_layers(capsys):
+    """Defect 21: "--include X (without --exclude X) selects no layer" read as a contradiction."""
+    import fnmatch
+
+    import timm
+    n = sum(fnmatch.fnmatchcase(name, "blocks.*")
+            for name, _ in timm.create_model("test_efficientnet").named_modules())
+    line = fails(capsys, "reprogram_report", ["--model", "test_efficientnet", "--random-init",
+                                              "--quiet", "--include", "blocks.*",
+                                              "--exclude", "blocks.*"])
+    assert line == (f"error: no layer was converted: --exclude blocks.* removes every one of "
+                    f"the {n} module(s) --include blocks.* selects")
+    line = fails(capsys, "reprogram_report", ["--model", "test_efficientnet", "--random-init",
+                                              "--quiet", "--exclude", "*"])
+    assert line.startswith("error: no layer was converted: --exclude * removes every one of "
+                           "the ") and line.endswith(" module(s) of the model")

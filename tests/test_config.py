@@ -110,3 +110,50 @@ def test_crossbar_section_beside_top_level_fields_is_refused(tmp_path):
     (tmp_path / "list.yaml").write_text("crossbar: [1, 2]\n")
     with pytest.raises(ValueError, match="'crossbar:' must be a mapping"):
         load_config(str(tmp_path / "list.yaml"))
+
+
+@pytest.mark.parametrize("spelling", ["None", "none", "null", "NULL", "~"])
+def test_none_spellings_mean_ideal_for_the_nullable_fields(spelling, tmp_path):
+    """Issue 20 defect 15: '--set input_bits=None' said "allowed None (ideal)" and refused it."""
+    from crossbar_torch.cli import apply_overrides
+    base = CrossbarConfig(input_bits=8, adc_bits=6, g_ratio=10.0, input_range=1.0)
+    sets = [f"{k}={spelling}" for k in ("input_bits", "adc_bits", "g_ratio", "input_range")]
+    c = apply_overrides(base, sets)
+    assert (c.input_bits, c.adc_bits, c.g_ratio, c.input_range) == (None, None, None, None)
+    assert c == CrossbarConfig()
+    p = tmp_path / "c.yaml"
+    p.write_text(f"input_bits: {spelling}\nadc_bits: {spelling}\n")
+    assert CrossbarConfig.from_yaml(p) == CrossbarConfig()
+    # 'none' stays a word where it is one of the field's values
+    assert load_config(None, ["sort=none", "wear_leveling=none"]).sort == "none"
+
+
+def test_load_config_takes_one_override_as_a_string():
+    """Issue 20 defect 16: a string was taken as a list of characters ("override 's' ...")."""
+    assert load_config(None, "stuck_slices=4").stuck_slices == 4
+    assert parse_overrides("rows=64") == {"rows": 64}
+    assert CrossbarConfig().with_overrides("sort=value").sort == "value"
+
+
+def test_a_long_wear_levelling_period_is_announced_once(recwarn):
+    """Issue 20 defect 25: rows=127 with rotate counts lcm(127, 128) = 16,256 passes."""
+    import warnings
+
+    from crossbar_torch import config as config_mod
+    config_mod._WARNED_PERIODS.clear()
+    with pytest.warns(UserWarning) as w:
+        c = CrossbarConfig(rows=127, wear_leveling="rotate")
+    assert c.wear_period == 16256
+    assert [str(x.message) for x in w] == [
+        "wear_leveling='rotate': the mapping repeats after 16,256 passes (lcm(rows=127, "
+        "cols=128) = 16,256), and counting programs every one of them (about 16,256 times the "
+        "work of one pass); rows and cols with a large common divisor (e.g. cols a multiple of "
+        "rows) give a short period"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the same geometry again is silent
+        c.replace(seed=1)
+        CrossbarConfig(rows=127, wear_leveling="rotate")
+        CrossbarConfig(rows=64, cols=128, wear_leveling="rotate")  # period 128
+        CrossbarConfig(rows=1024, cols=1024, wear_leveling="rotate_rows")  # exactly the limit
+    with pytest.warns(UserWarning, match=r"repeats after 1,025 passes \(rows = 1,025\)"):
+        CrossbarConfig(rows=1025, cols=128, wear_leveling="rotate_rows")

@@ -286,3 +286,24 @@ def test_shuffled_labels_fail(tmp_path):
     ev = evaluate({"float": model}, loader, "cpu", progress=False)
     assert ev["images"] == 100
     assert ev["models"]["float"]["top1"] <= 5.0  # the real mapping gives >= 80
+
+
+def test_config_line_shows_every_field_that_changes_results():
+    """Issue 20 defect 26: the console 'config:' line left out filter_order, compensate and
+    every analog field, so a 6-bit-ADC run looked ideal."""
+    import importlib.util
+
+    import crossbar_torch as xb
+    spec = importlib.util.spec_from_file_location("_xb_eval_cfg_line", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.config_summary(xb.CrossbarConfig()) == (
+        "128x128, 8-bit differential, sort=magnitude, filter_order=natural, stuck_slices=0, "
+        "reprogram_fraction=1.0, compensate=False; analog: ideal")
+    cfg = xb.CrossbarConfig(sort="value", filter_order="chain", stuck_slices=2,
+                            reprogram_fraction=0.5, compensate=True, input_bits=8, adc_bits=6,
+                            adc_range="calibrated", prog_noise=0.02)
+    assert mod.config_summary(cfg) == (
+        "128x128, 8-bit differential, sort=value, filter_order=chain, stuck_slices=2, "
+        "reprogram_fraction=0.5, compensate=True; analog: input_bits=8, adc_bits=6, "
+        "adc_range=calibrated, prog_noise=0.02")

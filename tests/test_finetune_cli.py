@@ -32,7 +32,7 @@ def run(script, args):
     return r
 
 
-def test_finetune_cli_resume_and_eval(tmp_path):
+def test_finetune_cli_resume_and_eval(tmp_path, monkeypatch):
     # a dataset root holding train/ and val/, as eval_imagenet.py --data accepts it
     make_folder(tmp_path / "data" / "train", n_good=8)
     make_folder(tmp_path / "data" / "val", n_good=5)
@@ -94,9 +94,37 @@ def test_finetune_cli_resume_and_eval(tmp_path):
              (["--steps", "1"], "is at step 2, past the end of this run (--steps 1)"),
              (["--set", "stuck_slices=2"], "stuck_slices 3 (checkpoint) vs 2 (now)"),
              (["--hflip", "0.1"], "--hflip 0.5 (checkpoint) vs 0.1 (now)")]
+    def no_convert(*a, **k):  # issue 20 defect 22: refused before the (slow) conversion
+        raise AssertionError("the model was converted before the resume was checked")
+    monkeypatch.setattr(ft.xb, "convert", no_convert)
     for extra, expect in cases:
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
             code = refused(COMMON + resume + extra)
         assert code == 2 and expect in err.getvalue(), (extra, err.getvalue())
         assert not os.path.exists(tmp_path / "c" / "result.json")
+
+
+def test_finetune_calibrates_on_calib_images(tmp_path, monkeypatch):
+    """Issue 20 defect 28: finetune.py calibrated on a fixed 8 images; --calib-images N now."""
+    import crossbar_torch.analog as analog
+    make_folder(tmp_path / "train", n_good=8)
+    spec = importlib.util.spec_from_file_location("_xb_ft_calib", FT)
+    ft = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ft)
+    real, seen = analog.calibrate_from_loader, []
+
+    class Stop(Exception):
+        pass
+
+    def spy(model, loader, device, images=8):
+        seen.append((images, real(model, loader, device, images)))
+        raise Stop  # what follows (training) is tested above
+
+    monkeypatch.setattr(analog, "calibrate_from_loader", spy)
+    argv = COMMON + ["--set", "input_bits=8", "--set", "adc_bits=6", "--no-report",
+                     "--train", str(tmp_path / "train"), "--out", str(tmp_path / "o")]
+    for extra, n in (([], 8), (["--calib-images", "3"], 3)):
+        with pytest.raises(Stop):
+            ft.main(argv + extra)
+        assert seen[-1] == (n, n)

@@ -350,7 +350,8 @@ def test_script_end_to_end_and_resume(tmp_path):
 @pytest.mark.parametrize("case", ["missing_data", "bad_yaml", "unknown_field", "bad_value",
                                   "csv_is_folder", "duplicate_name", "only_unmatched",
                                   "minilm_with_data", "not_a_sweep", "lossy_reference",
-                                  "bad_set"])
+                                  "bad_set", "png_not_png", "device_gpu", "device_mps",
+                                  "calib_images_minilm"])
 def test_bad_input_is_one_error_line(tmp_path, case):
     root = tmp_path / "val" / synsets()[0]
     root.mkdir(parents=True)
@@ -380,6 +381,16 @@ def test_bad_input_is_one_error_line(tmp_path, case):
             tmp_path / "l.yaml", "runs:\n  - {name: crossbar8, stuck_slices: 2, "
                                  "reprogram_fraction: 0.5}\n")], "must have no stucking"),
         "bad_set": (["--set", "pool=0"], "pool=0"),
+        # issue 20 defects 23, 18 and 28
+        "png_not_png": (["--png", str(tmp_path / "out.txt")],
+                        f"--png {str(tmp_path / 'out.txt')!r}: unknown file type .txt; use one "
+                        "of .png"),
+        "device_gpu": (["--device", "gpu"], "--device gpu: unknown device; use cpu, cuda or "
+                                            "cuda:N"),
+        "device_mps": (["--device", "mps"], "--device mps: the crossbar ops run on cpu or cuda "
+                                            "only"),
+        "calib_images_minilm": (["--model", "minilm", "--data", "", "--calib-images", "4"],
+                                "--calib-images is for image models"),
     }
     extra, needle = expect[case]
     if case == "csv_is_folder":
@@ -476,3 +487,66 @@ def test_unreadable_image_stops_or_is_skipped_and_listed_once(tmp_path):
     js = json.loads((tmp_path / "f.json").read_text())
     assert [b["path"] for b in js["bad_images"]] == [str(bad)]  # once, not once per row
     assert all(row["images"] == 3 for row in js["rows"])
+
+
+def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
+    """Issue 20 defect 27: ADC / noisy rows were drawn as "lossless (no stucking)", and the
+    legend (upper left, inside the axes) covered the point of a low-reduction lossy row."""
+    import matplotlib.pyplot as plt
+    base = xb.CrossbarConfig(rows=8, cols=28)
+    cfgs = {"crossbar8": base, "adc6": base.replace(input_bits=8, adc_bits=6),
+            "noise 2%": base.replace(prog_noise=0.02),
+            "stuck": base.replace(stuck_slices=2, reprogram_fraction=0.5),
+            "comp": base.replace(stuck_slices=2, reprogram_fraction=0.5, compensate=True),
+            "stuck adc": base.replace(stuck_slices=2, reprogram_fraction=0.5, input_bits=8,
+                                      adc_bits=6)}
+    assert {n: fr._category(c) for n, c in cfgs.items()} == {
+        "crossbar8": "lossless (no stucking)",
+        "adc6": "analog periphery (DAC / ADC / noise), no stucking",
+        "noise 2%": "analog periphery (DAC / ADC / noise), no stucking",
+        "stuck": "stucking, no compensation", "comp": "stucking + compensation",
+        "stuck adc": "stucking + analog periphery"}
+    # (reduction, drop): "noise 2%" sits where an upper-left legend would be
+    xy = {"crossbar8": (1.0, 0.0), "adc6": (1.0, 3.0), "noise 2%": (1.01, 7.5),
+          "stuck": (3.0, 2.0), "comp": (2.5, 0.5), "stuck adc": (3.2, 6.0)}
+    rows = [{"name": n, "config": c, "reduction": xy[n][0], "top1_drop": xy[n][1]}
+            for n, c in cfgs.items()]
+    fig = fr.draw_frontier(rows, fr.ImageScorer, title="t")
+    try:
+        ax = fig.axes[0]
+        labels = ax.get_legend_handles_labels()[1]
+        assert set(fr._STYLE) <= set(labels)
+        fig.canvas.draw()
+        box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
+        for name, (x, y) in xy.items():
+            px, py = ax.transData.transform((x, y))
+            r = 6 * fig.dpi / 72  # the marker's radius and a little
+            assert (px + r < box.x0 or px - r > box.x1 or py + r < box.y0
+                    or py - r > box.y1), name
+    finally:
+        plt.close(fig)
+
+
+def test_scorer_calibrates_on_its_calib_images(tmp_path):
+    """Issue 20 defect 28: frontier.py's calibration set is --calib-images (was fixed at 8)."""
+    model = tiny_model()
+    root = make_folder(tmp_path / "val", model)
+    x, _ = folder_tensors(root)
+    cfg = xb.CrossbarConfig(rows=8, cols=28, input_bits=8, adc_bits=6, adc_range="calibrated")
+
+    def ranges(m):
+        return {k: v.clone() for k, v in m.state_dict().items() if "range" in k}
+    got = {}
+    for n in (3, 7):
+        sc = fr.ImageScorer(scorer_for(root).loader, "cpu", calib_images=n)
+        a = xb.convert(model, cfg)
+        sc.calibrate(a)
+        b = xb.convert(model, cfg)
+        xb.calibrate(b, x[:n])
+        ra, rb = ranges(a), ranges(b)
+        assert ra and ra.keys() == rb.keys()
+        assert all(torch.equal(ra[k], rb[k]) for k in ra)
+        got[n] = ra
+    assert any(not torch.equal(got[3][k], got[7][k]) for k in got[3])  # the count matters
+    with pytest.raises(ValueError, match="calib_images must be an integer >= 1, got 0"):
+        fr.ImageScorer(None, calib_images=0)

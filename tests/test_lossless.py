@@ -220,3 +220,31 @@ def test_lazy_and_meta_layers():
         m = nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(ValueError, match="meta device"):
         xb.convert(m, xb.CrossbarConfig())
+
+
+def test_converting_nothing_warns_and_later_calls_say_why():
+    """Issue 20 defect 20: convert() of a model without Linear / Conv2d said nothing, and
+    reprogram_report / calibrate / Trainer then said "convert it first" of a converted model."""
+    from crossbar_torch.finetune import FinetuneArgs, Trainer
+    m = nn.Sequential(nn.ReLU(), nn.Flatten())
+    with pytest.warns(UserWarning) as w:
+        xm = xb.convert(m, xb.CrossbarConfig())
+    assert [str(x.message) for x in w] == [
+        "convert: no layer was converted: the model has no nn.Linear / nn.Conv2d layer; the "
+        "model computes in float and has nothing to program or count"]
+    why = "the model has no crossbar layers: convert() converted none (the model has no " \
+          "nn.Linear / nn.Conv2d layer)"
+    with pytest.raises(ValueError) as e:
+        xb.reprogram_report(xm)
+    assert str(e.value) == f"reprogram_report: {why}"
+    with pytest.raises(ValueError) as e:
+        xb.calibrate(xm, torch.zeros(1, 3))
+    assert str(e.value) == f"calibrate: {why}"
+    with pytest.raises(ValueError) as e:
+        Trainer(xm, [(torch.zeros(3), 0)], FinetuneArgs(steps=1))
+    assert str(e.value) == f"Trainer: {why}"
+    # include / exclude that leave nothing are told apart; a model never converted too
+    with pytest.warns(UserWarning, match="include / exclude leave no nn.Linear / nn.Conv2d"):
+        xm = xb.convert(GroupedDilated(), xb.CrossbarConfig(), exclude="*")
+    with pytest.raises(ValueError, match="convert it first"):
+        xb.reprogram_report(GroupedDilated())

@@ -43,3 +43,15 @@ def test_script_writes_the_png_and_refuses_a_missing_csv(tmp_path):
                         str(tmp_path / "q.png")], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "none.csv" in r.stderr
     assert not (tmp_path / "q.png").exists()
+
+
+def test_a_non_utf8_csv_is_named_in_one_line(tmp_path):
+    """Issue 20 defect 19: the error names the file (not just the codec's complaint)."""
+    import pytest
+    from crossbar_torch.cli import UsageError
+    path = tmp_path / "latin1.csv"
+    path.write_bytes(b"name,top1\ncrossbar8,90\n\xff\xfe,1\n")
+    with pytest.raises(UsageError) as e:
+        plot_periphery.read_rows(str(path))
+    assert str(e.value) == (f"{path}: not a UTF-8 text CSV (byte 0xff at offset 23); give the "
+                            "CSV scripts/frontier.py wrote")
