@@ -14,15 +14,19 @@ float model (:func:`crossbar_torch.convert` deep-copies it), counts its writes
   (``q`` the rule-2 target, ``q_eff`` what the crossbars hold, rule 9), i.e. mean |q_eff - q|
   over mean |q|.
 
-The reference row ``crossbar8`` is the sweep's base configuration with no stucking and no
-compensation (or the sweep's own run of that name, which must be lossless): the 8-bit crossbar
-the drops are measured from. Without stucking every placement, sort and schedule computes
-exactly what it computes (rules 4 and 11), so its accuracy is that of any lossless row.
+The reference row ``crossbar8`` is the sweep's base configuration with no stucking, no
+compensation and an ideal periphery (or the sweep's own run of that name, which must be all
+three): the ideal 8-bit crossbar the drops are measured from. ``--set`` overrides change it too,
+except for those fields (:func:`reference_config`). Without stucking and with an ideal
+periphery every placement, sort and schedule computes exactly what it computes (rules 4 and
+11), so its accuracy is that of any such row.
 
 Outputs, rewritten atomically after every row: a CSV (one line per row) and a JSON (the same
 rows with their full configurations, the float model's scores and the Pareto front). A rerun
 with the same CSV skips the rows already in it (their values are read back), after checking
-that each was measured with the configuration the sweep now gives it. The float model's
+that they were measured on the same model, weights, data and preprocessing (the CSV's
+``setup`` column, :func:`check_setup`) and each with the configuration the sweep now gives it.
+The float model's
 outputs are computed once and reused by every row (and kept beside the CSV, keyed by model,
 weights and data, so a resumed run does not recompute them). :func:`plot_frontier` draws
 reduction (x, log scale) against the drop (y) with the Pareto front marked.
@@ -50,9 +54,10 @@ from .modules import crossbar_layers
 from .quantization import quantize_with_scale
 from .report import reprogram_report
 
-__all__ = ["REFERENCE", "SweepRun", "frontier_sentences", "load_sweeps", "reference_config",
+__all__ = ["REFERENCE", "SweepRun", "frontier_sentences", "builtin_sentences", "read_sentences",
+           "BUILTIN_SENTENCES", "embedding_fidelity", "load_sweeps", "reference_config",
            "varying_fields", "weight_error", "pareto_front", "ImageScorer", "SentenceScorer",
-           "read_previous", "run_frontier", "plot_frontier", "FrontierError"]
+           "read_previous", "check_setup", "run_frontier", "plot_frontier", "FrontierError"]
 
 REFERENCE = "crossbar8"
 CONFIG_FIELDS = tuple(f.name for f in fields(CrossbarConfig))
@@ -114,9 +119,25 @@ class SweepRun:
 
 
 def reference_config(base: CrossbarConfig) -> CrossbarConfig:
-    """The 8-bit crossbar of a sweep: its base with no stucking and no compensation."""
+    """The ideal 8-bit crossbar of a sweep, every drop's reference: its base with no stucking,
+    no compensation and an ideal periphery (no DAC, ADC, noise, drift or finite g_ratio), so a
+    ``--set`` of those fields changes every row but this one."""
     return base.replace(stuck_slices=0, reprogram_fraction=1.0, stuck_value="initial",
-                        compensate=False)
+                        compensate=False, **base._ideal_periphery())
+
+
+def _config_error(path: str, what: str, fields: dict, over: dict, e: Exception) -> str:
+    """The message for an invalid base or run: it blames ``--set`` when the sweep's own fields
+    are valid without it."""
+    if over:
+        try:
+            CrossbarConfig.from_dict(fields)
+        except (ValueError, TypeError):
+            pass
+        else:
+            sets = " ".join(f"--set {k}={v}" for k, v in over.items())
+            return f"{sets}: makes {what} of {path} invalid: {e}"
+    return f"{path}: {what}: {e}"
 
 
 def _is_lossless(cfg: CrossbarConfig) -> bool:
@@ -161,7 +182,7 @@ def load_sweeps(paths: Sequence[str], overrides: Iterable[str] = ()) -> List[Swe
         try:
             base = CrossbarConfig.from_dict({**base_d, **over})
         except (ValueError, TypeError) as e:
-            raise FrontierError(f"{path}: base: {e}") from None
+            raise FrontierError(_config_error(path, "base", base_d, over, e)) from None
         if first_base is None:
             first_base = base
         for i, run in enumerate(data["runs"]):
@@ -174,10 +195,24 @@ def load_sweeps(paths: Sequence[str], overrides: Iterable[str] = ()) -> List[Swe
             name = str(name).strip()
             if any(ch in name for ch in "\n\r"):
                 raise FrontierError(f"{path}: runs[{i}]: name {name!r} must be one line")
+            if name == REFERENCE:  # the sweep's own reference: checked without --set
+                try:
+                    own = CrossbarConfig.from_dict({**base_d, **run})
+                except (ValueError, TypeError) as e:
+                    raise FrontierError(f"{path}: run {name!r}: {e}") from None
+                if not _is_lossless(own) or own.analog:
+                    raise FrontierError(
+                        f"{path}: run {REFERENCE!r} is the reference 8-bit crossbar: it must "
+                        "have no stucking (stuck_slices 0 or reprogram_fraction 1, stuck_value "
+                        "initial) and an ideal periphery (no input_bits, adc_bits, g_ratio, "
+                        "noise or drift)")
             try:
                 cfg = CrossbarConfig.from_dict({**base_d, **run, **over})
             except (ValueError, TypeError) as e:
-                raise FrontierError(f"{path}: run {name!r}: {e}") from None
+                raise FrontierError(_config_error(path, f"run {name!r}", {**base_d, **run},
+                                                  over, e)) from None
+            if name == REFERENCE:  # --set changes it but for stucking and the periphery
+                cfg = reference_config(cfg)
             if any(r.name == name for r in runs):
                 raise FrontierError(f"{path}: run name {name!r} appears twice (names key the "
                                     "rows of the CSV: make them unique)")
@@ -185,11 +220,7 @@ def load_sweeps(paths: Sequence[str], overrides: Iterable[str] = ()) -> List[Swe
     if not paths:
         raise FrontierError("no sweep file given")
     ref = [r for r in runs if r.name == REFERENCE]
-    if ref:
-        if not _is_lossless(ref[0].config):
-            raise FrontierError(f"{ref[0].source}: run {REFERENCE!r} is the reference 8-bit "
-                                "crossbar: it must have no stucking (stuck_slices 0 or "
-                                "reprogram_fraction 1, stuck_value initial)")
+    if ref:  # checked (without --set) where it was read
         runs.remove(ref[0])
         runs.insert(0, ref[0])
     else:
@@ -468,6 +499,41 @@ def _parse(text: str, typ):
     return float(text)
 
 
+SETUP_COLUMN = "setup"  # what every row was measured on: model, weights, data, reference
+
+
+def _brief(v, limit: int = 70) -> str:
+    text = json.dumps(v, sort_keys=True)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_setup(previous: Dict[str, dict], setup: dict, csv_path: str) -> None:
+    """Refuse to resume a CSV whose rows were measured on another setup than ``setup`` (the
+    model, its weights, the data and its preprocessing, the reference row: what the script
+    puts in ``meta["setup"]``), naming every field that differs; or whose rows carry no setup
+    (written by hand or by an older version), since nothing says what they measured."""
+    for name, row in previous.items():
+        theirs = row.get(SETUP_COLUMN)
+        if theirs is None:
+            raise FrontierError(
+                f"{csv_path}: row {name!r} carries no record of the model and data it was "
+                "measured on (a CSV written by hand or by an older frontier.py), so it cannot "
+                "be resumed; write to another --csv, or remove it to measure every row again")
+        diff = []
+        for k in sorted(set(theirs) | set(setup)):
+            a, b = theirs.get(k), setup.get(k)
+            if isinstance(a, dict) and isinstance(b, dict):  # name the fields inside
+                diff += [(f"{k}.{j}", a.get(j), b.get(j)) for j in sorted(set(a) | set(b))
+                         if a.get(j) != b.get(j)]
+            elif a != b:
+                diff.append((k, a, b))
+        if diff:
+            raise FrontierError(
+                f"{csv_path} was measured on another setup than this run's: "
+                + "; ".join(f"{k} {_brief(a)} (csv) vs {_brief(b)} (now)" for k, a, b in diff)
+                + "; write to another --csv, or remove it to measure every row again")
+
+
 def read_previous(csv_path: Optional[str], runs: Sequence[SweepRun], scorer_cls) -> Dict[str, dict]:
     """Rows of an earlier run of the tool (``{name: row}``), checked against the sweep: a row
     whose configuration is not the one the sweep gives its name is an error (a mislabelled
@@ -500,6 +566,8 @@ def read_previous(csv_path: Optional[str], runs: Sequence[SweepRun], scorer_cls)
             for col, typ in types.items():
                 if col in rec:
                     row[col] = _parse(rec[col], typ)
+            setup = rec.get(SETUP_COLUMN)
+            row[SETUP_COLUMN] = json.loads(setup) if setup else None
         except (ValueError, TypeError, KeyError) as e:
             raise FrontierError(f"{csv_path}: line {line} (row {name!r}) cannot be read ({e}); "
                                 "fix or remove it") from None
@@ -530,7 +598,8 @@ def write_outputs(rows: Sequence[dict], scorer_cls, csv_path: str, json_path: Op
                   meta: dict) -> None:
     """Rewrite the CSV and the JSON (atomically) from ``rows``."""
     varying = varying_fields([r["config"] for r in rows]) if len(rows) > 1 else []
-    cols = _columns(scorer_cls, varying)
+    setup = meta.get(SETUP_COLUMN)
+    cols = _columns(scorer_cls, varying) + ([SETUP_COLUMN] if setup is not None else [])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
@@ -540,6 +609,8 @@ def write_outputs(rows: Sequence[dict], scorer_cls, csv_path: str, json_path: Op
         for c in cols:
             if c == "config":
                 line.append(json.dumps(cd))
+            elif c == SETUP_COLUMN:  # checked when the CSV is resumed (check_setup)
+                line.append(json.dumps(setup, sort_keys=True))
             elif c in varying and c not in r:
                 line.append(_fmt(cd[c]))
             else:
@@ -552,7 +623,8 @@ def write_outputs(rows: Sequence[dict], scorer_cls, csv_path: str, json_path: Op
                "reference": REFERENCE,
                "varying_fields": varying,
                "pareto_front": [rows[i]["name"] for i in front],
-               "rows": [{**{k: _json_value(v) for k, v in r.items() if k != "config"},
+               "rows": [{**{k: _json_value(v) for k, v in r.items()
+                            if k not in ("config", SETUP_COLUMN)},
                          "config": r["config"].to_dict()} for r in rows]}
         atomic_write_text(json_path, json.dumps(out, indent=2) + "\n")
 
@@ -574,6 +646,9 @@ def run_frontier(float_model: nn.Module, runs: Sequence[SweepRun], scorer, *, cs
     meta = dict(meta or {})
     previous = dict(previous if previous is not None else read_previous(csv_path, runs,
                                                                         type(scorer)))
+    if meta.get(SETUP_COLUMN) is not None:
+        meta[SETUP_COLUMN] = json.loads(json.dumps(meta[SETUP_COLUMN]))  # as read back
+        check_setup(previous, meta[SETUP_COLUMN], csv_path)
     names = {r.name for r in runs}
     extra = [row for name, row in previous.items() if name not in names]
     if extra:

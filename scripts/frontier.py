@@ -26,8 +26,13 @@ Every row also gets weight_error = sum |q_eff - q| / sum |q| over all crossbar w
 
 Sweep YAML (configs/sweep_frontier.yaml): {base: {CrossbarConfig fields}, runs: [{name: ...,
 field: value, ...}, ...]}; several files may be given (names must be unique across them).
-The reference row crossbar8 is the first file's base with no stucking and no compensation
-(or the sweep's own lossless run of that name); --set key=value applies to every row.
+The reference row crossbar8 is the first file's base with no stucking, no compensation and an
+ideal periphery (or the sweep's own run of that name, which must be all three); --set
+key=value applies to every row, except that crossbar8 stays without stucking and ideal (a
+--set adc_bits=4 measures every drop from the ideal crossbar, not from a 4-bit-ADC one).
+A rerun with the same --csv resumes it only when the CSV was measured on the same model,
+weights, data (--data, --limit, the images), preprocessing and reference row: any difference
+is named and refused.
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sweep", nargs="+", metavar="YAML", default=[DEFAULT_SWEEP],
                    help="sweep YAML(s) {base, runs} (default configs/sweep_frontier.yaml)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override one config field in every row, e.g. --set seed=1 (repeatable)")
+                   help="override one config field in every row, e.g. --set seed=1 "
+                        "(repeatable; crossbar8 keeps no stucking and an ideal periphery)")
     g.add_argument("--only", action="append", metavar="GLOB",
                    help="evaluate only the runs whose name matches (repeatable; crossbar8 is "
                         "always evaluated)")
@@ -208,6 +214,18 @@ def main(argv=None):
                  "skip_bad": args.skip_bad})
         title = (f"{args.model} ({weights}): writes vs. top-1, "
                  f"{n} images of {os.path.basename(os.path.normpath(args.data))}")
+    # what every row is measured on: a rerun on the same --csv resumes it only if this is equal
+    from crossbar_torch.cli import random_weights
+    setup = {"model": args.model, "weights": weights, "checkpoint": weights_key["checkpoint"],
+             "seed": args.seed if random_weights(args) else None,
+             "reference": runs[0].config.to_dict()}
+    if sentence:
+        setup.update({"sentences": len(sentences), "sentences_sha256": fr._hash(sentences)})
+    else:
+        setup.update({"data": os.path.abspath(root), "images": n,  # --limit: images, paths
+                      "images_sha256": fr._hash(paths), "preprocessing": pre_json,
+                      "calib_images": meta.get("calib_images")})
+    meta["setup"] = setup
     float_model.to(device)
     float_cache = None if args.no_float_cache else csv_path + ".float.pt"
     log(f"{args.model} ({weights}); {len(runs)} configuration(s); writing {csv_path}")

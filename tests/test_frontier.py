@@ -177,6 +177,35 @@ def test_sweep_loading_reference_and_varying_fields(tmp_path):
     assert fr.varying_fields(cfgs) == ["sort", "seed"]
 
 
+def test_set_keeps_the_reference_lossless_and_ideal(tmp_path):
+    """Issue 20 defect 2: --set adc_bits=4 --set input_bits=8 --set prog_noise=0.05 also applied
+    to crossbar8, so every drop was measured from a noisy 4-bit-ADC row; a --set that breaks a
+    run was blamed on the sweep file."""
+    sets = ["adc_bits=4", "input_bits=8", "prog_noise=0.05", "seed=3",
+            "stuck_slices=2", "reprogram_fraction=0.5"]
+    without_own = SWEEP.replace("  - {name: crossbar8}\n", "")
+    for text in (SWEEP, without_own):
+        runs = fr.load_sweeps([write_sweep(tmp_path / "s.yaml", text)], sets)
+        ref = runs[0].config
+        assert runs[0].name == "crossbar8"
+        assert ref == xb.CrossbarConfig(rows=8, cols=28, weight_bits=8, sort="none", seed=3)
+        assert not ref.analog and not ref.stucking
+        for r in runs[1:]:  # every other row takes every --set
+            c = r.config
+            assert (c.adc_bits, c.input_bits, c.prog_noise, c.seed, c.stuck_slices) == (
+                4, 8, 0.05, 3, 2), r.name
+    # a --set that makes a run invalid is named as the cause
+    with pytest.raises(fr.FrontierError) as e:
+        fr.load_sweeps([write_sweep(tmp_path / "s.yaml")], ["wear_leveling=rotate"])
+    assert str(e.value).startswith(
+        "--set wear_leveling=rotate: makes run 'chain+comp 2@0.5' of ")
+    assert "s.yaml invalid: CrossbarConfig.wear_leveling='rotate' is invalid" in str(e.value)
+    # the sweep's own crossbar8 must itself be lossless and ideal
+    bad = SWEEP.replace("{name: crossbar8}", "{name: crossbar8, adc_bits: 6, input_bits: 8}")
+    with pytest.raises(fr.FrontierError, match="ideal periphery"):
+        fr.load_sweeps([write_sweep(tmp_path / "b.yaml", bad)])
+
+
 # --------------------------------------------------------------------------- library, tiny CNN
 
 
@@ -281,6 +310,38 @@ def test_resume_skips_rows_and_keeps_their_values(tmp_path, monkeypatch):
     assert calls == [] and evaluated == []
 
 
+def test_resume_refuses_another_setup_naming_it(tmp_path):
+    """Issue 20 defect 1: a CSV of another model / data was resumed, its rows kept as if
+    measured now (and its crossbar8 taken as the reference)."""
+    model = tiny_model()
+    root = make_folder(tmp_path / "val", model)
+    runs = fr.load_sweeps([write_sweep(tmp_path / "s.yaml")])
+    csv_path = str(tmp_path / "f.csv")
+    setup = {"model": "tiny", "data": str(root), "images": 12,
+             "preprocessing": {"input_size": [3, 12, 12]}, "reference": runs[0].config.to_dict()}
+    fr.run_frontier(model, runs[:2], scorer_for(root), csv_path=csv_path,
+                    meta={"setup": setup})
+    assert all(json.loads(r["setup"]) == setup for r in read_csv(csv_path))
+    # the same setup resumes (nothing to do); another one is refused before any work
+    rows = fr.run_frontier(model, runs[:2], scorer_for(root), csv_path=csv_path,
+                           meta={"setup": dict(setup)})
+    assert [r["name"] for r in rows] == [r.name for r in runs[:2]]
+    before = (tmp_path / "f.csv").read_text()
+    other = {**setup, "model": "other", "images": 2}
+    with pytest.raises(fr.FrontierError) as e:
+        fr.run_frontier(model, runs, scorer_for(root), csv_path=csv_path,
+                        meta={"setup": other})
+    assert str(e.value) == (
+        f'{csv_path} was measured on another setup than this run\'s: images 12 (csv) vs 2 (now); '
+        'model "tiny" (csv) vs "other" (now); write to another --csv, or remove it to measure '
+        "every row again")
+    assert (tmp_path / "f.csv").read_text() == before
+    # a CSV without the record (older, or by hand) is not resumed either
+    plain = str(tmp_path / "plain.csv")
+    fr.run_frontier(model, runs[:1], scorer_for(root), csv_path=plain)
+    with pytest.raises(fr.FrontierError, match="carries no record of the model and data"):
+        fr.run_frontier(model, runs[:2], scorer_for(root), csv_path=plain,
+                        meta={"setup": setup})
 def test_resume_refuses_a_row_measured_with_another_config(tmp_path):
     model = tiny_model()
     root = make_folder(tmp_path / "val", model)
@@ -344,6 +405,16 @@ def test_script_end_to_end_and_resume(tmp_path):
                         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "3 row(s) already measured, 0 to go" in r2.stderr
+    assert read_csv(out) == rows
+    # issue 20 defect 1: another model on fewer images is refused, naming what differs
+    other = list(args) + ["--limit", "2"]
+    other[other.index("--model") + 1] = "test_resnet"
+    r3 = run_script(*other)
+    err = r3.stderr.strip().splitlines()
+    assert r3.returncode == 2 and len(err) == 1, r3.stderr[-3000:]
+    assert err[0].startswith(f"error: {out} was measured on another setup than this run's: ")
+    assert "images 6 (csv) vs 2 (now)" in err[0]
+    assert 'model "test_efficientnet" (csv) vs "test_resnet" (now)' in err[0]
     assert read_csv(out) == rows
 
 
