@@ -3,6 +3,8 @@
 #   make test    set up .venv (first time) and run the whole test suite
 #   make sanitize  build the extension with AddressSanitizer + UBSan into a scratch dir and run
 #                the op and fuzz tests against it (SANITIZE_OUT, default /tmp/crossbar_sanitize)
+#   make wheel-check  build a wheel from the checkout, install it into a fresh venv and run a
+#                smoke test outside the checkout (scripts/check_wheel.sh)
 # PyTorch: torch 2.14.1 / torchvision 0.29.1 (pip takes them from this machine's disk, or from
 # PyPI elsewhere). The extension builds in place with --no-build-isolation, against that torch.
 
@@ -14,7 +16,7 @@ export CUDA_HOME ?= /usr/local/cuda
 STAMP  := $(VENV)/.crossbar-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: setup demo test test-fast bench cuda-check sanitize report clean
+.PHONY: setup demo test test-fast bench cuda-check sanitize wheel-check report clean
 
 setup: $(STAMP)
 
@@ -45,6 +47,9 @@ bench: setup
 
 cuda-check: setup
 	bash scripts/check_cuda_build.sh
+
+wheel-check: setup
+	bash scripts/check_wheel.sh
 
 # ASan + UBSan build (CPU kernels; -fno-wrapv so that signed overflow is reported) in
 # $(SANITIZE_OUT), next to a copy of the Python package, so the in-place build is untouched; the
