@@ -330,7 +330,9 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     """Rule 20: set every analog layer's input and ADC ranges from one batch, in model order.
     ``batch``: a tensor (``model(batch)``), a dict (``model(**batch)``) or a tuple / list
     (``model(*batch)``); or ``run(model)`` runs the model however it is run (e.g. a sentence
-    encoder). Returns ``{layer name: {"input_range": [r], "adc_range": [per slice]}}``."""
+    encoder). Returns ``{layer name: {"input_range": [r], "adc_range": [per slice]}}``.
+    With ``feedback`` configured (rule 21) the same run stores each layer's input second moment
+    ``input_moment``; then ``crossbar_torch.reprogram(model)`` programs with it."""
     from .modules import crossbar_layers
     layers = crossbar_layers(model)
     if not layers:
@@ -355,7 +357,10 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     was = model.training
     model.eval()
     try:
-        with _calibration():
+        from .feedback import collect_moments, needs_moments
+        # rule 21: the same run records every layer's input second moment when the config asks
+        moments = collect_moments(layers) if needs_moments(model) else contextlib.nullcontext()
+        with _calibration(), moments:
             if run is not None:
                 run(model)
             elif isinstance(batch, dict):
@@ -412,15 +417,19 @@ def program_noise(cfg: CrossbarConfig, stuck_bits: torch.Tensor, placed: list) -
 
     ``placed``: per layer, in model order, ``(geom, filter_index, order, t0, eff0, eff1)``: its
     placement, tile order, first global tile, and the levels its cells hold right after their
-    tile in pass 0 and in pass 1. The writes are replayed tile by tile on the physical crossbars
-    (rule 8: a write is a level change), recording the pass of each cell's last write; a layer
-    cell takes the draw of its physical cell for that pass, as it stands right after its own
-    tile in pass 1. Returns ``[(eps float32 (out, K, c) or None, nu or None), ...]``."""
+    tile in pass 0 and in pass 1. The writes are replayed on the physical crossbars (rule 8: a
+    write is a level change), recording the pass of each cell's last write; a layer cell takes
+    the draw of its physical cell for that pass, as it stands right after its own tile in
+    pass 1. Returns ``[(eps float32 (out, K, c) or None, nu or None), ...]``.
+
+    The replay is vectorized per layer (:func:`_replay_layer`): the layer's writes sorted by
+    physical cell, then by tile position, give each write the level it overwrites and whether
+    its cell changed so far, exactly as replaying the tiles one by one would."""
     pool, rows, cols = cfg.pool, cfg.rows, cfg.cols
-    level = torch.zeros(pool, rows, cols, dtype=torch.int16)
+    level = torch.zeros(pool * rows * cols, dtype=torch.int16)   # physical cells, flat
     if cfg.stuck_value == 1:
-        level[stuck_bits] = 1
-    last = torch.full((pool, rows, cols), -1, dtype=torch.int8)
+        level[stuck_bits.reshape(-1)] = 1
+    last = torch.full((pool * rows * cols,), -1, dtype=torch.int8)
     want_eps = bool(cfg.prog_noise)
     want_nu = bool(cfg.drift_nu or cfg.drift_nu_std)
     draws = {}
@@ -431,50 +440,109 @@ def program_noise(cfg: CrossbarConfig, stuck_bits: torch.Tensor, placed: list) -
         return draws[x, t]
 
     result = [[None, None] for _ in placed]
-    for pass_no in (0, 1):
-        for li, (geom, index, order, t0, eff0, eff1) in enumerate(placed):
-            eff = (eff0 if pass_no == 0 else eff1).cpu()
-            out, K, c, F, nb = geom.out, geom.k, geom.c, geom.F, geom.n_blocks
-            eps = torch.zeros(out, K, c, dtype=torch.float32) if (
-                pass_no == 1 and want_eps) else None
-            for p, tile in enumerate(order.tolist()):
-                x = (t0 + p) % pool
-                s, j = divmod(tile, nb)
-                slots = index[j * F:(j + 1) * F]
-                f = (slots >= 0).nonzero().flatten()
-                if not f.numel():
-                    continue
-                o = slots[f]
-                k0, k1 = s * rows, min(K, (s + 1) * rows)
-                r = torch.arange(k1 - k0)
-                colidx = (f[:, None] * c + torch.arange(c)[None, :])          # (nf, c)
-                after = eff[o, k0:k1, :].to(torch.int16)                       # (nf, nr, c)
-                before = level[x][r[None, :, None], colidx[:, None, :]]
-                changed = before != after
-                cur = last[x][r[None, :, None], colidx[:, None, :]]
-                cur = torch.where(changed, torch.full_like(cur, pass_no), cur)
-                level[x][r[None, :, None], colidx[:, None, :]] = after
-                last[x][r[None, :, None], colidx[:, None, :]] = cur
+    if want_eps:  # the pass of each cell's last write matters only for eps
+        writes = [_layer_writes(cfg, geom, index, order, t0)
+                  for geom, index, order, t0, _, _ in placed]
+        for pass_no in (0, 1):
+            for li, (geom, _, _, _, eff0, eff1) in enumerate(placed):
+                eff = (eff0 if pass_no == 0 else eff1).cpu()
+                eps = _replay_layer(writes[li], eff, level, last, pass_no, draw,
+                                    rows * cols, pass_no == 1)
                 if eps is not None:
-                    e = torch.zeros(cur.shape, dtype=torch.float32)
-                    for t in (0, 1):
-                        sel = cur == t
-                        if sel.any():
-                            e = torch.where(sel, draw(x, t)[r[None, :, None],
-                                                            colidx[:, None, :]], e)
-                    eps[o, k0:k1, :] = e
-            if eps is not None:
-                result[li][0] = eps
-            if pass_no == 1 and want_nu:
-                crossbar, row, col0 = weight_crossbars(geom, index, order, t0, pool)
-                nu = torch.zeros(out, K, c, dtype=torch.float64)
-                for x in crossbar.unique().tolist():
-                    z = torch.from_numpy(crossbar_normal(cfg, x, 2))
-                    cols_ = col0[:, None] + torch.arange(c)[None, :]              # (out, c)
-                    val = z[row[None, :, None], cols_[:, None, :]]                # (out, K, c)
-                    nu = torch.where((crossbar == x)[:, :, None], val, nu)
-                # float64, then stored as float32 (the buffer's dtype)
-                result[li][1] = torch.clamp(cfg.drift_nu + cfg.drift_nu_std * nu, min=0).to(
-                    torch.float32)
+                    result[li][0] = eps
+    if want_nu:
+        for li, (geom, index, order, t0, _, _) in enumerate(placed):
+            out, K, c = geom.out, geom.k, geom.c
+            crossbar, row, col0 = weight_crossbars(geom, index, order, t0, pool)
+            nu = torch.zeros(out, K, c, dtype=torch.float64)
+            for x in crossbar.unique().tolist():
+                z = torch.from_numpy(crossbar_normal(cfg, x, 2))
+                cols_ = col0[:, None] + torch.arange(c)[None, :]              # (out, c)
+                val = z[row[None, :, None], cols_[:, None, :]]                # (out, K, c)
+                nu = torch.where((crossbar == x)[:, :, None], val, nu)
+            # float64, then stored as float32 (the buffer's dtype)
+            result[li][1] = torch.clamp(cfg.drift_nu + cfg.drift_nu_std * nu, min=0).to(
+                torch.float32)
     return [tuple(r) for r in result]
+
+
+def _layer_writes(cfg: CrossbarConfig, geom, index: torch.Tensor, order: torch.Tensor,
+                  t0: int) -> "dict | None":
+    """Where and in which order a layer's weights are written (rule 5, the tile order and the
+    pool), as the replay needs it: for the weights (o, k) of the layer (flat ``o * K + k``)
+    sorted by physical cell of their cell 0, then by the position of their tile in the order,
+    ``perm`` (that sort), ``pid`` (physical cell of cell 0, flat over (pool, rows, cols); cell
+    ``j`` of the weight is ``pid + j``), ``first`` / ``last_`` (the first / last write of a
+    physical cell in the layer) and ``group`` (the index of each write's cell among the
+    layer's cells). Cells ``j`` of different weights never share a column with a cell ``j'``
+    of another when ``j != j'``, so one sort serves every cell of the weight."""
+    out, K, c, F, nb = geom.out, geom.k, geom.c, geom.F, geom.n_blocks
+    if not out or not K:
+        return None
+    index = index.cpu().to(torch.int64)
+    order = torch.as_tensor(order).cpu().to(torch.int64)
+    slot_of = torch.full((out,), -1, dtype=torch.int64)
+    used = (index >= 0).nonzero().flatten()
+    slot_of[index[used]] = used                                   # filter -> j * F + f
+    if bool((slot_of < 0).any()):
+        raise RuntimeError("program_noise: a filter of the layer has no slot in its placement")
+    block, col0 = slot_of // F, (slot_of % F) * c                 # (out,)
+    position = torch.full((geom.tiles,), -1, dtype=torch.int64)   # tile id -> place in order
+    position[order] = torch.arange(order.numel())
+    kk = torch.arange(K)
+    tile = (kk // geom.rows)[None, :] * nb + block[:, None]       # (out, K)
+    p = position[tile]
+    if bool((p < 0).any()):
+        raise RuntimeError("program_noise: the tile order leaves out a tile of the layer")
+    x = (t0 + p) % cfg.pool
+    pid = (x * geom.rows + (kk % geom.rows)[None, :]) * cfg.cols + col0[:, None]  # (out, K)
+    pid, p = pid.reshape(-1), p.reshape(-1)
+    perm = torch.argsort(pid * order.numel() + p)                 # by cell, then by tile
+    spid = pid[perm]
+    first = torch.ones_like(spid, dtype=torch.bool)
+    first[1:] = spid[1:] != spid[:-1]
+    last_ = torch.ones_like(first)
+    last_[:-1] = first[1:]
+    start = first.nonzero().flatten()                             # each cell's first write
+    group_start = start[torch.cumsum(first.to(torch.int64), 0) - 1]
+    xs = spid // (geom.rows * cfg.cols)
+    ux = xs.unique()
+    slot = torch.zeros(int(ux.max()) + 1, dtype=torch.int64)
+    slot[ux] = torch.arange(ux.numel())
+    return {"perm": perm, "pid": spid, "first": start, "last": last_.nonzero().flatten(),
+            "group_start": group_start, "crossbars": ux.tolist(),
+            "local": spid + (slot[xs] - xs) * (geom.rows * cfg.cols)}
+
+
+def _replay_layer(w, eff: torch.Tensor, level: torch.Tensor, last: torch.Tensor, pass_no: int,
+                  draw, cells_per_crossbar: int, want_eps: bool):
+    """Replay one layer's writes of one pass on the physical cells (``level`` / ``last``,
+    flat, updated in place); with ``want_eps`` return its eps (out, K, c) float32."""
+    if w is None:
+        return torch.zeros(eff.shape, dtype=torch.float32) if want_eps else None
+    out, K, c = eff.shape
+    first, last_ = w["first"], w["last"]
+    j = torch.arange(c)[None, :]
+    cell = w["pid"][:, None] + j                               # (n, c) physical cells
+    v = eff.reshape(out * K, c)[w["perm"]].to(torch.int16)     # levels written, replay order
+    before = torch.empty_like(v)
+    before[1:] = v[:-1]
+    before[first] = level[cell[first]]                         # a cell's first write here
+    cs = torch.zeros(v.shape[0] + 1, c, dtype=torch.int32)     # changes so far, per column
+    torch.cumsum((v != before).to(torch.int32), 0, out=cs[1:])
+    changed = cs[1:] > cs[w["group_start"]]                    # ... since the layer began
+    cur = torch.where(changed, torch.tensor(pass_no, dtype=torch.int8), last[cell])
+    level[cell[last_]] = v[last_]                              # pass of the last write
+    last[cell[last_]] = cur[last_]
+    if not want_eps:
+        return None
+    # the draws of the layer's crossbars for passes 0 and 1, one table: cell -> its draw
+    table = torch.cat([draw(x, t).reshape(-1) for t in (0, 1) for x in w["crossbars"]]
+                      + [torch.zeros(1)])
+    n_cells = len(w["crossbars"]) * cells_per_crossbar
+    idx = (w["local"][:, None] + j) + cur.to(torch.int64) * n_cells
+    e = table[torch.where(cur >= 0, idx, torch.full_like(idx, 2 * n_cells))]
+    eps = torch.empty_like(e)
+    eps[w["perm"]] = e
+    return eps.reshape(out, K, c)
 

@@ -12,6 +12,8 @@ import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
+from .errors import ConfigError
+
 ENCODINGS = ("differential", "twos_complement", "offset")
 SORT_KEYS = ("none", "magnitude", "value")
 SORT_SCOPES = ("filter",)
@@ -22,6 +24,7 @@ QUANT_MODES = ("per_channel", "per_tensor")
 STUCK_VALUES = ("initial", 0, 1)
 FILTER_ORDERS = ("natural", "profile", "chain")  # chain: this project's, beyond rule 11
 SCHEDULES = ("section_major", "greedy")
+FEEDBACK_MODES = ("none", "hessian")  # rule 21: output-aware (error-feedback) programming
 WEAR_LEVELING = ("none", "rotate_rows", "rotate")
 ADC_RANGES = ("full", "calibrated")
 ADC_SCOPES = ("slice", "weight")
@@ -64,6 +67,11 @@ class CrossbarConfig:
     schedule: str = "section_major"
     schedule_window: int = 256
     compensate: bool = False
+    # Rule 21 (docs/semantics.md): output-aware programming, once calibrated (xb.calibrate, then
+    # xb.reprogram): each filter's weights are chosen in input order among the values their
+    # held cells allow, the residual carried onto the rest through E[x x^T] (GPTQ / OBQ).
+    feedback: str = "none"          # "none" or "hessian"
+    feedback_damp: float = 0.01     # damping added to E[x x^T]: a fraction of its mean diagonal
     # Endurance and cost (docs/semantics.md rules 14 to 16): wear levelling of the mapping, and
     # the memristor device (a preset in crossbar_torch/presets/devices/ or a path to a device
     # YAML).
@@ -85,7 +93,7 @@ class CrossbarConfig:
 
     def __post_init__(self):
         def bad(name, allowed):
-            raise ValueError(
+            raise ConfigError(
                 f"CrossbarConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
 
         for name in NULLABLE_FIELDS:
@@ -145,10 +153,27 @@ class CrossbarConfig:
             bad("compensate", f"at most {MAX_COMPENSATION_BITS} bits of low cells per weight to "
                 f"search (bits_per_cell x cells in the stuck slices = {self.compensation_bits}); "
                 "lower stuck_slices")
+        if self.feedback not in FEEDBACK_MODES:
+            bad("feedback", f"one of {FEEDBACK_MODES}")
+        fd = self.feedback_damp
+        if isinstance(fd, str):
+            try:
+                fd = float(fd)
+            except ValueError:
+                bad("feedback_damp", "a number in (0, 10]")
+        if isinstance(fd, bool) or not isinstance(fd, (int, float)) or not 0.0 < fd <= 10.0:
+            bad("feedback_damp", "a number in (0, 10]")
+        object.__setattr__(self, "feedback_damp", float(fd))
+        if self.feedback != "none" and self.stucking and not self.compensate:
+            raise ConfigError(
+                f"CrossbarConfig.feedback={self.feedback!r} is invalid with compensate=False and "
+                "bit stucking: the free cells of a weight with stuck cells are set by rule 13 to "
+                "reach the value error feedback chose; set compensate=true "
+                "(docs/semantics.md rule 21)")
         if self.wear_leveling not in WEAR_LEVELING:
             bad("wear_leveling", f"one of {WEAR_LEVELING}")
         if self.wear_leveling != "none" and self.stucking:
-            raise ValueError(
+            raise ConfigError(
                 f"CrossbarConfig.wear_leveling={self.wear_leveling!r} is invalid with bit stucking "
                 f"(stuck_slices={self.stuck_slices}, reprogram_fraction="
                 f"{self.reprogram_fraction}): a stuck cell keeps its level where it is, so a "
@@ -157,10 +182,10 @@ class CrossbarConfig:
         if not isinstance(self.device, str) or not self.device:
             bad("device", "a device preset name or a path to a device YAML")
         from .device import load_device
-        load_device(self.device)  # ValueError naming the device, its file or its field
+        load_device(self.device)  # DeviceError naming the device, its file or its field
         self._check_analog(bad)
         if self.cols < self.cells_per_weight:
-            raise ValueError(
+            raise ConfigError(
                 f"CrossbarConfig.cols={self.cols} is invalid: one weight takes "
                 f"{self.cells_per_weight} cells ({self.encoding}, weight_bits={self.weight_bits}, "
                 f"bits_per_cell={self.bits_per_cell}), so cols must be >= {self.cells_per_weight}")
@@ -331,7 +356,7 @@ class CrossbarConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown CrossbarConfig field(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown CrossbarConfig field(s) {unknown}; known: {sorted(known)}")
         return cls(**dict(d))
 
     def replace(self, **changes) -> "CrossbarConfig":
@@ -343,7 +368,8 @@ class CrossbarConfig:
         (rule 14), so a reduction counts everything the method does against a chip programmed
         without it (docs/semantics.md). The device stays: costs compare on the same device."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
-                            stuck_value="initial", compensate=False, filter_order="natural",
+                            stuck_value="initial", compensate=False, feedback="none",
+                            filter_order="natural",
                             schedule="section_major", wear_leveling="none",
                             **self._ideal_periphery())
 
@@ -363,17 +389,17 @@ class CrossbarConfig:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of CrossbarConfig fields")
+            raise ConfigError(f"{path}: expected a mapping of CrossbarConfig fields")
         if "crossbar" in data:  # the fields under one 'crossbar:' section, or all at the top
             others = sorted(str(k) for k in data if k != "crossbar")
             if others:
-                raise ValueError(f"{path}: has a 'crossbar:' section and top-level key(s) "
-                                 f"{others}: put every CrossbarConfig field under 'crossbar:' "
-                                 "or every one at the top level")
+                raise ConfigError(f"{path}: has a 'crossbar:' section and top-level key(s) "
+                                  f"{others}: put every CrossbarConfig field under 'crossbar:' "
+                                  "or every one at the top level")
             data = data["crossbar"]
             if not isinstance(data, dict):
-                raise ValueError(f"{path}: 'crossbar:' must be a mapping of CrossbarConfig "
-                                 "fields")
+                raise ConfigError(f"{path}: 'crossbar:' must be a mapping of CrossbarConfig "
+                                  "fields")
         return cls.from_dict(data)
 
     def to_yaml(self, path: str | os.PathLike | None = None) -> str:
@@ -392,11 +418,11 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     out = {}
     for item in overrides or ():
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
         key = key.strip()
         if key not in known:
-            raise ValueError(f"override {item!r}: unknown field {key!r}; known: {sorted(known)}")
+            raise ConfigError(f"override {item!r}: unknown field {key!r}; known: {sorted(known)}")
         parsed = yaml.safe_load(value) if value.strip() else value
         if isinstance(parsed, str):  # YAML 1.1 reads "1e-1" as a string: take numbers as such
             for cast in (int, float):

@@ -36,11 +36,14 @@ from .quantization import quantize, sort_index
 
 # What a crossbar layer keeps beside the parameters of the layer it replaced.
 CROSSBAR_BUFFERS = ("scale", "sort_index", "cells", "stuck", "filter_index", "tile_order",
-                    "input_range", "adc_range", "prog_eps", "drift_nu", "_extra_state")
-# Rules 17 to 20: empty unless the periphery needs them; their size depends on the config and
-# calibration, and state dicts from before they existed load without them.
+                    "input_range", "adc_range", "prog_eps", "drift_nu", "input_moment",
+                    "_extra_state")
+# Rules 17 to 21: empty unless the periphery (or rule 21's input moment E[x x^T], float32
+# (groups, K, K)) needs them; their size depends on the config and calibration, and state dicts
+# from before they existed load without them.
 ANALOG_BUFFERS = {"input_range": torch.float32, "adc_range": torch.float64,
-                  "prog_eps": torch.float32, "drift_nu": torch.float32}
+                  "prog_eps": torch.float32, "drift_nu": torch.float32,
+                  "input_moment": torch.float32}
 
 
 class CrossbarMixin:
@@ -333,6 +336,10 @@ class CrossbarMixin:
                 bad("sort_index", f"is not a permutation of each row: row {int(bad_rows[0])} "
                                   f"(of {bad_rows.numel()} bad rows) is not a permutation of "
                                   f"[0, {k})")
+        groups = self.moment_groups
+        moment = loaded("input_moment", (torch.float32,), [(0,), (groups, k, k)])
+        if moment is not None and moment.numel() and not bool(torch.isfinite(moment).all()):
+            bad("input_moment", "holds NaN or Inf")
         tiles = layer_tiles(out, k, cfg)
         order = loaded("tile_order", (torch.int64,), [(0,), (tiles,)])
         if order is not None and order.numel() and not torch.equal(
@@ -392,6 +399,12 @@ class CrossbarLinear(CrossbarMixin, nn.Module):
             y = y.reshape(*x.shape[:-1], y.shape[-1])
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight_for_forward(), self.bias)
+
+    moment_groups = 1  # rule 21: one input second moment
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The rows (N, in_features) the crossbars read for input ``x`` (rule 21's moments)."""
+        return x.reshape(-1, x.shape[-1])
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -458,7 +471,8 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
                              momentum=0.0, eps=self.std_eps).squeeze(0)
         return w
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _pad(self, x: torch.Tensor):
+        """The input as the convolution reads it, and the padding left to the convolution."""
         padding = self.padding
         if self.dynamic_same_pad:
             from timm.layers.padding import pad_same
@@ -467,6 +481,29 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
         elif self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
+        return x, padding
+
+    @property
+    def moment_groups(self) -> int:  # rule 21: one input second moment per group
+        return self.groups
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The im2col rows (N * positions, groups * K) the crossbars read for input ``x``, in
+        the weight's (channel, kh, kw) order (rule 21's moments)."""
+        x, padding = self._pad(x)
+        if isinstance(padding, str):
+            if padding == "same":
+                pads = []
+                for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
+                    total = d * (k - 1)
+                    pads += [total // 2, total - total // 2]
+                x = F.pad(x, pads)
+            padding = 0
+        cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, padding = self._pad(x)
         if self.config.analog:
             return self._analog_conv(x, padding)
         w = self.weight_for_forward()

@@ -19,6 +19,7 @@ from . import ops
 from .config import COUNTING_FIELDS, CrossbarConfig
 from .mapping import (STAT_NAMES, LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
+from .feedback import feedback_active, feedback_cells, feedback_targets
 from .modules import crossbar_layers
 from .quantization import check_weight
 from .wear import CellStats, cell_stats, shift_frame
@@ -211,20 +212,25 @@ def identity_index(out: int, k: int, device=None) -> torch.Tensor:
     return torch.arange(k, dtype=torch.int64, device=device).expand(out, k).contiguous()
 
 
-def layer_targets(layer, config: CrossbarConfig, baseline: bool):
+def layer_targets(layer, config: CrossbarConfig, baseline: bool,
+                  feedback: torch.Tensor | None = None):
     """Target levels of a layer in programming order, and the levels already known for its
     cells on stuck positions (or None).
 
     * ``baseline``: unsorted (identity index), as rule 10's baseline programs them.
     * otherwise: sorted through the layer's fixed index; a cell already known to be stuck
       keeps the level it holds (after fine-tuning, a stuck cell does not take a new weight).
+    * ``feedback``: rule 21's integers (original order) replace the latent weight's.
     """
     if baseline:
         w = layer.matrix_weight().detach().to(torch.float32).contiguous()
         idx = identity_index(w.shape[0], w.shape[1], w.device)
         return ops.sort_and_encode(w, layer.scale, idx, config.weight_bits,
                                    config.bits_per_cell, config.encoding_id), None
-    target = layer.target_cells()
+    if feedback is not None:  # rule 21: the integers error feedback chose
+        target = feedback_cells(layer, config, feedback)
+    else:
+        target = layer.target_cells()
     if not layer.stuck.numel():
         return target, None
     if not config.compensate:  # the kernel needs only the levels to write
@@ -266,6 +272,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     # Targets are the same in every pass: keep them from the first while they fit the budget,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
+    feedback = {}  # rule 21's integers per layer, int16 (out, K)
     orders = {}
     period = result.period = run_cfg.wear_period
     shape = tuple(pool.cell_writes.shape)
@@ -287,7 +294,11 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
             if pass_no == 0:  # name the layer (the kernel's message cannot)
                 check_weight(layer.matrix_weight().detach(), f"{name}.weight")
             if target is None:
-                target, pinned = layer_targets(layer, config, baseline)
+                if pass_no == 0 and not baseline and feedback_active(layer, config):
+                    # rule 21: chosen once per programming (from the held cells the last
+                    # programming left), kept for the later passes
+                    feedback[i] = feedback_targets(layer, config).to(torch.int16)
+                target, pinned = layer_targets(layer, config, baseline, feedback.get(i))
                 if pass_no == 0 and target.numel() <= budget:
                     cached[i] = (target, pinned)
                     budget -= target.numel() * (2 if pinned is not None else 1)

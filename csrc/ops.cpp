@@ -42,6 +42,9 @@ TORCH_LIBRARY(crossbar_torch, m) {
       "compensate(Tensor cells, Tensor held, Tensor old, int weight_bits, int bits_per_cell, "
       "int encoding, int compensate_slices) -> Tensor");
   m.def(
+      "feedback_quantize(Tensor target, Tensor u, Tensor held, Tensor levels, int weight_bits, "
+      "int bits_per_cell, int encoding, int stuck_slices) -> Tensor");
+  m.def(
       "analog_matmul(Tensor x, Tensor g, Tensor sort_index, Tensor cell_weight, "
       "Tensor adc_steps, int groups, int rows, int input_bits, int input_bits_per_cycle, "
       "float input_scale, int adc_bits, float g0, float encoding_offset, bool signed_weights) "

@@ -353,3 +353,67 @@ def simulate(layers, cfg):
             "layer_cell_period_writes": layer_cells, "cell_noise": cell_noise,
             "q_eff": second["eff"], "scales": [p[2] for p in prepared],
             "orders": [orders[p[0]] for p in prepared]}
+
+
+# ---- rule 21: error-feedback programming ----------------------------------------------------
+
+def allowed_values(held_levels, bits, b, enc, L):
+    """Every value a weight decodes to with the cells of ``held_levels`` (level, or None for a
+    free cell) held: each assignment of its free cells in slices < L, each high part of rule 13
+    in the slices >= L, the whole cell list decoded; restricted to [-qmax, qmax] when any value
+    lies there."""
+    S = slices(bits, b, enc)
+    c = len(held_levels)
+    L = min(L, S)
+    free = [i for i in range(c) if held_levels[i] is None and i % S < L]
+    values = set()
+    for x in range(2 ** (b * len(free))):
+        cells = [held_levels[i] if held_levels[i] is not None and i % S < L else 0
+                 for i in range(c)]
+        for n, i in enumerate(free):
+            cells[i] = (x >> (n * b)) & ((1 << b) - 1)
+        for _, high in high_values(bits, b, enc, L):
+            full = list(cells)
+            for i, v in high.items():
+                full[i] = v
+            values.add(decode_one(full, bits, b, enc))
+    qmax = 2 ** (bits - 1) - 1
+    inside = {v for v in values if -qmax <= v <= qmax}
+    return sorted(inside or values)
+
+
+def nearest_value(t, values):
+    """Rule 21: nearest t; ties to the even value, then the smaller."""
+    return min(values, key=lambda v: (abs(float(v) - t), v % 2 != 0, v))
+
+
+def feedback_factor(h, damp):
+    """U upper triangular with U^T U = (H + lambda I)^-1 (numpy float64)."""
+    h = np.array(h, dtype=np.float64)
+    d = np.diag(h).copy()
+    d[d == 0] = 1.0
+    d = d + damp * d.mean()
+    np.fill_diagonal(h, d)
+    inv = np.linalg.inv(h)
+    return np.linalg.cholesky(inv).T
+
+
+def feedback_row(t, u, held_levels, bits, b, enc, L):
+    """One filter: t (list of float64 targets), u (K x K), held_levels[k]: the weight's cells
+    (level or None). Returns the chosen integers."""
+    t = [float(x) for x in t]
+    K = len(t)
+    qmax = 2 ** (bits - 1) - 1
+    out = []
+    for k in range(K):
+        cells = held_levels[k] if held_levels is not None else None
+        if cells is None or all(lv is None for lv in cells):
+            values = range(-qmax, qmax + 1)
+        else:
+            values = allowed_values(cells, bits, b, enc, L)
+        v = nearest_value(t[k], values)
+        out.append(v)
+        e = (t[k] - v) / float(u[k][k])
+        for j in range(k + 1, K):
+            t[j] = t[j] - float(np.float64(e) * np.float64(u[k][j]))
+    return out

@@ -173,6 +173,30 @@ def _compensate_fake(cells, held, old, weight_bits, bits_per_cell, encoding, com
     return torch.empty_like(cells)
 
 
+@torch.library.register_fake("crossbar_torch::feedback_quantize")
+def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell, encoding,
+                            stuck_slices):
+    op = "feedback_quantize"
+    c = _check_format(op, weight_bits, bits_per_cell, encoding)
+    _check_tensors(op, ("target", target), [("target", target, torch.float64, 2),
+                                            ("u", u, torch.float64, 3),
+                                            ("held", held, torch.bool, None),
+                                            ("levels", levels, torch.uint8, None)])
+    out, k = target.shape
+    torch._check(u.shape[0] >= 1 and out % u.shape[0] == 0,
+                 lambda: f"crossbar_torch.{op}: out = {out} must be a multiple of the groups "
+                         f"of u = {u.shape[0]}")
+    _check_size(op, "u", u, 1, k, "K = target.size(1)")
+    _check_size(op, "u", u, 2, k, "K = target.size(1)")
+    torch._check(held.numel() == 0 or tuple(held.shape) == (out, k, c),
+                 lambda: f"crossbar_torch.{op}: held must be empty or (out, K, c) = "
+                         f"{(out, k, c)}, got {tuple(held.shape)}")
+    torch._check(levels.shape == held.shape,
+                 lambda: f"crossbar_torch.{op}: levels {tuple(levels.shape)} must have the "
+                         f"shape of held {tuple(held.shape)}")
+    return target.new_empty((out, k), dtype=torch.int32)
+
+
 @torch.library.register_fake("crossbar_torch::analog_matmul")
 def _analog_matmul_fake(x, g, sort_index, cell_weight, adc_steps, groups, rows, input_bits,
                         input_bits_per_cycle, input_scale, adc_bits, g0, encoding_offset,
@@ -264,6 +288,17 @@ def compensate(cells, held, old, weight_bits: int, bits_per_cell: int, encoding:
     """Rule 13 per weight (the training forward's programming): see reference.compensate."""
     return _ops.compensate(cells, held, old, weight_bits, bits_per_cell, encoding,
                            compensate_slices)
+
+
+def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: int,
+                      encoding: int, stuck_slices: int) -> torch.Tensor:
+    """Rule 21: error-feedback programming targets (int32 (out, K), original order) of a layer
+    whose targets in scale units are ``target`` (float64 (out, K)), given ``u`` (float64
+    (groups, K, K), the upper Cholesky factor of the damped inverse input second moment of each
+    group) and the held cells ``held`` / their ``levels`` ((out, K, c), original order; both
+    empty: nothing held). See reference.feedback_quantize."""
+    return _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
+                                  int(encoding), int(stuck_slices))
 
 
 def analog_matmul(x, g, sort_index, cell_weight, adc_steps, groups: int, rows: int,

@@ -344,3 +344,69 @@ def program_layer(cells: torch.Tensor, filter_index: torch.Tensor, order: torch.
     state.copy_(pack_levels(lv, state.shape[2]).to(state.device))
     written.copy_(pack_bits(wr).to(written.device))
     return eff, stats, torch.tensor(chosen, dtype=torch.int64)
+
+
+def _feedback_better(a: int, b: int, t: float) -> bool:
+    da, db = abs(float(a) - t), abs(float(b) - t)
+    if da != db:
+        return da < db
+    if (a % 2 == 0) != (b % 2 == 0):
+        return a % 2 == 0
+    return a < b
+
+
+def nearest_allowed(t: float, levels, held, weight_bits: int, bits_per_cell: int,
+                    encoding: int, L: int) -> int:
+    """Rule 21: the value nearest ``t`` that a weight decodes to with its ``held`` cells at
+    ``levels`` (ties: the even value, then the smaller), among [-qmax, qmax] when any is
+    reachable there, else among every decodable value."""
+    qmax = 2 ** (weight_bits - 1) - 1
+    if not any(held):
+        v = round(t)  # Python rounds half to even
+        return min(qmax, max(-qmax, v))
+    S = slices_for(weight_bits, bits_per_cell, encoding)
+    L = min(L, S)
+    m, c = L * bits_per_cell, len(levels)
+    hmin, hmax = _high_range(weight_bits, bits_per_cell, encoding, L)
+    free = [i for i in range(c) if not held[i] and i % S < L]
+    n = 2 ** bits_per_cell
+    best_in = best_any = None
+    for x in range(n ** len(free)):
+        cells = [levels[i] if held[i] and i % S < L else 0 for i in range(c)]
+        for k, i in enumerate(free):
+            cells[i] = (x // n ** k) % n
+        d = _decode_levels(cells, weight_bits, bits_per_cell, encoding)
+        for h in range(hmin, hmax + 1):
+            v = h * 2 ** m + d
+            if best_any is None or _feedback_better(v, best_any, t):
+                best_any = v
+            if -qmax <= v <= qmax and (best_in is None or _feedback_better(v, best_in, t)):
+                best_in = v
+    return best_in if best_in is not None else best_any
+
+
+def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
+                      levels: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int,
+                      stuck_slices: int) -> torch.Tensor:
+    """Rule 21, column by column for all filters at once: each weight takes the allowed value
+    nearest its running target, and the residual ``(t - v) / u[k, k]`` is carried onto the later
+    columns through row k of ``u`` (each product rounded on its own, as the kernels do)."""
+    t = target.detach().to(torch.float64).clone()
+    out, K = t.shape
+    groups = u.shape[0]
+    per = out // groups if groups else 0
+    q = torch.zeros(out, K, dtype=torch.int32)
+    if out == 0 or K == 0:
+        return q
+    rows_u = u.to(torch.float64)[torch.arange(out) // per]  # (out, K, K)
+    hl = held.tolist() if held.numel() else None
+    lv = levels.tolist() if levels.numel() else None
+    for k in range(K):
+        v = torch.tensor([nearest_allowed(float(t[o, k]), lv[o][k] if lv else None,
+                                          hl[o][k] if hl else [False], weight_bits,
+                                          bits_per_cell, encoding, stuck_slices)
+                          for o in range(out)], dtype=torch.float64)
+        q[:, k] = v.to(torch.int32)
+        e = (t[:, k] - v) / rows_u[:, k, k]
+        t[:, k + 1:] = t[:, k + 1:] - e[:, None] * rows_u[:, k, k + 1:]
+    return q

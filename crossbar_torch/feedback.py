@@ -1,0 +1,146 @@
+"""Output-aware programming (docs/semantics.md rule 21): error feedback through the layer's
+input second moment.
+
+Why it is needed (docs/transformers.md): with value sort and a similarity mapping, neighbouring
+weights of a filter share crossbar rows whose stuck cells err alike, so a filter's per-weight
+errors (each at most a few LSB) line up instead of cancelling, and a layer whose inputs are
+mostly of one sign (the FFN's second layer reads GELU outputs) adds them up in its output.
+Choosing each weight among the values its held cells allow *while carrying the residual onto
+the weights not yet chosen*, weighted by ``H = E[x x^T]``, cancels that sum (GPTQ / OBQ applied
+to stuck cells).
+
+The stages, one owner each:
+
+* ``collect_moments``: forward pre-hooks that accumulate ``E[x x^T]`` of every layer's inputs
+  (per group for grouped convolutions) while :func:`crossbar_torch.calibrate` runs the model;
+  stored as the layer's ``input_moment`` buffer (float32 ``(groups, K, K)``), so a saved model
+  can be reprogrammed without its calibration data;
+* ``feedback_factor``: the upper Cholesky factor of the damped inverse moment;
+* ``feedback_targets``: the integer targets of one layer (the ``feedback_quantize`` op), which
+  programming then writes with rule 13 (every chosen value is reachable, so the layer computes
+  with exactly these integers).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from . import ops
+
+
+def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
+    """U (float64 (G, K, K)): ``U^T U = (H + lambda I)^-1`` with ``U`` upper triangular, for each
+    group's ``H`` (float32 (G, K, K)). An input never seen (``H[k, k] == 0``) gets ``H[k, k] = 1``
+    (its weight carries no error onward); ``lambda = damp * mean(diag H)`` per group."""
+    h = moment.detach().to("cpu", torch.float64).clone()
+    if h.shape[-1] == 0:
+        return h
+    diag = h.diagonal(dim1=1, dim2=2)
+    diag[diag == 0] = 1.0
+    diag += damp * diag.mean(dim=1, keepdim=True)
+    lower = torch.linalg.cholesky(h)
+    return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+
+
+def original_order(t: torch.Tensor, sort_index: torch.Tensor) -> torch.Tensor:
+    """(out, K, c) in sorted order -> original order (position k' holds weight index[o, k'])."""
+    out = torch.empty_like(t)
+    out.scatter_(1, sort_index[:, :, None].expand(-1, -1, t.shape[2]).to(t.device), t)
+    return out
+
+
+def feedback_active(layer, config) -> bool:
+    """Rule 21 applies to a layer once it is calibrated and, with stucking, once a programming
+    has told which of its cells are held and at what level."""
+    return (config.feedback != "none" and layer.input_moment.numel() > 0
+            and (not config.stucking or layer.stuck.numel() > 0))
+
+
+@torch.no_grad()
+def feedback_targets(layer, config) -> torch.Tensor:
+    """Rule 21: the integers (int32 (out, K), original order) that programming writes into
+    ``layer``: each weight the allowed value nearest its running target, filters in parallel,
+    inputs in order. Held cells are the layer's stuck cells at the levels it holds."""
+    w = layer.matrix_weight().detach().to("cpu", torch.float32)
+    scale = layer.scale.detach().to("cpu", torch.float32)
+    target = (w / scale[:, None]).to(torch.float64)  # rule 2's division, in float32
+    u = feedback_factor(layer.input_moment, config.feedback_damp)
+    if config.stucking and layer.stuck.numel():
+        index = layer.sort_index.cpu()
+        held = original_order(layer.stuck.cpu(), index)
+        levels = original_order(layer.cells.cpu(), index)
+        slices = config.stuck_slices
+    else:
+        held = torch.zeros(0, dtype=torch.bool)
+        levels = torch.zeros(0, dtype=torch.uint8)
+        slices = 0
+    return ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
+                                 config.bits_per_cell, config.encoding_id, slices)
+
+
+def feedback_cells(layer, config, q: torch.Tensor) -> torch.Tensor:
+    """The plain target cells (sorted order) of the integers ``q`` (original order)."""
+    qmax = 2 ** (config.weight_bits - 1) - 1
+    # a chosen value outside [-qmax, qmax] exists only for a weight whose every cell is held
+    # (rule 21): its cells decode to it whatever the target, so the target is clamped
+    sorted_q = torch.gather(q.to(torch.int32).clamp(-qmax, qmax), 1, layer.sort_index.cpu())
+    return ops.encode(sorted_q.contiguous(), config.weight_bits, config.bits_per_cell,
+                      config.encoding_id).to(layer.cells.device)
+
+
+# ---- calibration: E[x x^T] of every layer's inputs --------------------------------------------
+
+class MomentAccumulator:
+    """Sums of ``x x^T`` (float64) and sample counts of one layer, per group."""
+
+    def __init__(self, groups: int, k: int):
+        self.sum = torch.zeros(groups, k, k, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, rows: torch.Tensor) -> None:
+        """rows: (N, groups * K) input rows of the layer (im2col rows for a convolution)."""
+        g, k = self.sum.shape[0], self.sum.shape[1]
+        for chunk in rows.detach().to("cpu", torch.float64).split(4096):
+            x = chunk.reshape(-1, g, k).transpose(0, 1)  # (G, n, K)
+            if not torch.isfinite(x).all():
+                raise ValueError("calibrate: a layer input holds NaN or Inf")
+            self.sum += x.transpose(1, 2) @ x
+            self.count += chunk.shape[0]
+
+    def moment(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).to(torch.float32)
+
+
+@contextlib.contextmanager
+def collect_moments(layers):
+    """While active, every layer of ``layers`` ((name, layer) pairs) accumulates its inputs'
+    second moment; on a clean exit each stores it as its ``input_moment``. On an error the
+    layers keep the moments they had."""
+    accumulators, handles = {}, []
+
+    def hook(module, args):
+        rows = module.input_rows(args[0])
+        acc = accumulators.get(id(module))
+        if acc is None:
+            acc = accumulators[id(module)] = MomentAccumulator(module.moment_groups,
+                                                               module.cells.shape[1])
+        acc.add(rows)
+
+    for _, layer in layers:
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        yield accumulators
+    finally:
+        for h in handles:
+            h.remove()
+    for _, layer in layers:
+        acc = accumulators.get(id(layer))
+        if acc is not None:
+            layer.input_moment = acc.moment().to(layer.cells.device)
+
+
+def needs_moments(model: nn.Module) -> bool:
+    from .modules import crossbar_layers
+    return any(layer.config.feedback != "none" for _, layer in crossbar_layers(model))

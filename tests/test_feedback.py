@@ -1,0 +1,273 @@
+"""Rule 21 (docs/semantics.md): error-feedback programming, held to tests/independent.py.
+
+* the ``feedback_quantize`` kernel == the plain-PyTorch reference == the naive simulator, exactly,
+  on hypothesis-drawn formats, shapes (empty and odd), groups and held cells;
+* the layers: after ``calibrate`` + ``reprogram`` each layer computes with exactly the integers
+  the simulator chooses from its latent weight, its held cells and its input moment; the input
+  moment is E[x x^T] of what the crossbars read; the output error falls against rule 13 alone.
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+import crossbar_torch as xb
+from crossbar_torch import ops
+from crossbar_torch.feedback import feedback_factor
+from crossbar_torch.mapping import cells_for, slices_for
+from crossbar_torch.ops import reference
+
+import independent as ind
+
+ENCODINGS = ("differential", "twos_complement", "offset")
+
+
+def _case(draw_out, draw_k, groups, bits, b, enc_id, L, seed, held_p=0.4):
+    g = torch.Generator().manual_seed(seed)
+    c = cells_for(bits, b, enc_id)
+    S = slices_for(bits, b, enc_id)
+    out = draw_out * groups
+    x = torch.randn(3 * draw_k + 2, groups, draw_k, generator=g, dtype=torch.float64)
+    if draw_k:
+        x[:, :, 0] += 1.0  # correlated inputs, so the feedback matters
+    h = torch.einsum("ngk,ngl->gkl", x, x).float() / x.shape[0]
+    u = feedback_factor(h, 0.01)
+    qmax = 2 ** (bits - 1) - 1
+    t = torch.randn(out, draw_k, generator=g, dtype=torch.float64) * qmax / 2
+    low = (torch.arange(c) % S) < L
+    held = (torch.rand(out, draw_k, c, generator=g) < held_p) & low
+    levels = torch.randint(0, 2 ** b, (out, draw_k, c), generator=g, dtype=torch.uint8)
+    return t, u, held, levels
+
+
+def _independent(t, u, held, levels, bits, b, enc_id, L):
+    enc = ENCODINGS[enc_id]
+    out, k = t.shape
+    groups = u.shape[0]
+    result = []
+    for o in range(out):
+        uo = u[o // (out // groups)].tolist()
+        cells = [[lv if h else None for h, lv in zip(hr, lr)]
+                 for hr, lr in zip(held[o].tolist(), levels[o].tolist())]
+        result.append(ind.feedback_row(t[o].tolist(), uo, cells, bits, b, enc, L))
+    return torch.tensor(result, dtype=torch.int32).reshape(out, k)
+
+
+@settings(max_examples=60, deadline=None)
+@given(out=st.integers(0, 4), k=st.integers(0, 7), groups=st.sampled_from([1, 2]),
+       bits=st.integers(3, 6), b=st.sampled_from([1, 2]), enc=st.integers(0, 2),
+       L=st.integers(0, 3), seed=st.integers(0, 2 ** 16))
+def test_kernel_reference_independent_agree(out, k, groups, bits, b, enc, L, seed):
+    S = slices_for(bits, b, enc)
+    L = min(L, S - 1) if S > 1 else 0  # rule 21 needs a high slice to restrict the range
+    if b > (bits - 1 if enc == 0 else bits):
+        b = 1
+        S = slices_for(bits, b, enc)
+        L = min(L, S - 1)
+    t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed)
+    got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L)
+    assert got.dtype == torch.int32 and got.shape == t.shape
+    assert torch.equal(got, reference.feedback_quantize(t, u, held, levels, bits, b, enc, L))
+    if t.numel():
+        assert torch.equal(got, _independent(t, u, held, levels, bits, b, enc, L))
+
+
+@pytest.mark.parametrize("enc", [0, 1, 2])
+def test_every_slice_held_decodes_what_the_cells_hold(enc):
+    """L == S: no high part; a weight whose cells are all held has one value (which may lie
+    outside [-qmax, qmax] for two's complement / offset: rule 9 never clamps)."""
+    bits, b = 4, 1
+    S = slices_for(bits, b, enc)
+    c = cells_for(bits, b, enc)
+    t = torch.tensor([[0.3, -5.0, 6.6]], dtype=torch.float64)
+    u = torch.eye(3, dtype=torch.float64)[None]
+    held = torch.ones(1, 3, c, dtype=torch.bool)
+    levels = torch.randint(0, 2, (1, 3, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(enc))
+    got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, S)
+    want = ops.decode(levels, bits, b, enc)
+    assert torch.equal(got, want.to(torch.int32))
+
+
+def test_identity_moment_without_held_cells_is_rule_2():
+    """H = I: no feedback between inputs; every weight is round-half-even of W / s (rule 2)."""
+    w = torch.randn(5, 9) * 0.1
+    q, s = ind.quantize_rows(w.numpy(), 8)
+    t = (w / torch.tensor(s)[:, None]).double()
+    u = torch.eye(9, dtype=torch.float64)[None] / np.sqrt(1.01)
+    got = ops.feedback_quantize(t, u, torch.zeros(0, dtype=torch.bool),
+                                torch.zeros(0, dtype=torch.uint8), 8, 1, 0, 0)
+    assert got.tolist() == q
+
+
+def test_bad_arguments_are_refused():
+    t = torch.zeros(2, 3, dtype=torch.float64)
+    u = torch.eye(3, dtype=torch.float64)[None]
+    none_b, none_u = torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="target must be Double"):
+        ops.feedback_quantize(t.float(), u, none_b, none_u, 8, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="target holds NaN"):
+        ops.feedback_quantize(t.clone().fill_(float("nan")), u, none_b, none_u, 8, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="diagonal of u must be positive"):
+        ops.feedback_quantize(t, -u, none_b, none_u, 8, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="multiple of the groups"):
+        ops.feedback_quantize(t, u.expand(3, 3, 3).contiguous(), none_b, none_u, 8, 1, 0, 0)
+    with pytest.raises(RuntimeError, match="held.size"):
+        ops.feedback_quantize(t, u, torch.zeros(2, 4, 14, dtype=torch.bool),
+                              torch.zeros(2, 4, 14, dtype=torch.uint8), 8, 1, 0, 1)
+    with pytest.raises(RuntimeError, match="levels"):
+        ops.feedback_quantize(t, u, torch.zeros(2, 3, 14, dtype=torch.bool),
+                              torch.full((2, 3, 14), 2, dtype=torch.uint8), 8, 1, 0, 1)
+
+
+def test_fake_kernel_shapes():
+    t = torch.empty(4, 6, dtype=torch.float64, device="meta")
+    u = torch.empty(2, 6, 6, dtype=torch.float64, device="meta")
+    h = torch.empty(4, 6, 14, dtype=torch.bool, device="meta")
+    lv = torch.empty(4, 6, 14, dtype=torch.uint8, device="meta")
+    out = ops.feedback_quantize(t, u, h, lv, 8, 1, 0, 1)
+    assert out.shape == (4, 6) and out.dtype == torch.int32 and out.is_meta
+
+
+# ---- the layers --------------------------------------------------------------------------------
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.fc1 = nn.Linear(6 * 4, 20)
+        self.fc2 = nn.Linear(20, 7)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x)).mean((2, 3), keepdim=True)
+        y = y.repeat(1, 4, 1, 1).flatten(1)
+        return self.fc2(torch.nn.functional.gelu(self.fc1(y)))
+
+
+def _config(**kw):
+    base = dict(rows=8, cols=28, sort="value", filter_order="chain", stuck_slices=1,
+                reprogram_fraction=0.3, compensate=True, feedback="hessian", seed=3)
+    base.update(kw)
+    return xb.CrossbarConfig(**base)
+
+
+def _expected(layer, cfg):
+    """The simulator's rule-21 integers of one layer, from its latent weight, scales, input
+    moment and the held cells (stuck, at their levels) it holds before the programming."""
+    w = layer.matrix_weight().detach().float()
+    t = (w / layer.scale[:, None]).double()
+    u = torch.from_numpy(np.stack([ind.feedback_factor(h, cfg.feedback_damp)
+                                   for h in layer.input_moment.double().numpy()]))
+    out, k = t.shape
+    idx = layer.sort_index
+    held = [[None] * k for _ in range(out)]
+    for o in range(out):
+        for kk in range(k):
+            orig = int(idx[o, kk])
+            if layer.stuck.numel():
+                held[o][orig] = [int(lv) if bool(s) else None
+                                 for s, lv in zip(layer.stuck[o, kk], layer.cells[o, kk])]
+    per = out // u.shape[0]
+    return torch.tensor([ind.feedback_row(t[o].tolist(), u[o // per].tolist(),
+                                          held[o] if layer.stuck.numel() else None,
+                                          cfg.weight_bits, cfg.bits_per_cell, cfg.encoding,
+                                          cfg.stuck_slices)
+                         for o in range(out)], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(encoding="twos_complement", stuck_value=0),
+                                dict(stuck_slices=0, reprogram_fraction=1.0, compensate=False),
+                                dict(bits_per_cell=2, stuck_slices=1, weight_bits=6)])
+def test_layers_compute_with_the_independent_choice(kw):
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    cfg = _config(**kw)
+    xmodel = xb.convert(copy.deepcopy(model), cfg)
+    for _, layer in xb.crossbar_layers(xmodel):
+        assert layer.input_moment.numel() == 0  # not calibrated: convert programs rule 13
+    x = torch.randn(5, 4, 6, 6)
+    xb.calibrate(xmodel, x)
+    layers = xb.crossbar_layers(xmodel)
+    expected = {name: _expected(layer, cfg) for name, layer in layers}
+    xb.reprogram(xmodel)
+    for name, layer in layers:
+        assert torch.equal(layer.effective_q(), expected[name]), name
+    # the report counts this programming (cached) and a fresh count agrees
+    report = xb.reprogram_report(xmodel).to_dict()
+    again = xb.program_model(xmodel)
+    assert report["writes_per_pass"] == again.per_pass.writes
+
+
+def test_input_moment_is_what_the_crossbars_read():
+    torch.manual_seed(1)
+    model = Tiny().eval()
+    xmodel = xb.convert(copy.deepcopy(model), _config())
+    x = torch.randn(3, 4, 6, 6)
+    xb.calibrate(xmodel, x)
+    conv = xmodel.conv
+    # the conv's im2col rows by hand: each output position reads a 3x3 window of its group
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1)).double()
+    rows = []
+    for n in range(3):
+        for i in range(6):
+            for j in range(6):
+                rows.append(xp[n, :, i:i + 3, j:j + 3].reshape(2, 2 * 9))
+    r = torch.stack(rows)  # (N, groups, K)
+    want = torch.einsum("ngk,ngl->gkl", r, r) / r.shape[0]
+    torch.testing.assert_close(conv.input_moment.double(), want, rtol=1e-5, atol=1e-6)
+    assert xmodel.fc1.input_moment.shape == (1, 24, 24)
+
+
+def test_feedback_lowers_the_output_error_against_rule_13():
+    """The point of rule 21: on correlated inputs the layer's output error (against the float
+    layer) falls well below rule 13's, on the calibration data and on fresh data alike."""
+    torch.manual_seed(2)
+    lin = nn.Linear(64, 32)
+    base = torch.rand(400, 64) + 0.5  # mostly positive inputs, as after a GELU
+    model = nn.Sequential(lin).eval()
+    errors = {}
+    for fb in ("none", "hessian"):
+        cfg = xb.CrossbarConfig(rows=16, cols=28, sort="value", filter_order="chain",
+                                stuck_slices=1, reprogram_fraction=0.0, compensate=True,
+                                feedback=fb)
+        xm = xb.convert(copy.deepcopy(model), cfg)
+        xb.calibrate(xm, base[:200])
+        xb.reprogram(xm)
+        with torch.no_grad():
+            test = base[200:]
+            ref = model(test)
+            errors[fb] = float((xm(test) - ref).norm() / ref.norm())
+    assert errors["hessian"] < 0.5 * errors["none"], errors
+
+
+def test_state_dict_keeps_the_moment_and_reprograms_alike():
+    torch.manual_seed(3)
+    model = Tiny().eval()
+    cfg = _config()
+    xmodel = xb.convert(copy.deepcopy(model), cfg)
+    xb.calibrate(xmodel, torch.randn(4, 4, 6, 6))
+    xb.reprogram(xmodel)
+    sd = xmodel.state_dict()
+    other = xb.convert(copy.deepcopy(model), cfg)
+    other.load_state_dict(sd)
+    assert torch.equal(other.fc1.input_moment, xmodel.fc1.input_moment)
+    xb.reprogram(other)
+    xb.reprogram(xmodel)
+    for (_, a), (_, b) in zip(xb.crossbar_layers(xmodel), xb.crossbar_layers(other)):
+        assert torch.equal(a.cells, b.cells)
+    bad = dict(sd)
+    bad["fc1.input_moment"] = torch.zeros(1, 5, 5)
+    with pytest.raises(RuntimeError, match="input_moment"):
+        xb.convert(copy.deepcopy(model), cfg).load_state_dict(bad)
+
+
+def test_config_fields_are_validated():
+    with pytest.raises(ValueError, match="feedback"):
+        xb.CrossbarConfig(feedback="gptq")
+    with pytest.raises(ValueError, match="compensate=true"):
+        xb.CrossbarConfig(feedback="hessian", stuck_slices=1, reprogram_fraction=0.5)
+    with pytest.raises(ValueError, match="feedback_damp"):
+        xb.CrossbarConfig(feedback_damp=0)
+    assert xb.CrossbarConfig(feedback="hessian").baseline().feedback == "none"
