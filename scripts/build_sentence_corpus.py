@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Rebuild crossbar_torch/corpus/sentences_en.txt: real English sentences taken from text that
+ships with Python (its language and library reference, its IDLE help) and scikit-learn (its
+dataset descriptions) (see crossbar_torch/corpus/README.md for sources, licences
+and the versions the committed file was built from).
+
+  python scripts/build_sentence_corpus.py [--out crossbar_torch/corpus/sentences_en.txt]
+
+Sentences are cut from prose paragraphs (code blocks and tables skipped, line-wrapping hyphens
+rejoined), kept when they are one plain sentence of 8 to 40 words (no markup, code, URLs or
+unbalanced brackets), deduplicated (case-insensitive), then a fixed number is taken from each
+source at an even stride and the whole list is shuffled with a fixed seed, so that any prefix
+mixes both sources. Nothing is downloaded; the output depends only on the installed versions.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import sys
+
+PYTHON_SENTENCES = 220
+IDLE_SENTENCES = 85
+SKLEARN_SENTENCES = 25
+SEED = 0
+_BAD = re.compile(r"[\"=_`\[\]{}<>|\\@#$%^~*/:;]|\.\.|\be\.g\b|\bi\.e\b|\betc\.|\bSee\b|\bsee\b"
+                  r"|\bPEP\b|https?|www\.|\bFig\b|\bNo\.|\bvs\.")
+_CITATION = re.compile(r"\b(19|20)\d\d\)?\.$|\bet\.? al|\bRep\b|University|Institute|Technical Report")
+
+
+def paragraphs(text: str):
+    for block in re.split(r"\n\s*\n", text):
+        lines = block.split("\n")
+        if any(ln.startswith("     ") or ">>>" in ln or ln.strip().startswith(("-", "=", ":", ".."))
+               for ln in lines):
+            continue  # code, tables, field lists, rst directives
+        para = " ".join(ln.strip() for ln in lines)
+        yield re.sub(r"(\w)- (\w)", r"\1-\2", para)  # "comma- separated" -> "comma-separated"
+
+
+def sentences(text: str):
+    out, seen = [], set()
+    for para in paragraphs(text):
+        for s in re.split(r"(?<=[.!?])\s+(?=[A-Z])", para):
+            s = s.strip()
+            words = s.split()
+            if not (8 <= len(words) <= 40 and 50 <= len(s) <= 220):
+                continue
+            if not re.match(r"^[A-Z][a-z]", s) or not s.endswith("."):
+                continue
+            if re.match(r"^[A-Z][a-z]+ [A-Z][a-z]+ ", s):  # a heading run into its sentence
+                continue
+            if _BAD.search(s) or s.count("(") != s.count(")"):
+                continue
+            if sum(ch.isdigit() for ch in s) > 8 or _CITATION.search(s):
+                continue
+            if sum(w[:1].isupper() for w in words) > 0.4 * len(words):  # names, titles
+                continue
+            if s.lower() in seen:
+                continue
+            seen.add(s.lower())
+            out.append(s)
+    return out
+
+
+def idle_help_text() -> str:
+    """The paragraphs of IDLE's help (idlelib/help.html), tags removed."""
+    import html
+    import idlelib
+    path = os.path.join(os.path.dirname(idlelib.__file__), "help.html")
+    with open(path, encoding="utf-8") as f:
+        page = f.read()
+    page = page[page.find("<body"):]
+    return "\n\n".join(html.unescape(re.sub(r"<[^>]+>", "", para))
+                       for para in re.findall(r"<p>(.*?)</p>", page, re.S))
+
+
+def stride(items, n):
+    if len(items) < n:
+        raise SystemExit(f"only {len(items)} candidate sentences, need {n}")
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
+        os.path.abspath(__file__))), "crossbar_torch", "corpus", "sentences_en.txt"))
+    args = p.parse_args(argv)
+    import pydoc_data.topics as topics
+    import sklearn
+    descr = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "descr")
+    py_text = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    sk_text = "\n\n".join(open(os.path.join(descr, f), encoding="utf-8").read()
+                          for f in sorted(os.listdir(descr)) if f.endswith(".rst"))
+    out = []
+    for text, n in ((py_text, PYTHON_SENTENCES), (idle_help_text(), IDLE_SENTENCES),
+                    (sk_text, SKLEARN_SENTENCES)):
+        taken = {t.lower() for t in out}
+        out += stride([s for s in sentences(text) if s.lower() not in taken], n)
+    random.Random(SEED).shuffle(out)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n".join(out) + "\n")
+    os.replace(tmp, args.out)  # atomic: the old file or the new one, never half of one
+    print(f"{args.out}: {len(out)} sentences ({PYTHON_SENTENCES} + {IDLE_SENTENCES} from Python "
+          f"{sys.version.split()[0]}, {SKLEARN_SENTENCES} from scikit-learn {sklearn.__version__})")
+
+
+if __name__ == "__main__":
+    main()
