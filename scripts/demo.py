@@ -105,7 +105,7 @@ def main(argv=None):
     dev = rep_sorted["device"]
     say(f"  max/cell: writes per pass of the most-written cell; life: passes until it reaches "
         f"the endurance of the {dev['name']!r} device ({dev['endurance']:.0e} writes); energy: "
-        "SET + RESET pulses (docs/semantics.md rules 15, 16; --device in reprogram_report.py)")
+        "SET + RESET pulses (docs/semantics.md rules 15, 16; --memristor in reprogram_report.py)")
 
     say("")
     say("== Float vs crossbar on real photos bundled in scikit-image / scikit-learn / matplotlib")

@@ -6,10 +6,15 @@ Examples:
   python scripts/reprogram_report.py --model minilm --sweep configs/sweep_paper.yaml --csv out.csv
   python scripts/reprogram_report.py --model resnet50 --pretrained --set stuck_slices=2 --json r.json
   python scripts/reprogram_report.py --sweep configs/sweep_paper.yaml --plot slices.svg
+  python scripts/reprogram_report.py --config configs/sorted.yaml --memristor rram --plot wear.png
 
 --plot writes the format of its extension (.png, .svg, .pdf, ...). Every output path, the
 --include / --exclude patterns and the configurations are checked before any counting; a
-mistake is one line `error: ...` (exit status 2).
+mistake is one line `error: ...` (exit status 2). --memristor picks the memristor device
+(lifetime, energy, write time); --device, the torch device of the other scripts, is refused
+here (counting runs on the CPU). --sweep with --config is refused (a sweep holds its own
+configurations; --set applies to every run). --seed (default 0) makes --random-init weights
+reproducible.
 """
 from __future__ import annotations
 
@@ -386,15 +391,33 @@ def main(argv=None):
                    help="bar chart of writes per slice; the extension picks the format "
                         "(.png, .svg, .pdf, ...)")
     p.add_argument("--layers", action="store_true", help="print the per-layer table too")
-    p.add_argument("--device", metavar="NAME|YAML",
+    p.add_argument("--memristor", metavar="NAME|YAML",
                    help="memristor device for lifetime, energy and time (a preset: "
                         f"{', '.join(known_devices())}; or a device YAML); same as --set "
                         "device=...")
+    # --device is the torch device in the other scripts; this one counts on the CPU
+    p.add_argument("--device", help=argparse.SUPPRESS)
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch seed set before building the model, so --random-init weights "
+                        "(and their counts) are reproducible (default 0)")
     add_progress_args(p)
     args = p.parse_args(argv)
     progress = show_progress(args)
-    if args.device:  # after the other overrides, so it wins for every run of a sweep
-        args.overrides = list(args.overrides) + [f"device={args.device}"]
+    if args.device is not None:
+        raise UsageError(f"--device {args.device}: reprogram_report.py has no torch device (it "
+                         "counts writes on the CPU); the memristor device is --memristor "
+                         f"NAME|YAML ({', '.join(known_devices())}, or a device YAML)")
+    if args.sweep and args.config:
+        raise UsageError(f"--config {args.config} with --sweep: every run of a sweep has its "
+                         "own configuration; put these fields in the sweep's base (or give "
+                         "them with --set, which applies to every run)")
+    if args.memristor:  # after the other overrides, so it wins for every run of a sweep
+        from crossbar_torch.device import load_device
+        try:
+            load_device(args.memristor)
+        except ValueError as e:
+            raise UsageError(f"--memristor {args.memristor}: {one_line(e)}") from None
+        args.overrides = list(args.overrides) + [f"device={args.memristor}"]
 
     # everything a user can get wrong, before the model is built and counted
     for flag in ("json", "csv"):
@@ -405,6 +428,8 @@ def main(argv=None):
     runs = (load_sweep(args.sweep, args.overrides) if args.sweep
             else [(os.path.splitext(os.path.basename(args.config))[0] if args.config
                    else "default config", config_from_args(args))])
+    import torch
+    torch.manual_seed(args.seed)  # the same --random-init weights on every run
     model = model_from_args(args)
     check_patterns(model, args.include, args.exclude)
     weights = describe_source(args)

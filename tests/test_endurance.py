@@ -1,6 +1,6 @@
 """Rules 15 and 16 (docs/semantics.md): lifetime and cost recomputed by hand from the counts,
 the independent simulator's per-cell totals and the device presets' YAML; the report script's
---device flag."""
+--memristor flag."""
 import math
 import os
 import subprocess
@@ -96,7 +96,7 @@ def script(*args):
 
 
 def test_script_unknown_device_lists_the_known_ones():
-    r = script("--device", "memristor9000")
+    r = script("--memristor", "memristor9000")
     assert r.returncode == 2
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
@@ -109,12 +109,12 @@ def test_script_device_yaml_with_bad_field_names_it(tmp_path):
                write_parallel_crossbars=1)
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(bad))
-    r = script("--device", str(path))
+    r = script("--memristor", str(path))
     assert r.returncode == 2 and "endurance" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_script_device_flag_reaches_the_json(tmp_path):
-    r = script("--device", "pcm", "--json", str(tmp_path / "r.json"))
+    r = script("--memristor", "pcm", "--json", str(tmp_path / "r.json"))
     assert r.returncode == 0, r.stderr[-2000:]
     import json
     d = json.loads((tmp_path / "r.json").read_text())

@@ -349,3 +349,61 @@ def test_plot_many_layers_are_numbered_not_named():
     # writes spanning orders of magnitude: a log axis, said in the label
     assert lax.get_yscale() == "log" and "log" in lax.get_ylabel()
     _close(fig)
+
+
+# ------------------------------------------------- issue 20: one meaning per flag, no ignored input
+
+def _fails(capsys, argv) -> str:
+    from crossbar_torch.cli import run_main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(_script().main, argv)
+    err = capsys.readouterr().err
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert e.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_device_is_refused_pointing_to_memristor(capsys):
+    """Defect 12: --device meant the memristor preset here and the torch device elsewhere;
+    --device cuda answered "--set device=cuda: unknown device" (no --set was typed)."""
+    line = _fails(capsys, ["--model", "test_efficientnet", "--random-init", "--quiet",
+                           "--device", "cuda"])
+    assert line == ("error: --device cuda: reprogram_report.py has no torch device (it counts "
+                    "writes on the CPU); the memristor device is --memristor NAME|YAML "
+                    "(default, fefet, pcm, rram, or a device YAML)")
+    line = _fails(capsys, ["--model", "test_efficientnet", "--random-init", "--quiet",
+                           "--memristor", "memristor9000"])
+    assert line.startswith("error: --memristor memristor9000: unknown device 'memristor9000'")
+
+
+def test_config_with_sweep_is_refused(capsys, tmp_path):
+    """Defect 9: --sweep X --config Y ignored --config without a word."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("rows: 16\n")
+    line = _fails(capsys, ["--model", "test_efficientnet", "--random-init", "--quiet",
+                           "--sweep", os.path.join(REPO, "configs", "sweep_paper.yaml"),
+                           "--config", str(cfg)])
+    assert line == (f"error: --config {cfg} with --sweep: every run of a sweep has its own "
+                    "configuration; put these fields in the sweep's base (or give them with "
+                    "--set, which applies to every run)")
+
+
+def test_random_init_is_reproducible_and_seeded(tmp_path, capsys):
+    """Defect 10: two --random-init runs counted different writes (1,889,358 and 1,889,616);
+    --seed (default 0) fixes the weights, as in the other scripts."""
+    from crossbar_torch.cli import run_main
+
+    def writes(*extra):
+        out = tmp_path / "r.json"
+        run_main(_script().main, ["--model", "test_efficientnet", "--random-init", "--quiet",
+                                  "--set", "rows=32", "--set", "cols=64", "--json", str(out),
+                                  *extra])
+        capsys.readouterr()
+        return json.loads(out.read_text())["writes_per_pass"]
+
+    torch.manual_seed(123)
+    first = writes()
+    torch.manual_seed(456)  # whatever the process did before
+    assert writes() == first == writes("--seed", "0")
+    assert writes("--seed", "1") != first
