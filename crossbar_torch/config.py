@@ -410,6 +410,29 @@ class CrossbarConfig:
         return text
 
 
+def ignored_settings(config: CrossbarConfig) -> list:
+    """Settings of ``config`` that change nothing, given its other fields (each a sentence
+    saying why): accepted, since a sweep may set them on every run, but worth a warning
+    (:func:`crossbar_torch.convert` gives one for each)."""
+    out = []
+    if (config.drift_nu or config.drift_nu_std) and config.t_inference <= 1.0:
+        out.append(f"drift_nu={config.drift_nu:g}, drift_nu_std={config.drift_nu_std:g} change "
+                   f"nothing at t_inference={config.t_inference:g} (drift counts from t0 = 1 s); "
+                   "set t_inference, the seconds since programming, above 1")
+    if config.adc_range != "full" and config.adc_bits is None:
+        out.append(f"adc_range={config.adc_range!r} changes nothing without adc_bits (an ideal "
+                   "ADC has no range)")
+    if config.input_bits_per_cycle != 1 and config.input_bits is None:
+        out.append(f"input_bits_per_cycle={config.input_bits_per_cycle} changes nothing without "
+                   "input_bits (ideal inputs are not bit-serial)")
+    # rule 22: stucking may come from a per-layer override
+    if config.compensate and not getattr(config, "stucking_anywhere", config.stucking):
+        out.append(f"compensate=True changes nothing without bit stucking (stuck_slices="
+                   f"{config.stuck_slices}, reprogram_fraction={config.reprogram_fraction}): "
+                   "rule 13 sets the free cells of weights with stuck cells")
+    return out
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict:
     import yaml
     known = {f.name for f in fields(CrossbarConfig)}

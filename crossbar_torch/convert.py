@@ -117,6 +117,9 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
     config = config or CrossbarConfig()
     if not isinstance(config, CrossbarConfig):
         raise TypeError(f"config must be a CrossbarConfig, got {type(config).__name__}")
+    from .config import ignored_settings
+    for why in ignored_settings(config):  # accepted, but said
+        warnings.warn(f"convert: {why}", UserWarning, stacklevel=2)
     if not inplace:
         model = copy.deepcopy(model)
     known_convs, known_linears = _timm_classes()

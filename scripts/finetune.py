@@ -228,6 +228,9 @@ def main(argv=None):
     train_ds, val_ds = build_datasets(args, paths)
     loss = args.loss or ("ce" if args.train else "kd")
     distributed, rank, world, device = init_distributed(args.device)
+    if args.amp and device.type != "cuda" and rank == 0:  # accepted (resume compares it), said
+        print(f"warning: --amp (float16 autocast) is CUDA only; on {device} it changes nothing",
+              file=sys.stderr, flush=True)
     try:
         return _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
     except UnreadableImageError as e:

@@ -157,3 +157,35 @@ def test_a_long_wear_levelling_period_is_announced_once(recwarn):
         CrossbarConfig(rows=1024, cols=1024, wear_leveling="rotate_rows")  # exactly the limit
     with pytest.warns(UserWarning, match=r"repeats after 1,025 passes \(rows = 1,025\)"):
         CrossbarConfig(rows=1025, cols=128, wear_leveling="rotate_rows")
+
+
+def test_settings_that_change_nothing_are_warned_by_convert():
+    """Issue 20 defect 11: drift_nu at t_inference=1, adc_range=calibrated without adc_bits,
+    input_bits_per_cycle without input_bits and compensate without stucking were accepted
+    and ignored without a word."""
+    import warnings
+
+    import torch.nn as nn
+    from crossbar_torch.config import ignored_settings
+    cases = {
+        "drift_nu=0.05, drift_nu_std=0 change nothing at t_inference=1": dict(drift_nu=0.05),
+        "adc_range='calibrated' changes nothing without adc_bits": dict(adc_range="calibrated"),
+        "input_bits_per_cycle=2 changes nothing without input_bits": dict(
+            input_bits_per_cycle=2),
+        "compensate=True changes nothing without bit stucking": dict(compensate=True),
+    }
+    for start, fields in cases.items():
+        cfg = CrossbarConfig(rows=8, cols=28, **fields)
+        assert len(ignored_settings(cfg)) == 1 and ignored_settings(cfg)[0].startswith(start)
+        with pytest.warns(UserWarning, match="^convert: " + start.replace("(", r"\(")):
+            xb.convert(nn.Linear(4, 3), cfg)
+    # the same fields where they do something: silent
+    for cfg in (CrossbarConfig(rows=8, cols=28, drift_nu=0.05, t_inference=10.0),
+                CrossbarConfig(rows=8, cols=28, adc_bits=6, adc_range="calibrated"),
+                CrossbarConfig(rows=8, cols=28, input_bits=8, input_bits_per_cycle=2),
+                CrossbarConfig(rows=8, cols=28, compensate=True, stuck_slices=2,
+                               reprogram_fraction=0.5)):
+        assert ignored_settings(cfg) == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            xb.convert(nn.Linear(4, 3), cfg)

@@ -128,3 +128,15 @@ def test_finetune_calibrates_on_calib_images(tmp_path, monkeypatch):
         with pytest.raises(Stop):
             ft.main(argv + extra)
         assert seen[-1] == (n, n)
+
+
+def test_amp_on_cpu_is_said(tmp_path):
+    """Issue 20 defect 11: --amp on the CPU was accepted and ignored without a word."""
+    make_folder(tmp_path / "train", n_good=4)
+    args = list(COMMON)
+    del args[args.index("--save-every"):args.index("--save-every") + 2]
+    args[args.index("--steps") + 1] = "1"
+    r = run(FT, args + ["--train", str(tmp_path / "train"), "--out", str(tmp_path / "o"),
+                        "--amp"])
+    assert ("warning: --amp (float16 autocast) is CUDA only; on cpu it changes nothing"
+            in r.stderr.splitlines())

@@ -475,6 +475,15 @@ def test_bad_input_is_one_error_line(tmp_path, case):
     assert not os.path.exists(csv_path)
 
 
+def test_png_with_no_png_is_refused(tmp_path):
+    """Issue 20 defect 11: --png with --no-png was accepted and the --png ignored."""
+    r = run_script(*TINY, "--data", str(tmp_path), "--csv", str(tmp_path / "f.csv"),
+                   "--png", str(tmp_path / "f.png"), "--no-png", timeout=120)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"error: --png {tmp_path / 'f.png'} and --no-png contradict each other: give one of "
+        "them"], r.stderr[-2000:]
+
+
 # --------------------------------------------------------------------------- real weights
 
 
