@@ -120,6 +120,7 @@ def main(argv=None):
     json_path = check_output_file(args.json or stem + ".json", "--json")
     png_path = None if args.no_png else check_output_file(args.png or stem + ".png", "--png")
     if args.png and args.no_png:
+        fail(f"--png {args.png} and --no-png contradict each other: give one of them")
     if len({os.path.abspath(p) for p in (csv_path, json_path, png_path) if p}) < \
             len([p for p in (csv_path, json_path, png_path) if p]):
         fail("--csv, --json and --png must be different files")
