@@ -5,6 +5,8 @@ Implements sorted weight sectioning and bit stucking (Farias & Kung, arXiv 2410.
 memristor writes against an unsorted baseline. The normative semantics: docs/semantics.md.
 """
 from .config import CrossbarConfig, load_config  # noqa: F401
+from .errors import (ConfigError, CrossbarError, DeviceError, MissingDependencyError,  # noqa: F401
+                     UsageError, UserInputError)
 from .modules import CrossbarConv2d, CrossbarLinear, crossbar_layers  # noqa: F401
 from .convert import ConversionRecord, convert  # noqa: F401
 from .programming import CrossbarPool, ProgramResult, program_model, reprogram, stuck_mask  # noqa: F401

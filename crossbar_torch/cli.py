@@ -1,7 +1,9 @@
 """What every script shares: argument groups (model + weight source, crossbar config +
 overrides, preprocessing, progress), path checks made before any work starts, and the rule
-that a user's mistake is answered with ONE line ``error: ...`` on stderr and exit status 2,
-never a traceback (:func:`run_main`; set ``CROSSBAR_TRACEBACK=1`` to see the traceback)."""
+that a user's mistake (a :class:`~crossbar_torch.errors.UserInputError`, or a bad argument) is
+answered with ONE line ``error: ...`` on stderr and exit status 2, never a traceback, while any
+other exception is a bug and keeps its traceback (exit status 1) (:func:`run_main`; set
+``CROSSBAR_TRACEBACK=1`` to see the traceback of a user error too)."""
 from __future__ import annotations
 
 import argparse
@@ -10,14 +12,11 @@ import sys
 import warnings
 
 from .config import CrossbarConfig, parse_overrides
+from .errors import UsageError, UserInputError  # noqa: F401 (UsageError: cli.UsageError)
 
 PYPI_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "minilm-l6")
 EXIT_USAGE = 2  # usage and input errors, in every script
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or in the files it names."""
 
 
 # --------------------------------------------------------------------------- errors
@@ -36,18 +35,17 @@ def _is_rank0() -> bool:
 
 
 def user_errors() -> tuple:
-    """Exception types that mean "the input is wrong" (one line, exit 2)."""
-    import yaml
-
-    from .data import UnreadableImageError
-    from .weights import WeightLoadError
-    return (UsageError, ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError, WeightLoadError, UnreadableImageError, yaml.YAMLError, ImportError)
+    """Exception types that mean "the input is wrong" (one line, exit 2): the
+    :class:`~crossbar_torch.errors.UserInputError` family only (config and device errors, bad
+    arguments and files, checkpoints that do not fit, unreadable images, missing optional
+    packages). A plain ValueError, OSError or ImportError from inside the package is a bug."""
+    return (UserInputError,)
 
 
 def run_main(main, argv=None):
-    """Run a script's ``main(argv)``: a user error prints ``error: <message>`` (rank 0 only)
-    and exits with status 2; Ctrl-C exits with 130 without a traceback."""
+    """Run a script's ``main(argv)``: a user error (:func:`user_errors`) prints
+    ``error: <message>`` (rank 0 only) and exits with status 2; any other exception propagates
+    with its traceback (exit status 1); Ctrl-C exits with 130 without a traceback."""
     try:
         return main(argv)
     except KeyboardInterrupt:

@@ -24,6 +24,8 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from PIL import Image
 
+from .errors import UserInputError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "imagenet_synsets",
@@ -87,13 +89,13 @@ def synset_to_index(synset: str) -> int:
     try:
         return _synset_index()[synset]
     except KeyError:
-        raise ValueError(f"{synset!r} is not an ImageNet-1K synset") from None
+        raise UserInputError(f"{synset!r} is not an ImageNet-1K synset") from None
 
 
 # --------------------------------------------------------------------------- image reading
 
 
-class UnreadableImageError(RuntimeError):
+class UnreadableImageError(UserInputError, RuntimeError):
     """An image file PIL cannot open or decode. Attributes: ``path``, ``reason``."""
 
     def __init__(self, path, reason: str = ""):
@@ -206,7 +208,7 @@ class ImageNetFolder(_ImageDatasetBase):
         folders = sorted(d for d in os.listdir(self.root) if (self.root / d).is_dir() and not d.startswith("."))
         bad = [d for d in folders if d not in index]
         if bad:
-            raise ValueError(
+            raise UserInputError(
                 f"{str(self.root)!r}: folder(s) {', '.join(map(repr, bad[:10]))}"
                 f"{' ...' if len(bad) > 10 else ''} are not ImageNet-1K synsets; expected "
                 "<root>/<synset>/<image> (e.g. n01440764/ILSVRC2012_val_00000293.JPEG)"
@@ -216,7 +218,7 @@ class ImageNetFolder(_ImageDatasetBase):
             (p, index[d]) for d in folders for p in images_in_folder(self.root / d)
         ]
         if not self.samples:
-            raise ValueError(
+            raise UserInputError(
                 f"{str(self.root)!r} holds no images ({len(folders)} synset folder(s); "
                 f"extensions {', '.join(IMAGE_EXTENSIONS)})"
             )
@@ -268,7 +270,7 @@ class ImageList(_ImageDatasetBase):
     def from_folder(cls, root, transform: Optional[Callable] = None, *, skip_bad: bool = False) -> "ImageList":
         paths = images_in_folder(root)
         if not paths:
-            raise ValueError(f"{str(root)!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+            raise UserInputError(f"{str(root)!r} holds no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
         return cls(paths, None, transform, skip_bad=skip_bad)
 
 

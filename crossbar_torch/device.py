@@ -25,6 +25,8 @@ from numbers import Integral, Rational, Real
 from importlib import resources
 from pathlib import Path
 
+from .errors import DeviceError
+
 # The presets ship inside the package (package data in pyproject.toml), not beside it in the
 # repository: a wheel or a plain ``pip install .`` has no checkout around it.
 DEVICE_DIR = Path(str(resources.files("crossbar_torch") / "presets" / "devices"))
@@ -37,8 +39,8 @@ YAML_KEYS = ("name", "description", *FLOAT_FIELDS, "write_parallel_crossbars")
 MAX_BITS_PER_CELL = 8  # as CrossbarConfig.bits_per_cell
 
 
-def _invalid(name, field, value, what="must be a positive finite number") -> ValueError:
-    return ValueError(f"device {name!r}: {field}={value!r} is invalid: {what}")
+def _invalid(name, field, value, what="must be a positive finite number") -> DeviceError:
+    return DeviceError(f"device {name!r}: {field}={value!r} is invalid: {what}")
 
 
 @dataclass(frozen=True)
@@ -107,26 +109,26 @@ def load_device(name_or_path) -> Device:
     """A preset by name (``"rram"``), or the device YAML at a path (anything containing ``/`` or
     ending in ``.yaml`` / ``.yml``).
 
-    Every mistake is a ValueError naming the file and the key, so that scripts answer it with
-    one ``error:`` line. Parsed files are cached on (resolved path, mtime, size): configurations
-    validate their device often, and an edited file is still read again.
+    Every mistake is a :class:`~crossbar_torch.errors.DeviceError` (a ValueError) naming the file
+    and the key, so that scripts answer it with one ``error:`` line. Parsed files are cached on
+    (resolved path, mtime, size): an edited file is read again.
     """
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.strip():
-        raise ValueError(f"device {name_or_path!r} is invalid: give a preset name "
-                         f"({', '.join(known_devices())}) or a path to a device YAML")
+        raise DeviceError(f"device {name_or_path!r} is invalid: give a preset name "
+                          f"({', '.join(known_devices())}) or a path to a device YAML")
     if _is_path(name_or_path):
         path = Path(name_or_path).expanduser()
         if not path.exists():
-            raise ValueError(f"device file not found: {name_or_path}")
+            raise DeviceError(f"device file not found: {name_or_path}")
         if not path.is_file():
-            raise ValueError(f"device file {name_or_path} is not a file")
+            raise DeviceError(f"device file {name_or_path} is not a file")
     else:
         known = known_devices()
         if name_or_path not in known:
-            raise ValueError(f"unknown device {name_or_path!r}; known: {', '.join(known)} "
-                             "(or a path to a device YAML)")
+            raise DeviceError(f"unknown device {name_or_path!r}; known: {', '.join(known)} "
+                              "(or a path to a device YAML)")
         path = DEVICE_DIR / f"{name_or_path}.yaml"
     resolved = path.resolve()
     st = resolved.stat()
@@ -145,22 +147,22 @@ def _load_file(path: str, mtime_ns: int, size: int) -> Device:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ValueError(f"{where}: YAML syntax error: {problem}") from None
+        raise DeviceError(f"{where}: YAML syntax error: {problem}") from None
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a text (YAML) file: {e.reason}") from None
+        raise DeviceError(f"{path}: not a text (YAML) file: {e.reason}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a device YAML must be a mapping with the keys "
-                         f"{', '.join(YAML_KEYS)}; got {type(data).__name__}")
+        raise DeviceError(f"{path}: a device YAML must be a mapping with the keys "
+                          f"{', '.join(YAML_KEYS)}; got {type(data).__name__}")
     unknown = [str(k) for k in data if k not in YAML_KEYS]
     if unknown:
-        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; "
-                         f"the keys are {', '.join(YAML_KEYS)}")
+        raise DeviceError(f"{path}: unknown key(s) {', '.join(unknown)}; "
+                          f"the keys are {', '.join(YAML_KEYS)}")
     missing = [k for k in YAML_KEYS if k not in data]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {', '.join(missing)}")
+        raise DeviceError(f"{path}: missing key(s) {', '.join(missing)}")
     stem = Path(path).stem
     if data["name"] != stem:
-        raise ValueError(f"{path}: name={data['name']!r} must equal the file name {stem!r}")
+        raise DeviceError(f"{path}: name={data['name']!r} must equal the file name {stem!r}")
     values = dict(data)
     for key in FLOAT_FIELDS:
         v = values[key]
@@ -172,8 +174,8 @@ def _load_file(path: str, mtime_ns: int, size: int) -> Device:
                 pass
     try:
         return Device(**values, source=path)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
+    except ValueError as e:  # Device.__post_init__ raises a DeviceError
+        raise DeviceError(f"{path}: {e}") from None
 
 
 # --------------------------------------------------------------------------- cost

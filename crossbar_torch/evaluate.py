@@ -31,6 +31,7 @@ import torch.nn as nn
 from torch.utils.data import Sampler
 
 from .data import Batch, UnreadableImageError
+from .errors import UsageError
 
 __all__ = ["StridedSampler", "dist_rank_world", "evaluate", "init_distributed", "resolve_device",
            "topk_correct"]
@@ -75,13 +76,13 @@ def resolve_device(arg: Optional[str] = None, local_rank: Optional[int] = None) 
     try:
         dev = torch.device(arg)
     except (RuntimeError, TypeError):
-        raise ValueError(f"--device {arg}: unknown device; use cpu, cuda or cuda:N") from None
+        raise UsageError(f"--device {arg}: unknown device; use cpu, cuda or cuda:N") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {arg}: the crossbar ops run on cpu or cuda only; use cpu, "
+        raise UsageError(f"--device {arg}: the crossbar ops run on cpu or cuda only; use cpu, "
                          "cuda or cuda:N")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {arg}: CUDA is not available on this machine")
+            raise UsageError(f"--device {arg}: CUDA is not available on this machine")
         if dev.index is None:
             dev = torch.device("cuda", local_rank or 0)
     return dev

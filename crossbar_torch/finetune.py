@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 from .config import CrossbarConfig, atomic_write, atomic_write_text
 from .data import BadImage, Batch, UnreadableImageError
+from .errors import UserInputError
 from .modules import crossbar_layers
 
 __all__ = [
@@ -76,7 +77,7 @@ DERIVED_BUFFERS = ("cells", "stuck", "sort_index")
 CHECKPOINT_FORMAT = "crossbar_torch.finetune/2"
 
 
-class ResumeError(ValueError):
+class ResumeError(UserInputError):
     """A checkpoint that this run cannot continue exactly. ``changes``: ``[(name, value in the
     checkpoint, value now)]`` for the arguments that differ."""
 
@@ -85,8 +86,9 @@ class ResumeError(ValueError):
         self.changes = list(changes)
 
 
-class TrainingDiverged(ValueError):
-    """The loss or a weight became NaN / Inf during training (names the step and the layers)."""
+class TrainingDiverged(UserInputError):
+    """The loss or a weight became NaN / Inf during training (names the step and the layers;
+    a user error: the learning rate or the data, answered with one line by the scripts)."""
 
 
 # ----------------------------------------------------------------------------------- losses
@@ -109,9 +111,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     (``alpha`` is then ignored). The teacher is detached.
     """
     if T <= 0:
-        raise ValueError(f"temperature T must be > 0, got {T}")
+        raise UserInputError(f"temperature T must be > 0, got {T}")
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        raise UserInputError(f"alpha must be in [0, 1], got {alpha}")
     s = F.log_softmax(student_logits.float() / T, dim=-1)
     t = F.log_softmax(teacher_logits.detach().float() / T, dim=-1)
     kd = F.kl_div(s, t, reduction="batchmean", log_target=True) * (T * T)
@@ -349,7 +351,7 @@ def cosine_lambda(total_steps: int, warmup_steps: int = 0, min_factor: float = 0
     """LR factor of optimizer step ``step`` (0-based): linear warmup from ``1/(warmup+1)`` then
     ``cosine`` decay to ``min_factor`` at ``total_steps`` (or ``constant`` / ``linear``)."""
     if schedule not in ("cosine", "constant", "linear"):
-        raise ValueError(f"schedule must be cosine, constant or linear, got {schedule!r}")
+        raise UserInputError(f"schedule must be cosine, constant or linear, got {schedule!r}")
 
     def f(step: int) -> float:
         if step < warmup_steps:
@@ -440,18 +442,18 @@ class FinetuneArgs:
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+            raise UserInputError(f"loss must be one of {LOSSES}, got {self.loss!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UserInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
+            raise UserInputError(f"steps must be >= 1, got {self.steps}")
         if self.epochs < 1 and self.steps is None:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+            raise UserInputError(f"epochs must be >= 1, got {self.epochs}")
         for name in ("workers", "save_every", "warmup_steps", "keep"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise UserInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
+            raise UserInputError(f"lr must be a finite number > 0, got {self.lr}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -603,7 +605,7 @@ class Trainer:
                 print(msg, file=sys.stderr, flush=True)
         self.log = log if self.rank == 0 else (lambda msg: None)
         if args.loss in ("kd", "kd+ce") and teacher is None:
-            raise ValueError(f"loss={args.loss!r} needs a teacher (the float model)")
+            raise UserInputError(f"loss={args.loss!r} needs a teacher (the float model)")
         self.student = model.to(self.device)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         if self.teacher is not None:
@@ -612,7 +614,7 @@ class Trainer:
         self.dataset = SeededDataset(dataset)
         self.train_size = n = len(dataset)
         if n == 0:
-            raise ValueError("the training data holds no items")
+            raise UserInputError("the training data holds no items")
         drop_last, self.steps_per_epoch, self.total_steps = run_length(args, n, self.world)
         self.sampler = ResumableSampler(self.dataset, num_replicas=self.world, rank=self.rank,
                                         shuffle=True, seed=args.seed, drop_last=drop_last)
@@ -859,7 +861,7 @@ class Trainer:
                     saved_at = self.step
             else:  # the epoch ran out
                 if batches == 0 and self.epoch_step == 0:
-                    raise ValueError("the training data gives no batch (empty dataset?)")
+                    raise UserInputError("the training data gives no batch (empty dataset?)")
                 self.epoch += 1
                 self.epoch_step = 0
                 continue
@@ -932,8 +934,8 @@ def load_finetuned(path, model_builder: Callable[..., nn.Module], *, map_locatio
     from .weights import read_checkpoint
     ck = read_checkpoint(path, "checkpoint")
     if not isinstance(ck, dict) or "model" not in ck or "crossbar_config" not in ck:
-        raise ValueError(f"{os.fspath(path)!r}: not a fine-tuned crossbar checkpoint (expected "
-                         "keys 'model' and 'crossbar_config')")
+        raise UserInputError(f"{os.fspath(path)!r}: not a fine-tuned crossbar checkpoint (expected "
+                             "keys 'model' and 'crossbar_config')")
     cfg = CrossbarConfig.from_dict(ck["crossbar_config"])
     try:
         takes_arg = len(inspect.signature(model_builder).parameters) > 0
@@ -943,14 +945,14 @@ def load_finetuned(path, model_builder: Callable[..., nn.Module], *, map_locatio
     if "crossbar_fingerprint" in ck:  # a training checkpoint: rebuild the derived buffers
         xmodel = convert(base, cfg)
         if crossbar_fingerprint(xmodel) != ck["crossbar_fingerprint"]:
-            raise ValueError(f"{os.fspath(path)!r} is a training checkpoint whose crossbars "
-                             "cannot be rebuilt from these weights: the builder must give the "
-                             "float weights the run converted (or load the run's final.pt)")
+            raise UserInputError(f"{os.fspath(path)!r} is a training checkpoint whose crossbars "
+                                 "cannot be rebuilt from these weights: the builder must give the "
+                                 "float weights the run converted (or load the run's final.pt)")
         missing, unexpected = xmodel.load_state_dict(ck["model"], strict=False)
         bad = sorted(set(missing) - set(_derived_keys(xmodel)))
         if bad or unexpected:
-            raise ValueError(f"{os.fspath(path)!r} does not fit the model: missing {bad[:5]}, "
-                             f"unexpected {sorted(unexpected)[:5]}")
+            raise UserInputError(f"{os.fspath(path)!r} does not fit the model: missing {bad[:5]}, "
+                                 f"unexpected {sorted(unexpected)[:5]}")
         reprogram(xmodel)
     else:
         xmodel = convert(base, cfg, program=False)

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 from .config import CrossbarConfig, atomic_write, atomic_write_text
 from .convert import convert
+from .errors import UserInputError
 from .evaluate import topk_correct
 from .modules import crossbar_layers
 from .quantization import quantize_with_scale
@@ -63,7 +64,7 @@ REFERENCE = "crossbar8"
 CONFIG_FIELDS = tuple(f.name for f in fields(CrossbarConfig))
 
 
-class FrontierError(ValueError):
+class FrontierError(UserInputError):
     """Bad input (sweep file, previous CSV, output path): one line naming what is wrong."""
 
 

