@@ -6,6 +6,8 @@ with ``key=value`` strings (the ``--set`` flag of every script).
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import functools
 import math
 import os
 import tempfile
@@ -25,6 +27,9 @@ STUCK_VALUES = ("initial", 0, 1)
 FILTER_ORDERS = ("natural", "profile", "chain")  # chain: this project's, beyond rule 11
 SCHEDULES = ("section_major", "greedy")
 FEEDBACK_MODES = ("none", "hessian")  # rule 21: output-aware (error-feedback) programming
+# Rule 22: the fields a layer_overrides entry may set for the layers whose names it matches.
+OVERRIDE_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback",
+                   "feedback_damp")
 WEAR_LEVELING = ("none", "rotate_rows", "rotate")
 ADC_RANGES = ("full", "calibrated")
 ADC_SCOPES = ("slice", "weight")
@@ -72,6 +77,9 @@ class CrossbarConfig:
     # held cells allow, the residual carried onto the rest through E[x x^T] (GPTQ / OBQ).
     feedback: str = "none"          # "none" or "hessian"
     feedback_damp: float = 0.01     # damping added to E[x x^T]: a fraction of its mean diagonal
+    # Rule 22: per-layer policies, {glob pattern on module names: {field: value}} for the
+    # fields of OVERRIDE_FIELDS; every matching entry applies, later ones over earlier ones.
+    layer_overrides: Any = ()
     # Endurance and cost (docs/semantics.md rules 14 to 16): wear levelling of the mapping, and
     # the memristor device (a preset in crossbar_torch/presets/devices/ or a path to a device
     # YAML).
@@ -170,19 +178,17 @@ class CrossbarConfig:
                 "bit stucking: the free cells of a weight with stuck cells are set by rule 13 to "
                 "reach the value error feedback chose; set compensate=true "
                 "(docs/semantics.md rule 21)")
+        self._check_layer_overrides()
         if self.wear_leveling not in WEAR_LEVELING:
             bad("wear_leveling", f"one of {WEAR_LEVELING}")
-        if self.wear_leveling != "none" and self.stucking:
+        if self.wear_leveling != "none" and self.stucking_anywhere:
             raise ConfigError(
                 f"CrossbarConfig.wear_leveling={self.wear_leveling!r} is invalid with bit stucking "
                 f"(stuck_slices={self.stuck_slices}, reprogram_fraction="
                 f"{self.reprogram_fraction}): a stuck cell keeps its level where it is, so a "
                 "shifted mapping would compute with another weight's bit in it; use "
                 "wear_leveling='none' with stucking (docs/semantics.md rule 14)")
-        if not isinstance(self.device, str) or not self.device:
-            bad("device", "a device preset name or a path to a device YAML")
-        from .device import load_device
-        load_device(self.device)  # DeviceError naming the device, its file or its field
+        self._check_device(bad)
         self._check_analog(bad)
         if self.cols < self.cells_per_weight:
             raise ConfigError(
@@ -209,6 +215,65 @@ class CrossbarConfig:
             + ("; rows and cols with a large common divisor (e.g. cols a multiple of rows) "
                "give a short period" if self.wear_leveling == "rotate" else ""),
             UserWarning, stacklevel=4)
+
+    def _check_layer_overrides(self) -> None:
+        """Rule 22: normalize ``layer_overrides`` to ((pattern, ((field, value), ...)), ...) and
+        check every entry: known fields, and a valid config for the layers it matches."""
+        raw = self.layer_overrides
+        if raw is None:
+            raw = ()
+        items = list(raw.items()) if isinstance(raw, Mapping) else list(raw)
+        norm = []
+        for item in items:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ConfigError(f"CrossbarConfig.layer_overrides: {item!r} is not a "
+                                  "'pattern: {field: value}' entry")
+            pattern, changes = item
+            if not isinstance(pattern, str) or not pattern:
+                raise ConfigError(f"CrossbarConfig.layer_overrides: pattern {pattern!r} must be "
+                                  "a non-empty glob pattern on module names")
+            changes = dict(changes.items() if isinstance(changes, Mapping) else changes)
+            if not changes:
+                raise ConfigError(f"CrossbarConfig.layer_overrides[{pattern!r}] sets no field")
+            unknown = sorted(str(k) for k in changes if k not in OVERRIDE_FIELDS)
+            if unknown:
+                raise ConfigError(f"CrossbarConfig.layer_overrides[{pattern!r}]: field(s) "
+                                  f"{unknown} cannot be set per layer; allowed: "
+                                  f"{list(OVERRIDE_FIELDS)}")
+            norm.append((pattern, tuple((k, changes[k]) for k in OVERRIDE_FIELDS
+                                        if k in changes)))
+        object.__setattr__(self, "layer_overrides", tuple(norm))
+        if not norm:
+            return
+        for pattern, changes in norm:
+            try:
+                one = self.replace(layer_overrides=(), **dict(changes))
+            except ValueError as e:
+                raise ConfigError(f"CrossbarConfig.layer_overrides[{pattern!r}]: {e}") from None
+            # the overridden values, normalized by that config (e.g. "0.5" -> 0.5)
+            norm[norm.index((pattern, changes))] = (pattern, tuple(
+                (k, getattr(one, k)) for k, _ in changes))
+            if (one.stucking or self.stucking) and (one.stucking != self.stucking or (
+                    one.stuck_slices, one.reprogram_fraction) != (
+                    self.stuck_slices, self.reprogram_fraction)):
+                if self.stuck_value != "initial":
+                    raise ConfigError(
+                        f"CrossbarConfig.layer_overrides[{pattern!r}]: per-layer stucking needs "
+                        f"stuck_value='initial' (got {self.stuck_value!r}): a cell stuck at "
+                        "0 or 1 is a fault of the cell, the same for every layer")
+        object.__setattr__(self, "layer_overrides", tuple(norm))
+
+    def for_layer(self, name: str) -> "CrossbarConfig":
+        """Rule 22: this config with the ``layer_overrides`` entries matching module ``name``
+        applied (in order), and no overrides of its own."""
+        return _config_for_layer(self, name)
+
+    @property
+    def stucking_anywhere(self) -> bool:
+        """Some layer can have stuck cells (this config's or an override's stucking)."""
+        return self.stucking or any(
+            self.replace(layer_overrides=(), **dict(ch)).stucking
+            for _, ch in self.layer_overrides)
 
     def _check_analog(self, bad) -> None:
         """Rules 17 to 19: each field in range, named when it is not."""
@@ -348,8 +413,62 @@ class CrossbarConfig:
         return ENCODINGS.index(self.encoding)
 
     # Conversions.
+    def _check_device(self, bad) -> None:
+        """``device``: a preset name or a device YAML path (a string, resolved when used, by
+        :meth:`load_device`: a config does no file I/O), or the device's values (a
+        :class:`~crossbar_torch.device.Device` or a mapping of its fields, as a checkpoint
+        stores them), validated here."""
+        from .device import Device
+        dev = self.device
+        if isinstance(dev, Mapping):
+            try:
+                dev = Device(**dict(dev))
+            except TypeError as e:
+                bad("device", f"a preset name, a device YAML path or the device's values ({e})")
+            object.__setattr__(self, "device", dev)
+        elif isinstance(dev, os.PathLike):
+            object.__setattr__(self, "device", os.fspath(dev))
+        elif not isinstance(dev, Device) and (not isinstance(dev, str) or not dev.strip()):
+            bad("device", "a device preset name, a path to a device YAML, or a Device")
+
+    def load_device(self):
+        """The :class:`~crossbar_torch.device.Device` of ``device``: a preset or a device YAML is
+        read here (cached; a :class:`~crossbar_torch.errors.DeviceError` names what is wrong)."""
+        from .device import Device, load_device
+        return self.device if isinstance(self.device, Device) else load_device(self.device)
+
+    def with_device_values(self) -> "CrossbarConfig":
+        """This config with ``device`` replaced by the device's values (its ``source`` path
+        dropped): what a checkpoint stores, so that it loads anywhere, with no preset or file
+        around it."""
+        return self.replace(device=dataclasses.replace(self.load_device(), source=""))
+
+    def diff(self, other, ignore: Iterable[str] = ()) -> dict:
+        """``{field: (mine, theirs)}`` for every field whose value differs from ``other``'s (a
+        CrossbarConfig, or a mapping of its fields such as a saved ``to_dict()``: a field it
+        lacks holds its default), in field order; ``ignore``: fields left out. Values are
+        compared in their ``to_dict()`` form; a device given by name and one given by values
+        are equal when the named one has the same values (reading its preset or file)."""
+        ignore = set(ignore)
+        mine = self.to_dict()
+        if isinstance(other, CrossbarConfig):
+            theirs = other.to_dict()
+        else:
+            theirs = {**CrossbarConfig().to_dict(), **dict(other)}
+        out = {}
+        for k in list(mine) + [k for k in theirs if k not in mine]:
+            a, b = mine.get(k), theirs.get(k)
+            if k in ignore or a == b:
+                continue
+            if k == "device" and _same_device(a, b):
+                continue
+            out[k] = (a, b)
+        return out
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["layer_overrides"] = {p: dict(ch) for p, ch in self.layer_overrides}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "CrossbarConfig":
@@ -369,7 +488,7 @@ class CrossbarConfig:
         without it (docs/semantics.md). The device stays: costs compare on the same device."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
                             stuck_value="initial", compensate=False, feedback="none",
-                            filter_order="natural",
+                            layer_overrides=(), filter_order="natural",
                             schedule="section_major", wear_leveling="none",
                             **self._ideal_periphery())
 
@@ -410,6 +529,24 @@ class CrossbarConfig:
         return text
 
 
+@functools.lru_cache(maxsize=4096)
+def _config_for_layer(config: CrossbarConfig, name: str) -> CrossbarConfig:
+    if not config.layer_overrides:
+        return config
+    changes = {}
+    for pattern, ch in config.layer_overrides:
+        if fnmatch.fnmatchcase(name, pattern):
+            changes.update(ch)
+    return config.replace(layer_overrides=(), **changes)
+
+
+def unmatched_patterns(config: CrossbarConfig, names: Iterable[str]) -> list:
+    """The layer_overrides patterns (rule 22) that match none of ``names``."""
+    names = list(names)
+    return [p for p, _ in config.layer_overrides
+            if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
 def ignored_settings(config: CrossbarConfig) -> list:
     """Settings of ``config`` that change nothing, given its other fields (each a sentence
     saying why): accepted, since a sweep may set them on every run, but worth a warning
@@ -431,6 +568,27 @@ def ignored_settings(config: CrossbarConfig) -> list:
                    f"{config.stuck_slices}, reprogram_fraction={config.reprogram_fraction}): "
                    "rule 13 sets the free cells of weights with stuck cells")
     return out
+
+
+def _same_device(a, b) -> bool:
+    """Two ``device`` values in ``to_dict()`` form (a name or path, or a dict of values) mean
+    the same device: equal values, ``source`` aside."""
+    from .device import load_device
+
+    def values(d):
+        if isinstance(d, Mapping):
+            d = {**d, "source": ""}
+        else:
+            try:
+                d = {**load_device(d).to_dict(), "source": ""}
+            except (ValueError, OSError):
+                return None
+        return d
+
+    if isinstance(a, str) and isinstance(b, str):
+        return False  # different names or paths: different settings, whatever their values
+    va, vb = values(a), values(b)
+    return va is not None and va == vb
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict:

@@ -135,8 +135,7 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
             if mod.config != config:
                 # its scales, sort index, placement and stuck cells belong to its own config:
                 # silently keeping them would label one configuration's numbers as another's
-                diff = {k: (v, getattr(config, k)) for k, v in mod.config.to_dict().items()
-                        if v != getattr(config, k)}
+                diff = mod.config.diff(config)
                 raise ValueError(
                     f"convert: {name or type(mod).__name__} is already a crossbar layer, "
                     f"converted with another config (field: (its, asked)) {diff}; convert the "
@@ -189,8 +188,15 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
                       "computes in float and has nothing to program or count")
     object.__setattr__(model, "crossbar_conversion", record)
     from .modules import crossbar_layers
-    for number, (name, layer) in enumerate(crossbar_layers(model)):
+    layers = crossbar_layers(model)
+    for number, (name, layer) in enumerate(layers):
         layer.layer_number, layer.layer_name = number, name  # rule 19's read-noise draws
+    from .config import unmatched_patterns
+    missing = unmatched_patterns(config, [name for name, _ in layers]) if layers else []
+    if missing:  # rule 22: a policy that applies nowhere is a mistake (a typo, another model)
+        from .errors import ConfigError
+        raise ConfigError(f"layer_overrides pattern(s) {missing} match no crossbar layer of this "
+                          f"model (its layers: {layers[0][0]!r} ... {layers[-1][0]!r})")
     if program and record.converted:
         from .programming import reprogram
         reprogram(model, progress=progress)

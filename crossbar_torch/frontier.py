@@ -7,9 +7,12 @@ float model (:func:`crossbar_torch.convert` deep-copies it), counts its writes
 * images (timm models, e.g. EfficientNet-Lite0): top-1 / top-5 (percent of the images), top-1
   agreement with the float model (percent of the images whose crossbar argmax is the float
   argmax) and the top-1 drop (points) from the reference row ``crossbar8``;
-* sentences (MiniLM-L6): mean and minimum cosine similarity between the float and the crossbar
-  sentence embeddings of :func:`frontier_sentences` (fixed, generated deterministically), and the
-  drop of the mean from the reference row;
+* sentences (MiniLM-L6, all-mpnet-base-v2): :func:`embedding_fidelity` of the crossbar
+  sentence embeddings against the float ones: mean and minimum cosine similarity, the drop of
+  the mean from the reference row, and nearest-neighbour agreement (percent of the sentences
+  whose nearest other sentence is the same under both); on real English
+  (:func:`builtin_sentences`, ``crossbar_torch/corpus``), a user's file
+  (:func:`read_sentences`) or the generated :func:`frontier_sentences`;
 * both: the weight error ``sum |q_eff - q| / sum |q|`` over every crossbar weight of the model
   (``q`` the rule-2 target, ``q_eff`` what the crossbars hold, rule 9), i.e. mean |q_eff - q|
   over mean |q|.
@@ -53,6 +56,7 @@ from .errors import UserInputError
 from .evaluate import topk_correct
 from .modules import crossbar_layers
 from .quantization import quantize_with_scale
+from .programming import reprogram
 from .report import reprogram_report
 
 __all__ = ["REFERENCE", "SweepRun", "frontier_sentences", "builtin_sentences", "read_sentences",
@@ -106,6 +110,58 @@ def frontier_sentences(n: int = 256) -> List[str]:
         v, idx = idx % sizes[2], idx // sizes[2]
         s, t = idx % sizes[1], idx // sizes[1]
         out.append(_TEMPLATES[t].format(s=_SUBJECTS[s], v=_VERBS[v], o=_OBJECTS[o]))
+    return out
+
+
+BUILTIN_SENTENCES = "corpus/sentences_en.txt"  # package data; sources: corpus/README.md
+MAX_SENTENCE_CHARS = 10_000  # a longer "line" is not a sentence (a binary or a one-line file)
+
+
+def builtin_sentences() -> List[str]:
+    """The 330 real English sentences that ship with the package
+    (``crossbar_torch/corpus/sentences_en.txt``: Python's reference and IDLE help, and
+    scikit-learn's data set descriptions; sources and licences in ``corpus/README.md``)."""
+    import importlib.resources
+    text = (importlib.resources.files(__package__) / BUILTIN_SENTENCES).read_text("utf-8")
+    return [ln.strip() for ln in text.splitlines() if ln.strip()]
+
+
+def read_sentences(path: str, flag: str = "--sentences", minimum: int = 2) -> List[str]:
+    """The sentences of a UTF-8 text file, one a line (surrounding whitespace stripped, blank
+    lines skipped, duplicates kept). Raises :class:`FrontierError`, one line naming the file,
+    when it is missing, a folder, not UTF-8 text, has fewer than ``minimum`` sentences (the
+    nearest-neighbour agreement needs two) or a line too long to be a sentence."""
+    if os.path.isdir(path):
+        raise FrontierError(f"{flag} {path!r} is a folder; give a text file, one sentence a line")
+    if not os.path.isfile(path):
+        hint = (" (--sentences takes a file now; --generated N gives N generated sentences)"
+                if str(path).isdigit() else "")
+        raise FrontierError(f"{flag}: file not found: {path!r}{hint}")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+        if b"\0" in raw:
+            raise UnicodeDecodeError("utf-8", raw, raw.index(b"\0"), raw.index(b"\0") + 1,
+                                     "NUL byte (a binary file?)")
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise FrontierError(f"{flag} {path}: not UTF-8 text (line {line}: {e.reason}); give a "
+                            "text file, one sentence a line") from None
+    except OSError as e:
+        raise FrontierError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
+    out = []
+    for i, ln in enumerate(text.splitlines(), start=1):
+        ln = ln.strip()
+        if not ln:
+            continue
+        if len(ln) > MAX_SENTENCE_CHARS:
+            raise FrontierError(f"{flag} {path}: line {i} has {len(ln):,} characters; one "
+                                f"sentence a line, at most {MAX_SENTENCE_CHARS:,}")
+        out.append(ln)
+    if len(out) < minimum:
+        raise FrontierError(f"{flag} {path}: {len(out)} sentence(s); at least {minimum} "
+                            "needed (one a line, blank lines are skipped)")
     return out
 
 
@@ -284,6 +340,7 @@ def _hash(obj) -> str:
 
 CALIBRATION_IMAGES = 8       # images that set the analog ranges (rule 20)
 CALIBRATION_SENTENCES = 32
+FEEDBACK_SENTENCES = 128     # generated sentences whose inputs set rule 21's moments
 
 
 class ImageScorer:
@@ -405,31 +462,77 @@ class ImageScorer:
                 "top5_correct": c5, "agreement_count": agree}
 
 
+@torch.no_grad()
+def embedding_fidelity(ref: torch.Tensor, emb: torch.Tensor) -> dict:
+    """How well sentence embeddings ``emb`` (n, d) keep the float ones ``ref`` (n, d), in
+    double precision:
+
+    * ``cosine_mean`` / ``cosine_min``: cosine similarity of each sentence's two embeddings;
+    * ``nn_agreement`` (percent) / ``nn_agreement_count``: the sentences whose nearest other
+      sentence (largest cosine similarity, itself excluded) is the same under ``emb`` as under
+      ``ref``; a tie goes to the lowest index, under both. Needs n >= 2.
+    """
+    if ref.shape != emb.shape or ref.dim() != 2:
+        raise ValueError(f"embedding_fidelity: shapes {tuple(ref.shape)} and "
+                         f"{tuple(emb.shape)} must be equal (n, d)")
+    n = ref.shape[0]
+    if n < 2:
+        raise ValueError(f"embedding_fidelity: nearest neighbours need 2 sentences, got {n}")
+    cos = torch.nn.functional.cosine_similarity(emb.double(), ref.double(), dim=-1)
+    r = torch.nn.functional.normalize(ref.double(), dim=-1)
+    e = torch.nn.functional.normalize(emb.double(), dim=-1)
+
+    def nearest(x):
+        sim = x @ x.T
+        sim.fill_diagonal_(-math.inf)
+        return sim.argmax(-1)  # the first maximal index on ties
+
+    agree = int((nearest(r) == nearest(e)).sum())
+    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
+            "nn_agreement": 100.0 * agree / n, "nn_agreement_count": agree}
+
+
+def _is_sentence_transformer(model) -> bool:
+    return any(c.__name__ == "SentenceTransformer" for c in type(model).__mro__)
+
+
 class SentenceScorer:
-    """Cosine similarity between float and crossbar sentence embeddings (MiniLM-L6)."""
+    """:func:`embedding_fidelity` of crossbar against float sentence embeddings: MiniLM-L6
+    (:class:`~crossbar_torch.weights.MiniLM`) or any ``SentenceTransformer`` (e.g.
+    all-mpnet-base-v2), or what ``encode(model, sentences) -> (n, d)`` computes."""
 
     kind = "sentence"
     primary = "cosine_mean"
     drop = "cosine_drop"
     metrics = (("cosine_mean", float), ("cosine_min", float), ("cosine_drop", float),
-               ("sentences", int))
+               ("nn_agreement", float), ("nn_agreement_count", int), ("sentences", int))
 
     def __init__(self, sentences: Sequence[str], tokenizer=None, *, batch_size: int = 64,
-                 key: Optional[dict] = None):
+                 key: Optional[dict] = None,
+                 encode: Optional[Callable[[nn.Module, List[str]], torch.Tensor]] = None):
         self.sentences = list(sentences)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.key = key
+        self.encode = encode
         self.ref: Optional[torch.Tensor] = None
 
-    @torch.no_grad()
-    def embed(self, model: nn.Module) -> torch.Tensor:
+    def _encode(self, model: nn.Module, sentences: List[str]) -> torch.Tensor:
+        if self.encode is not None:
+            return self.encode(model, sentences)
+        if _is_sentence_transformer(model):
+            from .models_mpnet import encode_sentences as encode_st
+            return encode_st(model, sentences, batch_size=self.batch_size)
         from .weights import encode_sentences, minilm_tokenizer
         if self.tokenizer is None:
             self.tokenizer = minilm_tokenizer()
+        return encode_sentences(model, sentences, self.tokenizer)
+
+    @torch.no_grad()
+    def embed(self, model: nn.Module) -> torch.Tensor:
         model.eval()
         s, b = self.sentences, self.batch_size
-        return torch.cat([encode_sentences(model, s[i:i + b], self.tokenizer).float()
+        return torch.cat([self._encode(model, s[i:i + b]).float()
                           for i in range(0, len(s), b)])
 
     def reference(self, model: nn.Module, cache_path: Optional[str] = None) -> dict:
@@ -449,21 +552,20 @@ class SentenceScorer:
         return {"sentences": len(self.sentences)}
 
     def calibrate(self, model: nn.Module, sentences: int = CALIBRATION_SENTENCES) -> None:
-        """Rule 20: the analog ranges from the first ``sentences`` sentences."""
+        """Rules 20 and 21: the analog ranges from the first ``sentences`` sentences scored;
+        rule 21's input moments from ``FEEDBACK_SENTENCES`` generated sentences, none of which
+        is scored (the fidelity of error feedback is measured out of sample)."""
         from .analog import calibrate
-        from .weights import encode_sentences, minilm_tokenizer
-        if self.tokenizer is None:
-            self.tokenizer = minilm_tokenizer()
-        calibrate(model, run=lambda m: encode_sentences(m, self.sentences[:sentences],
-                                                        self.tokenizer))
+        from .feedback import needs_moments
+        text = (frontier_sentences(FEEDBACK_SENTENCES) if needs_moments(model)
+                else self.sentences[:sentences])
+        calibrate(model, run=lambda m: self._encode(m, text))
 
     def score(self, model: nn.Module) -> dict:
         if self.ref is None:
             raise RuntimeError("SentenceScorer.score: call reference() first")
         emb = self.embed(model)
-        cos = torch.nn.functional.cosine_similarity(emb.double(), self.ref.double(), dim=-1)
-        return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-                "sentences": len(self.sentences)}
+        return {**embedding_fidelity(self.ref, emb), "sentences": len(self.sentences)}
 
 
 # --------------------------------------------------------------------------- table (CSV / JSON)
@@ -575,9 +677,8 @@ def read_previous(csv_path: Optional[str], runs: Sequence[SweepRun], scorer_cls)
         if name in out:
             raise FrontierError(f"{csv_path}: row {name!r} appears twice (line {line})")
         run = by_name.get(name)
-        if run is not None and run.config != cfg:
-            diff = {k: (v, getattr(run.config, k)) for k, v in cfg.to_dict().items()
-                    if v != getattr(run.config, k)}
+        diff = cfg.diff(run.config) if run is not None else {}
+        if diff:
             raise FrontierError(f"{csv_path}: row {name!r} was measured with another config "
                                 f"(field: (csv, sweep) {diff}); remove that line or write to "
                                 "another --csv")
@@ -684,8 +785,11 @@ def run_frontier(float_model: nn.Module, runs: Sequence[SweepRun], scorer, *, cs
             bar.set_postfix_str(run.name[:40])
             t1 = time.perf_counter()
             xmodel = convert(float_model, run.config)  # a fresh deep copy, programmed
-            if run.config.analog:  # rule 20: converter ranges from the first samples
+            feedback = run.config.feedback != "none"
+            if run.config.analog or feedback:  # rules 20, 21: ranges / moments from samples
                 scorer.calibrate(xmodel)
+            if feedback:  # rule 21 programs with the moments just measured
+                reprogram(xmodel)
             rep = reprogram_report(xmodel).to_dict()
             t2 = time.perf_counter()
             scores = scorer.score(xmodel)

@@ -179,7 +179,7 @@ class CrossbarMixin:
         if self.stuck.numel():
             # what programming would leave: the stuck cells keep their levels, and with rule 13
             # the free cells compensate (the write tie-break measured against the held cells)
-            cfg = self.config
+            cfg = self.config.for_layer(self.layer_name)  # rule 22: this layer's policy
             target = ops.compensate(target, self.stuck, self.cells, cfg.weight_bits,
                                     cfg.bits_per_cell, cfg.encoding_id,
                                     cfg.stuck_slices if cfg.compensate else 0)

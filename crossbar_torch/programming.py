@@ -53,6 +53,8 @@ class CrossbarPool:
         stuck = torch.stack([stuck_mask(config, x) for x in range(pool)])  # (pool, rows, cols)
         self.stuck_bits = stuck  # unpacked, for mapping stuck cells back to layers
         self.stuck = pack_bits(stuck).to(device)
+        # rule 22: the masks of layers whose overrides stuck other cells, by (L, p)
+        self._masks = {self._mask_key(config): (self.stuck_bits, self.stuck)}
         self.state = torch.zeros(pool, rows, b, words, dtype=torch.int64, device=device)
         if config.stuck_value == 1:  # stuck-at level 1 from the start, never written
             self.state[:, :, 0, :] = self.stuck
@@ -82,21 +84,39 @@ class CrossbarPool:
         self.stuck_bits = shift_frame(self.stuck_bits, rows, cols, dr, dc)
         self.cell_writes = shift_frame(self.cell_writes, rows, cols, dr, dc).contiguous()
 
+    @staticmethod
+    def _mask_key(cfg: CrossbarConfig):
+        return (cfg.stuck_slices, cfg.reprogram_fraction) if cfg.stucking else None
+
+    def masks(self, cfg: CrossbarConfig):
+        """(unpacked, packed) stuck masks of the pool for a layer programmed with ``cfg`` (its
+        rule-22 config): the same draws (rule 7), with that layer's L and p."""
+        key = self._mask_key(cfg)
+        got = self._masks.get(key)
+        if got is None:
+            if self.offset != (0, 0):
+                raise RuntimeError("per-layer stucking with a shifted mapping (rule 14)")
+            bits = torch.stack([stuck_mask(cfg, x) for x in range(self.config.pool)])
+            got = self._masks[key] = (bits, pack_bits(bits).to(self.state.device))
+        return got
+
     def program(self, cells: torch.Tensor, filter_index: torch.Tensor, order: torch.Tensor | None,
-                pinned: torch.Tensor | None, count_cells: bool):
+                pinned: torch.Tensor | None, count_cells: bool,
+                layer_config: CrossbarConfig | None = None):
         """Program one layer's tiles (target levels (out, K, c)), continuing the schedule.
 
         ``order`` replays a tile order; None chooses it (section-major, or greedy per the
         config). ``pinned``: levels already known for cells on stuck positions (255 elsewhere).
         Returns (effective cells, stats, the order used, the layer's first global tile)."""
-        cfg = self.config
+        cfg = self.config if layer_config is None else layer_config
         dev = self.state.device
+        stuck = self.masks(cfg)[1]
         empty = torch.empty(0, dtype=torch.int64, device=dev)
         window = cfg.schedule_window if cfg.schedule == "greedy" else 0
         eff, stats, used = ops.program_layer(
             cells.to(dev), filter_index.to(dev), empty if order is None else order.to(dev),
             torch.empty(0, dtype=torch.uint8, device=dev) if pinned is None else pinned.to(dev),
-            self.state, self.written, self.stuck, self.cell_writes, self.next_tile, cfg.rows,
+            self.state, self.written, stuck, self.cell_writes, self.next_tile, cfg.rows,
             cfg.cols, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id,
             cfg.stuck_value == "initial", count_cells,
             cfg.stuck_slices if cfg.compensate and cfg.stucking else 0, window)
@@ -105,8 +125,10 @@ class CrossbarPool:
         return eff, stats.cpu(), used.cpu(), t0
 
     def layer_stuck(self, geom: LayerGeometry, filter_index: torch.Tensor, order: torch.Tensor,
-                    t0: int) -> torch.Tensor:
-        """Which cells of a layer (sorted order, (out, K, c)) sit on stuck physical cells."""
+                    t0: int, layer_config: CrossbarConfig | None = None) -> torch.Tensor:
+        """Which cells of a layer (sorted order, (out, K, c)) sit on stuck physical cells (of
+        the layer's own mask, rule 22)."""
+        stuck_bits = self.masks(self.config if layer_config is None else layer_config)[0]
         crossbar, row, col0 = weight_crossbars(geom, filter_index.cpu(), order, t0,
                                                self.config.pool)
         slot = col0 // geom.c
@@ -115,7 +137,7 @@ class CrossbarPool:
         pool = self.config.pool
         for x in (range(pool) if pool <= 8 else crossbar.unique().tolist()):
             # crossbar x's mask at each weight's row and slot, as if every tile went there
-            on_x = (self.stuck_bits[x, :, :span].view(torch.uint8).index_select(0, row)
+            on_x = (stuck_bits[x, :, :span].view(torch.uint8).index_select(0, row)
                     .view(geom.k, geom.F, geom.c).index_select(1, slot).permute(1, 0, 2)
                     .view(torch.bool))
             result = (on_x.contiguous() if result is None
@@ -196,8 +218,7 @@ def _check_config(layers, config):
     mine = configs.pop()
     if config is None:
         return mine
-    diff = {k: (v, getattr(mine, k)) for k, v in config.to_dict().items()
-            if v != getattr(mine, k) and k not in COUNTING_FIELDS}
+    diff = config.diff(mine, ignore=COUNTING_FIELDS)
     if diff:
         raise ValueError(f"config differs from the one the layers were converted with "
                          f"(field: (given, layers)) {diff}; convert the model with it instead")
@@ -290,15 +311,16 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
         counting = pass_no >= 1
         counts = result.period_total if counting else result.initial
         for i, (name, layer) in enumerate(layers):
+            lcfg = run_cfg.for_layer(name)  # rule 22
             target, pinned = cached.get(i, (None, None))
             if pass_no == 0:  # name the layer (the kernel's message cannot)
                 check_weight(layer.matrix_weight().detach(), f"{name}.weight")
             if target is None:
-                if pass_no == 0 and not baseline and feedback_active(layer, config):
+                if pass_no == 0 and not baseline and feedback_active(layer, lcfg):
                     # rule 21: chosen once per programming (from the held cells the last
                     # programming left), kept for the later passes
-                    feedback[i] = feedback_targets(layer, config).to(torch.int16)
-                target, pinned = layer_targets(layer, config, baseline, feedback.get(i))
+                    feedback[i] = feedback_targets(layer, lcfg).to(torch.int16)
+                target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i))
                 if pass_no == 0 and target.numel() <= budget:
                     cached[i] = (target, pinned)
                     budget -= target.numel() * (2 if pinned is not None else 1)
@@ -312,7 +334,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
             if counting and layer_wear:
                 pool.cell_writes.zero_()  # this layer's writes alone
             eff, stats, used, t0 = pool.program(target, index, order, pinned,
-                                                count_cells=counting)
+                                                count_cells=counting, layer_config=lcfg)
             orders[i] = used
             counts.add(stats)
             if noise and pass_no == 0:
@@ -338,8 +360,8 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                 if noise:
                     placed[i][5] = eff.cpu()
                 if write_back:
-                    stuck = (pool.layer_stuck(geom, layer.filter_index, used, t0)
-                             if run_cfg.stucking else None)
+                    stuck = (pool.layer_stuck(geom, layer.filter_index, used, t0, lcfg)
+                             if lcfg.stucking else None)
                     layer.set_cells(eff, stuck, used)
             bar.update(1)
         if pass_no == 0:

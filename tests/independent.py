@@ -11,6 +11,7 @@ is taken from the project's documented choices (docs/semantics.md):
   already written once ("initial"); a stuck cell under its first write is free;
 * the chain placement (the project's own filter_order, beyond rule 11).
 """
+import fnmatch
 import math
 
 import numpy as np
@@ -202,6 +203,16 @@ def simulate(layers, cfg):
             for (r, col) in stuck[x]:
                 level[x][r][col] = 1
     written = [set() for _ in range(pool)]
+    # rule 22: each layer's own stucking and compensation (every matching pattern, in order)
+    per_layer = {}
+    for name, _ in layers:
+        lc = dict(cfg)
+        for pattern, changes in (cfg.get("layer_overrides") or {}).items():
+            if fnmatch.fnmatchcase(name, pattern):
+                lc.update(changes)
+        per_layer[name] = ([stuck_of(lc, x) for x in range(pool)],
+                           lc.get("compensate", False) and lc["stuck_slices"] > 0,
+                           lc["stuck_slices"])
     prepared = []
     for name, w in layers:
         q, s = quantize_rows(w, bits, cfg["quant"] == "per_channel")
@@ -254,10 +265,11 @@ def simulate(layers, cfg):
                     weights.setdefault((o, kp), []).append((r, col, target))
                 for (o, kp), cells in weights.items():
                     old = [level[x][r][col] for r, col, _ in cells]
-                    held = [(r, col) in stuck[x] and (sv != "initial" or (r, col) in written[x])
+                    lstuck, lcomp, lL = per_layer[name]
+                    held = [(r, col) in lstuck[x] and (sv != "initial" or (r, col) in written[x])
                             for r, col, _ in cells]
-                    if compensate and any(held):
-                        new = compensated(q[o][idx[o][kp]], old, held, bits, b, enc, L)
+                    if lcomp and any(held):
+                        new = compensated(q[o][idx[o][kp]], old, held, bits, b, enc, lL)
                     else:
                         new = [old[i] if held[i] else cells[i][2] for i in range(c)]
                     for i, (r, col, _) in enumerate(cells):

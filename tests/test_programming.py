@@ -421,3 +421,45 @@ def test_empty_and_odd_layers_match_simulator(shapes):
     xm, rep = assert_matches_simulator(m, cfg)
     x = torch.randn(2, shapes[0][0])
     assert xm.eval()(x).shape == m(x).shape
+
+
+# Rule 22 on top of rules 1 to 13: per-layer stucking and compensation (layer_overrides).
+override_configs = st.builds(
+    dict, base=mapping_configs,
+    overrides=st.lists(st.tuples(st.sampled_from(["0", "1", "[23]", "*", "3"]),
+                                 st.integers(0, 3), st.sampled_from([0.0, 0.4, 1.0]),
+                                 st.booleans()), min_size=1, max_size=3))
+
+
+def make_override_config(d):
+    cfg = make_mapping_config(d["base"]).replace(stuck_value="initial")
+    overrides = {}
+    for pattern, L, p, comp in d["overrides"]:
+        L = min(L, cfg.slices)
+        if comp and cfg.arrays * L * cfg.bits_per_cell > 12:  # keep the naive search small
+            comp = False
+        overrides[pattern] = {"stuck_slices": L, "reprogram_fraction": p, "compensate": comp}
+    return cfg.replace(layer_overrides=overrides)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=override_configs, seed=st.integers(0, 1000))
+def test_layer_overrides_match_independent_simulator(cfg, seed):
+    cfg = make_override_config(cfg)
+    xm, _ = assert_matches_simulator(small_model(seed), cfg)
+    for name, layer in xb.crossbar_layers(xm):  # each layer's stuck cells are its own policy's
+        assert bool(layer.stuck.numel()) == cfg.for_layer(name).stucking, name
+
+
+def test_layer_override_pattern_matching_nothing_is_an_error():
+    cfg = xb.CrossbarConfig(layer_overrides={"*.output.dense": {"stuck_slices": 1,
+                                                                 "reprogram_fraction": 0.0}})
+    with pytest.raises(ValueError, match=r"\['\*\.output\.dense'\] match no crossbar layer"):
+        xb.convert(small_model(0), cfg)
+    with pytest.raises(ValueError, match=r"layer_overrides\['x'\]: field\(s\) \['rows'\]"):
+        xb.CrossbarConfig(layer_overrides={"x": {"rows": 4}})
+    with pytest.raises(ValueError, match=r"layer_overrides\['x'\].*stuck_slices"):
+        xb.CrossbarConfig(layer_overrides={"x": {"stuck_slices": 99}})
+    with pytest.raises(ValueError, match="stuck_value='initial'"):
+        xb.CrossbarConfig(stuck_value=0, layer_overrides={"x": {"stuck_slices": 1,
+                                                                "reprogram_fraction": 0.5}})
