@@ -1,0 +1,137 @@
+"""Per-layer policy allocation (rule 22): pick each layer's stucking setting to cut the writes
+most for a budget of output error measured on calibration data.
+
+Each candidate setting (``{stuck_slices, reprogram_fraction, compensate, feedback}``) is tried on
+the whole model once: convert, calibrate (the input moments ``H = E[x x^T]`` of every layer, rule
+21), reprogram, count. A layer's *sensitivity* under a candidate is its relative output error
+on the calibration inputs, ``tr(E H E^T) / tr(W H W^T)`` with ``E = W_eff - W`` (what the layer
+adds to its output's error, per unit of its output), and its *cost* the writes per pass the
+report gives it. The allocation minimises ``sum writes + lam * sum error`` layer by layer and
+bisects ``lam`` until the summed error meets the budget. Writes interact a little across layers
+(a tile is written over the previous one), so the chosen policy is measured again as a whole.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Sequence
+
+import torch
+import torch.nn as nn
+
+from .analog import calibrate
+from .config import CrossbarConfig
+from .convert import convert
+from .feedback import collect_moments
+from .modules import crossbar_layers
+from .programming import reprogram
+from .report import reprogram_report
+
+POLICY_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback")
+
+
+@dataclass
+class Measured:
+    """One candidate on the whole model: per layer (writes per pass, relative output error)."""
+    setting: dict
+    writes: Dict[str, float] = field(default_factory=dict)
+    error: Dict[str, float] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def layer_error(layer) -> float:
+    """tr(E H E^T) / tr(W H W^T) of one calibrated layer (0 for a layer never reached)."""
+    h = layer.input_moment.double()
+    if not h.numel():
+        return 0.0
+    w = layer.matrix_weight().detach().double()
+    e = layer.effective_weight().detach().double().reshape(w.shape) - w
+    groups = h.shape[0]
+    per = w.shape[0] // groups
+    num = den = 0.0
+    for g in range(groups):
+        wg, eg = w[g * per:(g + 1) * per], e[g * per:(g + 1) * per]
+        num += float(((eg @ h[g]) * eg).sum())
+        den += float(((wg @ h[g]) * wg).sum())
+    return num / den if den > 0 else 0.0
+
+
+def measure(model: nn.Module, base: CrossbarConfig, setting: dict,
+            run: Callable[[nn.Module], object]) -> Measured:
+    """Convert a copy of ``model`` with ``setting`` on every layer, calibrate it with
+    ``run(model)`` (input moments always; rule 21 reprograms with them when the setting asks),
+    and return each layer's writes per pass and relative output error."""
+    cfg = base.replace(layer_overrides=(), **setting)
+    xm = convert(copy.deepcopy(model), cfg)
+    layers = crossbar_layers(xm)
+    if cfg.feedback != "none":
+        calibrate(xm, run=run)
+        reprogram(xm)
+    else:  # the moments only, to measure the error (programming does not read them)
+        was = xm.training
+        xm.eval()
+        with collect_moments(layers):
+            run(xm)
+        xm.train(was)
+    rep = reprogram_report(xm).to_dict()
+    m = Measured(dict(setting))
+    for entry, (name, layer) in zip(rep["layers"], layers):
+        m.writes[name] = float(entry["writes_per_pass"])
+        m.error[name] = layer_error(layer)
+    del xm
+    return m
+
+
+def allocate(measured: Sequence[Measured], budget: float, iterations: int = 60) -> Dict[str, int]:
+    """Per layer, the index of the candidate minimising ``writes + lam * error``, with the
+    smallest ``lam`` (bisected) whose summed error is at most ``budget``. Ties: the earlier
+    candidate. Returns {layer name: candidate index}."""
+    names = list(measured[0].writes)
+
+    def choose(lam):
+        pick = {}
+        for n in names:
+            costs = [m.writes[n] + lam * m.error[n] for m in measured]
+            pick[n] = min(range(len(measured)), key=lambda i: (costs[i], i))
+        return pick
+
+    def total_error(pick):
+        return sum(measured[i].error[n] for n, i in pick.items())
+
+    lo, hi = 0.0, 1.0
+    while total_error(choose(hi)) > budget and hi < 1e30:
+        hi *= 10.0
+    if total_error(choose(lo)) <= budget:
+        return choose(lo)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if total_error(choose(mid)) <= budget:
+            hi = mid
+        else:
+            lo = mid
+    return choose(hi)
+
+
+def policy_config(base: CrossbarConfig, measured: Sequence[Measured],
+                  pick: Dict[str, int]) -> CrossbarConfig:
+    """``base`` with the most common choice as its own setting and one exact-name
+    ``layer_overrides`` entry for every layer that differs (glob characters escaped)."""
+    counts: Dict[int, int] = {}
+    for i in pick.values():
+        counts[i] = counts.get(i, 0) + 1
+    common = max(sorted(counts), key=lambda i: counts[i])
+    cfg = base.replace(layer_overrides=(), **measured[common].setting)
+    overrides = {}
+    for name, i in pick.items():
+        if i != common:
+            overrides[_escape(name)] = dict(measured[i].setting)
+    return cfg.replace(layer_overrides=overrides)
+
+
+def _escape(name: str) -> str:
+    return "".join(f"[{ch}]" if ch in "*?[]" else ch for ch in name)
+
+
+def summary(measured: Sequence[Measured], pick: Dict[str, int]) -> List[dict]:
+    return [{"layer": n, "setting": measured[i].setting, "writes_per_pass": measured[i].writes[n],
+             "error": measured[i].error[n]} for n, i in pick.items()]

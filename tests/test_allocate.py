@@ -1,0 +1,74 @@
+"""Rule 22's allocator (crossbar_torch/allocate.py): the Lagrangian choice against a brute
+force over every per-layer assignment, the written policy, and the per-layer error measure."""
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+import crossbar_torch as xb
+from crossbar_torch import allocate as al
+
+
+def _brute(measured, budget):
+    names = list(measured[0].writes)
+    best = None
+    for choice in itertools.product(range(len(measured)), repeat=len(names)):
+        err = sum(measured[i].error[n] for n, i in zip(names, choice))
+        if err > budget:
+            continue
+        writes = sum(measured[i].writes[n] for n, i in zip(names, choice))
+        if best is None or writes < best:
+            best = writes
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_allocation_meets_the_budget_close_to_the_best(seed):
+    g = torch.Generator().manual_seed(seed)
+    names = [f"l{i}" for i in range(5)]
+    measured = []
+    for c in range(3):  # more stucking: fewer writes, more error
+        w = (torch.rand(5, generator=g) * 100 + 100 * (3 - c)).tolist()
+        e = (torch.rand(5, generator=g) * (c + 1)).tolist()
+        measured.append(al.Measured({"stuck_slices": c + 1}, dict(zip(names, w)),
+                                    dict(zip(names, e))))
+    budget = sum(measured[0].error.values()) * 1.5
+    pick = al.allocate(measured, budget)
+    err = sum(measured[i].error[n] for n, i in pick.items())
+    writes = sum(measured[i].writes[n] for n, i in pick.items())
+    assert err <= budget + 1e-9
+    best = _brute(measured, budget)
+    # a Lagrangian choice is optimal on the convex hull: never worse than the safest choice,
+    # and within the largest single-layer step of the exact optimum
+    assert writes <= sum(measured[0].writes.values())
+    step = max(abs(a.writes[n] - b.writes[n]) for n in names for a in measured for b in measured)
+    assert writes <= best + step
+
+
+def test_policy_config_names_each_differing_layer():
+    base = xb.CrossbarConfig(sort="value", compensate=True)
+    m0 = al.Measured({"stuck_slices": 1, "reprogram_fraction": 0.0}, {"a.b": 1, "c[1]": 1, "d": 1},
+                     {"a.b": 0, "c[1]": 0, "d": 0})
+    m1 = al.Measured({"stuck_slices": 2, "reprogram_fraction": 0.0}, {"a.b": 1, "c[1]": 1, "d": 1},
+                     {"a.b": 0, "c[1]": 0, "d": 0})
+    cfg = al.policy_config(base, [m0, m1], {"a.b": 0, "c[1]": 1, "d": 0})
+    assert cfg.stuck_slices == 1
+    assert cfg.for_layer("c[1]").stuck_slices == 2 and cfg.for_layer("a.b").stuck_slices == 1
+    assert cfg.for_layer("c1").stuck_slices == 1  # the pattern is the exact name
+
+
+def test_layer_error_is_the_relative_output_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6)).eval()
+    x = torch.randn(50, 12)
+    m = al.measure(model, xb.CrossbarConfig(rows=8, cols=28),
+                   {"stuck_slices": 2, "reprogram_fraction": 0.0, "compensate": True},
+                   lambda mm: mm(x))
+    xm = xb.convert(model, xb.CrossbarConfig(rows=8, cols=28, stuck_slices=2,
+                                             reprogram_fraction=0.0, compensate=True))
+    with torch.no_grad():
+        w, we = model[0].weight.double(), xm[0].effective_weight().double()
+        want = float(((x.double() @ (we - w).T) ** 2).sum() / ((x.double() @ w.T) ** 2).sum())
+    assert m.error["0"] == pytest.approx(want, rel=1e-5)
+    assert m.writes["0"] == xb.reprogram_report(xm).to_dict()["layers"][0]["writes_per_pass"]
