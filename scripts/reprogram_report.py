@@ -4,6 +4,7 @@
 Examples:
   python scripts/reprogram_report.py --model tf_efficientnet_lite0 --config configs/paper.yaml
   python scripts/reprogram_report.py --model minilm --sweep configs/sweep_paper.yaml --csv out.csv
+  python scripts/reprogram_report.py --model mpnet   # all-mpnet-base-v2 (ViT-Base-sized, PyPI parts)
   python scripts/reprogram_report.py --model resnet50 --pretrained --set stuck_slices=2 --json r.json
   python scripts/reprogram_report.py --sweep configs/sweep_paper.yaml --plot slices.svg
   python scripts/reprogram_report.py --config configs/sorted.yaml --memristor rram --plot wear.png
