@@ -307,9 +307,13 @@ def apply_overrides(cfg: CrossbarConfig, overrides) -> CrossbarConfig:
         except ValueError as e:
             raise UsageError(f"--set: {one_line(e)}") from None
     try:
-        return cfg.with_overrides(overrides or ())
+        cfg = cfg.with_overrides(overrides or ())
     except (TypeError, ValueError) as e:
         raise UsageError(f"--set {' '.join(overrides)}: {one_line(e)}") from None
+    # A config reads no file; a script resolves its device now, before any work (a DeviceError
+    # names the preset, the file or the key).
+    cfg.load_device()
+    return cfg
 
 
 # --------------------------------------------------------------------------- models

@@ -465,6 +465,58 @@ class CrossbarConfig:
             out[k] = (a, b)
         return out
 
+    def _check_device(self, bad) -> None:
+        """``device``: a preset name or a device YAML path (a string, resolved when used, by
+        :meth:`load_device`: a config does no file I/O), or the device's values (a
+        :class:`~crossbar_torch.device.Device` or a mapping of its fields, as a checkpoint
+        stores them), validated here."""
+        from .device import Device
+        dev = self.device
+        if isinstance(dev, Mapping):
+            try:
+                dev = Device(**dict(dev))
+            except TypeError as e:
+                bad("device", f"a preset name, a device YAML path or the device's values ({e})")
+            object.__setattr__(self, "device", dev)
+        elif isinstance(dev, os.PathLike):
+            object.__setattr__(self, "device", os.fspath(dev))
+        elif not isinstance(dev, Device) and (not isinstance(dev, str) or not dev.strip()):
+            bad("device", "a device preset name, a path to a device YAML, or a Device")
+
+    def load_device(self):
+        """The :class:`~crossbar_torch.device.Device` of ``device``: a preset or a device YAML is
+        read here (cached; a :class:`~crossbar_torch.errors.DeviceError` names what is wrong)."""
+        from .device import Device, load_device
+        return self.device if isinstance(self.device, Device) else load_device(self.device)
+
+    def with_device_values(self) -> "CrossbarConfig":
+        """This config with ``device`` replaced by the device's values (its ``source`` path
+        dropped): what a checkpoint stores, so that it loads anywhere, with no preset or file
+        around it."""
+        return self.replace(device=dataclasses.replace(self.load_device(), source=""))
+
+    def diff(self, other, ignore: Iterable[str] = ()) -> dict:
+        """``{field: (mine, theirs)}`` for every field whose value differs from ``other``'s (a
+        CrossbarConfig, or a mapping of its fields such as a saved ``to_dict()``: a field it
+        lacks holds its default), in field order; ``ignore``: fields left out. Values are
+        compared in their ``to_dict()`` form; a device given by name and one given by values
+        are equal when the named one has the same values (reading its preset or file)."""
+        ignore = set(ignore)
+        mine = self.to_dict()
+        if isinstance(other, CrossbarConfig):
+            theirs = other.to_dict()
+        else:
+            theirs = {**CrossbarConfig().to_dict(), **dict(other)}
+        out = {}
+        for k in list(mine) + [k for k in theirs if k not in mine]:
+            a, b = mine.get(k), theirs.get(k)
+            if k in ignore or a == b:
+                continue
+            if k == "device" and _same_device(a, b):
+                continue
+            out[k] = (a, b)
+        return out
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layer_overrides"] = {p: dict(ch) for p, ch in self.layer_overrides}
@@ -568,6 +620,27 @@ def ignored_settings(config: CrossbarConfig) -> list:
                    f"{config.stuck_slices}, reprogram_fraction={config.reprogram_fraction}): "
                    "rule 13 sets the free cells of weights with stuck cells")
     return out
+
+
+def _same_device(a, b) -> bool:
+    """Two ``device`` values in ``to_dict()`` form (a name or path, or a dict of values) mean
+    the same device: equal values, ``source`` aside."""
+    from .device import load_device
+
+    def values(d):
+        if isinstance(d, Mapping):
+            d = {**d, "source": ""}
+        else:
+            try:
+                d = {**load_device(d).to_dict(), "source": ""}
+            except (ValueError, OSError):
+                return None
+        return d
+
+    if isinstance(a, str) and isinstance(b, str):
+        return False  # different names or paths: different settings, whatever their values
+    va, vb = values(a), values(b)
+    return va is not None and va == vb
 
 
 def _same_device(a, b) -> bool:

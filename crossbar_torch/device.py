@@ -107,12 +107,14 @@ def _is_path(name_or_path: str) -> bool:
 
 def load_device(name_or_path) -> Device:
     """A preset by name (``"rram"``), or the device YAML at a path (anything containing ``/`` or
-    ending in ``.yaml`` / ``.yml``).
+    ending in ``.yaml`` / ``.yml``); a :class:`Device` is returned as it is.
 
     Every mistake is a :class:`~crossbar_torch.errors.DeviceError` (a ValueError) naming the file
     and the key, so that scripts answer it with one ``error:`` line. Parsed files are cached on
     (resolved path, mtime, size): an edited file is read again.
     """
+    if isinstance(name_or_path, Device):
+        return name_or_path  # values already (a config built from a checkpoint's device)
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if not isinstance(name_or_path, str) or not name_or_path.strip():

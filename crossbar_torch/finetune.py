@@ -525,10 +525,8 @@ def check_resume(ck: dict, where: str = "the checkpoint", *, args: FinetuneArgs,
                 else f"{total_steps} steps ({name('epochs')} {args.epochs})")
         raise ResumeError(f"resume: {where} is at step {step}, past the end of this run "
                           f"({what}); ask for at least {step} steps")
-    saved = {**CrossbarConfig().to_dict(), **dict(ck.get("crossbar_config") or {})}
-    mine = config.to_dict()
-    diff = [f"{k} {_fmt(saved.get(k))} (checkpoint) vs {_fmt(mine.get(k))} (now)"
-            for k in mine if saved.get(k) != mine.get(k)]
+    diff = [f"{k} {_fmt(theirs)} (checkpoint) vs {_fmt(now)} (now)" for k, (now, theirs)
+            in config.diff(ck.get("crossbar_config") or {}).items()]
     if ck.get("crossbar_config") is not None and diff:
         raise ResumeError(f"resume: {where} was made with another CrossbarConfig: "
                           + "; ".join(diff))
@@ -667,7 +665,8 @@ class Trainer:
             "read_noise_draws": {n: int(l._forward_count)
                                  for n, l in crossbar_layers(self.student)},
             "losses": [[int(s), float(l)] for s, l in self.losses],
-            "crossbar_config": self.config.to_dict(),
+            # the device's values, not its name or path: the checkpoint loads anywhere
+            "crossbar_config": self.config.with_device_values().to_dict(),
             "model_name": self.model_name,
             "finetune_args": self.args.to_dict(),
             "run_info": self.run_info,
@@ -910,7 +909,8 @@ def save_final(model: nn.Module, path, *, config: Optional[CrossbarConfig] = Non
     model = _unwrap(model)
     if config is None:
         config = crossbar_layers(model)[0][1].config
-    obj = {"model": model.state_dict(), "crossbar_config": config.to_dict(),
+    obj = {"model": model.state_dict(),
+           "crossbar_config": config.with_device_values().to_dict(),  # values, not a path
            "model_name": model_name}
     if extra:
         obj.update(extra)
