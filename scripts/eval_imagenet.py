@@ -7,7 +7,7 @@ report (memristor writes per pass against the unsorted baseline) of the configur
 Examples:
   python scripts/eval_imagenet.py                                  # lite0, bundled photos
   python scripts/eval_imagenet.py --data /datasets/imagenet/val --batch-size 100 --out r.json
-  python scripts/eval_imagenet.py --data ../shared/data/imagenet-sample-dev --config configs/paper_mild.yaml
+  python scripts/eval_imagenet.py --data PATH/TO/imagenet-val-folder --config configs/paper_mild.yaml
   python scripts/eval_imagenet.py --model resnet50 --pretrained --data /datasets/imagenet/val
   python scripts/eval_imagenet.py --checkpoint finetuned.pth --data /datasets/imagenet/val
   torchrun --nproc_per_node 8 scripts/eval_imagenet.py --data /datasets/imagenet/val --out r.json

@@ -10,7 +10,7 @@ rows already in it (resumable); the float model's outputs are computed once (and
 the CSV as <csv>.float.pt).
 
 Examples:
-  python scripts/frontier.py --data ../shared/data/imagenet-sample-dev --csv docs/frontier/lite0.csv
+  python scripts/frontier.py --data PATH/TO/imagenet-val-folder --csv docs/frontier/lite0.csv
   python scripts/frontier.py --model minilm --csv docs/frontier/minilm.csv \\
       --sweep configs/sweep_frontier.yaml configs/sweep_frontier_minilm.yaml
   python scripts/frontier.py --model mpnet --only crossbar8 --only value+chain --csv mpnet.csv
@@ -186,7 +186,7 @@ def main(argv=None):
                      f"--model {args.model} is scored on images (--data DIR)")
         if not args.data:
             fail("--data DIR is required for image models (an ImageNet validation folder "
-                 "<root>/<synset>/<image>, e.g. ../shared/data/imagenet-sample-dev)")
+                 "<root>/<synset>/<image>)")
         root = resolve_split_root(check_input_dir(args.data, "--data"), "val")
         try:
             pre = preprocess_overrides(args)
