@@ -415,8 +415,10 @@ def test_torch_compile_of_an_analog_model_equals_eager():
     assert torch.equal(compiled(x), eager)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_torch_compile_with_read_noise_equals_eager(train):
+@pytest.mark.parametrize("backend, train", [  # tracing is slow: one fast case
+    ("eager", True), pytest.param("eager", False, marks=pytest.mark.slow),
+    pytest.param("aot_eager", True, marks=pytest.mark.slow)])
+def test_torch_compile_with_read_noise_equals_eager(backend, train):
     """Issue 20 defect 5: read_noise > 0 failed under torch.compile (KeyError(torch.uint64) in
     the numpy seed of the draw); the draw now runs eagerly, so every forward draws anew, the
     same noise as eager, forward and backward."""
@@ -425,7 +427,7 @@ def test_torch_compile_with_read_noise_equals_eager(train):
     xm = xb.convert(m, xb.CrossbarConfig(**BASE, input_bits=6, input_range=3.0,
                                          read_noise=0.05)).train(train)
     twin = copy.deepcopy(xm)
-    compiled = torch.compile(twin, backend="aot_eager")
+    compiled = torch.compile(twin, backend=backend)
     for _ in range(2):  # fresh draws each forward, the same in both
         xe, xc = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
         ye, yc = xm(xe), compiled(xc)
@@ -433,8 +435,11 @@ def test_torch_compile_with_read_noise_equals_eager(train):
         if train:
             ye.square().sum().backward()
             yc.square().sum().backward()
-            assert torch.equal(xc.grad, xe.grad)
+            # the same noise, so the same gradients up to the order of float sums (aot_eager's
+            # decomposed backward adds a bias gradient in another order)
+            torch.testing.assert_close(xc.grad, xe.grad, rtol=1e-5, atol=1e-5)
             for (n, p), (_, q) in zip(xm.named_parameters(), twin.named_parameters()):
-                assert p.grad is not None and torch.equal(q.grad, p.grad), n
+                assert p.grad is not None, n
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-4, msg=n)
     assert [l._forward_count for _, l in xb.crossbar_layers(twin)] == \
         [l._forward_count for _, l in xb.crossbar_layers(xm)] == [2] * 4
