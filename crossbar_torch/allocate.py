@@ -22,7 +22,7 @@ import torch.nn as nn
 from .analog import calibrate
 from .config import CrossbarConfig
 from .convert import convert
-from .feedback import collect_moments
+from .feedback import collect_moments, layer_output_error
 from .modules import crossbar_layers
 from .programming import reprogram
 from .report import reprogram_report
@@ -38,22 +38,9 @@ class Measured:
     error: Dict[str, float] = field(default_factory=dict)
 
 
-@torch.no_grad()
 def layer_error(layer) -> float:
-    """tr(E H E^T) / tr(W H W^T) of one calibrated layer (0 for a layer never reached)."""
-    h = layer.input_moment.double()
-    if not h.numel():
-        return 0.0
-    w = layer.matrix_weight().detach().double()
-    e = layer.effective_weight().detach().double().reshape(w.shape) - w
-    groups = h.shape[0]
-    per = w.shape[0] // groups
-    num = den = 0.0
-    for g in range(groups):
-        wg, eg = w[g * per:(g + 1) * per], e[g * per:(g + 1) * per]
-        num += float(((eg @ h[g]) * eg).sum())
-        den += float(((wg @ h[g]) * wg).sum())
-    return num / den if den > 0 else 0.0
+    """The layer's relative output error on its calibration inputs (rule 21's moments)."""
+    return layer_output_error(layer)
 
 
 def measure(model: nn.Module, base: CrossbarConfig, setting: dict,

@@ -359,7 +359,13 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     try:
         from .feedback import collect_moments, needs_moments
         # rule 21: the same run records every layer's input second moment when the config asks
-        moments = collect_moments(layers) if needs_moments(model) else contextlib.nullcontext()
+        # for feedback, or, to check the layers' output error (warn_output_error), when it
+        # sticks cells (then the moments are dropped after the check)
+        cfg0 = layers[0][1].config
+        keep = needs_moments(model)
+        check = keep or (cfg0.stucking_anywhere and cfg0.warn_output_error > 0)
+        saved = [l.input_moment for _, l in layers]
+        moments = collect_moments(layers) if check else contextlib.nullcontext()
         with _calibration(), moments:
             if run is not None:
                 run(model)
@@ -382,6 +388,12 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
         raise
     finally:
         model.train(was)
+    if check:
+        from .feedback import warn_output_errors
+        warn_output_errors(model, "calibrate")
+        if not keep:  # measured for the warning only
+            for (_, layer), m in zip(layers, saved):
+                layer.input_moment = m
     return {name: {"input_range": l.input_range.tolist(), "adc_range": l.adc_range.tolist()}
             for name, l in layers}
 
@@ -491,49 +503,54 @@ def _layer_writes(cfg: CrossbarConfig, geom, index: torch.Tensor, order: torch.T
     position[order] = torch.arange(order.numel())
     kk = torch.arange(K)
     tile = (kk // geom.rows)[None, :] * nb + block[:, None]       # (out, K)
-    p = position[tile]
+    p = position.index_select(0, tile.reshape(-1))  # index_select: several times faster than []
     if bool((p < 0).any()):
         raise RuntimeError("program_noise: the tile order leaves out a tile of the layer")
     x = (t0 + p) % cfg.pool
-    pid = (x * geom.rows + (kk % geom.rows)[None, :]) * cfg.cols + col0[:, None]  # (out, K)
-    pid, p = pid.reshape(-1), p.reshape(-1)
+    pid = ((x.view(out, K) * geom.rows + (kk % geom.rows)[None, :]) * cfg.cols
+           + col0[:, None]).reshape(-1)                           # (out * K,)
     perm = torch.argsort(pid * order.numel() + p)                 # by cell, then by tile
-    spid = pid[perm]
+    spid = pid.index_select(0, perm)
     first = torch.ones_like(spid, dtype=torch.bool)
     first[1:] = spid[1:] != spid[:-1]
     last_ = torch.ones_like(first)
     last_[:-1] = first[1:]
     start = first.nonzero().flatten()                             # each cell's first write
-    group_start = start[torch.cumsum(first.to(torch.int64), 0) - 1]
+    group_start = start.index_select(0, torch.cumsum(first.to(torch.int64), 0) - 1)
     xs = spid // (geom.rows * cfg.cols)
-    ux = xs.unique()
-    slot = torch.zeros(int(ux.max()) + 1, dtype=torch.int64)
+    ux = (torch.bincount(xs, minlength=cfg.pool) > 0).nonzero().flatten()  # crossbars used
+    slot = torch.zeros(cfg.pool, dtype=torch.int64)
     slot[ux] = torch.arange(ux.numel())
     return {"perm": perm, "pid": spid, "first": start, "last": last_.nonzero().flatten(),
             "group_start": group_start, "crossbars": ux.tolist(),
-            "local": spid + (slot[xs] - xs) * (geom.rows * cfg.cols)}
+            "local": spid + (slot.index_select(0, xs) - xs) * (geom.rows * cfg.cols)}
 
 
 def _replay_layer(w, eff: torch.Tensor, level: torch.Tensor, last: torch.Tensor, pass_no: int,
                   draw, cells_per_crossbar: int, want_eps: bool):
     """Replay one layer's writes of one pass on the physical cells (``level`` / ``last``,
-    flat, updated in place); with ``want_eps`` return its eps (out, K, c) float32."""
+    flat, updated in place); with ``want_eps`` return its eps (out, K, c) float32. Gathers
+    and scatters use index_select / index_copy_ (several times faster than ``t[idx]``)."""
     if w is None:
         return torch.zeros(eff.shape, dtype=torch.float32) if want_eps else None
     out, K, c = eff.shape
     first, last_ = w["first"], w["last"]
+
+    def take(t, idx):  # t (flat) at the cells idx (rows, c)
+        return t.index_select(0, idx.reshape(-1)).view(idx.shape)
     j = torch.arange(c)[None, :]
     cell = w["pid"][:, None] + j                               # (n, c) physical cells
-    v = eff.reshape(out * K, c)[w["perm"]].to(torch.int16)     # levels written, replay order
+    v = eff.reshape(out * K, c).index_select(0, w["perm"]).to(torch.int16)  # replay order
     before = torch.empty_like(v)
     before[1:] = v[:-1]
-    before[first] = level[cell[first]]                         # a cell's first write here
+    before.index_copy_(0, first, take(level, cell.index_select(0, first)))  # first writes
     cs = torch.zeros(v.shape[0] + 1, c, dtype=torch.int32)     # changes so far, per column
     torch.cumsum((v != before).to(torch.int32), 0, out=cs[1:])
-    changed = cs[1:] > cs[w["group_start"]]                    # ... since the layer began
-    cur = torch.where(changed, torch.tensor(pass_no, dtype=torch.int8), last[cell])
-    level[cell[last_]] = v[last_]                              # pass of the last write
-    last[cell[last_]] = cur[last_]
+    changed = cs[1:] > cs.index_select(0, w["group_start"])    # ... since the layer began
+    cur = torch.where(changed, torch.tensor(pass_no, dtype=torch.int8), take(last, cell))
+    cell_last = cell.index_select(0, last_).reshape(-1)        # pass of the cell's last write
+    level.index_copy_(0, cell_last, v.index_select(0, last_).reshape(-1))
+    last.index_copy_(0, cell_last, cur.index_select(0, last_).reshape(-1))
     if not want_eps:
         return None
     # the draws of the layer's crossbars for passes 0 and 1, one table: cell -> its draw
@@ -541,8 +558,8 @@ def _replay_layer(w, eff: torch.Tensor, level: torch.Tensor, last: torch.Tensor,
                       + [torch.zeros(1)])
     n_cells = len(w["crossbars"]) * cells_per_crossbar
     idx = (w["local"][:, None] + j) + cur.to(torch.int64) * n_cells
-    e = table[torch.where(cur >= 0, idx, torch.full_like(idx, 2 * n_cells))]
+    e = take(table, torch.where(cur >= 0, idx, torch.full_like(idx, 2 * n_cells)))
     eps = torch.empty_like(e)
-    eps[w["perm"]] = e
+    eps.index_copy_(0, w["perm"], e)
     return eps.reshape(out, K, c)
 

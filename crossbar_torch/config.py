@@ -35,7 +35,7 @@ ADC_RANGES = ("full", "calibrated")
 ADC_SCOPES = ("slice", "weight")
 # Fields that change neither the layers' cells nor their effective weights, only how the
 # programming is counted and costed: a model converted with one value may be counted with another.
-COUNTING_FIELDS = ("wear_leveling", "device")
+COUNTING_FIELDS = ("wear_leveling", "device", "tuned_on", "warn_output_error")
 # Rules 17 to 19: how the crossbar computes, not what it holds or what programming it costs.
 ANALOG_FIELDS = ("input_bits", "input_bits_per_cycle", "input_range", "adc_bits", "adc_range",
                  "adc_scope", "g_ratio", "prog_noise", "read_noise", "drift_nu", "drift_nu_std",
@@ -80,6 +80,11 @@ class CrossbarConfig:
     # Rule 22: per-layer policies, {glob pattern on module names: {field: value}} for the
     # fields of OVERRIDE_FIELDS; every matching entry applies, later ones over earlier ones.
     layer_overrides: Any = ()
+    # Warnings only (they change no cell): the model classes a preset was tuned on (convert
+    # warns on another), and the relative output error on calibration data above which a
+    # layer is named (checked when its input moments are known; 0: never).
+    tuned_on: str = ""
+    warn_output_error: float = 0.02
     # Endurance and cost (docs/semantics.md rules 14 to 16): wear levelling of the mapping, and
     # the memristor device (a preset in crossbar_torch/presets/devices/ or a path to a device
     # YAML).
@@ -179,6 +184,12 @@ class CrossbarConfig:
                 "reach the value error feedback chose; set compensate=true "
                 "(docs/semantics.md rule 21)")
         self._check_layer_overrides()
+        if not isinstance(self.tuned_on, str):
+            bad("tuned_on", "a string (model class names, comma-separated)")
+        we = self.warn_output_error
+        if isinstance(we, bool) or not isinstance(we, (int, float)) or not 0.0 <= we <= 1e6:
+            bad("warn_output_error", "a number >= 0 (0: no warning)")
+        object.__setattr__(self, "warn_output_error", float(we))
         if self.wear_leveling not in WEAR_LEVELING:
             bad("wear_leveling", f"one of {WEAR_LEVELING}")
         if self.wear_leveling != "none" and self.stucking_anywhere:
@@ -465,58 +476,6 @@ class CrossbarConfig:
             out[k] = (a, b)
         return out
 
-    def _check_device(self, bad) -> None:
-        """``device``: a preset name or a device YAML path (a string, resolved when used, by
-        :meth:`load_device`: a config does no file I/O), or the device's values (a
-        :class:`~crossbar_torch.device.Device` or a mapping of its fields, as a checkpoint
-        stores them), validated here."""
-        from .device import Device
-        dev = self.device
-        if isinstance(dev, Mapping):
-            try:
-                dev = Device(**dict(dev))
-            except TypeError as e:
-                bad("device", f"a preset name, a device YAML path or the device's values ({e})")
-            object.__setattr__(self, "device", dev)
-        elif isinstance(dev, os.PathLike):
-            object.__setattr__(self, "device", os.fspath(dev))
-        elif not isinstance(dev, Device) and (not isinstance(dev, str) or not dev.strip()):
-            bad("device", "a device preset name, a path to a device YAML, or a Device")
-
-    def load_device(self):
-        """The :class:`~crossbar_torch.device.Device` of ``device``: a preset or a device YAML is
-        read here (cached; a :class:`~crossbar_torch.errors.DeviceError` names what is wrong)."""
-        from .device import Device, load_device
-        return self.device if isinstance(self.device, Device) else load_device(self.device)
-
-    def with_device_values(self) -> "CrossbarConfig":
-        """This config with ``device`` replaced by the device's values (its ``source`` path
-        dropped): what a checkpoint stores, so that it loads anywhere, with no preset or file
-        around it."""
-        return self.replace(device=dataclasses.replace(self.load_device(), source=""))
-
-    def diff(self, other, ignore: Iterable[str] = ()) -> dict:
-        """``{field: (mine, theirs)}`` for every field whose value differs from ``other``'s (a
-        CrossbarConfig, or a mapping of its fields such as a saved ``to_dict()``: a field it
-        lacks holds its default), in field order; ``ignore``: fields left out. Values are
-        compared in their ``to_dict()`` form; a device given by name and one given by values
-        are equal when the named one has the same values (reading its preset or file)."""
-        ignore = set(ignore)
-        mine = self.to_dict()
-        if isinstance(other, CrossbarConfig):
-            theirs = other.to_dict()
-        else:
-            theirs = {**CrossbarConfig().to_dict(), **dict(other)}
-        out = {}
-        for k in list(mine) + [k for k in theirs if k not in mine]:
-            a, b = mine.get(k), theirs.get(k)
-            if k in ignore or a == b:
-                continue
-            if k == "device" and _same_device(a, b):
-                continue
-            out[k] = (a, b)
-        return out
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["layer_overrides"] = {p: dict(ch) for p, ch in self.layer_overrides}
@@ -620,27 +579,6 @@ def ignored_settings(config: CrossbarConfig) -> list:
                    f"{config.stuck_slices}, reprogram_fraction={config.reprogram_fraction}): "
                    "rule 13 sets the free cells of weights with stuck cells")
     return out
-
-
-def _same_device(a, b) -> bool:
-    """Two ``device`` values in ``to_dict()`` form (a name or path, or a dict of values) mean
-    the same device: equal values, ``source`` aside."""
-    from .device import load_device
-
-    def values(d):
-        if isinstance(d, Mapping):
-            d = {**d, "source": ""}
-        else:
-            try:
-                d = {**load_device(d).to_dict(), "source": ""}
-            except (ValueError, OSError):
-                return None
-        return d
-
-    if isinstance(a, str) and isinstance(b, str):
-        return False  # different names or paths: different settings, whatever their values
-    va, vb = values(a), values(b)
-    return va is not None and va == vb
 
 
 def _same_device(a, b) -> bool:

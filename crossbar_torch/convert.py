@@ -120,6 +120,12 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
     from .config import ignored_settings
     for why in ignored_settings(config):  # accepted, but said
         warnings.warn(f"convert: {why}", UserWarning, stacklevel=2)
+    kinds = [k.strip() for k in config.tuned_on.split(",") if k.strip()]
+    if kinds and type(model).__name__ not in kinds:
+        warnings.warn(f"convert: this config was tuned on {', '.join(kinds)}, and the model is "
+                      f"a {type(model).__name__}: a stucking setting that is safe on one model "
+                      "can destroy another (docs/transformers.md); measure its fidelity before "
+                      "trusting it", UserWarning, stacklevel=2)
     if not inplace:
         model = copy.deepcopy(model)
     known_convs, known_linears = _timm_classes()

@@ -141,6 +141,46 @@ def collect_moments(layers):
             layer.input_moment = acc.moment().to(layer.cells.device)
 
 
+@torch.no_grad()
+def layer_output_error(layer) -> float:
+    """``tr(E H E^T) / tr(W H W^T)`` of a calibrated layer, with ``E = W_eff - W``: the mean
+    squared error its crossbars add to its output on the calibration inputs, relative to the
+    output's mean square (0 for a layer without an input moment)."""
+    h = layer.input_moment.detach().to("cpu", torch.float64)
+    if not h.numel():
+        return 0.0
+    w = layer.matrix_weight().detach().to("cpu", torch.float64)
+    e = layer.effective_weight().detach().to("cpu", torch.float64).reshape(w.shape) - w
+    per = w.shape[0] // h.shape[0]
+    num = den = 0.0
+    for g in range(h.shape[0]):
+        wg, eg = w[g * per:(g + 1) * per], e[g * per:(g + 1) * per]
+        num += float(((eg @ h[g]) * eg).sum())
+        den += float(((wg @ h[g]) * wg).sum())
+    return num / den if den > 0 else 0.0
+
+
+def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
+    """Name the calibrated layers whose relative output error exceeds the config's
+    ``warn_output_error`` (one warning). Returns {layer name: error} of those layers."""
+    import warnings
+    from .modules import crossbar_layers
+    layers = [(n, l) for n, l in crossbar_layers(model) if l.input_moment.numel()]
+    if not layers or not layers[0][1].config.warn_output_error:
+        return {}
+    limit = layers[0][1].config.warn_output_error
+    bad = {n: e for n, e in ((n, layer_output_error(l)) for n, l in layers) if e > limit}
+    if bad:
+        worst = sorted(bad.items(), key=lambda kv: -kv[1])[:3]
+        warnings.warn(
+            f"{what}: {len(bad)} of {len(layers)} calibrated layer(s) have a relative output "
+            f"error above warn_output_error={limit:g} on the calibration data (worst: "
+            + ", ".join(f"{n} {e:.3g}" for n, e in worst) + "); the model may lose much of "
+            "its accuracy: consider feedback='hessian' (rule 21) or lighter stucking for "
+            "them (layer_overrides, rule 22)", UserWarning, stacklevel=3)
+    return bad
+
+
 def needs_moments(model: nn.Module) -> bool:
     from .modules import crossbar_layers
     return any(layer.config.feedback != "none" for _, layer in crossbar_layers(model))

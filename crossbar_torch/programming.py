@@ -19,7 +19,7 @@ from . import ops
 from .config import COUNTING_FIELDS, CrossbarConfig
 from .mapping import (STAT_NAMES, LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
-from .feedback import feedback_active, feedback_cells, feedback_targets
+from .feedback import feedback_active, feedback_cells, feedback_targets, warn_output_errors
 from .modules import crossbar_layers
 from .quantization import check_weight
 from .wear import CellStats, cell_stats, shift_frame
@@ -396,6 +396,7 @@ def reprogram(model: nn.Module, *, progress: bool = False) -> ProgramResult:
     result = program_model(model, write_back=True, progress=progress)
     object.__setattr__(model, "crossbar_program", result)
     object.__setattr__(model, "_crossbar_program_stamp", _program_stamp(model))
+    warn_output_errors(model)  # calibrated layers only (rule 21's moments)
     return result
 
 

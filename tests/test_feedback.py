@@ -271,3 +271,29 @@ def test_config_fields_are_validated():
     with pytest.raises(ValueError, match="feedback_damp"):
         xb.CrossbarConfig(feedback_damp=0)
     assert xb.CrossbarConfig(feedback="hessian").baseline().feedback == "none"
+
+
+def test_calibrate_names_layers_that_lose_their_output():
+    """warn_output_error: a stucking config whose layer loses more than the threshold of its
+    output on the calibration data is said (without feedback the moments are then dropped)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(32, 16)).eval()
+    x = torch.rand(64, 32) + 1.0
+    cfg = xb.CrossbarConfig(rows=8, cols=28, stuck_slices=3, reprogram_fraction=0.0,
+                            compensate=True, warn_output_error=1e-4)
+    xm = xb.convert(copy.deepcopy(model), cfg)
+    with pytest.warns(UserWarning, match=r"calibrate: 1 of 1 calibrated layer\(s\) have a "
+                                         r"relative output error above warn_output_error=0.0001"):
+        xb.calibrate(xm, x)
+    assert xm[0].input_moment.numel() == 0
+    quiet = xb.convert(copy.deepcopy(model), cfg.replace(warn_output_error=0.0))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        xb.calibrate(quiet, x)
+
+
+def test_a_preset_tuned_on_another_model_is_said():
+    cfg = xb.CrossbarConfig(tuned_on="EfficientNet")
+    with pytest.warns(UserWarning, match="tuned on EfficientNet, and the model is a Sequential"):
+        xb.convert(nn.Sequential(nn.Linear(4, 4)), cfg)
