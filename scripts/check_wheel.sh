@@ -2,8 +2,8 @@
 # Build a wheel from the checkout, install it into a fresh venv (no -e, nothing from the
 # checkout) and run a smoke test from a folder outside the checkout: the package and its compiled
 # extension must be imported from the fresh venv's site-packages, the device presets must come
-# with the wheel, convert + reprogram_report must run on a small timm model, and a console entry
-# point must answer --help and do a real (tiny) run.
+# with the wheel, convert + reprogram_report must run on a small timm model, crossbar-report must
+# do a real (tiny) run and every console entry point must answer --help.
 #
 #   bash scripts/check_wheel.sh            (or: make wheel-check; CI runs it after make test)
 #
@@ -115,5 +115,21 @@ assert out.shape == ref.shape and torch.isfinite(out).all()
 print(f"check_wheel: smoke test passed: crossbar_torch from {os.path.dirname(xb.__file__)}; "
       f"test_resnet on 32x32 RRAM crossbars: {d['writes_per_pass']} writes per pass")
 EOF
+
+# A console entry point of the wheel (pyproject [project.scripts]): --help, then a real run.
+"$WORK/venv/bin/crossbar-report" --help > help.txt
+grep -q -- "--memristor" help.txt
+"$WORK/venv/bin/crossbar-report" --model test_resnet --random-init --quiet --set rows=32 \
+  --set cols=32 --memristor rram --json report.json > report.txt
+"$FRESH_PY" - <<'EOF'
+import json
+d = json.load(open("report.json"))
+r = d.get("report", d)
+assert r["writes_per_pass"] > 0 and r["device"]["name"] == "rram", r
+print(f"check_wheel: crossbar-report ran: {r['writes_per_pass']} writes per pass")
+EOF
+for cmd in crossbar-eval crossbar-frontier crossbar-finetune crossbar-demo crossbar-plot-periphery; do
+  "$WORK/venv/bin/$cmd" --help > /dev/null
+done
 t3=$(date +%s)
 echo "check_wheel: OK (wheel build $((t1 - t0)) s, venv + install $((t2 - t1)) s, smoke test $((t3 - t2)) s, total $((t3 - t0)) s)"
