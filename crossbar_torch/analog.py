@@ -438,7 +438,7 @@ def program_noise(cfg: CrossbarConfig, stuck_bits: torch.Tensor, placed: list) -
     physical cell, then by tile position, give each write the level it overwrites and whether
     its cell changed so far, exactly as replaying the tiles one by one would."""
     pool, rows, cols = cfg.pool, cfg.rows, cfg.cols
-    level = torch.zeros(pool * rows * cols, dtype=torch.int16)   # physical cells, flat
+    level = torch.zeros(pool * rows * cols, dtype=torch.uint8)   # physical cells, flat
     if cfg.stuck_value == 1:
         level[stuck_bits.reshape(-1)] = 1
     last = torch.full((pool * rows * cols,), -1, dtype=torch.int8)
@@ -482,12 +482,14 @@ def _layer_writes(cfg: CrossbarConfig, geom, index: torch.Tensor, order: torch.T
                   t0: int) -> "dict | None":
     """Where and in which order a layer's weights are written (rule 5, the tile order and the
     pool), as the replay needs it: for the weights (o, k) of the layer (flat ``o * K + k``)
-    sorted by physical cell of their cell 0, then by the position of their tile in the order,
-    ``perm`` (that sort), ``pid`` (physical cell of cell 0, flat over (pool, rows, cols); cell
-    ``j`` of the weight is ``pid + j``), ``first`` / ``last_`` (the first / last write of a
-    physical cell in the layer) and ``group`` (the index of each write's cell among the
-    layer's cells). Cells ``j`` of different weights never share a column with a cell ``j'``
-    of another when ``j != j'``, so one sort serves every cell of the weight."""
+    sorted by physical cell of their cell 0, then by the position of their tile in the order:
+    ``perm`` (that sort); ``first`` / ``last`` (the positions of the first / last write of
+    each physical weight slot in the layer) and ``pid_first`` / ``pid_last`` (its physical
+    cell 0, flat over (pool, rows, cols): cell ``j`` of the weight is ``pid + j``); ``group``
+    (each write's slot) and ``group_start`` (the position of its slot's first write);
+    ``crossbars`` (those used) and ``local`` (cell 0 in the table of their draws). Cells ``j``
+    of different weights never share a column with a cell ``j'`` of another when ``j != j'``,
+    so one sort serves every cell of the weight."""
     out, K, c, F, nb = geom.out, geom.k, geom.c, geom.F, geom.n_blocks
     if not out or not K:
         return None
@@ -516,49 +518,54 @@ def _layer_writes(cfg: CrossbarConfig, geom, index: torch.Tensor, order: torch.T
     last_ = torch.ones_like(first)
     last_[:-1] = first[1:]
     start = first.nonzero().flatten()                             # each cell's first write
-    group_start = start.index_select(0, torch.cumsum(first.to(torch.int64), 0) - 1)
+    group = torch.cumsum(first.to(torch.int64), 0) - 1
     xs = spid // (geom.rows * cfg.cols)
     ux = (torch.bincount(xs, minlength=cfg.pool) > 0).nonzero().flatten()  # crossbars used
     slot = torch.zeros(cfg.pool, dtype=torch.int64)
     slot[ux] = torch.arange(ux.numel())
-    return {"perm": perm, "pid": spid, "first": start, "last": last_.nonzero().flatten(),
-            "group_start": group_start, "crossbars": ux.tolist(),
+    ends = last_.nonzero().flatten()
+    return {"perm": perm, "first": start, "last": ends, "group": group,
+            "group_start": start.index_select(0, group),
+            "pid_first": spid.index_select(0, start), "pid_last": spid.index_select(0, ends),
+            "crossbars": ux.tolist(),
             "local": spid + (slot.index_select(0, xs) - xs) * (geom.rows * cfg.cols)}
 
 
 def _replay_layer(w, eff: torch.Tensor, level: torch.Tensor, last: torch.Tensor, pass_no: int,
                   draw, cells_per_crossbar: int, want_eps: bool):
     """Replay one layer's writes of one pass on the physical cells (``level`` / ``last``,
-    flat, updated in place); with ``want_eps`` return its eps (out, K, c) float32. Gathers
-    and scatters use index_select / index_copy_ (several times faster than ``t[idx]``)."""
+    flat, updated in place); with ``want_eps`` return its eps (out, K, c) float32. A weight's
+    ``c`` cells are consecutive physical cells, so the physical tensors are read as rows of
+    ``c`` (``unfold``) and gathered with index_select (several times faster than ``t[idx]``)."""
     if w is None:
         return torch.zeros(eff.shape, dtype=torch.float32) if want_eps else None
     out, K, c = eff.shape
     first, last_ = w["first"], w["last"]
 
-    def take(t, idx):  # t (flat) at the cells idx (rows, c)
-        return t.index_select(0, idx.reshape(-1)).view(idx.shape)
-    j = torch.arange(c)[None, :]
-    cell = w["pid"][:, None] + j                               # (n, c) physical cells
-    v = eff.reshape(out * K, c).index_select(0, w["perm"]).to(torch.int16)  # replay order
+    def rows_at(t, pid):  # the c cells from each pid on: (len(pid), c)
+        return t.unfold(0, c, 1).index_select(0, pid)
+
+    def cells(pid):  # flat indices of those cells
+        return (pid[:, None] + torch.arange(c)[None, :]).reshape(-1)
+    v = eff.reshape(out * K, c).index_select(0, w["perm"]).to(level.dtype)  # replay order
     before = torch.empty_like(v)
     before[1:] = v[:-1]
-    before.index_copy_(0, first, take(level, cell.index_select(0, first)))  # first writes
+    before.index_copy_(0, first, rows_at(level, w["pid_first"]))  # what a first write meets
     cs = torch.zeros(v.shape[0] + 1, c, dtype=torch.int32)     # changes so far, per column
     torch.cumsum((v != before).to(torch.int32), 0, out=cs[1:])
     changed = cs[1:] > cs.index_select(0, w["group_start"])    # ... since the layer began
-    cur = torch.where(changed, torch.tensor(pass_no, dtype=torch.int8), take(last, cell))
-    cell_last = cell.index_select(0, last_).reshape(-1)        # pass of the cell's last write
-    level.index_copy_(0, cell_last, v.index_select(0, last_).reshape(-1))
-    last.index_copy_(0, cell_last, cur.index_select(0, last_).reshape(-1))
+    held = rows_at(last, w["pid_first"]).index_select(0, w["group"])  # unchanged: as it was
+    cur = torch.where(changed, torch.tensor(pass_no, dtype=last.dtype), held)
+    ends = cells(w["pid_last"])                                # pass of the cell's last write
+    level.index_copy_(0, ends, v.index_select(0, last_).reshape(-1))
+    last.index_copy_(0, ends, cur.index_select(0, last_).reshape(-1))
     if not want_eps:
         return None
-    # the draws of the layer's crossbars for passes 0 and 1, one table: cell -> its draw
-    table = torch.cat([draw(x, t).reshape(-1) for t in (0, 1) for x in w["crossbars"]]
-                      + [torch.zeros(1)])
-    n_cells = len(w["crossbars"]) * cells_per_crossbar
-    idx = (w["local"][:, None] + j) + cur.to(torch.int64) * n_cells
-    e = take(table, torch.where(cur >= 0, idx, torch.full_like(idx, 2 * n_cells)))
+    # the draws of the layer's crossbars for passes 0 and 1; a cell never written has none
+    e = torch.zeros(v.shape, dtype=torch.float32)
+    for t in (0, 1):
+        table = torch.cat([draw(x, t).reshape(-1) for x in w["crossbars"]])
+        e = torch.where(cur == t, rows_at(table, w["local"]), e)
     eps = torch.empty_like(e)
     eps.index_copy_(0, w["perm"], e)
     return eps.reshape(out, K, c)
