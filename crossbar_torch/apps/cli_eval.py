@@ -382,9 +382,13 @@ def _json_safe(o):
 
 
 def check_args(args) -> None:
-    """Every path and the model, before any work starts (one-line errors)."""
+    """Every path, the preprocessing flags and the model, before any work starts (one-line
+    errors)."""
     if args.data:
         check_input_dir(args.data, "--data")
+        # the folder holds images in the expected layout (a listing; read again by the run)
+        ImageNetFolder(resolve_split_root(args.data, "val"), None, skip_bad=True)
+    preprocess_overrides(args)  # --crop-pct out of range
     if args.out:
         check_output_file(args.out, "--out")
     if args.config:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -126,6 +127,26 @@ def parse_args(argv=None):
         p.error(f"argument --hflip: must be in [0, 1], got {args.hflip}")
     if not 0.0 <= args.label_smoothing < 1.0:
         p.error(f"argument --label-smoothing: must be in [0, 1), got {args.label_smoothing}")
+    for flag in ("momentum", "weight_decay", "color_jitter"):
+        v = getattr(args, flag)
+        if not (v >= 0.0 and math.isfinite(v)):
+            p.error(f"argument --{flag.replace('_', '-')}: must be a finite number >= 0, got {v}")
+    import timm.optim
+    try:  # what Trainer builds, on a one-weight layer: the name (and its options) now
+        kw = ({"momentum": args.momentum}
+              if args.opt.lower() in ("sgd", "momentum", "nesterov") else {})
+        timm.optim.create_optimizer_v2(torch.nn.Linear(1, 1), opt=args.opt, lr=args.lr,
+                                       weight_decay=args.weight_decay, **kw)
+    except (ValueError, KeyError, AssertionError) as e:
+        p.error(f"argument --opt: {args.opt!r}: {e} (e.g. adamw, sgd, lamb; the list: "
+                "timm.optim.list_optimizers())")
+    if args.aa:  # timm reads the policy when the transform is built: try it now
+        import timm.data
+        try:
+            timm.data.create_transform(input_size=32, is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            p.error(f"argument --aa: not a timm auto-augment policy: {args.aa!r} ({e}; e.g. "
+                    "rand-m9-mstd0.5, augmix-m5-w4-d2, original)")
     return args
 
 

@@ -52,7 +52,7 @@ import sys
 from crossbar_torch.cli import (ArgumentParser, UsageError, add_model_args,  # noqa: E402
                                 add_preprocess_args, add_progress_args, check_input_dir,
                                 check_output_file, is_minilm, is_sentence_model,
-                                positive_int, run_main,
+                                nonnegative_int, positive_int, run_main,
                                 show_progress)
 from crossbar_torch.data import resolve_split_root  # noqa: E402
 from crossbar_torch.frontier import CALIBRATION_IMAGES  # noqa: E402
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ImageNet validation folder <root>/<synset>/<image>")
     d.add_argument("--limit", type=int, metavar="N", help="only the first N images (sorted order)")
     d.add_argument("--batch-size", type=int, default=25)
-    d.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+    d.add_argument("--workers", type=nonnegative_int, default=min(2, os.cpu_count() or 1),
                    help="DataLoader workers for reading the images (default min(2, cpus))")
     d.add_argument("--skip-bad", action="store_true",
                    help="skip and list unreadable images (default: stop with an error)")
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with an analog periphery (input_bits, adc_bits, ...): calibrate the "
                         "input and ADC ranges on the first N images (default "
                         f"{CALIBRATION_IMAGES}; docs/semantics.md rule 20)")
-    d.add_argument("--cache-images", type=int, default=2000, metavar="N",
+    d.add_argument("--cache-images", type=nonnegative_int, default=2000, metavar="N",
                    help="keep the preprocessed images in memory when there are at most N "
                         "(default 2000, ~1.2 GB at 224 px); more are read again for every row")
     add_preprocess_args(p)

@@ -184,7 +184,9 @@ def main(argv=None):
                                    "periphery', from what the CSV (or the JSON beside it) "
                                    "records")
     args = p.parse_args(argv)
-    check_output_file(args.png, "png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    check_output_file(args.png, "png",  # the extension picks the format: one matplotlib writes
+                      tuple(sorted(FigureCanvasAgg.get_supported_filetypes())))
     rows = read_rows(args.csv)
     try:
         s = series(rows)

@@ -432,7 +432,6 @@ def main(argv=None):
     model = model_from_args(args)
     check_patterns(model, args.include, args.exclude)
     weights = describe_source(args)
-    print(f"model {args.model} ({weights})", file=sys.stderr)
     facts = {"weight_source": weights, "random_weights": random_weights(args)}
     if random_weights(args) and not args.random_init:
         facts["warning"] = random_weights_note(args)
@@ -446,6 +445,8 @@ def main(argv=None):
                                 program=False, progress=progress)
         if not xb.crossbar_layers(xmodel):
             raise UsageError(no_layer_message(model, xmodel, args.include, args.exclude))
+        if not rows:  # the layers are chosen: now say what is counted
+            print(f"model {args.model} ({weights})", file=sys.stderr)
         rep = xb.reprogram_report(xmodel, progress=progress, model_name=args.model)
         reports.append(rep)
         rows.append((name, {**rep.to_dict(), **facts}))
