@@ -6,7 +6,11 @@ float model (:func:`crossbar_torch.convert` deep-copies it), counts its writes
 
 * images (timm models, e.g. EfficientNet-Lite0): top-1 / top-5 (percent of the images), top-1
   agreement with the float model (percent of the images whose crossbar argmax is the float
-  argmax) and the top-1 drop (points) from the reference row ``crossbar8``;
+  argmax) and the top-1 drop (points) from the reference row ``crossbar8``, paired: every row
+  keeps which images it gets right (``top1_bits``, :func:`encode_bits`), so its drop comes
+  with the images it loses and gains against ``crossbar8`` (``top1_lost``, ``top1_gained``)
+  and a 95% interval ``top1_drop_ci_low`` .. ``top1_drop_ci_high`` (the Bonett-Price adjusted
+  Wald interval for paired proportions, :func:`paired_top1_drop`);
 * sentences (MiniLM-L6, all-mpnet-base-v2): :func:`embedding_fidelity` of the crossbar
   sentence embeddings against the float ones: mean and minimum cosine similarity, the drop of
   the mean from the reference row, and nearest-neighbour agreement (percent of the sentences
@@ -62,7 +66,8 @@ from .report import reprogram_report
 __all__ = ["REFERENCE", "SweepRun", "frontier_sentences", "builtin_sentences", "read_sentences",
            "BUILTIN_SENTENCES", "embedding_fidelity", "load_sweeps", "reference_config",
            "varying_fields", "weight_error", "pareto_front", "ImageScorer", "SentenceScorer",
-           "read_previous", "check_setup", "run_frontier", "plot_frontier", "FrontierError"]
+           "read_previous", "check_setup", "run_frontier", "plot_frontier", "FrontierError",
+           "paired_top1_drop", "encode_bits", "decode_bits"]
 
 REFERENCE = "crossbar8"
 CONFIG_FIELDS = tuple(f.name for f in fields(CrossbarConfig))
@@ -91,6 +96,14 @@ _VERBS = ("repaired", "painted", "sold", "described", "photographed", "carried",
 _OBJECTS = ("broken bicycle", "wooden table", "ancient map", "red umbrella", "new computer",
             "small boat", "long letter", "strange painting")
 _STEP = 1283  # a prime: coprime with the 4096 combinations, so the walk visits distinct ones
+
+
+def feedback_sentences(n: int = None) -> List[str]:
+    """Rule 21's calibration sentences: generated ones that no default evaluation set holds
+    (the ``FEEDBACK_SENTENCES`` after the 1024 first of :func:`frontier_sentences`; MiniLM is
+    scored on the first 256 by default, mpnet on the real corpus)."""
+    n = FEEDBACK_SENTENCES if n is None else n
+    return frontier_sentences(1024 + n)[1024:]
 
 
 def frontier_sentences(n: int = 256) -> List[str]:
@@ -343,6 +356,55 @@ CALIBRATION_SENTENCES = 32
 FEEDBACK_SENTENCES = 128     # generated sentences whose inputs set rule 21's moments
 
 
+Z95 = 1.959963984540054  # the standard normal's 97.5% quantile: two-sided 95%
+
+
+def encode_bits(bits: Sequence) -> str:
+    """Per-image 0/1 flags as hexadecimal: image ``i``'s flag is bit ``3 - i % 4`` of hex
+    digit ``i // 4`` (the first image is the first digit's most significant bit; the last
+    digit is padded with zeros). ``"1011" + "1"`` -> ``"b8"``. :func:`decode_bits` inverts it."""
+    flags = [1 if b else 0 for b in bits]
+    flags += [0] * (-len(flags) % 4)
+    return "".join("%x" % (flags[i] * 8 + flags[i + 1] * 4 + flags[i + 2] * 2 + flags[i + 3])
+                   for i in range(0, len(flags), 4))
+
+
+def decode_bits(text: str, n: int) -> List[int]:
+    """The ``n`` flags :func:`encode_bits` wrote as ``text``; raises ValueError when ``text``
+    is not hexadecimal of exactly ``ceil(n / 4)`` digits."""
+    if len(text) != (n + 3) // 4 or any(c not in "0123456789abcdef" for c in text.lower()):
+        raise ValueError(f"top1_bits: expected {(n + 3) // 4} hex digits for {n} images, "
+                         f"got {text[:20]!r}{'...' if len(text) > 20 else ''}")
+    return [(int(c, 16) >> (3 - j)) & 1 for c in text for j in range(4)][:n]
+
+
+def paired_top1_drop(ref: Sequence, row: Sequence, z: float = Z95) -> dict:
+    """The top-1 drop of ``row`` from ``ref`` (points) with its paired confidence interval,
+    from the per-image correctness of both on the same ``n`` images.
+
+    ``lost`` = images ``ref`` gets right and ``row`` wrong, ``gained`` = the opposite (the
+    discordant pairs; images both get right or both wrong say nothing about the difference).
+    ``drop = 100 (lost - gained) / n``. The interval is the Bonett-Price adjusted Wald
+    interval for a difference of paired proportions (Bonett & Price 2012, J. Educ. Behav.
+    Stat. 37:479; recommended by Fagerland, Lydersen & Laake 2014, Stat. Methods Med. Res.):
+    with ``pl = (lost + 1) / (n + 2)`` and ``pg = (gained + 1) / (n + 2)``,
+    ``100 [(pl - pg) +- z sqrt((pl + pg - (pl - pg)^2) / (n + 2))]``, ``z`` = 1.96 for 95%.
+    Unlike the plain normal interval of the mean paired difference it does not collapse to
+    zero width when no image changes (0 lost, 0 gained on 500 images: -0.55 .. +0.55 points).
+    Returns ``{"drop", "low", "high", "lost", "gained", "n"}``.
+    """
+    if len(ref) != len(row) or not len(ref):
+        raise ValueError(f"paired_top1_drop: need the same non-zero number of images, got "
+                         f"{len(ref)} and {len(row)}")
+    n = len(ref)
+    lost = sum(1 for a, b in zip(ref, row) if a and not b)
+    gained = sum(1 for a, b in zip(ref, row) if b and not a)
+    pl, pg = (lost + 1) / (n + 2), (gained + 1) / (n + 2)
+    half = z * math.sqrt((pl + pg - (pl - pg) ** 2) / (n + 2))
+    return {"drop": 100.0 * (lost - gained) / n, "low": 100.0 * (pl - pg - half),
+            "high": 100.0 * (pl - pg + half), "lost": lost, "gained": gained, "n": n}
+
+
 class ImageScorer:
     """Top-1 / top-5 on labelled images and top-1 agreement with the float model.
 
@@ -356,8 +418,10 @@ class ImageScorer:
     primary = "top1"
     drop = "top1_drop"
     metrics = (("top1", float), ("top5", float), ("top1_agreement", float),
-               ("top1_drop", float), ("images", int), ("top1_correct", int),
-               ("top5_correct", int), ("agreement_count", int))
+               ("top1_drop", float), ("top1_drop_ci_low", float), ("top1_drop_ci_high", float),
+               ("top1_lost", int), ("top1_gained", int), ("images", int),
+               ("top1_correct", int), ("top5_correct", int), ("agreement_count", int),
+               ("top1_bits", str))
 
     def __init__(self, loader, device="cpu", *, cache: bool = True, on_bad=None,
                  key: Optional[dict] = None, calib_images: int = CALIBRATION_IMAGES):
@@ -457,9 +521,28 @@ class ImageScorer:
         c1 = int(topk_correct(logits, labels, 1).sum())
         c5 = int(topk_correct(logits, labels, 5).sum())
         agree = int((logits.argmax(-1) == self.ref_logits.argmax(-1)).sum())
+        bits = encode_bits(topk_correct(logits, labels, 1).tolist())
         return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n,
                 "top1_agreement": 100.0 * agree / n, "images": n, "top1_correct": c1,
-                "top5_correct": c5, "agreement_count": agree}
+                "top5_correct": c5, "agreement_count": agree, "top1_bits": bits}
+
+    @staticmethod
+    def paired(ref: Optional[dict], row: dict) -> dict:
+        """The paired comparison of ``row`` with the reference row ``ref`` on the same images
+        (:func:`paired_top1_drop` of their ``top1_bits``): ``top1_lost`` / ``top1_gained``
+        and the 95% interval ``top1_drop_ci_low`` .. ``top1_drop_ci_high`` (points); all
+        None when either row has no per-image record (a CSV written before it was kept)."""
+        none = {"top1_drop_ci_low": None, "top1_drop_ci_high": None, "top1_lost": None,
+                "top1_gained": None}
+        if ref is None or not ref.get("top1_bits") or not row.get("top1_bits") or \
+                ref.get("images") != row.get("images") or row.get("images") is None:
+            return none
+        if row is ref:  # no interval for the reference against itself
+            return {**none, "top1_lost": 0, "top1_gained": 0}
+        n = row["images"]
+        d = paired_top1_drop(decode_bits(ref["top1_bits"], n), decode_bits(row["top1_bits"], n))
+        return {"top1_drop_ci_low": d["low"], "top1_drop_ci_high": d["high"],
+                "top1_lost": d["lost"], "top1_gained": d["gained"]}
 
 
 @torch.no_grad()
@@ -557,8 +640,7 @@ class SentenceScorer:
         is scored (the fidelity of error feedback is measured out of sample)."""
         from .analog import calibrate
         from .feedback import needs_moments
-        text = (frontier_sentences(FEEDBACK_SENTENCES) if needs_moments(model)
-                else self.sentences[:sentences])
+        text = (feedback_sentences() if needs_moments(model) else self.sentences[:sentences])
         calibrate(model, run=lambda m: self._encode(m, text))
 
     def score(self, model: nn.Module) -> dict:
@@ -599,6 +681,8 @@ def _parse(text: str, typ):
         return None
     if typ is int:
         return int(text)
+    if typ is str:
+        return text
     return float(text)
 
 
@@ -669,6 +753,8 @@ def read_previous(csv_path: Optional[str], runs: Sequence[SweepRun], scorer_cls)
             for col, typ in types.items():
                 if col in rec:
                     row[col] = _parse(rec[col], typ)
+            if row.get("top1_bits") is not None:  # per-image record: as many as the images
+                decode_bits(row["top1_bits"], row.get("images") or 0)
             setup = rec.get(SETUP_COLUMN)
             row[SETUP_COLUMN] = json.loads(setup) if setup else None
         except (ValueError, TypeError, KeyError) as e:
@@ -772,10 +858,13 @@ def run_frontier(float_model: nn.Module, runs: Sequence[SweepRun], scorer, *, cs
 
     def refresh_drops():
         ref = rows.get(REFERENCE)
+        paired = getattr(scorer, "paired", None)  # images: the paired interval of the drop
         for row in list(rows.values()) + extra:
             p = row.get(scorer.primary)
             row[scorer.drop] = (ref[scorer.primary] - p
                                 if ref is not None and p is not None else None)
+            if paired is not None:
+                row.update(paired(ref, row))
 
     from tqdm.auto import tqdm
     bar = tqdm(total=len(runs), initial=len(runs) - len(todo), desc="frontier", unit="config",
@@ -955,6 +1044,15 @@ def draw_frontier(rows: Sequence[dict], scorer_cls, *, title: str = ""):
             if sel:
                 ax.scatter(*zip(*sel), s=42, color=color, marker=marker, zorder=3,
                            edgecolor="black", linewidth=0.5, label=cat)
+        ci = [(x, y, r["top1_drop_ci_low"], r["top1_drop_ci_high"]) for r, x, y in pts
+              if not sentence and r.get("top1_drop_ci_low") is not None
+              and r.get("top1_drop_ci_high") is not None]
+        if ci:  # the paired 95% interval of each drop (paired_top1_drop)
+            ax.errorbar([c[0] for c in ci], [c[1] for c in ci],
+                        yerr=[[max(c[1] - c[2], 0.0) for c in ci],
+                              [max(c[3] - c[1], 0.0) for c in ci]],
+                        fmt="none", ecolor="0.45", elinewidth=0.9, capsize=3, zorder=2.5,
+                        label="paired 95% interval of the drop")
         front = pareto_front([(x, y) for _, x, y in pts])
         fx = [pts[i][1] for i in front]
         fy = [pts[i][2] for i in front]
@@ -980,7 +1078,7 @@ def draw_frontier(rows: Sequence[dict], scorer_cls, *, title: str = ""):
             ax.axhline(1.0, color="tab:purple", ls="--", lw=1, label="1 point below crossbar8")
             ax.set_ylabel(f"top-1 drop from the 8-bit crossbar ({REFERENCE})\n"
                           "(percentage points; lower is better)")
-            ys = [y for _, _, y in pts]
+            ys = [y for _, _, y in pts] + [v for c in ci for v in c[2:]]
             lo_y, hi_y = min(min(ys), 0.0), max(max(ys), 1.0)
             if hi_y - lo_y > 8:  # a collapsed row would squash the interesting 0-2 points
                 ax.set_yscale("symlog", linthresh=2.0, linscale=1.5)
