@@ -22,7 +22,8 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-SCRIPTS = ("eval_imagenet", "finetune", "frontier", "reprogram_report", "plot_periphery", "demo")
+SCRIPTS = ("eval_imagenet", "finetune", "frontier", "reprogram_report", "plot_periphery", "demo",
+           "allocate")
 CASE_TIMEOUT = 120  # seconds; a case that runs on (the bad value was not refused) is killed
 
 IMAGE = ["--model", "test_efficientnet", "--img-size", "32", "--crop-pct", "1.0",
@@ -189,6 +190,24 @@ def cases(script: str, tmp: str):
             ("--stuck-config", ["--stuck-config", f"{tmp}/bad.yaml"], "bad.yaml:3:"),
             ("--best-config", ["--best-config", f"{tmp}/missing.yaml"], "missing.yaml"),
             ("--best-config", ["--best-config", f"{tmp}/bad.yaml"], "bad.yaml:3:"),
+            ("--quiet", ["--quiet=yes"], "--quiet"),
+            ("--progress", ["--progress"], "--progress"),
+        ]
+    if script == "allocate":
+        with open(f"{tmp}/cand_field.yaml", "w") as f:
+            f.write("- {rows: 3}\n")
+        with open(f"{tmp}/cand_value.yaml", "w") as f:
+            f.write("- {stuck_slices: 99}\n")
+        return ["--out", f"{tmp}/policy.yaml", "--quiet"], [
+            ("--model", ["--model", "resnet50"], "--model"),
+            ("--config", ["--config", f"{tmp}/missing.yaml"], "--config"),
+            ("--candidates", ["--candidates", f"{tmp}/missing.yaml"], "--candidates"),
+            ("--candidates", ["--candidates", f"{tmp}/cand_field.yaml"], "['rows']"),
+            ("--candidates", ["--candidates", f"{tmp}/cand_value.yaml"], "stuck_slices=99"),
+            ("--budget-like", ["--budget-like", "7"], "--budget-like"),
+            ("--budget-factor", ["--budget-factor", "0"], "--budget-factor"),
+            ("--calib-sentences", ["--calib-sentences", "0"], "--calib-sentences"),
+            ("--out", ["--out", f"{tmp}/policy.txt"], "--out"),
             ("--quiet", ["--quiet=yes"], "--quiet"),
             ("--progress", ["--progress"], "--progress"),
         ]

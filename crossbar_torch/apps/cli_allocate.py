@@ -23,7 +23,7 @@ import sys
 import torch
 
 from crossbar_torch.cli import (ArgumentParser, UsageError, add_progress_args,
-                                check_output_file, read_yaml, run_main)
+                                check_input_file, check_output_file, read_yaml, run_main)
 
 DEFAULT_CANDIDATES = [
     {"stuck_slices": 1, "reprogram_fraction": 0.0, "compensate": True, "feedback": "hessian"},
@@ -64,6 +64,10 @@ def main(argv=None):
     from crossbar_torch.config import OVERRIDE_FIELDS, atomic_write_text
     from crossbar_torch.frontier import builtin_sentences, embedding_fidelity, feedback_sentences
 
+    if args.config:
+        check_input_file(args.config, "--config")
+    if args.candidates:
+        check_input_file(args.candidates, "--candidates")
     base = (xb.load_config(args.config) if args.config else
             xb.CrossbarConfig(sort="value", filter_order="chain"))
     candidates = DEFAULT_CANDIDATES
@@ -77,7 +81,10 @@ def main(argv=None):
             if bad:
                 raise UsageError(f"{args.candidates}: field(s) {bad} cannot vary per layer; "
                                  f"allowed: {list(OVERRIDE_FIELDS)}")
-            base.replace(**c)  # a ConfigError (one line) names a bad value
+            try:
+                base.replace(**c)
+            except ValueError as e:  # names the field and the value
+                raise UsageError(f"{args.candidates}: {e}") from None
     if not 0 <= args.budget_like < len(candidates):
         raise UsageError(f"--budget-like {args.budget_like}: there are {len(candidates)} "
                          "candidates (0-based)")
