@@ -254,6 +254,14 @@ def main(argv=None):
                      "units": {"top1": "percent", "top5": "percent",
                                "top1_agreement": "percent of images with the float argmax",
                                "top1_drop": "points below crossbar8",
+                               "top1_drop_ci_low": "paired 95% interval of top1_drop, points "
+                                                   "(Bonett-Price adjusted Wald; "
+                                                   "frontier.paired_top1_drop)",
+                               "top1_drop_ci_high": "see top1_drop_ci_low",
+                               "top1_lost": "images crossbar8 gets right and this row wrong",
+                               "top1_gained": "images this row gets right and crossbar8 wrong",
+                               "top1_bits": "per-image top-1 correctness, hex, first image "
+                                            "= most significant bit (frontier.decode_bits)",
                                "weight_error": "sum |q_eff - q| / sum |q|"},
                      "bad_images": bad})
         calib = args.calib_images or CALIBRATION_IMAGES
@@ -299,7 +307,8 @@ def table(rows, scorer_cls) -> str:
     p, d = scorer_cls.primary, scorer_cls.drop
     sentence = scorer_cls.kind == "sentence"
     head = (f"{'name':<34}{'writes/pass':>14}{'reduction':>11}{p:>13}{d:>12}"
-            + (f"{'cosine_min':>12}{'nn agree %':>12}" if sentence else "")
+            + (f"{'cosine_min':>12}{'nn agree %':>12}" if sentence
+               else f"{'95% interval':>18}")
             + f"{'weight err':>12}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -311,6 +320,9 @@ def table(rows, scorer_cls) -> str:
             cm, nn = r.get("cosine_min"), r.get("nn_agreement")
             extra = (f"{('n/a' if cm is None else f'{cm:.4f}'):>12}"
                      f"{('n/a' if nn is None else f'{nn:.1f}'):>12}")
+        else:  # the paired interval of the drop (none for crossbar8 itself)
+            lo, hi = r.get("top1_drop_ci_low"), r.get("top1_drop_ci_high")
+            extra = f"{('' if lo is None else f'{lo:+.2f} .. {hi:+.2f}'):>18}"
         lines.append(f"{r['name'][:34]:<34}{r['writes_per_pass']:>14,}{red:>11}"
                      f"{('n/a' if pv is None else f'{pv:.4f}'):>13}"
                      f"{('n/a' if dv is None else f'{dv:+.4f}'):>12}{extra}"
