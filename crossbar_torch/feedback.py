@@ -183,4 +183,5 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
 
 def needs_moments(model: nn.Module) -> bool:
     from .modules import crossbar_layers
-    return any(layer.config.feedback != "none" for _, layer in crossbar_layers(model))
+    return any(layer.config.for_layer(name).feedback != "none"  # rule 22: per layer too
+               for name, layer in crossbar_layers(model))

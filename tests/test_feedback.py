@@ -297,3 +297,20 @@ def test_a_preset_tuned_on_another_model_is_said():
     cfg = xb.CrossbarConfig(tuned_on="EfficientNet")
     with pytest.warns(UserWarning, match="tuned on EfficientNet, and the model is a Sequential"):
         xb.convert(nn.Sequential(nn.Linear(4, 4)), cfg)
+
+
+def test_feedback_on_some_layers_only():
+    """Rule 22 + 21: feedback set by a layer_overrides entry keeps that layer's moments and
+    programs it with error feedback; the other layers stay rule 13."""
+    torch.manual_seed(5)
+    model = Tiny().eval()
+    cfg = _config(feedback="none", layer_overrides={"fc2": {"feedback": "hessian"}})
+    xmodel = xb.convert(copy.deepcopy(model), cfg)
+    before = {n: l.effective_q().clone() for n, l in xb.crossbar_layers(xmodel)}
+    xb.calibrate(xmodel, torch.randn(5, 4, 6, 6))
+    lcfg = cfg.for_layer("fc2")
+    want = _expected(xmodel.fc2, lcfg)
+    xb.reprogram(xmodel)
+    assert torch.equal(xmodel.fc2.effective_q(), want)
+    assert not torch.equal(want, before["fc2"])
+    assert torch.equal(xmodel.fc1.effective_q(), before["fc1"])  # rule 13, as before
