@@ -128,7 +128,8 @@ r = d.get("report", d)
 assert r["writes_per_pass"] > 0 and r["device"]["name"] == "rram", r
 print(f"check_wheel: crossbar-report ran: {r['writes_per_pass']} writes per pass")
 EOF
-for cmd in crossbar-eval crossbar-frontier crossbar-finetune crossbar-demo crossbar-plot-periphery; do
+for cmd in crossbar-eval crossbar-frontier crossbar-finetune crossbar-demo crossbar-plot-periphery \
+    crossbar-allocate; do
   "$WORK/venv/bin/$cmd" --help > /dev/null
 done
 t3=$(date +%s)

@@ -217,6 +217,8 @@ def test_a_failed_calibration_keeps_the_previous_ranges():
              for name, l in xb.crossbar_layers(xm)}
     assert after == before
     assert torch.equal(xm(x), y)
+
+
 def test_ranges_round_trip_through_the_state_dict():
     m, x = conv_model(), inputs()
     cfg = xb.CrossbarConfig(**BASE, input_bits=6, prog_noise=0.02)

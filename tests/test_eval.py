@@ -199,6 +199,8 @@ def test_two_process_gloo_calibrates_once_on_the_same_images(tmp_path):
     for f in ("top1_correct", "top5_correct"):
         assert one["crossbar"][f] == two["crossbar"][f], f
     assert one["agreement_top1_count"] == two["agreement_top1_count"]
+
+
 def test_crossbar_checkpoint(tmp_path):
     """A fine-tuned crossbar checkpoint: the crossbar column uses the saved cells, the float
     column the latent weights, and the saved configuration is used."""

@@ -257,6 +257,8 @@ def test_resume_is_bit_identical_with_read_noise(tmp_path):
     for k in a:
         if isinstance(a[k], torch.Tensor):
             assert torch.equal(a[k], b[k]), k
+
+
 def test_kd_trainer_runs_and_checks_teacher_is_needed():
     torch.manual_seed(0)
     teacher = Tiny().eval()

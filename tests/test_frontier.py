@@ -342,6 +342,8 @@ def test_resume_refuses_another_setup_naming_it(tmp_path):
     with pytest.raises(fr.FrontierError, match="carries no record of the model and data"):
         fr.run_frontier(model, runs[:2], scorer_for(root), csv_path=plain,
                         meta={"setup": setup})
+
+
 def test_resume_refuses_a_row_measured_with_another_config(tmp_path):
     model = tiny_model()
     root = make_folder(tmp_path / "val", model)

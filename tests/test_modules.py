@@ -59,6 +59,8 @@ def test_counting_fields_may_differ_when_loading():
         assert (layer.config.device, layer.config.wear_leveling) == ("default", "none")
     with pytest.raises(RuntimeError, match="different CrossbarConfig.*sort"):
         xb.convert(small_cnn(), base.replace(sort="magnitude")).load_state_dict(xm.state_dict())
+
+
 def test_whole_module_save_and_load():
     xm = xb.convert(small_cnn(), STUCK).eval()
     buf = io.BytesIO()
