@@ -37,7 +37,7 @@ import torch
 torch.ops.load_library(sys.argv[1])
 missing = []
 for op in ("encode", "decode", "effective_weight", "sort_and_encode", "program_layer",
-           "compensate", "analog_matmul"):
+           "compensate", "feedback_quantize", "analog_matmul"):
     table = torch._C._dispatch_dump_table(f"crossbar_torch::{op}")
     keys = {line.split(":")[0].strip() for line in table.splitlines() if "[kernel]" in line}
     print(f"  {op:18s} kernels: {', '.join(sorted(keys))}")
