@@ -483,14 +483,8 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
             padding = 0
         return x, padding
 
-    @property
-    def moment_groups(self) -> int:  # rule 21: one input second moment per group
-        return self.groups
-
-    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The im2col rows (N * positions, groups * K) the crossbars read for input ``x``, in
-        the weight's (channel, kh, kw) order (rule 21's moments)."""
-        x, padding = self._pad(x)
+    def _numeric_padding(self, x: torch.Tensor, padding):
+        """String padding ('valid' / 'same', stride 1) applied explicitly, for im2col."""
         if isinstance(padding, str):
             if padding == "same":
                 pads = []
@@ -499,6 +493,16 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
                     pads += [total // 2, total - total // 2]
                 x = F.pad(x, pads)
             padding = 0
+        return x, padding
+
+    @property
+    def moment_groups(self) -> int:  # rule 21: one input second moment per group
+        return self.groups
+
+    def input_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The im2col rows (N * positions, groups * K) the crossbars read for input ``x``, in
+        the weight's (channel, kh, kw) order (rule 21's moments)."""
+        x, padding = self._numeric_padding(*self._pad(x))
         cols = F.unfold(x, self.kernel_size, self.dilation, padding, self.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
@@ -511,14 +515,7 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
 
     def _analog_conv(self, x: torch.Tensor, padding) -> torch.Tensor:
         """The convolution as rows of im2col columns through the analog periphery."""
-        if isinstance(padding, str):  # 'valid' / 'same' (stride 1): pad explicitly
-            if padding == "same":
-                pads = []
-                for k, d in zip(reversed(self.kernel_size), reversed(self.dilation)):
-                    total = d * (k - 1)
-                    pads += [total // 2, total - total // 2]
-                x = F.pad(x, pads)
-            padding = 0
+        x, padding = self._numeric_padding(x, padding)
         padding = nn.modules.utils._pair(padding)
         B, _, H, W = x.shape
         (kh, kw), (sh, sw), (dh, dw) = self.kernel_size, self.stride, self.dilation
