@@ -277,6 +277,8 @@ class CrossbarConfig:
     def for_layer(self, name: str) -> "CrossbarConfig":
         """Rule 22: this config with the ``layer_overrides`` entries matching module ``name``
         applied (in order), and no overrides of its own."""
+        if not self.layer_overrides:  # (also keeps torch.compile out of the lru_cache)
+            return self
         return _config_for_layer(self, name)
 
     @property
