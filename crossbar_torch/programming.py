@@ -407,7 +407,8 @@ def _program_stamp(model: nn.Module):
     a new id. The latent weights are checked separately (``_weight_changed``)."""
     stamp = []
     for name, layer in crossbar_layers(model):
-        for buf in ("cells", "stuck", "scale", "sort_index", "filter_index", "tile_order"):
+        for buf in ("cells", "stuck", "scale", "sort_index", "filter_index", "tile_order",
+                    "input_moment"):  # rule 21 programs with the input moment
             t = getattr(layer, buf)
             if t.is_inference():
                 return None

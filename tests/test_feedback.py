@@ -314,3 +314,16 @@ def test_feedback_on_some_layers_only():
     assert torch.equal(xmodel.fc2.effective_q(), want)
     assert not torch.equal(want, before["fc2"])
     assert torch.equal(xmodel.fc1.effective_q(), before["fc1"])  # rule 13, as before
+
+
+def test_report_after_calibration_counts_the_feedback_programming():
+    """A report asked between calibrate and reprogram must not reuse the counts of the
+    programming before the moments existed: programming again would apply rule 21."""
+    torch.manual_seed(6)
+    model = Tiny().eval()
+    xmodel = xb.convert(copy.deepcopy(model), _config())
+    before = xb.reprogram_report(xmodel).to_dict()["writes_per_pass"]
+    xb.calibrate(xmodel, torch.randn(5, 4, 6, 6))
+    after = xb.reprogram_report(xmodel).to_dict()["writes_per_pass"]
+    assert after == xb.program_model(xmodel).per_pass.writes
+    assert after != before
