@@ -60,15 +60,7 @@ inline AnalogFormat make_analog_format(int64_t input_bits, int64_t per_cycle, do
   return f;
 }
 
-// ---- rounding-pinned arithmetic ------------------------------------------------------------
-
-XB_HD double xb_mul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
+// ---- rounding-pinned arithmetic (xb_mul: common.h) -----------------------------------------
 
 XB_HD double xb_add(double a, double b) {
 #if defined(__CUDA_ARCH__)

@@ -88,6 +88,18 @@ XB_HD int32_t decode_one(const uint8_t* cells, int weight_bits, int b, int encod
   return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(q)));
 }
 
+// ---- rounding-pinned arithmetic ------------------------------------------------------------
+
+// A product rounded on its own: never fused into a multiply-add (nvcc fuses by default), so the
+// CPU kernels, the CUDA kernels and the PyTorch references round the same way, bit for bit.
+XB_HD double xb_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // ---- packed transition counting ------------------------------------------------------------
 
 XB_HD int popcount64(uint64_t x) {

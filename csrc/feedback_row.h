@@ -14,16 +14,6 @@
 
 namespace crossbar_torch {
 
-// A product rounded on its own: never fused into a multiply-add (nvcc fuses by default), so the
-// CPU kernel, the CUDA kernel and the PyTorch reference round the same way, bit for bit.
-XB_HD double feedback_mul(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
 // `a` is a better value than `b` for target t: nearer; ties to the even value, then the smaller.
 XB_HD bool feedback_better(int64_t a, int64_t b, double t) {
   const double da = fabs(double(a) - t), db = fabs(double(b) - t);
@@ -105,7 +95,7 @@ XB_HD void feedback_row(double* t, const double* u, const bool* held, const uint
     out[k] = int32_t(v);
     const double e = (t[k] - double(v)) / u[k * K + k];
     const double* uk = u + k * K;
-    for (int64_t j = k + 1; j < K; ++j) t[j] = t[j] - feedback_mul(e, uk[j]);
+    for (int64_t j = k + 1; j < K; ++j) t[j] = t[j] - xb_mul(e, uk[j]);
   }
 }
 
