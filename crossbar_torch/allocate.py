@@ -19,11 +19,11 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn as nn
 
-from .analog import calibrate
+from .nn.analog import calibrate
 from .config import CrossbarConfig
-from .convert import convert
+from .nn.conversion import convert
 from .feedback import collect_moments, layer_output_error
-from .modules import crossbar_layers
+from .nn.modules import crossbar_layers
 from .programming import reprogram
 from .report import reprogram_report
 

@@ -3,7 +3,7 @@
 Every one is a :class:`CrossbarError`. Those that mean "what you gave is wrong" (a config field,
 a device YAML, a path, a command-line argument, a checkpoint that does not fit) are
 :class:`UserInputError`, which is also a ``ValueError``, so ``except ValueError`` keeps working.
-The scripts (``crossbar_torch.cli.run_main``) answer a ``UserInputError`` with one line
+The scripts (``crossbar_torch.apps.cli.run_main``) answer a ``UserInputError`` with one line
 ``error: <message>`` and exit status 2; anything else is a bug (of the package or of the caller)
 and keeps its traceback (exit status 1)::
 

@@ -164,7 +164,7 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
     """Name the calibrated layers whose relative output error exceeds the config's
     ``warn_output_error`` (one warning). Returns {layer name: error} of those layers."""
     import warnings
-    from .modules import crossbar_layers
+    from .nn.modules import crossbar_layers
     layers = [(n, l) for n, l in crossbar_layers(model) if l.input_moment.numel()]
     if not layers or not layers[0][1].config.warn_output_error:
         return {}
@@ -182,6 +182,6 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
 
 
 def needs_moments(model: nn.Module) -> bool:
-    from .modules import crossbar_layers
+    from .nn.modules import crossbar_layers
     return any(layer.config.for_layer(name).feedback != "none"  # rule 22: per layer too
                for name, layer in crossbar_layers(model))

@@ -309,9 +309,9 @@ def reprogram_report(model: nn.Module, config: CrossbarConfig | None = None, *,
     ``config`` may differ from the layers' in ``wear_leveling`` and ``device`` only (they
     change the counting, not the cells). ``device`` (a preset name, a YAML path or a
     :class:`Device`) overrides the configuration's device for lifetime and cost."""
-    from .modules import crossbar_layers
+    from .nn.modules import crossbar_layers
     if not crossbar_layers(model):
-        from .convert import no_crossbar_layers
+        from .nn.conversion import no_crossbar_layers
         raise no_crossbar_layers(model, "reprogram_report")
     result = last_program(model, config) if reuse else None
     if result is None:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import crossbar_torch as xb  # noqa: E402
 from crossbar_torch.config import atomic_write_text  # noqa: E402
-from crossbar_torch.finetune import evaluate, finetune, set_seed  # noqa: E402
+from crossbar_torch.apps.finetune import evaluate, finetune, set_seed  # noqa: E402
 
 DIGITS_CONFIG = dict(rows=32, cols=32, weight_bits=8, sort="magnitude", stuck_slices=5,
                      reprogram_fraction=0.25, pool=1, seed=0)
@@ -162,7 +162,7 @@ def table(r: dict) -> str:
 
 
 def main(argv=None):
-    from crossbar_torch.cli import (ArgumentParser, add_progress_args, apply_overrides,
+    from crossbar_torch.apps.cli import (ArgumentParser, add_progress_args, apply_overrides,
                                     check_output_file, positive_float, positive_int,
                                     show_progress)
     from crossbar_torch.config import parse_overrides
@@ -188,5 +188,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
     run_main(main)

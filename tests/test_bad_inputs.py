@@ -288,7 +288,7 @@ def _run_case(mod, argv: list) -> dict:
     files; returns {rc, err, seconds}."""
     import time
 
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
     with tempfile.TemporaryFile() as err, tempfile.TemporaryFile() as out:
         t0 = time.perf_counter()
         pid = os.fork()
@@ -343,8 +343,8 @@ def run_sweep(script: str, tmp: str) -> dict:
     import timm.data  # noqa: F401
     import yaml  # noqa: F401
 
-    import crossbar_torch.data  # noqa: F401
-    import crossbar_torch.weights  # noqa: F401
+    import crossbar_torch.apps.data  # noqa: F401
+    import crossbar_torch.apps.weights  # noqa: F401
     timm.list_models("resnet18*")  # timm's registry, built once
     spec = importlib.util.spec_from_file_location(f"_xb_bad_{script}",
                                                   os.path.join(REPO, "scripts", f"{script}.py"))

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from crossbar_torch.cli import run_main, show_progress
+from crossbar_torch.apps.cli import run_main, show_progress
 from test_eval import SYNSETS, make_folder
 
 SCRIPTS = os.path.join(REPO, "scripts")
@@ -299,7 +299,7 @@ def test_command_line_exit_status_and_one_line(name, argv, expect):
 
 def test_finetune_steps_zero_is_refused_like_epochs_zero(capsys, data):
     """Defect 17: --steps 0 wrote a final.pt with "loss None -> None"."""
-    from crossbar_torch.finetune import FinetuneArgs
+    from crossbar_torch.apps.finetune import FinetuneArgs
     for flag in ("--steps", "--epochs"):
         line = fails(capsys, "finetune", TINY + ["--random-init", "--train", str(data / "train"),
                                                  "--out", str(data / "o6"), flag, "0"])

@@ -115,7 +115,7 @@ def test_crossbar_section_beside_top_level_fields_is_refused(tmp_path):
 @pytest.mark.parametrize("spelling", ["None", "none", "null", "NULL", "~"])
 def test_none_spellings_mean_ideal_for_the_nullable_fields(spelling, tmp_path):
     """Issue 20 defect 15: '--set input_bits=None' said "allowed None (ideal)" and refused it."""
-    from crossbar_torch.cli import apply_overrides
+    from crossbar_torch.apps.cli import apply_overrides
     base = CrossbarConfig(input_bits=8, adc_bits=6, g_ratio=10.0, input_range=1.0)
     sets = [f"{k}={spelling}" for k in ("input_bits", "adc_bits", "g_ratio", "input_range")]
     c = apply_overrides(base, sets)

@@ -9,7 +9,7 @@ import torch.nn as nn
 import crossbar_torch as xb
 import crossbar_torch.device as device_mod
 from crossbar_torch.device import Device, load_device
-from crossbar_torch.finetune import save_final
+from crossbar_torch.apps.finetune import save_final
 
 ROUND = ("name: tdev\ndescription: test device\nendurance: 1000.0\nset_energy_j: 2.0e-12\n"
          "reset_energy_j: 3.0e-12\nset_pulse_s: 1.0e-8\nreset_pulse_s: 2.0e-8\n"

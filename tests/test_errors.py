@@ -7,12 +7,12 @@ import pytest
 
 import crossbar_torch as xb
 from crossbar_torch import errors
-from crossbar_torch.cli import ArgumentParser, UsageError, run_main, user_errors
-from crossbar_torch.data import UnreadableImageError
+from crossbar_torch.apps.cli import ArgumentParser, UsageError, run_main, user_errors
+from crossbar_torch.apps.data import UnreadableImageError
 from crossbar_torch.device import load_device
-from crossbar_torch.finetune import ResumeError, TrainingDiverged
-from crossbar_torch.frontier import FrontierError
-from crossbar_torch.weights import WeightLoadError
+from crossbar_torch.apps.finetune import ResumeError, TrainingDiverged
+from crossbar_torch.apps.frontier import FrontierError
+from crossbar_torch.apps.weights import WeightLoadError
 
 
 def test_the_hierarchy():
@@ -82,7 +82,7 @@ def test_argparse_errors_stay_one_line(capsys):
 
 
 def test_a_bug_in_a_script_shows_its_traceback_and_exits_1():
-    code = ("from crossbar_torch.cli import run_main\n"
+    code = ("from crossbar_torch.apps.cli import run_main\n"
             "def main(argv):\n    return {}['missing']\n"
             "run_main(main)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

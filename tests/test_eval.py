@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from conftest import REPO, SAMPLE_DATA
-from crossbar_torch.evaluate import StridedSampler, evaluate, topk_correct
+from crossbar_torch.apps.evaluate import StridedSampler, evaluate, topk_correct
 
 SCRIPT = os.path.join(REPO, "scripts", "eval_imagenet.py")
 TINY = ["--model", "test_efficientnet", "--random-init", "--img-size", "32", "--crop-pct", "1.0",
@@ -130,7 +130,7 @@ def test_random_weights_without_a_weight_flag_are_announced(tmp_path, capsys):
     """--model X without --pretrained / --checkpoint: the run says RANDOM weights on stderr,
     in the summary and in the JSON (it used to report 0% top-1 quietly)."""
     import importlib.util
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
     make_folder(tmp_path / "data" / "val", n_good=3)
     spec = importlib.util.spec_from_file_location("_xb_eval_rw", SCRIPT)
     ev = importlib.util.module_from_spec(spec)
@@ -226,7 +226,7 @@ def test_crossbar_checkpoint(tmp_path):
     # Same numbers in process: float = latent weights (the original model), crossbar = xmodel.
     import timm.data
 
-    from crossbar_torch.data import ImageNetFolder, collate_skip_bad
+    from crossbar_torch.apps.data import ImageNetFolder, collate_skip_bad
     dcfg = dict(timm.data.resolve_data_config({}, model=model))
     dcfg.update(input_size=(3, 32, 32), crop_pct=1.0)
     ds = ImageNetFolder(tmp_path / "val", timm.data.create_transform(**dcfg), skip_bad=True)
@@ -275,8 +275,8 @@ def test_shuffled_labels_fail(tmp_path):
     """Control: the same pipeline with the synset -> label mapping permuted scores near chance,
     so the accuracy bound above can fail."""
     _need_sample_data()
-    from crossbar_torch.data import ImageNetFolder, collate_skip_bad, transform_for
-    from crossbar_torch.weights import load_efficientnet_lite
+    from crossbar_torch.apps.data import ImageNetFolder, collate_skip_bad, transform_for
+    from crossbar_torch.apps.weights import load_efficientnet_lite
     model = load_efficientnet_lite("tf_efficientnet_lite0")
     root = os.path.join(SAMPLE_DATA, "val")
     ds = ImageNetFolder(root, transform_for(model), skip_bad=True)

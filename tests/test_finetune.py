@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import crossbar_torch as xb
-from crossbar_torch.finetune import (FinetuneArgs, ResumeError, Trainer, TrainingDiverged,
+from crossbar_torch.apps.finetune import (FinetuneArgs, ResumeError, Trainer, TrainingDiverged,
                                      check_stuck_cells, cross_entropy, distillation_loss,
                                      freeze_batchnorm, load_checkpoint, load_finetuned,
                                      save_final, stuck_snapshot)
@@ -466,7 +466,7 @@ def test_training_checkpoint_loads_with_rebuilt_buffers(tmp_path):
 
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):
-    from crossbar_torch.weights import WeightLoadError
+    from crossbar_torch.apps.weights import WeightLoadError
     p = tmp_path / "ck.pt"
     p.write_bytes(os.urandom(1000))
     with pytest.raises(WeightLoadError, match="ck.pt"):
@@ -494,7 +494,7 @@ def test_divergence_names_the_step_and_the_layers():
 
 
 def test_unreadable_training_images_stop_or_are_skipped():
-    from crossbar_torch.data import BadImage, UnreadableImageError
+    from crossbar_torch.apps.data import BadImage, UnreadableImageError
 
     class WithBad(NoisyData):
         def __getitem__(self, i):
@@ -514,7 +514,7 @@ def test_unreadable_training_images_stop_or_are_skipped():
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_written_files_honour_the_umask(tmp_path, umask):
     from crossbar_torch.config import atomic_write_text
-    from crossbar_torch.finetune import atomic_torch_save
+    from crossbar_torch.apps.finetune import atomic_torch_save
     old = os.umask(umask)
     try:
         atomic_torch_save({"a": torch.zeros(2)}, tmp_path / "c.pt")

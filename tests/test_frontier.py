@@ -1,4 +1,4 @@
-"""The frontier tool: crossbar_torch/frontier.py and scripts/frontier.py.
+"""The frontier tool: crossbar_torch/apps/frontier.py and scripts/frontier.py.
 
 * Fast: a tiny CNN with 10 outputs on a generated synset folder (PNG images, so the pixels
   read back are the ones written); every CSV / JSON value is recomputed here from
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 import crossbar_torch as xb
-import crossbar_torch.frontier as fr
+import crossbar_torch.apps.frontier as fr
 from conftest import REPO, SAMPLE_DATA
 
 SCRIPT = os.path.join(REPO, "scripts", "frontier.py")
@@ -33,7 +33,7 @@ N_CLASSES = 10
 
 
 def synsets():
-    from crossbar_torch.data import imagenet_synsets
+    from crossbar_torch.apps.data import imagenet_synsets
     return imagenet_synsets()[:N_CLASSES]  # canonical classes 0..9
 
 
@@ -86,7 +86,7 @@ def folder_tensors(root):
 
 
 def scorer_for(root, batch_size=5):
-    from crossbar_torch.data import ImageNetFolder, collate_skip_bad
+    from crossbar_torch.apps.data import ImageNetFolder, collate_skip_bad
     ds = ImageNetFolder(root, to_tensor, skip_bad=True)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate_skip_bad)
     return fr.ImageScorer(loader, "cpu", key={"test": str(root)})
@@ -139,7 +139,7 @@ def test_sentences_fixed_distinct_and_enough():
     assert all(isinstance(s, str) and s.strip() and s[0].isupper() for s in a)
     assert fr.frontier_sentences(300)[:len(a)] == a  # a longer set extends the same walk
     # the same in another interpreter with another hash seed (nothing depends on set order)
-    code = ("import json, crossbar_torch.frontier as f; "
+    code = ("import json, crossbar_torch.apps.frontier as f; "
             "print(json.dumps(f.frontier_sentences()))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                        env={**os.environ, "PYTHONHASHSEED": "123"}, timeout=120)
@@ -370,7 +370,7 @@ TINY = ["--model", "test_efficientnet", "--random-init", "--img-size", "32", "--
 
 def test_script_end_to_end_and_resume(tmp_path):
     import timm
-    from crossbar_torch.data import data_config_for
+    from crossbar_torch.apps.data import data_config_for
     root = tmp_path / "val"
     for i, im in enumerate(make_images(6, size=40)):
         d = root / synsets()[i % 3]
@@ -494,8 +494,8 @@ def test_lite0_on_four_dev_images(tmp_path):
     if not os.path.isdir(SAMPLE_DATA):
         pytest.skip(f"{SAMPLE_DATA} not present")
     import timm
-    from crossbar_torch.data import ImageNetFolder
-    from crossbar_torch.weights import load_efficientnet_lite
+    from crossbar_torch.apps.data import ImageNetFolder
+    from crossbar_torch.apps.weights import load_efficientnet_lite
     out = tmp_path / "lite0.csv"
     r = run_script("--data", SAMPLE_DATA, "--limit", "4", "--csv", str(out), "--quiet",
                    "--only", "chain+comp 2@0.5", timeout=1800)
@@ -527,7 +527,7 @@ def test_lite0_on_four_dev_images(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_cosine_scorer(tmp_path):
-    from crossbar_torch.weights import encode_sentences, load_minilm, minilm_tokenizer
+    from crossbar_torch.apps.weights import encode_sentences, load_minilm, minilm_tokenizer
     model = load_minilm()
     sentences = fr.frontier_sentences(200)
     runs = [fr.SweepRun("crossbar8", xb.CrossbarConfig(sort="none"), "t"),

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import crossbar_torch as xb
-import crossbar_torch.frontier as fr
+import crossbar_torch.apps.frontier as fr
 from test_frontier import folder_tensors, make_folder, read_csv, scorer_for, tiny_model, \
     write_sweep
 

@@ -179,7 +179,7 @@ def test_resnetv2_bit_stdconv_lossless():
 
 @pytest.mark.slow
 def test_efficientnet_lite0_real_weights_lossless():
-    from crossbar_torch.weights import load_efficientnet_lite
+    from crossbar_torch.apps.weights import load_efficientnet_lite
     model = load_efficientnet_lite("tf_efficientnet_lite0")
     xm = check_lossless(model, torch.randn(2, 3, 96, 96), ALL_COMBOS, atol=1e-5)
     kinds = {(l.groups == l.in_channels, l.dynamic_same_pad) for _, l in xb.crossbar_layers(xm)
@@ -225,7 +225,7 @@ def test_lazy_and_meta_layers():
 def test_converting_nothing_warns_and_later_calls_say_why():
     """Issue 20 defect 20: convert() of a model without Linear / Conv2d said nothing, and
     reprogram_report / calibrate / Trainer then said "convert it first" of a converted model."""
-    from crossbar_torch.finetune import FinetuneArgs, Trainer
+    from crossbar_torch.apps.finetune import FinetuneArgs, Trainer
     m = nn.Sequential(nn.ReLU(), nn.Flatten())
     with pytest.warns(UserWarning) as w:
         xm = xb.convert(m, xb.CrossbarConfig())

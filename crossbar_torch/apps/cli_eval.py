@@ -38,7 +38,7 @@ import time
 import torch  # noqa: E402
 
 import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.cli import (PYPI_LITE, ArgumentParser, UsageError,  # noqa: E402
+from crossbar_torch.apps.cli import (PYPI_LITE, ArgumentParser, UsageError,  # noqa: E402
                                 add_config_args, add_model_args, add_preprocess_args,
                                 add_progress_args, check_input_dir, check_input_file,
                                 check_model_args, check_output_file, config_from_args,
@@ -46,10 +46,10 @@ from crossbar_torch.cli import (PYPI_LITE, ArgumentParser, UsageError,  # noqa: 
                                 positive_int, preprocess_overrides, random_weights,
                                 random_weights_note, run_main, show_progress)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
-from crossbar_torch.modules import CROSSBAR_BUFFERS  # noqa: E402
-from crossbar_torch.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
+from crossbar_torch.nn.modules import CROSSBAR_BUFFERS  # noqa: E402
+from crossbar_torch.apps.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
                                  collate_skip_bad, data_config_for, resolve_split_root)
-from crossbar_torch.evaluate import StridedSampler, evaluate, init_distributed  # noqa: E402
+from crossbar_torch.apps.evaluate import StridedSampler, evaluate, init_distributed  # noqa: E402
 
 from crossbar_torch.apps._checkout import sample_dev  # noqa: E402
 
@@ -95,7 +95,7 @@ def is_crossbar_checkpoint(path) -> "dict | None":
     """The checkpoint dict if ``path`` is a fine-tuned crossbar checkpoint, else None. An
     unreadable file is an error naming it; so is a training checkpoint (it leaves out the
     crossbar cells, which only the original float weights can rebuild)."""
-    from crossbar_torch.weights import read_checkpoint
+    from crossbar_torch.apps.weights import read_checkpoint
     if not path:
         return None
     obj = read_checkpoint(path)
@@ -104,7 +104,7 @@ def is_crossbar_checkpoint(path) -> "dict | None":
             raise UsageError(
                 f"--checkpoint {path!r} is a training checkpoint of scripts/finetune.py (resume "
                 "state, without the crossbar cells): evaluate the run's final.pt, or load it "
-                "with crossbar_torch.finetune.load_finetuned and the original float weights")
+                "with crossbar_torch.apps.finetune.load_finetuned and the original float weights")
         return obj
     return None
 
@@ -112,9 +112,9 @@ def is_crossbar_checkpoint(path) -> "dict | None":
 def models_from_crossbar_checkpoint(ckpt: dict, args, log):
     """(float model from the latent weights, crossbar model with the saved cells, config, name)."""
     import timm
-    from crossbar_torch.weights import preprocess_config
+    from crossbar_torch.apps.weights import preprocess_config
 
-    from crossbar_torch.weights import state_dict_mismatch
+    from crossbar_torch.apps.weights import state_dict_mismatch
 
     path = args.checkpoint
     name = ckpt.get("model_name") or args.model
@@ -341,7 +341,7 @@ def calibrate_once(xmodel, ds, args, device, distributed, rank) -> dict:
     share of it): rank 0 calibrates and sends the ranges to every rank, so the result does not
     depend on the number of ranks. Returns ``{"images": n, "layers": {name: {"input_range",
     "adc_range"}}}``."""
-    from crossbar_torch.analog import calibrate_from_loader
+    from crossbar_torch.nn.analog import calibrate_from_loader
     layers = xb.crossbar_layers(xmodel)
     msg, error = [None], None
     if rank == 0:

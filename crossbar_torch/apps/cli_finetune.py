@@ -20,7 +20,7 @@ Writes to --out: checkpoint-<step>.pt (every --save-every steps and at the end; 
 last --keep are kept; they hold what a resume needs: latent weights, optimizer, RNG, config,
 step; the crossbar cells are rebuilt on resume by converting the same model again),
 final.pt ({"model", "crossbar_config", "model_name"}: loads with
-``crossbar_torch.finetune.load_finetuned`` or ``scripts/eval_imagenet.py --checkpoint``),
+``crossbar_torch.apps.finetune.load_finetuned`` or ``scripts/eval_imagenet.py --checkpoint``),
 report_before.json / report_after.json (reprogram reports) and result.json.
 A resume refuses changed arguments (naming them) and says the step it resumed from.
 """
@@ -37,7 +37,7 @@ import time
 import torch  # noqa: E402
 
 import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.cli import (ArgumentParser, UsageError, add_config_args,  # noqa: E402
+from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args,  # noqa: E402
                                 add_model_args, add_preprocess_args, add_progress_args,
                                 check_input_dir, check_input_file, check_model_args,
                                 check_output_dir, config_from_args, describe_source,
@@ -45,9 +45,9 @@ from crossbar_torch.cli import (ArgumentParser, UsageError, add_config_args,  # 
                                 preprocess_overrides, random_weights, random_weights_note,
                                 run_main, show_progress)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
-from crossbar_torch.data import (UnreadableImageError, data_config_for,  # noqa: E402
+from crossbar_torch.apps.data import (UnreadableImageError, data_config_for,  # noqa: E402
                                  resolve_split_root)
-from crossbar_torch.finetune import (LOSSES, FinetuneArgs, Trainer, evaluate,  # noqa: E402
+from crossbar_torch.apps.finetune import (LOSSES, FinetuneArgs, Trainer, evaluate,  # noqa: E402
                                      load_checkpoint, save_final)
 
 # FinetuneArgs field -> the flag that sets it (for the resume messages)
@@ -199,7 +199,7 @@ def check_args(args, log) -> dict:
 def build_datasets(args, paths):
     """The training and validation datasets (files listed; transforms set later). Unreadable
     images come back as records, so the error names the file even from a DataLoader worker."""
-    from crossbar_torch.data import ImageList, ImageNetFolder
+    from crossbar_torch.apps.data import ImageList, ImageNetFolder
     if "train" in paths:
         train_ds = ImageNetFolder(paths["train"], None, skip_bad=True)
     else:
@@ -224,7 +224,7 @@ def transforms(dcfg, args):
 def val_loader(args, ds, rank, world):
     if ds is None:
         return None
-    from crossbar_torch.data import collate_skip_bad
+    from crossbar_torch.apps.data import collate_skip_bad
     if world > 1:  # each rank its own share, no padding (counts are summed in evaluate)
         ds = torch.utils.data.Subset(ds, list(range(rank, len(ds), world)))
     return torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
@@ -239,7 +239,7 @@ def report_summary(rep) -> str:
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    from crossbar_torch.evaluate import init_distributed
+    from crossbar_torch.apps.evaluate import init_distributed
     rank0 = os.environ.get("RANK", "0") == "0"
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     paths = check_args(args, log)
@@ -260,7 +260,7 @@ def main(argv=None):
 
 
 def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0):
-    from crossbar_torch.finetune import set_seed
+    from crossbar_torch.apps.finetune import set_seed
     progress = show_progress(args) and rank == 0
     os.makedirs(args.out, exist_ok=True)
     set_seed(args.seed)  # a --random-init model (teacher included) is the same on resume
@@ -288,7 +288,7 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
                 "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
                                   for k, v in dcfg.items()}}
     if "resume_state" in paths:  # refuse changed arguments before converting (slow)
-        from crossbar_torch.finetune import check_resume
+        from crossbar_torch.apps.finetune import check_resume
         check_resume(paths["resume_state"], repr(paths["resume"]), args=fargs, config=cfg,
                      world=world, model_name=args.model, run_info=run_info,
                      train_size=len(train_ds), arg_names=FLAGS)
@@ -296,8 +296,8 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
     xmodel = xb.convert(float_model, cfg, progress=progress)
     log(xmodel.crossbar_conversion.summary())
     if cfg.analog:  # rule 20: the converters' ranges (a resumed checkpoint restores its own)
-        from crossbar_torch.analog import calibrate_from_loader
-        from crossbar_torch.data import collate_skip_bad
+        from crossbar_torch.nn.analog import calibrate_from_loader
+        from crossbar_torch.apps.data import collate_skip_bad
         src = val_ds if val_ds is not None else train_ds
         n = calibrate_from_loader(xmodel, torch.utils.data.DataLoader(
             src, batch_size=min(args.calib_images, args.batch_size),

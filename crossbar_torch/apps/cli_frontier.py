@@ -27,7 +27,7 @@ crossbar8) and nn_agreement (percent of the sentences whose nearest other senten
 is the same under both). On --sentences FILE (one sentence a line), or by default: for mpnet
 the 330 real English sentences that ship with the package
 (crossbar_torch/corpus/sentences_en.txt, sources in its README.md), for minilm 256 generated
-sentences (crossbar_torch.frontier.frontier_sentences; --generated N for another count), the
+sentences (crossbar_torch.apps.frontier.frontier_sentences; --generated N for another count), the
 set its documented numbers were measured on.
 Every row also gets weight_error = sum |q_eff - q| / sum |q| over all crossbar weights.
 
@@ -49,13 +49,13 @@ import os
 import sys
 
 
-from crossbar_torch.cli import (ArgumentParser, UsageError, add_model_args,  # noqa: E402
+from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_model_args,  # noqa: E402
                                 add_preprocess_args, add_progress_args, check_input_dir,
                                 check_output_file, is_minilm, is_sentence_model,
                                 nonnegative_int, positive_int, run_main,
                                 show_progress)
-from crossbar_torch.data import resolve_split_root  # noqa: E402
-from crossbar_torch.frontier import CALIBRATION_IMAGES  # noqa: E402
+from crossbar_torch.apps.data import resolve_split_root  # noqa: E402
+from crossbar_torch.apps.frontier import CALIBRATION_IMAGES  # noqa: E402
 
 from crossbar_torch.apps._checkout import checkout_file  # noqa: E402
 
@@ -124,10 +124,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     import torch
 
-    import crossbar_torch.frontier as fr
-    from crossbar_torch.cli import describe_source, model_from_args, preprocess_overrides
-    from crossbar_torch.data import ImageNetFolder, UnreadableImageError, collate_skip_bad
-    from crossbar_torch.evaluate import resolve_device
+    import crossbar_torch.apps.frontier as fr
+    from crossbar_torch.apps.cli import describe_source, model_from_args, preprocess_overrides
+    from crossbar_torch.apps.data import ImageNetFolder, UnreadableImageError, collate_skip_bad
+    from crossbar_torch.apps.evaluate import resolve_device
 
     def log(msg):
         if not args.quiet:
@@ -236,7 +236,7 @@ def main(argv=None):
         title = (f"{args.model} ({weights}): writes vs. embedding fidelity, "
                  f"{len(sentences)} sentences")
     else:
-        from crossbar_torch.data import data_config_for
+        from crossbar_torch.apps.data import data_config_for
         import timm.data
         dcfg = data_config_for(float_model, pre)
         ds.transform = timm.data.create_transform(**dcfg, is_training=False)
@@ -275,7 +275,7 @@ def main(argv=None):
         title = (f"{args.model} ({weights}): writes vs. top-1, "
                  f"{n} images of {os.path.basename(os.path.normpath(args.data))}")
     # what every row is measured on: a rerun on the same --csv resumes it only if this is equal
-    from crossbar_torch.cli import random_weights
+    from crossbar_torch.apps.cli import random_weights
     setup = {"model": args.model, "weights": weights, "checkpoint": weights_key["checkpoint"],
              "seed": args.seed if random_weights(args) else None,
              "reference": runs[0].config.to_dict()}

@@ -21,7 +21,7 @@ import os
 import sys
 
 
-from crossbar_torch.cli import (ArgumentParser, UsageError, check_output_file,  # noqa: E402
+from crossbar_torch.apps.cli import (ArgumentParser, UsageError, check_output_file,  # noqa: E402
                                 run_main)
 from crossbar_torch.config import atomic_write  # noqa: E402
 

@@ -27,7 +27,7 @@ import warnings
 
 
 import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.cli import (ArgumentParser, UsageError, add_config_args,  # noqa: E402
+from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args,  # noqa: E402
                                 add_model_args, add_progress_args, check_output_file,
                                 config_from_args, describe_source, model_from_args, one_line,
                                 random_weights, random_weights_note, read_yaml, run_main,
@@ -40,7 +40,7 @@ from crossbar_torch.report import format_count, si  # noqa: E402
 def load_sweep(paths, overrides):
     """Runs of a sweep: each path is a config YAML, or a sweep YAML {base: {...}, runs: [...]}.
     Run names are made unique (a repeated name gets ' #2', ' #3', ...)."""
-    from crossbar_torch.cli import apply_overrides
+    from crossbar_torch.apps.cli import apply_overrides
     runs, seen = [], {}
 
     def add(name, cfg):

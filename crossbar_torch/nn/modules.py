@@ -28,10 +28,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import ops
-from .config import COUNTING_FIELDS, CrossbarConfig
-from .mapping import check_filter_index, filter_index, layer_tiles, natural_filter_index
-from .quantization import quantize, sort_index
+from .. import ops
+from ..config import COUNTING_FIELDS, CrossbarConfig
+from ..mapping import check_filter_index, filter_index, layer_tiles, natural_filter_index
+from ..quantization import quantize, sort_index
 
 
 # What a crossbar layer keeps beside the parameters of the layer it replaced.

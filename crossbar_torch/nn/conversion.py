@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .config import CrossbarConfig
+from ..config import CrossbarConfig
 from .modules import CROSSBAR_LAYERS, CrossbarConv2d, CrossbarLinear
 
 
@@ -117,7 +117,7 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
     config = config or CrossbarConfig()
     if not isinstance(config, CrossbarConfig):
         raise TypeError(f"config must be a CrossbarConfig, got {type(config).__name__}")
-    from .config import ignored_settings
+    from ..config import ignored_settings
     for why in ignored_settings(config):  # accepted, but said
         warnings.warn(f"convert: {why}", UserWarning, stacklevel=2)
     kinds = [k.strip() for k in config.tuned_on.split(",") if k.strip()]
@@ -197,13 +197,13 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
     layers = crossbar_layers(model)
     for number, (name, layer) in enumerate(layers):
         layer.layer_number, layer.layer_name = number, name  # rule 19's read-noise draws
-    from .config import unmatched_patterns
+    from ..config import unmatched_patterns
     missing = unmatched_patterns(config, [name for name, _ in layers]) if layers else []
     if missing:  # rule 22: a policy that applies nowhere is a mistake (a typo, another model)
-        from .errors import ConfigError
+        from ..errors import ConfigError
         raise ConfigError(f"layer_overrides pattern(s) {missing} match no crossbar layer of this "
                           f"model (its layers: {layers[0][0]!r} ... {layers[-1][0]!r})")
     if program and record.converted:
-        from .programming import reprogram
+        from ..programming import reprogram
         reprogram(model, progress=progress)
     return model

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import ops
-from .config import CrossbarConfig
-from .mapping import weight_crossbars
-from .ops.analog_reference import adc_step
+from .. import ops
+from ..config import CrossbarConfig
+from ..mapping import weight_crossbars
+from ..ops.analog_reference import adc_step
 
 T0_SECONDS = 1.0
 
@@ -336,7 +336,7 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     from .modules import crossbar_layers
     layers = crossbar_layers(model)
     if not layers:
-        from .convert import no_crossbar_layers
+        from .conversion import no_crossbar_layers
         raise no_crossbar_layers(model, "calibrate")
     if (batch is None) == (run is None):
         raise ValueError("calibrate: give a batch or a run(model) callable (one of them)")
@@ -357,7 +357,7 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     was = model.training
     model.eval()
     try:
-        from .feedback import collect_moments, needs_moments
+        from ..feedback import collect_moments, needs_moments
         # rule 21: the same run records every layer's input second moment when the config asks
         # for feedback, or, to check the layers' output error (warn_output_error), when it
         # sticks cells (then the moments are dropped after the check)
@@ -389,7 +389,7 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     finally:
         model.train(was)
     if check:
-        from .feedback import warn_output_errors
+        from ..feedback import warn_output_errors
         warn_output_errors(model, "calibrate")
         if not keep:  # measured for the warning only
             for (_, layer), m in zip(layers, saved):
@@ -400,7 +400,7 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
 
 def calibrate_from_loader(model: nn.Module, loader, device, images: int = 8) -> int:
     """Rule 20 for the scripts: calibrate on the first ``images`` readable images of ``loader``
-    (batches of ``(images, labels, ...)`` or :class:`~crossbar_torch.data.Batch`). Returns the
+    (batches of ``(images, labels, ...)`` or :class:`~crossbar_torch.apps.data.Batch`). Returns the
     number of images used."""
     got, n = [], 0
     for batch in loader:

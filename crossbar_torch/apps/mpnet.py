@@ -40,7 +40,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import MissingDependencyError
+from ..errors import MissingDependencyError
 from .weights import WeightLoadError
 
 __all__ = ["MPNET_NAMES", "MPNET", "Part", "SplitZip", "cache_root", "find_parts",

@@ -58,10 +58,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import CrossbarConfig, atomic_write, atomic_write_text
+from ..config import CrossbarConfig, atomic_write, atomic_write_text
 from .data import BadImage, Batch, UnreadableImageError
-from .errors import UserInputError
-from .modules import crossbar_layers
+from ..errors import UserInputError
+from ..nn.modules import crossbar_layers
 
 __all__ = [
     "cross_entropy", "distillation_loss", "FinetuneArgs", "FinetuneResult", "Trainer",
@@ -185,7 +185,7 @@ def load_checkpoint(path) -> dict:
     ck = read_checkpoint(path, "checkpoint")
     if not isinstance(ck, dict) or not {"model", "step", "optimizer"} <= set(ck):
         raise WeightLoadError(f"checkpoint {os.fspath(path)!r} is not a training checkpoint of "
-                              "crossbar_torch.finetune (expected the keys 'model', 'step', "
+                              "crossbar_torch.apps.finetune (expected the keys 'model', 'step', "
                               "'optimizer')")
     return ck
 
@@ -293,7 +293,7 @@ class ResumableSampler(torch.utils.data.DistributedSampler):
 
 def collate_train(items):
     """Training ``collate_fn``: ``(images, labels, bad)``; unreadable images
-    (:class:`~crossbar_torch.data.BadImage` records) are taken out of the batch and listed in
+    (:class:`~crossbar_torch.apps.data.BadImage` records) are taken out of the batch and listed in
     ``bad``, so they reach the training process (even from DataLoader workers), which stops
     with an error naming the file or skips them (``skip_bad``). ``images`` is None when every
     item was bad."""
@@ -374,7 +374,7 @@ def evaluate(model: nn.Module, loader, device="cpu", *, progress: bool = False,
     """Top-1 / top-5 accuracy (percent) of ``model`` in eval mode on ``loader``, whose batches
     are ``(images, labels, ...)``; samples with label < 0 are skipped. Under DDP the counts are
     summed over ranks (each rank evaluates its own loader). Batches of
-    :func:`~crossbar_torch.data.collate_skip_bad` may list unreadable images: an error naming
+    :func:`~crossbar_torch.apps.data.collate_skip_bad` may list unreadable images: an error naming
     the first one, or (``skip_bad``) counted in ``"bad_images"``."""
     from tqdm.auto import tqdm
     was_training = model.training
@@ -566,7 +566,7 @@ class Trainer:
 
     ``model``: a model converted by :func:`crossbar_torch.convert` (programmed, so the stuck
     cells hold their levels). ``dataset``: items ``(image, label, ...)`` (label ``-1`` when
-    unknown), or :class:`~crossbar_torch.data.BadImage` records for unreadable images (a
+    unknown), or :class:`~crossbar_torch.apps.data.BadImage` records for unreadable images (a
     ``skip_bad=True`` dataset): the run stops with an error naming the file, or skips it with
     ``args.skip_bad``. ``teacher``: the float model, needed for ``loss='kd'`` / ``'kd+ce'``;
     kept in eval mode without gradients. ``config``: the CrossbarConfig (taken from the layers
@@ -590,7 +590,7 @@ class Trainer:
         self.rank, self.world = _dist()
         layers = crossbar_layers(model)
         if not layers:
-            from .convert import no_crossbar_layers
+            from ..nn.conversion import no_crossbar_layers
             raise no_crossbar_layers(model, "Trainer")
         self.config = config or layers[0][1].config
         self.model_name = model_name
@@ -799,7 +799,7 @@ class Trainer:
         ``resume``: a checkpoint path, or its loaded dict (then ``resume_path`` names it in
         messages)."""
         from tqdm.auto import tqdm
-        from .programming import reprogram
+        from ..programming import reprogram
         t0 = time.time()
         if resume is not None:
             if not isinstance(resume, dict):
@@ -929,8 +929,8 @@ def load_finetuned(path, model_builder: Callable[..., nn.Module], *, map_locatio
     fingerprint, given the checkpoint's latent weights and reprogrammed (stuck cells keep
     their levels), i.e. the model as it would be deployed had training stopped at that step."""
     import inspect
-    from .convert import convert
-    from .programming import reprogram
+    from ..nn.conversion import convert
+    from ..programming import reprogram
     from .weights import read_checkpoint
     ck = read_checkpoint(path, "checkpoint")
     if not isinstance(ck, dict) or "model" not in ck or "crossbar_config" not in ck:

@@ -11,12 +11,12 @@ import os
 import sys
 import warnings
 
-from .config import CrossbarConfig, parse_overrides
-from .errors import UsageError, UserInputError  # noqa: F401 (UsageError: cli.UsageError)
+from ..config import CrossbarConfig, parse_overrides
+from ..errors import UsageError, UserInputError  # noqa: F401 (UsageError: cli.UsageError)
 
 PYPI_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "minilm-l6")
-MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")  # crossbar_torch.models_mpnet.MPNET_NAMES
+MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")  # crossbar_torch.apps.mpnet.MPNET_NAMES
 EXIT_USAGE = 2  # usage and input errors, in every script
 
 
