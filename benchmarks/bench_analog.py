@@ -331,7 +331,7 @@ def main():
         print(f"error: --sliced-budget must be > 0, got {args.sliced_budget}", file=sys.stderr)
         sys.exit(2)
     if not args.skip_sliced:  # Lite0's weights, checked before the long work
-        from crossbar_torch.apps.weights import efficientnet_lite_weights_path
+        from crossbar_torch.apps.models.efficientnet_lite import efficientnet_lite_weights_path
         try:
             efficientnet_lite_weights_path("tf_efficientnet_lite0")
         except (ImportError, OSError, ValueError) as e:
@@ -355,7 +355,7 @@ def main():
         except ImportError:
             pass
     sliced("resnet18", resnet, args.batch, args.sliced_budget, al)
-    from crossbar_torch.apps.weights import load_efficientnet_lite
+    from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite
     sliced("tf_efficientnet_lite0", load_efficientnet_lite("tf_efficientnet_lite0"), args.batch,
            args.sliced_budget, al)
 

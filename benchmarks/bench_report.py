@@ -62,7 +62,7 @@ def count_all(layers, cfg, fn, best_of=1):
 
 
 def lite0_layers(cfg):
-    from crossbar_torch.apps.weights import load_efficientnet_lite
+    from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite
     xm = xb.convert(load_efficientnet_lite("tf_efficientnet_lite0"), cfg, program=False)
     return [(layer_targets(l, cfg, False)[0], l.filter_index) for _, l in xb.crossbar_layers(xm)]
 
@@ -100,7 +100,7 @@ def best_time(fn, repeat=3):
 
 def wear(skip_rotation: bool) -> None:
     """Section 3: what the lifetime statistics cost, and what wear levelling buys."""
-    from crossbar_torch.apps.weights import load_efficientnet_lite
+    from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite
     model = load_efficientnet_lite("tf_efficientnet_lite0")
     cfg = xb.CrossbarConfig(sort="magnitude")
     xm = xb.convert(model, cfg, program=False)

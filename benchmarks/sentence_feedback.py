@@ -33,10 +33,10 @@ def main(argv):
     from sentence_transformers import SentenceTransformer
     which, specs = argv[0], argv[1:]
     if which == "minilm":
-        from crossbar_torch.apps.weights import minilm_model_dir
+        from crossbar_torch.apps.models.minilm import minilm_model_dir
         folder = str(minilm_model_dir())
     else:
-        from crossbar_torch.apps.mpnet import mpnet_model_dir
+        from crossbar_torch.apps.models.mpnet import mpnet_model_dir
         folder = str(mpnet_model_dir())
     st = SentenceTransformer(folder, device="cpu").eval()
     real = builtin_sentences()[:300]

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 import torch.nn as nn
 
-from .nn.analog import calibrate
+from .nn.calibration import calibrate
 from .config import CrossbarConfig
 from .nn.conversion import convert
 from .feedback import collect_moments, layer_output_error

@@ -14,9 +14,10 @@ import tempfile
 from dataclasses import dataclass, fields
 from typing import Any, Iterable, Mapping
 
+from . import encoding as _encoding
+from .encoding import ENCODINGS
 from .errors import ConfigError
 
-ENCODINGS = ("differential", "twos_complement", "offset")
 SORT_KEYS = ("none", "magnitude", "value")
 SORT_SCOPES = ("filter",)
 # Rule 13 enumerates the free low cells of a weight: bound the search (2**20 assignments at most,
@@ -368,21 +369,21 @@ class CrossbarConfig:
     @property
     def magnitude_bits(self) -> int:
         """Bits stored per array: B-1 magnitude bits (differential) or the B-bit word."""
-        return self.weight_bits - 1 if self.encoding == "differential" else self.weight_bits
+        return _encoding.magnitude_bits(self.weight_bits, self.encoding)
 
     @property
     def slices(self) -> int:
         """S: slices per array (per weight for single-array encodings)."""
-        return math.ceil(self.magnitude_bits / self.bits_per_cell)
+        return _encoding.slices_for(self.weight_bits, self.bits_per_cell, self.encoding)
 
     @property
     def arrays(self) -> int:
-        return 2 if self.encoding == "differential" else 1
+        return _encoding.arrays_for(self.encoding)
 
     @property
     def cells_per_weight(self) -> int:
         """c: cells one weight occupies (2S for differential, S otherwise)."""
-        return self.arrays * self.slices
+        return _encoding.cells_for(self.weight_bits, self.bits_per_cell, self.encoding)
 
     @property
     def filters_per_crossbar(self) -> int:

@@ -3,7 +3,7 @@
 One home for the geometry that programming, the layers and the reports share:
 
 * the cell layout: which slice each physical column holds, the packed bit layout of a
-  crossbar's state (``pack_bits``), the counters ``program_layer`` returns (``STAT_NAMES``);
+  crossbar's state (``pack_bits``);
 * the tile geometry of a layer (:class:`LayerGeometry`): sections, column blocks, tiles;
 * the filter placement (rule 11): ``filter_index``, the filter in block j, slot f at
   ``j*F + f``, ``-1`` for an unused slot (a partial block leaves slots past its end unused);
@@ -17,27 +17,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ENCODINGS, CrossbarConfig
+from . import ops
+from .config import CrossbarConfig
 
-# Order of the counters returned by the program_layer op (then one entry per slice).
-# set_pulses: the part of `pulses` on SET writes (reset pulses = pulses - set_pulses).
-STAT_NAMES = ("writes", "sets", "resets", "pulses", "rows_programmed", "set_pulses")
 UNUSED_SLOT = -1
 
 
 # ---- cell layout -----------------------------------------------------------------------------
-
-def slices_for(weight_bits: int, bits_per_cell: int, encoding: int | str) -> int:
-    enc = ENCODINGS[encoding] if isinstance(encoding, int) else encoding
-    magnitude = weight_bits - 1 if enc == "differential" else weight_bits
-    return math.ceil(magnitude / bits_per_cell)
-
-
-def cells_for(weight_bits: int, bits_per_cell: int, encoding: int | str) -> int:
-    enc = ENCODINGS[encoding] if isinstance(encoding, int) else encoding
-    s = slices_for(weight_bits, bits_per_cell, enc)
-    return 2 * s if enc == "differential" else s
-
 
 def column_slices(cols: int, cells_per_weight: int, slices: int) -> torch.Tensor:
     """Slice held by each physical column (-1 for columns no filter uses)."""
@@ -147,7 +133,6 @@ def chain_order(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     in one slot of consecutive column blocks, so consecutive tiles then differ in few cells.
     Costs one (out x out) distance matrix per layer (a matmul over out x K*c bits).
     """
-    from . import ops  # ops imports this module: import here
     from .quantization import sort_rows
 
     out, k = q.shape

@@ -17,11 +17,13 @@ import torch.nn as nn
 
 from . import ops
 from .config import COUNTING_FIELDS, CrossbarConfig
-from .mapping import (STAT_NAMES, LayerGeometry, column_slices, layer_tiles,  # noqa: F401
+from .ops import STAT_NAMES
+from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .feedback import feedback_active, feedback_cells, feedback_targets, warn_output_errors
 from .nn.modules import crossbar_layers
 from .quantization import check_weight
+from .noise import program_noise
 from .wear import CellStats, cell_stats, shift_frame
 
 NOT_PINNED = 255  # program_layer's `pinned` level for a cell whose held level is not known
@@ -372,7 +374,6 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
             pool.cell_writes.zero_()
     bar.close()
     if noise:
-        from .nn.analog import program_noise
         for (_, layer), (eps, nu) in zip(layers, program_noise(run_cfg, pool.stuck_bits, placed)):
             dev = layer.cells.device
             layer.prog_eps = eps.to(dev) if eps is not None else layer.prog_eps.new_zeros(0)

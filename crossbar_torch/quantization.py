@@ -1,6 +1,9 @@
-"""Per-layer pure stages: weight checks, quantization (rule 2) and the sort index (rule 4).
+"""Per-layer pure stages: weight checks, quantization (rule 2), the sort index (rule 4) and
+the ADC step (rule 18).
 Semantics: docs/semantics.md."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -56,3 +59,15 @@ def quantize(w2d: torch.Tensor, config: CrossbarConfig):
 def sort_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     """Rule 4: the layer's sort index (out, K) int64; position k' holds weight index[o, k']."""
     return sort_rows(q, config.sort)
+
+
+def adc_step(r: float, bits: int, signed: bool = False) -> float:
+    """Rule 18: 2**(e - A) (unsigned) or 2**(e - (A - 1)) (signed), e the smallest integer with
+    2**e > R. R = 0 (nothing to convert) gives the step of R = 1."""
+    r = max(float(r), 0.0)
+    e = math.floor(math.log2(r)) + 1 if r > 0 else 1
+    while 2.0 ** e <= r:  # guard the float log
+        e += 1
+    while r > 0 and e > -1074 and 2.0 ** (e - 1) > r:
+        e -= 1
+    return 2.0 ** (e - (bits - 1 if signed else bits))

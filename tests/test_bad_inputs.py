@@ -344,7 +344,7 @@ def run_sweep(script: str, tmp: str) -> dict:
     import yaml  # noqa: F401
 
     import crossbar_torch.apps.data  # noqa: F401
-    import crossbar_torch.apps.weights  # noqa: F401
+    import crossbar_torch.apps.models  # noqa: F401
     timm.list_models("resnet18*")  # timm's registry, built once
     spec = importlib.util.spec_from_file_location(f"_xb_bad_{script}",
                                                   os.path.join(REPO, "scripts", f"{script}.py"))

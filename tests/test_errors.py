@@ -12,7 +12,7 @@ from crossbar_torch.apps.data import UnreadableImageError
 from crossbar_torch.device import load_device
 from crossbar_torch.apps.finetune import ResumeError, TrainingDiverged
 from crossbar_torch.apps.frontier import FrontierError
-from crossbar_torch.apps.weights import WeightLoadError
+from crossbar_torch.apps.checkpoint import WeightLoadError
 
 
 def test_the_hierarchy():

@@ -276,7 +276,7 @@ def test_shuffled_labels_fail(tmp_path):
     so the accuracy bound above can fail."""
     _need_sample_data()
     from crossbar_torch.apps.data import ImageNetFolder, collate_skip_bad, transform_for
-    from crossbar_torch.apps.weights import load_efficientnet_lite
+    from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite
     model = load_efficientnet_lite("tf_efficientnet_lite0")
     root = os.path.join(SAMPLE_DATA, "val")
     ds = ImageNetFolder(root, transform_for(model), skip_bad=True)

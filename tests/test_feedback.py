@@ -17,7 +17,7 @@ from hypothesis import given, settings, strategies as st
 import crossbar_torch as xb
 from crossbar_torch import ops
 from crossbar_torch.feedback import feedback_factor
-from crossbar_torch.mapping import cells_for, slices_for
+from crossbar_torch.encoding import cells_for, slices_for
 from crossbar_torch.ops import reference
 
 import independent as ind

@@ -466,7 +466,7 @@ def test_training_checkpoint_loads_with_rebuilt_buffers(tmp_path):
 
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):
-    from crossbar_torch.apps.weights import WeightLoadError
+    from crossbar_torch.apps.checkpoint import WeightLoadError
     p = tmp_path / "ck.pt"
     p.write_bytes(os.urandom(1000))
     with pytest.raises(WeightLoadError, match="ck.pt"):

@@ -107,7 +107,7 @@ def test_finetune_cli_resume_and_eval(tmp_path, monkeypatch):
 
 def test_finetune_calibrates_on_calib_images(tmp_path, monkeypatch):
     """Issue 20 defect 28: finetune.py calibrated on a fixed 8 images; --calib-images N now."""
-    import crossbar_torch.nn.analog as analog
+    import crossbar_torch.nn.calibration as analog
     make_folder(tmp_path / "train", n_good=8)
     spec = importlib.util.spec_from_file_location("_xb_ft_calib", FT)
     ft = importlib.util.module_from_spec(spec)

@@ -495,7 +495,7 @@ def test_lite0_on_four_dev_images(tmp_path):
         pytest.skip(f"{SAMPLE_DATA} not present")
     import timm
     from crossbar_torch.apps.data import ImageNetFolder
-    from crossbar_torch.apps.weights import load_efficientnet_lite
+    from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite
     out = tmp_path / "lite0.csv"
     r = run_script("--data", SAMPLE_DATA, "--limit", "4", "--csv", str(out), "--quiet",
                    "--only", "chain+comp 2@0.5", timeout=1800)
@@ -527,7 +527,7 @@ def test_lite0_on_four_dev_images(tmp_path):
 
 @pytest.mark.slow
 def test_minilm_cosine_scorer(tmp_path):
-    from crossbar_torch.apps.weights import encode_sentences, load_minilm, minilm_tokenizer
+    from crossbar_torch.apps.models.minilm import encode_sentences, load_minilm, minilm_tokenizer
     model = load_minilm()
     sentences = fr.frontier_sentences(200)
     runs = [fr.SweepRun("crossbar8", xb.CrossbarConfig(sort="none"), "t"),

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import crossbar_torch.ops as ops
-from crossbar_torch.mapping import cells_for, slices_for, words_for
+from crossbar_torch.encoding import cells_for, slices_for
+from crossbar_torch.mapping import words_for
 
 # The children import the crossbar_torch this process imported (the in-place build, or the
 # sanitizer build `make sanitize` puts first on the path).

@@ -179,7 +179,7 @@ def test_resnetv2_bit_stdconv_lossless():
 
 @pytest.mark.slow
 def test_efficientnet_lite0_real_weights_lossless():
-    from crossbar_torch.apps.weights import load_efficientnet_lite
+    from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite
     model = load_efficientnet_lite("tf_efficientnet_lite0")
     xm = check_lossless(model, torch.randn(2, 3, 96, 96), ALL_COMBOS, atol=1e-5)
     kinds = {(l.groups == l.in_channels, l.dynamic_same_pad) for _, l in xb.crossbar_layers(xm)

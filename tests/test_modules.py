@@ -174,7 +174,7 @@ def test_report_outputs(tmp_path):
 @pytest.mark.skipif(not os.path.isdir(SAMPLE_DATA), reason="../shared/data not present")
 def test_lite0_top1_agrees_with_float_at_16_and_8_bits():
     from crossbar_torch.apps.data import ImageNetFolder, transform_for
-    from crossbar_torch.apps.weights import load_efficientnet_lite
+    from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite
     model = load_efficientnet_lite("tf_efficientnet_lite0")
     ds = ImageNetFolder(os.path.join(SAMPLE_DATA, "val"), transform_for(model))
     x = torch.stack([ds[i][0] for i in range(len(ds))])

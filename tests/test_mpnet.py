@@ -1,6 +1,6 @@
 """all-mpnet-base-v2 from its five PyPI parts (issue 18, items 1 and 2).
 
-Fast: the split-zip machinery of ``crossbar_torch.apps.mpnet`` on a small zip split in five
+Fast: the split-zip machinery of ``crossbar_torch.apps.models.mpnet`` on a small zip split in five
 fake installed distributions made here (found through their RECORD, unzipped once, atomically,
 verified; a corrupt, truncated or missing part is refused and leaves nothing behind); the
 installed real parts are found with their published sizes; the scripts dispatch ``--model
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from crossbar_torch.apps import mpnet as mp
-from crossbar_torch.apps.weights import WeightLoadError
+from crossbar_torch.apps.models import mpnet as mp
+from crossbar_torch.apps.checkpoint import WeightLoadError
 
 
 # --------------------------------------------------------------------------- a toy split zip
@@ -233,11 +233,11 @@ def test_image_scripts_refuse_mpnet(capsys, tmp_path):
 
 
 def test_load_model_dispatches_mpnet(monkeypatch):
-    from crossbar_torch.apps import weights
+    from crossbar_torch.apps import models
     sentinel = torch.nn.Linear(2, 2)
     monkeypatch.setattr(mp, "load_mpnet", lambda: sentinel)
     for name in ("mpnet", "all-mpnet-base-v2", "MPNet"):
-        assert weights.load_model(name) is sentinel
+        assert models.load_model(name) is sentinel
     from crossbar_torch.apps import cli
     assert cli.is_sentence_model("all-mpnet-base-v2") and cli.is_sentence_model("minilm")
     assert not cli.is_sentence_model("resnet50")

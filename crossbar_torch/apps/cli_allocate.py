@@ -89,9 +89,9 @@ def main(argv=None):
         raise UsageError(f"--budget-like {args.budget_like}: there are {len(candidates)} "
                          "candidates (0-based)")
 
-    from crossbar_torch.apps.weights import load_model
+    from crossbar_torch.apps.models import load_model
     if args.model == "mpnet":
-        from crossbar_torch.apps.mpnet import encode_sentences
+        from crossbar_torch.apps.models.mpnet import encode_sentences
     model = load_model(args.model).eval()
     calib = feedback_sentences(args.calib_sentences)
     test = builtin_sentences()
@@ -99,7 +99,7 @@ def main(argv=None):
     def encode(m, text):
         if args.model == "mpnet":
             return encode_sentences(m, text)
-        from crossbar_torch.apps.weights import encode_sentences as enc, minilm_tokenizer
+        from crossbar_torch.apps.models.minilm import encode_sentences as enc, minilm_tokenizer
         return enc(m, text, minilm_tokenizer())
 
     measured = []

@@ -31,7 +31,7 @@ from crossbar_torch.apps.cli import (ArgumentParser, add_progress_args, config_f
 from crossbar_torch.apps.data import BundledPhotos, collate_skip_bad, imagenet_class_names, transform_for  # noqa: E402
 from crossbar_torch.apps.evaluate import evaluate  # noqa: E402
 from crossbar_torch.report import si  # noqa: E402
-from crossbar_torch.apps.weights import load_efficientnet_lite  # noqa: E402
+from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite  # noqa: E402
 
 from crossbar_torch.apps._checkout import checkout_file, sample_dev  # noqa: E402
 from crossbar_torch.errors import UsageError  # noqa: E402

@@ -95,7 +95,7 @@ def is_crossbar_checkpoint(path) -> "dict | None":
     """The checkpoint dict if ``path`` is a fine-tuned crossbar checkpoint, else None. An
     unreadable file is an error naming it; so is a training checkpoint (it leaves out the
     crossbar cells, which only the original float weights can rebuild)."""
-    from crossbar_torch.apps.weights import read_checkpoint
+    from crossbar_torch.apps.checkpoint import read_checkpoint
     if not path:
         return None
     obj = read_checkpoint(path)
@@ -112,9 +112,9 @@ def is_crossbar_checkpoint(path) -> "dict | None":
 def models_from_crossbar_checkpoint(ckpt: dict, args, log):
     """(float model from the latent weights, crossbar model with the saved cells, config, name)."""
     import timm
-    from crossbar_torch.apps.weights import preprocess_config
+    from crossbar_torch.apps.models.efficientnet_lite import preprocess_config
 
-    from crossbar_torch.apps.weights import state_dict_mismatch
+    from crossbar_torch.apps.checkpoint import state_dict_mismatch
 
     path = args.checkpoint
     name = ckpt.get("model_name") or args.model
@@ -341,7 +341,7 @@ def calibrate_once(xmodel, ds, args, device, distributed, rank) -> dict:
     share of it): rank 0 calibrates and sends the ranges to every rank, so the result does not
     depend on the number of ranks. Returns ``{"images": n, "layers": {name: {"input_range",
     "adc_range"}}}``."""
-    from crossbar_torch.nn.analog import calibrate_from_loader
+    from crossbar_torch.nn.calibration import calibrate_from_loader
     layers = xb.crossbar_layers(xmodel)
     msg, error = [None], None
     if rank == 0:

@@ -296,7 +296,7 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
     xmodel = xb.convert(float_model, cfg, progress=progress)
     log(xmodel.crossbar_conversion.summary())
     if cfg.analog:  # rule 20: the converters' ranges (a resumed checkpoint restores its own)
-        from crossbar_torch.nn.analog import calibrate_from_loader
+        from crossbar_torch.nn.calibration import calibrate_from_loader
         from crossbar_torch.apps.data import collate_skip_bad
         src = val_ds if val_ds is not None else train_ds
         n = calibrate_from_loader(xmodel, torch.utils.data.DataLoader(

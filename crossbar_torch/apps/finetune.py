@@ -181,7 +181,7 @@ def atomic_torch_save(obj: Any, path) -> None:
 def load_checkpoint(path) -> dict:
     """Load a checkpoint written by :class:`Trainer` (tensors and plain containers only).
     A missing, unreadable or truncated file raises an error naming it."""
-    from .weights import WeightLoadError, read_checkpoint
+    from .checkpoint import WeightLoadError, read_checkpoint
     ck = read_checkpoint(path, "checkpoint")
     if not isinstance(ck, dict) or not {"model", "step", "optimizer"} <= set(ck):
         raise WeightLoadError(f"checkpoint {os.fspath(path)!r} is not a training checkpoint of "
@@ -931,7 +931,7 @@ def load_finetuned(path, model_builder: Callable[..., nn.Module], *, map_locatio
     import inspect
     from ..nn.conversion import convert
     from ..programming import reprogram
-    from .weights import read_checkpoint
+    from .checkpoint import read_checkpoint
     ck = read_checkpoint(path, "checkpoint")
     if not isinstance(ck, dict) or "model" not in ck or "crossbar_config" not in ck:
         raise UserInputError(f"{os.fspath(path)!r}: not a fine-tuned crossbar checkpoint (expected "

@@ -501,7 +501,7 @@ class ImageScorer:
     def calibrate(self, model: nn.Module, images: Optional[int] = None) -> None:
         """Rule 20: the analog ranges from the first ``images`` images of the data (default
         the scorer's ``calib_images``)."""
-        from ..nn.analog import calibrate
+        from ..nn.calibration import calibrate
         images = self.calib_images if images is None else images
         xs, have = [], 0
         for b in self._iter():  # the first batches only
@@ -581,7 +581,7 @@ def _is_sentence_transformer(model) -> bool:
 
 class SentenceScorer:
     """:func:`embedding_fidelity` of crossbar against float sentence embeddings: MiniLM-L6
-    (:class:`~crossbar_torch.apps.weights.MiniLM`) or any ``SentenceTransformer`` (e.g.
+    (:class:`~crossbar_torch.apps.models.minilm.MiniLM`) or any ``SentenceTransformer`` (e.g.
     all-mpnet-base-v2), or what ``encode(model, sentences) -> (n, d)`` computes."""
 
     kind = "sentence"
@@ -604,9 +604,9 @@ class SentenceScorer:
         if self.encode is not None:
             return self.encode(model, sentences)
         if _is_sentence_transformer(model):
-            from .mpnet import encode_sentences as encode_st
+            from .models.mpnet import encode_sentences as encode_st
             return encode_st(model, sentences, batch_size=self.batch_size)
-        from .weights import encode_sentences, minilm_tokenizer
+        from .models.minilm import encode_sentences, minilm_tokenizer
         if self.tokenizer is None:
             self.tokenizer = minilm_tokenizer()
         return encode_sentences(model, sentences, self.tokenizer)
@@ -638,7 +638,7 @@ class SentenceScorer:
         """Rules 20 and 21: the analog ranges from the first ``sentences`` sentences scored;
         rule 21's input moments from ``FEEDBACK_SENTENCES`` generated sentences, none of which
         is scored (the fidelity of error feedback is measured out of sample)."""
-        from ..nn.analog import calibrate
+        from ..nn.calibration import calibrate
         from ..feedback import needs_moments
         text = (feedback_sentences() if needs_moments(model) else self.sentences[:sentences])
         calibrate(model, run=lambda m: self._encode(m, text))

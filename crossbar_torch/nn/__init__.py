@@ -1,9 +1,11 @@
 """The crossbar layers and the conversion of a float model into them.
 
-``modules``: the layers (``CrossbarLinear``, ``CrossbarConv2d``); ``analog``: the analog
-periphery a layer computes through (DAC/ADC, rule 15) and ``calibrate``; ``conversion``:
-``convert`` swaps a model's Linear / Conv2d layers for crossbar layers.
+``modules``: the layers (``base`` what they share, ``linear``, ``conv``); ``analog``: the
+analog periphery a layer computes through (DAC, ADC, conductances, rules 17 to 20);
+``calibration``: ``calibrate`` (rule 20's ranges, rule 21's input moments); ``conversion``:
+``convert`` swaps a model's Linear / Conv2d layers for crossbar layers. Imports go one way:
+conversion and calibration -> modules -> analog.
 """
 from .modules import CrossbarConv2d, CrossbarLinear, crossbar_layers  # noqa: F401
 from .conversion import ConversionRecord, convert  # noqa: F401
-from .analog import calibrate  # noqa: F401
+from .calibration import calibrate  # noqa: F401

@@ -10,9 +10,12 @@ of with the cached GEMM of rule 9:
   inputs (the shift-and-add is then linear); with an ADC per bit-sliced column the fused op
   ``analog_matmul`` on the input rows (im2col for a convolution); with ``adc_scope="weight"``
   one GEMM or convolution per 128-row section (``_weight_scope``);
-* ``calibrate``: the input and ADC ranges of every layer, from one batch (rule 20);
-* ``program_noise``: after programming, the programming error and drift exponent of every cell
-  (rule 19), replaying the writes tile by tile on the physical crossbars.
+* calibration mode (``calibrating``): the forward records the input and ADC ranges (rule 20;
+  ``crossbar_torch.nn.calibration.calibrate`` runs it).
+
+The layer owns its periphery state as buffers (``input_range``, ``adc_range``, ``prog_eps``,
+``drift_nu``); the functions here read them from the layer passed in. This module imports
+nothing from the layers, so the layers import it and there is no import circle.
 """
 from __future__ import annotations
 
@@ -20,12 +23,10 @@ import contextlib
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from .. import ops
+from .. import encoding, ops
 from ..config import CrossbarConfig
-from ..mapping import weight_crossbars
-from ..ops.analog_reference import adc_step
+from ..quantization import adc_step
 
 T0_SECONDS = 1.0
 
@@ -34,20 +35,12 @@ T0_SECONDS = 1.0
 
 def cell_weights(cfg: CrossbarConfig) -> tuple:
     """(w_i (c,) float64, encoding offset): q = sum_i w_i * level_i - offset (rule 3 / 18)."""
-    S, b, B = cfg.slices, cfg.bits_per_cell, cfg.weight_bits
-    w = [float(2 ** (b * i)) for i in range(S)]
-    if cfg.encoding == "differential":
-        return torch.tensor(w + [-v for v in w], dtype=torch.float64), 0.0
-    if cfg.encoding == "offset":
-        return torch.tensor(w, dtype=torch.float64), float(cfg.qmax)  # u = q + qmax
-    # two's complement, top slice = the sign bit alone (checked by the config)
-    w[-1] = -float(2 ** (B - 1))
-    return torch.tensor(w, dtype=torch.float64), 0.0
+    return encoding.cell_weights(cfg.weight_bits, cfg.bits_per_cell, cfg.encoding)
 
 
 def cell_slices(cfg: CrossbarConfig) -> list:
     """Slice of each of a weight's c cells."""
-    return [i % cfg.slices for i in range(cfg.cells_per_weight)]
+    return encoding.cell_slices(cfg.weight_bits, cfg.bits_per_cell, cfg.encoding)
 
 
 # ---- conductances (rule 19) ------------------------------------------------------------------
@@ -307,7 +300,7 @@ def _calibrate_input(layer, x: torch.Tensor) -> None:
                                          device=layer.cells.device)
 
 
-# ---- calibration (rule 20) ---------------------------------------------------------------------
+# ---- calibration mode (rule 20; crossbar_torch.nn.calibration runs it) ----------------------
 
 _CALIBRATING = []
 
@@ -317,256 +310,10 @@ def is_calibrating() -> bool:
 
 
 @contextlib.contextmanager
-def _calibration():
+def calibrating():
+    """Within: every crossbar layer's forward calibrates its ranges (rule 20)."""
     _CALIBRATING.append(True)
     try:
         yield
     finally:
         _CALIBRATING.pop()
-
-
-@torch.no_grad()
-def calibrate(model: nn.Module, batch=None, run=None) -> dict:
-    """Rule 20: set every analog layer's input and ADC ranges from one batch, in model order.
-    ``batch``: a tensor (``model(batch)``), a dict (``model(**batch)``) or a tuple / list
-    (``model(*batch)``); or ``run(model)`` runs the model however it is run (e.g. a sentence
-    encoder). Returns ``{layer name: {"input_range": [r], "adc_range": [per slice]}}``.
-    With ``feedback`` configured (rule 21) the same run stores each layer's input second moment
-    ``input_moment``; then ``crossbar_torch.reprogram(model)`` programs with it."""
-    from .modules import crossbar_layers
-    layers = crossbar_layers(model)
-    if not layers:
-        from .conversion import no_crossbar_layers
-        raise no_crossbar_layers(model, "calibrate")
-    if (batch is None) == (run is None):
-        raise ValueError("calibrate: give a batch or a run(model) callable (one of them)")
-    tensors = [] if batch is None else [batch] if isinstance(batch, torch.Tensor) else (
-        list(batch.values()) if isinstance(batch, dict) else list(batch))
-    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if batch is not None and (not tensors or any(t.numel() == 0 or t.shape[0] == 0
-                                                 for t in tensors)):
-        raise ValueError("calibrate: the batch is empty; give at least one sample")
-    for t in tensors:
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"calibrate: the batch holds {int((~torch.isfinite(t)).sum())} "
-                             "NaN or Inf value(s)")
-    old = [(layer.input_range, layer.adc_range) for _, layer in layers]
-    for _, layer in layers:  # forget old ranges: calibrate from this batch only
-        layer.input_range = layer.input_range.new_zeros(0)
-        layer.adc_range = layer.adc_range.new_zeros(0)
-    was = model.training
-    model.eval()
-    try:
-        from ..feedback import collect_moments, needs_moments
-        # rule 21: the same run records every layer's input second moment when the config asks
-        # for feedback, or, to check the layers' output error (warn_output_error), when it
-        # sticks cells (then the moments are dropped after the check)
-        cfg0 = layers[0][1].config
-        keep = needs_moments(model)
-        check = keep or (cfg0.stucking_anywhere and cfg0.warn_output_error > 0)
-        saved = [l.input_moment for _, l in layers]
-        moments = collect_moments(layers) if check else contextlib.nullcontext()
-        with _calibration(), moments:
-            if run is not None:
-                run(model)
-            elif isinstance(batch, dict):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                try:
-                    model(*batch)
-                except TypeError as e:  # e.g. a DataLoader batch [images, labels]
-                    raise TypeError(
-                        f"calibrate: model(*batch) with a {type(batch).__name__} of "
-                        f"{len(batch)} item(s) failed ({e}); a tuple / list is passed as the "
-                        "model's positional arguments: for a DataLoader batch (images, labels) "
-                        "pass batch[0]") from e
-            else:
-                model(batch)
-    except BaseException:  # a failed calibration keeps the previous ranges
-        for (_, layer), (r_in, r_adc) in zip(layers, old):
-            layer.input_range, layer.adc_range = r_in, r_adc
-        raise
-    finally:
-        model.train(was)
-    if check:
-        from ..feedback import warn_output_errors
-        warn_output_errors(model, "calibrate")
-        if not keep:  # measured for the warning only
-            for (_, layer), m in zip(layers, saved):
-                layer.input_moment = m
-    return {name: {"input_range": l.input_range.tolist(), "adc_range": l.adc_range.tolist()}
-            for name, l in layers}
-
-
-def calibrate_from_loader(model: nn.Module, loader, device, images: int = 8) -> int:
-    """Rule 20 for the scripts: calibrate on the first ``images`` readable images of ``loader``
-    (batches of ``(images, labels, ...)`` or :class:`~crossbar_torch.apps.data.Batch`). Returns the
-    number of images used."""
-    got, n = [], 0
-    for batch in loader:
-        x = batch.images if hasattr(batch, "images") else batch[0]
-        if x is None or not x.shape[0]:
-            continue
-        got.append(x[:images - n])
-        n += got[-1].shape[0]
-        if n >= images:
-            break
-    if not n:
-        raise ValueError("calibrate: no readable image to calibrate the analog ranges on")
-    calibrate(model, torch.cat(got).to(device))
-    return n
-
-
-# ---- programming noise and drift (rule 19) --------------------------------------------------------
-
-def crossbar_normal(cfg: CrossbarConfig, crossbar: int, *tag) -> np.ndarray:
-    return np.random.default_rng([cfg.seed, crossbar, *tag]).standard_normal(
-        (cfg.rows, cfg.cols))
-
-
-def program_noise(cfg: CrossbarConfig, stuck_bits: torch.Tensor, placed: list) -> list:
-    """The programming error ``eps_p`` and drift exponent ``nu`` of every cell of every layer.
-
-    ``placed``: per layer, in model order, ``(geom, filter_index, order, t0, eff0, eff1)``: its
-    placement, tile order, first global tile, and the levels its cells hold right after their
-    tile in pass 0 and in pass 1. The writes are replayed on the physical crossbars (rule 8: a
-    write is a level change), recording the pass of each cell's last write; a layer cell takes
-    the draw of its physical cell for that pass, as it stands right after its own tile in
-    pass 1. Returns ``[(eps float32 (out, K, c) or None, nu or None), ...]``.
-
-    The replay is vectorized per layer (:func:`_replay_layer`): the layer's writes sorted by
-    physical cell, then by tile position, give each write the level it overwrites and whether
-    its cell changed so far, exactly as replaying the tiles one by one would."""
-    pool, rows, cols = cfg.pool, cfg.rows, cfg.cols
-    level = torch.zeros(pool * rows * cols, dtype=torch.uint8)   # physical cells, flat
-    if cfg.stuck_value == 1:
-        level[stuck_bits.reshape(-1)] = 1
-    last = torch.full((pool * rows * cols,), -1, dtype=torch.int8)
-    want_eps = bool(cfg.prog_noise)
-    want_nu = bool(cfg.drift_nu or cfg.drift_nu_std)
-    draws = {}
-
-    def draw(x, t):
-        if (x, t) not in draws:
-            draws[x, t] = torch.from_numpy(crossbar_normal(cfg, x, t, 1)).to(torch.float32)
-        return draws[x, t]
-
-    result = [[None, None] for _ in placed]
-    if want_eps:  # the pass of each cell's last write matters only for eps
-        writes = [_layer_writes(cfg, geom, index, order, t0)
-                  for geom, index, order, t0, _, _ in placed]
-        for pass_no in (0, 1):
-            for li, (geom, _, _, _, eff0, eff1) in enumerate(placed):
-                eff = (eff0 if pass_no == 0 else eff1).cpu()
-                eps = _replay_layer(writes[li], eff, level, last, pass_no, draw,
-                                    rows * cols, pass_no == 1)
-                if eps is not None:
-                    result[li][0] = eps
-    if want_nu:
-        for li, (geom, index, order, t0, _, _) in enumerate(placed):
-            out, K, c = geom.out, geom.k, geom.c
-            crossbar, row, col0 = weight_crossbars(geom, index, order, t0, pool)
-            nu = torch.zeros(out, K, c, dtype=torch.float64)
-            for x in crossbar.unique().tolist():
-                z = torch.from_numpy(crossbar_normal(cfg, x, 2))
-                cols_ = col0[:, None] + torch.arange(c)[None, :]              # (out, c)
-                val = z[row[None, :, None], cols_[:, None, :]]                # (out, K, c)
-                nu = torch.where((crossbar == x)[:, :, None], val, nu)
-            # float64, then stored as float32 (the buffer's dtype)
-            result[li][1] = torch.clamp(cfg.drift_nu + cfg.drift_nu_std * nu, min=0).to(
-                torch.float32)
-    return [tuple(r) for r in result]
-
-
-def _layer_writes(cfg: CrossbarConfig, geom, index: torch.Tensor, order: torch.Tensor,
-                  t0: int) -> "dict | None":
-    """Where and in which order a layer's weights are written (rule 5, the tile order and the
-    pool), as the replay needs it: for the weights (o, k) of the layer (flat ``o * K + k``)
-    sorted by physical cell of their cell 0, then by the position of their tile in the order:
-    ``perm`` (that sort); ``first`` / ``last`` (the positions of the first / last write of
-    each physical weight slot in the layer) and ``pid_first`` / ``pid_last`` (its physical
-    cell 0, flat over (pool, rows, cols): cell ``j`` of the weight is ``pid + j``); ``group``
-    (each write's slot) and ``group_start`` (the position of its slot's first write);
-    ``crossbars`` (those used) and ``local`` (cell 0 in the table of their draws). Cells ``j``
-    of different weights never share a column with a cell ``j'`` of another when ``j != j'``,
-    so one sort serves every cell of the weight."""
-    out, K, c, F, nb = geom.out, geom.k, geom.c, geom.F, geom.n_blocks
-    if not out or not K:
-        return None
-    index = index.cpu().to(torch.int64)
-    order = torch.as_tensor(order).cpu().to(torch.int64)
-    slot_of = torch.full((out,), -1, dtype=torch.int64)
-    used = (index >= 0).nonzero().flatten()
-    slot_of[index[used]] = used                                   # filter -> j * F + f
-    if bool((slot_of < 0).any()):
-        raise RuntimeError("program_noise: a filter of the layer has no slot in its placement")
-    block, col0 = slot_of // F, (slot_of % F) * c                 # (out,)
-    position = torch.full((geom.tiles,), -1, dtype=torch.int64)   # tile id -> place in order
-    position[order] = torch.arange(order.numel())
-    kk = torch.arange(K)
-    tile = (kk // geom.rows)[None, :] * nb + block[:, None]       # (out, K)
-    p = position.index_select(0, tile.reshape(-1))  # index_select: several times faster than []
-    if bool((p < 0).any()):
-        raise RuntimeError("program_noise: the tile order leaves out a tile of the layer")
-    x = (t0 + p) % cfg.pool
-    pid = ((x.view(out, K) * geom.rows + (kk % geom.rows)[None, :]) * cfg.cols
-           + col0[:, None]).reshape(-1)                           # (out * K,)
-    perm = torch.argsort(pid * order.numel() + p)                 # by cell, then by tile
-    spid = pid.index_select(0, perm)
-    first = torch.ones_like(spid, dtype=torch.bool)
-    first[1:] = spid[1:] != spid[:-1]
-    last_ = torch.ones_like(first)
-    last_[:-1] = first[1:]
-    start = first.nonzero().flatten()                             # each cell's first write
-    group = torch.cumsum(first.to(torch.int64), 0) - 1
-    xs = spid // (geom.rows * cfg.cols)
-    ux = (torch.bincount(xs, minlength=cfg.pool) > 0).nonzero().flatten()  # crossbars used
-    slot = torch.zeros(cfg.pool, dtype=torch.int64)
-    slot[ux] = torch.arange(ux.numel())
-    ends = last_.nonzero().flatten()
-    return {"perm": perm, "first": start, "last": ends, "group": group,
-            "group_start": start.index_select(0, group),
-            "pid_first": spid.index_select(0, start), "pid_last": spid.index_select(0, ends),
-            "crossbars": ux.tolist(),
-            "local": spid + (slot.index_select(0, xs) - xs) * (geom.rows * cfg.cols)}
-
-
-def _replay_layer(w, eff: torch.Tensor, level: torch.Tensor, last: torch.Tensor, pass_no: int,
-                  draw, cells_per_crossbar: int, want_eps: bool):
-    """Replay one layer's writes of one pass on the physical cells (``level`` / ``last``,
-    flat, updated in place); with ``want_eps`` return its eps (out, K, c) float32. A weight's
-    ``c`` cells are consecutive physical cells, so the physical tensors are read as rows of
-    ``c`` (``unfold``) and gathered with index_select (several times faster than ``t[idx]``)."""
-    if w is None:
-        return torch.zeros(eff.shape, dtype=torch.float32) if want_eps else None
-    out, K, c = eff.shape
-    first, last_ = w["first"], w["last"]
-
-    def rows_at(t, pid):  # the c cells from each pid on: (len(pid), c)
-        return t.unfold(0, c, 1).index_select(0, pid)
-
-    def cells(pid):  # flat indices of those cells
-        return (pid[:, None] + torch.arange(c)[None, :]).reshape(-1)
-    v = eff.reshape(out * K, c).index_select(0, w["perm"]).to(level.dtype)  # replay order
-    before = torch.empty_like(v)
-    before[1:] = v[:-1]
-    before.index_copy_(0, first, rows_at(level, w["pid_first"]))  # what a first write meets
-    cs = torch.zeros(v.shape[0] + 1, c, dtype=torch.int32)     # changes so far, per column
-    torch.cumsum((v != before).to(torch.int32), 0, out=cs[1:])
-    changed = cs[1:] > cs.index_select(0, w["group_start"])    # ... since the layer began
-    held = rows_at(last, w["pid_first"]).index_select(0, w["group"])  # unchanged: as it was
-    cur = torch.where(changed, torch.tensor(pass_no, dtype=last.dtype), held)
-    ends = cells(w["pid_last"])                                # pass of the cell's last write
-    level.index_copy_(0, ends, v.index_select(0, last_).reshape(-1))
-    last.index_copy_(0, ends, cur.index_select(0, last_).reshape(-1))
-    if not want_eps:
-        return None
-    # the draws of the layer's crossbars for passes 0 and 1; a cell never written has none
-    e = torch.zeros(v.shape, dtype=torch.float32)
-    for t in (0, 1):
-        table = torch.cat([draw(x, t).reshape(-1) for x in w["crossbars"]])
-        e = torch.where(cur == t, rows_at(table, w["local"]), e)
-    eps = torch.empty_like(e)
-    eps.index_copy_(0, w["perm"], e)
-    return eps.reshape(out, K, c)
-

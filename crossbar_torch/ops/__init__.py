@@ -12,9 +12,12 @@ import math
 
 import torch
 
-from ..mapping import STAT_NAMES, cells_for, slices_for
+from ..encoding import cells_for, slices_for
 
 DIFFERENTIAL, TWOS_COMPLEMENT, OFFSET = 0, 1, 2  # the ops' `encoding` argument
+# Order of the counters returned by the program_layer op (then one entry per slice).
+# set_pulses: the part of `pulses` on SET writes (reset pulses = pulses - set_pulses).
+STAT_NAMES = ("writes", "sets", "resets", "pulses", "rows_programmed", "set_pulses")
 
 try:
     from .. import _C  # noqa: F401  (registers torch.ops.crossbar_torch.*)

@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from ..quantization import adc_step  # noqa: F401 (rule 18's step: the runtime's own)
+
 
 def input_digits(x: torch.Tensor, input_bits: int, per_cycle: int, input_scale: float,
                  signed_single: bool):
@@ -47,18 +49,6 @@ def adc(p: torch.Tensor, step: float, bits: int, signed: bool) -> torch.Tensor:
     hi = float(2 ** (bits - 1) - 1) if signed else float(2 ** bits - 1)
     lo = -hi if signed else 0.0
     return torch.clamp(torch.round(p / step), lo, hi) * step
-
-
-def adc_step(r: float, bits: int, signed: bool = False) -> float:
-    """Rule 18: 2**(e - A) (unsigned) or 2**(e - (A - 1)) (signed), e the smallest integer with
-    2**e > R. R = 0 (nothing to convert) gives the step of R = 1."""
-    r = max(float(r), 0.0)
-    e = math.floor(math.log2(r)) + 1 if r > 0 else 1
-    while 2.0 ** e <= r:  # guard the float log
-        e += 1
-    while r > 0 and e > -1074 and 2.0 ** (e - 1) > r:
-        e -= 1
-    return 2.0 ** (e - (bits - 1 if signed else bits))
 
 
 def analog_matmul(x: torch.Tensor, g: torch.Tensor, sort_index: torch.Tensor,

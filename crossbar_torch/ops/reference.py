@@ -22,7 +22,9 @@ from fractions import Fraction
 import torch
 
 # The packed layout and the quantizer are shared conventions, not semantics under test.
-from ..mapping import STAT_NAMES, cells_for, column_slices, pack_bits, slices_for, words_for  # noqa: F401
+from ..encoding import cells_for, slices_for  # noqa: F401
+from ..mapping import column_slices, pack_bits, words_for  # noqa: F401
+from . import STAT_NAMES  # noqa: F401
 from ..quantization import quantize_rows as quantize  # noqa: F401
 from ..quantization import quantize_with_scale, sort_rows as sort_index  # noqa: F401
 

@@ -40,8 +40,8 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import MissingDependencyError
-from .weights import WeightLoadError
+from ...errors import MissingDependencyError
+from ..checkpoint import WeightLoadError
 
 __all__ = ["MPNET_NAMES", "MPNET", "Part", "SplitZip", "cache_root", "find_parts",
            "verify_parts", "assemble", "is_complete", "mpnet_model_dir", "load_mpnet",
