@@ -38,16 +38,14 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm
+import torch
+import torch.nn as nn
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-import crossbar_torch as xb  # noqa: E402
-from crossbar_torch import ops  # noqa: E402
-from crossbar_torch.ops import analog_reference  # noqa: E402
-from bench_report import best_time  # noqa: E402  (the same best-of-N timer)
+import crossbar_torch as xb
+from crossbar_torch import ops
+from crossbar_torch.ops import analog_reference
+from bench_report import best_time  # the same best-of-N timer (this folder is on sys.path)
 
 SIZE = 224
 ROWS = 128

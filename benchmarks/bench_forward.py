@@ -8,16 +8,12 @@ conversion of resnet50 and vit_base_patch16_224 (random init) under 20 s each he
   python benchmarks/bench_forward.py [--model resnet50] [--batch 8] [--repeats 5]
 """
 import argparse
-import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import crossbar_torch as xb  # noqa: E402
+import crossbar_torch as xb
 
 
 def time_forward(model, x, repeats):

@@ -6,17 +6,14 @@ says so and exits with status 2.
   python benchmarks/bench_gpu.py [--model resnet50] [--batch 64]
 """
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm
+import torch
 
-import timm  # noqa: E402
-import torch  # noqa: E402
-
-import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.programming import program_model  # noqa: E402
+import crossbar_torch as xb
+from crossbar_torch.programming import program_model
 
 
 def timed(fn, sync, repeats=5):

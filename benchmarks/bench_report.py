@@ -18,20 +18,17 @@
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-import crossbar_torch as xb  # noqa: E402
-from crossbar_torch import ops  # noqa: E402
-from crossbar_torch.ops import reference  # noqa: E402
-from crossbar_torch.programming import CrossbarPool, layer_targets  # noqa: E402
+import crossbar_torch as xb
+from crossbar_torch import ops
+from crossbar_torch.ops import reference
+from crossbar_torch.programming import CrossbarPool, layer_targets
 
 
 def count_all(layers, cfg, fn, best_of=1):

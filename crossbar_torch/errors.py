@@ -12,10 +12,14 @@ and keeps its traceback (exit status 1)::
         ├── ConfigError          a CrossbarConfig field, or the config file that holds it
         │   └── DeviceError      a device preset name or device YAML
         ├── UsageError           a command-line argument or a file it names (cli.UsageError)
+        ├── ModelStateError      the model is not in the state the call needs (not converted,
+        │                        converted with another config, a layer never programmed)
+        ├── InvalidTensorError   a tensor given holds NaN / Inf or is empty
+        ├── TensorTypeError      (also TypeError) a tensor given has the wrong dtype
         └── MissingDependencyError (also ImportError): an optional package is not installed
 
 Modules define their own subclasses next to the code that raises them (for example
-``weights.WeightLoadError``, ``data.UnreadableImageError``, ``frontier.FrontierError``,
+``checkpoint.WeightLoadError``, ``data.UnreadableImageError``, ``frontier.FrontierError``,
 ``finetune.ResumeError``); each is one of the above.
 """
 from __future__ import annotations
@@ -41,6 +45,20 @@ class DeviceError(ConfigError):
 
 class UsageError(UserInputError):
     """A mistake in a command line or in a file it names."""
+
+
+class ModelStateError(UserInputError):
+    """The model (or a layer) is not in the state the call needs: no crossbar layers, already
+    converted with another config, or a crossbar layer that was never programmed."""
+
+
+class InvalidTensorError(UserInputError):
+    """A tensor given (weights, a calibration batch, a layer input) holds NaN or Inf values or
+    is empty; the message names it."""
+
+
+class TensorTypeError(UserInputError, TypeError):
+    """A tensor given has a dtype the call cannot use; the message names it."""
 
 
 class MissingDependencyError(UserInputError, ImportError):

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .errors import InvalidTensorError
 
 
 def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
@@ -105,7 +106,7 @@ class MomentAccumulator:
         for chunk in rows.detach().to("cpu", torch.float64).split(4096):
             x = chunk.reshape(-1, g, k).transpose(0, 1)  # (G, n, K)
             if not torch.isfinite(x).all():
-                raise ValueError("calibrate: a layer input holds NaN or Inf")
+                raise InvalidTensorError("calibrate: a layer input holds NaN or Inf")
             self.sum += x.transpose(1, 2) @ x
             self.count += chunk.shape[0]
 

@@ -17,11 +17,13 @@ import torch.nn as nn
 
 from . import ops
 from .config import COUNTING_FIELDS, CrossbarConfig
+from .errors import ConfigError, ModelStateError
 from .ops import STAT_NAMES
 from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .feedback import feedback_active, feedback_cells, feedback_targets, warn_output_errors
 from .nn.modules import crossbar_layers
+from .nn.record import no_crossbar_layers
 from .quantization import check_weight
 from .noise import program_noise
 from .wear import CellStats, cell_stats, shift_frame
@@ -215,14 +217,14 @@ def _check_config(layers, config):
     programming with another would count one thing and label it another: refuse that."""
     configs = {m.config for _, m in layers}
     if len(configs) > 1:
-        raise ValueError("the crossbar layers of this model use different configs; convert "
+        raise ConfigError("the crossbar layers of this model use different configs; convert "
                          "the whole model with one CrossbarConfig")
     mine = configs.pop()
     if config is None:
         return mine
     diff = config.diff(mine, ignore=COUNTING_FIELDS)
     if diff:
-        raise ValueError(f"config differs from the one the layers were converted with "
+        raise ConfigError(f"config differs from the one the layers were converted with "
                          f"(field: (given, layers)) {diff}; convert the model with it instead")
     return config  # the counting fields (wear levelling, device) are the caller's to choose
 
@@ -279,12 +281,11 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     """
     layers = crossbar_layers(model)
     if not layers:
-        raise ValueError("the model has no crossbar layers: convert it first "
-                         "(crossbar_torch.convert)")
+        raise no_crossbar_layers(model, "program_model")
     config = _check_config(layers, config)
     run_cfg = config.baseline() if baseline else config
     if baseline and write_back:
-        raise ValueError("the baseline is a counting reference; it is never written back")
+        raise ModelStateError("the baseline is a counting reference; it is never written back")
     device = layers[0][1].cells.device
     pool = CrossbarPool(run_cfg, device=device)
     result = ProgramResult(config=run_cfg)

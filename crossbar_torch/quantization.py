@@ -8,15 +8,16 @@ import math
 import torch
 
 from .config import CrossbarConfig
+from .errors import InvalidTensorError, TensorTypeError
 
 
 def check_weight(w: torch.Tensor, name: str = "weight") -> None:
     if not torch.is_floating_point(w):
-        raise TypeError(f"{name} must be a floating point tensor, got {w.dtype}")
+        raise TensorTypeError(f"{name} must be a floating point tensor, got {w.dtype}")
     # fast path: a finite sum means every element is finite (NaN / Inf propagate)
     if w.numel() and not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):
         bad = (~torch.isfinite(w)).sum().item()
-        raise ValueError(f"{name} holds {bad} NaN or Inf value(s); a crossbar cannot store them")
+        raise InvalidTensorError(f"{name} holds {bad} NaN or Inf value(s); a crossbar cannot store them")
 
 
 def quantize_rows(w: torch.Tensor, weight_bits: int, per_channel: bool):

@@ -311,7 +311,7 @@ def reprogram_report(model: nn.Module, config: CrossbarConfig | None = None, *,
     :class:`Device`) overrides the configuration's device for lifetime and cost."""
     from .nn.modules import crossbar_layers
     if not crossbar_layers(model):
-        from .nn.conversion import no_crossbar_layers
+        from .nn.record import no_crossbar_layers
         raise no_crossbar_layers(model, "reprogram_report")
     result = last_program(model, config) if reuse else None
     if result is None:

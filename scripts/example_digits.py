@@ -16,19 +16,16 @@ Runs in a few seconds on a CPU.
 from __future__ import annotations
 
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.config import atomic_write_text  # noqa: E402
-from crossbar_torch.apps.finetune import evaluate, finetune, set_seed  # noqa: E402
+import crossbar_torch as xb
+from crossbar_torch.config import atomic_write_text
+from crossbar_torch.apps.finetune import evaluate, finetune, set_seed
 
 DIGITS_CONFIG = dict(rows=32, cols=32, weight_bits=8, sort="magnitude", stuck_slices=5,
                      reprogram_fraction=0.25, pool=1, seed=0)

@@ -14,27 +14,23 @@ distillation from the float model on unlabeled images.
 * output: top-1 / top-5 on the evaluation half for float, stuck and stuck + fine-tuned, reprogram
   numbers before / after, the time taken; ``--json`` writes them.
 
-    .venv/bin/python scripts/example_lite0_distill.py [--steps 80] [--json out.json]
+    .venv/bin/python scripts/example_lite0_distill.py --data DIR [--steps 80] [--json out.json]
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import crossbar_torch as xb  # noqa: E402
-from crossbar_torch.config import atomic_write_text, load_config  # noqa: E402
-from crossbar_torch.apps.data import ImageList, ImageNetFolder  # noqa: E402
-from crossbar_torch.apps.finetune import evaluate, finetune  # noqa: E402
-from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite, preprocess_config  # noqa: E402
+import crossbar_torch as xb
+from crossbar_torch.config import atomic_write_text, load_config
+from crossbar_torch.apps.data import ImageList, ImageNetFolder
+from crossbar_torch.apps.finetune import evaluate, finetune
+from crossbar_torch.apps.models.efficientnet_lite import load_efficientnet_lite, preprocess_config
 
-DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample-dev"
 MODEL = "tf_efficientnet_lite0"
 
 
@@ -58,7 +54,7 @@ def transforms(scale=(0.25, 1.0)):
     return train_tf, eval_tf
 
 
-def run(data=DEFAULT_DATA, *, steps=80, batch_size=16, lr=3e-4, warmup_steps=4,
+def run(data, *, steps=80, batch_size=16, lr=3e-4, warmup_steps=4,
         temperature=2.0, weight_decay=0.0, overrides=("stuck_slices=2", "reprogram_fraction=0.5"),
         seed=0, limit_train=None, limit_eval=None, progress=True, reports=True,
         out_dir=None, log=print) -> dict:
@@ -142,8 +138,8 @@ def main(argv=None):
                                     apply_overrides, check_input_dir, check_output_file,
                                     nonnegative_int, positive_float, positive_int, show_progress)
     ap = ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", default=str(DEFAULT_DATA),
-                    help="folder holding val/<synset>/<image> (default: %(default)s)")
+    ap.add_argument("--data", required=True,
+                    help="folder holding val/<synset>/<image> (ImageNet validation layout)")
     ap.add_argument("--steps", type=nonnegative_int, default=80)
     ap.add_argument("--batch-size", type=positive_int, default=16)
     ap.add_argument("--lr", type=positive_float, default=3e-4)

@@ -590,7 +590,7 @@ class Trainer:
         self.rank, self.world = _dist()
         layers = crossbar_layers(model)
         if not layers:
-            from ..nn.conversion import no_crossbar_layers
+            from ..nn.record import no_crossbar_layers
             raise no_crossbar_layers(model, "Trainer")
         self.config = config or layers[0][1].config
         self.model_name = model_name

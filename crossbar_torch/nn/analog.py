@@ -26,6 +26,7 @@ import torch
 
 from .. import encoding, ops
 from ..config import CrossbarConfig
+from ..errors import InvalidTensorError
 from ..quantization import adc_step
 
 T0_SECONDS = 1.0
@@ -168,23 +169,18 @@ def _cells_and_weights(layer, cells):
 
 def linear_weight(layer, cells: torch.Tensor | None = None) -> torch.Tensor:
     """Rule 20's linear path: W_g[o, k] = sum_i w_i (g - g0) - offset in float64, original
-    order, shaped like the layer's weight. Cached while the cells, their programming errors
-    and drift are unchanged and there is no read noise (which draws anew each forward)."""
-    cfg = layer.config
-    stamp = None
-    if cells is None and not cfg.read_noise:
-        # set_cells / load_state_dict / .to() clear the cache; in-place edits bump a version
-        stamp = tuple((id(t), t._version) for t in (layer.cells, layer.prog_eps, layer.drift_nu,
-                                                     layer.sort_index))
-        cached = getattr(layer, "_linear_cache", None)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
+    order, shaped like the layer's weight. Kept by the layer (``layer.cached``: stale once the
+    cells, scale, sort index, programming errors or drift are replaced or edited in place) when
+    there is no read noise (which draws anew each forward)."""
+    if cells is None and not layer.config.read_noise and not torch.compiler.is_compiling():
+        return layer.cached("_linear_cache", lambda: _linear_weight(layer, None))
+    return _linear_weight(layer, cells)
+
+
+def _linear_weight(layer, cells):
     g, w_cells, offset, g0 = _cells_and_weights(layer, cells)
     wg = ((g.to(torch.float64) - g0) * w_cells.to(g.device)[None, :, None]).sum(1) - offset
-    w = torch.empty_like(wg).scatter_(1, layer.sort_index, wg).reshape(layer._weight_shape())
-    if stamp is not None:
-        layer._linear_cache = (stamp, w)
-    return w
+    return torch.empty_like(wg).scatter_(1, layer.sort_index, wg).reshape(layer._weight_shape())
 
 
 def layer_output(layer, x: torch.Tensor, rows_fn, linear_fn, groups: int = 1,
@@ -290,7 +286,7 @@ def _matmul(layer, x, g, w_cells, steps, groups, s_x, adc_bits, g0, offset):
 
 def _calibrate_input(layer, x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
-        raise ValueError(f"calibrate: the input of layer {layer.layer_name!r} holds NaN or Inf")
+        raise InvalidTensorError(f"calibrate: the input of layer {layer.layer_name!r} holds NaN or Inf")
     cfg = layer.config
     # a DAC, or a full-range ADC fed with real inputs, needs the input's full scale (rule 18)
     if cfg.input_range is None and (cfg.input_bits is not None or (

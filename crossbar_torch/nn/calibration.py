@@ -8,9 +8,10 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from ..errors import InvalidTensorError, UserInputError
 from ..feedback import collect_moments, needs_moments, warn_output_errors
 from .analog import calibrating
-from .conversion import no_crossbar_layers
+from .record import no_crossbar_layers
 from .modules import crossbar_layers
 
 
@@ -26,16 +27,16 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
     if not layers:
         raise no_crossbar_layers(model, "calibrate")
     if (batch is None) == (run is None):
-        raise ValueError("calibrate: give a batch or a run(model) callable (one of them)")
+        raise UserInputError("calibrate: give a batch or a run(model) callable (one of them)")
     tensors = [] if batch is None else [batch] if isinstance(batch, torch.Tensor) else (
         list(batch.values()) if isinstance(batch, dict) else list(batch))
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
     if batch is not None and (not tensors or any(t.numel() == 0 or t.shape[0] == 0
                                                  for t in tensors)):
-        raise ValueError("calibrate: the batch is empty; give at least one sample")
+        raise InvalidTensorError("calibrate: the batch is empty; give at least one sample")
     for t in tensors:
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ValueError(f"calibrate: the batch holds {int((~torch.isfinite(t)).sum())} "
+            raise InvalidTensorError(f"calibrate: the batch holds {int((~torch.isfinite(t)).sum())} "
                              "NaN or Inf value(s)")
     old = [(layer.input_range, layer.adc_range) for _, layer in layers]
     for _, layer in layers:  # forget old ranges: calibrate from this batch only
@@ -97,7 +98,7 @@ def calibrate_from_loader(model: nn.Module, loader, device, images: int = 8) -> 
         if n >= images:
             break
     if not n:
-        raise ValueError("calibrate: no readable image to calibrate the analog ranges on")
+        raise UserInputError("calibrate: no readable image to calibrate the analog ranges on")
     calibrate(model, torch.cat(got).to(device))
     return n
 

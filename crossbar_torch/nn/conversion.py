@@ -12,46 +12,13 @@ from __future__ import annotations
 import copy
 import fnmatch
 import warnings
-from dataclasses import dataclass, field
 
 import torch.nn as nn
 
 from ..config import CrossbarConfig
+from ..errors import ModelStateError
+from .record import ConversionRecord, _why_none
 from .modules import CROSSBAR_LAYERS, CrossbarConv2d, CrossbarLinear
-
-
-@dataclass
-class ConversionRecord:
-    converted: list = field(default_factory=list)   # module names
-    skipped: list = field(default_factory=list)     # (name, type name, reason)
-
-    def summary(self) -> str:
-        lines = [f"converted {len(self.converted)} layer(s) to crossbars"]
-        if self.skipped:
-            lines.append(f"left {len(self.skipped)} layer(s) alone:")
-            lines += [f"  {n} ({t}): {r}" for n, t, r in self.skipped]
-        return "\n".join(lines)
-
-
-def _why_none(record: ConversionRecord) -> str:
-    """Why a conversion converted nothing, from its record."""
-    if not record.skipped:
-        return "the model has no nn.Linear / nn.Conv2d layer"
-    reasons = sorted({r for _, _, r in record.skipped})
-    if set(reasons) <= {"not matched by include", "matched by exclude"}:
-        return "include / exclude leave no nn.Linear / nn.Conv2d layer"
-    return f"every nn.Linear / nn.Conv2d layer was left alone ({'; '.join(reasons)})"
-
-
-def no_crossbar_layers(model: nn.Module, what: str) -> ValueError:
-    """The error of ``what`` (an API call) given a model without crossbar layers: a model that
-    ``convert`` found nothing in is told apart from one never converted."""
-    record = getattr(model, "crossbar_conversion", None)
-    if isinstance(record, ConversionRecord) and not record.converted:
-        return ValueError(f"{what}: the model has no crossbar layers: convert() converted none "
-                          f"({_why_none(record)})")
-    return ValueError(f"{what}: the model has no crossbar layers: convert it first "
-                      "(crossbar_torch.convert)")
 
 
 def _timm_classes():
@@ -142,7 +109,7 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
                 # its scales, sort index, placement and stuck cells belong to its own config:
                 # silently keeping them would label one configuration's numbers as another's
                 diff = mod.config.diff(config)
-                raise ValueError(
+                raise ModelStateError(
                     f"convert: {name or type(mod).__name__} is already a crossbar layer, "
                     f"converted with another config (field: (its, asked)) {diff}; convert the "
                     "original float model with the new config instead")
@@ -168,7 +135,7 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
                                    "(run one forward before converting)"))
             continue
         if mod.weight.is_meta:
-            raise ValueError(f"convert: {name or type(mod).__name__} has its weight on the meta "
+            raise ModelStateError(f"convert: {name or type(mod).__name__} has its weight on the meta "
                              "device; load real weights before converting")
         parent, attr = parents.get(name, (None, None))
         try:

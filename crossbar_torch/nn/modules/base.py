@@ -23,13 +23,16 @@ gradient straight through to the latent weight. Semantics: docs/semantics.md.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
+import weakref
 
 import torch
 
 from .. import analog
 from ... import ops
 from ...config import COUNTING_FIELDS, CrossbarConfig
+from ...errors import ModelStateError
 from ...mapping import check_filter_index, filter_index, layer_tiles, natural_filter_index
 from ...quantization import quantize, sort_index
 
@@ -45,6 +48,34 @@ ANALOG_BUFFERS = {"input_range": torch.float32, "adc_range": torch.float64,
                   "prog_eps": torch.float32, "drift_nu": torch.float32,
                   "input_moment": torch.float32}
 
+
+
+def tensor_digest(t: torch.Tensor) -> bytes:
+    """A digest of a tensor's dtype, shape and bytes (blake2b): equal digests mean equal values
+    (bit for bit), short of a hash collision."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+    data = t.detach().contiguous()
+    if data.numel():
+        h.update(data.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.digest()
+
+
+def _no_object():
+    """A weak reference whose object is gone (what a pickled stamp refers to)."""
+    return None
+
+
+def _same_stamp(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, tuple):  # (weakref, version): the same live object, unchanged
+            if x[0]() is None or x[0]() is not y[0]() or x[1] != y[1]:
+                return False
+        elif x != y:
+            return False
+    return True
 
 class CrossbarMixin:
     """What CrossbarLinear and CrossbarConv2d share: buffers, programming state, weights."""
@@ -68,7 +99,8 @@ class CrossbarMixin:
         self._eff_cache = None
         self._linear_cache = None
         self._programmed_version = None
-        self._programmed_checksum = 0.0
+        self._programmed_digest = None
+        self._programmed = False  # cells set by programming or loaded (refuse to run before)
         self._stale_warned = False
 
     # ---- the weight the layer computes with, as an (out, K) matrix -----------------------
@@ -111,45 +143,86 @@ class CrossbarMixin:
             self.tile_order = tile_order.to(self.tile_order.device, torch.int64).contiguous()
         self._eff_cache = None
         self._linear_cache = None
+        self._programmed = True
         self._mark_programmed()
+
+    def _check_programmed(self) -> None:
+        if not self._programmed:
+            raise ModelStateError(
+                f"{type(self).__name__} {self.layer_name!r}: its crossbars were never programmed "
+                f"(built directly, its cells are empty); make it with {type(self).__name__}."
+                f"{'from_linear' if hasattr(self, 'in_features') else 'from_conv'}(...) or "
+                "crossbar_torch.convert(model), or load a state dict into it")
 
     # ---- is the latent weight still the one the crossbars were programmed with? -------------
     # The version counter says when the weight changed in place; it is compared only for the
-    # same tensor object (deepcopy, .to() and load_state_dict give new objects with fresh
-    # counters: then a checksum of the values decides). Inference tensors have no counter and
-    # cannot change outside inference_mode: they are not checked. torch.compile skips the check.
+    # same tensor object, held by a weak reference (an id() can be reused after garbage
+    # collection). deepcopy, .to() and load_state_dict give new objects with fresh counters:
+    # then a digest of the bytes (exact: a permutation or a sign-balanced change differs)
+    # decides, once, and the new object's counter is followed. Inference tensors have no
+    # counter and cannot change outside inference_mode: they are not checked.
     def _weight_stamp(self):
         w = self.weight
         if w.is_inference():
             return None
-        return id(w), w._version
+        return weakref.ref(w), w._version
 
-    def _weight_checksum(self) -> float | None:
+    def _weight_digest(self) -> bytes | None:
         if self.weight.is_meta:  # no values to compare
             return None
-        with torch.no_grad():
-            return float(self.weight.detach().double().sum()) if self.weight.numel() else 0.0
+        return tensor_digest(self.weight)
+
+    def __getstate__(self):
+        # pickling (torch.save of a whole module, deepcopy): weak references do not pickle and
+        # the caches are derived; a stamp's object becomes "another object", so the first
+        # check after unpickling compares the digest
+        state = super().__getstate__().copy()
+        state["_eff_cache"] = state["_linear_cache"] = None
+        if state.get("_programmed_version") is not None:
+            state["_programmed_version"] = (_no_object, state["_programmed_version"][1])
+        return state
 
     def _mark_programmed(self) -> None:
         self._programmed_version = self._weight_stamp()
-        self._programmed_checksum = self._weight_checksum()
+        self._programmed_digest = self._weight_digest()
         self._stale_warned = False
 
     def _weight_changed(self) -> bool:
+        # inside a compiled graph the check would cost a graph break per layer: there it is
+        # made when the model is switched to eval (``train(False)``, eager), see ``train``
         if self._programmed_version is None or torch.compiler.is_compiling():
             return False
         now = self._weight_stamp()
         if now is None:
             return False
-        if now[0] == self._programmed_version[0]:
+        if self._programmed_version[0]() is self.weight:
             return now[1] != self._programmed_version[1]
         # another tensor object: compare values, then follow the new object's counter
-        now_sum = self._weight_checksum()
-        changed = (now_sum is not None and self._programmed_checksum is not None
-                   and now_sum != self._programmed_checksum)
+        digest = self._weight_digest()
+        changed = (digest is not None and self._programmed_digest is not None
+                   and digest != self._programmed_digest)
         if not changed:
             self._programmed_version = now
         return changed
+
+    # ---- caches of what the held cells give, stamped with the tensors they derive from ------
+    def derived_stamp(self) -> tuple:
+        """The identity and version of every tensor the effective weights derive from (cells,
+        scale, sort_index, stuck, the periphery's programming error and drift): a cache keyed
+        by it is stale as soon as one of them is replaced or edited in place."""
+        return tuple((weakref.ref(b), b._version) for b in
+                     (self.cells, self.scale, self.sort_index, self.stuck, self.prog_eps,
+                      self.drift_nu) if not b.is_inference()) + (self.weight.dtype,)
+
+    def cached(self, slot: str, compute):
+        """``compute()``, kept in ``slot`` until :meth:`derived_stamp` changes."""
+        stamp = self.derived_stamp()
+        hit = getattr(self, slot)
+        if hit is not None and _same_stamp(hit[0], stamp):
+            return hit[1]
+        value = compute()
+        setattr(self, slot, (stamp, value))
+        return value
 
     # ---- effective weights --------------------------------------------------------------------
     def _decode(self, cells: torch.Tensor) -> torch.Tensor:
@@ -160,10 +233,10 @@ class CrossbarMixin:
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the crossbars compute with: decoded held cells, un-sorted, times scale."""
-        if self._eff_cache is None:
-            with torch.no_grad():
-                self._eff_cache = self._decode(self.cells)
-        return self._eff_cache
+        if torch.compiler.is_compiling():  # traced: the decode is part of the graph
+            return self._decode(self.cells)
+        with torch.no_grad():
+            return self.cached("_eff_cache", lambda: self._decode(self.cells))
 
     def effective_q(self) -> torch.Tensor:
         """Integer effective weights q_eff (out, K) in the original order (rule 9)."""
@@ -198,10 +271,18 @@ class CrossbarMixin:
         return w_eff.detach() + (w - w.detach())
 
     def weight_for_forward(self) -> torch.Tensor:
+        self._check_programmed()
         if self.training:  # simulate programming the current latent weight (fine-tuning)
             return self.simulated_weight()
         self._warn_if_stale()
         return self.effective_weight()
+
+    def train(self, mode: bool = True):
+        # switching to eval is the moment a changed latent weight matters (fine-tuning, then
+        # evaluation without reprogramming); it runs eagerly, also for a compiled model
+        if not mode and self._programmed:
+            self._warn_if_stale()
+        return super().train(mode)
 
     def _warn_if_stale(self) -> None:
         if not self._stale_warned and self._weight_changed():
@@ -217,6 +298,7 @@ class CrossbarMixin:
         conductances and the ADC (rules 17 to 20), without bias. ``rows_fn(x)``: the input rows
         (N, groups*K); ``apply_fn(x, w)``: the layer's op with weight ``w``, as rows. In train
         mode the result carries the ideal path's gradient (a straight-through estimator)."""
+        self._check_programmed()
         calibrating = analog.is_calibrating()
         if not self.training:
             self._warn_if_stale()
@@ -234,7 +316,8 @@ class CrossbarMixin:
 
     # ---- state dict: the config travels with the buffers ------------------------------------
     def get_extra_state(self):
-        return {"crossbar_config": self.config.to_dict()}
+        # the device's values, not its preset name or path: the state dict loads anywhere
+        return {"crossbar_config": self.config.with_device_values().to_dict()}
 
     def set_extra_state(self, state) -> None:
         pass  # checked (before the buffers) in _load_from_state_dict
@@ -287,6 +370,7 @@ class CrossbarMixin:
                                       unexpected_keys, error_msgs)
         self._eff_cache = None
         self._linear_cache = None
+        self._programmed = self._programmed or prefix + "cells" in state_dict
         self._mark_programmed()
 
     def _check_loaded_buffers(self, state_dict, prefix, layer) -> None:
