@@ -3,6 +3,7 @@
 #   make test    set up .venv (first time) and run the whole test suite
 #   make sanitize  build the extension with AddressSanitizer + UBSan into a scratch dir and run
 #                the op and fuzz tests against it (SANITIZE_OUT, default /tmp/crossbar_sanitize)
+#   make gpu-check  on a GPU machine: CUDA tests, sync-free check, benchmarks/bench_gpu.py
 #   make wheel-check  build a wheel from the checkout, install it into a fresh venv and run a
 #                smoke test outside the checkout (scripts/check_wheel.sh)
 # PyTorch: torch 2.14.1 / torchvision 0.29.1 (pip takes them from this machine's disk, or from
@@ -16,7 +17,7 @@ export CUDA_HOME ?= /usr/local/cuda
 STAMP  := $(VENV)/.crossbar-installed
 SOURCES := setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cuda/*.cu)
 
-.PHONY: setup demo test test-fast bench cuda-check sanitize wheel-check report clean
+.PHONY: setup demo test test-fast bench cuda-check gpu-check sanitize wheel-check report clean
 
 setup: $(STAMP)
 
@@ -54,6 +55,11 @@ bench: setup
 
 cuda-check: setup
 	bash scripts/check_cuda_build.sh
+
+# On a machine with a GPU: CUDA tests, CPU-vs-CUDA equality, the sync-free forward and
+# benchmarks/bench_gpu.py (< 8 minutes); without one it says so and exits 0.
+gpu-check: setup
+	bash scripts/gpu_check.sh
 
 wheel-check: setup
 	bash scripts/check_wheel.sh

@@ -1,5 +1,11 @@
 // Schemas of the crossbar_torch custom ops and the `crossbar_torch._C` Python module.
 //
+// `check_values`: check the values of the tensors (levels in range, the sort index a
+// permutation, finite floats), which costs a pass over them and, on CUDA, a host
+// synchronisation; a crossbar layer passes false for tensors it has already checked since
+// they last changed (crossbar_torch/nn/modules/base.py). Shapes, dtypes and devices are always
+// checked.
+//
 // Kernels are registered per device in cpu/<op>_kernel.cpp and cuda/<op>_kernel.cu (the latter
 // only in builds WITH_CUDA); fake (meta) kernels are registered in Python
 // (crossbar_torch/ops/__init__.py). Semantics: docs/semantics.md and crossbar_torch/ops/reference.py
@@ -25,13 +31,15 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(crossbar_torch, m) {
   m.def("encode(Tensor q, int weight_bits, int bits_per_cell, int encoding) -> Tensor");
-  m.def("decode(Tensor cells, int weight_bits, int bits_per_cell, int encoding) -> Tensor");
+  m.def(
+      "decode(Tensor cells, int weight_bits, int bits_per_cell, int encoding, "
+      "bool check_values=True) -> Tensor");
   m.def(
       "effective_weight(Tensor cells, Tensor index, Tensor scale, int weight_bits, "
-      "int bits_per_cell, int encoding) -> Tensor");
+      "int bits_per_cell, int encoding, bool check_values=True) -> Tensor");
   m.def(
       "sort_and_encode(Tensor w, Tensor scale, Tensor index, int weight_bits, "
-      "int bits_per_cell, int encoding) -> Tensor");
+      "int bits_per_cell, int encoding, bool check_values=True) -> Tensor");
   m.def(
       "program_layer(Tensor cells, Tensor filter_index, Tensor order, Tensor pinned, "
       "Tensor(a!) state, Tensor(b!) written, Tensor stuck, Tensor(c!) cell_writes, "
@@ -40,13 +48,14 @@ TORCH_LIBRARY(crossbar_torch, m) {
       "-> (Tensor, Tensor, Tensor)");
   m.def(
       "compensate(Tensor cells, Tensor held, Tensor old, int weight_bits, int bits_per_cell, "
-      "int encoding, int compensate_slices) -> Tensor");
+      "int encoding, int compensate_slices, bool check_values=True) -> Tensor");
   m.def(
       "feedback_quantize(Tensor target, Tensor u, Tensor held, Tensor levels, int weight_bits, "
       "int bits_per_cell, int encoding, int stuck_slices) -> Tensor");
   m.def(
       "analog_matmul(Tensor x, Tensor g, Tensor sort_index, Tensor cell_weight, "
       "Tensor adc_steps, int groups, int rows, int input_bits, int input_bits_per_cycle, "
-      "float input_scale, int adc_bits, float g0, float encoding_offset, bool signed_weights) "
+      "float input_scale, int adc_bits, float g0, float encoding_offset, bool signed_weights, "
+      "bool check_values=True) "
       "-> (Tensor, Tensor)");
 }

@@ -160,7 +160,8 @@ def _cells_and_weights(layer, cells):
     cfg = layer.config
     if cfg.adc_scope == "weight":
         held = layer.cells if cells is None else cells
-        g = ops.decode(held, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id).to(
+        g = layer.held_op("decode", ops.decode, held, cfg.weight_bits, cfg.bits_per_cell,
+                          cfg.encoding_id).to(
             torch.float32)[:, None, :]                                  # q_eff, sorted order
         return g, torch.ones(1, dtype=torch.float64), 0.0, 0.0
     w_cells, offset = cell_weights(cfg)
@@ -226,7 +227,8 @@ def _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn=No
     power of two, and the codes are added as integers."""
     cfg = layer.config
     held = layer.cells if cells is None else cells
-    q_sorted = ops.decode(held, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
+    q_sorted = layer.held_op("decode", ops.decode, held, cfg.weight_bits, cfg.bits_per_cell,
+                             cfg.encoding_id)
     out, K = q_sorted.shape
     q = torch.empty_like(q_sorted).scatter_(1, layer.sort_index, q_sorted)   # original order
     bound = cfg.rows * cfg.qmax * (2 ** cfg.input_bits - 1)
@@ -279,9 +281,10 @@ def _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn=No
 
 def _matmul(layer, x, g, w_cells, steps, groups, s_x, adc_bits, g0, offset):
     cfg = layer.config
-    return ops.analog_matmul(x, g, layer.sort_index, w_cells.to(x.device), steps.to(x.device),
-                             groups, cfg.rows, cfg.input_bits or 0, cfg.input_bits_per_cycle,
-                             s_x, adc_bits, g0, offset, cfg.adc_scope == "weight")
+    return layer.held_op("analog_matmul", ops.analog_matmul, x, g, layer.sort_index,
+                         w_cells.to(x.device), steps.to(x.device), groups, cfg.rows,
+                         cfg.input_bits or 0, cfg.input_bits_per_cycle, s_x, adc_bits, g0, offset,
+                         cfg.adc_scope == "weight")
 
 
 def _calibrate_input(layer, x: torch.Tensor) -> None:

@@ -86,7 +86,7 @@ def _encode_fake(q, weight_bits, bits_per_cell, encoding):
 
 
 @torch.library.register_fake("crossbar_torch::decode")
-def _decode_fake(cells, weight_bits, bits_per_cell, encoding):
+def _decode_fake(cells, weight_bits, bits_per_cell, encoding, check_values=True):
     c = _check_format("decode", weight_bits, bits_per_cell, encoding)
     _check_tensors("decode", ("cells", cells), [("cells", cells, torch.uint8, None)])
     torch._check(cells.dim() >= 1,
@@ -96,7 +96,8 @@ def _decode_fake(cells, weight_bits, bits_per_cell, encoding):
 
 
 @torch.library.register_fake("crossbar_torch::effective_weight")
-def _effective_weight_fake(cells, index, scale, weight_bits, bits_per_cell, encoding):
+def _effective_weight_fake(cells, index, scale, weight_bits, bits_per_cell, encoding,
+                           check_values=True):
     op = "effective_weight"
     c = _check_format(op, weight_bits, bits_per_cell, encoding)
     _check_tensors(op, ("cells", cells), [("cells", cells, torch.uint8, 3),
@@ -110,7 +111,8 @@ def _effective_weight_fake(cells, index, scale, weight_bits, bits_per_cell, enco
 
 
 @torch.library.register_fake("crossbar_torch::sort_and_encode")
-def _sort_and_encode_fake(w, scale, index, weight_bits, bits_per_cell, encoding):
+def _sort_and_encode_fake(w, scale, index, weight_bits, bits_per_cell, encoding,
+                          check_values=True):
     op = "sort_and_encode"
     c = _check_format(op, weight_bits, bits_per_cell, encoding)
     _check_tensors(op, ("w", w), [("w", w, torch.float32, 2), ("scale", scale, torch.float32, 1),
@@ -161,7 +163,8 @@ def _program_layer_fake(cells, filter_index, order, pinned, state, written, stuc
 
 
 @torch.library.register_fake("crossbar_torch::compensate")
-def _compensate_fake(cells, held, old, weight_bits, bits_per_cell, encoding, compensate_slices):
+def _compensate_fake(cells, held, old, weight_bits, bits_per_cell, encoding, compensate_slices,
+                     check_values=True):
     op = "compensate"
     c = _check_format(op, weight_bits, bits_per_cell, encoding)
     _check_tensors(op, ("cells", cells), [("cells", cells, torch.uint8, None),
@@ -203,7 +206,7 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
 @torch.library.register_fake("crossbar_torch::analog_matmul")
 def _analog_matmul_fake(x, g, sort_index, cell_weight, adc_steps, groups, rows, input_bits,
                         input_bits_per_cycle, input_scale, adc_bits, g0, encoding_offset,
-                        signed_weights):
+                        signed_weights, check_values=True):
     op = "analog_matmul"
     torch._check(groups >= 1, lambda: f"crossbar_torch.{op}: groups must be >= 1, got {groups}")
     torch._check(rows >= 1, lambda: f"crossbar_torch.{op}: rows must be >= 1, got {rows}")
@@ -261,18 +264,25 @@ def encode(q, weight_bits: int, bits_per_cell: int, encoding: int) -> torch.Tens
     return _ops.encode(q, weight_bits, bits_per_cell, encoding)
 
 
-def decode(cells, weight_bits: int, bits_per_cell: int, encoding: int) -> torch.Tensor:
-    return _ops.decode(cells, weight_bits, bits_per_cell, encoding)
+# ``check_values=False``: the caller vouches for the values (levels in range, the sort index a
+# permutation, finite floats) because it checked them since they last changed: the kernel
+# skips that pass, which on CUDA is a host synchronisation (crossbar layers, nn/modules/base.py).
+
+def decode(cells, weight_bits: int, bits_per_cell: int, encoding: int,
+           check_values: bool = True) -> torch.Tensor:
+    return _ops.decode(cells, weight_bits, bits_per_cell, encoding, check_values)
 
 
 def effective_weight(cells, index, scale, weight_bits: int, bits_per_cell: int,
-                     encoding: int) -> torch.Tensor:
-    return _ops.effective_weight(cells, index, scale, weight_bits, bits_per_cell, encoding)
+                     encoding: int, check_values: bool = True) -> torch.Tensor:
+    return _ops.effective_weight(cells, index, scale, weight_bits, bits_per_cell, encoding,
+                                 check_values)
 
 
 def sort_and_encode(w, scale, index, weight_bits: int, bits_per_cell: int,
-                    encoding: int) -> torch.Tensor:
-    return _ops.sort_and_encode(w, scale, index, weight_bits, bits_per_cell, encoding)
+                    encoding: int, check_values: bool = True) -> torch.Tensor:
+    return _ops.sort_and_encode(w, scale, index, weight_bits, bits_per_cell, encoding,
+                                check_values)
 
 
 def program_layer(cells, filter_index, order, pinned, state, written, stuck, cell_writes,
@@ -287,10 +297,10 @@ def program_layer(cells, filter_index, order, pinned, state, written, stuck, cel
 
 
 def compensate(cells, held, old, weight_bits: int, bits_per_cell: int, encoding: int,
-               compensate_slices: int) -> torch.Tensor:
+               compensate_slices: int, check_values: bool = True) -> torch.Tensor:
     """Rule 13 per weight (the training forward's programming): see reference.compensate."""
     return _ops.compensate(cells, held, old, weight_bits, bits_per_cell, encoding,
-                           compensate_slices)
+                           compensate_slices, check_values)
 
 
 def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: int,
@@ -306,11 +316,12 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
 
 def analog_matmul(x, g, sort_index, cell_weight, adc_steps, groups: int, rows: int,
                   input_bits: int, input_bits_per_cycle: int, input_scale: float, adc_bits: int,
-                  g0: float, encoding_offset: float, signed_weights: bool):
+                  g0: float, encoding_offset: float, signed_weights: bool,
+                  check_values: bool = True):
     """A crossbar layer's output through the DAC and the ADC (docs/semantics.md rules 17, 18);
     returns ``(acc (N, out) float64, pmax (c,) float64)``. See analog_reference.analog_matmul
     for the full contract."""
     return _ops.analog_matmul(x, g, sort_index, cell_weight, adc_steps, int(groups), int(rows),
                               int(input_bits), int(input_bits_per_cycle), float(input_scale),
                               int(adc_bits), float(g0), float(encoding_offset),
-                              bool(signed_weights))
+                              bool(signed_weights), bool(check_values))

@@ -239,7 +239,8 @@ std::tuple<at::Tensor, at::Tensor> analog_matmul_cpu(
     const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& sort_index_in,
     const at::Tensor& cell_weight_in, const at::Tensor& adc_steps_in, int64_t groups,
     int64_t rows, int64_t input_bits, int64_t input_bits_per_cycle, double input_scale,
-    int64_t adc_bits, double g0, double encoding_offset, bool signed_weights) {
+    int64_t adc_bits, double g0, double encoding_offset, bool signed_weights,
+    bool check_values) {
   TORCH_CHECK(x_in.device().is_cpu(),
               "crossbar_torch.analog_matmul: x must be a CPU tensor here, got ", x_in.device());
   const AnalogLayout L = check_analog_matmul(
@@ -248,7 +249,7 @@ std::tuple<at::Tensor, at::Tensor> analog_matmul_cpu(
   const at::Tensor sort_index = sort_index_in.contiguous();
   const at::Tensor cell_weight = cell_weight_in.contiguous();
   const at::Tensor adc_steps = adc_steps_in.contiguous();
-  check_analog_matmul_values(g_in, sort_index, cell_weight, adc_steps, adc_bits);
+  if (check_values) check_analog_matmul_values(g_in, sort_index, cell_weight, adc_steps, adc_bits);
   TORCH_CHECK(std::fegetround() == FE_TONEAREST,
               "crossbar_torch.analog_matmul: the floating-point rounding mode must be "
               "round-to-nearest");

@@ -9,7 +9,7 @@ namespace {
 
 at::Tensor effective_weight_cpu(const at::Tensor& cells_in, const at::Tensor& index_in,
                                 const at::Tensor& scale_in, int64_t weight_bits,
-                                int64_t bits_per_cell, int64_t encoding) {
+                                int64_t bits_per_cell, int64_t encoding, bool check_values) {
   TORCH_CHECK(cells_in.device().is_cpu(),
               "crossbar_torch.effective_weight: cells must be a CPU tensor here, got ",
               cells_in.device());
@@ -20,7 +20,7 @@ at::Tensor effective_weight_cpu(const at::Tensor& cells_in, const at::Tensor& in
   const at::Tensor cells = cells_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
-  check_effective_weight_values(cells, index, bits_per_cell);
+  if (check_values) check_effective_weight_values(cells, index, bits_per_cell);
   at::Tensor result = at::zeros({out, K}, cells.options().dtype(at::kFloat));
   const uint8_t* cp = cells.const_data_ptr<uint8_t>();
   const int64_t* ip = index.const_data_ptr<int64_t>();

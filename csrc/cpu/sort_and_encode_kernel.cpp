@@ -12,7 +12,7 @@ namespace {
 
 at::Tensor sort_and_encode_cpu(const at::Tensor& w_in, const at::Tensor& scale_in,
                                const at::Tensor& index_in, int64_t weight_bits,
-                               int64_t bits_per_cell, int64_t encoding) {
+                               int64_t bits_per_cell, int64_t encoding, bool check_values) {
   TORCH_CHECK(w_in.device().is_cpu(),
               "crossbar_torch.sort_and_encode: w must be a CPU tensor here, got ", w_in.device());
   check_sort_and_encode(w_in, scale_in, index_in, weight_bits, bits_per_cell, encoding);
@@ -20,7 +20,7 @@ at::Tensor sort_and_encode_cpu(const at::Tensor& w_in, const at::Tensor& scale_i
   const at::Tensor w = w_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor index = index_in.contiguous();
-  check_sort_and_encode_values(w, scale, index);
+  if (check_values) check_sort_and_encode_values(w, scale, index);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
   const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
   at::Tensor cells = at::empty({out, K, c}, w.options().dtype(at::kByte));

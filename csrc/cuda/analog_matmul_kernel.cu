@@ -99,7 +99,8 @@ std::tuple<at::Tensor, at::Tensor> analog_matmul_cuda(
     const at::Tensor& x_in, const at::Tensor& g_in, const at::Tensor& sort_index_in,
     const at::Tensor& cell_weight_in, const at::Tensor& adc_steps_in, int64_t groups,
     int64_t rows, int64_t input_bits, int64_t input_bits_per_cycle, double input_scale,
-    int64_t adc_bits, double g0, double encoding_offset, bool signed_weights) {
+    int64_t adc_bits, double g0, double encoding_offset, bool signed_weights,
+    bool check_values) {
   check_cuda(x_in, "analog_matmul", "x");
   const AnalogLayout L = check_analog_matmul(
       x_in, g_in, sort_index_in, cell_weight_in, adc_steps_in, groups, rows, input_bits,
@@ -108,7 +109,7 @@ std::tuple<at::Tensor, at::Tensor> analog_matmul_cuda(
   const at::Tensor sort_index = sort_index_in.contiguous();
   const at::Tensor cell_weight = cell_weight_in.contiguous();
   const at::Tensor adc_steps = adc_steps_in.contiguous();
-  check_analog_matmul_values(g_in, sort_index, cell_weight, adc_steps, adc_bits);
+  if (check_values) check_analog_matmul_values(g_in, sort_index, cell_weight, adc_steps, adc_bits);
   const AnalogFormat& f = L.fmt;
   const int64_t N = L.N, out = L.out, c = L.c, K = L.K;
   const auto f64 = x_in.options().dtype(at::kDouble);

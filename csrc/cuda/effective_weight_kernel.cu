@@ -22,7 +22,7 @@ __global__ void effective_weight_kernel(const uint8_t* __restrict__ cells,
 
 at::Tensor effective_weight_cuda(const at::Tensor& cells_in, const at::Tensor& index_in,
                                  const at::Tensor& scale_in, int64_t weight_bits,
-                                 int64_t bits_per_cell, int64_t encoding) {
+                                 int64_t bits_per_cell, int64_t encoding, bool check_values) {
   check_cuda(cells_in, "effective_weight", "cells");
   check_effective_weight(cells_in, index_in, scale_in, weight_bits, bits_per_cell, encoding);
   const int64_t out = cells_in.size(0), K = cells_in.size(1);
@@ -32,7 +32,7 @@ at::Tensor effective_weight_cuda(const at::Tensor& cells_in, const at::Tensor& i
   const at::Tensor cells = cells_in.contiguous();
   const at::Tensor index = index_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
-  check_effective_weight_values(cells, index, bits_per_cell);
+  if (check_values) check_effective_weight_values(cells, index, bits_per_cell);
   at::Tensor result = at::zeros({out, K}, cells.options().dtype(at::kFloat));
   const int64_t n = out * K;
   if (n > 0) {

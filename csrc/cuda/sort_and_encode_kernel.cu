@@ -23,7 +23,7 @@ __global__ void sort_and_encode_kernel(const float* __restrict__ w, const float*
 
 at::Tensor sort_and_encode_cuda(const at::Tensor& w_in, const at::Tensor& scale_in,
                                 const at::Tensor& index_in, int64_t weight_bits,
-                                int64_t bits_per_cell, int64_t encoding) {
+                                int64_t bits_per_cell, int64_t encoding, bool check_values) {
   check_cuda(w_in, "sort_and_encode", "w");
   check_sort_and_encode(w_in, scale_in, index_in, weight_bits, bits_per_cell, encoding);
   const int64_t out = w_in.size(0), K = w_in.size(1);
@@ -31,7 +31,7 @@ at::Tensor sort_and_encode_cuda(const at::Tensor& w_in, const at::Tensor& scale_
   const at::Tensor w = w_in.contiguous();
   const at::Tensor scale = scale_in.contiguous();
   const at::Tensor index = index_in.contiguous();
-  check_sort_and_encode_values(w, scale, index);
+  if (check_values) check_sort_and_encode_values(w, scale, index);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
   const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
   at::Tensor cells = at::empty({out, K, c}, w.options().dtype(at::kByte));

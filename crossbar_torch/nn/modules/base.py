@@ -101,6 +101,7 @@ class CrossbarMixin:
         self._programmed_version = None
         self._programmed_digest = None
         self._programmed = False  # cells set by programming or loaded (refuse to run before)
+        self._verified = {}  # op -> stamp of the held tensors it last checked (_check_now)
         self._stale_warned = False
 
     # ---- the weight the layer computes with, as an (out, K) matrix -----------------------
@@ -125,12 +126,20 @@ class CrossbarMixin:
         if encode:
             self.set_cells(self.target_cells(), None)
 
-    def target_cells(self) -> torch.Tensor:
-        """Cell levels that programming the current latent weight asks for (sorted order)."""
+    def target_cells(self, trusted: bool = False) -> torch.Tensor:
+        """Cell levels that programming the current latent weight asks for (sorted order).
+        Programming checks every value (the kernel refuses NaN / Inf weights); the training
+        forward (``trusted``) checks the scale and sort index once per change of them and
+        leaves the latent weight to the trainer's divergence check (no host synchronisation
+        per step)."""
         w = self.matrix_weight().detach().to(torch.float32).contiguous()
-        cfg = self.config  # the kernel refuses NaN / Inf weights
-        return ops.sort_and_encode(w, self.scale, self.sort_index, cfg.weight_bits,
-                                   cfg.bits_per_cell, cfg.encoding_id)
+        cfg = self.config
+        check = not trusted or self._check_now("sort_and_encode")
+        cells = ops.sort_and_encode(w, self.scale, self.sort_index, cfg.weight_bits,
+                                    cfg.bits_per_cell, cfg.encoding_id, check_values=check)
+        if trusted and check:
+            self._checked("sort_and_encode")
+        return cells
 
     def set_cells(self, cells: torch.Tensor, stuck: torch.Tensor | None,
                   tile_order: torch.Tensor | None = None) -> None:
@@ -178,6 +187,7 @@ class CrossbarMixin:
         # check after unpickling compares the digest
         state = super().__getstate__().copy()
         state["_eff_cache"] = state["_linear_cache"] = None
+        state["_verified"] = {}
         if state.get("_programmed_version") is not None:
             state["_programmed_version"] = (_no_object, state["_programmed_version"][1])
         return state
@@ -207,12 +217,14 @@ class CrossbarMixin:
 
     # ---- caches of what the held cells give, stamped with the tensors they derive from ------
     def derived_stamp(self) -> tuple:
-        """The identity and version of every tensor the effective weights derive from (cells,
-        scale, sort_index, stuck, the periphery's programming error and drift): a cache keyed
-        by it is stale as soon as one of them is replaced or edited in place."""
+        """The identity and version of every tensor the effective weights and the periphery
+        derive from (cells, scale, sort_index, stuck, the programming error and drift, the
+        calibrated ranges): a cache keyed by it is stale as soon as one of them is replaced or
+        edited in place."""
         return tuple((weakref.ref(b), b._version) for b in
                      (self.cells, self.scale, self.sort_index, self.stuck, self.prog_eps,
-                      self.drift_nu) if not b.is_inference()) + (self.weight.dtype,)
+                      self.drift_nu, self.input_range, self.adc_range)
+                     if not b.is_inference()) + (self.weight.dtype,)
 
     def cached(self, slot: str, compute):
         """``compute()``, kept in ``slot`` until :meth:`derived_stamp` changes."""
@@ -224,11 +236,38 @@ class CrossbarMixin:
         setattr(self, slot, (stamp, value))
         return value
 
+    # ---- value checks of the held tensors: once per change, not per forward ----------------
+    def _check_now(self, op: str) -> bool:
+        """Whether ``op`` must check the values of the held tensors on this call: on its first
+        call after cells, scale, sort index, stuck, prog_eps or drift_nu were replaced or edited
+        in place (the stamp of the caches), not on the calls after, so that a forward makes no
+        host synchronisation (issue 19). Inside a compiled graph never: the values were
+        checked at conversion or load, and the first eager call after an edit checks them."""
+        if torch.compiler.is_compiling():
+            return False
+        seen = self._verified.get(op)
+        return seen is None or not _same_stamp(seen, self.derived_stamp())
+
+    def _checked(self, op: str) -> None:
+        """``op`` checked the held tensors as they are now (call after it returned)."""
+        self._verified[op] = self.derived_stamp()
+
+    def held_op(self, op: str, fn, *args):
+        """``fn(*args, check_values=...)`` for an op reading the held tensors, checking their
+        values only when :meth:`_check_now` says so."""
+        check = self._check_now(op)
+        out = fn(*args, check_values=check)
+        if check:
+            self._checked(op)
+        return out
+
     # ---- effective weights --------------------------------------------------------------------
     def _decode(self, cells: torch.Tensor) -> torch.Tensor:
+        # `cells` are the held ones or come from the kernels (in range by construction): the
+        # values to check are the held sort index and scale
         cfg = self.config
-        w = ops.effective_weight(cells, self.sort_index, self.scale, cfg.weight_bits,
-                                 cfg.bits_per_cell, cfg.encoding_id)
+        w = self.held_op("effective_weight", ops.effective_weight, cells, self.sort_index,
+                         self.scale, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
         return w.reshape(self._weight_shape()).to(self.weight.dtype)
 
     def effective_weight(self) -> torch.Tensor:
@@ -248,14 +287,14 @@ class CrossbarMixin:
 
     def simulated_cells(self) -> torch.Tensor:
         """The cells programming the current latent weight would leave (sorted order)."""
-        target = self.target_cells()
+        target = self.target_cells(trusted=True)
         if self.stuck.numel():
             # what programming would leave: the stuck cells keep their levels, and with rule 13
             # the free cells compensate (the write tie-break measured against the held cells)
             cfg = self.config.for_layer(self.layer_name)  # rule 22: this layer's policy
-            target = ops.compensate(target, self.stuck, self.cells, cfg.weight_bits,
-                                    cfg.bits_per_cell, cfg.encoding_id,
-                                    cfg.stuck_slices if cfg.compensate else 0)
+            target = self.held_op("compensate", ops.compensate, target, self.stuck, self.cells,
+                                  cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id,
+                                  cfg.stuck_slices if cfg.compensate else 0)
         return target
 
     def simulated_weight(self, cells: torch.Tensor | None = None) -> torch.Tensor:
@@ -327,16 +366,12 @@ class CrossbarMixin:
         layer = prefix.rstrip('.') or '<root>'
         key = prefix + "_extra_state"
         if key in state_dict:
-            # fields a saved config predates hold their defaults (rules 11 to 13 came later)
-            theirs = {**CrossbarConfig().to_dict(),
-                      **dict(state_dict[key].get("crossbar_config", {}))}
-            mine = self.config.to_dict()
-            for k in COUNTING_FIELDS:  # counting only: the loaded model keeps its own
-                theirs.pop(k, None)
-                mine.pop(k, None)
-            if theirs != mine:
-                diff = {k: (theirs.get(k), mine.get(k)) for k in set(theirs) | set(mine)
-                        if theirs.get(k) != mine.get(k)}
+            # fields a saved config predates hold their defaults (rules 11 to 13 came later);
+            # the counting fields are the loaded model's own
+            saved = dict(state_dict[key].get("crossbar_config", {}))
+            diff = {k: (theirs, mine) for k, (mine, theirs) in
+                    self.config.diff(saved, ignore=COUNTING_FIELDS).items()}
+            if diff:
                 raise RuntimeError(
                     f"crossbar layer {layer}: the state dict was made "
                     f"with a different CrossbarConfig (field: (saved, this model)) {diff}; "

@@ -1,0 +1,50 @@
+"""CPU and CUDA kernels agree bit for bit (issue 19's GPU check): the ops tests/test_ops.py does
+not parametrize over the device (compensate, feedback_quantize, analog_matmul) on random inputs
+of odd sizes. Without a CUDA device they skip; ``make gpu-check`` runs them where a GPU exists."""
+import pytest
+import torch
+
+import crossbar_torch.ops as ops
+from crossbar_torch.encoding import cells_for, slices_for
+from crossbar_torch.ops import reference as ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+
+
+def _cuda(*ts):
+    return [t.cuda() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+@pytest.mark.parametrize("B,b,e,L", [(8, 1, 0, 2), (8, 1, 1, 3), (8, 2, 2, 2), (6, 3, 0, 1),
+                                     (5, 1, 1, 5), (4, 1, 2, 0)])
+def test_compensate_cpu_cuda_equal(B, b, e, L):
+    g = torch.Generator().manual_seed(B * 31 + L)
+    c, S = cells_for(B, b, e), slices_for(B, b, e)
+    q = torch.randint(-(2 ** (B - 1) - 1), 2 ** (B - 1), (257, 3), generator=g, dtype=torch.int32)
+    cells = ref.encode(q, B, b, e)
+    old = torch.randint(0, 2 ** b, cells.shape, generator=g, dtype=torch.uint8)
+    held = (torch.rand(cells.shape, generator=g) < 0.4) & ((torch.arange(c) % S) < L)
+    cpu = ops.compensate(cells, held, old, B, b, e, L)
+    assert torch.equal(ops.compensate(*_cuda(cells, held, old), B, b, e, L).cpu(), cpu)
+
+
+@pytest.mark.parametrize("out,k,groups", [(5, 7, 1), (6, 33, 2), (1, 1, 1)])
+def test_feedback_quantize_cpu_cuda_equal(out, k, groups):
+    from test_feedback import _case
+    for bits, b, enc, L in [(8, 1, 0, 1), (6, 2, 1, 1), (5, 1, 2, 2)]:
+        t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed=out * k)
+        cpu = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L)
+        gpu = ops.feedback_quantize(*_cuda(t, u, held, levels), bits, b, enc, L)
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("signed,adc_bits,input_bits", [(False, 5, 4), (False, 0, 6),
+                                                        (True, 6, 5)])
+def test_analog_matmul_cpu_cuda_equal(signed, adc_bits, input_bits):
+    from test_analog_op import call, make_args
+    a = make_args(N=37, out=6, groups=2, K=19, rows=7, c=1 if signed else 5,
+                  input_bits=input_bits, per_cycle=2, adc_bits=adc_bits, signed=signed, seed=3)
+    acc, pmax = call(a)
+    g = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+    acc_g, pmax_g = call(g)
+    assert torch.equal(acc_g.cpu(), acc) and torch.equal(pmax_g.cpu(), pmax)
