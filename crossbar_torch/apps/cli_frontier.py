@@ -32,7 +32,10 @@ set its documented numbers were measured on.
 Every row also gets weight_error = sum |q_eff - q| / sum |q| over all crossbar weights.
 
 Sweep YAML (configs/sweep_frontier.yaml): {base: {CrossbarConfig fields}, runs: [{name: ...,
-field: value, ...}, ...]}; several files may be given (names must be unique across them).
+field: value, ...}, ...]}, or a plain config YAML (one run, named after the file); several
+files may be given. The rules are crossbar_torch/apps/sweep.py's, shared with
+reprogram_report.py: unknown keys are refused naming the key and the file, and a run name used
+twice (in one file or across files) is refused naming both files (names key the CSV's rows).
 The reference row crossbar8 is the first file's base with no stucking, no compensation and an
 ideal periphery (or the sweep's own run of that name, which must be all three); --set
 key=value applies to every row, except that crossbar8 stays without stucking and ideal (a
