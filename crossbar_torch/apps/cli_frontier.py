@@ -125,15 +125,12 @@ def fail(msg: str):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import torch
-
     import crossbar_torch.apps.frontier as fr
-    from crossbar_torch.apps.cli import describe_source, model_from_args, preprocess_overrides
-    from crossbar_torch.apps.data import ImageNetFolder, UnreadableImageError, collate_skip_bad
-    from crossbar_torch.apps.evaluate import resolve_device
+    from crossbar_torch.apps.evaluate import init_distributed
+    from crossbar_torch.apps.frontier.shard import rank_world
 
     def log(msg):
-        if not args.quiet:
+        if not args.quiet and rank_world()[0] == 0:
             print(msg, file=sys.stderr, flush=True)
 
     # ---- everything a user can get wrong, before any long work ------------------------------
@@ -169,10 +166,29 @@ def main(argv=None):
         previous = fr.read_previous(csv_path, runs, scorer_cls)
     except fr.FrontierError as e:
         fail(str(e))
-    try:
-        device = resolve_device(args.device)
+    try:  # under torchrun: join the process group (each rank scores its share of the data)
+        distributed, rank, world, device = init_distributed(args.device)
     except ValueError as e:
         fail(str(e))
+    del rank, world  # the helpers of frontier.shard ask the process group
+    try:
+        return _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, log)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, log):
+    """The scoring part of :func:`main`, after the sweep and the outputs are checked."""
+    import torch
+
+    import crossbar_torch.apps.frontier as fr
+    from crossbar_torch.apps.cli import describe_source, model_from_args, preprocess_overrides
+    from crossbar_torch.apps.data import ImageNetFolder, UnreadableImageError, collate_skip_bad
+    from crossbar_torch.apps.frontier.shard import rank_world, shard_loader
+
+    scorer_cls = fr.SentenceScorer if sentence else fr.ImageScorer
 
     if sentence:
         if args.data:
@@ -246,9 +262,9 @@ def main(argv=None):
         if args.limit is not None:
             ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
         n = len(ds)
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
-                                             num_workers=args.workers,
-                                             collate_fn=collate_skip_bad)
+        # this rank's batches of the one-process batching (all of them in one process)
+        loader = shard_loader(ds, args.batch_size, num_workers=args.workers,
+                              collate_fn=collate_skip_bad)
         bad = []
         paths = [str(p) for p, _ in (ds.dataset.samples[:n] if hasattr(ds, "dataset")
                                      else ds.samples)]
@@ -302,7 +318,8 @@ def main(argv=None):
         fail(f"{e} (pass --skip-bad to count, list and skip unreadable images)")
     except fr.FrontierError as e:
         fail(str(e))
-    print(table(rows, scorer_cls))
+    if rank_world()[0] == 0:
+        print(table(rows, scorer_cls))
     return rows
 
 
