@@ -135,7 +135,10 @@ def cases(script: str, tmp: str):
         return base, image_cases(tmp) + [
             ("--sweep", ["--sweep", f"{tmp}/missing.yaml"], "missing.yaml"),
             ("--sweep", ["--sweep", f"{tmp}/bad.yaml"], "bad.yaml"),
-            ("--sweep", ["--sweep", f"{tmp}/config.yaml"], "config.yaml"),
+            ("--sweep", ["--sweep", f"{tmp}/sweep_extra.yaml"],
+             "sweep_extra.yaml: unknown top-level key(s) ['extra']"),
+            ("--sweep", ["--sweep", f"{tmp}/sweep.yaml", f"{tmp}/sweep.yaml"],
+             "appears twice in"),
             ("--set", ["--set", "nosuchfield=1"], "nosuchfield"),
             ("--set", ["--set", "pool=0"], "pool=0"),
             ("--only", ["--only", "nope*"], "nope*"),
@@ -163,6 +166,10 @@ def cases(script: str, tmp: str):
         return base, img + config_cases(tmp) + [
             ("--sweep", ["--sweep", f"{tmp}/missing.yaml"], "missing.yaml"),
             ("--sweep", ["--sweep", f"{tmp}/bad.yaml"], "bad.yaml:3:"),
+            ("--sweep", ["--sweep", f"{tmp}/sweep_extra.yaml"],
+             "sweep_extra.yaml: unknown top-level key(s) ['extra']"),
+            ("--sweep", ["--sweep", f"{tmp}/config.yaml", f"{tmp}/sub/config.yaml"],
+             "appears in both"),
             ("--include", ["--include", "nope*"], "--include 'nope*'"),
             ("--exclude", ["--exclude", "nope*"], "--exclude 'nope*'"),
             ("--exclude", ["--exclude", "*"], "--exclude *"),
@@ -244,6 +251,10 @@ def make_fixtures(tmp: str) -> None:
     (t / "bad.yaml").write_text("rows: 16\ncols: [1, 2\nsort: none\n")
     (t / "config.yaml").write_text("rows: 16\ncols: 32\n")
     (t / "sweep.yaml").write_text("base: {rows: 16, cols: 32}\nruns:\n  - {name: crossbar8}\n")
+    (t / "sweep_extra.yaml").write_text("base: {rows: 16, cols: 32}\nruns:\n  - {name: a}\n"
+                                        "extra: 1\n")
+    (t / "sub").mkdir()
+    (t / "sub" / "config.yaml").write_text("rows: 16\ncols: 32\nsort: none\n")
     (t / "noise.pt").write_bytes(os.urandom(2048))
     (t / "latin1.csv").write_bytes(b"name,top1\ncrossbar8,90\n\xff\xfe,1\n")
     (t / "periphery.csv").write_text("name,top1,sort,input_bits,adc_bits,prog_noise\n"

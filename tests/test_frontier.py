@@ -23,6 +23,7 @@ import torch.nn as nn
 
 import crossbar_torch as xb
 import crossbar_torch.apps.frontier as fr
+import crossbar_torch.apps.frontier.plot as fr_plot
 from conftest import REPO, SAMPLE_DATA
 
 SCRIPT = os.path.join(REPO, "scripts", "frontier.py")
@@ -270,13 +271,13 @@ def test_resume_skips_rows_and_keeps_their_values(tmp_path, monkeypatch):
     runs = fr.load_sweeps([write_sweep(tmp_path / "s.yaml")])
     csv_path, cache = str(tmp_path / "f.csv"), str(tmp_path / "f.csv.float.pt")
     calls = []
-    real = fr.ImageScorer._logits
+    real = fr.ImageScorer._record
 
     def counting(self, m):
         calls.append(type(m).__name__)
         return real(self, m)
 
-    monkeypatch.setattr(fr.ImageScorer, "_logits", counting)
+    monkeypatch.setattr(fr.ImageScorer, "_record", counting)
     fr.run_frontier(model, runs[:3], scorer_for(root), csv_path=csv_path, float_cache=cache)
     assert len(calls) == 4  # the float model once, then one pass per row
     first = read_csv(csv_path)
@@ -289,8 +290,9 @@ def test_resume_skips_rows_and_keeps_their_values(tmp_path, monkeypatch):
         w.writerows(first[:2])
     calls.clear()
     evaluated = []
-    real_convert = fr.convert
-    monkeypatch.setattr(fr, "convert", lambda m, cfg: evaluated.append(cfg) or real_convert(m, cfg))
+    import crossbar_torch.apps.frontier.run as fr_run
+    real_convert = fr_run.convert
+    monkeypatch.setattr(fr_run, "convert", lambda m, cfg: evaluated.append(cfg) or real_convert(m, cfg))
     rows = fr.run_frontier(model, runs, scorer_for(root), csv_path=csv_path,
                            json_path=str(tmp_path / "f.json"), float_cache=cache)
     assert len(calls) == 3  # float outputs came from the cache; 3 rows to evaluate
@@ -422,7 +424,7 @@ def test_script_end_to_end_and_resume(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing_data", "bad_yaml", "unknown_field", "bad_value",
                                   "csv_is_folder", "duplicate_name", "only_unmatched",
-                                  "minilm_with_data", "not_a_sweep", "lossy_reference",
+                                  "minilm_with_data", "unknown_key", "lossy_reference",
                                   "bad_set", "png_not_png", "device_gpu", "device_mps",
                                   "calib_images_minilm"])
 def test_bad_input_is_one_error_line(tmp_path, case):
@@ -435,7 +437,7 @@ def test_bad_input_is_one_error_line(tmp_path, case):
     expect = {
         "missing_data": (["--data", str(tmp_path / "nowhere")], "nowhere"),
         "bad_yaml": (["--sweep", write_sweep(tmp_path / "b.yaml", "base: {rows: [1,\n")],
-                     "b.yaml: not valid YAML"),
+                     "b.yaml:2:1: YAML syntax error"),
         "unknown_field": (["--sweep", write_sweep(tmp_path / "u.yaml",
                                                   "runs:\n  - {name: a, stuck_slice: 2}\n")],
                           "stuck_slice"),
@@ -448,8 +450,9 @@ def test_bad_input_is_one_error_line(tmp_path, case):
                            "'a' appears twice"),
         "only_unmatched": (["--only", "nope*"], "nope*"),
         "minilm_with_data": (["--model", "minilm"], "--data is for image models"),
-        "not_a_sweep": (["--sweep", write_sweep(tmp_path / "n.yaml", "rows: 8\n")],
-                        "n.yaml: expected a mapping"),
+        "unknown_key": (["--sweep", write_sweep(tmp_path / "n.yaml", "runs:\n  - {name: a}\n"
+                                                "extra: 1\n")],
+                        "n.yaml: unknown top-level key(s) ['extra']"),
         "lossy_reference": (["--sweep", write_sweep(
             tmp_path / "l.yaml", "runs:\n  - {name: crossbar8, stuck_slices: 2, "
                                  "reprogram_fraction: 0.5}\n")], "must have no stucking"),
@@ -582,7 +585,7 @@ def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
             "comp": base.replace(stuck_slices=2, reprogram_fraction=0.5, compensate=True),
             "stuck adc": base.replace(stuck_slices=2, reprogram_fraction=0.5, input_bits=8,
                                       adc_bits=6)}
-    assert {n: fr._category(c) for n, c in cfgs.items()} == {
+    assert {n: fr_plot._category(c) for n, c in cfgs.items()} == {
         "crossbar8": "lossless (no stucking)",
         "adc6": "analog periphery (DAC / ADC / noise), no stucking",
         "noise 2%": "analog periphery (DAC / ADC / noise), no stucking",
@@ -597,7 +600,7 @@ def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
     try:
         ax = fig.axes[0]
         labels = ax.get_legend_handles_labels()[1]
-        assert set(fr._STYLE) <= set(labels)
+        assert set(fr_plot._STYLE) <= set(labels)
         fig.canvas.draw()
         box = ax.get_legend().get_window_extent(fig.canvas.get_renderer())
         for name, (x, y) in xy.items():

@@ -170,16 +170,16 @@ def test_sweep_csv_names_the_crossbar_size(tmp_path):
     from crossbar_torch.apps.cli import run_main
     sweep = tmp_path / "s.yaml"
     sweep.write_text("base: {rows: 16, cols: 32}\nruns:\n  - {name: a, sort: none}\n"
-                     "  - {name: a, sort: magnitude}\n")
+                     "  - {name: b, sort: magnitude}\n")
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         run_main(_script().main, ["--model", "test_efficientnet", "--random-init", "--quiet",
                                   "--sweep", str(sweep), "--csv", str(tmp_path / "s.csv"),
                                   "--json", str(tmp_path / "s.json")])
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
-    assert [r["run"] for r in rows] == ["a", "a #2"]  # a repeated name is made unique
+    assert [r["run"] for r in rows] == ["a", "b"]
     assert all((r["crossbar_rows"], r["crossbar_cols"]) == ("16", "32") for r in rows)
     d = json.loads((tmp_path / "s.json").read_text())
-    assert list(d) == ["a", "a #2"] and all(v["random_weights"] for v in d.values())
+    assert list(d) == ["a", "b"] and all(v["random_weights"] for v in d.values())
 
 
 def test_per_layer_csv_columns_name_what_they_hold(tmp_path):

