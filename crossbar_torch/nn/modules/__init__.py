@@ -1,4 +1,5 @@
-"""The crossbar layers: ``base`` (what they share), ``linear``, ``conv``."""
+"""The crossbar layers: ``base`` (what they share), ``state`` (state-dict checks on load),
+``linear``, ``conv``."""
 import torch.nn as nn
 
 from .base import ANALOG_BUFFERS, CROSSBAR_BUFFERS, CrossbarMixin  # noqa: F401

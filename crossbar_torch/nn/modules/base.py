@@ -33,8 +33,9 @@ from .. import analog
 from ... import ops
 from ...config import COUNTING_FIELDS, CrossbarConfig
 from ...errors import ModelStateError
-from ...mapping import check_filter_index, filter_index, layer_tiles, natural_filter_index
+from ...mapping import check_filter_index, filter_index, natural_filter_index
 from ...quantization import quantize, sort_index
+from .state import check_loaded_buffers
 
 
 # What a crossbar layer keeps beside the parameters of the layer it replaced.
@@ -376,7 +377,7 @@ class CrossbarMixin:
                     f"crossbar layer {layer}: the state dict was made "
                     f"with a different CrossbarConfig (field: (saved, this model)) {diff}; "
                     "convert the model with the saved config before loading")
-        self._check_loaded_buffers(state_dict, prefix, layer)
+        check_loaded_buffers(self, state_dict, prefix, layer)
         # `stuck` is empty without stucking, `tile_order` before the first programming: resize
         # them to what is being loaded
         skey = prefix + "stuck"
@@ -407,62 +408,6 @@ class CrossbarMixin:
         self._linear_cache = None
         self._programmed = self._programmed or prefix + "cells" in state_dict
         self._mark_programmed()
-
-    def _check_loaded_buffers(self, state_dict, prefix, layer) -> None:
-        """Refuse a loaded buffer that no programming can have produced (a tampered or corrupt
-        file), naming the layer and the buffer, before anything is copied: load_state_dict
-        would otherwise cast dtypes silently (int64 levels wrapping into uint8) and the errors
-        would surface later, far from their cause. filter_index is checked by the caller."""
-        cfg = self.config
-        out, k, c = self.cells.shape
-        top = (1 << cfg.bits_per_cell) - 1
-
-        def bad(name, why):
-            raise RuntimeError(f"crossbar layer {layer}: buffer '{name}' {why}")
-
-        def loaded(name, dtypes, shapes):
-            t = state_dict.get(prefix + name)
-            if t is None:  # missing keys are load_state_dict's to report
-                return None
-            if not isinstance(t, torch.Tensor):
-                bad(name, f"must be a tensor, got {type(t).__name__}")
-            if t.dtype not in dtypes:
-                bad(name, f"must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
-            if tuple(t.shape) not in shapes:
-                bad(name, f"must have shape {' or '.join(map(str, shapes))}, got "
-                          f"{tuple(t.shape)}")
-            return None if t.is_meta else t  # meta tensors hold no values to check
-
-        scale = loaded("scale", (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-                       [(out,)])
-        if scale is not None and scale.numel():
-            if not bool(torch.isfinite(scale).all()):
-                bad("scale", f"holds {int((~torch.isfinite(scale)).sum())} NaN or Inf value(s)")
-            if not bool((scale > 0).all()):
-                bad("scale", f"holds {int((scale <= 0).sum())} value(s) <= 0 (min "
-                             f"{float(scale.min())}); quantization scales are positive")
-        cells = loaded("cells", (torch.uint8,), [(out, k, c)])
-        if cells is not None and cells.numel() and int(cells.max()) > top:
-            bad("cells", f"holds level {int(cells.max())} but a cell with bits_per_cell="
-                         f"{cfg.bits_per_cell} holds levels in [0, {top}]")
-        loaded("stuck", (torch.bool,), [(0,), (out, k, c)])
-        index = loaded("sort_index", (torch.int64,), [(out, k)])
-        if index is not None and index.numel():
-            rows = torch.arange(k).expand(out, k)
-            bad_rows = (index.cpu().sort(dim=1).values != rows).any(1).nonzero().flatten()
-            if bad_rows.numel():
-                bad("sort_index", f"is not a permutation of each row: row {int(bad_rows[0])} "
-                                  f"(of {bad_rows.numel()} bad rows) is not a permutation of "
-                                  f"[0, {k})")
-        groups = self.moment_groups
-        moment = loaded("input_moment", (torch.float32,), [(0,), (groups, k, k)])
-        if moment is not None and moment.numel() and not bool(torch.isfinite(moment).all()):
-            bad("input_moment", "holds NaN or Inf")
-        tiles = layer_tiles(out, k, cfg)
-        order = loaded("tile_order", (torch.int64,), [(0,), (tiles,)])
-        if order is not None and order.numel() and not torch.equal(
-                order.cpu().sort().values, torch.arange(tiles)):
-            bad("tile_order", f"is not a permutation of the layer's {tiles} tiles")
 
     def _apply(self, fn, recurse=True):
         # `.to(dtype)` must not round the float32 scales (rule 2 computes in float32): keep

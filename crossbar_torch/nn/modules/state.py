@@ -1,0 +1,65 @@
+"""The checks of a crossbar layer's state dict on load: a buffer no programming can have
+produced (a tampered or corrupt file) is refused naming the layer and the buffer, before
+anything is copied."""
+from __future__ import annotations
+
+import torch
+
+from ...mapping import layer_tiles
+
+
+def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
+    """Refuse a loaded buffer that no programming can have produced (a tampered or corrupt
+    file), naming the layer and the buffer, before anything is copied: load_state_dict
+    would otherwise cast dtypes silently (int64 levels wrapping into uint8) and the errors
+    would surface later, far from their cause. filter_index is checked by the caller."""
+    cfg = module.config
+    out, k, c = module.cells.shape
+    top = (1 << cfg.bits_per_cell) - 1
+
+    def bad(name, why):
+        raise RuntimeError(f"crossbar layer {layer}: buffer '{name}' {why}")
+
+    def loaded(name, dtypes, shapes):
+        t = state_dict.get(prefix + name)
+        if t is None:  # missing keys are load_state_dict's to report
+            return None
+        if not isinstance(t, torch.Tensor):
+            bad(name, f"must be a tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            bad(name, f"must have dtype {' or '.join(map(str, dtypes))}, got {t.dtype}")
+        if tuple(t.shape) not in shapes:
+            bad(name, f"must have shape {' or '.join(map(str, shapes))}, got "
+                      f"{tuple(t.shape)}")
+        return None if t.is_meta else t  # meta tensors hold no values to check
+
+    scale = loaded("scale", (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+                   [(out,)])
+    if scale is not None and scale.numel():
+        if not bool(torch.isfinite(scale).all()):
+            bad("scale", f"holds {int((~torch.isfinite(scale)).sum())} NaN or Inf value(s)")
+        if not bool((scale > 0).all()):
+            bad("scale", f"holds {int((scale <= 0).sum())} value(s) <= 0 (min "
+                         f"{float(scale.min())}); quantization scales are positive")
+    cells = loaded("cells", (torch.uint8,), [(out, k, c)])
+    if cells is not None and cells.numel() and int(cells.max()) > top:
+        bad("cells", f"holds level {int(cells.max())} but a cell with bits_per_cell="
+                     f"{cfg.bits_per_cell} holds levels in [0, {top}]")
+    loaded("stuck", (torch.bool,), [(0,), (out, k, c)])
+    index = loaded("sort_index", (torch.int64,), [(out, k)])
+    if index is not None and index.numel():
+        rows = torch.arange(k).expand(out, k)
+        bad_rows = (index.cpu().sort(dim=1).values != rows).any(1).nonzero().flatten()
+        if bad_rows.numel():
+            bad("sort_index", f"is not a permutation of each row: row {int(bad_rows[0])} "
+                              f"(of {bad_rows.numel()} bad rows) is not a permutation of "
+                              f"[0, {k})")
+    groups = module.moment_groups
+    moment = loaded("input_moment", (torch.float32,), [(0,), (groups, k, k)])
+    if moment is not None and moment.numel() and not bool(torch.isfinite(moment).all()):
+        bad("input_moment", "holds NaN or Inf")
+    tiles = layer_tiles(out, k, cfg)
+    order = loaded("tile_order", (torch.int64,), [(0,), (tiles,)])
+    if order is not None and order.numel() and not torch.equal(
+            order.cpu().sort().values, torch.arange(tiles)):
+        bad("tile_order", f"is not a permutation of the layer's {tiles} tiles")
