@@ -80,7 +80,7 @@ def data(tmp_path_factory):
     (["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
     (["--lr", "-1"], "--lr"),
     (["--workers", "-2"], "--workers"),
-    (["--model", "minilm"], "MiniLM is a text model"),
+    (["--model", "minilm"], "--train is for image models: --model minilm trains on sentences"),
     (["--model", "no_such_net"], "'no_such_net': timm has no such model"),
 ])
 def test_finetune_bad_arguments(capsys, data, extra, expect):

@@ -309,3 +309,53 @@ def test_config_line_shows_every_field_that_changes_results():
         "128x128, 8-bit differential, sort=value, filter_order=chain, stuck_slices=2, "
         "reprogram_fraction=0.5, compensate=True; analog: input_bits=8, adc_bits=6, "
         "adc_range=calibrated, prog_noise=0.02")
+
+
+# ------------------------------------------------------- one evaluator, one rank helper (issue 17)
+
+
+class _FixedLogits(torch.nn.Module):
+    """Logits given per sample: the input is the logits."""
+
+    def forward(self, x):
+        return x
+
+
+def test_one_evaluator_scores_labelled_samples_only():
+    from crossbar_torch.apps import finetune
+    from crossbar_torch.apps.evaluate import evaluate_model
+    assert finetune.evaluate is evaluate_model  # the finetune name is the same function
+    logits = torch.tensor([[0., 3, 1, 2, 4, 5, 6], [9., 0, 0, 0, 0, 0, 0],
+                           [0., 0, 9, 0, 0, 0, 0], [1., 2, 3, 4, 5, 6, 7]])
+    labels = torch.tensor([6, 1, -1, 0])  # -1: unlabeled, not scored nor counted
+    loader = [(logits[:2], labels[:2]), (logits[2:], labels[2:])]
+    # by hand: sample 0 top-1 hit; sample 1 miss (label 1 ranks 2nd..7th tie: top-5 of
+    # [9,0,0,0,0,0,0] are indices 0 and four zeros); sample 3 label 0 is the smallest: miss
+    top5_1 = int(1 in logits[1].topk(5).indices.tolist())
+    model = _FixedLogits().train()
+    r = evaluate_model(model, loader)
+    assert model.training  # the caller's mode is restored
+    assert r["n"] == 3 and r["bad_images"] == 0
+    assert r["top1"] == pytest.approx(100.0 / 3)
+    assert r["top5"] == pytest.approx(100.0 * (1 + top5_1 + 0) / 3)
+    full = evaluate({"a": model, "b": model}, loader, "cpu", progress=False)
+    assert full["images"] == 3 and full["models"]["a"]["top1_correct"] == 1
+    assert full["agreement_top1_count"] == 3
+
+
+def test_one_rank_helper():
+    from crossbar_torch.apps import distributed, evaluate as ev
+    from crossbar_torch.apps.finetune import trainer
+    assert trainer.rank_world is distributed.rank_world is ev.rank_world
+    assert ev.dist_rank_world is distributed.rank_world and distributed.rank_world() == (0, 1)
+    assert ev.init_distributed is distributed.init_distributed
+
+
+def test_finetune_modules_are_small():
+    """Issue 17: the fine-tuning package holds one job a module, each under ~450 lines."""
+    import crossbar_torch.apps.finetune as ft
+    folder = os.path.dirname(ft.__file__)
+    for f in os.listdir(folder):
+        if f.endswith(".py"):
+            with open(os.path.join(folder, f)) as fh:
+                assert sum(1 for _ in fh) <= 450, f

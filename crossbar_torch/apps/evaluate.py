@@ -31,10 +31,10 @@ import torch.nn as nn
 from torch.utils.data import Sampler
 
 from .data import Batch, UnreadableImageError
-from ..errors import UsageError
+from .distributed import dist_rank_world, init_distributed, rank_world, resolve_device
 
-__all__ = ["StridedSampler", "dist_rank_world", "evaluate", "init_distributed", "resolve_device",
-           "topk_correct"]
+__all__ = ["StridedSampler", "dist_rank_world", "evaluate", "evaluate_model", "init_distributed",
+           "rank_world", "resolve_device", "topk_correct"]
 
 
 class StridedSampler(Sampler):
@@ -46,7 +46,7 @@ class StridedSampler(Sampler):
 
     def __init__(self, dataset_or_len, rank: Optional[int] = None, world: Optional[int] = None):
         self.n = dataset_or_len if isinstance(dataset_or_len, int) else len(dataset_or_len)
-        r, w = dist_rank_world()
+        r, w = rank_world()
         self.rank = r if rank is None else int(rank)
         self.world = w if world is None else int(world)
         if self.world < 1 or not 0 <= self.rank < self.world:
@@ -57,56 +57,6 @@ class StridedSampler(Sampler):
 
     def __len__(self) -> int:
         return len(range(self.rank, self.n, self.world))
-
-
-def dist_rank_world():
-    """(rank, world size) of the default process group, (0, 1) when not distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def resolve_device(arg: Optional[str] = None, local_rank: Optional[int] = None) -> torch.device:
-    """``--device`` value (cpu / cuda / cuda:N; default cuda if available) as a device.
-
-    Under ``torchrun`` with CUDA, a bare ``cuda`` (or the default) means ``cuda:LOCAL_RANK``.
-    """
-    if arg is None:
-        arg = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(arg)
-    except (RuntimeError, TypeError):
-        raise UsageError(f"--device {arg}: unknown device; use cpu, cuda or cuda:N") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise UsageError(f"--device {arg}: the crossbar ops run on cpu or cuda only; use cpu, "
-                         "cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {arg}: CUDA is not available on this machine")
-        if dev.index is None:
-            dev = torch.device("cuda", local_rank or 0)
-    return dev
-
-
-def init_distributed(device_arg: Optional[str] = None):
-    """Join the process group when launched by ``torchrun`` (RANK / WORLD_SIZE in the env).
-
-    Backend nccl on CUDA, gloo on CPU; the device is ``cuda:LOCAL_RANK`` on CUDA.
-    Returns ``(distributed, rank, world, device)``; without the env variables
-    ``(False, 0, 1, device)`` and nothing is initialized. Call
-    ``torch.distributed.destroy_process_group()`` at the end when ``distributed``.
-    """
-    import os
-
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        return False, 0, 1, resolve_device(device_arg)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = resolve_device(device_arg, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return True, dist.get_rank(), dist.get_world_size(), device
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -128,13 +78,19 @@ def _unpack(batch):
     """(images, labels, indices, bad records) from a Batch or a default-collated tuple/list."""
     if isinstance(batch, Batch):
         return batch.images, batch.labels, batch.indices, list(batch.bad)
-    if isinstance(batch, (tuple, list)):
-        if len(batch) == 3:
-            return batch[0], batch[1], batch[2], []
-        if len(batch) == 2:
-            return batch[0], batch[1], None, []
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1], batch[2] if len(batch) == 3 else None, []
     raise TypeError(f"cannot read a batch of type {type(batch).__name__}: expected Batch "
                     "(collate_skip_bad) or (images, labels[, indices])")
+
+
+def _labelled(x, y, idx):
+    """Drop the samples without a label (``-1``, e.g. distillation images; a label set without
+    any class): they cannot be scored."""
+    keep = (y >= 0) if y.dim() == 1 else (y >= 0).any(dim=1)
+    if bool(keep.all()):
+        return x, y, idx
+    return x[keep], y[keep], (None if idx is None else torch.as_tensor(idx)[keep])
 
 
 def _sync(device: torch.device) -> None:
@@ -145,8 +101,11 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(models: Dict[str, nn.Module], loader, device, *, label_sets: bool = False,
              distributed: bool = False, skip_bad: bool = False, progress: bool = True,
-             return_predictions: bool = False, agreement: Optional[tuple] = None) -> dict:
+             return_predictions: bool = False, agreement: Optional[tuple] = None,
+             desc: str = "evaluate") -> dict:
     """Score every model on the same images, in one pass over ``loader``.
+
+    Samples whose label is ``-1`` (unknown) are not scored nor counted.
 
     ``models``: ``{name: module}``, already on ``device`` and in eval mode (``eval()`` is called
     anyway). ``label_sets``: labels are ``(batch, m)`` sets of acceptable classes padded with -1
@@ -172,7 +131,7 @@ def evaluate(models: Dict[str, nn.Module], loader, device, *, label_sets: bool =
     agreement = tuple(agreement) if len(agreement) == 2 else None
     for m in models.values():
         m.eval()
-    rank, world = dist_rank_world() if distributed else (0, 1)
+    rank, world = rank_world() if distributed else (0, 1)
 
     n_models = len(names)
     top1 = [0] * n_models
@@ -189,7 +148,7 @@ def evaluate(models: Dict[str, nn.Module], loader, device, *, label_sets: bool =
         total = len(loader)
     except TypeError:
         total = None
-    bar = tqdm(total=total, desc="evaluate", unit="batch", disable=not progress or rank != 0,
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress or rank != 0,
                dynamic_ncols=True)
     try:
         for batch in loader:
@@ -198,6 +157,8 @@ def evaluate(models: Dict[str, nn.Module], loader, device, *, label_sets: bool =
                 if not skip_bad:
                     raise UnreadableImageError(b.path, b.reason)
                 bad.append({"index": int(b.index), "path": b.path, "reason": b.reason})
+            if x is not None and x.shape[0]:
+                x, y, idx = _labelled(x, torch.as_tensor(y), idx)
             if x is not None and x.shape[0]:
                 x = x.to(device, non_blocking=True)
                 y = y.to(device, non_blocking=True)
@@ -287,3 +248,22 @@ def evaluate(models: Dict[str, nn.Module], loader, device, *, label_sets: bool =
     if return_predictions:
         out["predictions"] = dict(sorted(preds.items()))
     return out
+
+
+def evaluate_model(model: nn.Module, loader, device="cpu", *, progress: bool = False,
+                   desc: str = "eval", skip_bad: bool = False) -> dict:
+    """One model's top-1 / top-5 (percent) on ``loader``: :func:`evaluate` with one model,
+    reduced over the ranks when a process group is initialized (each rank its own loader), the
+    model's train / eval mode restored afterwards. Returns ``{"top1", "top5", "n",
+    "bad_images"}`` (``n`` the scored samples, ``bad_images`` how many were skipped; 0.0 when
+    nothing was scored)."""
+    was_training = model.training
+    try:
+        ev = evaluate({"model": model}, loader, device, distributed=rank_world()[1] > 1,
+                      skip_bad=skip_bad, progress=progress, desc=desc)
+    finally:
+        model.train(was_training)
+    m, n = ev["models"]["model"], ev["images"]
+    return {"top1": 100.0 * m["top1_correct"] / max(n, 1),
+            "top5": 100.0 * m["top5_correct"] / max(n, 1), "n": n,
+            "bad_images": len(ev["bad_images"])}
