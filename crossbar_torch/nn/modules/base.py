@@ -4,7 +4,9 @@ weights it computes with, its analog periphery and its state dict.
 Each layer holds, as buffers that round-trip through ``state_dict``:
 
 * ``scale``      float32 (out,)       quantization scale per row (fixed after conversion)
-* ``sort_index`` int64 (out, K)       position k' of the sorted filter holds weight index[o, k']
+* ``sort_index`` int16 (out, K)       position k' of the sorted filter holds weight index[o, k']
+                                      (int32 when K > 32768: the narrowest integer type that
+                                      holds K - 1; see "Stored formats" below)
 * ``cells``      uint8 (out, K, c)    the cell levels the crossbars hold (sorted order), i.e. the
                                       conductance states after programming (docs/semantics.md rule 9)
 * ``stuck``      bool (out, K, c)     cells that are stuck (empty when the config has no stucking)
@@ -20,6 +22,12 @@ programming, then the native GEMM / conv). Train mode simulates programming the 
 weight (quantize with the fixed scales, gather through the fixed sort index, encode, keep the
 stuck cells' levels, compensate (rule 13) when configured, decode, un-sort) and passes the
 gradient straight through to the latent weight. Semantics: docs/semantics.md.
+
+Stored formats (docs/checkpoints.md). The sort index is the largest buffer after the cells: it
+is kept in the narrowest integer type that holds its values (:func:`index_dtype`) and widened to
+int64 only transiently, per layer, where an op or ``scatter`` / ``gather`` needs int64
+(:meth:`CrossbarMixin.long_sort_index`). State dicts saved before (int64 ``sort_index``) load
+unchanged: the loaded index is checked (a permutation of every row) and narrowed on load.
 """
 from __future__ import annotations
 
@@ -77,16 +85,32 @@ def _same_stamp(a: tuple, b: tuple) -> bool:
             return False
     return True
 
+
+def index_dtype(k: int) -> torch.dtype:
+    """The narrowest integer type that holds the indices [0, k) of a sort index."""
+    return torch.int16 if k - 1 <= torch.iinfo(torch.int16).max else torch.int32
+
+
+def k_of(layer) -> int:
+    """K of a crossbar layer (the columns of its (out, K) weight matrix)."""
+    return layer.cells.shape[1]
+
+
 class CrossbarMixin:
     """What CrossbarLinear and CrossbarConv2d share: buffers, programming state, weights."""
 
     config: CrossbarConfig
 
+    def long_sort_index(self) -> torch.Tensor:
+        """The sort index as int64, for ops and ``scatter`` / ``gather`` (which take int64
+        only): a transient copy, per call, of the narrow stored one."""
+        return self.sort_index.long()
+
     def _init_crossbar(self, config: CrossbarConfig, out_features: int, k: int) -> None:
         self.config = config
         c = config.cells_per_weight
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
-        self.register_buffer("sort_index", torch.arange(k, dtype=torch.int64)
+        self.register_buffer("sort_index", torch.arange(k, dtype=index_dtype(k))
                              .expand(out_features, k).contiguous())
         self.register_buffer("cells", torch.zeros(out_features, k, c, dtype=torch.uint8))
         self.register_buffer("stuck", torch.zeros(0, dtype=torch.bool))
@@ -121,7 +145,8 @@ class CrossbarMixin:
         w = self.matrix_weight().detach().float().cpu()
         q, s = quantize(w, self.config)
         self.scale.copy_(s.to(self.scale.device))
-        self.sort_index = sort_index(q, self.config).to(self.sort_index.device)
+        self.sort_index = sort_index(q, self.config).to(self.sort_index.device,
+                                                        index_dtype(q.shape[1]))
         self.filter_index = filter_index(q, self.config).to(self.filter_index.device)
         if encode:
             self.set_cells(self.target_cells(), None)
@@ -135,7 +160,7 @@ class CrossbarMixin:
         w = self.matrix_weight().detach().to(torch.float32).contiguous()
         cfg = self.config
         check = not trusted or self._check_now("sort_and_encode")
-        cells = ops.sort_and_encode(w, self.scale, self.sort_index, cfg.weight_bits,
+        cells = ops.sort_and_encode(w, self.scale, self.long_sort_index(), cfg.weight_bits,
                                     cfg.bits_per_cell, cfg.encoding_id, check_values=check)
         if trusted and check:
             self._checked("sort_and_encode")
@@ -266,7 +291,7 @@ class CrossbarMixin:
         # `cells` are the held ones or come from the kernels (in range by construction): the
         # values to check are the held sort index and scale
         cfg = self.config
-        w = self.held_op("effective_weight", ops.effective_weight, cells, self.sort_index,
+        w = self.held_op("effective_weight", ops.effective_weight, cells, self.long_sort_index(),
                          self.scale, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
         return w.reshape(self._weight_shape()).to(self.weight.dtype)
 
@@ -282,7 +307,7 @@ class CrossbarMixin:
         cfg = self.config
         q_sorted = ops.decode(self.cells, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
         q = torch.empty_like(q_sorted)
-        q.scatter_(1, self.sort_index, q_sorted)
+        q.scatter_(1, self.long_sort_index(), q_sorted)
         return q
 
     def simulated_cells(self) -> torch.Tensor:
@@ -394,6 +419,10 @@ class CrossbarMixin:
         else:  # saved before tile orders were kept: the first programming chooses one
             self.tile_order = self.tile_order.new_zeros(0)
             state_dict[okey] = self.tile_order
+        ikey = prefix + "sort_index"
+        if ikey in state_dict and not state_dict[ikey].is_meta:
+            # checked above (a permutation of [0, K)), so narrowing is exact
+            state_dict[ikey] = state_dict[ikey].to(index_dtype(k_of(self)))
         fkey = prefix + "filter_index"
         if fkey in state_dict:
             why = check_filter_index(state_dict[fkey], self.cells.shape[0], self.config)
@@ -446,7 +475,8 @@ class CrossbarMixin:
             bad("cells", f"holds level {int(cells.max())} but a cell with bits_per_cell="
                          f"{cfg.bits_per_cell} holds levels in [0, {top}]")
         loaded("stuck", (torch.bool,), [(0,), (out, k, c)])
-        index = loaded("sort_index", (torch.int64,), [(out, k)])
+        # int64: the format before the narrow index (narrowed on load, once it is checked)
+        index = loaded("sort_index", (torch.int16, torch.int32, torch.int64), [(out, k)])
         if index is not None and index.numel():
             rows = torch.arange(k).expand(out, k)
             bad_rows = (index.cpu().sort(dim=1).values != rows).any(1).nonzero().flatten()
