@@ -69,7 +69,7 @@ def feedback_targets(layer, config) -> torch.Tensor:
     target = (w / scale[:, None]).to(torch.float64)  # rule 2's division, in float32
     u = feedback_factor(layer.input_moment, config.feedback_damp)
     if config.stucking and layer.stuck.numel():
-        index = layer.sort_index.cpu()
+        index = layer.long_sort_index().cpu()
         held = original_order(layer.stuck.cpu(), index)
         levels = original_order(layer.cells.cpu(), index)
         slices = config.stuck_slices
@@ -86,7 +86,7 @@ def feedback_cells(layer, config, q: torch.Tensor) -> torch.Tensor:
     qmax = 2 ** (config.weight_bits - 1) - 1
     # a chosen value outside [-qmax, qmax] exists only for a weight whose every cell is held
     # (rule 21): its cells decode to it whatever the target, so the target is clamped
-    sorted_q = torch.gather(q.to(torch.int32).clamp(-qmax, qmax), 1, layer.sort_index.cpu())
+    sorted_q = torch.gather(q.to(torch.int32).clamp(-qmax, qmax), 1, layer.long_sort_index().cpu())
     return ops.encode(sorted_q.contiguous(), config.weight_bits, config.bits_per_cell,
                       config.encoding_id).to(layer.cells.device)
 

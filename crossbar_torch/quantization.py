@@ -72,3 +72,8 @@ def adc_step(r: float, bits: int, signed: bool = False) -> float:
     while r > 0 and e > -1074 and 2.0 ** (e - 1) > r:
         e -= 1
     return 2.0 ** (e - (bits - 1 if signed else bits))
+
+
+def index_dtype(k: int) -> torch.dtype:
+    """The narrowest integer type that holds the indices [0, k) of a sort index."""
+    return torch.int16 if k - 1 <= torch.iinfo(torch.int16).max else torch.int32

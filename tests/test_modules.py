@@ -236,7 +236,7 @@ def _tamper_cases():
         ("4.", "stuck", lambda t: torch.zeros(0, dtype=torch.uint8), "'stuck' must have dtype"),
         ("0.", "sort_index", lambda t: t.__setitem__((2, 3), t[2, 4].item()),
          "'sort_index' is not a permutation of each row: row 2"),
-        ("4.", "sort_index", lambda t: t.int(), "'sort_index' must have dtype"),
+        ("4.", "sort_index", lambda t: t.float(), "'sort_index' must have dtype"),
         ("2.", "sort_index", lambda t: t.t(), "'sort_index' must have shape"),
         ("0.", "tile_order", lambda t: torch.zeros(t.numel(), dtype=torch.int64),
          "'tile_order' is not a permutation"),

@@ -181,7 +181,7 @@ def linear_weight(layer, cells: torch.Tensor | None = None) -> torch.Tensor:
 def _linear_weight(layer, cells):
     g, w_cells, offset, g0 = _cells_and_weights(layer, cells)
     wg = ((g.to(torch.float64) - g0) * w_cells.to(g.device)[None, :, None]).sum(1) - offset
-    return torch.empty_like(wg).scatter_(1, layer.sort_index, wg).reshape(layer._weight_shape())
+    return torch.empty_like(wg).scatter_(1, layer.long_sort_index(), wg).reshape(layer._weight_shape())
 
 
 def layer_output(layer, x: torch.Tensor, rows_fn, linear_fn, groups: int = 1,
@@ -230,10 +230,11 @@ def _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn=No
     q_sorted = layer.held_op("decode", ops.decode, held, cfg.weight_bits, cfg.bits_per_cell,
                              cfg.encoding_id)
     out, K = q_sorted.shape
-    q = torch.empty_like(q_sorted).scatter_(1, layer.sort_index, q_sorted)   # original order
+    index = layer.long_sort_index()  # int64 for scatter, this call only
+    q = torch.empty_like(q_sorted).scatter_(1, index, q_sorted)   # original order
     bound = cfg.rows * cfg.qmax * (2 ** cfg.input_bits - 1)
     dt = torch.float32 if bound < 2 ** 24 else torch.float64
-    identity = bool((layer.sort_index == torch.arange(K, device=q.device)).all())
+    identity = bool((index == torch.arange(K, device=q.device)).all())
     sections = [(k0, min(K, k0 + cfg.rows)) for k0 in range(0, K, cfg.rows)]
     if identity and conv_fn is not None and groups == 1:
         xq = _quantize(layer, x, s_x).to(dt)                  # (B, C, H, W), no im2col
@@ -251,8 +252,8 @@ def _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn=No
         N, per = xq.shape[0], out // groups
         xg = xq.view(N, groups, K).transpose(0, 1)            # (groups, N, K)
         if not identity:
-            section = torch.empty_like(layer.sort_index).scatter_(
-                1, layer.sort_index, torch.arange(K, device=q.device).expand(out, K)
+            section = torch.empty_like(index).scatter_(
+                1, index, torch.arange(K, device=q.device).expand(out, K)
                 .contiguous()) // cfg.rows                   # section of each original k
 
         def partial(k0, k1):
@@ -281,7 +282,7 @@ def _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn=No
 
 def _matmul(layer, x, g, w_cells, steps, groups, s_x, adc_bits, g0, offset):
     cfg = layer.config
-    return layer.held_op("analog_matmul", ops.analog_matmul, x, g, layer.sort_index,
+    return layer.held_op("analog_matmul", ops.analog_matmul, x, g, layer.long_sort_index(),
                          w_cells.to(x.device), steps.to(x.device), groups, cfg.rows,
                          cfg.input_bits or 0, cfg.input_bits_per_cycle, s_x, adc_bits, g0, offset,
                          cfg.adc_scope == "weight")

@@ -59,6 +59,8 @@ def crossbar_fingerprint(model: nn.Module) -> str:
         h.update(name.encode() + b"\0")
         for leaf in DERIVED_BUFFERS + ("scale",):
             t = getattr(layer, leaf).detach().cpu().contiguous()
+            if leaf == "sort_index":  # hashed as int64 whatever the stored width, so that
+                t = t.long()          # fingerprints from before the narrow index still match
             h.update(f"{leaf}{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

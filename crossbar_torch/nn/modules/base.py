@@ -4,7 +4,9 @@ weights it computes with, its analog periphery and its state dict.
 Each layer holds, as buffers that round-trip through ``state_dict``:
 
 * ``scale``      float32 (out,)       quantization scale per row (fixed after conversion)
-* ``sort_index`` int64 (out, K)       position k' of the sorted filter holds weight index[o, k']
+* ``sort_index`` int16 (out, K)       position k' of the sorted filter holds weight index[o, k']
+                                      (int32 when K > 32768: the narrowest integer type that
+                                      holds K - 1; see "Stored formats" below)
 * ``cells``      uint8 (out, K, c)    the cell levels the crossbars hold (sorted order), i.e. the
                                       conductance states after programming (docs/semantics.md rule 9)
 * ``stuck``      bool (out, K, c)     cells that are stuck (empty when the config has no stucking)
@@ -20,10 +22,15 @@ programming, then the native GEMM / conv). Train mode simulates programming the 
 weight (quantize with the fixed scales, gather through the fixed sort index, encode, keep the
 stuck cells' levels, compensate (rule 13) when configured, decode, un-sort) and passes the
 gradient straight through to the latent weight. Semantics: docs/semantics.md.
+
+Stored formats (docs/checkpoints.md). The sort index is the largest buffer after the cells: it
+is kept in the narrowest integer type that holds its values (:func:`index_dtype`) and widened to
+int64 only transiently, per layer, where an op or ``scatter`` / ``gather`` needs int64
+(:meth:`CrossbarMixin.long_sort_index`). State dicts saved before (int64 ``sort_index``) load
+unchanged: the loaded index is checked (a permutation of every row) and narrowed on load.
 """
 from __future__ import annotations
 
-import hashlib
 import warnings
 import weakref
 
@@ -34,7 +41,8 @@ from ... import ops
 from ...config import COUNTING_FIELDS, CrossbarConfig
 from ...errors import ModelStateError
 from ...mapping import check_filter_index, filter_index, natural_filter_index
-from ...quantization import quantize, sort_index
+from ...quantization import index_dtype, quantize, sort_index
+from .stamps import no_object, same_stamp, tensor_digest
 from .state import check_loaded_buffers
 
 
@@ -51,43 +59,26 @@ ANALOG_BUFFERS = {"input_range": torch.float32, "adc_range": torch.float64,
 
 
 
-def tensor_digest(t: torch.Tensor) -> bytes:
-    """A digest of a tensor's dtype, shape and bytes (blake2b): equal digests mean equal values
-    (bit for bit), short of a hash collision."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-    data = t.detach().contiguous()
-    if data.numel():
-        h.update(data.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
-    return h.digest()
+def k_of(layer) -> int:
+    """K of a crossbar layer (the columns of its (out, K) weight matrix)."""
+    return layer.cells.shape[1]
 
-
-def _no_object():
-    """A weak reference whose object is gone (what a pickled stamp refers to)."""
-    return None
-
-
-def _same_stamp(a: tuple, b: tuple) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b):
-        if isinstance(x, tuple):  # (weakref, version): the same live object, unchanged
-            if x[0]() is None or x[0]() is not y[0]() or x[1] != y[1]:
-                return False
-        elif x != y:
-            return False
-    return True
 
 class CrossbarMixin:
     """What CrossbarLinear and CrossbarConv2d share: buffers, programming state, weights."""
 
     config: CrossbarConfig
 
+    def long_sort_index(self) -> torch.Tensor:
+        """The sort index as int64, for ops and ``scatter`` / ``gather`` (which take int64
+        only): a transient copy, per call, of the narrow stored one."""
+        return self.sort_index.long()
+
     def _init_crossbar(self, config: CrossbarConfig, out_features: int, k: int) -> None:
         self.config = config
         c = config.cells_per_weight
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
-        self.register_buffer("sort_index", torch.arange(k, dtype=torch.int64)
+        self.register_buffer("sort_index", torch.arange(k, dtype=index_dtype(k))
                              .expand(out_features, k).contiguous())
         self.register_buffer("cells", torch.zeros(out_features, k, c, dtype=torch.uint8))
         self.register_buffer("stuck", torch.zeros(0, dtype=torch.bool))
@@ -122,7 +113,8 @@ class CrossbarMixin:
         w = self.matrix_weight().detach().float().cpu()
         q, s = quantize(w, self.config)
         self.scale.copy_(s.to(self.scale.device))
-        self.sort_index = sort_index(q, self.config).to(self.sort_index.device)
+        self.sort_index = sort_index(q, self.config).to(self.sort_index.device,
+                                                        index_dtype(q.shape[1]))
         self.filter_index = filter_index(q, self.config).to(self.filter_index.device)
         if encode:
             self.set_cells(self.target_cells(), None)
@@ -136,7 +128,7 @@ class CrossbarMixin:
         w = self.matrix_weight().detach().to(torch.float32).contiguous()
         cfg = self.config
         check = not trusted or self._check_now("sort_and_encode")
-        cells = ops.sort_and_encode(w, self.scale, self.sort_index, cfg.weight_bits,
+        cells = ops.sort_and_encode(w, self.scale, self.long_sort_index(), cfg.weight_bits,
                                     cfg.bits_per_cell, cfg.encoding_id, check_values=check)
         if trusted and check:
             self._checked("sort_and_encode")
@@ -190,7 +182,7 @@ class CrossbarMixin:
         state["_eff_cache"] = state["_linear_cache"] = None
         state["_verified"] = {}
         if state.get("_programmed_version") is not None:
-            state["_programmed_version"] = (_no_object, state["_programmed_version"][1])
+            state["_programmed_version"] = (no_object, state["_programmed_version"][1])
         return state
 
     def _mark_programmed(self) -> None:
@@ -231,7 +223,7 @@ class CrossbarMixin:
         """``compute()``, kept in ``slot`` until :meth:`derived_stamp` changes."""
         stamp = self.derived_stamp()
         hit = getattr(self, slot)
-        if hit is not None and _same_stamp(hit[0], stamp):
+        if hit is not None and same_stamp(hit[0], stamp):
             return hit[1]
         value = compute()
         setattr(self, slot, (stamp, value))
@@ -247,7 +239,7 @@ class CrossbarMixin:
         if torch.compiler.is_compiling():
             return False
         seen = self._verified.get(op)
-        return seen is None or not _same_stamp(seen, self.derived_stamp())
+        return seen is None or not same_stamp(seen, self.derived_stamp())
 
     def _checked(self, op: str) -> None:
         """``op`` checked the held tensors as they are now (call after it returned)."""
@@ -267,7 +259,7 @@ class CrossbarMixin:
         # `cells` are the held ones or come from the kernels (in range by construction): the
         # values to check are the held sort index and scale
         cfg = self.config
-        w = self.held_op("effective_weight", ops.effective_weight, cells, self.sort_index,
+        w = self.held_op("effective_weight", ops.effective_weight, cells, self.long_sort_index(),
                          self.scale, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
         return w.reshape(self._weight_shape()).to(self.weight.dtype)
 
@@ -283,7 +275,7 @@ class CrossbarMixin:
         cfg = self.config
         q_sorted = ops.decode(self.cells, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
         q = torch.empty_like(q_sorted)
-        q.scatter_(1, self.sort_index, q_sorted)
+        q.scatter_(1, self.long_sort_index(), q_sorted)
         return q
 
     def simulated_cells(self) -> torch.Tensor:
@@ -395,6 +387,10 @@ class CrossbarMixin:
         else:  # saved before tile orders were kept: the first programming chooses one
             self.tile_order = self.tile_order.new_zeros(0)
             state_dict[okey] = self.tile_order
+        ikey = prefix + "sort_index"
+        if ikey in state_dict and not state_dict[ikey].is_meta:
+            # checked above (a permutation of [0, K)), so narrowing is exact
+            state_dict[ikey] = state_dict[ikey].to(index_dtype(k_of(self)))
         fkey = prefix + "filter_index"
         if fkey in state_dict:
             why = check_filter_index(state_dict[fkey], self.cells.shape[0], self.config)

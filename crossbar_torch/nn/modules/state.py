@@ -46,7 +46,8 @@ def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
         bad("cells", f"holds level {int(cells.max())} but a cell with bits_per_cell="
                      f"{cfg.bits_per_cell} holds levels in [0, {top}]")
     loaded("stuck", (torch.bool,), [(0,), (out, k, c)])
-    index = loaded("sort_index", (torch.int64,), [(out, k)])
+    # int64: the format before the narrow index (narrowed on load, once it is checked)
+    index = loaded("sort_index", (torch.int16, torch.int32, torch.int64), [(out, k)])
     if index is not None and index.numel():
         rows = torch.arange(k).expand(out, k)
         bad_rows = (index.cpu().sort(dim=1).values != rows).any(1).nonzero().flatten()
