@@ -7,6 +7,8 @@
 // Semantics: docs/semantics.md rules 5 to 13; reference: crossbar_torch/ops/reference.py.
 #pragma once
 
+#include <cstring>
+
 #include "common.h"
 
 namespace crossbar_torch {
@@ -206,16 +208,31 @@ XB_HD int32_t decode_planes(const uint32_t* pm, const CompFormat& f) {
   return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(q)));
 }
 
+// decode_planes for one-bit cells: the plane is the weight's bits.
+XB_HD int32_t decode_planes_1bit(uint32_t m, const CompFormat& f) {
+  const uint32_t sm = (uint32_t(1) << f.S) - 1u;
+  int64_t q;
+  if (f.enc == kDifferential) {
+    q = int64_t(m & sm) - int64_t((m >> f.S) & sm);
+  } else {
+    const int64_t w = m & sm;
+    q = f.enc == kTwosComplement ? w - 2 * (w & (int64_t(1) << (f.B - 1))) : w - qmax_for(f.B);
+  }
+  return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(q)));
+}
+
 // Rule 13 for one weight from the table: as compensate_weight, on bit planes (`old`, `fixed_lv`,
 // `out`: planes masks; `fixed_lv` only read on fixed cells). Returns false, touching nothing,
 // when q' lies outside the table (the caller then searches directly).
+template <int kPlanes = 0>  // 1: one-bit cells, the planes loops unrolled; 0: f.b planes
 XB_HD bool compensate_by_table(const CompTable& t, int64_t q, const uint32_t* old, uint32_t fixed,
                                const uint32_t* fixed_lv, const CompFormat& f, uint32_t* out) {
-  const int planes = f.b;
+  const int planes = kPlanes ? kPlanes : f.b;
   const uint32_t fixed_low = fixed & t.low_mask;
   uint32_t base[kMaxPlanes];  // fixed low cells at their levels, every other cell 0
   for (int p = 0; p < planes; ++p) base[p] = fixed_lv[p] & fixed_low;
-  const int64_t key_q = q - decode_planes(base, f) - t.qlo;
+  const int64_t d0 = kPlanes == 1 ? decode_planes_1bit(base[0], f) : decode_planes(base, f);
+  const int64_t key_q = q - d0 - t.qlo;
   if (key_q < 0 || key_q >= t.span) return false;
   const uint32_t searched = (t.low_mask & ~fixed) | t.high_mask;  // cells the writes count
   const int64_t key = int64_t(low_index(t.low_mask & ~fixed, f)) * t.span + key_q;
@@ -348,11 +365,65 @@ XB_HD void pack_row_targets(const TileRowArgs& a, int64_t F, uint64_t* out) {
   }
 }
 
+// Calls fn(slot, col0) once for every slot (columns col0 .. col0 + c - 1) holding a set bit of
+// word_mask(w), w < nw, in increasing order: the slot is found by stepping over whole slots (no
+// division per bit), and the slot's other bits, in this word or the next, are skipped.
+template <class WordMask, class Fn>
+XB_HD void for_each_slot(int64_t nw, int64_t c, const WordMask& word_mask, const Fn& fn) {
+  int64_t slot = 0, col0 = 0;
+  int64_t done = 0;  // columns before `done` lie in slots already visited
+  for (int64_t w = 0; w < nw; ++w) {
+    uint64_t m = word_mask(w);
+    for (;;) {
+      const int64_t skip = done - w * 64;  // bits of this word already visited
+      if (skip >= 64) m = 0;
+      else if (skip > 0) m &= ~((uint64_t(1) << skip) - 1);
+      if (!m) break;
+      const int64_t col = w * 64 + ctz64(m);
+      while (col >= col0 + c) {
+        ++slot;
+        col0 += c;
+      }
+      fn(slot, col0);
+      done = col0 + c;
+    }
+  }
+}
+
+// Bits 0..7 of x as 8 bytes of 0 / 1, bit i in byte i (little end first, as x86 and CUDA are).
+XB_HD uint64_t bits_to_bytes(uint64_t x) {
+  const uint64_t ones = 0x0101010101010101ULL;
+  const uint64_t y = ((x & 0xFF) * ones) & 0x8040201008040201ULL;  // byte i: bit i of x, in place
+  return ((y + 0x7F7F7F7F7F7F7F7FULL) >> 7) & ones;                // byte i: 0 or 1
+}
+
+// The levels of a weight's c cells, from bit planes, into bytes.
+template <int kPlanes>
+XB_HD void planes_to_levels(const uint32_t* pm, int planes, int c, uint8_t* out) {
+  if (kPlanes == 1 && c >= 8) {  // whole bytes: 8 cells at a time, the last 8 overlapping
+    for (int i = 0; i + 8 <= c; i += 8) {
+      const uint64_t v = bits_to_bytes(pm[0] >> i);
+      memcpy(out + i, &v, 8);
+    }
+    if (c % 8) {
+      const uint64_t v = bits_to_bytes(pm[0] >> (c - 8));
+      memcpy(out + c - 8, &v, 8);
+    }
+    return;
+  }
+  for (int i = 0; i < c; ++i) {
+    uint8_t v = 0;
+    for (int p = 0; p < planes; ++p) v |= uint8_t(((pm[p] >> i) & 1u) << p);
+    out[i] = v;
+  }
+}
+
 // Rule 13 for the weight in the slot whose first column is col0 (filter o; it has a held cell):
 // its levels now (state), held and pinned cells and plain target are read from the row, the
 // levels chosen go into `target`.
+template <int kPlanes>  // 1: one-bit cells, the planes loops unrolled; 0: a.planes
 XB_HD void compensate_slot(const TileRowArgs& a, int64_t o, int64_t col0, bool pin) {
-  const int c = int(a.c), planes = a.planes;
+  const int c = int(a.c), planes = kPlanes ? kPlanes : a.planes;
   const int64_t words = a.words;
   const uint32_t cmask = uint32_t((uint64_t(1) << c) - 1);
   uint32_t old[kMaxPlanes], fixed_lv[kMaxPlanes], plain[kMaxPlanes], out[kMaxPlanes];
@@ -375,9 +446,10 @@ XB_HD void compensate_slot(const TileRowArgs& a, int64_t o, int64_t col0, bool p
       }
     }
   }
-  const int64_t q = decode_planes(plain, a.fmt);  // what the plain target cells encode
+  // what the plain target cells encode
+  const int64_t q = kPlanes == 1 ? decode_planes_1bit(plain[0], a.fmt) : decode_planes(plain, a.fmt);
   if (a.table == nullptr ||
-      !compensate_by_table(*a.table, q, old, fixed, fixed_lv, a.fmt, out)) {
+      !compensate_by_table<kPlanes>(*a.table, q, old, fixed, fixed_lv, a.fmt, out)) {
     uint8_t old_lv[kMaxCells], fixed_lvs[kMaxCells], lv[kMaxCells];
     for (int i = 0; i < c; ++i) {
       old_lv[i] = fixed_lvs[i] = 0;
@@ -439,29 +511,20 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
     }
   }
   if (comp) {  // rule 13: every weight with a held cell, once
-    const int c = int(a.c);
-    int64_t slot = 0, col0 = 0;
-    int64_t done = 0;  // columns before `done` lie in slots already compensated
-    for (int64_t w = 0; w < a.nw; ++w) {
-      uint64_t m = a.covered[w] & ~a.allowed[w];
-      for (;;) {
-        const int64_t skip = done - w * 64;  // bits of this word already done
-        if (skip >= 64) m = 0;
-        else if (skip > 0) m &= ~((uint64_t(1) << skip) - 1);
-        if (!m) break;
-        const int64_t col = w * 64 + ctz64(m);
-        while (col >= col0 + c) {
-          ++slot;
-          col0 += c;
-        }
-        compensate_slot(a, a.slot_filter[slot], col0, pin);
-        done = col0 + c;
-      }
+    auto held_cells = [&](int64_t w) { return a.covered[w] & ~a.allowed[w]; };
+    if (planes == 1) {
+      for_each_slot(a.nw, a.c, held_cells, [&](int64_t slot, int64_t col0) {
+        compensate_slot<1>(a, a.slot_filter[slot], col0, pin);
+      });
+    } else {
+      for_each_slot(a.nw, a.c, held_cells, [&](int64_t slot, int64_t col0) {
+        compensate_slot<0>(a, a.slot_filter[slot], col0, pin);
+      });
     }
   }
   uint64_t old[kMaxPlanes], tw[kMaxPlanes], fresh[kMaxPlanes];
   bool any = false;
-  int64_t eff_slot = 0, eff_col0 = 0;  // slot of the kept cells walked, its first column
+  uint64_t any_kept = 0;
   for (int64_t w = 0; w < a.nw; ++w) {
     const uint64_t cov = a.covered[w];
     if (!cov) continue;
@@ -493,18 +556,27 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
         }
       }
     }
-    for (uint64_t m = kept; m; m &= m - 1) {  // effective cells start as the plain targets
-      const int bit = ctz64(m);
-      const int64_t col = w * 64 + bit;
-      while (col >= eff_col0 + a.c) {
-        ++eff_slot;
-        eff_col0 += a.c;
+    a.allowed[w] = kept;  // `allowed` is spent for this word: it holds the kept cells from here
+    any_kept |= kept;
+  }
+  if (any_kept) {  // effective cells start as the plain targets: patch the weights that differ
+    const uint64_t* kept = a.allowed;
+    for_each_slot(a.nw, a.c, [&](int64_t w) { return kept[w]; }, [&](int64_t slot, int64_t col0) {
+      const int c = int(a.c);
+      uint8_t* e = a.eff + (a.slot_filter[slot] * a.K + a.kp) * a.c;
+      uint32_t pm[kMaxPlanes];
+      for (int p = 0; p < planes; ++p) pm[p] = uint32_t(bits_at(a.state + p * words, col0, c));
+      if (planes == 1) {
+        planes_to_levels<1>(pm, 1, c, e);  // the whole weight: unchanged cells rewrite the same
+      } else {
+        for (uint64_t m = bits_at(kept, col0, c); m; m &= m - 1) {
+          const int i = ctz64(m);
+          uint8_t v = 0;
+          for (int p = 0; p < planes; ++p) v |= uint8_t(((pm[p] >> i) & 1u) << p);
+          e[i] = v;
+        }
       }
-      uint8_t v = 0;
-      for (int p = 0; p < planes; ++p) v |= uint8_t(((fresh[p] >> bit) & 1) << p);
-      const int64_t o = a.slot_filter[eff_slot];
-      a.eff[(o * a.K + a.kp) * a.c + (col - eff_col0)] = v;
-    }
+    });
   }
   if (any) rs[4] += 1;
 }

@@ -41,7 +41,7 @@ namespace {
 #define XB_ALWAYS_INLINE __attribute__((always_inline))
 inline bool cpu_has_popcnt() { return __builtin_cpu_supports("popcnt"); }
 template <class Fn>
-__attribute__((target("popcnt"), noinline)) void run_with_popcnt(const Fn& fn, int64_t b,
+__attribute__((target("popcnt"), noinline, flatten)) void run_with_popcnt(const Fn& fn, int64_t b,
                                                                  int64_t e) {
   fn(b, e);
 }
