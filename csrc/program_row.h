@@ -7,6 +7,8 @@
 // Semantics: docs/semantics.md rules 5 to 13; reference: crossbar_torch/ops/reference.py.
 #pragma once
 
+#include <cstring>
+
 #include "common.h"
 
 namespace crossbar_torch {
@@ -151,17 +153,137 @@ XB_HD void compensate_weight(int64_t q, const uint8_t* old, uint32_t fixed, cons
   encode_high(best_h, f, out);
 }
 
+// ---- rule 13 by table: the same result, looked up ---------------------------------------------
+//
+// Where d(x) is linear, the search's outcome depends on a weight only through which low cells
+// are free, through q' = q - d0 (d0: d with every free cell at 0, the fixed low cells at their
+// levels, the high slices read as 0; for offset it holds the encoding's constant), and, for the
+// write tie-break alone, through the levels its free low and high cells hold now:
+// |h * 2**m + d0 + dfree(x) - q| = |h * 2**m + dfree(x) - q'| with h = nearest_high(q' - dfree).
+// So for every (free set, q') the assignments of minimal error are listed once, in increasing x,
+// with the levels they give the free low cells and the high cells; a weight then takes the
+// first of them with the fewest writes, which is what the enumeration keeps (it replaces the
+// best only on a strictly smaller error, or an equal error and strictly fewer writes).
+// Levels travel as bit planes over a weight's c <= 32 cells: bit i of plane p is bit p of cell i.
+struct CompTable {
+  const int32_t* start;   // (2**n_low * span + 1): key k's candidates are [start[k], start[k+1])
+  const uint32_t* cand;   // planes masks per candidate: levels of the free low and high cells
+  int64_t qlo, span;      // keys cover q' in [qlo, qlo + span); others are searched directly
+  int n_low;              // cells in slices < L (the free-set index has one bit per low cell)
+  uint32_t low_mask, high_mask;  // cells in slices < L, and in slices >= L
+};
+
+XB_HD uint32_t low_cells_mask(const CompFormat& f) {
+  const uint32_t lo = (uint32_t(1) << f.L) - 1u;
+  return f.enc == kDifferential ? lo | (lo << f.S) : lo;
+}
+
+// Free low cells (a cell mask) as a dense index: low cells of the first array, then the second.
+XB_HD uint32_t low_index(uint32_t cells, const CompFormat& f) {
+  const uint32_t lo = (uint32_t(1) << f.L) - 1u;
+  return f.enc == kDifferential ? (cells & lo) | (((cells >> f.S) & lo) << f.L) : cells & lo;
+}
+
+// sum_i level_i * 2**(i*b) over cells first .. first + S - 1, levels as bit planes.
+XB_HD int64_t array_value(const uint32_t* pm, int b, int first, int S) {
+  const uint32_t sm = (uint32_t(1) << S) - 1u;
+  if (b == 1) return int64_t((pm[0] >> first) & sm);
+  int64_t w = 0;
+  for (int p = 0; p < b; ++p) {
+    for (uint64_t m = (pm[p] >> first) & sm; m; m &= m - 1) w += int64_t(1) << (ctz64(m) * b + p);
+  }
+  return w;
+}
+
+// decode_one on bit planes (the same int32 result).
+XB_HD int32_t decode_planes(const uint32_t* pm, const CompFormat& f) {
+  int64_t q;
+  if (f.enc == kDifferential) {
+    q = array_value(pm, f.b, 0, f.S) - array_value(pm, f.b, f.S, f.S);
+  } else {
+    const int64_t w = array_value(pm, f.b, 0, f.S);
+    q = f.enc == kTwosComplement ? w - 2 * (w & (int64_t(1) << (f.B - 1)))
+                                 : w - qmax_for(f.B);
+  }
+  return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(q)));
+}
+
+// decode_planes for one-bit cells: the plane is the weight's bits.
+XB_HD int32_t decode_planes_1bit(uint32_t m, const CompFormat& f) {
+  const uint32_t sm = (uint32_t(1) << f.S) - 1u;
+  int64_t q;
+  if (f.enc == kDifferential) {
+    q = int64_t(m & sm) - int64_t((m >> f.S) & sm);
+  } else {
+    const int64_t w = m & sm;
+    q = f.enc == kTwosComplement ? w - 2 * (w & (int64_t(1) << (f.B - 1))) : w - qmax_for(f.B);
+  }
+  return static_cast<int32_t>(static_cast<uint32_t>(static_cast<uint64_t>(q)));
+}
+
+// Rule 13 for one weight from the table: as compensate_weight, on bit planes (`old`, `fixed_lv`,
+// `out`: planes masks; `fixed_lv` only read on fixed cells). Returns false, touching nothing,
+// when q' lies outside the table (the caller then searches directly).
+template <int kPlanes = 0>  // 1: one-bit cells, the planes loops unrolled; 0: f.b planes
+XB_HD bool compensate_by_table(const CompTable& t, int64_t q, const uint32_t* old, uint32_t fixed,
+                               const uint32_t* fixed_lv, const CompFormat& f, uint32_t* out) {
+  const int planes = kPlanes ? kPlanes : f.b;
+  const uint32_t fixed_low = fixed & t.low_mask;
+  uint32_t base[kMaxPlanes];  // fixed low cells at their levels, every other cell 0
+  for (int p = 0; p < planes; ++p) base[p] = fixed_lv[p] & fixed_low;
+  const int64_t d0 = kPlanes == 1 ? decode_planes_1bit(base[0], f) : decode_planes(base, f);
+  const int64_t key_q = q - d0 - t.qlo;
+  if (key_q < 0 || key_q >= t.span) return false;
+  const uint32_t searched = (t.low_mask & ~fixed) | t.high_mask;  // cells the writes count
+  const int64_t key = int64_t(low_index(t.low_mask & ~fixed, f)) * t.span + key_q;
+  const uint32_t* cand = t.cand + int64_t(t.start[key]) * planes;
+  const int n = t.start[key + 1] - t.start[key];
+  int best = 0, best_writes = kMaxCells + 1;
+  for (int k = 0; k < n; ++k) {
+    uint32_t diff = 0;
+    for (int p = 0; p < planes; ++p) diff |= cand[k * planes + p] ^ old[p];
+    const int writes = popcount64(diff & searched);
+    if (writes < best_writes) {
+      best_writes = writes;
+      best = k;
+    }
+  }
+  for (int p = 0; p < planes; ++p) out[p] = base[p] | cand[best * planes + p];
+  return true;
+}
+
 // One weight of the compensate op: held cells keep `old`; with `on` and a held cell, rule 13
-// against the value the plain target `cells` encode; otherwise the plain target.
+// against the value the plain target `cells` encode (from `table` where it covers the key);
+// otherwise the plain target.
 XB_HD void compensate_one_weight(const uint8_t* cells, const bool* held, const uint8_t* old,
-                                 const CompFormat& f, bool on, uint8_t* out) {
+                                 const CompFormat& f, bool on, uint8_t* out,
+                                 const CompTable* table = nullptr) {
   uint32_t fixed = 0;
   for (int i = 0; i < f.c; ++i) fixed |= uint32_t(held[i]) << i;
-  if (on && fixed) {
-    compensate_weight(decode_one(cells, f.B, f.b, f.enc, f.S), old, fixed, old, f, out);
-  } else {
+  if (!on || !fixed) {
     for (int i = 0; i < f.c; ++i) out[i] = held[i] ? old[i] : cells[i];
+    return;
   }
+  if (table != nullptr) {
+    uint32_t old_pm[kMaxPlanes], cells_pm[kMaxPlanes], out_pm[kMaxPlanes];
+    for (int p = 0; p < f.b; ++p) {
+      old_pm[p] = cells_pm[p] = 0;
+      for (int i = 0; i < f.c; ++i) {
+        old_pm[p] |= uint32_t((old[i] >> p) & 1) << i;
+        cells_pm[p] |= uint32_t((cells[i] >> p) & 1) << i;
+      }
+    }
+    if (compensate_by_table(*table, decode_planes(cells_pm, f), old_pm, fixed, old_pm, f,
+                            out_pm)) {
+      for (int i = 0; i < f.c; ++i) {
+        uint8_t v = 0;
+        for (int p = 0; p < f.b; ++p) v |= uint8_t(((out_pm[p] >> i) & 1u) << p);
+        out[i] = v;
+      }
+      return;
+    }
+  }
+  compensate_weight(decode_one(cells, f.B, f.b, f.enc, f.S), old, fixed, old, f, out);
 }
 
 // ---- one tile row ------------------------------------------------------------------------------
@@ -185,6 +307,7 @@ struct TileRowArgs {
   bool stuck_initial;
   int comp_slices;  // rule 13 over slices < comp_slices (0: off)
   CompFormat fmt;
+  const CompTable* table = nullptr;  // rule 13 by table where it covers the key; null: search
   // scratch: packed targets of the row (planes x words) as the tile asks them (`plain`) and as
   // programmed (`target`, may be the same buffer when nothing changes them), and `allowed`
   uint64_t* plain;
@@ -242,6 +365,108 @@ XB_HD void pack_row_targets(const TileRowArgs& a, int64_t F, uint64_t* out) {
   }
 }
 
+// Calls fn(slot, col0) once for every slot (columns col0 .. col0 + c - 1) holding a set bit of
+// word_mask(w), w < nw, in increasing order: the slot is found by stepping over whole slots (no
+// division per bit), and the slot's other bits, in this word or the next, are skipped.
+template <class WordMask, class Fn>
+XB_HD void for_each_slot(int64_t nw, int64_t c, const WordMask& word_mask, const Fn& fn) {
+  int64_t slot = 0, col0 = 0;
+  int64_t done = 0;  // columns before `done` lie in slots already visited
+  for (int64_t w = 0; w < nw; ++w) {
+    uint64_t m = word_mask(w);
+    for (;;) {
+      const int64_t skip = done - w * 64;  // bits of this word already visited
+      if (skip >= 64) m = 0;
+      else if (skip > 0) m &= ~((uint64_t(1) << skip) - 1);
+      if (!m) break;
+      const int64_t col = w * 64 + ctz64(m);
+      while (col >= col0 + c) {
+        ++slot;
+        col0 += c;
+      }
+      fn(slot, col0);
+      done = col0 + c;
+    }
+  }
+}
+
+// Bits 0..7 of x as 8 bytes of 0 / 1, bit i in byte i (little end first, as x86 and CUDA are).
+XB_HD uint64_t bits_to_bytes(uint64_t x) {
+  const uint64_t ones = 0x0101010101010101ULL;
+  const uint64_t y = ((x & 0xFF) * ones) & 0x8040201008040201ULL;  // byte i: bit i of x, in place
+  return ((y + 0x7F7F7F7F7F7F7F7FULL) >> 7) & ones;                // byte i: 0 or 1
+}
+
+// The levels of a weight's c cells, from bit planes, into bytes.
+template <int kPlanes>
+XB_HD void planes_to_levels(const uint32_t* pm, int planes, int c, uint8_t* out) {
+  if (kPlanes == 1 && c >= 8) {  // whole bytes: 8 cells at a time, the last 8 overlapping
+    for (int i = 0; i + 8 <= c; i += 8) {
+      const uint64_t v = bits_to_bytes(pm[0] >> i);
+      memcpy(out + i, &v, 8);
+    }
+    if (c % 8) {
+      const uint64_t v = bits_to_bytes(pm[0] >> (c - 8));
+      memcpy(out + c - 8, &v, 8);
+    }
+    return;
+  }
+  for (int i = 0; i < c; ++i) {
+    uint8_t v = 0;
+    for (int p = 0; p < planes; ++p) v |= uint8_t(((pm[p] >> i) & 1u) << p);
+    out[i] = v;
+  }
+}
+
+// Rule 13 for the weight in the slot whose first column is col0 (filter o; it has a held cell):
+// its levels now (state), held and pinned cells and plain target are read from the row, the
+// levels chosen go into `target`.
+template <int kPlanes>  // 1: one-bit cells, the planes loops unrolled; 0: a.planes
+XB_HD void compensate_slot(const TileRowArgs& a, int64_t o, int64_t col0, bool pin) {
+  const int c = int(a.c), planes = kPlanes ? kPlanes : a.planes;
+  const int64_t words = a.words;
+  const uint32_t cmask = uint32_t((uint64_t(1) << c) - 1);
+  uint32_t old[kMaxPlanes], fixed_lv[kMaxPlanes], plain[kMaxPlanes], out[kMaxPlanes];
+  for (int p = 0; p < planes; ++p) {
+    old[p] = uint32_t(bits_at(a.state + p * words, col0, c));
+    plain[p] = uint32_t(bits_at(a.plain + p * words, col0, c));
+    fixed_lv[p] = old[p];
+  }
+  const uint32_t held = ~uint32_t(bits_at(a.allowed, col0, c)) & cmask;
+  uint32_t fixed = held;
+  if (pin) {  // a pinned cell written now takes its known level: not searched either
+    const uint8_t* pinned = a.pinned + (o * a.K + a.kp) * a.c;
+    for (uint64_t pm = bits_at(a.stuck, col0, c) & ~uint64_t(held); pm; pm &= pm - 1) {
+      const int i = ctz64(pm);
+      if (pinned[i] != kNotPinned) {
+        fixed |= 1u << i;
+        for (int p = 0; p < planes; ++p) {
+          fixed_lv[p] = (fixed_lv[p] & ~(1u << i)) | (uint32_t((pinned[i] >> p) & 1) << i);
+        }
+      }
+    }
+  }
+  // what the plain target cells encode
+  const int64_t q = kPlanes == 1 ? decode_planes_1bit(plain[0], a.fmt) : decode_planes(plain, a.fmt);
+  if (a.table == nullptr ||
+      !compensate_by_table<kPlanes>(*a.table, q, old, fixed, fixed_lv, a.fmt, out)) {
+    uint8_t old_lv[kMaxCells], fixed_lvs[kMaxCells], lv[kMaxCells];
+    for (int i = 0; i < c; ++i) {
+      old_lv[i] = fixed_lvs[i] = 0;
+      for (int p = 0; p < planes; ++p) {
+        old_lv[i] |= uint8_t(((old[p] >> i) & 1u) << p);
+        fixed_lvs[i] |= uint8_t(((fixed_lv[p] >> i) & 1u) << p);
+      }
+    }
+    compensate_weight(q, old_lv, fixed, fixed_lvs, a.fmt, lv);
+    for (int p = 0; p < planes; ++p) {
+      out[p] = 0;
+      for (int i = 0; i < c; ++i) out[p] |= uint32_t((lv[i] >> p) & 1) << i;
+    }
+  }
+  for (int p = 0; p < planes; ++p) put_bits(a.target + p * words, col0, c, out[p]);
+}
+
 // Row stats layout: writes, sets, resets, pulses, rows_programmed, set_pulses, then writes per
 // slice.
 // `a.plain` must hold the packed plain targets. Returns nothing; updates state, written,
@@ -268,57 +493,38 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
     for (int64_t i = 0; i < planes * words; ++i) a.target[i] = a.plain[i];
     tgt = a.target;
   }
+  // The loops below walk set bits in increasing column order and track the slot a column lies
+  // in by stepping over whole slots (no division per cell).
   if (pin) {  // cells on stuck positions whose level is already known take that level
+    int64_t slot = 0, col0 = 0;  // slot of the current column, and its first column
     for (int64_t w = 0; w < a.nw; ++w) {
       for (uint64_t m = a.covered[w] & a.stuck[w]; m; m &= m - 1) {
         const int64_t col = w * 64 + ctz64(m);
-        const int64_t o = a.slot_filter[col / a.c];
-        const uint8_t lv = a.pinned[(o * a.K + a.kp) * a.c + col % a.c];
+        while (col >= col0 + a.c) {
+          ++slot;
+          col0 += a.c;
+        }
+        const int64_t o = a.slot_filter[slot];
+        const uint8_t lv = a.pinned[(o * a.K + a.kp) * a.c + (col - col0)];
         if (lv != kNotPinned) set_level_at(a.target, words, planes, col, lv);
       }
     }
   }
-  if (comp) {  // rule 13: every weight with a held cell
-    int64_t last_slot = -1;
-    for (int64_t w = 0; w < a.nw; ++w) {
-      for (uint64_t m = a.covered[w] & ~a.allowed[w]; m; m &= m - 1) {
-        const int64_t slot = (w * 64 + ctz64(m)) / a.c;
-        if (slot == last_slot) continue;
-        last_slot = slot;
-        const int64_t o = a.slot_filter[slot];
-        const int64_t base = (o * a.K + a.kp) * a.c;
-        uint8_t old[kMaxCells], fixed_lv[kMaxCells], lv[kMaxCells];
-        const int c = int(a.c);
-        const int64_t col0 = slot * a.c;
-        for (int i = 0; i < c; ++i) old[i] = 0;
-        for (int p = 0; p < planes; ++p) {
-          const uint64_t bp = bits_at(a.state + p * words, col0, c);
-          for (int i = 0; i < c; ++i) old[i] |= uint8_t(((bp >> i) & 1) << p);
-        }
-        const uint64_t held = ~bits_at(a.allowed, col0, c) & ((uint64_t(1) << c) - 1);
-        uint32_t fixed = uint32_t(held);
-        for (int i = 0; i < c; ++i) fixed_lv[i] = old[i];
-        if (pin) {  // a pinned cell written now takes its known level: not searched either
-          for (uint64_t pm = bits_at(a.stuck, col0, c) & ~held; pm; pm &= pm - 1) {
-            const int i = ctz64(pm);
-            if (a.pinned[base + i] != kNotPinned) {
-              fixed |= 1u << i;
-              fixed_lv[i] = a.pinned[base + i];
-            }
-          }
-        }
-        const int64_t q = decode_one(a.cells + base, a.fmt.B, a.fmt.b, a.fmt.enc, a.fmt.S);
-        compensate_weight(q, old, fixed, fixed_lv, a.fmt, lv);
-        for (int p = 0; p < planes; ++p) {
-          uint64_t bp = 0;
-          for (int i = 0; i < c; ++i) bp |= uint64_t((lv[i] >> p) & 1) << i;
-          put_bits(a.target + p * words, col0, c, bp);
-        }
-      }
+  if (comp) {  // rule 13: every weight with a held cell, once
+    auto held_cells = [&](int64_t w) { return a.covered[w] & ~a.allowed[w]; };
+    if (planes == 1) {
+      for_each_slot(a.nw, a.c, held_cells, [&](int64_t slot, int64_t col0) {
+        compensate_slot<1>(a, a.slot_filter[slot], col0, pin);
+      });
+    } else {
+      for_each_slot(a.nw, a.c, held_cells, [&](int64_t slot, int64_t col0) {
+        compensate_slot<0>(a, a.slot_filter[slot], col0, pin);
+      });
     }
   }
   uint64_t old[kMaxPlanes], tw[kMaxPlanes], fresh[kMaxPlanes];
   bool any = false;
+  uint64_t any_kept = 0;
   for (int64_t w = 0; w < a.nw; ++w) {
     const uint64_t cov = a.covered[w];
     if (!cov) continue;
@@ -350,14 +556,27 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
         }
       }
     }
-    for (uint64_t m = kept; m; m &= m - 1) {  // effective cells start as the plain targets
-      const int bit = ctz64(m);
-      const int64_t col = w * 64 + bit;
-      uint8_t v = 0;
-      for (int p = 0; p < planes; ++p) v |= uint8_t(((fresh[p] >> bit) & 1) << p);
-      const int64_t o = a.slot_filter[col / a.c];
-      a.eff[(o * a.K + a.kp) * a.c + col % a.c] = v;
-    }
+    a.allowed[w] = kept;  // `allowed` is spent for this word: it holds the kept cells from here
+    any_kept |= kept;
+  }
+  if (any_kept) {  // effective cells start as the plain targets: patch the weights that differ
+    const uint64_t* kept = a.allowed;
+    for_each_slot(a.nw, a.c, [&](int64_t w) { return kept[w]; }, [&](int64_t slot, int64_t col0) {
+      const int c = int(a.c);
+      uint8_t* e = a.eff + (a.slot_filter[slot] * a.K + a.kp) * a.c;
+      uint32_t pm[kMaxPlanes];
+      for (int p = 0; p < planes; ++p) pm[p] = uint32_t(bits_at(a.state + p * words, col0, c));
+      if (planes == 1) {
+        planes_to_levels<1>(pm, 1, c, e);  // the whole weight: unchanged cells rewrite the same
+      } else {
+        for (uint64_t m = bits_at(kept, col0, c); m; m &= m - 1) {
+          const int i = ctz64(m);
+          uint8_t v = 0;
+          for (int p = 0; p < planes; ++p) v |= uint8_t(((pm[p] >> i) & 1u) << p);
+          e[i] = v;
+        }
+      }
+    });
   }
   if (any) rs[4] += 1;
 }

@@ -9,6 +9,7 @@
 #include "../common.h"
 #include "../compensate_args.h"
 #include "../program_row.h"
+#include "comp_table.h"
 
 namespace crossbar_torch {
 namespace {
@@ -32,10 +33,12 @@ at::Tensor compensate_cpu(const at::Tensor& cells_in, const at::Tensor& held_in,
   const CompFormat fmt = make_comp_format(int(weight_bits), int(bits_per_cell), int(encoding),
                                           int(compensate_slices));
   const int64_t n = c ? cells.numel() / c : 0;
+  const std::shared_ptr<const CompTableHolder> table =
+      compensate_slices > 0 ? comp_table_for(fmt) : nullptr;
   at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       compensate_one_weight(cp + i * c, hp + i * c, olp + i * c, fmt, compensate_slices > 0,
-                            op + i * c);
+                            op + i * c, table ? &table->view : nullptr);
     }
   });
   return out;

@@ -29,6 +29,7 @@
 #include "../common.h"
 #include "../program_layer_args.h"
 #include "../program_row.h"
+#include "comp_table.h"
 
 namespace crossbar_torch {
 namespace {
@@ -40,7 +41,7 @@ namespace {
 #define XB_ALWAYS_INLINE __attribute__((always_inline))
 inline bool cpu_has_popcnt() { return __builtin_cpu_supports("popcnt"); }
 template <class Fn>
-__attribute__((target("popcnt"), noinline)) void run_with_popcnt(const Fn& fn, int64_t b,
+__attribute__((target("popcnt"), noinline, flatten)) void run_with_popcnt(const Fn& fn, int64_t b,
                                                                  int64_t e) {
   fn(b, e);
 }
@@ -172,6 +173,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cpu(
   proto.comp_slices = int(compensate_slices);
   proto.fmt = make_comp_format(int(weight_bits), int(bits_per_cell), int(encoding),
                                int(compensate_slices));
+  // rule 13 by table where the format has one (kept alive for the whole call)
+  const std::shared_ptr<const CompTableHolder> table =
+      compensate_slices > 0 ? comp_table_for(proto.fmt) : nullptr;
+  proto.table = table ? &table->view : nullptr;
   proto.slice_mask = slice_mask;
   // Points `a` at tile row r of tile t (block j) on crossbar x.
   auto bind = [&](TileRowArgs& a, int64_t x, int64_t r, int64_t s, int64_t j) {
