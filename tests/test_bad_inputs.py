@@ -128,6 +128,8 @@ def cases(script: str, tmp: str):
             ("--resume", ["--resume", f"{tmp}/empty"], "--resume"),
             ("--no-report", ["--no-report=1"], "--no-report"),
             ("--no-progress", ["--no-progress=1"], "--no-progress"),
+            ("--sentences", ["--sentences", f"{tmp}/missing.txt"], "--sentences"),
+            ("--freeze-crossbar", ["--freeze-crossbar=1"], "--freeze-crossbar"),
         ]
     if script == "frontier":
         base = IMAGE + ["--random-init", "--batch-size", "2", "--data", f"{data}/val",
