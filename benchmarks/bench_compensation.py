@@ -13,7 +13,6 @@ shared machine).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -21,6 +20,7 @@ import crossbar_torch.ops as ops
 from crossbar_torch.config import CrossbarConfig
 from crossbar_torch.ops import reference as ref
 from crossbar_torch.programming import stuck_mask
+from bench_report import best_time  # the same best-of-N timer (this folder is on sys.path)
 
 # (name, out, K): weight matrices of EfficientNet-Lite0 convs and of ViT-Base's Linear layers.
 LITE0 = [
@@ -36,15 +36,6 @@ VIT = [
     ("vit fc2 768x3072", 768, 3072),
 ]
 SETTINGS = [(1, 0.0), (1, 0.25), (2, 0.0), (2, 0.25)]  # (stuck_slices, reprogram_fraction p)
-
-
-def best_time(fn, reps):
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():
@@ -91,7 +82,7 @@ def bench(layers, reps):
                 def second_pass():
                     ops.program_layer(cells, *head, st[0].clone(), st[1].clone(), st[2],
                                       st[3].clone(), *call)
-                times.append(best_time(second_pass, reps))
+                times.append(best_time(second_pass, reps)[0])
             t_plain += times[0]
             t_comp += times[1]
             print(f"{name:30s} {L:2d} {p:5.2f} {times[0]:9.4f} {times[1]:9.4f} "

@@ -10,12 +10,12 @@ figure).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import crossbar_torch.ops as ops
 from crossbar_torch.ops import reference as ref
+from bench_report import best_time  # the same best-of-N timer (this folder is on sys.path)
 
 # (name, out, K): one big layer plus a few EfficientNet-Lite0-sized ones (conv weight matrices).
 LAYERS = [
@@ -26,15 +26,6 @@ LAYERS = [
     ("effnet-lite0 blocks.6 pw 320x1152", 320, 1152),
     ("effnet-lite0 blocks.4 dw 672x25", 672, 25),
 ]
-
-
-def run(fn, reps):
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def main():
@@ -84,9 +75,9 @@ def bench(args):
         res_c = ops.program_layer(cells, *head, *st_c, *call)
         assert all(torch.equal(x, y) for x, y in zip(res_r, res_c)), name
         assert all(torch.equal(x, y) for x, y in zip(st_r, st_c)), name
-        t_ref = run(lambda: ref.program_layer(cells, *head, *fresh(), *call),
-                    max(1, args.reps // 2))
-        t_cpp = run(lambda: ops.program_layer(cells, *head, *fresh(), *call), args.reps)
+        t_ref = best_time(lambda: ref.program_layer(cells, *head, *fresh(), *call),
+                          max(1, args.reps // 2))[0]
+        t_cpp = best_time(lambda: ops.program_layer(cells, *head, *fresh(), *call), args.reps)[0]
         tiles = -(-K // rows) * -(-out // (cols // c))
         tot_ref += t_ref
         tot_cpp += t_cpp

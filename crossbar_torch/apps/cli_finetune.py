@@ -31,7 +31,6 @@ A resume refuses changed arguments (naming them) and says the step it resumed fr
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -49,13 +48,12 @@ from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args
                                 model_from_args, nonnegative_int, positive_float, positive_int,
                                 preprocess_overrides, random_weights, random_weights_note,
                                 run_main, show_progress)
-from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.apps.data import (UnreadableImageError, data_config_for,  # noqa: E402
                                  resolve_split_root)
 from crossbar_torch.apps.distributed import init_distributed  # noqa: E402
 from crossbar_torch.apps.evaluate import evaluate_model as evaluate  # noqa: E402
 from crossbar_torch.apps.finetune import (LOSSES, FinetuneArgs, Trainer,  # noqa: E402
-                                     load_checkpoint, save_final)
+                                     load_checkpoint, write_final)
 
 # FinetuneArgs field -> the flag that sets it (for the resume messages)
 FLAGS = {"loss": "--loss", "temperature": "--temperature", "alpha": "--alpha",
@@ -395,13 +393,7 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
             result["report_after"] = {k: rep.to_dict()[k] for k in
                                       ("writes_per_pass", "baseline_writes_per_pass",
                                        "reduction", "initial_writes")}
-        final = os.path.join(args.out, "final.pt")
-        save_final(xmodel, final, config=cfg, model_name=args.model)
-        result["final_checkpoint"] = final
-        result["seconds"] = time.time() - t0
-        atomic_write_text(os.path.join(args.out, "result.json"),
-                          json.dumps(result, indent=2, default=str) + "\n")
-        log(f"wrote {final} and {os.path.join(args.out, 'result.json')}")
+        write_final(xmodel, args.out, result, t0, log, config=cfg, model_name=args.model)
     if world > 1:
         torch.distributed.barrier()
     return result

@@ -10,13 +10,10 @@ to --out, as the image path does.
 """
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import crossbar_torch as xb
 from crossbar_torch.apps.cli import UsageError, describe_source, model_from_args
-from crossbar_torch.config import atomic_write_text
 
 REPORT_KEYS = ("writes_per_pass", "baseline_writes_per_pass", "reduction", "initial_writes")
 
@@ -44,7 +41,7 @@ def run_sentences(args, cfg, log, progress: bool, t0: float) -> dict:
     """Convert, calibrate (rules 20 / 21 where the config needs it), score, distil, score
     again, save. Returns the result dict (also written to ``--out/result.json``)."""
     from crossbar_torch.apps import frontier as fr
-    from crossbar_torch.apps.finetune import FinetuneArgs, Trainer, save_final, set_seed
+    from crossbar_torch.apps.finetune import FinetuneArgs, Trainer, set_seed, write_final
     from crossbar_torch.apps.finetune.sentences import (SentenceDataset, SentenceEmbedder,
                                                         TokenCollate, default_train_sentences)
     from crossbar_torch.programming import reprogram
@@ -102,11 +99,5 @@ def run_sentences(args, cfg, log, progress: bool, t0: float) -> dict:
         f"{result['after']['cosine_min']:.4f}  nn agreement "
         f"{result['after']['nn_agreement']:.1f}%  reduction "
         f"{result['report_after']['reduction']:.3f}x")
-    final = os.path.join(args.out, "final.pt")
-    save_final(xmodel, final, config=cfg, model_name=args.model)
-    result["final_checkpoint"] = final
-    result["seconds"] = time.time() - t0
-    atomic_write_text(os.path.join(args.out, "result.json"),
-                      json.dumps(result, indent=2, default=str) + "\n")
-    log(f"wrote {final} and {os.path.join(args.out, 'result.json')}")
+    write_final(xmodel, args.out, result, t0, log, config=cfg, model_name=args.model)
     return result

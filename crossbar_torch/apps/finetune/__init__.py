@@ -55,7 +55,7 @@ A run stopped after ``k`` steps and resumed from its step-``k`` checkpoint there
 weights bit-identical to an uninterrupted run (same seed, CPU; tested).
 """
 from ..evaluate import evaluate_model as evaluate
-from .api import finetune, load_finetuned, save_final
+from .api import finetune, load_finetuned, save_final, write_final
 from .args import (RESUME_FREE, FinetuneArgs, FinetuneResult, ResumeError, TrainingDiverged,
                    check_resume, cosine_lambda, run_length)
 from .checkpoint import (CHECKPOINT_FORMAT, DERIVED_BUFFERS, atomic_torch_save,
@@ -69,7 +69,7 @@ from .trainer import Trainer, freeze_batchnorm
 __all__ = [
     "cross_entropy", "distillation_loss", "embedding_loss", "FinetuneArgs", "FinetuneResult",
     "Trainer", "finetune", "evaluate", "set_seed", "freeze_batchnorm", "stuck_snapshot",
-    "check_stuck_cells", "atomic_torch_save", "save_final", "load_finetuned",
+    "check_stuck_cells", "atomic_torch_save", "save_final", "write_final", "load_finetuned",
     "load_checkpoint", "ResumableSampler", "SeededDataset", "cosine_lambda", "ResumeError",
     "TrainingDiverged", "crossbar_fingerprint", "resume_state_dict", "check_resume",
     "run_length", "collate_train", "LOSSES", "EMBEDDING_LOSSES", "RESUME_FREE",

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
+import time
 from typing import Callable, Optional
 
 import torch.nn as nn
 
-from ...config import CrossbarConfig
+from ...config import CrossbarConfig, atomic_write_text
 from ...errors import UserInputError
 from ...nn.modules import crossbar_layers
 from .args import FinetuneArgs, FinetuneResult
@@ -45,6 +47,21 @@ def save_final(model: nn.Module, path, *, config: Optional[CrossbarConfig] = Non
     if extra:
         obj.update(extra)
     atomic_torch_save(obj, path)
+
+
+def write_final(model: nn.Module, out_dir, result: dict, started: float, log, *,
+                config: CrossbarConfig, model_name: str) -> str:
+    """The end of a fine-tuning run: ``final.pt`` (:func:`save_final`) and ``result.json``
+    (``result`` with the checkpoint's path and the run's seconds), both written atomically.
+    Returns the checkpoint's path."""
+    final = os.path.join(out_dir, "final.pt")
+    save_final(model, final, config=config, model_name=model_name)
+    result["final_checkpoint"] = final
+    result["seconds"] = time.time() - started
+    atomic_write_text(os.path.join(out_dir, "result.json"),
+                      json.dumps(result, indent=2, default=str) + "\n")
+    log(f"wrote {final} and {os.path.join(out_dir, 'result.json')}")
+    return final
 
 
 def load_finetuned(path, model_builder: Callable[..., nn.Module], *, map_location="cpu"):
