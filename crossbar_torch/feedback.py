@@ -70,8 +70,8 @@ def feedback_targets(layer, config) -> torch.Tensor:
     u = feedback_factor(layer.input_moment, config.feedback_damp)
     if config.stucking and layer.stuck.numel():
         index = layer.long_sort_index().cpu()
-        held = original_order(layer.stuck.cpu(), index)
-        levels = original_order(layer.cells.cpu(), index)
+        held = original_order(layer.stuck_cells().cpu(), index)
+        levels = original_order(layer.held_cells().cpu(), index)
         slices = config.stuck_slices
     else:
         held = torch.zeros(0, dtype=torch.bool)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from . import ops
@@ -131,7 +132,8 @@ def chain_order(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     profile); then repeatedly append the unvisited filter at the smallest Hamming distance from
     the last one (ties: the lowest filter number). The profile placement puts rank neighbours
     in one slot of consecutive column blocks, so consecutive tiles then differ in few cells.
-    Costs one (out x out) distance matrix per layer (a matmul over out x K*c bits).
+    The chain runs in the ``chain_order`` op (XOR + popcount over the packed bits, row by row;
+    ``ops.reference.chain_order`` is the same ranking from a distance matrix).
     """
     from .quantization import sort_rows
 
@@ -140,22 +142,21 @@ def chain_order(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
         return torch.arange(out)
     q_sorted = torch.gather(q, 1, sort_rows(q, config.sort)).to(torch.int32).contiguous()
     cells = ops.encode(q_sorted, config.weight_bits, config.bits_per_cell, config.encoding_id)
-    planes = torch.stack([(cells >> p) & 1 for p in range(config.bits_per_cell)], -1)
-    bits = planes.reshape(out, -1).to(torch.float32)
-    ones = bits.sum(1)
-    # Hamming distance of bit vectors a, b: |a| + |b| - 2 a.b (exact in float32 below 2**24)
-    dist = ones[:, None] + ones[None, :] - 2.0 * (bits @ bits.T)
-    del bits
-    visited = torch.zeros(out, dtype=torch.bool)
-    cur = int(torch.argmax(q.to(torch.int64).abs().sum(1)))  # first maximum: lowest filter
-    order = [cur]
-    visited[cur] = True
-    for _ in range(out - 1):
-        d = dist[cur].masked_fill(visited, float("inf"))
-        cur = int(torch.argmin(d))  # first minimum: the lowest filter number
-        order.append(cur)
-        visited[cur] = True
-    return torch.tensor(order, dtype=torch.int64)
+    start = int(torch.argmax(q.to(torch.int64).abs().sum(1)))  # first maximum: lowest filter
+    return ops.chain_order(filter_bits(cells, config.bits_per_cell), start)
+
+
+def filter_bits(cells: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
+    """int64 (out, W): the bits of each filter's cells (uint8 (out, K, c)), every bit plane of
+    every cell, packed 64 to a word (zero padded): Hamming distances between rows are those
+    between the filters' cells."""
+    out = cells.shape[0]
+    planes = torch.stack([(cells >> p) & 1 for p in range(bits_per_cell)], -1)
+    packed = np.packbits(planes.reshape(out, -1).cpu().numpy(), axis=1, bitorder="little")
+    words = -(-packed.shape[1] // 8)
+    padded = np.zeros((out, words * 8), dtype=np.uint8)
+    padded[:, :packed.shape[1]] = packed
+    return torch.from_numpy(padded.view(np.int64).copy())
 
 
 def natural_filter_index(out: int, config: CrossbarConfig) -> torch.Tensor:

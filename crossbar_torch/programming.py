@@ -21,6 +21,7 @@ from .errors import ConfigError, ModelStateError
 from .ops import STAT_NAMES
 from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
+from .heap import release_free_memory
 from .feedback import feedback_active, feedback_cells, feedback_targets, warn_output_errors
 from .nn.modules import crossbar_layers
 from .nn.record import no_crossbar_layers
@@ -258,10 +259,11 @@ def layer_targets(layer, config: CrossbarConfig, baseline: bool,
         target = layer.target_cells()
     if not layer.stuck.numel():
         return target, None
+    stuck, held = layer.stuck_cells().to(target.device), layer.held_cells().to(target.device)
     if not config.compensate:  # the kernel needs only the levels to write
-        return torch.where(layer.stuck, layer.cells, target), None
+        return torch.where(stuck, held, target), None
     # rule 13 searches around the plain targets: keep them, and say which levels are known
-    return target, torch.where(layer.stuck, layer.cells, torch.full_like(layer.cells, NOT_PINNED))
+    return target, torch.where(stuck, held, torch.full_like(held, NOT_PINNED))
 
 
 def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
@@ -338,6 +340,9 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                 pool.cell_writes.zero_()  # this layer's writes alone
             eff, stats, used, t0 = pool.program(target, index, order, pinned,
                                                 count_cells=counting, layer_config=lcfg)
+            # this layer's transients, about 4 of its unpacked cells (crossbar_torch/heap.py)
+            release_free_memory(4 * target.numel())
+            del target, pinned
             orders[i] = used
             counts.add(stats)
             if noise and pass_no == 0:

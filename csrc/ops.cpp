@@ -52,6 +52,8 @@ TORCH_LIBRARY(crossbar_torch, m) {
   m.def(
       "feedback_quantize(Tensor target, Tensor u, Tensor held, Tensor levels, int weight_bits, "
       "int bits_per_cell, int encoding, int stuck_slices) -> Tensor");
+  // host only (no CUDA kernel): filter placement is chosen at conversion, on the host
+  m.def("chain_order(Tensor bits, int start) -> Tensor");
   m.def(
       "analog_matmul(Tensor x, Tensor g, Tensor sort_index, Tensor cell_weight, "
       "Tensor adc_steps, int groups, int rows, int input_bits, int input_bits_per_cycle, "

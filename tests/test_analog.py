@@ -126,7 +126,7 @@ def test_programming_noise_and_drift_match_the_independent_replay(cfg):
     xm = xb.convert(model, cfg)
     sim = simulate(weight_matrices(model), cfg.to_dict())
     for name, layer in xb.crossbar_layers(xm):
-        out, K, c = layer.cells.shape
+        out, K, c = layer.held_cells().shape
         eps = torch.zeros(out, K, c, dtype=torch.float32)
         nu = torch.zeros(out, K, c, dtype=torch.float32)
         for (lname, o, k, i), (e, n) in sim["cell_noise"].items():
@@ -162,7 +162,7 @@ def test_conductance_formula_by_hand():
     layer = xb.crossbar_layers(xm)[0][1]
     g = analog.conductances(layer, read=False)
     g0 = 3 / 6
-    want = ((layer.cells.double() + g0) * (1 + 0.1 * layer.prog_eps.double())
+    want = ((layer.held_cells().double() + g0) * (1 + 0.1 * layer.prog_eps.double())
             * 50.0 ** (-layer.drift_nu.double())).clamp(min=0).permute(0, 2, 1)
     torch.testing.assert_close(g.double(), want, rtol=1e-6, atol=1e-6)
 
@@ -300,7 +300,7 @@ def naive_linear(layer, x, cfg, adc_ranges=None):
     """Rule 17 + 18 for a Linear layer with plain Python loops, from the rules (no torch ops on
     the layer, no reference op): returns y (N, out) float32 and the largest P of each slice."""
     K = layer.in_features
-    cells = layer.cells.tolist()
+    cells = layer.held_cells().tolist()
     sidx = layer.sort_index.tolist()
     scale = layer.scale.double().tolist()
     S, b, c = cfg.slices, cfg.bits_per_cell, cfg.cells_per_weight
@@ -393,7 +393,7 @@ def test_weight_scope_gemms_equal_the_reference_op(sort, groups):
     x = torch.randn(2, 8, 6, 6)
     rows = F.unfold(x, 3).transpose(1, 2).reshape(-1, 72)
     s_x = analog.input_scale(layer, x)
-    q_sorted = xb.ops.decode(layer.cells, 8, 1, 0).float()[:, None, :]
+    q_sorted = xb.ops.decode(layer.held_cells(), 8, 1, 0).float()[:, None, :]
     step = analog.adc_steps(layer)
     acc, _ = ar.analog_matmul(rows, q_sorted, layer.sort_index, torch.ones(1, dtype=torch.float64),
                               step, groups, 7, 6, 1, s_x, 5, 0.0, 0.0, True)

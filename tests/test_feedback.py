@@ -163,12 +163,13 @@ def _expected(layer, cfg):
     out, k = t.shape
     idx = layer.sort_index
     held = [[None] * k for _ in range(out)]
+    stuck, levels = layer.stuck_cells(), layer.held_cells()
     for o in range(out):
         for kk in range(k):
             orig = int(idx[o, kk])
             if layer.stuck.numel():
                 held[o][orig] = [int(lv) if bool(s) else None
-                                 for s, lv in zip(layer.stuck[o, kk], layer.cells[o, kk])]
+                                 for s, lv in zip(stuck[o, kk], levels[o, kk])]
     per = out // u.shape[0]
     return torch.tensor([ind.feedback_row(t[o].tolist(), u[o // per].tolist(),
                                           held[o] if layer.stuck.numel() else None,

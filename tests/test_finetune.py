@@ -128,7 +128,7 @@ def test_gradient_reaches_latent_weight_straight_through(kind):
         x = torch.randn(3, 40)
         fn = lambda w: F.linear(x, w, layer.bias)  # noqa: E731
     xb.reprogram(layer)
-    assert layer.stuck.any()
+    assert layer.stuck_cells().any()
     layer.train()
     g_out = torch.randn_like(layer(x))
     (layer(x) * g_out).sum().backward()
@@ -188,8 +188,8 @@ def test_stuck_cells_keep_levels_across_optimizer_steps_and_reprogram():
     assert check_stuck_cells(model, snap) > 0
     # non-stuck cells now hold the new targets
     for n, l in xb.crossbar_layers(model):
-        free = ~l.stuck
-        assert torch.equal(l.cells[free], l.target_cells()[free])
+        free = ~l.stuck_cells()
+        assert torch.equal(l.held_cells()[free], l.target_cells()[free])
 
 
 # ------------------------------------------------------------------------- exact resume

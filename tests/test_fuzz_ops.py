@@ -100,7 +100,7 @@ WORKER = textwrap.dedent(r'''
 
     REF = {"encode": ref.encode, "decode": ref.decode, "effective_weight": ref.effective_weight,
            "sort_and_encode": ref.sort_and_encode, "compensate": ref.compensate,
-           "analog_matmul": aref.analog_matmul}
+           "analog_matmul": aref.analog_matmul, "chain_order": ref.chain_order}
 
     def check(op, args, got):
         """A call that succeeded: meta in, meta out; on the CPU, the reference's values."""
@@ -394,6 +394,23 @@ HAND += [
                               sort_index="E('int64', (2**20, 5))"), "allocate"),
 ]
 
+HAND += [
+    case("chain_order", "(T('int64', (6, 3), 'rand', -2**62, 2**62), 2)"),
+    case("chain_order", "(T('int64', (7, 2), 'rand', 0, 4), 6)"),  # many ties
+    case("chain_order", "(T('int64', (0, 3)), 0)"),
+    case("chain_order", "(T('int64', (1, 3), 'rand', -9, 9), 0)"),
+    case("chain_order", "(T('int64', (5, 0)), 4)"),  # no bits: every distance 0
+    case("chain_order", "(T('int64', (4, 2), 'rand', 0, 4, layout='T'), 1)"),
+    case("chain_order", "(T('int64', (4, 2), 'rand', 0, 4, layout='slice'), 3)"),
+    case("chain_order", "(T('int64', (4, 2), 'rand', 0, 4, layout='expand'), 1)"),
+    case("chain_order", "(T('int64', (4, 2), device='meta'), 0)"),
+    case("chain_order", "(T('int32', (4, 2)), 0)", "bits must be Long"),
+    case("chain_order", "(T('int64', (4,)), 0)", "bits must have 2 dimensions"),
+    case("chain_order", "(T('int64', (4, 2)), 4)", "start must be in"),
+    case("chain_order", "(T('int64', (4, 2)), -2**63)", "start must be in"),
+    case("chain_order", "(E('int64', (2**40, 1)), 0)", "allocate"),
+]
+
 META_PL = case("program_layer", _pl(
     cells="T('uint8', (3, 5, 4), device='meta')", filter_index="T('int64', (0,), device='meta')",
     order="T('int64', (0,), device='meta')", pinned="T('uint8', (0,), device='meta')",
@@ -667,6 +684,26 @@ def analog_matmul_cases(draw):
     return case("analog_matmul", _am(**kw), expect)
 
 
+@st.composite
+def chain_order_cases(draw):
+    """One valid chain_order call (narrow values: many equal distances, the tie-break decides),
+    changed in at most one way."""
+    out, W = draw(st.integers(0, 40)), draw(st.integers(0, 5))
+    lo, hi = draw(st.sampled_from([(0, 2), (0, 16), (-2**62, 2**62)]))
+    layout = draw(st.sampled_from(["contig", "T", "slice", "expand"]))
+    start = draw(st.integers(0, max(out - 1, 0)))
+    expect = "ok"
+    mutation = draw(st.sampled_from(["none", "none", "start", "dtype"]))
+    if mutation == "start" and out:
+        start, expect = draw(st.sampled_from([out, -1, 2**62])), "start must be in"
+    dtype = "int32" if mutation == "dtype" else "int64"
+    if dtype == "int32":
+        lo, hi, expect = 0, 16, "bits must be Long"
+    bits = (f"T({dtype!r}, {(out, W)}, 'rand', {lo}, {hi}, layout={layout!r}, "
+            f"seed={draw(st.integers(0, 2**20))})")
+    return case("chain_order", f"({bits}, {start})", expect)
+
+
 FUZZ = settings(max_examples=250, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -693,6 +730,10 @@ def test_fuzz_program_layer_with_hypothesis():
 
 def test_fuzz_analog_matmul_with_hypothesis():
     assert_cases(_collect(analog_matmul_cases(), 250))
+
+
+def test_fuzz_chain_order_with_hypothesis():
+    assert_cases(_collect(chain_order_cases(), 150))
 
 
 def test_decode_refuses_levels_out_of_range_in_process():

@@ -47,24 +47,34 @@ def test_sort_index_is_stored_narrow_and_decodes_as_the_int64_one(k, dtype):
     assert index64.dtype == torch.int64
     assert torch.equal(layer.sort_index.long(), index64)
     cfg = layer.config
-    want = ops.effective_weight(layer.cells, index64, s, cfg.weight_bits, cfg.bits_per_cell,
+    want = ops.effective_weight(layer.held_cells(), index64, s, cfg.weight_bits, cfg.bits_per_cell,
                                 cfg.encoding_id)
     assert torch.equal(layer.effective_weight(), want)
 
 
-def _old_format(state_dict):
-    """A state dict as the format before the narrow index saved it: sort_index int64."""
+def _old_format(state_dict, c=14):
+    """A state dict as the format before issue 19 saved it: sort_index int64, cells one level
+    a byte (out, K, c), stuck bool (out, K, c) (8-bit differential, 1-bit cells: c = 14)."""
     old = {}
     for key, v in state_dict.items():
         if key.endswith("sort_index"):
             v = v.to(torch.int64)
             assert v.dtype == torch.int64
+        elif key.endswith(".cells"):
+            v = _unpack_by_hand(v, c)
+        elif key.endswith(".stuck"):
+            v = _unpack_by_hand(v, c).bool() if v.numel() else torch.zeros(0, dtype=torch.bool)
         old[key] = v.clone() if isinstance(v, torch.Tensor) else v
     return old
 
 
+def _unpack_by_hand(packed, c):
+    """1-bit cells: cell j of a weight is bit j % 8 of its byte j // 8 (docs/checkpoints.md)."""
+    return torch.stack([(packed[..., j // 8] >> (j % 8)) & 1 for j in range(c)], -1)
+
+
 @pytest.mark.parametrize("fields", [{}, COMP])
-def test_state_dict_with_int64_sort_index_loads_narrowed_with_the_same_weights(fields, tmp_path):
+def test_state_dict_of_the_old_format_loads_packed_and_narrowed_with_the_same_weights(fields, tmp_path):
     cfg = xb.CrossbarConfig(**fields)
     src = xb.convert(small_model(), cfg).eval()
     old = _old_format(src.state_dict())
@@ -78,8 +88,13 @@ def test_state_dict_with_int64_sort_index_loads_narrowed_with_the_same_weights(f
         assert b.sort_index.dtype == torch.int16  # converted on load
         assert torch.equal(a.sort_index, b.sort_index)
         assert torch.equal(a.cells, b.cells) and torch.equal(a.stuck, b.stuck)
+        assert b.cells.shape[2] == 2 and b.stuck.shape[-1] == (2 if fields else 0)  # packed
+        assert torch.equal(b.held_cells(), old[f"{name}.cells"])  # the saved levels
+        if fields:
+            assert torch.equal(b.stuck_cells(), old[f"{name}.stuck"])
         assert torch.equal(a.effective_weight(), b.effective_weight())
     assert torch.equal(src(x), dst(x))
+    assert xb.reprogram_report(dst).to_dict() == xb.reprogram_report(src).to_dict()
 
 
 def test_int64_sort_index_that_is_not_a_permutation_is_refused_before_narrowing():

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import crossbar_torch as xb
+from crossbar_torch.packing import unpack_levels
 from conftest import SAMPLE_DATA
 
 
@@ -218,11 +219,30 @@ def test_loading_a_non_permutation_index_fails():
 
 # ---- tampered buffers in a loaded state dict (issue 12, reliability) ------------------------
 
+_OLD = {}
+
+
+def _unpacked(t, level=None):
+    """The packed 1-bit ``cells`` t as saved before packing (one level a byte, c = 14), kept
+    in _OLD so the tamper case can edit it in place; ``level`` fills the last cell."""
+    old = unpack_levels(t, 14, 1)
+    if level is not None:
+        old.view(-1)[-1] = level
+    _OLD["t"] = old
+    return old
+
+
 def _tamper_cases():
     """(layer prefix, buffer, how to tamper with the saved tensor, expected message)."""
     return [
-        ("0.", "cells", lambda t: t.view(-1).__setitem__(5, 2), r"'cells' holds level 2 .*\[0, 1\]"),
-        ("4.", "cells", lambda t: t.view(-1).__setitem__(-1, 200), "'cells' holds level 200"),
+        # one level a byte (the format before packing): its levels are checked, then packed
+        ("0.", "cells", lambda t: _unpacked(t).view(-1).__setitem__(5, 2) or None,
+         r"'cells' holds level 2 .*\[0, 1\]"),
+        ("4.", "cells", lambda t: _unpacked(t, level=200), "'cells' holds level 200"),
+        # packed: 14 one-bit cells in 2 bytes, the top 2 bits of the second are never set
+        ("4.", "cells", lambda t: t[..., 1].__setitem__((0, 0), 255), "'cells' is not a packing"),
+        ("2.", "stuck", lambda t: torch.full((8, 36, 2), 255, dtype=torch.uint8),
+         "'stuck' is not a packing"),
         ("0.", "cells", lambda t: t.to(torch.int64).add_(300), "'cells' must have dtype"),
         ("4.", "cells", lambda t: t[:, :-1], "'cells' must have shape"),
         ("0.", "scale", lambda t: t.__setitem__(1, float("nan")), "'scale' holds 1 NaN or Inf"),
@@ -233,7 +253,7 @@ def _tamper_cases():
         ("2.", "stuck", lambda t: torch.zeros(3, dtype=torch.bool), "'stuck' must have shape"),
         ("2.", "stuck", lambda t: torch.zeros(8, 36, 3, dtype=torch.bool),
          "'stuck' must have shape"),
-        ("4.", "stuck", lambda t: torch.zeros(0, dtype=torch.uint8), "'stuck' must have dtype"),
+        ("4.", "stuck", lambda t: torch.zeros(0, dtype=torch.float32), "'stuck' must have dtype"),
         ("0.", "sort_index", lambda t: t.__setitem__((2, 3), t[2, 4].item()),
          "'sort_index' is not a permutation of each row: row 2"),
         ("4.", "sort_index", lambda t: t.float(), "'sort_index' must have dtype"),
@@ -252,8 +272,10 @@ def test_tampered_buffers_are_refused_naming_layer_and_buffer(i):
     xm = xb.convert(small_cnn(), cfg)
     sd = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in xm.state_dict().items()}
     t = sd[prefix + name]
+    _OLD.clear()
     changed = tamper(t)
-    sd[prefix + name] = changed if isinstance(changed, torch.Tensor) else t
+    sd[prefix + name] = (changed if isinstance(changed, torch.Tensor)
+                         else _OLD.get("t", t))
     fresh = xb.convert(small_cnn(), cfg)
     before = {k: v.clone() for k, v in fresh.state_dict().items() if isinstance(v, torch.Tensor)}
     layer = prefix.rstrip(".")
@@ -270,7 +292,7 @@ def test_tampered_buffers_are_named_in_a_nested_model():
     cfg = xb.CrossbarConfig(rows=16, cols=32)
     xm = xb.convert(nn.Sequential(nn.Sequential(small_cnn())), cfg)
     sd = xm.state_dict()
-    sd["0.0.2.cells"] = sd["0.0.2.cells"].clone().fill_(3)
+    sd["0.0.2.cells"] = torch.full((*sd["0.0.2.cells"].shape[:2], 14), 3, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match=r"crossbar layer 0\.0\.2: buffer 'cells' holds level 3"):
         xb.convert(nn.Sequential(nn.Sequential(small_cnn())), cfg).load_state_dict(sd)
 

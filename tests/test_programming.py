@@ -357,8 +357,8 @@ def test_stuck_values_are_what_the_layers_hold():
         xm = xb.convert(m, cfg)
         for _, layer in xb.crossbar_layers(xm):
             # every used cell of every slice is stuck: all levels equal the stuck value
-            assert layer.stuck.all()
-            assert (layer.cells == sv).all()
+            assert layer.stuck_cells().all()
+            assert (layer.held_cells() == sv).all()
 
 
 def test_sorting_never_changes_outputs_without_stucking():
@@ -375,7 +375,7 @@ def test_stuck_cells_never_change_after_first_pass_even_after_finetuning():
     m = small_model(7)
     cfg = xb.CrossbarConfig(rows=8, cols=32, stuck_slices=4, reprogram_fraction=0.3, pool=3)
     xm = xb.convert(m, cfg)
-    held = {n: (l.stuck.clone(), l.cells[l.stuck].clone()) for n, l in xb.crossbar_layers(xm)}
+    held = {n: (l.stuck_cells(), l.held_cells()[l.stuck_cells()]) for n, l in xb.crossbar_layers(xm)}
     assert sum(s.sum().item() for s, _ in held.values()) > 0
     with torch.no_grad():
         for p in xm.parameters():
@@ -383,8 +383,8 @@ def test_stuck_cells_never_change_after_first_pass_even_after_finetuning():
     xb.reprogram(xm)
     for n, l in xb.crossbar_layers(xm):
         stuck, levels = held[n]
-        assert torch.equal(l.stuck, stuck)
-        assert torch.equal(l.cells[stuck], levels)
+        assert torch.equal(l.stuck_cells(), stuck)
+        assert torch.equal(l.held_cells()[stuck], levels)
     # and a second pass on top never writes a stuck cell: replaying gives the same counts
     r1 = xb.reprogram_report(xm).to_dict()
     r2 = xb.reprogram_report(xm).to_dict()

@@ -30,7 +30,7 @@ def _cfg(**kw):
 def _expected_weight(layer):
     """Decoded held cells, un-sorted, times scale, computed independently."""
     cfg = layer.config
-    cells = layer.cells.to(torch.int64).tolist()
+    cells = layer.held_cells().to(torch.int64).tolist()
     idx = layer.sort_index.to(torch.int64).tolist()
     out = torch.empty(layer.cells.shape[0], layer.cells.shape[1], dtype=torch.float32)
     for o, row in enumerate(cells):

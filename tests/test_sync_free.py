@@ -74,8 +74,8 @@ def test_a_bad_in_place_edit_is_still_caught():
         xm(x)
     with torch.no_grad():
         layer.sort_index[0] = torch.arange(24)
-        layer.cells[0, 0, 0] = 3  # 1-bit cells hold levels 0 and 1
-    with pytest.raises(RuntimeError, match="level"):
+        layer.scale[0] = float("nan")  # scales are finite and positive
+    with pytest.raises(RuntimeError, match="scale"):
         xm(x)
 
 

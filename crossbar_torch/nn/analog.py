@@ -55,7 +55,7 @@ def conductances(layer, read: bool = True, cells: torch.Tensor | None = None) ->
     it now (rule 19). ``read`` draws a fresh read noise (one per forward). ``cells``: levels
     to read instead of the held ones (train mode: what programming the latent weight gives)."""
     cfg = layer.config
-    g = (layer.cells if cells is None else cells).to(torch.float32) + cfg.g0
+    g = (layer.held_cells() if cells is None else cells).to(torch.float32) + cfg.g0
     if cfg.prog_noise and layer.prog_eps.numel():
         g = g * (1 + cfg.prog_noise * layer.prog_eps)
     if layer.drift_nu.numel() and cfg.t_inference > T0_SECONDS:
@@ -159,7 +159,7 @@ def _cells_and_weights(layer, cells):
     """(g (out, c, K) float32, w_i (c,), encoding offset, g0) for the layer's scope."""
     cfg = layer.config
     if cfg.adc_scope == "weight":
-        held = layer.cells if cells is None else cells
+        held = layer.held_cells() if cells is None else cells
         g = layer.held_op("decode", ops.decode, held, cfg.weight_bits, cfg.bits_per_cell,
                           cfg.encoding_id).to(
             torch.float32)[:, None, :]                                  # q_eff, sorted order
@@ -226,7 +226,7 @@ def _weight_scope(layer, x, rows_fn, groups, s_x, cells, calibrating, conv_fn=No
     sum is an integer below 2**24 in float32 (float64 when it could be larger), the step a
     power of two, and the codes are added as integers."""
     cfg = layer.config
-    held = layer.cells if cells is None else cells
+    held = layer.held_cells() if cells is None else cells
     q_sorted = layer.held_op("decode", ops.decode, held, cfg.weight_bits, cfg.bits_per_cell,
                              cfg.encoding_id)
     out, K = q_sorted.shape

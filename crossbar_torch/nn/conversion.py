@@ -17,6 +17,7 @@ import torch.nn as nn
 
 from ..config import CrossbarConfig
 from ..errors import ModelStateError
+from ..heap import release_free_memory
 from .record import ConversionRecord, _why_none
 from .modules import CROSSBAR_LAYERS, CrossbarConv2d, CrossbarLinear
 
@@ -143,6 +144,8 @@ def convert(model: nn.Module, config: CrossbarConfig | None = None, *, include=N
                                        encode=not program)
         except (ValueError, TypeError) as e:  # e.g. NaN weights: say which layer
             raise type(e)(f"convert: layer {name or type(mod).__name__}: {e}") from None
+        # its sort's transients, about 16 bytes a weight (crossbar_torch/heap.py)
+        release_free_memory(16 * mod.weight.numel())
         if new is None:
             record.skipped.append((name, type(mod).__name__, reason))
             continue

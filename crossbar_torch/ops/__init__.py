@@ -203,6 +203,12 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
     return target.new_empty((out, k), dtype=torch.int32)
 
 
+@torch.library.register_fake("crossbar_torch::chain_order")
+def _chain_order_fake(bits, start):
+    _check_tensors("chain_order", ("bits", bits), [("bits", bits, torch.int64, 2)])
+    return bits.new_empty((bits.shape[0],), dtype=torch.int64)
+
+
 @torch.library.register_fake("crossbar_torch::analog_matmul")
 def _analog_matmul_fake(x, g, sort_index, cell_weight, adc_steps, groups, rows, input_bits,
                         input_bits_per_cycle, input_scale, adc_bits, g0, encoding_offset,
@@ -312,6 +318,14 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
     empty: nothing held). See reference.feedback_quantize."""
     return _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
                                   int(encoding), int(stuck_slices))
+
+
+def chain_order(bits, start: int) -> torch.Tensor:
+    """The nearest-neighbour chain over the rows of ``bits`` (int64 (out, W), each row a
+    filter's cell bits packed in words) from row ``start``: the unvisited row at the smallest
+    Hamming distance next, ties to the lowest row (int64 (out,)). CPU only (placement is chosen
+    on the host, at conversion). See reference.chain_order."""
+    return _ops.chain_order(bits, int(start))
 
 
 def analog_matmul(x, g, sort_index, cell_weight, adc_steps, groups: int, rows: int,

@@ -121,6 +121,28 @@ def pack_levels(levels: torch.Tensor, planes: int) -> torch.Tensor:
     return torch.stack([pack_bits(((levels >> p) & 1).bool()) for p in range(planes)], dim=2)
 
 
+def chain_order(bits: torch.Tensor, start: int) -> torch.Tensor:
+    """The nearest-neighbour chain over the rows of ``bits`` (int64 (out, W) packed words) from
+    row ``start``, from the full distance matrix: unpack the bits, Hamming distance of rows a, b
+    = |a| + |b| - 2 a.b (exact integers), then repeatedly the unvisited row nearest the last
+    one, ties to the lowest row."""
+    out = bits.shape[0]
+    if out == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    b = unpack_bits(bits, 64 * bits.shape[1]).to(torch.int64)
+    ones = b.sum(1)
+    dist = ones[:, None] + ones[None, :] - 2 * (b @ b.T)
+    visited = torch.zeros(out, dtype=torch.bool)
+    order = [int(start)]
+    visited[start] = True
+    for _ in range(out - 1):
+        d = dist[order[-1]].masked_fill(visited, torch.iinfo(torch.int64).max)
+        nxt = int(torch.argmin(d))  # first minimum: the lowest row
+        order.append(nxt)
+        visited[nxt] = True
+    return torch.tensor(order, dtype=torch.int64)
+
+
 def _decode_levels(levels, weight_bits, bits_per_cell, encoding) -> int:
     return int(decode(torch.tensor([list(levels)], dtype=torch.uint8), weight_bits,
                       bits_per_cell, encoding)[0])

@@ -58,9 +58,13 @@ def crossbar_fingerprint(model: nn.Module) -> str:
     for name, layer in crossbar_layers(unwrap(model)):
         h.update(name.encode() + b"\0")
         for leaf in DERIVED_BUFFERS + ("scale",):
-            t = getattr(layer, leaf).detach().cpu().contiguous()
-            if leaf == "sort_index":  # hashed as int64 whatever the stored width, so that
-                t = t.long()          # fingerprints from before the narrow index still match
+            # hashed in the forms stored before issue 19 (one byte per cell, the int64 index),
+            # whatever the stored packing and width: older checkpoints' fingerprints still match
+            t = (layer.held_cells() if leaf == "cells" else
+                 layer.stuck_cells() if leaf == "stuck" else getattr(layer, leaf))
+            t = t.detach().cpu().contiguous()
+            if leaf == "sort_index":
+                t = t.long()
             h.update(f"{leaf}{tuple(t.shape)}{t.dtype}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -78,7 +82,8 @@ def stuck_snapshot(model: nn.Module) -> dict:
     snap = {}
     for name, layer in crossbar_layers(unwrap(model)):
         if layer.stuck.numel():
-            snap[name] = (layer.stuck.clone(), layer.cells[layer.stuck].clone())
+            mask = layer.stuck_cells()
+            snap[name] = (mask, layer.held_cells()[mask])
     return snap
 
 
@@ -94,12 +99,13 @@ def check_stuck_cells(model: nn.Module, snapshot: dict, *, simulated: bool = Fal
     layers = dict(crossbar_layers(unwrap(model)))
     for name, (mask, levels) in snapshot.items():
         layer = layers[name]
-        if not torch.equal(layer.stuck, mask):
+        if not torch.equal(layer.stuck_cells(), mask):
             raise AssertionError(f"{name}: the stuck-cell mask changed")
-        if not torch.equal(layer.cells[mask], levels):
+        held = layer.held_cells()
+        if not torch.equal(held[mask], levels):
             raise AssertionError(f"{name}: a stuck cell changed its level")
         if simulated:
-            target = torch.where(layer.stuck, layer.cells, layer.target_cells())
+            target = torch.where(mask, held, layer.target_cells())
             if not torch.equal(target[mask], levels):
                 raise AssertionError(f"{name}: train mode changed a stuck cell's level")
         n += int(mask.sum())

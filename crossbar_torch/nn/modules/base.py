@@ -7,9 +7,14 @@ Each layer holds, as buffers that round-trip through ``state_dict``:
 * ``sort_index`` int16 (out, K)       position k' of the sorted filter holds weight index[o, k']
                                       (int32 when K > 32768: the narrowest integer type that
                                       holds K - 1; see "Stored formats" below)
-* ``cells``      uint8 (out, K, c)    the cell levels the crossbars hold (sorted order), i.e. the
-                                      conductance states after programming (docs/semantics.md rule 9)
-* ``stuck``      bool (out, K, c)     cells that are stuck (empty when the config has no stucking)
+* ``cells``      uint8 (out, K, P)    the cell levels the crossbars hold (sorted order), i.e. the
+                                      conductance states after programming (docs/semantics.md
+                                      rule 9), packed: 8 // b levels of b-bit cells a byte,
+                                      P = ceil(c / (8 // b)) (``crossbar_torch.packing``);
+                                      ``held_cells()`` unpacks them to uint8 (out, K, c)
+* ``stuck``      uint8 (out, K, Q)    cells that are stuck, packed 8 a byte, Q = ceil(c / 8)
+                                      (empty when the config has no stucking); ``stuck_cells()``
+                                      unpacks them to bool (out, K, c)
 * ``filter_index`` int64 (nb*F,)      filter placement (rule 11): the filter in column block j,
                                       slot f is filter_index[j*F + f]; -1 marks an unused slot
 * ``tile_order`` int64 (tiles,)       the order the layer's tiles are programmed in (rule 12;
@@ -28,6 +33,10 @@ is kept in the narrowest integer type that holds its values (:func:`index_dtype`
 int64 only transiently, per layer, where an op or ``scatter`` / ``gather`` needs int64
 (:meth:`CrossbarMixin.long_sort_index`). State dicts saved before (int64 ``sort_index``) load
 unchanged: the loaded index is checked (a permutation of every row) and narrowed on load.
+The cells and the stuck flags are the largest: they are stored packed (1-bit cells: 8 a byte)
+and unpacked per layer, transiently, where levels are computed with (the decode, cached once per
+programming in eval; the simulated programming of a training forward); state dicts with one
+byte per cell are packed on load.
 """
 from __future__ import annotations
 
@@ -41,6 +50,7 @@ from ... import ops
 from ...config import COUNTING_FIELDS, CrossbarConfig
 from ...errors import ModelStateError
 from ...mapping import check_filter_index, filter_index, natural_filter_index
+from ...packing import pack_levels, pack_mask, packed_width, unpack_levels, unpack_mask
 from ...quantization import index_dtype, quantize, sort_index
 from .stamps import no_object, same_stamp, tensor_digest
 from .state import check_loaded_buffers
@@ -74,14 +84,28 @@ class CrossbarMixin:
         only): a transient copy, per call, of the narrow stored one."""
         return self.sort_index.long()
 
+    def held_cells(self) -> torch.Tensor:
+        """The cell levels the crossbars hold, uint8 (out, K, c) in sorted order: the stored
+        packed ``cells`` unpacked (a transient copy; writing to it changes nothing)."""
+        cfg = self.config
+        return unpack_levels(self.cells, cfg.cells_per_weight, cfg.bits_per_cell)
+
+    def stuck_cells(self) -> torch.Tensor:
+        """The stuck cells, bool (out, K, c), or an empty bool tensor when none are (no
+        stucking, or never programmed): the stored packed ``stuck`` unpacked."""
+        if not self.stuck.numel():
+            return torch.zeros(0, dtype=torch.bool, device=self.stuck.device)
+        return unpack_mask(self.stuck, self.config.cells_per_weight)
+
     def _init_crossbar(self, config: CrossbarConfig, out_features: int, k: int) -> None:
         self.config = config
         c = config.cells_per_weight
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
         self.register_buffer("sort_index", torch.arange(k, dtype=index_dtype(k))
                              .expand(out_features, k).contiguous())
-        self.register_buffer("cells", torch.zeros(out_features, k, c, dtype=torch.uint8))
-        self.register_buffer("stuck", torch.zeros(0, dtype=torch.bool))
+        width = packed_width(c, config.bits_per_cell)
+        self.register_buffer("cells", torch.zeros(out_features, k, width, dtype=torch.uint8))
+        self.register_buffer("stuck", torch.zeros(0, dtype=torch.uint8))
         self.register_buffer("filter_index", natural_filter_index(out_features, config))
         self.register_buffer("tile_order", torch.zeros(0, dtype=torch.int64))
         for name, dtype in ANALOG_BUFFERS.items():
@@ -138,9 +162,9 @@ class CrossbarMixin:
                   tile_order: torch.Tensor | None = None) -> None:
         """Store what the crossbars hold after programming (called by the programmer), and the
         tile order the programming used (replayed by later programmings)."""
-        self.cells = cells.to(self.cells.device).contiguous()
-        self.stuck = (stuck.to(self.cells.device).contiguous() if stuck is not None
-                      else torch.zeros(0, dtype=torch.bool, device=self.cells.device))
+        self.cells = pack_levels(cells, self.config.bits_per_cell).to(self.cells.device)
+        self.stuck = (pack_mask(stuck).to(self.cells.device) if stuck is not None
+                      else torch.zeros(0, dtype=torch.uint8, device=self.cells.device))
         if tile_order is not None:
             self.tile_order = tile_order.to(self.tile_order.device, torch.int64).contiguous()
         self._eff_cache = None
@@ -266,14 +290,15 @@ class CrossbarMixin:
     def effective_weight(self) -> torch.Tensor:
         """The weight the crossbars compute with: decoded held cells, un-sorted, times scale."""
         if torch.compiler.is_compiling():  # traced: the decode is part of the graph
-            return self._decode(self.cells)
+            return self._decode(self.held_cells())
         with torch.no_grad():
-            return self.cached("_eff_cache", lambda: self._decode(self.cells))
+            return self.cached("_eff_cache", lambda: self._decode(self.held_cells()))
 
     def effective_q(self) -> torch.Tensor:
         """Integer effective weights q_eff (out, K) in the original order (rule 9)."""
         cfg = self.config
-        q_sorted = ops.decode(self.cells, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
+        q_sorted = ops.decode(self.held_cells(), cfg.weight_bits, cfg.bits_per_cell,
+                              cfg.encoding_id)
         q = torch.empty_like(q_sorted)
         q.scatter_(1, self.long_sort_index(), q_sorted)
         return q
@@ -285,8 +310,9 @@ class CrossbarMixin:
             # what programming would leave: the stuck cells keep their levels, and with rule 13
             # the free cells compensate (the write tie-break measured against the held cells)
             cfg = self.config.for_layer(self.layer_name)  # rule 22: this layer's policy
-            target = self.held_op("compensate", ops.compensate, target, self.stuck, self.cells,
-                                  cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id,
+            target = self.held_op("compensate", ops.compensate, target, self.stuck_cells(),
+                                  self.held_cells(), cfg.weight_bits, cfg.bits_per_cell,
+                                  cfg.encoding_id,
                                   cfg.stuck_slices if cfg.compensate else 0)
         return target
 

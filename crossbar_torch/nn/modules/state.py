@@ -6,15 +6,19 @@ from __future__ import annotations
 import torch
 
 from ...mapping import layer_tiles
+from ...packing import is_canonical, pack_levels, pack_mask, packed_width
 
 
 def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
     """Refuse a loaded buffer that no programming can have produced (a tampered or corrupt
     file), naming the layer and the buffer, before anything is copied: load_state_dict
     would otherwise cast dtypes silently (int64 levels wrapping into uint8) and the errors
-    would surface later, far from their cause. filter_index is checked by the caller."""
+    would surface later, far from their cause. filter_index is checked by the caller.
+    ``cells`` and ``stuck`` saved one byte per cell (before issue 19) are packed in
+    ``state_dict`` here, once checked (docs/checkpoints.md)."""
     cfg = module.config
-    out, k, c = module.cells.shape
+    out, k, width = module.cells.shape
+    c = cfg.cells_per_weight
     top = (1 << cfg.bits_per_cell) - 1
 
     def bad(name, why):
@@ -41,11 +45,29 @@ def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
         if not bool((scale > 0).all()):
             bad("scale", f"holds {int((scale <= 0).sum())} value(s) <= 0 (min "
                          f"{float(scale.min())}); quantization scales are positive")
-    cells = loaded("cells", (torch.uint8,), [(out, k, c)])
-    if cells is not None and cells.numel() and int(cells.max()) > top:
-        bad("cells", f"holds level {int(cells.max())} but a cell with bits_per_cell="
-                     f"{cfg.bits_per_cell} holds levels in [0, {top}]")
-    loaded("stuck", (torch.bool,), [(0,), (out, k, c)])
+    # packed (out, K, P), or one byte per cell (out, K, c) as saved before issue 19: packed here
+    cells = loaded("cells", (torch.uint8,), [(out, k, width), (out, k, c)])
+    if cells is not None and cells.numel():
+        if cells.shape[2] == c:  # one level a byte (the same bytes as packed when P == c)
+            if int(cells.max()) > top:
+                bad("cells", f"holds level {int(cells.max())} but a cell with bits_per_cell="
+                             f"{cfg.bits_per_cell} holds levels in [0, {top}]")
+            state_dict[prefix + "cells"] = pack_levels(cells, cfg.bits_per_cell)
+        elif not is_canonical(cells, c, cfg.bits_per_cell):
+            bad("cells", f"is not a packing of {c} cells of {cfg.bits_per_cell} bit(s) per "
+                         "weight: bits past the last cell are set")
+    # packed uint8 (out, K, Q), or bool one flag a byte (out, K, c) as saved before issue 19
+    stuck = state_dict.get(prefix + "stuck")
+    if isinstance(stuck, torch.Tensor) and stuck.dtype == torch.bool:
+        stuck = loaded("stuck", (torch.bool,), [(0,), (out, k, c)])
+        if stuck is not None:
+            state_dict[prefix + "stuck"] = (pack_mask(stuck) if stuck.numel()
+                                            else stuck.to(torch.uint8))
+    else:
+        stuck = loaded("stuck", (torch.uint8,), [(0,), (out, k, packed_width(c, 1))])
+        if stuck is not None and stuck.numel() and not is_canonical(stuck, c, 1):
+            bad("stuck", f"is not a packing of {c} flags per weight: bits past the last "
+                         "cell are set")
     # int64: the format before the narrow index (narrowed on load, once it is checked)
     index = loaded("sort_index", (torch.int16, torch.int32, torch.int64), [(out, k)])
     if index is not None and index.numel():

@@ -1,0 +1,112 @@
+"""How a crossbar layer stores its cells (issue 19, docs/checkpoints.md): packed, because at one
+byte per cell the held levels and the stuck flags were most of a converted model's memory
+(ViT-Base: 86M weights x 14 one-bit cells = 1.2 GB each).
+
+* levels: a b-bit cell's level sits in a slot of s bits, s the smallest power of two >= b
+  (1, 2, 4 or 8); ``8 // s`` cells share a byte, cell ``j`` of a weight in byte ``j // (8 // s)``
+  at bit ``(j % (8 // s)) * s``, little end first (``numpy.packbits(bitorder="little")`` of the
+  slots' bits). A weight's c cells take ``ceil(c / (8 // s))`` bytes; the bits past the last
+  cell, and a slot's bits above b, are 0. b > 4 stores one cell a byte, unchanged.
+* stuck flags: one bit per cell, the same layout with s = 1.
+
+The packed form is canonical (unused bits 0), so two packed tensors are equal exactly when the
+levels are: code that only compares or hashes them never unpacks. Everything else unpacks one
+layer at a time (``CrossbarMixin.held_cells`` / ``stuck_cells``), a transient copy freed when
+the caller is done with it. Plain torch ops: any device, no host synchronisation.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def slot_bits(bits_per_cell: int) -> int:
+    """s: the bits a cell's slot takes (the smallest power of two >= b)."""
+    return 1 << (bits_per_cell - 1).bit_length()
+
+
+def cells_per_byte(bits_per_cell: int) -> int:
+    return 8 // slot_bits(bits_per_cell)
+
+
+def packed_width(cells: int, bits_per_cell: int) -> int:
+    """Bytes one weight's ``cells`` levels take."""
+    return -(-cells // cells_per_byte(bits_per_cell))
+
+
+def pack_levels(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
+    """uint8 (..., c) levels in [0, 2^b) -> uint8 (..., ceil(c / (8 // s))) packed."""
+    s = slot_bits(bits_per_cell)
+    levels = levels.to(torch.uint8)
+    if s == 8:
+        return levels.contiguous()
+    *lead, c = levels.shape
+    if levels.device.type != "cpu":
+        return _pack_levels_torch(levels, bits_per_cell)
+    lv = levels.contiguous().numpy()  # numpy's packbits: ~10x the torch ops below
+    if s > 1:  # every slot's s bits, little end first
+        lv = ((lv[..., None] >> np.arange(s, dtype=np.uint8)) & 1).reshape(*lead, c * s)
+    return torch.from_numpy(np.packbits(lv, axis=-1, bitorder="little"))
+
+
+def _pack_levels_torch(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
+    """:func:`pack_levels` in torch ops (any device, no host synchronisation)."""
+    s = slot_bits(bits_per_cell)
+    levels = levels.to(torch.uint8)
+    if s == 8:
+        return levels.contiguous()
+    *lead, c = levels.shape
+    per = 8 // s
+    width = packed_width(c, bits_per_cell)
+    padded = levels.new_zeros(*lead, width * per)
+    padded[..., :c] = levels
+    parts = padded.reshape(*lead, width, per)
+    out = parts[..., 0].clone()
+    for i in range(1, per):
+        out |= parts[..., i] << (i * s)
+    return out
+
+
+def unpack_levels(packed: torch.Tensor, cells: int, bits_per_cell: int) -> torch.Tensor:
+    """uint8 (..., ceil(c / (8 // s))) packed -> uint8 (..., c) levels."""
+    s = slot_bits(bits_per_cell)
+    if s == 8:
+        return packed[..., :cells].contiguous()
+    *lead, _ = packed.shape
+    if packed.device.type != "cpu":
+        return _unpack_levels_torch(packed, cells, bits_per_cell)
+    bits = np.unpackbits(packed.contiguous().numpy(), axis=-1, count=cells * s,
+                         bitorder="little")
+    if s > 1:
+        bits = np.packbits(bits.reshape(*lead, cells, s), axis=-1, bitorder="little")[..., 0]
+    return torch.from_numpy(bits)
+
+
+def _unpack_levels_torch(packed: torch.Tensor, cells: int, bits_per_cell: int) -> torch.Tensor:
+    """:func:`unpack_levels` in torch ops (any device, no host synchronisation)."""
+    s = slot_bits(bits_per_cell)
+    if s == 8:
+        return packed[..., :cells].contiguous()
+    per, top = 8 // s, (1 << s) - 1
+    parts = [(packed >> (i * s)) & top for i in range(per)]
+    return torch.stack(parts, -1).flatten(-2)[..., :cells].contiguous()
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool (..., c) -> uint8 (..., ceil(c / 8)): 8 flags a byte."""
+    return pack_levels(mask.to(torch.uint8), 1)
+
+
+def unpack_mask(packed: torch.Tensor, cells: int) -> torch.Tensor:
+    """uint8 (..., ceil(c / 8)) -> bool (..., c)."""
+    return unpack_levels(packed, cells, 1).bool()
+
+
+def is_canonical(packed: torch.Tensor, cells: int, bits_per_cell: int) -> bool:
+    """Whether ``packed`` is what packing some levels in [0, 2^b) gives: the bits past the last
+    cell and a slot's bits above b are 0. A loaded buffer that is not was not written by this
+    package."""
+    levels = unpack_levels(packed, cells, bits_per_cell)
+    if levels.numel() and int(levels.max()) >= 1 << bits_per_cell:
+        return False
+    return torch.equal(pack_levels(levels, bits_per_cell), packed)
