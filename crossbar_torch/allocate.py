@@ -16,7 +16,6 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence
 
-import torch
 import torch.nn as nn
 
 from .nn.calibration import calibrate

@@ -97,14 +97,16 @@ def layer_tiles(out: int, k: int, config: CrossbarConfig) -> int:
 
 # ---- filter placement (rule 11) ------------------------------------------------------------
 
-def filter_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
+def filter_index(q: torch.Tensor, config: CrossbarConfig,
+                 sorted_by: torch.Tensor | None = None) -> torch.Tensor:
     """The layer's placement, int64 (n_blocks * F,), from its quantized weights q (out, K).
 
     ``natural``: filter o in block o // F, slot o % F. ``profile``: rank the filters by
     sum_k |q[o, k]| descending (stable), ``order``; block j holds order[j], order[j + nb],
     order[j + 2nb], ... in slots 0, 1, 2, ...; the slots past a block's end are unused (-1).
     ``chain`` (this project's, beyond rule 11): the ranking is a nearest-neighbour chain
-    instead (:func:`chain_order`), placed the same way.
+    instead (:func:`chain_order`), placed the same way. ``sorted_by``: the layer's rule-4 sort
+    index of q, when the caller has it (the chain reads the sorted rows; else it sorts).
     """
     out = q.shape[0]
     geom = LayerGeometry.of(out, q.shape[1] if q.dim() == 2 else 0, config)
@@ -114,7 +116,7 @@ def filter_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
         index[:out] = torch.arange(out)
         return index
     if config.filter_order == "chain":
-        order = chain_order(q, config)
+        order = chain_order(q, config, sorted_by)
     else:
         profile = q.to(torch.int64).abs().sum(dim=1)
         order = torch.sort(profile, descending=True, stable=True).indices
@@ -124,7 +126,8 @@ def filter_index(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     return index
 
 
-def chain_order(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
+def chain_order(q: torch.Tensor, config: CrossbarConfig,
+                index: torch.Tensor | None = None) -> torch.Tensor:
     """A ranking of the filters in which neighbours hold similar cells.
 
     Each filter is described by the bits of its cells after sorting (its sorted row, encoded,
@@ -140,7 +143,9 @@ def chain_order(q: torch.Tensor, config: CrossbarConfig) -> torch.Tensor:
     out, k = q.shape
     if k == 0:
         return torch.arange(out)
-    q_sorted = torch.gather(q, 1, sort_rows(q, config.sort)).to(torch.int32).contiguous()
+    if index is None:
+        index = sort_rows(q, config.sort)
+    q_sorted = torch.gather(q, 1, index.long()).to(torch.int32).contiguous()
     cells = ops.encode(q_sorted, config.weight_bits, config.bits_per_cell, config.encoding_id)
     start = int(torch.argmax(q.to(torch.int64).abs().sum(1)))  # first maximum: lowest filter
     return ops.chain_order(filter_bits(cells, config.bits_per_cell), start)

@@ -41,12 +41,17 @@ def pack_levels(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
     if s == 8:
         return levels.contiguous()
     *lead, c = levels.shape
-    if levels.device.type != "cpu":
+    if levels.device.type != "cpu" or torch.compiler.is_compiling():
         return _pack_levels_torch(levels, bits_per_cell)
     lv = levels.contiguous().numpy()  # numpy's packbits: ~10x the torch ops below
     if s > 1:  # every slot's s bits, little end first
         lv = ((lv[..., None] >> np.arange(s, dtype=np.uint8)) & 1).reshape(*lead, c * s)
-    return torch.from_numpy(np.packbits(lv, axis=-1, bitorder="little"))
+    width = packed_width(c, bits_per_cell)
+    # padded to whole bytes, then one flat packbits (5x packbits along a short last axis)
+    padded = np.zeros((*lead, width * 8), dtype=np.uint8)
+    padded[..., :c * s] = lv
+    return torch.from_numpy(np.packbits(padded.reshape(-1), bitorder="little")
+                            .reshape(*lead, width))
 
 
 def _pack_levels_torch(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
@@ -73,7 +78,7 @@ def unpack_levels(packed: torch.Tensor, cells: int, bits_per_cell: int) -> torch
     if s == 8:
         return packed[..., :cells].contiguous()
     *lead, _ = packed.shape
-    if packed.device.type != "cpu":
+    if packed.device.type != "cpu" or torch.compiler.is_compiling():  # traced: torch ops
         return _unpack_levels_torch(packed, cells, bits_per_cell)
     bits = np.unpackbits(packed.contiguous().numpy(), axis=-1, count=cells * s,
                          bitorder="little")

@@ -147,7 +147,8 @@ SWEEP = textwrap.dedent("""
 
     keep = sys.argv[1] == "keep"
     torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).eval()
+    # big enough that three kept models show (cells and stuck flags are packed since issue 19)
+    model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)]).eval()
     kept, peaks = [], []
     for seed in range(4):  # four configurations: the same stucking, other stuck cells
         cfg = xb.CrossbarConfig(sort="value", filter_order="chain", stuck_slices=2,
@@ -155,7 +156,7 @@ SWEEP = textwrap.dedent("""
         xm = xb.convert(model, cfg)
         report = xb.reprogram_report(xm)
         with torch.no_grad():
-            xm(torch.randn(8, 1024))
+            xm(torch.randn(8, 2048))
         if keep:  # what a leak would do: the control that shows the measure can fail
             kept.append(xm)
         del xm, report
@@ -182,3 +183,24 @@ def test_four_configurations_in_one_process_hold_the_peak_of_one():
     assert peaks[-1] / peaks[0] <= 1.2, peaks
     leaked = _sweep_peaks("keep")
     assert leaked[-1] / leaked[0] > 1.2, leaked
+
+
+def test_the_free_heap_is_returned_once_enough_was_said_freed(monkeypatch):
+    """heap.release_free_memory trims after TRIM_AFTER_BYTES said freed, not on every call
+    (a trim walks the heap), and is a no-op where there is no malloc_trim."""
+    from crossbar_torch import heap
+    calls = []
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: calls.append(1) or (lambda pad: 0))
+    monkeypatch.setattr(heap, "_freed", [0])
+    step = heap.TRIM_AFTER_BYTES // 4
+    for _ in range(3):
+        heap.release_free_memory(step)
+    assert calls == []
+    heap.release_free_memory(step)
+    assert calls == [1]
+    heap.release_free_memory(step)
+    assert calls == [1]  # counting starts again
+    heap.release_free_memory()  # no size: now
+    assert calls == [1, 1]
+    monkeypatch.setattr(heap, "_malloc_trim", lambda: None)  # no glibc
+    heap.release_free_memory()

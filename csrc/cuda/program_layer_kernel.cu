@@ -2,11 +2,12 @@
 // (rows evolve independently, and a weight, with its compensation, lies in one row). The
 // per-row arithmetic (program_tile_row in program_row.h) is literally the one the CPU kernel
 // runs. Greedy order (rule 12): the tiles are packed once on the device, then each step scores
-// the candidates (one thread per candidate), takes the first minimum and programs that tile.
+// the candidates, takes the first minimum and closes its gap in the candidate list (one block,
+// select_kernel) and programs that tile: the whole schedule stays on the device.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <tuple>
-#include <vector>
 
 #include "../common.h"
 #include "../program_layer_args.h"
@@ -27,8 +28,8 @@ struct ProgramParams {
   uint64_t* scratch;        // (rows, 2 * planes * words + words)
   const uint64_t* packed;   // (tiles, rows, planes, words) plain targets, or null: pack here
   int64_t* row_stats;       // (rows, rstride)
-  const int64_t* order;     // tile at each position, or null with `single_tile`
-  int64_t single_tile, pos_begin, pos_end;
+  const int64_t* order;     // tile at each position (device)
+  int64_t pos_begin, pos_end;
   int64_t rows, cols, words, pool, tile_offset, n_blocks, K, F, rstride;
   int planes;
 };
@@ -54,7 +55,7 @@ __global__ void program_tiles_kernel(ProgramParams P) {
   a.target = scratch + row_words;
   a.allowed = scratch + 2 * row_words;
   for (int64_t pos = P.pos_begin; pos < P.pos_end; ++pos) {
-    const int64_t t = P.order ? P.order[pos] : P.single_tile;
+    const int64_t t = P.order[pos];
     const int64_t s = t / P.n_blocks, j = t % P.n_blocks;
     const int64_t nr = min(P.K, (s + 1) * P.rows) - s * P.rows;
     if (r >= nr) continue;
@@ -84,21 +85,56 @@ __global__ void pack_tiles_kernel(ProgramParams P, int64_t tiles, uint64_t* pack
   }
 }
 
-// Greedy distance of each candidate tile to crossbar x (rule 12).
-__global__ void score_kernel(ProgramParams P, const int64_t* cand, int64_t n, int64_t x,
-                             int64_t* dist) {
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n) return;
-  const int64_t t = cand[i], s = t / P.n_blocks, j = t % P.n_blocks;
+// One greedy step (rule 12), all on the device: score the first n tiles of `remaining` (count
+// entries, in section-major order) against crossbar x, take the first minimum (ties to the
+// earlier entry), record it at order[step] and close its gap in `remaining`. One block, so the
+// reduction and the shift need no second launch; no step waits for the host.
+constexpr int kSelectThreads = 1024;  // a power of two (the tree reduction halves it)
+
+__global__ void select_kernel(ProgramParams P, int64_t* remaining, int64_t count, int64_t n,
+                              int64_t x, int64_t* order, int64_t step) {
+  __shared__ int64_t best_d[kSelectThreads];
+  __shared__ int64_t best_i[kSelectThreads];
+  const int tid = threadIdx.x;
   const int64_t row_words = int64_t(P.planes) * P.words;
-  const int64_t nr = min(P.K, (s + 1) * P.rows) - s * P.rows;
-  int64_t d = 0;
-  for (int64_t r = 0; r < nr; ++r) {
-    d += tile_row_distance(P.state + (x * P.rows + r) * row_words,
-                           P.packed + (t * P.rows + r) * row_words, P.covered + j * P.words,
-                           P.proto.nw, P.words, P.planes);
+  int64_t my_d = 0x7fffffffffffffffLL, my_i = 0x7fffffffffffffffLL;
+  for (int64_t i = tid; i < n; i += blockDim.x) {
+    const int64_t t = remaining[i], s = t / P.n_blocks, j = t % P.n_blocks;
+    const int64_t nr = min(P.K, (s + 1) * P.rows) - s * P.rows;
+    int64_t d = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      d += tile_row_distance(P.state + (x * P.rows + r) * row_words,
+                             P.packed + (t * P.rows + r) * row_words, P.covered + j * P.words,
+                             P.proto.nw, P.words, P.planes);
+    }
+    if (d < my_d) {  // i grows within a thread: the first minimum stays
+      my_d = d;
+      my_i = i;
+    }
   }
-  dist[i] = d;
+  best_d[tid] = my_d;
+  best_i[tid] = my_i;
+  __syncthreads();
+  for (int stride = kSelectThreads / 2; stride > 0; stride >>= 1) {
+    if (tid < stride) {
+      const int64_t od = best_d[tid + stride], oi = best_i[tid + stride];
+      if (od < best_d[tid] || (od == best_d[tid] && oi < best_i[tid])) {
+        best_d[tid] = od;
+        best_i[tid] = oi;
+      }
+    }
+    __syncthreads();
+  }
+  const int64_t best = best_i[0];
+  if (tid == 0) order[step] = remaining[best];
+  __syncthreads();  // read before the shift below overwrites remaining[best]
+  for (int64_t base = best + 1; base < count; base += kSelectThreads) {
+    const int64_t i = base + tid;
+    const int64_t v = i < count ? remaining[i] : 0;
+    __syncthreads();  // every read of this chunk before any write into it
+    if (i < count) remaining[i - 1] = v;
+    __syncthreads();
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cuda(
@@ -157,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cuda(
   P.packed = nullptr;
   P.row_stats = row_stats.mutable_data_ptr<int64_t>();
   P.order = nullptr;
-  P.single_tile = -1;
   P.rows = rows;
   P.cols = cols;
   P.words = L.words;
@@ -185,26 +220,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cuda(
         P, L.tiles, reinterpret_cast<uint64_t*>(packed.mutable_data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     P.packed = reinterpret_cast<const uint64_t*>(packed.const_data_ptr<int64_t>());
-    order = at::empty({L.tiles}, at::kLong);
+    // the schedule stays on the device: no copy and no synchronisation per tile
+    at::Tensor remaining = at::arange(L.tiles, i64);
+    order = at::empty({L.tiles}, i64);
     int64_t* od = order.mutable_data_ptr<int64_t>();
-    std::vector<int64_t> remaining(size_t(L.tiles));
-    for (int64_t t = 0; t < L.tiles; ++t) remaining[size_t(t)] = t;
-    at::Tensor dist = at::empty({std::min<int64_t>(window, L.tiles)}, i64);
+    P.order = od;
     for (int64_t step = 0; step < L.tiles; ++step) {
       const int64_t x = (tile_offset + step) % L.pool;
-      const int64_t n = std::min<int64_t>(window, int64_t(remaining.size()));
-      const at::Tensor cand =
-          at::from_blob(remaining.data(), {n}, at::kLong).to(dev, /*non_blocking=*/false);
-      score_kernel<<<blocks_for(n), kThreads, 0, current_stream()>>>(
-          P, cand.const_data_ptr<int64_t>(), n, x, dist.mutable_data_ptr<int64_t>());
+      const int64_t count = L.tiles - step;
+      select_kernel<<<1, kSelectThreads, 0, current_stream()>>>(
+          P, remaining.mutable_data_ptr<int64_t>(), count, std::min<int64_t>(window, count), x,
+          od, step);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      // argmin returns the first minimum: ties go to the earliest tile in section-major order
-      const int64_t best = dist.narrow(0, 0, n).argmin().item<int64_t>();
-      const int64_t t = remaining[size_t(best)];
-      remaining.erase(remaining.begin() + best);
-      od[step] = t;
-      P.order = nullptr;
-      P.single_tile = t;
       P.pos_begin = step;
       P.pos_end = step + 1;
       program_tiles_kernel<<<row_blocks, kThreads, 0, current_stream()>>>(P);

@@ -137,9 +137,9 @@ class CrossbarMixin:
         w = self.matrix_weight().detach().float().cpu()
         q, s = quantize(w, self.config)
         self.scale.copy_(s.to(self.scale.device))
-        self.sort_index = sort_index(q, self.config).to(self.sort_index.device,
-                                                        index_dtype(q.shape[1]))
-        self.filter_index = filter_index(q, self.config).to(self.filter_index.device)
+        index = sort_index(q, self.config)
+        self.sort_index = index.to(self.sort_index.device, index_dtype(q.shape[1]))
+        self.filter_index = filter_index(q, self.config, index).to(self.filter_index.device)
         if encode:
             self.set_cells(self.target_cells(), None)
 
