@@ -22,8 +22,9 @@ namespace crossbar_torch {
 
 // The nearest of rows left[begin, end) to row a, as (distance, row). Compiled twice on x86-64
 // (with and without the POPCNT instruction, chosen at load): without it popcount64 is a libgcc
-// call, ~5x slower here, and the package's default flags cannot assume the instruction.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// call, ~5x slower here, and the package's default flags cannot assume the instruction. Not
+// under AddressSanitizer: ifunc resolvers run before it is initialised.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__)
 __attribute__((target_clones("popcnt", "default")))
 #endif
 std::pair<int64_t, int64_t> nearest_row(const uint64_t* bp, const uint64_t* a, int64_t W,
