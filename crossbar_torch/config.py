@@ -30,7 +30,7 @@ SCHEDULES = ("section_major", "greedy")
 FEEDBACK_MODES = ("none", "hessian")  # rule 21: output-aware (error-feedback) programming
 # Rule 22: the fields a layer_overrides entry may set for the layers whose names it matches.
 OVERRIDE_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback",
-                   "feedback_damp")
+                   "feedback_damp", "write_penalty")
 WEAR_LEVELING = ("none", "rotate_rows", "rotate")
 ADC_RANGES = ("full", "calibrated")
 ADC_SCOPES = ("slice", "weight")
@@ -78,6 +78,9 @@ class CrossbarConfig:
     # held cells allow, the residual carried onto the rest through E[x x^T] (GPTQ / OBQ).
     feedback: str = "none"          # "none" or "hessian"
     feedback_damp: float = 0.01     # damping added to E[x x^T]: a fraction of its mean diagonal
+    # Rule 23: write-aware feedback. Each weight's choice also pays this many LSB^2 per cell it
+    # would write over what the filter placed before it on the same crossbar chose (0: off).
+    write_penalty: float = 0.0
     # Rule 22: per-layer policies, {glob pattern on module names: {field: value}} for the
     # fields of OVERRIDE_FIELDS; every matching entry applies, later ones over earlier ones.
     layer_overrides: Any = ()
@@ -178,6 +181,19 @@ class CrossbarConfig:
         if isinstance(fd, bool) or not isinstance(fd, (int, float)) or not 0.0 < fd <= 10.0:
             bad("feedback_damp", "a number in (0, 10]")
         object.__setattr__(self, "feedback_damp", float(fd))
+        wp = self.write_penalty
+        if isinstance(wp, str):
+            try:
+                wp = float(wp)
+            except ValueError:
+                bad("write_penalty", "a number in [0, 1e6] (LSB^2 per cell write)")
+        if (isinstance(wp, bool) or not isinstance(wp, (int, float)) or not math.isfinite(wp)
+                or not 0.0 <= wp <= 1e6):
+            bad("write_penalty", "a number in [0, 1e6] (LSB^2 per cell write)")
+        object.__setattr__(self, "write_penalty", float(wp))
+        if self.write_penalty > 0 and self.feedback == "none":
+            bad("write_penalty", "0 unless feedback is 'hessian' (rule 23 is a choice inside "
+                "rule 21's error feedback)")
         if self.feedback != "none" and self.stucking and not self.compensate:
             raise ConfigError(
                 f"CrossbarConfig.feedback={self.feedback!r} is invalid with compensate=False and "
@@ -502,7 +518,7 @@ class CrossbarConfig:
         without it (docs/semantics.md). The device stays: costs compare on the same device."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
                             stuck_value="initial", compensate=False, feedback="none",
-                            layer_overrides=(), filter_order="natural",
+                            write_penalty=0.0, layer_overrides=(), filter_order="natural",
                             schedule="section_major", wear_leveling="none",
                             **self._ideal_periphery())
 

@@ -52,6 +52,19 @@ def original_order(t: torch.Tensor, sort_index: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def placement_predecessors(filter_index: torch.Tensor, out: int, config) -> torch.Tensor:
+    """Rule 23: ``pred`` (int64 (out,)): the filter in the same slot ``pool`` column blocks
+    earlier, whose tile is the one programmed just before its own on the same crossbar in
+    section-major order; -1 where there is none (the first ``pool`` blocks, or a hole)."""
+    slots = config.filters_per_crossbar
+    pred = torch.full((out,), -1, dtype=torch.int64)
+    fi = filter_index.detach().to("cpu", torch.int64).reshape(-1, slots)  # (nb, F)
+    cur, prev = fi[config.pool:], fi[:-config.pool] if config.pool < fi.shape[0] else fi[:0]
+    both = (cur >= 0) & (prev >= 0)
+    pred[cur[both]] = prev[both]
+    return pred
+
+
 def feedback_active(layer, config) -> bool:
     """Rule 21 applies to a layer once it is calibrated and, with stucking, once a programming
     has told which of its cells are held and at what level."""
@@ -77,8 +90,13 @@ def feedback_targets(layer, config) -> torch.Tensor:
         held = torch.zeros(0, dtype=torch.bool)
         levels = torch.zeros(0, dtype=torch.uint8)
         slices = 0
+    pred = index = None
+    if config.write_penalty > 0:  # rule 23: charged against the predecessor's chosen cells
+        pred = placement_predecessors(layer.filter_index, target.shape[0], config)
+        index = layer.long_sort_index().cpu()
     return ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
-                                 config.bits_per_cell, config.encoding_id, slices)
+                                 config.bits_per_cell, config.encoding_id, slices, pred, index,
+                                 config.write_penalty)
 
 
 def feedback_cells(layer, config, q: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 // feedback_quantize: argument checks (see feedback_quantize_args.h).
 #include "feedback_quantize_args.h"
 
+#include <cmath>
+
 #include "common.h"
 
 namespace crossbar_torch {
@@ -8,7 +10,8 @@ namespace crossbar_torch {
 int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
                                 const at::Tensor& held, const at::Tensor& levels,
                                 int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
-                                int64_t stuck_slices) {
+                                int64_t stuck_slices, const at::Tensor& pred,
+                                const at::Tensor& sort_index, double write_penalty) {
   const char* op = "feedback_quantize";
   check_format(weight_bits, bits_per_cell, encoding);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
@@ -46,6 +49,19 @@ int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
     TORCH_CHECK(levels.sizes() == held.sizes(), "crossbar_torch.feedback_quantize: levels ",
                 levels.sizes(), " must have the shape of held ", held.sizes());
   }
+  TORCH_CHECK(std::isfinite(write_penalty) && write_penalty >= 0.0,
+              "crossbar_torch.feedback_quantize: write_penalty must be a finite number >= 0, got ",
+              write_penalty);
+  if (write_penalty > 0.0) {
+    check_dtype(pred, at::kLong, op, "pred");
+    check_dtype(sort_index, at::kLong, op, "sort_index");
+    check_device(sort_index, target, op, "sort_index", "target");
+    check_dim(pred, 1, op, "pred", "(out,)");
+    check_size(pred, 0, out, op, "pred", "out");
+    check_dim(sort_index, 2, op, "sort_index", "(out, K)");
+    check_size(sort_index, 0, out, op, "sort_index", "out");
+    check_size(sort_index, 1, K, op, "sort_index", "K");
+  }
   return c;
 }
 
@@ -63,6 +79,45 @@ void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& 
                 "Cholesky factor)");
   }
   if (levels.numel()) check_levels(levels, bits_per_cell, "feedback_quantize", "levels");
+}
+
+FeedbackChains feedback_chains(const at::Tensor& pred_in, int64_t out) {
+  const at::Tensor pred = pred_in.to(at::kCPU).contiguous();
+  const int64_t* p = pred.const_data_ptr<int64_t>();
+  FeedbackChains ch;
+  ch.succ.assign(out, -1);
+  for (int64_t o = 0; o < out; ++o) {
+    const int64_t q = p[o];
+    TORCH_CHECK(q >= -1 && q < out && q != o, "crossbar_torch.feedback_quantize: pred[", o,
+                "] = ", q, " must be -1 or another filter in [0, ", out, ")");
+    if (q < 0) {
+      ch.heads.push_back(o);
+      continue;
+    }
+    TORCH_CHECK(ch.succ[q] < 0, "crossbar_torch.feedback_quantize: filter ", q,
+                " is the predecessor of both ", ch.succ[q], " and ", o, " (pred must form chains)");
+    ch.succ[q] = o;
+  }
+  int64_t reached = 0;
+  for (int64_t o : ch.heads) {
+    int64_t d = 0;
+    for (int64_t x = o; x >= 0; x = ch.succ[x], ++d, ++reached) {
+      if (int64_t(ch.waves.size()) <= d) ch.waves.emplace_back();
+      ch.waves[d].push_back(x);
+    }
+  }
+  TORCH_CHECK(reached == out, "crossbar_torch.feedback_quantize: pred has a cycle (", out - reached,
+              " filters are not reached from a filter without a predecessor)");
+  return ch;
+}
+
+at::Tensor sorted_positions(const at::Tensor& sort_index) {
+  check_index_permutation(sort_index, "feedback_quantize");
+  const int64_t K = sort_index.size(1);
+  at::Tensor pos = at::empty_like(sort_index);
+  pos.scatter_(1, sort_index,
+               at::arange(K, sort_index.options()).unsqueeze(0).expand(sort_index.sizes()));
+  return pos.contiguous();
 }
 
 }  // namespace crossbar_torch

@@ -3,17 +3,34 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace crossbar_torch {
 
 // Validates feedback_quantize's arguments from their metadata; returns the cells per weight c.
 int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
                                 const at::Tensor& held, const at::Tensor& levels,
                                 int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
-                                int64_t stuck_slices);
+                                int64_t stuck_slices, const at::Tensor& pred,
+                                const at::Tensor& sort_index, double write_penalty);
 
 // Values, on the contiguous copies the kernel reads: finite targets, a finite u with a positive
 // diagonal, levels in [0, 2**bits_per_cell).
 void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& u,
                                     const at::Tensor& levels, int64_t bits_per_cell);
+
+// Rule 23's chains: pred[o] is the filter whose chosen cells filter o is charged against (-1:
+// none). Every filter has at most one successor and every chain starts at a filter without a
+// predecessor (no cycle). `waves[d]` lists the filters at depth d of their chain: a wave needs
+// only the waves before it. Checked here, on a host copy of pred.
+struct FeedbackChains {
+  std::vector<int64_t> succ;                // successor of each filter, -1: none
+  std::vector<int64_t> heads;               // filters without a predecessor
+  std::vector<std::vector<int64_t>> waves;  // filters by depth
+};
+FeedbackChains feedback_chains(const at::Tensor& pred, int64_t out);
+
+// inverse of each row of the sort index (a checked permutation): pos[o, index[o, p]] = p.
+at::Tensor sorted_positions(const at::Tensor& sort_index);
 
 }  // namespace crossbar_torch

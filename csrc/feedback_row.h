@@ -82,16 +82,117 @@ XB_HD int64_t nearest_allowed(double t, const uint8_t* lv, uint32_t held, const 
   return found_in ? best_in : best_any;
 }
 
+// Rule 23 (write-aware feedback): the cost of value v reached with candidate cells `cand`:
+// (t - v)^2 + lambda * (cells not held whose level differs from `ref`), each product rounded on
+// its own. Without a reference every candidate writes nothing.
+XB_HD double write_aware_cost(double t, int64_t v, const uint8_t* cand, uint32_t held,
+                              const uint8_t* ref, double lambda, int c) {
+  const double e = t - double(v);
+  int64_t w = 0;
+  if (ref) {
+    for (int i = 0; i < c; ++i) w += !((held >> i) & 1u) && cand[i] != ref[i];
+  }
+  return xb_mul(e, e) + xb_mul(lambda, double(w));
+}
+
+// Rule 23: among every allowed value v of rule 21 and every way its cells can reach it (the free
+// low cells x, the high part h; a weight without held cells has only its rule-3 encoding), the
+// one with the smallest write_aware_cost; ties: nearer t, the even value, the smaller value,
+// then the smaller x. Writes into `cells` the chosen levels (held cells at `lv`). Only values
+// within sqrt(cost of the nearest value with every cell written) of t can win, so the high
+// parts are enumerated in that window (widened by one on each side).
+XB_HD int64_t write_aware_allowed(double t, const uint8_t* lv, uint32_t held, const uint8_t* ref,
+                                  double lambda, const CompFormat& f, uint8_t* cells) {
+  const int64_t qmax = qmax_for(f.B);
+  const int64_t v0 = nearest_allowed(t, lv, held, f);
+  const bool in_range = v0 >= -qmax && v0 <= qmax;  // rule 21's restriction applies
+  const double e0 = t - double(v0);
+  const double r = sqrt(xb_mul(e0, e0) + xb_mul(lambda, double(f.c)));
+  uint8_t cand[kMaxCells];
+  bool found = false;
+  double best_cost = 0.0;
+  int64_t best_v = 0;
+  if (!held) {
+    int64_t lo = int64_t(floor(t - r)) - 1, hi = int64_t(ceil(t + r)) + 1;
+    lo = lo < -qmax ? -qmax : lo;
+    hi = hi > qmax ? qmax : hi;
+    for (int64_t v = lo; v <= hi; ++v) {
+      encode_one(v, f.B, f.b, f.enc, f.S, cand);
+      const double cost = write_aware_cost(t, v, cand, 0u, ref, lambda, f.c);
+      if (!found || cost < best_cost || (cost == best_cost && feedback_better(v, best_v, t))) {
+        found = true;
+        best_cost = cost;
+        best_v = v;
+        for (int i = 0; i < f.c; ++i) cells[i] = cand[i];
+      }
+    }
+    return best_v;
+  }
+  uint8_t cur[kMaxCells];
+  int free_cells[kMaxCells];
+  int nfree = 0;
+  for (int i = 0; i < f.c; ++i) {
+    const bool low = slice_of(i, f.S) < f.L;
+    const bool h = (held >> i) & 1u;
+    cur[i] = h && low ? lv[i] : 0;  // high slices read as 0 in d(x)
+    if (!h && low) free_cells[nfree++] = i;
+  }
+  const int64_t unit = int64_t(1) << f.m;
+  const int top = (1 << f.b) - 1;
+  for (;;) {
+    const int64_t d = decode_one(cur, f.B, f.b, f.enc, f.S);
+    int64_t lo = int64_t(floor((t - r - double(d)) / double(unit))) - 1;
+    int64_t hi = int64_t(ceil((t + r - double(d)) / double(unit))) + 1;
+    lo = lo < f.hmin ? f.hmin : lo;
+    hi = hi > f.hmax ? f.hmax : hi;
+    if (in_range) {
+      const int64_t a = ceil_div(-qmax - d, unit), z = floor_div(qmax - d, unit);
+      lo = lo < a ? a : lo;
+      hi = hi > z ? z : hi;
+    }
+    for (int64_t h = lo; h <= hi; ++h) {
+      const int64_t v = h * unit + d;
+      for (int i = 0; i < f.c; ++i) cand[i] = cur[i];
+      encode_high(h, f, cand);
+      const double cost = write_aware_cost(t, v, cand, held, ref, lambda, f.c);
+      if (!found || cost < best_cost || (cost == best_cost && feedback_better(v, best_v, t))) {
+        found = true;
+        best_cost = cost;
+        best_v = v;
+        for (int i = 0; i < f.c; ++i) cells[i] = cand[i];
+      }
+    }
+    int k = 0;  // next assignment of the free low cells
+    while (k < nfree && cur[free_cells[k]] == top) cur[free_cells[k++]] = 0;
+    if (k == nfree) break;
+    cur[free_cells[k]] += 1;
+  }
+  return best_v;
+}
+
 // One filter: t (K doubles, updated in place: the running targets), u (K x K, row-major, upper
 // triangle read), held / lv (K x c, original order; held may be null: nothing held), out (K).
+// Rule 23 (lambda > 0): `pos[k]` is weight k's sorted position; `ref` (K x c, sorted order) the
+// cells the filter's predecessor chose (null: none); the chosen cells go to `chosen` (K x c,
+// sorted order) for the filter's successor.
 XB_HD void feedback_row(double* t, const double* u, const bool* held, const uint8_t* lv,
-                        int64_t K, const CompFormat& f, int32_t* out) {
+                        int64_t K, const CompFormat& f, int32_t* out, double lambda = 0.0,
+                        const int64_t* pos = nullptr, const uint8_t* ref = nullptr,
+                        uint8_t* chosen = nullptr) {
   for (int64_t k = 0; k < K; ++k) {
     uint32_t mask = 0;
     if (held) {
       for (int i = 0; i < f.c; ++i) mask |= uint32_t(held[k * f.c + i]) << i;
     }
-    const int64_t v = nearest_allowed(t[k], lv ? lv + k * f.c : nullptr, mask, f);
+    const uint8_t* lk = lv ? lv + k * f.c : nullptr;
+    int64_t v;
+    if (chosen) {
+      const int64_t p = pos[k];
+      v = write_aware_allowed(t[k], lk, mask, ref ? ref + p * f.c : nullptr, lambda, f,
+                              chosen + p * f.c);
+    } else {
+      v = nearest_allowed(t[k], lk, mask, f);
+    }
     out[k] = int32_t(v);
     const double e = (t[k] - double(v)) / u[k * K + k];
     const double* uk = u + k * K;

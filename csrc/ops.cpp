@@ -51,7 +51,8 @@ TORCH_LIBRARY(crossbar_torch, m) {
       "int encoding, int compensate_slices, bool check_values=True) -> Tensor");
   m.def(
       "feedback_quantize(Tensor target, Tensor u, Tensor held, Tensor levels, int weight_bits, "
-      "int bits_per_cell, int encoding, int stuck_slices) -> Tensor");
+      "int bits_per_cell, int encoding, int stuck_slices, Tensor pred, Tensor sort_index, "
+      "float write_penalty=0.) -> Tensor");
   // host only (no CUDA kernel): filter placement is chosen at conversion, on the host
   m.def("chain_order(Tensor bits, int start) -> Tensor");
   m.def(

@@ -429,3 +429,76 @@ def feedback_row(t, u, held_levels, bits, b, enc, L):
         for j in range(k + 1, K):
             t[j] = t[j] - float(np.float64(e) * np.float64(u[k][j]))
     return out
+
+
+# ---- rule 23: write-aware feedback -----------------------------------------------------------
+
+def realizations(held_levels, bits, b, enc, L):
+    """Every (value, cells) a weight can be programmed to: without held cells the rule-3
+    encoding of each integer of [-qmax, qmax]; with them, each assignment of the free low cells
+    and each high part of rule 13, restricted to [-qmax, qmax] when any value lies there. In
+    increasing free-cell assignment, then increasing high part."""
+    qmax = 2 ** (bits - 1) - 1
+    S = slices(bits, b, enc)
+    if held_levels is None or all(lv is None for lv in held_levels):
+        return [(v, encode_one(v, bits, b, enc)) for v in range(-qmax, qmax + 1)]
+    c = len(held_levels)
+    L = min(L, S)
+    free = [i for i in range(c) if held_levels[i] is None and i % S < L]
+    out = []
+    for x in range(2 ** (b * len(free))):
+        cells = [held_levels[i] if held_levels[i] is not None and i % S < L else 0
+                 for i in range(c)]
+        for n, i in enumerate(free):
+            cells[i] = (x >> (n * b)) & ((1 << b) - 1)
+        for _, high in high_values(bits, b, enc, L):
+            full = list(cells)
+            for i, v in high.items():
+                full[i] = v
+            out.append((decode_one(full, bits, b, enc), full))
+    inside = [r for r in out if -qmax <= r[0] <= qmax]
+    return inside or out
+
+
+def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index, penalty):
+    """Rule 23 for one layer: filters after their predecessors; each weight the realization
+    of least (t - v)^2 + penalty * (cells not held that differ from what the predecessor chose
+    at the same sorted position); ties nearer, even, smaller value, first realization. Returns
+    the chosen integers per filter (original order)."""
+    out = len(t_rows)
+    K = len(t_rows[0]) if out else 0
+    per = out // len(u_groups)
+    chosen, result = {}, [None] * out
+    done = set()
+    while len(done) < out:
+        for o in range(out):
+            if o in done or (pred[o] >= 0 and pred[o] not in done):
+                continue
+            t = [float(x) for x in t_rows[o]]
+            u = u_groups[o // per]
+            ref = chosen.get(pred[o]) if pred[o] >= 0 else None
+            sorted_cells = [None] * K
+            vals = []
+            for k in range(K):
+                p = index[o].index(k)
+                hl = held_rows[o][k] if held_rows is not None else None
+                best = None
+                for v, cells in realizations(hl, bits, b, enc, L):
+                    writes = 0
+                    if ref is not None:
+                        writes = sum(1 for i, lv in enumerate(cells)
+                                     if (hl is None or hl[i] is None) and lv != ref[p][i])
+                    e = t[k] - float(v)
+                    key = (e * e + penalty * float(writes), abs(e), v % 2 != 0, v)
+                    if best is None or key < best[0]:
+                        best = (key, v, cells)
+                v = best[1]
+                vals.append(v)
+                sorted_cells[p] = best[2]
+                e = (t[k] - v) / float(u[k][k])
+                for j in range(k + 1, K):
+                    t[j] = t[j] - float(np.float64(e) * np.float64(u[k][j]))
+            chosen[o] = sorted_cells
+            result[o] = vals
+            done.add(o)
+    return result

@@ -328,3 +328,173 @@ def test_report_after_calibration_counts_the_feedback_programming():
     after = xb.reprogram_report(xmodel).to_dict()["writes_per_pass"]
     assert after == xb.program_model(xmodel).per_pass.writes
     assert after != before
+
+
+# ---- rule 23: write-aware feedback -------------------------------------------------------------
+
+def _chains(out, seed, p=0.7):
+    """A random pred: chains over a shuffled order, some links left out."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(out, generator=g).tolist()
+    pred = torch.full((out,), -1, dtype=torch.int64)
+    links = torch.rand(out, generator=g) < p
+    for i in range(1, out):
+        if links[i]:
+            pred[perm[i]] = perm[i - 1]
+    return pred
+
+
+@settings(max_examples=60, deadline=None)
+@given(out=st.integers(0, 5), k=st.integers(0, 6), groups=st.sampled_from([1, 2]),
+       bits=st.integers(3, 6), b=st.sampled_from([1, 2]), enc=st.integers(0, 2),
+       L=st.integers(0, 3), seed=st.integers(0, 2 ** 16),
+       penalty=st.sampled_from([0.25, 1.0, 2.5, 40.0]), held_p=st.sampled_from([0.0, 0.5]))
+def test_write_aware_kernel_reference_independent_agree(out, k, groups, bits, b, enc, L, seed,
+                                                         penalty, held_p):
+    if b > (bits - 1 if enc == 0 else bits):
+        b = 1
+    S = slices_for(bits, b, enc)
+    L = min(L, S - 1) if S > 1 else 0
+    t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed, held_p)
+    n = out * groups
+    pred = _chains(n, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    index = (torch.stack([torch.randperm(k, generator=g) for _ in range(n)]) if n
+             else torch.zeros(0, k, dtype=torch.int64))
+    got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
+    want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
+    assert torch.equal(got, want)
+    if t.numel():
+        rows = [[[int(lv) if h else None for h, lv in zip(hw, lw)]
+                 for hw, lw in zip(ho, lo)] for ho, lo in zip(held.tolist(), levels.tolist())]
+        sim = ind.write_aware_layer(t.tolist(), [x.tolist() for x in u], rows, bits, b,
+                                    ENCODINGS[enc], L, pred.tolist(), index.tolist(), penalty)
+        assert got.tolist() == sim
+
+
+def test_write_aware_hand_case():
+    """1-bit differential, 4 bits (S = 3), nothing held, H = I: the predecessor chose 3 =
+    (pos 1,1,0; neg 0,0,0). Target 2.4: rule 21 takes 2 (pos 0,1,0: one cell differs); with a
+    penalty of 1 LSB^2 per write, 3 costs 0.36 + 0 against 2's 0.16 + 1, so 3 wins; a penalty
+    of 0.1 keeps 2 (0.26 < 0.36)."""
+    t = torch.tensor([[3.0], [2.4]], dtype=torch.float64)
+    u = torch.eye(1, dtype=torch.float64)[None]
+    none_b, none_u = torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.uint8)
+    pred = torch.tensor([-1, 0])
+    index = torch.zeros(2, 1, dtype=torch.int64)
+    assert ops.feedback_quantize(t, u, none_b, none_u, 4, 1, 0, 0, pred, index,
+                                 1.0).flatten().tolist() == [3, 3]
+    assert ops.feedback_quantize(t, u, none_b, none_u, 4, 1, 0, 0, pred, index,
+                                 0.1).flatten().tolist() == [3, 2]
+    assert ops.feedback_quantize(t, u, none_b, none_u, 4, 1, 0, 0).flatten().tolist() == [3, 2]
+
+
+def test_write_aware_bad_arguments_are_refused():
+    t = torch.zeros(3, 2, dtype=torch.float64)
+    u = torch.eye(2, dtype=torch.float64)[None]
+    none_b, none_u = torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.uint8)
+    index = torch.tensor([[0, 1]] * 3)
+    for pred, msg in ((torch.tensor([1, 2, 0]), "cycle"), (torch.tensor([-1, 0, 0]), "both"),
+                      (torch.tensor([-1, 5, 0]), r"pred\[1\]"), (torch.tensor([0, -1, -1]),
+                                                                 r"pred\[0\]")):
+        with pytest.raises(RuntimeError, match=msg):
+            ops.feedback_quantize(t, u, none_b, none_u, 8, 1, 0, 0, pred, index, 1.0)
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        ops.feedback_quantize(t, u, none_b, none_u, 8, 1, 0, 0, torch.tensor([-1, 0, 1]),
+                              torch.tensor([[0, 0]] * 3), 1.0)
+    with pytest.raises(RuntimeError, match="write_penalty"):
+        ops.feedback_quantize(t, u, none_b, none_u, 8, 1, 0, 0, None, None, -1.0)
+    with pytest.raises(RuntimeError, match="pred"):
+        ops.feedback_quantize(t, u, none_b, none_u, 8, 1, 0, 0, torch.tensor([-1, 0]), index,
+                              1.0)
+    with pytest.raises(RuntimeError, match="sort_index"):
+        ops.feedback_quantize(t, u, none_b, none_u, 8, 1, 0, 0, torch.tensor([-1, 0, 1]),
+                              index.int(), 1.0)
+
+
+def _predecessors(layer, cfg):
+    """Rule 23 by hand: the filter in the same slot `pool` blocks earlier."""
+    F = cfg.cols // cfg.cells_per_weight
+    fi = layer.filter_index.tolist()
+    out = layer.cells.shape[0]
+    pred = [-1] * out
+    for pos, o in enumerate(fi):
+        j, f = divmod(pos, F)
+        if o >= 0 and j >= cfg.pool and fi[(j - cfg.pool) * F + f] >= 0:
+            pred[o] = fi[(j - cfg.pool) * F + f]
+    return pred
+
+
+def _expected_write_aware(layer, cfg):
+    w = layer.matrix_weight().detach().float()
+    t = (w / layer.scale[:, None]).double()
+    u = [ind.feedback_factor(h, cfg.feedback_damp).tolist()
+         for h in layer.input_moment.double().numpy()]
+    out, k = t.shape
+    idx = layer.sort_index.long()
+    held = None
+    if layer.stuck.numel():
+        stuck, levels = layer.stuck_cells(), layer.held_cells()
+        held = [[None] * k for _ in range(out)]
+        for o in range(out):
+            for kk in range(k):
+                held[o][int(idx[o, kk])] = [int(lv) if bool(s) else None
+                                            for s, lv in zip(stuck[o, kk], levels[o, kk])]
+    return torch.tensor(ind.write_aware_layer(t.tolist(), u, held, cfg.weight_bits,
+                                              cfg.bits_per_cell, cfg.encoding, cfg.stuck_slices,
+                                              _predecessors(layer, cfg), idx.tolist(),
+                                              cfg.write_penalty), dtype=torch.int32)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(pool=2, reprogram_fraction=0.0),
+                                dict(stuck_slices=0, reprogram_fraction=1.0, compensate=False)])
+def test_write_aware_layers_compute_with_the_independent_choice(kw):
+    torch.manual_seed(7)
+    model = Tiny().eval()
+    cfg = _config(write_penalty=1.5, **kw)
+    xmodel = xb.convert(copy.deepcopy(model), cfg)
+    xb.calibrate(xmodel, torch.randn(5, 4, 6, 6))
+    layers = xb.crossbar_layers(xmodel)
+    expected = {name: _expected_write_aware(layer, cfg) for name, layer in layers}
+    xb.reprogram(xmodel)
+    for name, layer in layers:
+        assert torch.equal(layer.effective_q(), expected[name]), name
+    report = xb.reprogram_report(xmodel).to_dict()
+    assert report["writes_per_pass"] == xb.program_model(xmodel).per_pass.writes
+
+
+def test_write_penalty_saves_writes():
+    """The point of rule 23: on a layer mapped by value sort and chain placement, a penalty
+    lowers the writes per pass against rule 21 alone, and a larger one lowers them further,
+    while the output error stays within a few times rule 21's."""
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(96, 64)).eval()
+    x = torch.rand(300, 96) + 0.2
+    writes, errors = {}, {}
+    for pen in (0.0, 1.0, 4.0):
+        cfg = xb.CrossbarConfig(rows=32, cols=28, sort="value", filter_order="chain",
+                                stuck_slices=1, reprogram_fraction=0.0, compensate=True,
+                                feedback="hessian", write_penalty=pen)
+        xm = xb.convert(copy.deepcopy(model), cfg)
+        xb.calibrate(xm, x[:200])
+        xb.reprogram(xm)
+        writes[pen] = xb.reprogram_report(xm).to_dict()["writes_per_pass"]
+        with torch.no_grad():
+            ref = model(x[200:])
+            errors[pen] = float((xm(x[200:]) - ref).norm() / ref.norm())
+    assert writes[4.0] < writes[1.0] < writes[0.0], writes
+    assert errors[1.0] < 3 * errors[0.0], errors
+
+
+def test_write_penalty_config():
+    with pytest.raises(ValueError, match="write_penalty"):
+        xb.CrossbarConfig(write_penalty=1.0)  # needs feedback
+    with pytest.raises(ValueError, match="write_penalty"):
+        xb.CrossbarConfig(feedback="hessian", write_penalty=-1)
+    with pytest.raises(ValueError, match="write_penalty"):
+        xb.CrossbarConfig(feedback="hessian", write_penalty=float("inf"))
+    cfg = xb.CrossbarConfig(feedback="hessian", write_penalty="0.5")
+    assert cfg.write_penalty == 0.5 and cfg.baseline().write_penalty == 0.0
+    over = xb.CrossbarConfig(feedback="hessian",
+                             layer_overrides={"fc*": {"write_penalty": 2.0}})
+    assert over.for_layer("fc1").write_penalty == 2.0 and over.for_layer("x").write_penalty == 0

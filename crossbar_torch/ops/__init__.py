@@ -181,7 +181,7 @@ def _compensate_fake(cells, held, old, weight_bits, bits_per_cell, encoding, com
 
 @torch.library.register_fake("crossbar_torch::feedback_quantize")
 def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell, encoding,
-                            stuck_slices):
+                            stuck_slices, pred, sort_index, write_penalty=0.0):
     op = "feedback_quantize"
     c = _check_format(op, weight_bits, bits_per_cell, encoding)
     _check_tensors(op, ("target", target), [("target", target, torch.float64, 2),
@@ -310,14 +310,22 @@ def compensate(cells, held, old, weight_bits: int, bits_per_cell: int, encoding:
 
 
 def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: int,
-                      encoding: int, stuck_slices: int) -> torch.Tensor:
+                      encoding: int, stuck_slices: int, pred=None, sort_index=None,
+                      write_penalty: float = 0.0) -> torch.Tensor:
     """Rule 21: error-feedback programming targets (int32 (out, K), original order) of a layer
     whose targets in scale units are ``target`` (float64 (out, K)), given ``u`` (float64
     (groups, K, K), the upper Cholesky factor of the damped inverse input second moment of each
     group) and the held cells ``held`` / their ``levels`` ((out, K, c), original order; both
-    empty: nothing held). See reference.feedback_quantize."""
+    empty: nothing held). Rule 23 (``write_penalty`` > 0): ``pred`` (int64 (out,), -1: none)
+    names the filter each is charged against, ``sort_index`` (int64 (out, K)) the sorted
+    positions. See reference.feedback_quantize."""
+    if pred is None:
+        pred = torch.zeros(0, dtype=torch.int64, device=target.device)
+    if sort_index is None:
+        sort_index = torch.zeros(0, 0, dtype=torch.int64, device=target.device)
     return _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
-                                  int(encoding), int(stuck_slices))
+                                  int(encoding), int(stuck_slices), pred, sort_index,
+                                  float(write_penalty))
 
 
 def chain_order(bits, start: int) -> torch.Tensor:

@@ -409,12 +409,68 @@ def nearest_allowed(t: float, levels, held, weight_bits: int, bits_per_cell: int
     return best_in if best_in is not None else best_any
 
 
+def write_aware_allowed(t: float, levels, held, ref, penalty: float, weight_bits: int,
+                        bits_per_cell: int, encoding: int, L: int):
+    """Rule 23: (value, cells) of the realization minimising ``(t - v)**2 + penalty * w``, ``w``
+    the cells not held whose level differs from ``ref`` (no ``ref``: 0), over rule 21's allowed
+    values and every way to reach each (every free low assignment x, every high part h; without
+    held cells the rule-3 encoding of every integer of [-qmax, qmax]). Ties: nearer t, even,
+    smaller value, then smaller x."""
+    qmax = 2 ** (weight_bits - 1) - 1
+    S = slices_for(weight_bits, bits_per_cell, encoding)
+    c = cells_for(weight_bits, bits_per_cell, encoding)
+    held = list(held) if held is not None else [False] * c
+
+    def cost(v, cells):
+        w = sum(1 for i in range(c) if not held[i] and cells[i] != ref[i]) if ref else 0
+        e = t - float(v)
+        return e * e + penalty * float(w)
+
+    cands = []  # (value, cells) in increasing x, then increasing h
+    if not any(held):
+        for v in range(-qmax, qmax + 1):
+            cells = encode(torch.tensor([v], dtype=torch.int32), weight_bits, bits_per_cell,
+                           encoding)[0].tolist()
+            cands.append((v, cells))
+    else:
+        L = min(L, S)
+        m = L * bits_per_cell
+        hmin, hmax = _high_range(weight_bits, bits_per_cell, encoding, L)
+        free = [i for i in range(c) if not held[i] and i % S < L]
+        n = 2 ** bits_per_cell
+        for x in range(n ** len(free)):
+            low = [levels[i] if held[i] and i % S < L else 0 for i in range(c)]
+            for k, i in enumerate(free):
+                low[i] = (x // n ** k) % n
+            d = _decode_levels(low, weight_bits, bits_per_cell, encoding)
+            for h in range(hmin, hmax + 1):
+                cells = list(low)
+                for i, lvl in _encode_high(h, weight_bits, bits_per_cell, encoding, L).items():
+                    cells[i] = lvl
+                cands.append((h * 2 ** m + d, cells))
+        inside = [vc for vc in cands if -qmax <= vc[0] <= qmax]
+        cands = inside or cands
+    best = None
+    for v, cells in cands:
+        k = cost(v, cells)
+        if (best is None or k < best[0]
+                or (k == best[0] and v != best[1] and _feedback_better(v, best[1], t))):
+            best = (k, v, cells)
+    return best[1], best[2]
+
+
 def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
                       levels: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int,
-                      stuck_slices: int) -> torch.Tensor:
+                      stuck_slices: int, pred: torch.Tensor | None = None,
+                      sort_index: torch.Tensor | None = None,
+                      write_penalty: float = 0.0) -> torch.Tensor:
     """Rule 21, column by column for all filters at once: each weight takes the allowed value
     nearest its running target, and the residual ``(t - v) / u[k, k]`` is carried onto the later
-    columns through row k of ``u`` (each product rounded on its own, as the kernels do)."""
+    columns through row k of ``u`` (each product rounded on its own, as the kernels do). With
+    rule 23's ``write_penalty`` > 0, one filter at a time, each after its ``pred``."""
+    if write_penalty > 0:
+        return _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell,
+                                     encoding, stuck_slices, pred, sort_index, write_penalty)
     t = target.detach().to(torch.float64).clone()
     out, K = t.shape
     groups = u.shape[0]
@@ -433,4 +489,41 @@ def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
         q[:, k] = v.to(torch.int32)
         e = (t[:, k] - v) / rows_u[:, k, k]
         t[:, k + 1:] = t[:, k + 1:] - e[:, None] * rows_u[:, k, k + 1:]
+    return q
+
+
+def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, encoding,
+                          stuck_slices, pred, sort_index, penalty):
+    """Rule 23: filters in an order where each comes after its predecessor ``pred[o]``; weight
+    k of filter o is charged against the cells its predecessor chose at o's sorted position of
+    k (``sort_index``)."""
+    t = target.detach().to(torch.float64).clone()
+    out, K = t.shape
+    q = torch.zeros(out, K, dtype=torch.int32)
+    if out == 0 or K == 0:
+        return q
+    per = out // u.shape[0]
+    pred = [int(p) for p in pred.tolist()]
+    index = sort_index.tolist()
+    hl = held.tolist() if held.numel() else None
+    lv = levels.tolist() if levels.numel() else None
+    chosen = {}  # filter -> cells by sorted position
+    todo = [o for o in range(out) if pred[o] < 0]
+    while todo:
+        o = todo.pop(0)
+        uo = u[o // per].to(torch.float64)
+        pos = {k: p for p, k in enumerate(index[o])}
+        ref = chosen.get(pred[o])
+        mine = [None] * K
+        for k in range(K):
+            v, cells = write_aware_allowed(
+                float(t[o, k]), lv[o][k] if lv else None, hl[o][k] if hl else None,
+                ref[pos[k]] if ref is not None else None, penalty, weight_bits, bits_per_cell,
+                encoding, stuck_slices)
+            q[o, k] = v
+            mine[pos[k]] = cells
+            e = (t[o, k] - float(v)) / uo[k, k]
+            t[o, k + 1:] = t[o, k + 1:] - e * uo[k, k + 1:]
+        chosen[o] = mine
+        todo.extend(x for x in range(out) if pred[x] == o)
     return q

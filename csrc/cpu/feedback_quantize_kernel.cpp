@@ -1,6 +1,8 @@
 // feedback_quantize / CPU: rule 21, error-feedback programming targets. Filters (rows) are
 // independent given U, so they run in parallel; each runs feedback_row (feedback_row.h), the
-// arithmetic the CUDA kernel runs.
+// arithmetic the CUDA kernel runs. With rule 23's write penalty a filter is charged against
+// the cells its predecessor chose, so the chains run in parallel, each filter after its
+// predecessor.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -14,12 +16,14 @@ namespace {
 at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& u_in,
                                  const at::Tensor& held_in, const at::Tensor& levels_in,
                                  int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
-                                 int64_t stuck_slices) {
+                                 int64_t stuck_slices, const at::Tensor& pred,
+                                 const at::Tensor& sort_index, double write_penalty) {
   TORCH_CHECK(target_in.device().is_cpu(),
               "crossbar_torch.feedback_quantize: target must be a CPU tensor here, got ",
               target_in.device());
   const int64_t c = check_feedback_quantize(target_in, u_in, held_in, levels_in, weight_bits,
-                                            bits_per_cell, encoding, stuck_slices);
+                                            bits_per_cell, encoding, stuck_slices, pred,
+                                            sort_index, write_penalty);
   at::Tensor t = target_in.contiguous().clone();  // running targets, updated in place
   const at::Tensor u = u_in.contiguous(), held = held_in.contiguous(),
                    levels = levels_in.contiguous();
@@ -35,6 +39,26 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
   const uint8_t* lp = levels.numel() ? levels.const_data_ptr<uint8_t>() : nullptr;
   int32_t* qp = q.mutable_data_ptr<int32_t>();
   const int64_t per_group = out / groups;
+  if (write_penalty > 0.0) {
+    const FeedbackChains ch = feedback_chains(pred, out);
+    const at::Tensor pos = sorted_positions(sort_index.contiguous());
+    const int64_t* pp = pos.const_data_ptr<int64_t>();
+    // the cells each filter chose, in sorted order: its successor's reference
+    at::Tensor chosen = at::empty({out, K, c}, t.options().dtype(at::kByte));
+    uint8_t* cp = chosen.mutable_data_ptr<uint8_t>();
+    const int64_t heads = int64_t(ch.heads.size());
+    at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        int64_t prev = -1;
+        for (int64_t o = ch.heads[i]; o >= 0; prev = o, o = ch.succ[o]) {
+          feedback_row(tp + o * K, up + (o / per_group) * K * K, hp ? hp + o * K * c : nullptr,
+                       lp ? lp + o * K * c : nullptr, K, fmt, qp + o * K, write_penalty,
+                       pp + o * K, prev >= 0 ? cp + prev * K * c : nullptr, cp + o * K * c);
+        }
+      }
+    });
+    return q;
+  }
   at::parallel_for(0, out, 1, [&](int64_t begin, int64_t end) {
     for (int64_t o = begin; o < end; ++o) {
       feedback_row(tp + o * K, up + (o / per_group) * K * K, hp ? hp + o * K * c : nullptr,
