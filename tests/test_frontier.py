@@ -635,3 +635,19 @@ def test_scorer_calibrates_on_its_calib_images(tmp_path):
     assert any(not torch.equal(got[3][k], got[7][k]) for k in got[3])  # the count matters
     with pytest.raises(ValueError, match="calib_images must be an integer >= 1, got 0"):
         fr.ImageScorer(None, calib_images=0)
+
+
+def test_setup_predating_a_config_field_resumes_at_its_default():
+    """A CSV whose reference row was recorded before a CrossbarConfig field existed (e.g.
+    rule 23's write_penalty) resumes when this run has the field at its default, and is refused
+    when it does not."""
+    from crossbar_torch.apps.frontier.store import check_setup
+    ref = xb.CrossbarConfig().to_dict()
+    old = {k: v for k, v in ref.items() if k != "write_penalty"}
+    previous = {"crossbar8": {"setup": {"model": "m", "reference": old}}}
+    check_setup(previous, {"model": "m", "reference": ref}, "f.csv")
+    changed = {**ref, "feedback": "hessian", "write_penalty": 1.0}
+    with pytest.raises(fr.FrontierError,
+                       match=r"reference.feedback \"none\" \(csv\) vs \"hessian\" \(now\); "
+                             r"reference.write_penalty null \(csv\) vs 1.0 \(now\)"):
+        check_setup(previous, {"model": "m", "reference": changed}, "f.csv")

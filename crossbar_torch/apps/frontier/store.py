@@ -5,6 +5,7 @@ configurations, the float model's scores and the Pareto front), both rewritten a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -59,6 +60,15 @@ def _brief(v, limit: int = 70) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+def _predates(key: str, field: str, theirs: dict, ours: dict) -> bool:
+    """A config field the CSV's reference row predates (added to CrossbarConfig since) is the
+    same setup when this run has it at its default, as for a loaded state dict."""
+    if key != "reference" or field in theirs:
+        return False
+    defaults = {f.name: f.default for f in dataclasses.fields(CrossbarConfig)}
+    return field in defaults and ours.get(field) == defaults[field]
+
+
 def check_setup(previous: Dict[str, dict], setup: dict, csv_path: str) -> None:
     """Refuse to resume a CSV whose rows were measured on another setup than ``setup`` (the
     model, its weights, the data and its preprocessing, the reference row: what the script
@@ -76,7 +86,7 @@ def check_setup(previous: Dict[str, dict], setup: dict, csv_path: str) -> None:
             a, b = theirs.get(k), setup.get(k)
             if isinstance(a, dict) and isinstance(b, dict):  # name the fields inside
                 diff += [(f"{k}.{j}", a.get(j), b.get(j)) for j in sorted(set(a) | set(b))
-                         if a.get(j) != b.get(j)]
+                         if a.get(j) != b.get(j) and not _predates(k, j, a, b)]
             elif a != b:
                 diff.append((k, a, b))
         if diff:
