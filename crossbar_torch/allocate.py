@@ -1,14 +1,15 @@
 """Per-layer policy allocation (rule 22): pick each layer's stucking setting to cut the writes
 most for a budget of output error measured on calibration data.
 
-Each candidate setting (``{stuck_slices, reprogram_fraction, compensate, feedback}``) is tried on
-the whole model once: convert, calibrate (the input moments ``H = E[x x^T]`` of every layer, rule
-21), reprogram, count. A layer's *sensitivity* under a candidate is its relative output error
-on the calibration inputs, ``tr(E H E^T) / tr(W H W^T)`` with ``E = W_eff - W`` (what the layer
-adds to its output's error, per unit of its output), and its *cost* the writes per pass the
-report gives it. The allocation minimises ``sum writes + lam * sum error`` layer by layer and
-bisects ``lam`` until the summed error meets the budget. Writes interact a little across layers
-(a tile is written over the previous one), so the chosen policy is measured again as a whole.
+Each candidate setting (``{stuck_slices, reprogram_fraction, compensate, feedback,
+write_penalty}``) is tried on the whole model once: convert, calibrate (the input moments
+``H = E[x x^T]`` of every layer, rule 21), reprogram, count. A layer's *sensitivity* under a
+candidate is its relative output error on the calibration inputs, ``tr(E H E^T) / tr(W H W^T)``
+with ``E = W_eff - W`` (what the layer adds to its output's error, per unit of its output), and
+its *cost* the writes per pass the report gives it. The allocation minimises
+``sum writes + lam * sum error`` layer by layer and bisects ``lam`` until the summed error meets
+the budget. Writes interact a little across layers (a tile is written over the previous one),
+so the chosen policy is measured again as a whole.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from .nn.modules import crossbar_layers
 from .programming import reprogram
 from .report import reprogram_report
 
-POLICY_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback")
+POLICY_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback", "write_penalty")
 
 
 @dataclass

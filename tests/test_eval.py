@@ -201,6 +201,35 @@ def test_two_process_gloo_calibrates_once_on_the_same_images(tmp_path):
     assert one["agreement_top1_count"] == two["agreement_top1_count"]
 
 
+def test_feedback_config_is_calibrated_and_reprogrammed_alike_on_every_rank(tmp_path):
+    """Rule 21 / 23 presets (configs/lite0_best.yaml) need input moments: the script measures
+    them on the first --calib-images images on every rank and reprograms, so one process and
+    two gloo ranks count and score the same, and the writes are those of the feedback
+    programming (not rule 13's)."""
+    make_folder(tmp_path / "val", n_good=7)
+    stuck = ["--set", "sort=value", "--set", "filter_order=chain", "--set", "compensate=true",
+             "--set", "stuck_slices=1", "--set", "reprogram_fraction=0", "--set", "rows=32",
+             "--set", "cols=64"]
+    common = TINY + ["--data", str(tmp_path / "val"), "--device", "cpu", "--calib-images", "4"]
+    fb = stuck + ["--set", "feedback=hessian", "--set", "write_penalty=2"]
+    r0 = run_script(common + stuck + ["--out", str(tmp_path / "plain.json")])
+    r1 = run_script(common + fb + ["--out", str(tmp_path / "one.json")])
+    assert r0.returncode == 0 and r1.returncode == 0, (r0.stderr + r1.stderr)[-3000:]
+    assert "error feedback (rule 21): input moments measured on the first 4 image(s)" in r1.stderr
+    r2 = run_script(common + fb + ["--out", str(tmp_path / "two.json")],
+                    cmd=[sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         "--nproc_per_node", "2", SCRIPT])
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    plain, one, two = (json.loads((tmp_path / f"{n}.json").read_text())
+                       for n in ("plain", "one", "two"))
+    assert one["calibration"]["images"] == two["calibration"]["images"] == 4
+    assert one["reprogram"]["writes_per_pass"] == two["reprogram"]["writes_per_pass"]
+    assert one["reprogram"]["writes_per_pass"] < plain["reprogram"]["writes_per_pass"]
+    for f in ("top1_correct", "top5_correct"):
+        assert one["crossbar"][f] == two["crossbar"][f], f
+    assert one["agreement_top1_count"] == two["agreement_top1_count"]
+
+
 def test_crossbar_checkpoint(tmp_path):
     """A fine-tuned crossbar checkpoint: the crossbar column uses the saved cells, the float
     column the latent weights, and the saved configuration is used."""

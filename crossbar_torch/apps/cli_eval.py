@@ -46,6 +46,7 @@ from crossbar_torch.apps.cli import (PYPI_LITE, ArgumentParser, UsageError,  # n
                                 positive_int, preprocess_overrides, random_weights,
                                 random_weights_note, run_main, show_progress)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
+from crossbar_torch.feedback import needs_moments  # noqa: E402
 from crossbar_torch.nn.modules import CROSSBAR_BUFFERS  # noqa: E402
 from crossbar_torch.apps.data import (BundledPhotos, ImageNetFolder, UnreadableImageError,  # noqa: E402
                                  collate_skip_bad, data_config_for, resolve_split_root)
@@ -73,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--batch-size", type=positive_int, default=50)
     d.add_argument("--calib-images", type=positive_int, default=8, metavar="N",
                    help="with an analog periphery (input_bits, adc_bits, ...): calibrate the "
-                        "input and ADC ranges on the first N images (docs/semantics.md rule 20)")
+                        "input and ADC ranges on the first N images (docs/semantics.md rule 20); "
+                        "with feedback: hessian, measure the input moments on them and "
+                        "reprogram (rule 21)")
     d.add_argument("--workers", type=nonnegative_int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes (default min(4, cpus))")
     d.add_argument("--skip-bad", action="store_true",
@@ -289,7 +292,14 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
     float_model.to(device)
     xmodel.to(device)
     calibration = None
-    if xmodel_config(xmodel).analog:  # rule 20: the converters' ranges from the first images
+    feedback = needs_moments(xmodel)
+    if feedback:  # rule 21: every rank measures the same moments and reprograms with them
+        calibration = calibrate_once(xmodel, ds, args, device, distributed, rank,
+                                     everywhere=True)
+        xb.reprogram(xmodel)
+        log(f"error feedback (rule 21): input moments measured on the first "
+            f"{calibration['images']} image(s), layers reprogrammed")
+    elif xmodel_config(xmodel).analog:  # rule 20: the converters' ranges from the first images
         calibration = calibrate_once(xmodel, ds, args, device, distributed, rank)
         log(f"analog periphery: input / ADC ranges calibrated on the first "
             f"{calibration['images']} image(s)" + (" (rank 0, sent to every rank)"
@@ -337,15 +347,18 @@ def _run(args, distributed, rank, world, device) -> "dict | None":
     return res
 
 
-def calibrate_once(xmodel, ds, args, device, distributed, rank) -> dict:
+def calibrate_once(xmodel, ds, args, device, distributed, rank, everywhere=False) -> dict:
     """Rule 20 on the first ``--calib-images`` readable images of the data set (not of a rank's
     share of it): rank 0 calibrates and sends the ranges to every rank, so the result does not
-    depend on the number of ranks. Returns ``{"images": n, "layers": {name: {"input_range",
-    "adc_range"}}}``."""
+    depend on the number of ranks. With ``everywhere`` (rule 21's input moments, too large to
+    send) every rank calibrates on those same images. Returns ``{"images": n, "layers": {name:
+    {"input_range", "adc_range"}}}``."""
     from crossbar_torch.nn.calibration import calibrate_from_loader
     layers = xb.crossbar_layers(xmodel)
     msg, error = [None], None
-    if rank == 0:
+    if everywhere:
+        distributed = False  # every rank computes the same calibration itself
+    if rank == 0 or everywhere:
         loader = torch.utils.data.DataLoader(
             ds, batch_size=min(args.batch_size, args.calib_images), shuffle=False,
             num_workers=0, collate_fn=collate_skip_bad)
@@ -363,7 +376,7 @@ def calibrate_once(xmodel, ds, args, device, distributed, rank) -> dict:
     out = msg[0]
     if "error" in out:
         raise UsageError(f"rank 0 could not calibrate: {out['error']}")
-    if rank != 0:
+    if rank != 0 and not everywhere:
         for name, l in layers:
             got = out["layers"][name]
             l.input_range = l.input_range.new_tensor(got["input_range"])

@@ -462,7 +462,7 @@ def write_aware_allowed(t: float, levels, held, ref, penalty: float, weight_bits
 def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
                       levels: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int,
                       stuck_slices: int, pred: torch.Tensor | None = None,
-                      sort_index: torch.Tensor | None = None,
+                      index: torch.Tensor | None = None,
                       write_penalty: float = 0.0) -> torch.Tensor:
     """Rule 21, column by column for all filters at once: each weight takes the allowed value
     nearest its running target, and the residual ``(t - v) / u[k, k]`` is carried onto the later
@@ -470,7 +470,7 @@ def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
     rule 23's ``write_penalty`` > 0, one filter at a time, each after its ``pred``."""
     if write_penalty > 0:
         return _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell,
-                                     encoding, stuck_slices, pred, sort_index, write_penalty)
+                                     encoding, stuck_slices, pred, index, write_penalty)
     t = target.detach().to(torch.float64).clone()
     out, K = t.shape
     groups = u.shape[0]
@@ -493,10 +493,10 @@ def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
 
 
 def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, encoding,
-                          stuck_slices, pred, sort_index, penalty):
+                          stuck_slices, pred, sort_order, penalty):
     """Rule 23: filters in an order where each comes after its predecessor ``pred[o]``; weight
     k of filter o is charged against the cells its predecessor chose at o's sorted position of
-    k (``sort_index``)."""
+    k (``sort_order``: the layer's sort index)."""
     t = target.detach().to(torch.float64).clone()
     out, K = t.shape
     q = torch.zeros(out, K, dtype=torch.int32)
@@ -504,7 +504,7 @@ def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, e
         return q
     per = out // u.shape[0]
     pred = [int(p) for p in pred.tolist()]
-    index = sort_index.tolist()
+    index = sort_order.tolist()
     hl = held.tolist() if held.numel() else None
     lv = levels.tolist() if levels.numel() else None
     chosen = {}  # filter -> cells by sorted position
