@@ -13,17 +13,27 @@ from .sweeps import REFERENCE
 
 def _category(cfg: CrossbarConfig) -> str:
     """The legend group of a row: what makes it lose accuracy (stucking, the analog
-    periphery: DAC, ADC, finite g_ratio, noise or drift), or nothing (lossless)."""
+    periphery: DAC, ADC, finite g_ratio, noise or drift; rule 23's write penalty, which moves
+    weights to save writes, with or without stucking), or nothing (lossless)."""
     if cfg.stucking and cfg.analog:
         return "stucking + analog periphery"
     if cfg.analog:
         return "analog periphery (DAC / ADC / noise), no stucking"
+    if _write_aware(cfg):
+        return "write-aware feedback (rule 23)"
     if not cfg.stucking:
         return "lossless (no stucking)"
     return "stucking + compensation" if cfg.compensate else "stucking, no compensation"
 
 
+def _write_aware(cfg: CrossbarConfig) -> bool:
+    # layer_overrides is normalized to ((pattern, ((field, value), ...)), ...)
+    return cfg.write_penalty > 0 or any(float(dict(changes).get("write_penalty", 0)) > 0
+                                        for _, changes in cfg.layer_overrides)
+
+
 _STYLE = {"lossless (no stucking)": ("tab:blue", "o"),
+          "write-aware feedback (rule 23)": ("tab:cyan", "P"),
           "analog periphery (DAC / ADC / noise), no stucking": ("tab:orange", "D"),
           "stucking + compensation": ("tab:green", "s"),
           "stucking, no compensation": ("tab:red", "^"),
