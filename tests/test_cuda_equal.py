@@ -1,6 +1,7 @@
 """CPU and CUDA kernels agree bit for bit (issue 19's GPU check): the ops tests/test_ops.py does
-not parametrize over the device (compensate, feedback_quantize, analog_matmul) on random inputs
-of odd sizes. Without a CUDA device they skip; ``make gpu-check`` runs them where a GPU exists."""
+not parametrize over the device (compensate, feedback_quantize with and without rule 23's write
+penalty, analog_matmul) on random inputs of odd sizes. Without a CUDA device they skip;
+``make gpu-check`` runs them where a GPU exists."""
 import pytest
 import torch
 
@@ -35,6 +36,22 @@ def test_feedback_quantize_cpu_cuda_equal(out, k, groups):
         t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed=out * k)
         cpu = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L)
         gpu = ops.feedback_quantize(*_cuda(t, u, held, levels), bits, b, enc, L)
+        assert torch.equal(gpu.cpu(), cpu)
+
+
+@pytest.mark.parametrize("out,k,groups", [(6, 7, 1), (10, 33, 2), (1, 1, 1)])
+def test_write_aware_feedback_cpu_cuda_equal(out, k, groups):
+    """Rule 23: the CUDA kernel runs the chains wave by wave; the CPU one chain by chain."""
+    from test_feedback import _case, _chains
+    for bits, b, enc, L in [(8, 1, 0, 1), (6, 2, 1, 1), (5, 1, 2, 0)]:
+        t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed=out * k)
+        n = t.shape[0]
+        pred = _chains(n, seed=k)
+        g = torch.Generator().manual_seed(out)
+        index = torch.stack([torch.randperm(k, generator=g) for _ in range(n)])
+        cpu = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 1.5)
+        gpu = ops.feedback_quantize(*_cuda(t, u, held, levels), bits, b, enc, L,
+                                    *_cuda(pred, index), 1.5)
         assert torch.equal(gpu.cpu(), cpu)
 
 

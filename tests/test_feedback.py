@@ -18,7 +18,7 @@ import crossbar_torch as xb
 from crossbar_torch import ops
 from crossbar_torch.feedback import feedback_factor
 from crossbar_torch.encoding import cells_for, slices_for
-from crossbar_torch.ops import reference
+from crossbar_torch.ops import feedback_reference as reference
 
 import independent as ind
 

@@ -318,7 +318,7 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
     group) and the held cells ``held`` / their ``levels`` ((out, K, c), original order; both
     empty: nothing held). Rule 23 (``write_penalty`` > 0): ``pred`` (int64 (out,), -1: none)
     names the filter each is charged against, ``sort_index`` (int64 (out, K)) the sorted
-    positions. See reference.feedback_quantize."""
+    positions. See feedback_reference.feedback_quantize."""
     if pred is None:
         pred = torch.zeros(0, dtype=torch.int64, device=target.device)
     if sort_index is None:
