@@ -156,7 +156,8 @@ def filter_bits(cells: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
     every cell, packed 64 to a word (zero padded): Hamming distances between rows are those
     between the filters' cells."""
     out = cells.shape[0]
-    planes = torch.stack([(cells >> p) & 1 for p in range(bits_per_cell)], -1)
+    planes = (cells if bits_per_cell == 1  # one plane: the levels are the bits
+              else torch.stack([(cells >> p) & 1 for p in range(bits_per_cell)], -1))
     packed = np.packbits(planes.reshape(out, -1).cpu().numpy(), axis=1, bitorder="little")
     words = -(-packed.shape[1] // 8)
     padded = np.zeros((out, words * 8), dtype=np.uint8)
@@ -187,21 +188,24 @@ def section_major_order(tiles: int) -> torch.Tensor:
 
 
 def weight_crossbars(geom: LayerGeometry, index: torch.Tensor, order: torch.Tensor, t0: int,
-                     pool: int):
+                     pool: int, crossbars: bool = True):
     """Where each weight of a layer is programmed: ``(crossbar (out, K), row (K,), col0 (out,))``.
 
     Weight (o, k') of the sorted layer sits in row k' mod rows of the physical crossbar that
     programs its tile (the tile at position ``p`` of ``order`` is global tile ``t0 + p``, on
     crossbar ``(t0 + p) mod pool``), in columns ``col0[o] .. col0[o] + c - 1``.
+    ``crossbars=False`` leaves out the (out, K) crossbar map (None): rows and columns only.
     """
     out, k, nb, F = geom.out, geom.k, geom.n_blocks, geom.F
     slot_of = torch.empty(out, dtype=torch.int64)
     used = (index != UNUSED_SLOT).nonzero().flatten()
     slot_of[index[used]] = used                              # filter -> j*F + f
     block, col0 = slot_of // F, (slot_of % F) * geom.c
+    kk = torch.arange(k)
+    if not crossbars:
+        return None, kk % geom.rows, col0
     position = torch.empty(geom.tiles, dtype=torch.int64)    # tile id -> place in the order
     position[order] = torch.arange(geom.tiles)
-    kk = torch.arange(k)
     tile = (kk // geom.rows)[None, :] * nb + block[:, None]  # (out, K) tile ids
     crossbar = (t0 + position[tile]) % pool
     return crossbar, kk % geom.rows, col0

@@ -22,6 +22,7 @@ from .ops import STAT_NAMES
 from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .heap import release_free_memory
+from .packing import pack_mask
 from .feedback import feedback_active, feedback_cells, feedback_targets, warn_output_errors
 from .nn.modules import crossbar_layers
 from .nn.record import no_crossbar_layers
@@ -131,24 +132,26 @@ class CrossbarPool:
 
     def layer_stuck(self, geom: LayerGeometry, filter_index: torch.Tensor, order: torch.Tensor,
                     t0: int, layer_config: CrossbarConfig | None = None) -> torch.Tensor:
-        """Which cells of a layer (sorted order, (out, K, c)) sit on stuck physical cells (of
-        the layer's own mask, rule 22)."""
+        """Which cells of a layer (sorted order) sit on stuck physical cells (of the layer's
+        own mask, rule 22), packed as a layer stores them (``packing.pack_mask``: uint8
+        (out, K, ceil(c / 8))). Packed per (row, slot) of the crossbar first and gathered
+        after: an eighth of the bytes of gathering the (out, K, c) flags."""
         stuck_bits = self.masks(self.config if layer_config is None else layer_config)[0]
-        crossbar, row, col0 = weight_crossbars(geom, filter_index.cpu(), order, t0,
-                                               self.config.pool)
+        pool = self.config.pool
+        # one crossbar: every weight is on crossbar 0, no (out, K) map of crossbars needed
+        crossbar, row, col0 = weight_crossbars(geom, filter_index.cpu(), order, t0, pool,
+                                               crossbars=pool > 1)
         slot = col0 // geom.c
         span = geom.F * geom.c
         result = None
-        pool = self.config.pool
         for x in (range(pool) if pool <= 8 else crossbar.unique().tolist()):
             # crossbar x's mask at each weight's row and slot, as if every tile went there
-            on_x = (stuck_bits[x, :, :span].view(torch.uint8).index_select(0, row)
-                    .view(geom.k, geom.F, geom.c).index_select(1, slot).permute(1, 0, 2)
-                    .view(torch.bool))
+            packed = pack_mask(stuck_bits[x, :, :span].reshape(-1, geom.F, geom.c))
+            on_x = packed.index_select(0, row).index_select(1, slot).permute(1, 0, 2)
             result = (on_x.contiguous() if result is None
                       else torch.where((crossbar == x)[:, :, None], on_x, result))
         if result is None:
-            return torch.zeros(geom.out, geom.k, geom.c, dtype=torch.bool)
+            return pack_mask(torch.zeros(geom.out, geom.k, geom.c, dtype=torch.bool))
         return result
 
 
@@ -239,7 +242,7 @@ def identity_index(out: int, k: int, device=None) -> torch.Tensor:
 
 
 def layer_targets(layer, config: CrossbarConfig, baseline: bool,
-                  feedback: torch.Tensor | None = None):
+                  feedback: torch.Tensor | None = None, check_values: bool = True):
     """Target levels of a layer in programming order, and the levels already known for its
     cells on stuck positions (or None).
 
@@ -247,16 +250,19 @@ def layer_targets(layer, config: CrossbarConfig, baseline: bool,
     * otherwise: sorted through the layer's fixed index; a cell already known to be stuck
       keeps the level it holds (after fine-tuning, a stuck cell does not take a new weight).
     * ``feedback``: rule 21's integers (original order) replace the latent weight's.
+    * ``check_values``: check the weight, scales and sort index (the first pass does; later
+      passes of the same programming read the same, unchanged tensors).
     """
     if baseline:
         w = layer.matrix_weight().detach().to(torch.float32).contiguous()
         idx = identity_index(w.shape[0], w.shape[1], w.device)
         return ops.sort_and_encode(w, layer.scale, idx, config.weight_bits,
-                                   config.bits_per_cell, config.encoding_id), None
+                                   config.bits_per_cell, config.encoding_id,
+                                   check_values=check_values), None
     if feedback is not None:  # rule 21: the integers error feedback chose
         target = feedback_cells(layer, config, feedback)
     else:
-        target = layer.target_cells()
+        target = layer.target_cells(check_values=check_values)
     if not layer.stuck.numel():
         return target, None
     stuck, held = layer.stuck_cells().to(target.device), layer.held_cells().to(target.device)
@@ -325,7 +331,8 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                     # rule 21: chosen once per programming (from the held cells the last
                     # programming left), kept for the later passes
                     feedback[i] = feedback_targets(layer, lcfg).to(torch.int16)
-                target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i))
+                target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i),
+                                               check_values=pass_no == 0)
                 if pass_no == 0 and target.numel() <= budget:
                     cached[i] = (target, pinned)
                     budget -= target.numel() * (2 if pinned is not None else 1)

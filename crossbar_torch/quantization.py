@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from . import ops
 from .config import CrossbarConfig
 from .errors import InvalidTensorError, TensorTypeError
 
@@ -48,6 +49,8 @@ def sort_rows(q: torch.Tensor, key: str) -> torch.Tensor:
     if key == "none":
         return torch.arange(q.shape[1], dtype=torch.int64).expand(q.shape[0], -1).contiguous()
     k = q.abs() if key == "magnitude" else q
+    if k.device.type == "cpu" and k.dtype in (torch.int32, torch.int16, torch.int8, torch.uint8):
+        return ops.sort_index(k.to(torch.int32))  # a counting sort over the levels (host only)
     return torch.sort(k, dim=1, descending=True, stable=True).indices.contiguous()
 
 

@@ -170,29 +170,37 @@ XB_HD int64_t write_aware_allowed(double t, const uint8_t* lv, uint32_t held, co
   return best_v;
 }
 
+// Weight k of one filter: the value it takes (rule 21, or rule 23 with `chosen`), from its
+// running target tk. held / lv: the filter's (K x c, original order; held may be null);
+// rule 23: pos / ref / chosen as in feedback_row.
+XB_HD int64_t feedback_pick(double tk, int64_t k, const bool* held, const uint8_t* lv,
+                            const CompFormat& f, double lambda, const int64_t* pos,
+                            const uint8_t* ref, uint8_t* chosen) {
+  uint32_t mask = 0;
+  if (held) {
+    for (int i = 0; i < f.c; ++i) mask |= uint32_t(held[k * f.c + i]) << i;
+  }
+  const uint8_t* lk = lv ? lv + k * f.c : nullptr;
+  if (chosen) {
+    const int64_t p = pos[k];
+    return write_aware_allowed(tk, lk, mask, ref ? ref + p * f.c : nullptr, lambda, f,
+                               chosen + p * f.c);
+  }
+  return nearest_allowed(tk, lk, mask, f);
+}
+
 // One filter: t (K doubles, updated in place: the running targets), u (K x K, row-major, upper
 // triangle read), held / lv (K x c, original order; held may be null: nothing held), out (K).
 // Rule 23 (lambda > 0): `pos[k]` is weight k's sorted position; `ref` (K x c, sorted order) the
 // cells the filter's predecessor chose (null: none); the chosen cells go to `chosen` (K x c,
-// sorted order) for the filter's successor.
+// sorted order) for the filter's successor. (The CPU kernel runs the same steps for a few
+// filters at once: feedback_rows in cpu/feedback_quantize_kernel.cpp.)
 XB_HD void feedback_row(double* t, const double* u, const bool* held, const uint8_t* lv,
                         int64_t K, const CompFormat& f, int32_t* out, double lambda = 0.0,
                         const int64_t* pos = nullptr, const uint8_t* ref = nullptr,
                         uint8_t* chosen = nullptr) {
   for (int64_t k = 0; k < K; ++k) {
-    uint32_t mask = 0;
-    if (held) {
-      for (int i = 0; i < f.c; ++i) mask |= uint32_t(held[k * f.c + i]) << i;
-    }
-    const uint8_t* lk = lv ? lv + k * f.c : nullptr;
-    int64_t v;
-    if (chosen) {
-      const int64_t p = pos[k];
-      v = write_aware_allowed(t[k], lk, mask, ref ? ref + p * f.c : nullptr, lambda, f,
-                              chosen + p * f.c);
-    } else {
-      v = nearest_allowed(t[k], lk, mask, f);
-    }
+    const int64_t v = feedback_pick(t[k], k, held, lv, f, lambda, pos, ref, chosen);
     out[k] = int32_t(v);
     const double e = (t[k] - double(v)) / u[k * K + k];
     const double* uk = u + k * K;

@@ -55,6 +55,8 @@ TORCH_LIBRARY(crossbar_torch, m) {
       "float write_penalty=0.) -> Tensor");
   // host only (no CUDA kernel): filter placement is chosen at conversion, on the host
   m.def("chain_order(Tensor bits, int start) -> Tensor");
+  // host only: per-row stable descending order of int32 keys (rule 4's sort index)
+  m.def("sort_index(Tensor key) -> Tensor");
   m.def(
       "analog_matmul(Tensor x, Tensor g, Tensor sort_index, Tensor cell_weight, "
       "Tensor adc_steps, int groups, int rows, int input_bits, int input_bits_per_cycle, "

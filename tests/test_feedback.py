@@ -372,6 +372,32 @@ def test_write_aware_kernel_reference_independent_agree(out, k, groups, bits, b,
         assert got.tolist() == sim
 
 
+@settings(max_examples=15, deadline=None)
+@given(out=st.integers(9, 30), k=st.integers(1, 6), groups=st.sampled_from([1, 3]),
+       link=st.sampled_from([0.0, 0.5, 1.0]), penalty=st.sampled_from([0.0, 1.5]),
+       seed=st.integers(0, 2 ** 16))
+def test_many_filters_in_blocks_and_chains_agree_with_the_reference(out, k, groups, link,
+                                                                    penalty, seed):
+    """The CPU kernel runs up to 8 filters (or 8 chains, in step) through U together: many
+    filters per group, more than 8 chains (link 0: every filter its own chain), long chains
+    (link 1) and chains whose filters change group on the way must give the reference's
+    integers, filter by filter."""
+    bits, b, enc, L = 5, 1, 0, 1
+    t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed, 0.4)
+    n = out * groups
+    if penalty:
+        pred = _chains(n, seed, link)
+        g = torch.Generator().manual_seed(seed + 1)
+        index = torch.stack([torch.randperm(k, generator=g) for _ in range(n)])
+        got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
+        want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index,
+                                           penalty)
+    else:
+        got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L)
+        want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L)
+    assert torch.equal(got, want)
+
+
 def test_write_aware_hand_case():
     """1-bit differential, 4 bits (S = 3), nothing held, H = I: the predecessor chose 3 =
     (pos 1,1,0; neg 0,0,0). Target 2.4: rule 21 takes 2 (pos 0,1,0: one cell differs); with a

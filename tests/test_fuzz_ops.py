@@ -100,7 +100,8 @@ WORKER = textwrap.dedent(r'''
 
     REF = {"encode": ref.encode, "decode": ref.decode, "effective_weight": ref.effective_weight,
            "sort_and_encode": ref.sort_and_encode, "compensate": ref.compensate,
-           "analog_matmul": aref.analog_matmul, "chain_order": ref.chain_order}
+           "analog_matmul": aref.analog_matmul, "chain_order": ref.chain_order,
+           "sort_index": ref.sort_index}
 
     def check(op, args, got):
         """A call that succeeded: meta in, meta out; on the CPU, the reference's values."""
@@ -409,6 +410,20 @@ HAND += [
     case("chain_order", "(T('int64', (4, 2)), 4)", "start must be in"),
     case("chain_order", "(T('int64', (4, 2)), -2**63)", "start must be in"),
     case("chain_order", "(E('int64', (2**40, 1)), 0)", "allocate"),
+    # sort_index: levels (counting sort), ties, keys that are not levels (comparison sort)
+    case("sort_index", "(T('int32', (6, 9), 'rand', -127, 128),)"),
+    case("sort_index", "(T('int32', (5, 40), 'rand', 0, 3),)"),  # many ties
+    case("sort_index", "(T('int32', (4, 7), 'rand', -2**31, 2**31 - 1),)"),
+    case("sort_index", "(T('int32', (3, 300), 'rand', -2**20, 2**20),)"),
+    case("sort_index", "(T('int32', (0, 4)),)"),
+    case("sort_index", "(T('int32', (4, 0)),)"),
+    case("sort_index", "(T('int32', (4, 6), 'rand', -9, 9, layout='T'),)"),
+    case("sort_index", "(T('int32', (4, 6), 'rand', -9, 9, layout='slice'),)"),
+    case("sort_index", "(T('int32', (4, 6), 'rand', -9, 9, layout='expand'),)"),
+    case("sort_index", "(T('int32', (4, 6), device='meta'),)"),
+    case("sort_index", "(T('int64', (4, 6)),)", "key must be Int"),
+    case("sort_index", "(T('int32', (4,)),)", "key must have 2 dimensions"),
+    case("sort_index", "(E('int32', (2**40, 1)),)", "allocate"),
 ]
 
 META_PL = case("program_layer", _pl(
@@ -704,6 +719,20 @@ def chain_order_cases(draw):
     return case("chain_order", f"({bits}, {start})", expect)
 
 
+@st.composite
+def sort_index_cases(draw):
+    """One sort_index call: keys over a level range (counting sort, many ties) or a wide one
+    (comparison sort), any layout, at most one wrong dtype."""
+    out, k = draw(st.integers(0, 12)), draw(st.integers(0, 70))
+    lo, hi = draw(st.sampled_from([(0, 2), (-127, 128), (-2**15, 2**15), (-2**31, 2**31 - 1)]))
+    layout = draw(st.sampled_from(["contig", "T", "slice", "expand"]))
+    dtype, expect = draw(st.sampled_from([("int32", "ok")] * 4 + [("int16", "key must be Int")]))
+    key = (f"T({dtype!r}, {(out, k)}, 'rand', {max(lo, -2**15) if dtype == 'int16' else lo}, "
+           f"{min(hi, 2**15 - 1) if dtype == 'int16' else hi}, layout={layout!r}, "
+           f"seed={draw(st.integers(0, 2**20))})")
+    return case("sort_index", f"({key},)", expect)
+
+
 FUZZ = settings(max_examples=250, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 
@@ -734,6 +763,10 @@ def test_fuzz_analog_matmul_with_hypothesis():
 
 def test_fuzz_chain_order_with_hypothesis():
     assert_cases(_collect(chain_order_cases(), 150))
+
+
+def test_fuzz_sort_index_with_hypothesis():
+    assert_cases(_collect(sort_index_cases(), 150))
 
 
 def test_decode_refuses_levels_out_of_range_in_process():

@@ -88,6 +88,17 @@ def test_to_dtype_keeps_float32_scales_and_cells():
     assert layer.cells.device.type == "meta" and layer.scale.dtype == torch.float32
 
 
+@pytest.mark.parametrize("make", [
+    lambda dev: xb.CrossbarLinear(6, 5, config=xb.CrossbarConfig(), device=dev),
+    lambda dev: xb.CrossbarConv2d(3, 4, 3, config=xb.CrossbarConfig(), device=dev)])
+def test_buffers_are_made_on_the_weight_device(make):
+    """A layer built for a device holds every buffer there: converting a model that lives on a
+    GPU must not leave scales or sort indices on the host (the GPU check found exactly that)."""
+    layer = make("meta")
+    assert {b.device.type for _, b in layer.named_buffers()} == {"meta"}
+    assert layer.weight.device.type == "meta"
+
+
 def test_train_eval_modes():
     xm = xb.convert(small_cnn(), STUCK)
     x = torch.randn(2, 3, 6, 6)

@@ -120,6 +120,34 @@ def test_sort_and_encode_matches_reference(device, fmt, out, K, seed, per_channe
     assert torch.equal(got.cpu(), ref.sort_and_encode(w, scale, index, B, b, e))
 
 
+@SETTINGS
+@given(fmt=formats(), out=st.integers(1, 40), K=st.integers(1, 90), seed=st.integers(0, 2**31 - 1))
+def test_sort_and_encode_by_level_table_matches_reference(fmt, out, K, seed):
+    """Layers with at least as many weights as levels: the CPU kernel encodes through its
+    per-level table with copies that overrun into the next weight (rows split across threads),
+    which must leave every cell as the reference's."""
+    B, b, e = fmt
+    g = _gen(seed)
+    w = torch.randn(out, K, generator=g)
+    _, scale = ref.quantize(w, B, True)
+    index = random_perm_index(out, K, g)
+    got = ops.sort_and_encode(w * 1.2, scale, index, B, b, e)
+    assert torch.equal(got, ref.sort_and_encode(w * 1.2, scale, index, B, b, e))
+
+
+@pytest.mark.parametrize("fmt", [(16, 1, 0), (16, 1, 1), (16, 3, 2), (8, 1, 0), (8, 2, 1)])
+def test_sort_and_encode_wide_formats_by_table(fmt):
+    """16-bit weights (65,535 levels, up to 30 cells: 32-byte table rows) on a layer large
+    enough to use the table, with a few threads' worth of rows."""
+    B, b, e = fmt
+    g = _gen(B * 100 + b * 10 + e)
+    w = torch.randn(300, 257, generator=g)
+    _, scale = ref.quantize(w, B, True)
+    index = random_perm_index(300, 257, g)
+    assert torch.equal(ops.sort_and_encode(w, scale, index, B, b, e),
+                       ref.sort_and_encode(w, scale, index, B, b, e))
+
+
 def test_sort_and_encode_round_half_even():
     w = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5]])
     scale = torch.ones(1)
@@ -444,8 +472,8 @@ def test_device_mismatch_errors():
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_cuda_cpu_mismatch():
     t = _layer()
-    t["state"] = t["state"].cuda()
-    with pytest.raises(RuntimeError, match="same device"):
+    t["state"] = t["state"].cuda()  # dispatches to the CUDA kernel, which names the CPU tensor
+    with pytest.raises(RuntimeError, match="cells must be a CUDA tensor here, got cpu"):
         _program(t)
 
 

