@@ -5,7 +5,13 @@ encoding and sort key. The quantized reference is built here, independently of t
 Tolerance: the crossbar layer computes W_eff = float32(q_eff) * s (a float32 product, exact
 same value as q * s) and then the same native conv / GEMM, so outputs are expected bit-equal;
 we allow 1e-6 relative (float rounding only) in case a kernel picks another algorithm.
+On CUDA, TF32 is switched off for the comparison: cuDNN convolutions default to TF32 (10-bit
+mantissa), and where the two models pick different algorithms (the crossbar conv pads on its
+own for some padding modes) TF32 rounding alone differs by ~1e-3 relative (seen on an H200 with
+convnext_atto); the rule under test is the float32 one.
 """
+import contextlib
+
 import copy
 
 import pytest
@@ -71,7 +77,23 @@ def quantized_reference(model: nn.Module, bits: int) -> nn.Module:
     return ref.eval()
 
 
+@contextlib.contextmanager
+def _float32_on_cuda():
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def check_lossless(model, x, combos, bits=8, atol=0.0, device="cpu"):
+    with _float32_on_cuda():
+        return _check_lossless(model, x, combos, bits, atol, device)
+
+
+def _check_lossless(model, x, combos, bits, atol, device):
     model = model.eval().to(device)
     x = x.to(device)
     ref = quantized_reference(model, bits)
