@@ -70,7 +70,7 @@ def bench(layers, reps):
         t_plain = t_comp = 0.0
         for name, out, K in layers:
             q, _ = ref.quantize(mats[name], B, True)
-            cells = ref.encode(torch.gather(q, 1, ref.sort_index(q, "magnitude")), B, b, e)
+            cells = ref.encode(torch.gather(q, 1, ref.sort_index(q.abs())), B, b, e)
             times = []
             for comp in (0, L):
                 call = (0, cfg.rows, cfg.cols, B, b, e, True, True, comp, 0)
