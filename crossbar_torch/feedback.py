@@ -178,13 +178,13 @@ def collect_moments(layers):
 
 
 @torch.no_grad()
-def layer_output_error(layer) -> float:
-    """``tr(E H E^T) / tr(W H W^T)`` of a calibrated layer, with ``E = W_eff - W``: the mean
-    squared error its crossbars add to its output on the calibration inputs, relative to the
-    output's mean square (0 for a layer without an input moment)."""
+def layer_output_energies(layer) -> tuple:
+    """``(tr(E H E^T), tr(W H W^T))`` of a calibrated layer, with ``E = W_eff - W``: the mean
+    squared error its crossbars add to one output row (one token, one position) on the
+    calibration inputs, and that row's mean square ((0, 0) without an input moment)."""
     h = layer.input_moment.detach().to("cpu", torch.float32)
     if not h.numel():
-        return 0.0
+        return 0.0, 0.0
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
     e = (layer.effective_weight().detach().to("cpu", torch.float64).reshape(w.shape)
          - w.double()).float()  # the difference in float64, then small numbers in float32
@@ -197,6 +197,14 @@ def layer_output_error(layer) -> float:
         prod = (both @ h[g]).double() * both.double()
         num += float(prod[:per].sum())
         den += float(prod[per:].sum())
+    return num, den
+
+
+def layer_output_error(layer) -> float:
+    """``tr(E H E^T) / tr(W H W^T)`` (layer_output_energies): the mean squared error the
+    layer's crossbars add to its output on the calibration inputs, relative to the output's
+    mean square (0 for a layer without an input moment)."""
+    num, den = layer_output_energies(layer)
     return num / den if den > 0 else 0.0
 
 

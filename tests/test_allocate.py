@@ -1,5 +1,6 @@
 """Rule 22's allocator (crossbar_torch/allocate.py): the Lagrangian choice against a brute
-force over every per-layer assignment, the written policy, and the per-layer error measure."""
+force over every per-layer assignment, the written policy, and the per-layer error measures
+(the output gains themselves: tests/test_sensitivity.py)."""
 import itertools
 
 import pytest
@@ -8,6 +9,7 @@ import torch.nn as nn
 
 import crossbar_torch as xb
 from crossbar_torch import allocate as al
+from crossbar_torch.sensitivity import LayerGain
 
 
 def _brute(measured, budget):
@@ -72,3 +74,21 @@ def test_layer_error_is_the_relative_output_error():
         want = float(((x.double() @ (we - w).T) ** 2).sum() / ((x.double() @ w.T) ** 2).sum())
     assert m.error["0"] == pytest.approx(want, rel=1e-5)
     assert m.writes["0"] == xb.reprogram_report(xm).to_dict()["layers"][0]["writes_per_pass"]
+
+
+
+def test_measure_with_gains_predicts_from_the_shared_and_the_varying_error():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4)).eval()
+    x = torch.randn(50, 12) + 0.7  # a mean input row far from zero
+    setting = {"stuck_slices": 2, "reprogram_fraction": 0.0, "compensate": True}
+    mu = x.double().mean(0)
+    gains = {"0": LayerGain(3.0, 40.0, mu), "2": LayerGain(0.5, 2.0, torch.zeros(6).double())}
+    m = al.measure(model, xb.CrossbarConfig(rows=8, cols=28), setting, lambda mm: mm(x), gains)
+    xm = xb.convert(model, xb.CrossbarConfig(rows=8, cols=28, **setting))
+    with torch.no_grad():
+        e = xm[0].effective_weight().double() - model[0].weight.double()
+        energy = float(((x.double() @ e.T) ** 2).sum()) / len(x)  # tr(E H E^T)
+        shared = float((e @ mu).pow(2).sum())
+    assert 0 < shared < energy
+    assert m.error["0"] == pytest.approx(3.0 * (energy - shared) + 40.0 * shared, rel=1e-5)

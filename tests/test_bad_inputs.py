@@ -216,6 +216,8 @@ def cases(script: str, tmp: str):
             ("--budget-like", ["--budget-like", "7"], "--budget-like"),
             ("--budget-factor", ["--budget-factor", "0"], "--budget-factor"),
             ("--calib-sentences", ["--calib-sentences", "0"], "--calib-sentences"),
+            ("--sensitivity", ["--sensitivity", "loss"], "--sensitivity"),
+            ("--gain-sentences", ["--gain-sentences", "0"], "--gain-sentences"),
             ("--out", ["--out", f"{tmp}/policy.txt"], "--out"),
             ("--quiet", ["--quiet=yes"], "--quiet"),
             ("--progress", ["--progress"], "--progress"),

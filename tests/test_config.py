@@ -84,6 +84,16 @@ def test_shipped_configs_load():
     for p in paths:
         if os.path.basename(p).startswith("sweep"):
             continue  # sweep files list runs; tests/test_scripts.py loads them
+        if os.path.basename(p).startswith("allocate_"):  # crossbar-allocate --candidates
+            import yaml
+            from crossbar_torch.config import OVERRIDE_FIELDS
+            with open(p) as f:
+                candidates = yaml.safe_load(f)
+            assert isinstance(candidates, list) and candidates
+            for c in candidates:
+                assert set(c) <= set(OVERRIDE_FIELDS)
+                CrossbarConfig(sort="value", filter_order="chain").replace(**c)
+            continue
         assert isinstance(xb.CrossbarConfig.from_yaml(p), CrossbarConfig)
 
 

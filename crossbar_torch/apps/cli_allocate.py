@@ -3,8 +3,11 @@ under each candidate setting on calibration sentences, pick per layer the settin
 the most writes within an error budget, and write the resulting config YAML (layer_overrides).
 
 Each candidate is tried on the whole model once (convert, calibrate the input moments,
-reprogram, count); a layer's sensitivity is its relative output error on the calibration
-inputs, tr(E H E^T) / tr(W H W^T), its cost its writes per pass (crossbar_torch/allocate.py).
+reprogram, count); a layer's error is, with --sensitivity embedding (the default), the error
+its output error makes in the sentence embedding to first order, gain * tr(E H E^T), the gain
+measured once on the float model by back-propagation (--gain-sentences of the calibration
+sentences); with --sensitivity output its relative output error tr(E H E^T) / tr(W H W^T),
+which weighs every layer alike; its cost is its writes per pass (crossbar_torch/allocate.py).
 The budget is the summed error of the candidate named by --budget-like (default: the first,
 the safest), times --budget-factor: the policy is then at most that error, with fewer writes.
 The chosen policy is measured again as a whole (writes, reduction, and embedding fidelity on
@@ -46,6 +49,11 @@ def build_parser():
                    help="times this factor (default 1)")
     p.add_argument("--calib-sentences", type=int, default=128, metavar="N",
                    help="generated calibration sentences (default 128; none of them scored)")
+    p.add_argument("--sensitivity", choices=("embedding", "output"), default="embedding",
+                   help="a layer's error: its effect on the embedding (default) or its "
+                        "relative output error")
+    p.add_argument("--gain-sentences", type=int, default=32, metavar="N",
+                   help="calibration sentences the embedding gains are measured on (default 32)")
     p.add_argument("--out", required=True, metavar="YAML", help="where to write the policy")
     add_progress_args(p)
     return p
@@ -56,6 +64,8 @@ def main(argv=None):
     check_output_file(args.out, "--out", ("yaml", "yml"))
     if args.calib_sentences < 1:
         raise UsageError(f"--calib-sentences {args.calib_sentences}: must be at least 1")
+    if args.gain_sentences < 1:
+        raise UsageError(f"--gain-sentences {args.gain_sentences}: must be at least 1")
     if not args.budget_factor > 0:
         raise UsageError(f"--budget-factor {args.budget_factor}: must be > 0")
     import crossbar_torch as xb
@@ -101,10 +111,25 @@ def main(argv=None):
         from crossbar_torch.apps.models.minilm import encode_sentences as enc, minilm_tokenizer
         return enc(m, text, minilm_tokenizer())
 
+    gains = None
+    if args.sensitivity == "embedding":
+        from crossbar_torch.sensitivity import output_gains
+        gain_text = calib[:args.gain_sentences]
+        if args.model == "mpnet":
+            from crossbar_torch.apps.models.mpnet import embed_with_grad
+            forward = lambda mm: embed_with_grad(mm, gain_text)  # noqa: E731
+        else:
+            from crossbar_torch.apps.models.minilm import encode_sentences as enc, minilm_tokenizer
+            forward = lambda mm: enc(mm, gain_text, minilm_tokenizer(), grad=True)  # noqa: E731
+        print(f"embedding gains of every layer on {len(gain_text)} calibration sentences ...",
+              file=sys.stderr, flush=True)
+        names = [n for n, mod in model.named_modules()
+                 if isinstance(mod, torch.nn.Linear)]  # a sentence model's crossbar layers
+        gains = output_gains(model, forward, names)
     measured = []
     for i, c in enumerate(candidates):
         print(f"candidate {i}: {c} ...", file=sys.stderr, flush=True)
-        m = al.measure(model, base, c, lambda mm: encode(mm, calib))
+        m = al.measure(model, base, c, lambda mm: encode(mm, calib), gains)
         measured.append(m)
         print(f"  writes/pass {sum(m.writes.values()):,.0f}  summed error "
               f"{sum(m.error.values()):.4g}", file=sys.stderr, flush=True)
@@ -121,7 +146,8 @@ def main(argv=None):
     with torch.no_grad():
         fid = embedding_fidelity(encode(model, test), encode(xm, test))
     header = (f"# Per-layer policy by scripts/allocate.py --model {args.model} (budget: "
-              f"{args.budget_factor} x the summed error of candidate {args.budget_like}).\n"
+              f"{args.budget_factor} x the summed error of candidate {args.budget_like}, "
+              f"--sensitivity {args.sensitivity}).\n"
               f"# Measured: reduction {rep['reduction']:.3f}x, cosine mean "
               f"{fid['cosine_mean']:.4f} / min {fid['cosine_min']:.4f}, nearest-neighbour "
               f"agreement {fid['nn_agreement']:.1f}% on the {len(test)} packaged sentences.\n"

@@ -267,13 +267,14 @@ def minilm_tokenizer(max_length: int = 256):
     return tok
 
 
-def encode_sentences(model: MiniLM, sentences, tokenizer=None) -> torch.Tensor:
-    """Normalized sentence embeddings ``(n, hidden)``, as sentence-transformers computes them."""
+def encode_sentences(model: MiniLM, sentences, tokenizer=None, grad: bool = False) -> torch.Tensor:
+    """Normalized sentence embeddings ``(n, hidden)``, as sentence-transformers computes them
+    (with ``grad``, differentiable: the allocator's output gains)."""
     tok = tokenizer if tokenizer is not None else minilm_tokenizer()
     enc = tok.encode_batch(list(sentences))
     ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
     mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
     types = torch.tensor([e.type_ids for e in enc], dtype=torch.long)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         hidden = model(ids, mask, types)
-    return mean_pooled_embedding(hidden, mask)
+        return mean_pooled_embedding(hidden, mask)

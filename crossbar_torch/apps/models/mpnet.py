@@ -369,3 +369,11 @@ def encode_sentences(model, sentences, batch_size: int = 64) -> torch.Tensor:
     emb = model.encode(list(sentences), batch_size=batch_size, convert_to_tensor=True,
                        show_progress_bar=False)
     return emb.float().cpu()
+
+
+def embed_with_grad(model, sentences) -> torch.Tensor:
+    """The embeddings ``encode_sentences`` gives (normalized, in order), differentiable: the
+    model's own tokenizer and modules called directly (``encode`` runs without gradients)."""
+    # sentence-transformers 6 calls it preprocess (tokenize is deprecated there)
+    features = getattr(model, "preprocess", model.tokenize)(list(sentences))
+    return model(features)["sentence_embedding"].float()
