@@ -92,3 +92,40 @@ def test_measure_with_gains_predicts_from_the_shared_and_the_varying_error():
         shared = float((e @ mu).pow(2).sum())
     assert 0 < shared < energy
     assert m.error["0"] == pytest.approx(3.0 * (energy - shared) + 40.0 * shared, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_allocate_command_on_minilm_writes_a_policy_of_its_candidates(tmp_path):
+    """The whole command on MiniLM's real weights: gains by back-propagation, two candidates
+    (the heavier penalty writes less), the policy written with its header and made of the
+    candidates' settings."""
+    import os
+    import subprocess
+    import sys
+    import yaml
+    pytest.importorskip("tokenizers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cands = tmp_path / "cands.yaml"
+    cands.write_text(
+        "- {stuck_slices: 0, reprogram_fraction: 1.0, compensate: true, feedback: hessian,"
+        " write_penalty: 1.0}\n"
+        "- {stuck_slices: 0, reprogram_fraction: 1.0, compensate: true, feedback: hessian,"
+        " write_penalty: 12.0}\n")
+    out = tmp_path / "policy.yaml"
+    run = subprocess.run(
+        [sys.executable, os.path.join(root, "scripts", "allocate.py"), "--model", "minilm",
+         "--candidates", str(cands), "--budget-factor", "2", "--calib-sentences", "16",
+         "--gain-sentences", "8", "--out", str(out)],
+        capture_output=True, text=True, cwd=root, timeout=1200)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    assert "--sensitivity embedding" in text.splitlines()[0]
+    cfg = xb.CrossbarConfig.from_yaml(str(out))
+    lines = run.stderr.splitlines()
+    writes = [float(l.split("writes/pass")[1].split()[0].replace(",", ""))
+              for l in lines if "writes/pass" in l]
+    assert len(writes) == 2 and writes[1] < writes[0]
+    penalties = {cfg.write_penalty} | {o["write_penalty"] for o in
+                                      yaml.safe_load(text)["layer_overrides"].values()}
+    assert penalties <= {1.0, 12.0}
+    assert "embedding gains of every layer on 8 calibration sentences" in run.stderr
