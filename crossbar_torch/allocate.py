@@ -65,6 +65,10 @@ def measure(model: nn.Module, base: CrossbarConfig, setting: dict,
     cfg = base.replace(layer_overrides=(), **setting)
     xm = convert(copy.deepcopy(model), cfg)
     layers = crossbar_layers(xm)
+    if gains is not None:
+        missing = [n for n, _ in layers if n not in gains]
+        if missing:
+            raise ValueError(f"measure: no gain for the crossbar layer(s) {missing[:3]}")
     if cfg.feedback != "none":
         calibrate(xm, run=run)
         reprogram(xm)

@@ -92,6 +92,9 @@ def test_measure_with_gains_predicts_from_the_shared_and_the_varying_error():
         shared = float((e @ mu).pow(2).sum())
     assert 0 < shared < energy
     assert m.error["0"] == pytest.approx(3.0 * (energy - shared) + 40.0 * shared, rel=1e-5)
+    with pytest.raises(ValueError, match=r"no gain for the crossbar layer\(s\) \['2'\]"):
+        al.measure(model, xb.CrossbarConfig(rows=8, cols=28), setting, lambda mm: mm(x),
+                   {"0": gains["0"]})
 
 
 @pytest.mark.slow
