@@ -77,6 +77,39 @@ def test_minilm_linear_layers():
     assert "layers 37" in out
 
 
+@pytest.mark.slow
+def test_a_feedback_preset_is_calibrated_before_it_is_counted(tmp_path):
+    """configs/minilm_best.yaml (rules 21 and 23) programs from input moments: the script
+    calibrates on the frontier's generated sentences and reprograms, so it counts what the
+    library counts along that route (it used to count the uncalibrated programming)."""
+    from crossbar_torch.apps.frontier import feedback_sentences
+    from crossbar_torch.apps.models import load_model
+    from crossbar_torch.apps.models.minilm import encode_sentences, minilm_tokenizer
+    out = tmp_path / "r.json"
+    run("--model", "minilm", "--config", os.path.join(REPO, "configs", "minilm_best.yaml"),
+        "--json", str(out))
+    got = json.loads(out.read_text())["writes_per_pass"]
+    cfg = xb.load_config(os.path.join(REPO, "configs", "minilm_best.yaml"))
+    model = load_model("minilm").eval()
+    xm = xb.convert(model, cfg)
+    uncalibrated = xb.reprogram_report(xm).writes_per_pass
+    text, tok = feedback_sentences(), minilm_tokenizer()
+    xb.calibrate(xm, run=lambda m: encode_sentences(m, text, tok))
+    xb.reprogram(xm)
+    assert got == xb.reprogram_report(xm).writes_per_pass != uncalibrated
+
+
+def test_a_feedback_config_on_an_image_model_is_one_line(tmp_path):
+    cfg = tmp_path / "fb.yaml"
+    cfg.write_text("sort: value\ncompensate: true\nstuck_slices: 1\nreprogram_fraction: 0.0\n"
+                   "feedback: hessian\n")
+    r = subprocess.run([sys.executable, SCRIPT, "--quiet", "--model", "test_efficientnet",
+                        "--random-init", "--config", str(cfg)], capture_output=True, text=True,
+                       cwd=REPO, timeout=600)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        f"error: {cfg}: feedback='hessian' (rule 21) programs from input moments"), r.stderr
+
+
 # ------------------------------------------------------------- outputs that are right (issue 12)
 
 def _script():

@@ -112,6 +112,37 @@ def no_layer_message(model, xmodel, include, exclude) -> str:
                         for n, t in chosen[:4]) + (" ..." if len(chosen) > 4 else ""))
 
 
+def calibrate_feedback(xmodel, args, name: str) -> None:
+    """Rule 21 / 23 configs (feedback) program from input moments: without them the counts are
+    those of a programming that ignores the preset's point. A sentence model calibrates on the
+    generated sentences the frontier tool uses (none of them scored), then reprograms; an image
+    model has no calibration data in this script: one line saying where to count it."""
+    from crossbar_torch.apps.cli import is_mpnet, is_sentence_model
+    from crossbar_torch.feedback import needs_moments
+    if not needs_moments(xmodel):
+        return
+    if not is_sentence_model(args.model):
+        raise UsageError(f"{args.config or name}: feedback='hessian' (rule 21) programs from input moments "
+                         "measured on calibration images, which this script does not read; "
+                         "count it with scripts/eval_imagenet.py or scripts/frontier.py")
+    from crossbar_torch.apps.frontier import feedback_sentences
+    text = feedback_sentences()
+    if is_mpnet(args.model):
+        from crossbar_torch.apps.models.mpnet import encode_sentences as encode_st
+
+        def run(m):
+            return encode_st(m, text)
+    else:
+        from crossbar_torch.apps.models.minilm import encode_sentences, minilm_tokenizer
+        tok = minilm_tokenizer()
+
+        def run(m):
+            return encode_sentences(m, text, tok)
+    xb.reprogram(xmodel)  # calibration runs the model: it must hold cells first
+    xb.calibrate(xmodel, run=run)
+    xb.reprogram(xmodel)
+
+
 def main(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
@@ -181,6 +212,7 @@ def main(argv=None):
                                 program=False, progress=progress)
         if not xb.crossbar_layers(xmodel):
             raise UsageError(no_layer_message(model, xmodel, args.include, args.exclude))
+        calibrate_feedback(xmodel, args, name)
         if not rows:  # the layers are chosen: now say what is counted
             print(f"model {args.model} ({weights})", file=sys.stderr)
         rep = xb.reprogram_report(xmodel, progress=progress, model_name=args.model)
