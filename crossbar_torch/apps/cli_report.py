@@ -122,8 +122,9 @@ def calibrate_feedback(xmodel, args, name: str) -> None:
     if not needs_moments(xmodel):
         return
     if not is_sentence_model(args.model):
-        raise UsageError(f"{args.config or name}: feedback='hessian' (rule 21) programs from input moments "
-                         "measured on calibration images, which this script does not read; "
+        raise UsageError(f"{args.config or name}: feedback='hessian' (rule 21) programs from "
+                         "input moments measured on calibration images, which this script does "
+                         "not read; "
                          "count it with scripts/eval_imagenet.py or scripts/frontier.py")
     from crossbar_torch.apps.frontier import feedback_sentences
     text = feedback_sentences()
