@@ -33,7 +33,8 @@ import torch.nn as nn
 from .nn.calibration import calibrate
 from .config import CrossbarConfig
 from .nn.conversion import convert
-from .feedback import collect_moments, layer_output_energies, layer_output_error
+from .feedback import (collect_moments, layer_output_energies, layer_output_error,
+                       weight_error)
 from .nn.modules import crossbar_layers
 from .programming import reprogram
 from .report import reprogram_report
@@ -85,9 +86,8 @@ def measure(model: nn.Module, base: CrossbarConfig, setting: dict,
         if gains is None:
             m.error[name] = layer_error(layer)
         else:
-            e = (layer.effective_weight().detach().double().reshape(layer.weight.shape[0], -1)
-                 - layer.matrix_weight().detach().double()).cpu()
-            m.error[name] = gains[name].error(e, layer_output_energies(layer)[0])
+            e = weight_error(layer)  # once: the shared error and the energy both read it
+            m.error[name] = gains[name].error(e, layer_output_energies(layer, e)[0])
     del xm
     return m
 

@@ -178,16 +178,24 @@ def collect_moments(layers):
 
 
 @torch.no_grad()
-def layer_output_energies(layer) -> tuple:
-    """``(tr(E H E^T), tr(W H W^T))`` of a calibrated layer, with ``E = W_eff - W``: the mean
-    squared error its crossbars add to one output row (one token, one position) on the
-    calibration inputs, and that row's mean square ((0, 0) without an input moment)."""
+def weight_error(layer) -> torch.Tensor:
+    """``E = W_eff - W`` of a crossbar layer, float64 ``(out, K)`` on the CPU."""
+    w = layer.matrix_weight().detach().to("cpu", torch.float64)
+    return layer.effective_weight().detach().to("cpu", torch.float64).reshape(w.shape) - w
+
+
+@torch.no_grad()
+def layer_output_energies(layer, e: torch.Tensor | None = None) -> tuple:
+    """``(tr(E H E^T), tr(W H W^T))`` of a calibrated layer, with ``E = W_eff - W``
+    (``weight_error``; pass ``e`` when it is at hand): the mean squared error its crossbars
+    add to one output row (one token, one position) on the calibration inputs, and that row's
+    mean square ((0, 0) without an input moment)."""
     h = layer.input_moment.detach().to("cpu", torch.float32)
     if not h.numel():
         return 0.0, 0.0
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
-    e = (layer.effective_weight().detach().to("cpu", torch.float64).reshape(w.shape)
-         - w.double()).float()  # the difference in float64, then small numbers in float32
+    # the difference in float64, then small numbers in float32
+    e = (weight_error(layer) if e is None else e).float()
     per = w.shape[0] // h.shape[0]
     num = den = 0.0
     for g in range(h.shape[0]):

@@ -332,6 +332,17 @@ def is_sentence_model(name: str) -> bool:
     return is_minilm(name) or is_mpnet(name)
 
 
+def sentence_encoder(name: str):
+    """``encode(model, sentences)``: normalized embeddings of the sentence model ``name``
+    (mpnet: sentence-transformers' own encode; MiniLM: its tokenizer, loaded once)."""
+    if is_mpnet(name):
+        from .models.mpnet import encode_sentences as encode_st
+        return encode_st
+    from .models.minilm import encode_sentences, minilm_tokenizer
+    tok = minilm_tokenizer()
+    return lambda model, sentences: encode_sentences(model, sentences, tok)
+
+
 def weight_source(args) -> dict:
     if getattr(args, "pretrained", False):
         return {"pretrained": True}

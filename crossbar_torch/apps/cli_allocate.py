@@ -25,7 +25,8 @@ import sys
 import torch
 
 from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_progress_args,
-                                check_input_file, check_output_file, read_yaml, run_main)
+                                check_input_file, check_output_file, read_yaml, run_main,
+                                sentence_encoder)
 
 DEFAULT_CANDIDATES = [
     {"stuck_slices": 1, "reprogram_fraction": 0.0, "compensate": True, "feedback": "hessian"},
@@ -99,17 +100,10 @@ def main(argv=None):
                          "candidates (0-based)")
 
     from crossbar_torch.apps.models import load_model
-    if args.model == "mpnet":
-        from crossbar_torch.apps.models.mpnet import encode_sentences
     model = load_model(args.model).eval()
     calib = feedback_sentences(args.calib_sentences)
     test = builtin_sentences()
-
-    def encode(m, text):
-        if args.model == "mpnet":
-            return encode_sentences(m, text)
-        from crossbar_torch.apps.models.minilm import encode_sentences as enc, minilm_tokenizer
-        return enc(m, text, minilm_tokenizer())
+    encode = sentence_encoder(args.model)  # (model, sentences) -> embeddings
 
     gains = None
     if args.sensitivity == "embedding":

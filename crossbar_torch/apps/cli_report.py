@@ -117,7 +117,7 @@ def calibrate_feedback(xmodel, args, name: str) -> None:
     those of a programming that ignores the preset's point. A sentence model calibrates on the
     generated sentences the frontier tool uses (none of them scored), then reprograms; an image
     model has no calibration data in this script: one line saying where to count it."""
-    from crossbar_torch.apps.cli import is_mpnet, is_sentence_model
+    from crossbar_torch.apps.cli import is_sentence_model, sentence_encoder
     from crossbar_torch.feedback import needs_moments
     if not needs_moments(xmodel):
         return
@@ -127,20 +127,9 @@ def calibrate_feedback(xmodel, args, name: str) -> None:
                          "not read; "
                          "count it with scripts/eval_imagenet.py or scripts/frontier.py")
     from crossbar_torch.apps.frontier import feedback_sentences
-    text = feedback_sentences()
-    if is_mpnet(args.model):
-        from crossbar_torch.apps.models.mpnet import encode_sentences as encode_st
-
-        def run(m):
-            return encode_st(m, text)
-    else:
-        from crossbar_torch.apps.models.minilm import encode_sentences, minilm_tokenizer
-        tok = minilm_tokenizer()
-
-        def run(m):
-            return encode_sentences(m, text, tok)
+    text, encode = feedback_sentences(), sentence_encoder(args.model)
     xb.reprogram(xmodel)  # calibration runs the model: it must hold cells first
-    xb.calibrate(xmodel, run=run)
+    xb.calibrate(xmodel, run=lambda m: encode(m, text))
     xb.reprogram(xmodel)
 
 
