@@ -72,13 +72,6 @@ def placement_predecessors(filter_index: torch.Tensor, out: int, config) -> torc
     return pred
 
 
-def feedback_active(layer, config) -> bool:
-    """Rule 21 applies to a layer once it is calibrated and, with stucking, once a programming
-    has told which of its cells are held and at what level."""
-    return (config.feedback != "none" and layer.input_moment.numel() > 0
-            and (not config.stucking or layer.stuck.numel() > 0))
-
-
 @torch.no_grad()
 def feedback_targets(layer, config) -> torch.Tensor:
     """Rule 21: the integers (int32 (out, K), original order) that programming writes into

@@ -23,8 +23,9 @@ from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .heap import release_free_memory
 from .packing import pack_mask
-from .feedback import feedback_active, feedback_cells, feedback_targets, warn_output_errors
+from .feedback import feedback_cells, feedback_targets, warn_output_errors
 from .nn.modules import crossbar_layers
+from .nn.modules.state import feedback_active
 from .nn.record import no_crossbar_layers
 from .quantization import check_weight
 from .noise import program_noise

@@ -524,3 +524,31 @@ def test_write_penalty_config():
     over = xb.CrossbarConfig(feedback="hessian",
                              layer_overrides={"fc*": {"write_penalty": 2.0}})
     assert over.for_layer("fc1").write_penalty == 2.0 and over.for_layer("x").write_penalty == 0
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(stuck_slices=0, reprogram_fraction=1.0,
+                                             compensate=False, write_penalty=2.0)])
+def test_training_forward_of_a_calibrated_layer_is_the_deployed_one(kw):
+    """Rule 21's programming is a sequential solve, not the rule-13 compensation a training
+    forward simulates for other layers: a calibrated layer trains with the cells it holds, so
+    what fine-tuning optimizes is the model that is deployed (it used to be the plain rounding,
+    and MiniLM's distillation made the deployed model worse). The gradient still reaches the
+    latent weight (straight through); an uncalibrated layer still simulates rule 13."""
+    torch.manual_seed(11)
+    model = Tiny().eval()
+    x = torch.randn(5, 4, 6, 6)
+    xmodel = xb.convert(copy.deepcopy(model), _config(**kw))
+    plain = {n: l.simulated_weight() for n, l in xb.crossbar_layers(xmodel)}
+    xb.calibrate(xmodel, x)
+    xb.reprogram(xmodel)
+    with torch.no_grad():
+        y_eval = xmodel.eval()(x)
+    y_train = xmodel.train()(x)
+    assert torch.equal(y_train, y_eval)
+    y_train.square().sum().backward()
+    moved = False
+    for name, layer in xb.crossbar_layers(xmodel):
+        assert layer.weight.grad is not None and bool(layer.weight.grad.abs().sum() > 0), name
+        assert torch.equal(layer.simulated_weight(), layer.effective_weight()), name
+        moved |= not torch.equal(layer.simulated_weight(), plain[name])
+    assert moved  # the feedback chose other levels than rule 13 would (else the test is empty)

@@ -25,18 +25,16 @@ and the latent float ``weight`` stays a parameter for fine-tuning.
 Eval mode computes with the effective weights decoded from ``cells`` (cached once per
 programming, then the native GEMM / conv). Train mode simulates programming the *current* latent
 weight (quantize with the fixed scales, gather through the fixed sort index, encode, keep the
-stuck cells' levels, compensate (rule 13) when configured, decode, un-sort) and passes the
+stuck cells' levels, compensate (rule 13) when configured, decode, un-sort; a calibrated rule-21
+layer computes with the cells it holds, its feedback being a sequential solve) and passes the
 gradient straight through to the latent weight. Semantics: docs/semantics.md.
 
-Stored formats (docs/checkpoints.md). The sort index is the largest buffer after the cells: it
-is kept in the narrowest integer type that holds its values (:func:`index_dtype`) and widened to
-int64 only transiently, per layer, where an op or ``scatter`` / ``gather`` needs int64
-(:meth:`CrossbarMixin.long_sort_index`). State dicts saved before (int64 ``sort_index``) load
-unchanged: the loaded index is checked (a permutation of every row) and narrowed on load.
-The cells and the stuck flags are the largest: they are stored packed (1-bit cells: 8 a byte)
-and unpacked per layer, transiently, where levels are computed with (the decode, cached once per
-programming in eval; the simulated programming of a training forward); state dicts with one
-byte per cell are packed on load.
+Stored formats (docs/checkpoints.md). The sort index is kept in the narrowest integer type that
+holds its values (:func:`index_dtype`), widened to int64 only transiently, per layer, where an
+op or ``scatter`` / ``gather`` needs it (:meth:`CrossbarMixin.long_sort_index`); int64 indices
+of older state dicts are checked (a permutation of every row) and narrowed on load. The cells
+and the stuck flags are stored packed (1-bit cells: 8 a byte) and unpacked per layer,
+transiently, where levels are computed with; state dicts with a byte per cell are packed on load.
 """
 from __future__ import annotations
 
@@ -53,7 +51,7 @@ from ...mapping import check_filter_index, filter_index, natural_filter_index
 from ...packing import pack_levels, packed_width, unpack_levels, unpack_mask
 from ...quantization import index_dtype, quantize, sort_index
 from .stamps import no_object, same_stamp, tensor_digest
-from .state import check_loaded_buffers
+from .state import check_loaded_buffers, feedback_active
 
 
 # What a crossbar layer keeps beside the parameters of the layer it replaced.
@@ -79,8 +77,7 @@ class CrossbarMixin:
     config: CrossbarConfig
 
     def long_sort_index(self) -> torch.Tensor:
-        """The sort index as int64, for ops and ``scatter`` / ``gather`` (which take int64
-        only): a transient copy, per call, of the narrow stored one."""
+        """The sort index as int64 (ops, ``scatter``, ``gather``): a transient copy, per call."""
         return self.sort_index.long()
 
     def held_cells(self) -> torch.Tensor:
@@ -184,9 +181,8 @@ class CrossbarMixin:
     # The version counter says when the weight changed in place; it is compared only for the
     # same tensor object, held by a weak reference (an id() can be reused after garbage
     # collection). deepcopy, .to() and load_state_dict give new objects with fresh counters:
-    # then a digest of the bytes (exact: a permutation or a sign-balanced change differs)
-    # decides, once, and the new object's counter is followed. Inference tensors have no
-    # counter and cannot change outside inference_mode: they are not checked.
+    # then a digest of the bytes (exact) decides, once, and the new object's counter is
+    # followed. Inference tensors cannot change outside inference_mode: they are not checked.
     def _weight_stamp(self):
         w = self.weight
         if w.is_inference():
@@ -304,12 +300,15 @@ class CrossbarMixin:
         return q
 
     def simulated_cells(self) -> torch.Tensor:
-        """The cells programming the current latent weight would leave (sorted order)."""
+        """The cells programming the current latent weight would leave (sorted order); for a
+        rule-21 layer, the cells its last programming left (see ``feedback_active``)."""
+        cfg = self.config.for_layer(self.layer_name)  # rule 22: this layer's policy
+        if feedback_active(self, cfg):  # a sequential solve per filter: neither cheap nor
+            return self.held_cells()    # differentiable; exact while the latent is unchanged
         target = self.target_cells(trusted=True)
         if self.stuck.numel():
             # what programming would leave: the stuck cells keep their levels, and with rule 13
             # the free cells compensate (the write tie-break measured against the held cells)
-            cfg = self.config.for_layer(self.layer_name)  # rule 22: this layer's policy
             target = self.held_op("compensate", ops.compensate, target, self.stuck_cells(),
                                   self.held_cells(), cfg.weight_bits, cfg.bits_per_cell,
                                   cfg.encoding_id,
@@ -317,15 +316,16 @@ class CrossbarMixin:
         return target
 
     def simulated_weight(self, cells: torch.Tensor | None = None) -> torch.Tensor:
-        """Train mode: effective weight of the current latent weight with the stuck cells kept.
-        The quantizer (and the stuck cells) are passed straight through: the gradient with
-        respect to the latent weight is the gradient with respect to the effective weight."""
-        w_eff = self._decode(self.simulated_cells() if cells is None else cells)
-        # only the quantizer is skipped by the gradient: StdConv2d-style weight
-        # standardization stays differentiable, so its raw weight and gain are trained too
+        """Train mode: effective weight of the current latent weight with the stuck cells kept,
+        the quantizer passed straight through (d/d latent = d/d effective weight)."""
+        if cells is None and feedback_active(self, self.config.for_layer(self.layer_name)):
+            w_eff = self.effective_weight()  # the held cells' decode, cached per programming
+        else:
+            w_eff = self._decode(self.simulated_cells() if cells is None else cells)
+        # only the quantizer is skipped by the gradient (StdConv2d-style standardization stays
+        # differentiable); w - w.detach() is exactly 0 for finite w: the value is w_eff bit for
+        # bit (train and eval compute the same numbers) while d/dw is the identity
         w = self.matrix_weight().reshape(self._weight_shape())
-        # w - w.detach() is exactly 0 for finite w, so the value is w_eff bit for bit (train
-        # and eval compute the same numbers) while d/dw is the identity
         return w_eff.detach() + (w - w.detach())
 
     def weight_for_forward(self) -> torch.Tensor:
@@ -336,8 +336,7 @@ class CrossbarMixin:
         return self.effective_weight()
 
     def train(self, mode: bool = True):
-        # switching to eval is the moment a changed latent weight matters (fine-tuning, then
-        # evaluation without reprogramming); it runs eagerly, also for a compiled model
+        # switching to eval is when a changed latent weight matters (eager, also when compiled)
         if not mode and self._programmed:
             self._warn_if_stale()
         return super().train(mode)

@@ -1,12 +1,19 @@
-"""The checks of a crossbar layer's state dict on load: a buffer no programming can have
-produced (a tampered or corrupt file) is refused naming the layer and the buffer, before
-anything is copied."""
+"""A crossbar layer's state: the checks of its state dict on load (a buffer no programming can
+have produced, a tampered or corrupt file, is refused naming the layer and the buffer, before
+anything is copied), and whether rule 21 programs it (:func:`feedback_active`)."""
 from __future__ import annotations
 
 import torch
 
 from ...mapping import layer_tiles
 from ...packing import is_canonical, pack_levels, pack_mask, packed_width
+
+
+def feedback_active(layer, config) -> bool:
+    """Rule 21 applies to a layer once it is calibrated and, with stucking, once a programming
+    has told which of its cells are held and at what level."""
+    return (config.feedback != "none" and layer.input_moment.numel() > 0
+            and (not config.stucking or layer.stuck.numel() > 0))
 
 
 def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
