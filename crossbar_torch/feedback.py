@@ -221,12 +221,18 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
     bad = {n: e for n, e in ((n, layer_output_error(l)) for n, l in layers) if e > limit}
     if bad:
         worst = sorted(bad.items(), key=lambda kv: -kv[1])[:3]
+        # the advice for what the worst layers lack: rule 21, or a lighter policy under it
+        by_name = dict(layers)
+        fed = all(by_name[n].config.for_layer(by_name[n].layer_name).feedback != "none"
+                  for n, _ in worst)
+        advice = ("lighter stucking or a lower write_penalty" if fed else
+                  "feedback='hessian' (rule 21) or lighter stucking")
         warnings.warn(
             f"{what}: {len(bad)} of {len(layers)} calibrated layer(s) have a relative output "
             f"error above warn_output_error={limit:g} on the calibration data (worst: "
             + ", ".join(f"{n} {e:.3g}" for n, e in worst) + "); the model may lose much of "
-            "its accuracy: consider feedback='hessian' (rule 21) or lighter stucking for "
-            "them (layer_overrides, rule 22)", UserWarning, stacklevel=3)
+            f"its accuracy: consider {advice} for them (layer_overrides, rule 22)",
+            UserWarning, stacklevel=3)
     return bad
 
 

@@ -284,9 +284,15 @@ def test_calibrate_names_layers_that_lose_their_output():
                             compensate=True, warn_output_error=1e-4)
     xm = xb.convert(copy.deepcopy(model), cfg)
     with pytest.warns(UserWarning, match=r"calibrate: 1 of 1 calibrated layer\(s\) have a "
-                                         r"relative output error above warn_output_error=0.0001"):
+                                         r"relative output error above warn_output_error=0.0001"
+                                         r".*consider feedback='hessian' \(rule 21\)"):
         xb.calibrate(xm, x)
     assert xm[0].input_moment.numel() == 0
+    # a layer already under rule 21 is not told to turn it on: a lighter policy is the advice
+    fed = xb.convert(copy.deepcopy(model), cfg.replace(feedback="hessian", write_penalty=4.0))
+    xb.calibrate(fed, x)
+    with pytest.warns(UserWarning, match=r"consider lighter stucking or a lower write_penalty"):
+        xb.reprogram(fed)
     quiet = xb.convert(copy.deepcopy(model), cfg.replace(warn_output_error=0.0))
     import warnings
     with warnings.catch_warnings():

@@ -138,3 +138,70 @@ def test_minilm_real_weights_distillation_keeps_stuck_cells_and_sort():
     assert check_stuck_cells(student, snap) == res.stuck_cells_checked > 0
     assert all(torch.equal(l.sort_index, sort_before[n]) for n, l in crossbar_layers(student))
     assert all(torch.isfinite(torch.tensor(l)) for _, l in res.losses)
+
+
+FEEDBACK = xb.CrossbarConfig(rows=16, cols=16, weight_bits=4, stuck_slices=2,
+                             reprogram_fraction=0.0, sort="value", filter_order="chain",
+                             compensate=True, feedback="hessian", write_penalty=0.5, seed=1)
+
+
+def _calibrated(teacher, batch):
+    """A rule-21 conversion of ``teacher``, calibrated on ``batch`` and reprogrammed."""
+    student = xb.convert(teacher, FEEDBACK)
+    xb.calibrate(student, run=lambda m: SentenceEmbedder(m)(batch))
+    xb.reprogram(student)
+    return student
+
+
+@pytest.mark.filterwarnings("ignore:reprogram:UserWarning")
+def test_feedback_config_distillation_trains_the_deployed_model():
+    """With rule-21 feedback the training forward is the deployed model itself (the cells it
+    holds): with --freeze-crossbar the loss trained on is the deployed loss, it falls, and the
+    writes stay exactly. (Train mode once simulated the plain rounding here and the deployed
+    model got worse: docs/finetune/RESULTS.md.)"""
+    pytest.importorskip("tokenizers")
+    teacher = tiny_minilm(2)
+    sentences = default_train_sentences(32)
+    batch, _ = TokenCollate(teacher)([(s, -1) for s in sentences])
+    student = _calibrated(teacher, batch)
+    writes = xb.reprogram_report(student).to_dict()["writes_per_pass"]
+    before = _loss_on(student, teacher, batch, train=False)
+    assert _loss_on(student, teacher, batch, train=True) == before
+    finetune_sentences(student, teacher, sentences, steps=10, batch_size=8, lr=3e-3,
+                       sched="constant", progress=False, freeze_crossbar=True,
+                       log=lambda m: None)
+    after = _loss_on(student, teacher, batch, train=False)
+    assert _loss_on(student, teacher, batch, train=True) == after
+    assert after < 0.8 * before, (before, after)
+    assert xb.reprogram_report(student).to_dict()["writes_per_pass"] == writes
+
+
+@pytest.mark.filterwarnings("ignore:reprogram:UserWarning")
+def test_reprogram_every_programs_mid_run_and_refuses_resume():
+    from crossbar_torch.apps.finetune import FinetuneArgs, ResumeError, Trainer
+    from crossbar_torch.errors import UserInputError
+    pytest.importorskip("tokenizers")
+    teacher = tiny_minilm(3)
+    sentences = default_train_sentences(32)
+    batch, _ = TokenCollate(teacher)([(s, -1) for s in sentences])
+    student = _calibrated(teacher, batch)
+    converted = {n: l.cells.clone() for n, l in crossbar_layers(student)}
+    snap = stuck_snapshot(student)
+    logs = []
+    res = finetune_sentences(student, teacher, sentences, steps=6, batch_size=8, lr=3e-2,
+                             sched="constant", progress=False, reprogram_every=2,
+                             log=logs.append)
+    mid = [m for m in logs if "reprogrammed" in m]
+    assert [m.split(":")[0] for m in mid] == ["step 2", "step 4"], logs  # not after step 6:
+    assert res.program is not None  # the final programming is fit()'s own
+    assert any(not torch.equal(l.cells, converted[n]) for n, l in crossbar_layers(student))
+    assert check_stuck_cells(student, snap) > 0  # every reprogramming kept the stuck cells
+    with pytest.raises(UserInputError, match="reprogram_every must be >= 0"):
+        FinetuneArgs(reprogram_every=-1)
+    args = FinetuneArgs(loss="cosine", steps=2, batch_size=8, reprogram_every=1,
+                        progress=False, freeze_bn=False)
+    tr = Trainer(SentenceEmbedder(student), SentenceDataset(sentences), args,
+                 teacher=SentenceEmbedder(teacher), collate_fn=TokenCollate(teacher),
+                 log=lambda m: None)
+    with pytest.raises(ResumeError, match="cannot be resumed"):
+        tr.fit(resume={"step": 1})

@@ -64,7 +64,7 @@ FLAGS = {"loss": "--loss", "temperature": "--temperature", "alpha": "--alpha",
          "amp": "--amp", "seed": "--seed", "scale": "--scale", "hflip": "--hflip", "aa": "--aa",
          "color_jitter": "--color-jitter", "preprocessing": "the preprocessing flags",
          "weights": "the weight source", "data_kind": "--train / --distill-images",
-         "freeze_crossbar": "--freeze-crossbar"}
+         "freeze_crossbar": "--freeze-crossbar", "reprogram_every": "--reprogram-every"}
 
 
 def parse_args(argv=None):
@@ -121,6 +121,10 @@ def parse_args(argv=None):
     t.add_argument("--freeze-crossbar", action="store_true",
                    help="train only the parameters off the crossbars (biases, norms, "
                         "embeddings): the cells, hence the writes, stay as converted")
+    t.add_argument("--reprogram-every", type=nonnegative_int, default=0, metavar="N",
+                   help="reprogram the crossbars every N steps (0: only after the last): a "
+                        "layer programmed with rule-21 feedback trains with the cells it "
+                        "holds, which follow the latent weight only when reprogrammed")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda if available)")
     o = p.add_argument_group("output")
@@ -202,6 +206,10 @@ def check_args(args, log) -> dict:
         paths["distill"] = check_input_dir(args.distill_images, "--distill-images")
         if args.loss and args.loss != "kd":
             raise UsageError(f"--loss {args.loss}: --distill-images has no labels; use --loss kd")
+    if args.resume and args.reprogram_every:
+        raise UsageError("--resume with --reprogram-every: a checkpoint keeps the latent "
+                         "weights, not the cells of the last mid-run programming; start the "
+                         "run again")
     if args.val:
         paths["val"] = resolve_split_root(check_input_dir(args.val, "--val"), "val")
     for k, flag in (("train", "--train"), ("val", "--val")):
@@ -319,7 +327,7 @@ def _run(args, paths, cfg, train_ds, val_ds, loss, rank, world, device, log, t0)
         label_smoothing=args.label_smoothing, freeze_bn=not args.train_bn, amp=args.amp,
         seed=args.seed, workers=args.workers, save_every=args.save_every, out_dir=args.out,
         progress=progress, keep=args.keep, skip_bad=args.skip_bad,
-        freeze_crossbar=args.freeze_crossbar)
+        freeze_crossbar=args.freeze_crossbar, reprogram_every=args.reprogram_every)
     run_info = {"scale": list(args.scale), "hflip": args.hflip, "aa": args.aa,
                 "color_jitter": args.color_jitter, "weights": weights,
                 "data_kind": "train" if args.train else "distill-images",

@@ -83,7 +83,8 @@ def run_sentences(args, cfg, log, progress: bool, t0: float) -> dict:
         opt=args.opt, momentum=args.momentum, weight_decay=args.weight_decay, sched=args.sched,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, freeze_bn=False,
         amp=args.amp, seed=args.seed, workers=0, save_every=args.save_every, out_dir=args.out,
-        progress=progress, keep=args.keep, freeze_crossbar=args.freeze_crossbar)
+        progress=progress, keep=args.keep, freeze_crossbar=args.freeze_crossbar,
+        reprogram_every=args.reprogram_every)
     trainer = Trainer(SentenceEmbedder(xmodel), SentenceDataset(train), fargs,
                       teacher=SentenceEmbedder(float_model), config=cfg, model_name=args.model,
                       collate_fn=TokenCollate(float_model), log=log)

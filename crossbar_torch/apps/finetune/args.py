@@ -80,6 +80,10 @@ class FinetuneArgs:
     # train only the parameters off the crossbars (biases, norms, embeddings): the crossbar
     # weights, hence the cells and the writes, stay exactly as converted
     freeze_crossbar: bool = False
+    # reprogram the crossbars every N optimizer steps (0: only after the last one). A rule-21
+    # layer trains with the cells it holds (its feedback is a sequential solve, not simulated
+    # per forward), so its cells follow the latent weight only when it is reprogrammed
+    reprogram_every: int = 0
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -90,7 +94,7 @@ class FinetuneArgs:
             raise UserInputError(f"steps must be >= 1, got {self.steps}")
         if self.epochs < 1 and self.steps is None:
             raise UserInputError(f"epochs must be >= 1, got {self.epochs}")
-        for name in ("workers", "save_every", "warmup_steps", "keep"):
+        for name in ("workers", "save_every", "warmup_steps", "keep", "reprogram_every"):
             if getattr(self, name) < 0:
                 raise UserInputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0 or not math.isfinite(self.lr):

@@ -130,6 +130,7 @@ class Trainer:
         self.last_checkpoint = None
         self.resumed_from = None
         self._fingerprint = None
+        self._cells_before: dict = {}
 
     def _name(self, field: str) -> str:
         return self.arg_names.get(field, field)
@@ -297,6 +298,11 @@ class Trainer:
         if resume is None:
             set_seed(self.args.seed)
             return
+        if self.args.reprogram_every:
+            raise ResumeError(
+                f"resume: a run with {self._name('reprogram_every')} cannot be resumed (a "
+                "checkpoint keeps the latent weights, not the cells of the last mid-run "
+                "programming): start it again")
         if not isinstance(resume, dict):
             resume_path, resume = resume, load_checkpoint(resume)
         where = f"{os.fspath(resume_path)!r}" if resume_path is not None else "the checkpoint"
@@ -335,6 +341,9 @@ class Trainer:
             lv = self._train_step(*xy)
             bar.update(1)
             bar.set_postfix(loss=f"{lv:.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+            every = self.args.reprogram_every
+            if every and self.step % every == 0 and self.step < self.total_steps:
+                self._reprogram_mid_run()
             if self.step >= limit:
                 if self.epoch_step >= self.steps_per_epoch:  # stopped on an epoch's last batch
                     self._next_epoch()
@@ -347,11 +356,21 @@ class Trainer:
         self._next_epoch()  # the epoch ran out
         return saved_at
 
-    def _check_crossbars_kept(self, cells_before: dict, snapshot: dict) -> int:
-        """Training never touches what the crossbars hold (train mode only simulates), and
-        what it computes with keeps every stuck cell. Returns the stuck cells checked."""
+    def _reprogram_mid_run(self) -> None:
+        """``reprogram_every``: program the current latent weights (same sort index, scales
+        and stuck cells); a rule-21 layer trains on with the cells this leaves."""
+        from ...programming import reprogram
+        with torch.no_grad():
+            program = reprogram(self.student)
+        self._cells_before = {n: l.cells.clone() for n, l in crossbar_layers(self.student)}
+        self.log(f"step {self.step}: reprogrammed, {program.per_pass.writes:,} writes per pass")
+
+    def _check_crossbars_kept(self, snapshot: dict) -> int:
+        """Training never touches what the crossbars hold (train mode only simulates; only
+        ``reprogram_every`` programs), and what it computes with keeps every stuck cell.
+        Returns the stuck cells checked."""
         for n, l in crossbar_layers(self.student):
-            if not torch.equal(l.cells, cells_before[n]):
+            if not torch.equal(l.cells, self._cells_before[n]):
                 raise AssertionError(f"{n}: the programmed cells changed during training")
         return check_stuck_cells(self.student, snapshot, simulated=True)
 
@@ -366,7 +385,7 @@ class Trainer:
         t0 = time.time()
         self._start(resume, resume_path)
         snapshot = stuck_snapshot(self.student)
-        cells_before = {n: l.cells.clone() for n, l in crossbar_layers(self.student)}
+        self._cells_before = {n: l.cells.clone() for n, l in crossbar_layers(self.student)}
         self.fingerprint()  # of the crossbars as converted, before the final reprogramming
         self._wrap_ddp()
         self.train_mode()
@@ -377,7 +396,7 @@ class Trainer:
         while self.step < limit:
             saved_at = self._run_epoch(limit, bar) or saved_at
         bar.close()
-        checked = self._check_crossbars_kept(cells_before, snapshot)
+        checked = self._check_crossbars_kept(snapshot)
         program = None
         if self.step >= self.total_steps:
             program = reprogram(self.student)
