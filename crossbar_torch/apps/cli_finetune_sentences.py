@@ -82,6 +82,7 @@ def run_sentences(args, cfg, log, progress: bool, t0: float) -> dict:
         loss=loss, epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
         opt=args.opt, momentum=args.momentum, weight_decay=args.weight_decay, sched=args.sched,
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, freeze_bn=False,
+        freeze_dropout=True,  # the float teacher runs without dropout: so does the student
         amp=args.amp, seed=args.seed, workers=0, save_every=args.save_every, out_dir=args.out,
         progress=progress, keep=args.keep, freeze_crossbar=args.freeze_crossbar,
         reprogram_every=args.reprogram_every)

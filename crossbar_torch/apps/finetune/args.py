@@ -68,6 +68,9 @@ class FinetuneArgs:
     grad_clip: Optional[float] = None
     label_smoothing: float = 0.0
     freeze_bn: bool = True           # BatchNorm running statistics fixed (tiny fine-tuning data)
+    # dropout off in training: distillation toward a teacher without dropout (sentence models,
+    # whose transformers train with dropout 0.1, drifted from the deployed model with it on)
+    freeze_dropout: bool = False
     amp: bool = False                # CUDA only (float16 autocast + GradScaler)
     seed: int = 0
     workers: int = 0

@@ -66,7 +66,8 @@ class TokenCollate:
 
     def tokens(self, sentences: List[str]) -> dict:
         if self.st is not None:
-            return dict(self.st.tokenize(sentences))
+            # ``preprocess`` since sentence-transformers 5.x (``tokenize`` warns there)
+            return dict(getattr(self.st, "preprocess", self.st.tokenize)(sentences))
         if self._tok is None:
             from ..models.minilm import minilm_tokenizer
             self._tok = minilm_tokenizer(self.max_length)
@@ -122,6 +123,7 @@ def finetune_sentences(model: nn.Module, teacher: nn.Module, sentences: Optional
         raise UserInputError(f"loss {kwargs['loss']!r}: a sentence model distils embeddings; "
                              f"use one of {', '.join(EMBEDDING_LOSSES)}")
     kwargs.setdefault("freeze_bn", False)  # no BatchNorm in a transformer
+    kwargs.setdefault("freeze_dropout", True)  # the teacher has none: match it
     args = FinetuneArgs(**kwargs)
     data = SentenceDataset(default_train_sentences() if sentences is None else sentences)
     tr = Trainer(SentenceEmbedder(model), data, args, teacher=SentenceEmbedder(teacher),

@@ -41,6 +41,16 @@ def freeze_batchnorm(model: nn.Module) -> int:
     return n
 
 
+def freeze_dropout(model: nn.Module) -> int:
+    """Put every dropout layer in eval mode (identity). Returns how many were frozen."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.eval()
+            n += 1
+    return n
+
+
 def to_device(x, device):
     """A tensor, or a dict / tuple / list of tensors (a batch of token ids), on ``device``."""
     if isinstance(x, torch.Tensor):
@@ -243,6 +253,8 @@ class Trainer:
         self.student.train()
         if self.args.freeze_bn:
             freeze_batchnorm(self.student)
+        if self.args.freeze_dropout:
+            freeze_dropout(self.student)
 
     def _batch(self, batch):
         """(x, y) of a loader batch, or None when every image of it was unreadable (skipped)."""
