@@ -238,5 +238,6 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
 
 def needs_moments(model: nn.Module) -> bool:
     from .nn.modules import crossbar_layers
-    return any(layer.config.for_layer(name).feedback != "none"  # rule 22: per layer too
+    from .nn.modules.state import policy_name
+    return any(layer.config.for_layer(policy_name(layer, name)).feedback != "none"  # rule 22
                for name, layer in crossbar_layers(model))

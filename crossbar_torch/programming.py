@@ -25,7 +25,7 @@ from .heap import release_free_memory
 from .packing import pack_mask
 from .feedback import feedback_cells, feedback_targets, warn_output_errors
 from .nn.modules import crossbar_layers
-from .nn.modules.state import feedback_active
+from .nn.modules.state import feedback_active, policy_name
 from .nn.record import no_crossbar_layers
 from .quantization import check_weight
 from .noise import program_noise
@@ -323,7 +323,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
         counting = pass_no >= 1
         counts = result.period_total if counting else result.initial
         for i, (name, layer) in enumerate(layers):
-            lcfg = run_cfg.for_layer(name)  # rule 22
+            lcfg = run_cfg.for_layer(policy_name(layer, name))  # rule 22
             target, pinned = cached.get(i, (None, None))
             if pass_no == 0:  # name the layer (the kernel's message cannot)
                 check_weight(layer.matrix_weight().detach(), f"{name}.weight")

@@ -558,3 +558,27 @@ def test_training_forward_of_a_calibrated_layer_is_the_deployed_one(kw):
         assert torch.equal(layer.simulated_weight(), layer.effective_weight()), name
         moved |= not torch.equal(layer.simulated_weight(), plain[name])
     assert moved  # the feedback chose other levels than rule 13 would (else the test is empty)
+
+
+def test_a_wrapped_model_is_programmed_with_its_layers_policies():
+    """Rule 22's patterns match the names convert gave the layers, also when the converted
+    model is wrapped afterwards (sentence distillation wraps it in a SentenceEmbedder): the
+    fine-tuning's final reprogramming once matched them against "model.<name>", dropped every
+    override, and mpnet's cosine fell from 0.991 to 0.963 with nothing trained."""
+    torch.manual_seed(12)
+    model = Tiny().eval()
+    cfg = _config(stuck_slices=0, reprogram_fraction=1.0, compensate=False, write_penalty=0.0,
+                  layer_overrides={"fc*": {"write_penalty": 8.0}})
+    xmodel = xb.convert(copy.deepcopy(model), cfg)
+    xb.calibrate(xmodel, torch.randn(5, 4, 6, 6))
+    xb.reprogram(xmodel)
+    held = {n: l.cells.clone() for n, l in xb.crossbar_layers(xmodel)}
+    writes = xb.reprogram_report(xmodel).to_dict()["writes_per_pass"]
+    wrapped = nn.ModuleDict({"model": xmodel})
+    assert xb.reprogram(wrapped).per_pass.writes == writes
+    for name, layer in xb.crossbar_layers(xmodel):
+        assert torch.equal(layer.cells, held[name]), name
+    # and the policy did matter (else the test is empty): without the overrides other cells
+    plain = xb.convert(copy.deepcopy(model), cfg.replace(layer_overrides={}))
+    xb.calibrate(plain, torch.randn(5, 4, 6, 6))
+    assert xb.reprogram(plain).per_pass.writes != writes

@@ -16,6 +16,13 @@ def feedback_active(layer, config) -> bool:
             and (not config.stucking or layer.stuck.numel() > 0))
 
 
+def policy_name(layer, name: str) -> str:
+    """The name rule 22's patterns are matched against: the one ``convert`` gave the layer,
+    which stays when the model is wrapped later (sentence distillation wraps it), else (a layer
+    built directly) ``name``, its name in the model at hand."""
+    return name if layer.layer_name == type(layer).__name__ else layer.layer_name
+
+
 def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
     """Refuse a loaded buffer that no programming can have produced (a tampered or corrupt
     file), naming the layer and the buffer, before anything is copied: load_state_dict
