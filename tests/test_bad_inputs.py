@@ -130,6 +130,9 @@ def cases(script: str, tmp: str):
             ("--no-progress", ["--no-progress=1"], "--no-progress"),
             ("--sentences", ["--sentences", f"{tmp}/missing.txt"], "--sentences"),
             ("--freeze-crossbar", ["--freeze-crossbar=1"], "--freeze-crossbar"),
+            ("--reprogram-every", ["--reprogram-every", "-1"], "--reprogram-every"),
+            ("--reprogram-every", ["--reprogram-every", "2", "--resume", f"{tmp}/missing.pt"],
+             "--resume with --reprogram-every"),
         ]
     if script == "frontier":
         base = IMAGE + ["--random-init", "--batch-size", "2", "--data", f"{data}/val",
