@@ -222,8 +222,9 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
     if bad:
         worst = sorted(bad.items(), key=lambda kv: -kv[1])[:3]
         # the advice for what the worst layers lack: rule 21, or a lighter policy under it
+        from .nn.modules.state import policy_name
         by_name = dict(layers)
-        fed = all(by_name[n].config.for_layer(by_name[n].layer_name).feedback != "none"
+        fed = all(by_name[n].config.for_layer(policy_name(by_name[n], n)).feedback != "none"
                   for n, _ in worst)
         advice = ("lighter stucking or a lower write_penalty" if fed else
                   "feedback='hessian' (rule 21) or lighter stucking")

@@ -30,25 +30,21 @@ from .losses import EMBEDDING_LOSSES, cross_entropy, distillation_loss, embeddin
 from .seeding import rng_state, set_rng_state, set_seed
 
 
+def _eval_modules(model: nn.Module, kind: type) -> int:
+    """Put every submodule of type ``kind`` in eval mode. Returns how many there were."""
+    found = [m.eval() for m in model.modules() if isinstance(m, kind)]
+    return len(found)
+
+
 def freeze_batchnorm(model: nn.Module) -> int:
     """Put every BatchNorm layer in eval mode (running statistics fixed; the affine parameters
     still train). Returns how many layers were frozen."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.eval()
-            n += 1
-    return n
+    return _eval_modules(model, nn.modules.batchnorm._BatchNorm)
 
 
 def freeze_dropout(model: nn.Module) -> int:
     """Put every dropout layer in eval mode (identity). Returns how many were frozen."""
-    n = 0
-    for m in model.modules():
-        if isinstance(m, nn.modules.dropout._DropoutNd):
-            m.eval()
-            n += 1
-    return n
+    return _eval_modules(model, nn.modules.dropout._DropoutNd)
 
 
 def to_device(x, device):
