@@ -10,7 +10,9 @@ layers, 85M weights), three ways:
 1. ``comp``: value sort + chain placement + compensation at 1 stuck slice @ p = 0
    (``configs/paper_best.yaml``'s stucking): ``convert`` alone, which programs the model.
 2. ``feedback``: the same with ``feedback: hessian`` (rule 21): ``convert``, then
-   ``calibrate`` on N generated sentences (the input moments), then ``reprogram``.
+   ``calibrate`` on N sentences of the packaged calibration corpus (the input moments, as the
+   scripts do by default; ``--calibration generated`` for the generated ones), then
+   ``reprogram``.
 3. ``best``: ``configs/mpnet_best.yaml`` (rule 23's write penalty, nothing stuck): the same
    three steps.
 
@@ -55,11 +57,14 @@ def run_case(name, st, cfg, sentences) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sentences", type=int, default=128,
-                    help="calibration sentences (generated, as scripts/frontier.py uses)")
+    ap.add_argument("--sentences", type=int, default=None,
+                    help="calibration sentences (default: 256 of the corpus, 128 generated)")
+    ap.add_argument("--calibration", choices=("corpus", "generated"), default="corpus",
+                    help="which calibration sentences (default the packaged corpus, as the "
+                         "scripts use)")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
-    if args.sentences < 1:
+    if args.sentences is not None and args.sentences < 1:
         print(f"error: --sentences must be >= 1, got {args.sentences}", file=sys.stderr)
         return 2
     if args.json:  # before minutes of work: the folder must exist and take a file
@@ -77,7 +82,7 @@ def main(argv=None) -> int:
     except UserInputError as e:  # the parts are not installed (make setup installs them)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    sentences = feedback_sentences(args.sentences)
+    sentences = feedback_sentences(args.sentences, args.calibration)
     stuck = dict(sort="value", filter_order="chain", stuck_slices=1, reprogram_fraction=0.0,
                  compensate=True)
     best = xb.CrossbarConfig.from_yaml(os.path.join(
@@ -99,7 +104,8 @@ def main(argv=None) -> int:
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
-            json.dump({"threads": torch.get_num_threads(), "sentences": args.sentences,
+            json.dump({"threads": torch.get_num_threads(), "sentences": len(sentences),
+                       "calibration": args.calibration,
                        "cases": rows}, f, indent=2)
         os.replace(tmp, args.json)
     return 0

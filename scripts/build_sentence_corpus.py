@@ -2,9 +2,12 @@
 """Rebuild crossbar_torch/corpus/sentences_en.txt: real English sentences taken from text that
 ships with Python (its language and library reference, its IDLE help) and scikit-learn (its
 dataset descriptions) (see crossbar_torch/corpus/README.md for sources, licences
-and the versions the committed file was built from).
+and the versions the committed file was built from); and calibration_en.txt: sentences from the
+docstrings of Python's standard library modules, none of which the scored file holds (rule 21's
+input moments are measured on them, so the fidelity is measured out of sample).
 
   python scripts/build_sentence_corpus.py [--out crossbar_torch/corpus/sentences_en.txt]
+                                          [--calibration-out .../calibration_en.txt]
 
 Sentences are cut from prose paragraphs (code blocks and tables skipped, line-wrapping hyphens
 rejoined), kept when they are one plain sentence of 8 to 40 words (no markup, code, URLs or
@@ -23,7 +26,12 @@ import sys
 PYTHON_SENTENCES = 220
 IDLE_SENTENCES = 85
 SKLEARN_SENTENCES = 25
+CALIBRATION_SENTENCES = 768  # three disjoint draws of 256 (the scripts take the first 256)
 SEED = 0
+# Standard-library folders whose text is not the library's own prose (tests, IDLE, whose help
+# the scored file holds, the reference text behind help(), vendored or generated code).
+_SKIP_DIRS = {"test", "tests", "idlelib", "pydoc_data", "site-packages", "lib2to3", "ensurepip",
+              "turtledemo", "__pycache__", "config-3.11-x86_64-linux-gnu", "encodings"}
 _BAD = re.compile(r"[\"=_`\[\]{}<>|\\@#$%^~*/:;]|\.\.|\be\.g\b|\bi\.e\b|\betc\.|\bSee\b|\bsee\b"
                   r"|\bPEP\b|https?|www\.|\bFig\b|\bNo\.|\bvs\.")
 _CITATION = re.compile(r"\b(19|20)\d\d\)?\.$|\bet\.? al|\bRep\b|University|Institute|Technical Report")
@@ -76,10 +84,41 @@ def idle_help_text() -> str:
                        for para in re.findall(r"<p>(.*?)</p>", page, re.S))
 
 
+def stdlib_docstrings() -> str:
+    """The docstrings (module, class, function) of the standard library's Python files, in
+    sorted path order, read with ``ast`` (nothing is imported or run)."""
+    import ast
+    import sysconfig
+    root = sysconfig.get_paths()["stdlib"]
+    docs = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        for name in sorted(f for f in files if f.endswith(".py")):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+            except (SyntaxError, UnicodeDecodeError, ValueError):
+                continue  # a file written for another Python, or not UTF-8
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef,
+                                     ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node)
+                    if doc:
+                        docs.append(doc)
+    return "\n\n".join(docs)
+
+
 def stride(items, n):
     if len(items) < n:
         raise SystemExit(f"only {len(items)} candidate sentences, need {n}")
     return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def write_lines(path: str, lines) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, path)  # atomic: the old file or the new one, never half of one
 
 
 def main(argv=None):
@@ -87,6 +126,8 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(
         os.path.abspath(__file__))), "crossbar_torch", "corpus", "sentences_en.txt"))
+    p.add_argument("--calibration-out", default=None,
+                   help="the calibration file (default: calibration_en.txt beside --out)")
     args = p.parse_args(argv)
     import pydoc_data.topics as topics
     import sklearn
@@ -100,10 +141,16 @@ def main(argv=None):
         taken = {t.lower() for t in out}
         out += stride([s for s in sentences(text) if s.lower() not in taken], n)
     random.Random(SEED).shuffle(out)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.write("\n".join(out) + "\n")
-    os.replace(tmp, args.out)  # atomic: the old file or the new one, never half of one
+    write_lines(args.out, out)
+    scored = {t.lower() for t in out}
+    calib = stride([s for s in sentences(stdlib_docstrings()) if s.lower() not in scored],
+                   CALIBRATION_SENTENCES)
+    random.Random(SEED).shuffle(calib)
+    calib_out = args.calibration_out or os.path.join(os.path.dirname(args.out),
+                                                     "calibration_en.txt")
+    write_lines(calib_out, calib)
+    print(f"{calib_out}: {len(calib)} sentences from the docstrings of Python "
+          f"{sys.version.split()[0]}'s standard library")
     print(f"{args.out}: {len(out)} sentences ({PYTHON_SENTENCES} + {IDLE_SENTENCES} from Python "
           f"{sys.version.split()[0]}, {SKLEARN_SENTENCES} from scikit-learn {sklearn.__version__})")
 

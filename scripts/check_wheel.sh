@@ -98,6 +98,10 @@ for what, f in (("crossbar_torch", xb.__file__), ("crossbar_torch._C", ext.__fil
 cfg = xb.CrossbarConfig()                    # failed outside the checkout before (issue 17)
 assert {"default", "rram", "pcm", "fefet"} <= set(known_devices()), known_devices()
 assert load_device("rram").endurance == 1e6
+# the sentence corpora (scored, and rule 21's calibration) are package data
+from crossbar_torch.apps.frontier import builtin_sentences, calibration_corpus, feedback_sentences
+assert len(builtin_sentences()) == 330 and len(calibration_corpus()) == 768
+assert feedback_sentences() == calibration_corpus()[:256]
 
 torch.manual_seed(0)
 model = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()

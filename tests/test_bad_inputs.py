@@ -129,6 +129,7 @@ def cases(script: str, tmp: str):
             ("--no-report", ["--no-report=1"], "--no-report"),
             ("--no-progress", ["--no-progress=1"], "--no-progress"),
             ("--sentences", ["--sentences", f"{tmp}/missing.txt"], "--sentences"),
+            ("--calibration", ["--calibration", "generated"], "--calibration is for sentence"),
             ("--freeze-crossbar", ["--freeze-crossbar=1"], "--freeze-crossbar"),
             ("--reprogram-every", ["--reprogram-every", "-1"], "--reprogram-every"),
             ("--reprogram-every", ["--reprogram-every", "2", "--resume", f"{tmp}/missing.pt"],
@@ -157,6 +158,7 @@ def cases(script: str, tmp: str):
             ("--cache-images", ["--cache-images", "-1"], "--cache-images"),
             ("--sentences", ["--sentences", f"{tmp}/missing.txt"], "--sentences"),
             ("--generated", ["--generated", "300"], "--generated"),
+            ("--calibration", ["--calibration", f"{tmp}/missing.txt"], "--calibration"),
             ("--csv", ["--csv", tmp], "--csv"),
             ("--json", ["--json", tmp], "--json"),
             ("--png", ["--png", f"{tmp}/out.txt"], "--png"),
@@ -185,6 +187,12 @@ def cases(script: str, tmp: str):
             ("--memristor", ["--memristor", "no_such_device"], "no_such_device"),
             ("--memristor", ["--memristor", f"{tmp}/bad.yaml"], "bad.yaml"),
             ("--device", ["--device", "no_such_device"], "--device"),
+            ("--calibration", ["--calibration", "generated"], "--calibration is for sentence"),
+            ("--calibration", ["--model", "minilm", "--calibration", f"{tmp}/missing.txt"],
+             "missing.txt"),
+            ("--calib-sentences", ["--calib-sentences", "0"], "--calib-sentences"),
+            ("--calib-sentences", ["--model", "minilm", "--calib-sentences", "5000"],
+             "--calib-sentences 5000: calibration: 5000 sentences asked, 'corpus' holds 768"),
         ]
     if script == "plot_periphery":
         base = [f"{tmp}/periphery.csv", f"{tmp}/p.png"]
@@ -219,6 +227,9 @@ def cases(script: str, tmp: str):
             ("--budget-like", ["--budget-like", "7"], "--budget-like"),
             ("--budget-factor", ["--budget-factor", "0"], "--budget-factor"),
             ("--calib-sentences", ["--calib-sentences", "0"], "--calib-sentences"),
+            ("--calib-sentences", ["--calib-sentences", "900"], "'corpus' holds 768"),
+            ("--calibration", ["--calibration", f"{tmp}/missing.txt"], "--calibration"),
+            ("--calibration", ["--calibration", f"{tmp}/empty.txt"], "empty.txt"),
             ("--sensitivity", ["--sensitivity", "loss"], "--sensitivity"),
             ("--gain-sentences", ["--gain-sentences", "0"], "--gain-sentences"),
             ("--out", ["--out", f"{tmp}/policy.txt"], "--out"),
@@ -255,6 +266,7 @@ def make_fixtures(tmp: str) -> None:
     make_folder(t / "data" / "val", n_good=3)
     (t / "empty").mkdir()
     (t / "afile").write_text("not a folder\n")
+    (t / "empty.txt").write_text("\n\n")  # no sentence
     (t / "bad.yaml").write_text("rows: 16\ncols: [1, 2\nsort: none\n")
     (t / "config.yaml").write_text("rows: 16\ncols: 32\n")
     (t / "sweep.yaml").write_text("base: {rows: 16, cols: 32}\nruns:\n  - {name: crossbar8}\n")

@@ -35,7 +35,8 @@ def test_default_training_sentences_are_not_the_evaluation_corpus():
     train = default_train_sentences()
     assert len(train) == 1024 and len(set(train)) == 1024
     assert not set(train) & set(builtin_sentences())  # the real corpus is the evaluation set
-    assert not set(train) & set(feedback_sentences())  # rule 21's calibration set
+    for source in ("corpus", "generated"):  # rule 21's calibration sets
+        assert not set(train) & set(feedback_sentences(source=source))
 
 
 def tiny_minilm(seed=0):

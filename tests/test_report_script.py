@@ -80,8 +80,9 @@ def test_minilm_linear_layers():
 @pytest.mark.slow
 def test_a_feedback_preset_is_calibrated_before_it_is_counted(tmp_path):
     """configs/minilm_best.yaml (rules 21 and 23) programs from input moments: the script
-    calibrates on the frontier's generated sentences and reprograms, so it counts what the
-    library counts along that route (it used to count the uncalibrated programming)."""
+    calibrates on the default --calibration sentences (the packaged corpus, as the frontier
+    does) and reprograms, so it counts what the library counts along that route (it used to
+    count the uncalibrated programming)."""
     from crossbar_torch.apps.frontier import feedback_sentences
     from crossbar_torch.apps.models import load_model
     from crossbar_torch.apps.models.minilm import encode_sentences, minilm_tokenizer

@@ -204,3 +204,66 @@ def test_frontier_rows_have_fidelity_columns(tmp_path):
     text = script("frontier").table(rows, fr.SentenceScorer)
     assert re.search(r"cosine_min\s+nn agree %", text)
     assert f"{rows[1]['nn_agreement']:.1f}" in text.splitlines()[-1]
+
+
+# --------------------------------------------------------------------------- rule 21's calibration
+
+
+def test_calibration_corpus_real_disjoint_documented():
+    c = fr.calibration_corpus()
+    assert len(c) == 768 and len({x.lower() for x in c}) == 768
+    assert all(x == x.strip() and 8 <= len(x.split()) <= 40 for x in c)
+    scored = {x.lower() for x in fr.builtin_sentences()}
+    assert not any(x.lower() in scored for x in c)  # the fidelity is measured out of sample
+    path = os.path.join(CORPUS, "calibration_en.txt")
+    with open(path, "rb") as f:
+        blob = f.read()
+    assert blob.decode("utf-8").splitlines() == c
+    readme = open(os.path.join(CORPUS, "README.md"), encoding="utf-8").read()
+    assert hashlib.sha256(blob).hexdigest() in readme
+    # real text: a sentence of the standard library's own docstrings, read from the library
+    import tempfile
+    assert "The return value is the pathname of the directory." in c
+    assert ("The return value is the pathname of the directory."
+            in " ".join(tempfile.mkdtemp.__doc__.split()))
+
+
+def test_feedback_sentences_sources(tmp_path):
+    corpus = fr.calibration_corpus()
+    assert fr.feedback_sentences() == corpus[:256]
+    assert fr.feedback_sentences(10) == corpus[:10]
+    assert fr.feedback_sentences(768) == corpus
+    # the generated ones the figures before 2026-12-05 used: after the first 1024 generated
+    assert fr.feedback_sentences(source="generated") == fr.frontier_sentences(1152)[1024:]
+    assert fr.feedback_sentences(5, "generated") == fr.frontier_sentences(1029)[1024:]
+    p = tmp_path / "mine.txt"
+    p.write_text("One sentence of mine.\n\nAnother one.\nA third.\n", encoding="utf-8")
+    assert fr.feedback_sentences(source=str(p)) == ["One sentence of mine.", "Another one.",
+                                                    "A third."]
+    assert fr.feedback_sentences(2, str(p)) == ["One sentence of mine.", "Another one."]
+    for n, source, match in ((769, "corpus", "769 sentences asked, 'corpus' holds 768"),
+                             (4, str(p), "holds 3"), (0, "corpus", ">= 1, got 0"),
+                             (3073, "generated", "at most 3072")):
+        with pytest.raises(fr.FrontierError, match=match):
+            fr.feedback_sentences(n, source)
+    with pytest.raises(fr.FrontierError, match="file not found"):
+        fr.feedback_sentences(source=str(tmp_path / "none.txt"))
+
+
+def test_scorer_calibrates_rule_21_on_its_feedback_sentences():
+    """The moments a feedback config is programmed from are those of the scorer's ``feedback``
+    sentences (none of the scored ones), computed here by hand from the toy's inputs."""
+    import crossbar_torch as xb
+    torch.manual_seed(0)
+    model = _Toy().eval()
+    cfg = xb.CrossbarConfig(rows=16, cols=16, sort="value", feedback="hessian")
+    scored, mine = fr.builtin_sentences()[:20], fr.calibration_corpus()[300:340]
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(128, 32, generator=g)
+    for feedback, want_text in ((mine, mine), (None, fr.feedback_sentences())):
+        xm = xb.convert(model, cfg)
+        fr.SentenceScorer(scored, encode=_toy_encode, feedback=feedback).calibrate(xm)
+        x = torch.stack([table[torch.tensor([ord(c) % 128 for c in s])].mean(0)
+                         for s in want_text]).double()
+        want = (x.T @ x / len(want_text)).float()
+        assert torch.allclose(xm.proj.input_moment[0], want, rtol=1e-5, atol=1e-6)

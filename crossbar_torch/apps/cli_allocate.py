@@ -27,6 +27,7 @@ import torch
 from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_progress_args,
                                 check_input_file, check_output_file, read_yaml, run_main,
                                 sentence_encoder)
+from crossbar_torch.apps.cli_calibration import add_calibration_args, calibration_sentences
 
 DEFAULT_CANDIDATES = [
     {"stuck_slices": 1, "reprogram_fraction": 0.0, "compensate": True, "feedback": "hessian"},
@@ -48,14 +49,13 @@ def build_parser():
                    help="the budget is the summed error of candidate I (default 0)")
     p.add_argument("--budget-factor", type=float, default=1.0, metavar="X",
                    help="times this factor (default 1)")
-    p.add_argument("--calib-sentences", type=int, default=128, metavar="N",
-                   help="generated calibration sentences (default 128; none of them scored)")
     p.add_argument("--sensitivity", choices=("embedding", "output"), default="embedding",
                    help="a layer's error: its effect on the embedding (default) or its "
                         "relative output error")
     p.add_argument("--gain-sentences", type=int, default=32, metavar="N",
                    help="calibration sentences the embedding gains are measured on (default 32)")
     p.add_argument("--out", required=True, metavar="YAML", help="where to write the policy")
+    add_calibration_args(p)
     add_progress_args(p)
     return p
 
@@ -63,8 +63,6 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_output_file(args.out, "--out", ("yaml", "yml"))
-    if args.calib_sentences < 1:
-        raise UsageError(f"--calib-sentences {args.calib_sentences}: must be at least 1")
     if args.gain_sentences < 1:
         raise UsageError(f"--gain-sentences {args.gain_sentences}: must be at least 1")
     if not args.budget_factor > 0:
@@ -72,7 +70,7 @@ def main(argv=None):
     import crossbar_torch as xb
     from crossbar_torch import allocate as al
     from crossbar_torch.config import OVERRIDE_FIELDS, atomic_write_text
-    from crossbar_torch.apps.frontier import builtin_sentences, embedding_fidelity, feedback_sentences
+    from crossbar_torch.apps.frontier import builtin_sentences, embedding_fidelity
 
     if args.config:
         check_input_file(args.config, "--config")
@@ -98,10 +96,10 @@ def main(argv=None):
     if not 0 <= args.budget_like < len(candidates):
         raise UsageError(f"--budget-like {args.budget_like}: there are {len(candidates)} "
                          "candidates (0-based)")
+    calib = calibration_sentences(args)  # a bad --calibration: one line, before minutes of work
 
     from crossbar_torch.apps.models import load_model
     model = load_model(args.model).eval()
-    calib = feedback_sentences(args.calib_sentences)
     test = builtin_sentences()
     encode = sentence_encoder(args.model)  # (model, sentences) -> embeddings
 
@@ -144,7 +142,8 @@ def main(argv=None):
               f"--sensitivity {args.sensitivity}).\n"
               f"# Measured: reduction {rep['reduction']:.3f}x, cosine mean "
               f"{fid['cosine_mean']:.4f} / min {fid['cosine_min']:.4f}, nearest-neighbour "
-              f"agreement {fid['nn_agreement']:.1f}% on the {len(test)} packaged sentences.\n"
+              f"agreement {fid['nn_agreement']:.1f}% on the {len(test)} packaged sentences;\n"
+              f"# calibrated on {len(calib)} sentences of --calibration {args.calibration}.\n"
               f"# Needs calibration (rule 21): xb.calibrate(model, run=...), then "
               "xb.reprogram(model); the scripts do it.\n")
     atomic_write_text(args.out, header + cfg.to_yaml())

@@ -48,6 +48,7 @@ from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args
                                 model_from_args, nonnegative_int, positive_float, positive_int,
                                 preprocess_overrides, random_weights, random_weights_note,
                                 run_main, show_progress)
+from crossbar_torch.apps.cli_calibration import add_calibration_args  # noqa: E402
 from crossbar_torch.apps.data import (UnreadableImageError, data_config_for,  # noqa: E402
                                  resolve_split_root)
 from crossbar_torch.apps.distributed import init_distributed  # noqa: E402
@@ -82,6 +83,7 @@ def parse_args(argv=None):
                      help="--model minilm / mpnet: training sentences, one a line (default: "
                           "generated sentences, never the real corpus the fidelity is measured "
                           "on)")
+    add_calibration_args(p, count=False)
     d.add_argument("--val", metavar="DIR", help="ImageNet val layout, for top-1/top-5 before/after")
     d.add_argument("--workers", type=nonnegative_int, default=2)
     d.add_argument("--calib-images", type=positive_int, default=8, metavar="N",
@@ -271,6 +273,9 @@ def main(argv=None):
     t0 = time.time()
     if is_sentence_model(args.model):
         return _main_sentences(args, t0)
+    if args.calibration != "corpus":
+        raise UsageError(f"--calibration is for sentence models (--model minilm or mpnet); "
+                         f"--model {args.model} calibrates on images (--calib-images N)")
     rank0 = os.environ.get("RANK", "0") == "0"
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     paths = check_args(args, log)

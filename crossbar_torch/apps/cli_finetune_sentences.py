@@ -14,6 +14,7 @@ import os
 
 import crossbar_torch as xb
 from crossbar_torch.apps.cli import UsageError, describe_source, model_from_args
+from crossbar_torch.apps.cli_calibration import calibration_sentences, calibration_setup
 
 REPORT_KEYS = ("writes_per_pass", "baseline_writes_per_pass", "reduction", "initial_writes")
 
@@ -53,6 +54,7 @@ def run_sentences(args, cfg, log, progress: bool, t0: float) -> dict:
         train = default_train_sentences()
         source = {"generated": len(train)}
     evaluation = fr.builtin_sentences()
+    feedback = calibration_sentences(args)  # rule 21's calibration (--calibration)
     os.makedirs(args.out, exist_ok=True)
     set_seed(args.seed)
     float_model = model_from_args(args).eval()
@@ -60,16 +62,18 @@ def run_sentences(args, cfg, log, progress: bool, t0: float) -> dict:
     log(f"model {args.model} ({describe_source(args)}); {len(train)} training sentences "
         f"({'--sentences' if args.sentences else 'generated'}); fidelity on the "
         f"{len(evaluation)} real sentences of the package corpus; loss {loss}")
-    scorer = fr.SentenceScorer(evaluation)
+    scorer = fr.SentenceScorer(evaluation, feedback=feedback)
     scorer.reference(float_model)
     xmodel = xb.convert(float_model, cfg, progress=progress)
-    if cfg.analog or cfg.feedback != "none":  # rules 20, 21: ranges / moments (generated text)
+    fed = xb.feedback.needs_moments(xmodel)  # rule 21 at the top level or in layer_overrides
+    if cfg.analog or fed:  # rules 20, 21: ranges / moments (--calibration)
         scorer.calibrate(xmodel)
-    if cfg.feedback != "none":
+    if fed:
         reprogram(xmodel)
     result = {"model": args.model, "weights": describe_source(args), "config": cfg.to_dict(),
               "loss": loss, "train_sentences": len(train), "train_source": source,
               "eval_sentences": len(evaluation),
+              "calibration": calibration_setup(args, feedback),
               "args": {k: v for k, v in vars(args).items() if not k.startswith("_")}}
     rep, result["report_before"] = _report(xmodel, progress)
     rep.to_json(os.path.join(args.out, "report_before.json"))

@@ -62,6 +62,8 @@ from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_model_args,
                                 check_output_file, is_minilm, is_sentence_model,
                                 nonnegative_int, positive_int, run_main,
                                 show_progress)
+from crossbar_torch.apps.cli_calibration import (add_calibration_args,  # noqa: E402
+                                            calibration_sentences, calibration_setup)
 from crossbar_torch.apps.data import resolve_split_root  # noqa: E402
 from crossbar_torch.apps.frontier import CALIBRATION_IMAGES  # noqa: E402
 
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "corpus crossbar_torch/corpus/sentences_en.txt, minilm 256 generated")
     sg.add_argument("--generated", type=int, metavar="N",
                     help="score on N generated sentences (200..4096)")
+    add_calibration_args(p, count=False)
     o = p.add_argument_group("output")
     o.add_argument("--csv", required=True, metavar="PATH", help="rows (resumable: rows already "
                    "there are skipped)")
@@ -214,6 +217,7 @@ def _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, 
             else:
                 sentences = fr.builtin_sentences()
                 corpus = {"builtin": "crossbar_torch/" + fr.BUILTIN_SENTENCES}
+            feedback = calibration_sentences(args)
         except fr.FrontierError as e:
             fail(str(e))
     else:
@@ -221,6 +225,9 @@ def _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, 
             if getattr(args, flag) is not None:
                 fail(f"--{flag} is for sentence models (--model minilm or mpnet); "
                      f"--model {args.model} is scored on images (--data DIR)")
+        if args.calibration != "corpus":
+            fail(f"--calibration is for sentence models (--model minilm or mpnet); --model "
+                 f"{args.model} calibrates on its images (--calib-images N)")
         if not args.data:
             fail("--data DIR is required for image models (an ImageNet validation folder "
                  "<root>/<synset>/<image>)")
@@ -256,7 +263,9 @@ def _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, 
                                "weight_error": "sum |q_eff - q| / sum |q|"},
                      "corpus": corpus,
                      "sentences": len(sentences), "sentence_examples": sentences[:3]})
-        scorer = fr.SentenceScorer(sentences, key={**weights_key, "sentences": sentences})
+        meta["calibration"] = calibration_setup(args, feedback)
+        scorer = fr.SentenceScorer(sentences, key={**weights_key, "sentences": sentences},
+                                   feedback=feedback)
         title = (f"{args.model} ({weights}): writes vs. embedding fidelity, "
                  f"{len(sentences)} sentences")
     else:
@@ -304,7 +313,8 @@ def _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, 
              "seed": args.seed if random_weights(args) else None,
              "reference": runs[0].config.to_dict()}
     if sentence:
-        setup.update({"sentences": len(sentences), "sentences_sha256": fr._hash(sentences)})
+        setup.update({"sentences": len(sentences), "sentences_sha256": fr._hash(sentences),
+                      "calibration": meta["calibration"]})
     else:
         setup.update({"data": os.path.abspath(root), "images": n,  # --limit: images, paths
                       "images_sha256": fr._hash(paths), "preprocessing": pre_json,

@@ -31,10 +31,13 @@ import warnings
 
 import crossbar_torch as xb  # noqa: E402
 from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args,  # noqa: E402
-                                add_model_args, add_progress_args, check_output_file,
+                                add_model_args, add_progress_args,
+                                check_output_file, is_sentence_model,
                                 config_from_args, describe_source, model_from_args, one_line,
                                 random_weights, random_weights_note, run_main,
                                 show_progress)
+from crossbar_torch.apps.cli_calibration import (add_calibration_args,  # noqa: E402
+                                            calibration_sentences)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.device import known_devices  # noqa: E402
 from crossbar_torch.apps.report_plot import (PER_LAYER_RUNS, draw, hist_label, plot,  # noqa: E402,F401
@@ -114,8 +117,8 @@ def no_layer_message(model, xmodel, include, exclude) -> str:
 
 def calibrate_feedback(xmodel, args, name: str) -> None:
     """Rule 21 / 23 configs (feedback) program from input moments: without them the counts are
-    those of a programming that ignores the preset's point. A sentence model calibrates on the
-    generated sentences the frontier tool uses (none of them scored), then reprograms; an image
+    those of a programming that ignores the preset's point. A sentence model calibrates on
+    ``args.feedback_text`` (``--calibration``, as the frontier tool does), then reprograms; an image
     model has no calibration data in this script: one line saying where to count it."""
     from crossbar_torch.apps.cli import is_sentence_model, sentence_encoder
     from crossbar_torch.feedback import needs_moments
@@ -126,8 +129,7 @@ def calibrate_feedback(xmodel, args, name: str) -> None:
                          "input moments measured on calibration images, which this script does "
                          "not read; "
                          "count it with scripts/eval_imagenet.py or scripts/frontier.py")
-    from crossbar_torch.apps.frontier import feedback_sentences
-    text, encode = feedback_sentences(), sentence_encoder(args.model)
+    text, encode = args.feedback_text, sentence_encoder(args.model)
     xb.reprogram(xmodel)  # calibration runs the model: it must hold cells first
     xb.calibrate(xmodel, run=lambda m: encode(m, text))
     xb.reprogram(xmodel)
@@ -156,6 +158,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="torch seed set before building the model, so --random-init weights "
                         "(and their counts) are reproducible (default 0)")
+    add_calibration_args(p)
     add_progress_args(p)
     args = p.parse_args(argv)
     progress = show_progress(args)
@@ -181,6 +184,10 @@ def main(argv=None):
             check_output_file(getattr(args, flag), "--" + flag)
     if args.plot:
         check_output_file(args.plot, "--plot", plot_formats())
+    if args.calibration != "corpus" and not is_sentence_model(args.model):
+        raise UsageError(f"--calibration is for sentence models (--model minilm or mpnet), "
+                         f"not --model {args.model}")
+    args.feedback_text = calibration_sentences(args) if is_sentence_model(args.model) else None
     runs = (load_sweep(args.sweep, args.overrides) if args.sweep
             else [(os.path.splitext(os.path.basename(args.config))[0] if args.config
                    else "default config", config_from_args(args))])

@@ -245,8 +245,11 @@ class SentenceScorer:
 
     def __init__(self, sentences: Sequence[str], tokenizer=None, *, batch_size: int = 64,
                  key: Optional[dict] = None,
-                 encode: Optional[Callable[[nn.Module, List[str]], torch.Tensor]] = None):
+                 encode: Optional[Callable[[nn.Module, List[str]], torch.Tensor]] = None,
+                 feedback: Optional[Sequence[str]] = None):
         self.sentences = list(sentences)
+        # rule 21's calibration sentences (default feedback_sentences(): the packaged corpus)
+        self.feedback = list(feedback) if feedback is not None else None
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.key = key
@@ -292,12 +295,15 @@ class SentenceScorer:
 
     def calibrate(self, model: nn.Module, sentences: int = CALIBRATION_SENTENCES) -> None:
         """Rules 20 and 21: the analog ranges from the first ``sentences`` sentences scored;
-        rule 21's input moments from ``FEEDBACK_SENTENCES`` generated sentences, none of which
-        is scored (the fidelity of error feedback is measured out of sample). Every rank
-        calibrates on the same sentences."""
+        rule 21's input moments from the scorer's ``feedback`` sentences (default
+        :func:`feedback_sentences`), none of which is scored (the fidelity of error feedback is
+        measured out of sample). Every rank calibrates on the same sentences."""
         from ...nn.calibration import calibrate
         from ...feedback import needs_moments
-        text = (feedback_sentences() if needs_moments(model) else self.sentences[:sentences])
+        if needs_moments(model):
+            text = self.feedback if self.feedback is not None else feedback_sentences()
+        else:
+            text = self.sentences[:sentences]
         calibrate(model, run=lambda m: self._encode(m, text))
 
     def score(self, model: nn.Module) -> dict:
