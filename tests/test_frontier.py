@@ -178,6 +178,22 @@ def test_sweep_loading_reference_and_varying_fields(tmp_path):
     assert fr.varying_fields(cfgs) == ["sort", "seed"]
 
 
+
+def test_a_feedback_preset_is_not_its_own_reference(tmp_path):
+    """A preset given as the sweep (rules 21 to 23, nothing stuck: configs/mpnet_best.yaml) had
+    itself as crossbar8, so its drops read 0 and its reference row held its own writes."""
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("rows: 16\ncols: 16\nsort: value\nfilter_order: chain\n"
+                      "feedback: hessian\nwrite_penalty: 2.0\nlayer_overrides:\n"
+                      "  '*.fc':\n    write_penalty: 6.0\n")
+    runs = fr.load_sweeps([str(preset)])
+    assert [r.name for r in runs] == ["crossbar8", "preset"]
+    ref, run = runs[0].config, runs[1].config
+    assert (ref.feedback, ref.write_penalty, ref.layer_overrides) == ("none", 0.0, ())
+    assert ref == xb.CrossbarConfig(rows=16, cols=16, sort="value", filter_order="chain")
+    assert (run.feedback, run.write_penalty) == ("hessian", 2.0) and run.layer_overrides
+
+
 def test_set_keeps_the_reference_lossless_and_ideal(tmp_path):
     """Issue 20 defect 2: --set adc_bits=4 --set input_bits=8 --set prog_noise=0.05 also applied
     to crossbar8, so every drop was measured from a noisy 4-bit-ADC row; a --set that breaks a

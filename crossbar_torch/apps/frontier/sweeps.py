@@ -17,10 +17,13 @@ CONFIG_FIELDS = tuple(f.name for f in fields(CrossbarConfig))
 
 def reference_config(base: CrossbarConfig) -> CrossbarConfig:
     """The ideal 8-bit crossbar of a sweep, every drop's reference: its base with no stucking,
-    no compensation and an ideal periphery (no DAC, ADC, noise, drift or finite g_ratio), so a
-    ``--set`` of those fields changes every row but this one."""
+    no compensation, plain rounding (no rule 21 feedback, rule 23 penalty or rule 22 per-layer
+    policy: a feedback preset given as a sweep is not its own reference) and an ideal
+    periphery (no DAC, ADC, noise, drift or finite g_ratio), so a ``--set`` of those fields
+    changes every row but this one."""
     return base.replace(stuck_slices=0, reprogram_fraction=1.0, stuck_value="initial",
-                        compensate=False, **base._ideal_periphery())
+                        compensate=False, feedback="none", write_penalty=0.0,
+                        layer_overrides=(), **base._ideal_periphery())
 
 
 def _is_lossless(cfg: CrossbarConfig) -> bool:
