@@ -41,8 +41,8 @@ def feedback_sentences(n: int = None, source: str = "corpus") -> List[str]:
 
     * ``"corpus"`` (default): the first ``n`` (default 256) of :func:`calibration_corpus`, real
       English from the docstrings of Python's standard library. The input moments of real
-      text fit real text better than those of templates: on mpnet's preset the embedding error
-      energy fell by 40% at the same writes (docs/transformers.md, "Calibration text");
+      text fit real text better than those of templates: on mpnet's policies the embedding
+      error (1 - cos) fell by 39% to 63% (docs/transformers.md, "Calibration text");
     * ``"generated"``: the ``n`` (default 128) generated sentences after the first 1024 of
       :func:`frontier_sentences` (MiniLM is scored on the first 256 by default);
     * any other string: a text file, one sentence a line (:func:`read_sentences`), its first
