@@ -26,7 +26,9 @@ def get_extensions():
     sources = _sources("*.cpp") + _sources(os.path.join("cpu", "*.cpp"))
     # at::parallel_for runs on OpenMP in the Linux wheels of torch.
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx_flags = ["-O3", "-g0"] + openmp
+    # -ffp-contract=off: no product is fused into a multiply-add, so the CPU kernels round as
+    # the references do (docs/semantics.md; xb_mul in csrc/common.h) whatever the target ISA
+    cxx_flags = ["-O3", "-g0", "-ffp-contract=off"] + openmp
     extra_compile_args = {"cxx": cxx_flags}
     define_macros = []
     extension = CppExtension

@@ -125,9 +125,11 @@ class MomentAccumulator:
         self.sum = torch.zeros(groups, k, k, dtype=torch.float64)
         self.count = 0
 
-    def add(self, rows: torch.Tensor) -> None:
-        """rows: (N, groups * K) input rows of the layer (im2col rows for a convolution)."""
+    def products(self, rows: torch.Tensor) -> list:
+        """The chunk products of ``rows`` ((N, groups * K) input rows of the layer, im2col rows
+        for a convolution): [(float32 (G, K, K), rows in the chunk), ...]."""
         g, k = self.sum.shape[0], self.sum.shape[1]
+        parts = []
         for chunk in rows.detach().to("cpu", torch.float32).split(4096):
             x = chunk.reshape(-1, g, k).transpose(0, 1)  # (G, n, K)
             part = x.transpose(1, 2) @ x
@@ -135,8 +137,14 @@ class MomentAccumulator:
             if not bool(torch.isfinite(part.diagonal(dim1=1, dim2=2)).all()):
                 raise InvalidTensorError("calibrate: a layer input holds NaN or Inf (or values "
                                          "whose square overflows float32)")
+            parts.append((part, chunk.shape[0]))
+        return parts
+
+    def add(self, parts: list) -> None:
+        """Sum the chunk products of one forward call (``products``)."""
+        for part, n in parts:
             self.sum += part
-            self.count += chunk.shape[0]
+            self.count += n
 
     def moment(self) -> torch.Tensor:
         return (self.sum / max(self.count, 1)).to(torch.float32)
@@ -148,20 +156,34 @@ def collect_moments(layers):
     second moment; on a clean exit each stores it as its ``input_moment``. On an error the
     layers keep the moments they had."""
     accumulators, handles = {}, []
+    # Linear layers that read the same tensor (a transformer's query, key and value) read the
+    # same rows: their products are computed once. Shared only when the tensor still equals a
+    # copy taken with the products (an in-place change in between is seen, also under
+    # inference mode, which keeps no version counter); the copy costs 1 / K of the product.
+    last = {}
 
     def hook(module, args):
-        rows = module.input_rows(args[0])
+        x = args[0]
         acc = accumulators.get(id(module))
         if acc is None:
             acc = accumulators[id(module)] = MomentAccumulator(module.moment_groups,
                                                                module.cells.shape[1])
-        acc.add(rows)
+        if (module.shares_input_rows and last.get("x") is x
+                and torch.equal(x, last["copy"])):
+            parts = last["parts"]
+        else:
+            parts = acc.products(module.input_rows(x))
+            last.clear()
+            if module.shares_input_rows:
+                last.update(x=x, copy=x.detach().clone(), parts=parts)
+        acc.add(parts)
 
     for _, layer in layers:
         handles.append(layer.register_forward_pre_hook(hook))
     try:
         yield accumulators
     finally:
+        last.clear()
         for h in handles:
             h.remove()
     for _, layer in layers:

@@ -166,8 +166,9 @@ def filter_bits(cells: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
 
 
 def natural_filter_index(out: int, config: CrossbarConfig) -> torch.Tensor:
+    # placement is not a per-layer field (rule 22): the overrides need no checking again
     return filter_index(torch.zeros(out, 0, dtype=torch.int32), config.replace(
-        filter_order="natural"))
+        filter_order="natural", layer_overrides=()))
 
 
 def check_filter_index(index: torch.Tensor, out: int, config: CrossbarConfig) -> str | None:

@@ -582,3 +582,62 @@ def test_a_wrapped_model_is_programmed_with_its_layers_policies():
     plain = xb.convert(copy.deepcopy(model), cfg.replace(layer_overrides={}))
     xb.calibrate(plain, torch.randn(5, 4, 6, 6))
     assert xb.reprogram(plain).per_pass.writes != writes
+
+
+@pytest.mark.parametrize("penalty, held_p", [(0.0, 0.0), (0.0, 0.4), (1.5, 0.0), (1.5, 0.4)])
+def test_long_filters_agree_with_the_reference(penalty, held_p):
+    """Filters longer than the CPU kernel's pieces of U's rows (1024 doubles) and its vector
+    width, 9 filters (more than go through U together): the vectorised carry and the
+    distance-ordered write-aware search (weights without held cells) give the reference's
+    integers."""
+    bits, b, enc, L, k = 4, 1, 0, 1, 1030
+    t, u, held, levels = _case(9, k, 1, bits, b, enc, L, seed=5, held_p=held_p)
+    args = (t, u, held, levels, bits, b, enc, L)
+    if penalty:
+        pred = torch.tensor([-1, 0, 1, -1, 3, -1, 5, 6, 7])
+        index = torch.stack([torch.randperm(k, generator=torch.Generator().manual_seed(o))
+                             for o in range(9)])
+        args = args + (pred, index, penalty)
+    got = ops.feedback_quantize(*args)
+    assert torch.equal(got, reference.feedback_quantize(*args))
+
+
+class _SharedInput(nn.Module):
+    """q, k and v read one tensor; it changes in place before v2 reads it; o reads another."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(6, 4), nn.Linear(6, 5)
+        self.v2, self.o = nn.Linear(6, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = x.clone()
+        y = self.q(x) + self.k(x)[..., :4]
+        x.mul_(2.0)  # in place: v2 reads other values through the same tensor object
+        return self.o(y + self.v2(x))
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_layers_reading_one_tensor_get_their_own_moments(inference):
+    """Layers that read the same tensor share the product of its rows (computed once); a
+    change in place in between, and a second forward call, are still seen, also under
+    inference mode (sentence-transformers' encode), whose tensors keep no version counter."""
+    torch.manual_seed(0)
+    xmodel = xb.convert(_SharedInput().eval(), _config(rows=8, cols=16))
+    xs = [torch.randn(2, 3, 6), torch.randn(5, 6)]
+
+    def run(m):
+        with torch.inference_mode(inference):
+            return [m(x) for x in xs]
+    xb.calibrate(xmodel, run=run)
+    rows = torch.cat([x.reshape(-1, 6) for x in xs]).double()
+    want = rows.T @ rows / rows.shape[0]
+    for name, scale in (("q", 1.0), ("k", 1.0), ("v2", 4.0)):
+        got = getattr(xmodel, name).input_moment[0].double()
+        torch.testing.assert_close(got, want * scale, rtol=1e-5, atol=1e-6, msg=name)
+    with torch.no_grad():
+        ys = [xmodel.q(r) + xmodel.k(r)[:, :4] + xmodel.v2(2.0 * r)
+              for r in (x.reshape(-1, 6) for x in xs)]
+    y = torch.cat(ys).double()
+    torch.testing.assert_close(xmodel.o.input_moment[0].double(), y.T @ y / y.shape[0],
+                               rtol=1e-5, atol=1e-6)

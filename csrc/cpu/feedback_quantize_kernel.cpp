@@ -10,6 +10,11 @@
 #include <cmath>
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define XB_AVX2_CARRY 1
+#endif
+
 #include "../common.h"
 #include "../feedback_quantize_args.h"
 #include "../feedback_row.h"
@@ -28,7 +33,7 @@ struct FeedbackRowArgs {
   uint8_t* chosen;
 };
 
-constexpr int kRowsTogether = 8;
+constexpr int kRowsTogether = 32;
 
 // Rule 23 for a weight without held cells, as write_aware_allowed's `!held` branch computes it
 // (the same candidates in the same order, the same cost arithmetic and comparisons), with
@@ -83,51 +88,149 @@ int64_t write_aware_free(double t, const uint8_t* ref, double lambda, const Comp
   bool found = false;
   double best_cost = 0.0;
   int64_t best_v = 0;
-  for (int64_t v = lo; v <= hi; ++v) {
+  // The window's values in order of distance from t, each way: a value whose squared error
+  // alone exceeds the best cost so far can neither win nor tie (its cost adds a non-negative
+  // write term, and rounding is monotone), nor can any value beyond it. The least cost under
+  // the tie-break order does not depend on the order of visiting, so this picks exactly what
+  // the enumeration of the whole window (write_aware_allowed) picks, with a few candidates
+  // instead of 2r + 3 (most weights: the predecessor's cells already give the nearest value).
+  auto consider = [&](int64_t v) {
     const double e = t - double(v);
+    const double e2 = xb_mul(e, e);
+    if (found && e2 > best_cost) return false;
     const int64_t w = ref ? cells_differing(codes.code[size_t(v + qmax)] ^ rc, codes, f.b) : 0;
-    const double cost = xb_mul(e, e) + xb_mul(lambda, double(w));
+    const double cost = e2 + xb_mul(lambda, double(w));
     if (!found || cost < best_cost || (cost == best_cost && feedback_better(v, best_v, t))) {
       found = true;
       best_cost = cost;
       best_v = v;
     }
-  }
+    return true;
+  };
+  const int64_t below = std::min<int64_t>(hi, int64_t(floor(t)));  // values <= t, downwards
+  for (int64_t v = below; v >= lo && consider(v); --v) {}
+  for (int64_t v = std::max<int64_t>(lo, below + 1); v <= hi && consider(v); ++v) {}
   encode_one(best_v, f.B, f.b, f.enc, f.S, cells);
   return best_v;
 }
 
+// Rule 21's carry, blocked without changing a single rounding. feedback_row subtracts, for
+// each chosen column k, e_k * U[k][j] from every later column j, one rounded product and one
+// rounded difference at a time; column j therefore sees the products of k = 0, 1, ... in that
+// order. The kernel chooses kBlock columns at a time (carrying within the block as it goes,
+// since the next choice reads the next column), then brings the block's kBlock carries to every
+// later column at once, still in k order for each column: the same operations on every element
+// in the same order (bit-identical), with each piece of the running targets held in registers
+// over the block instead of read and written once per column (which bound the kernel on
+// ViT-Base's 3072-input layers).
+constexpr int kBlock = 32;
+constexpr int64_t kTrailPiece = 64;  // columns: the block's piece of U, 16 KiB, stays in L1
+
+// Columns [j0, j1) of the n filters take the carries e[r][0 .. nb-1] of the block's columns,
+// whose rows of U start at ub (row kk at ub + kk * K).
+using TrailFn = void (*)(const FeedbackRowArgs*, int, const double (*)[kBlock], int,
+                         const double*, int64_t, int64_t, int64_t);
+
+inline void trail_column(double* t, const double* e, int nb, const double* ub, int64_t K,
+                         int64_t j) {
+  double x = t[j];
+  for (int kk = 0; kk < nb; ++kk) x = x - xb_mul(e[kk], ub[kk * K + j]);
+  t[j] = x;
+}
+
+void trail_scalar(const FeedbackRowArgs* rows, int n, const double (*e)[kBlock], int nb,
+                  const double* ub, int64_t K, int64_t j0, int64_t j1) {
+  for (int r = 0; r < n; ++r) {
+    for (int64_t j = j0; j < j1; ++j) trail_column(rows[r].t, e[r], nb, ub, K, j);
+  }
+}
+
+#ifdef XB_AVX2_CARRY
+// 4-wide products and differences (no FMA: setup.py builds with -ffp-contract=off and the
+// target enables no fused instruction), 16 columns in flight.
+__attribute__((target("avx2"))) void trail_avx2(const FeedbackRowArgs* rows, int n,
+                                                const double (*e)[kBlock], int nb,
+                                                const double* ub, int64_t K, int64_t j0,
+                                                int64_t j1) {
+  for (int r = 0; r < n; ++r) {
+    double* t = rows[r].t;
+    int64_t j = j0;
+    for (; j + 16 <= j1; j += 16) {
+      __m256d a0 = _mm256_loadu_pd(t + j), a1 = _mm256_loadu_pd(t + j + 4);
+      __m256d a2 = _mm256_loadu_pd(t + j + 8), a3 = _mm256_loadu_pd(t + j + 12);
+      for (int kk = 0; kk < nb; ++kk) {
+        const double* uk = ub + kk * K + j;
+        const __m256d ev = _mm256_set1_pd(e[r][kk]);
+        a0 = _mm256_sub_pd(a0, _mm256_mul_pd(ev, _mm256_loadu_pd(uk)));
+        a1 = _mm256_sub_pd(a1, _mm256_mul_pd(ev, _mm256_loadu_pd(uk + 4)));
+        a2 = _mm256_sub_pd(a2, _mm256_mul_pd(ev, _mm256_loadu_pd(uk + 8)));
+        a3 = _mm256_sub_pd(a3, _mm256_mul_pd(ev, _mm256_loadu_pd(uk + 12)));
+      }
+      _mm256_storeu_pd(t + j, a0);
+      _mm256_storeu_pd(t + j + 4, a1);
+      _mm256_storeu_pd(t + j + 8, a2);
+      _mm256_storeu_pd(t + j + 12, a3);
+    }
+    for (; j + 4 <= j1; j += 4) {
+      __m256d a = _mm256_loadu_pd(t + j);
+      for (int kk = 0; kk < nb; ++kk) {
+        a = _mm256_sub_pd(a, _mm256_mul_pd(_mm256_set1_pd(e[r][kk]),
+                                           _mm256_loadu_pd(ub + kk * K + j)));
+      }
+      _mm256_storeu_pd(t + j, a);
+    }
+    for (; j < j1; ++j) trail_column(t, e[r], nb, ub, K, j);
+  }
+}
+#endif
+
+TrailFn pick_trail() {
+#ifdef XB_AVX2_CARRY
+  if (__builtin_cpu_supports("avx2")) return trail_avx2;
+#endif
+  return trail_scalar;
+}
+
 // feedback_row for n <= kRowsTogether filters of one group at once: column k is chosen in every
-// filter, then row k of U is carried onto all of them while it is in cache. Each filter sees
-// exactly feedback_row's operations in feedback_row's order (bit-identical results); U, which
-// does not fit in cache on ViT-Base's layers (3072 x 3072 doubles), is read from memory once
-// per column for the n filters instead of once per filter, which bound the kernel.
+// filter; the carries go as above. Each filter sees exactly feedback_row's operations on each
+// element in feedback_row's order (bit-identical results). U, which does not fit in cache on
+// ViT-Base's layers (3072 x 3072 doubles), is read from memory once per block for the n
+// filters.
 void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t K,
                    const CompFormat& f, double lambda, const CellCodes& codes) {
-  double e[kRowsTogether];
-  for (int64_t k = 0; k < K; ++k) {
-    const double* uk = u + k * K;
-    for (int r = 0; r < n; ++r) {
-      const FeedbackRowArgs& a = rows[r];
-      bool held = false;
-      if (a.held) {
-        for (int i = 0; i < f.c; ++i) held = held || a.held[k * f.c + i];
+  static const TrailFn trail = pick_trail();
+  double e[kRowsTogether][kBlock];
+  for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + kBlock);
+    for (int64_t k = k0; k < k1; ++k) {
+      const double* uk = u + k * K;
+      for (int r = 0; r < n; ++r) {
+        const FeedbackRowArgs& a = rows[r];
+        bool held = false;
+        if (a.held) {
+          for (int i = 0; i < f.c; ++i) held = held || a.held[k * f.c + i];
+        }
+        int64_t v;
+        if (a.ref && k + 1 < K) {
+          // the next weight's cells in the predecessor's choice: a sorted position far from
+          // this one, long out of cache (a third of the rule-23 choice waited on it)
+          __builtin_prefetch(a.ref + a.pos[k + 1] * f.c);
+        }
+        if (a.chosen && !held && codes.usable) {
+          const int64_t p = a.pos[k];
+          v = write_aware_free(a.t[k], a.ref ? a.ref + p * f.c : nullptr, lambda, f, codes,
+                               a.chosen + p * f.c);
+        } else {
+          v = feedback_pick(a.t[k], k, a.held, a.lv, f, lambda, a.pos, a.ref, a.chosen);
+        }
+        a.out[k] = int32_t(v);
+        const double er = (a.t[k] - double(v)) / uk[k];
+        e[r][k - k0] = er;
+        for (int64_t j = k + 1; j < k1; ++j) a.t[j] = a.t[j] - xb_mul(er, uk[j]);
       }
-      int64_t v;
-      if (a.chosen && !held && codes.usable) {
-        const int64_t p = a.pos[k];
-        v = write_aware_free(a.t[k], a.ref ? a.ref + p * f.c : nullptr, lambda, f, codes,
-                             a.chosen + p * f.c);
-      } else {
-        v = feedback_pick(a.t[k], k, a.held, a.lv, f, lambda, a.pos, a.ref, a.chosen);
-      }
-      a.out[k] = int32_t(v);
-      e[r] = (a.t[k] - double(v)) / uk[k];
     }
-    for (int r = 0; r < n; ++r) {
-      double* t = rows[r].t;
-      const double er = e[r];
-      for (int64_t j = k + 1; j < K; ++j) t[j] = t[j] - xb_mul(er, uk[j]);
+    for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece) {
+      trail(rows, n, e, int(k1 - k0), u + k0 * K, K, j0, std::min<int64_t>(K, j0 + kTrailPiece));
     }
   }
 }

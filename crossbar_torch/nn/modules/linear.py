@@ -45,6 +45,8 @@ class CrossbarLinear(CrossbarMixin, nn.Module):
         return F.linear(x, self.weight_for_forward(), self.bias)
 
     moment_groups = 1  # rule 21: one input second moment
+    # its rows are its input's rows: layers reading one tensor share their moment products
+    shares_input_rows = True
 
     def input_rows(self, x: torch.Tensor) -> torch.Tensor:
         """The rows (N, in_features) the crossbars read for input ``x`` (rule 21's moments)."""
