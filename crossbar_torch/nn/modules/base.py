@@ -75,6 +75,7 @@ class CrossbarMixin:
     """What CrossbarLinear and CrossbarConv2d share: buffers, programming state, weights."""
 
     config: CrossbarConfig
+    shares_input_rows = False  # rule 21: rows = its input's rows, shareable (not im2col rows)
 
     def long_sort_index(self) -> torch.Tensor:
         """The sort index as int64 (ops, ``scatter``, ``gather``): a transient copy, per call."""

@@ -93,9 +93,6 @@ class CrossbarConv2d(CrossbarMixin, nn.Module):
             padding = 0
         return x, padding
 
-    # im2col rows depend on the kernel, stride and padding: never shared between layers
-    shares_input_rows = False
-
     @property
     def moment_groups(self) -> int:  # rule 21: one input second moment per group
         return self.groups
