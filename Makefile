@@ -2,7 +2,8 @@
 #   make demo    set up .venv (first time) and run the main job on embedded defaults
 #   make test    set up .venv (first time) and run the whole test suite
 #   make sanitize  build the extension with AddressSanitizer + UBSan into a scratch dir and run
-#                the op and fuzz tests against it (SANITIZE_OUT, default /tmp/crossbar_sanitize)
+#                the op and fuzz tests and feedback_quantize's kernel tests against it
+#                (SANITIZE_OUT, default /tmp/crossbar_sanitize)
 #   make gpu-check  on a GPU machine: CUDA tests, sync-free check, benchmarks/bench_gpu.py
 #   make wheel-check  build a wheel from the checkout, install it into a fresh venv and run a
 #                smoke test outside the checkout (scripts/check_wheel.sh)
@@ -68,7 +69,9 @@ wheel-check: setup
 # $(SANITIZE_OUT), next to a copy of the Python package, so the in-place build is untouched; the
 # tests import that copy (it comes first on sys.path). libasan is preloaded into the unsanitized
 # python; leaks are not checked (CPython and torch keep memory at exit); allocations too large
-# for the machine return NULL (torch raises) rather than abort, as without ASan.
+# for the machine return NULL (torch raises) rather than abort, as without ASan. From
+# test_feedback.py only the kernel tests run (-k: "feedback" matches every test of that module
+# by its name; the others convert models, minutes under ASan).
 SANITIZE_OUT ?= /tmp/crossbar_sanitize
 SANITIZE_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -fno-wrapv
 sanitize: setup
@@ -85,7 +88,8 @@ sanitize: setup
 	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
-	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_fuzz_ops.py
+	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_fuzz_ops.py \
+	  $(CURDIR)/tests/test_feedback.py -k "not feedback or kernel or long_filters or many_filters or write_aware_hand"
 
 clean:
 	rm -rf build *.egg-info crossbar_torch/_C*.so
