@@ -379,13 +379,13 @@ def test_write_aware_kernel_reference_independent_agree(out, k, groups, bits, b,
 
 
 @settings(max_examples=15, deadline=None)
-@given(out=st.integers(9, 30), k=st.integers(1, 6), groups=st.sampled_from([1, 3]),
+@given(out=st.integers(9, 40), k=st.integers(1, 6), groups=st.sampled_from([1, 3]),
        link=st.sampled_from([0.0, 0.5, 1.0]), penalty=st.sampled_from([0.0, 1.5]),
        seed=st.integers(0, 2 ** 16))
 def test_many_filters_in_blocks_and_chains_agree_with_the_reference(out, k, groups, link,
                                                                     penalty, seed):
-    """The CPU kernel runs up to 8 filters (or 8 chains, in step) through U together: many
-    filters per group, more than 8 chains (link 0: every filter its own chain), long chains
+    """The CPU kernel runs up to 32 filters (or 32 chains, in step) through U together: many
+    filters per group, more than 32 chains (link 0: every filter its own chain), long chains
     (link 1) and chains whose filters change group on the way must give the reference's
     integers, filter by filter."""
     bits, b, enc, L = 5, 1, 0, 1
