@@ -42,9 +42,18 @@ def calibration_sentences(args) -> list:
         raise UsageError(f"{what}: {e}") from None
 
 
+def refuse_for_images(args, instead: str) -> None:
+    """``--calibration`` given with an image model: one line saying what that model uses
+    ``instead`` (rule 21's calibration sentences are for sentence models)."""
+    if args.calibration != "corpus":
+        raise UsageError(f"--calibration is for sentence models (--model minilm or mpnet); "
+                         f"--model {args.model} {instead}")
+
+
 def calibration_setup(args, sentences) -> dict:
     """What a result was calibrated on (for a CSV's setup / a JSON's meta)."""
     from .frontier.scorers import _hash
-    source = (args.calibration if args.calibration in ("corpus", "generated")
+    from .frontier.sentences import FEEDBACK_SOURCES
+    source = (args.calibration if args.calibration in FEEDBACK_SOURCES
               else os.path.abspath(args.calibration))
     return {"source": source, "sentences": len(sentences), "sha256": _hash(sentences)}

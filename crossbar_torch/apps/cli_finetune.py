@@ -48,7 +48,8 @@ from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args
                                 model_from_args, nonnegative_int, positive_float, positive_int,
                                 preprocess_overrides, random_weights, random_weights_note,
                                 run_main, show_progress)
-from crossbar_torch.apps.cli_calibration import add_calibration_args  # noqa: E402
+from crossbar_torch.apps.cli_calibration import (add_calibration_args,  # noqa: E402
+                                            refuse_for_images)
 from crossbar_torch.apps.data import (UnreadableImageError, data_config_for,  # noqa: E402
                                  resolve_split_root)
 from crossbar_torch.apps.distributed import init_distributed  # noqa: E402
@@ -273,9 +274,7 @@ def main(argv=None):
     t0 = time.time()
     if is_sentence_model(args.model):
         return _main_sentences(args, t0)
-    if args.calibration != "corpus":
-        raise UsageError(f"--calibration is for sentence models (--model minilm or mpnet); "
-                         f"--model {args.model} calibrates on images (--calib-images N)")
+    refuse_for_images(args, "calibrates on images (--calib-images N)")
     rank0 = os.environ.get("RANK", "0") == "0"
     log = (lambda msg: print(msg, flush=True)) if rank0 else (lambda msg: None)
     paths = check_args(args, log)

@@ -63,7 +63,8 @@ from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_model_args,
                                 nonnegative_int, positive_int, run_main,
                                 show_progress)
 from crossbar_torch.apps.cli_calibration import (add_calibration_args,  # noqa: E402
-                                            calibration_sentences, calibration_setup)
+                                            calibration_sentences, calibration_setup,
+                                            refuse_for_images)
 from crossbar_torch.apps.data import resolve_split_root  # noqa: E402
 from crossbar_torch.apps.frontier import CALIBRATION_IMAGES  # noqa: E402
 
@@ -225,9 +226,7 @@ def _run(args, runs, previous, sentence, csv_path, json_path, png_path, device, 
             if getattr(args, flag) is not None:
                 fail(f"--{flag} is for sentence models (--model minilm or mpnet); "
                      f"--model {args.model} is scored on images (--data DIR)")
-        if args.calibration != "corpus":
-            fail(f"--calibration is for sentence models (--model minilm or mpnet); --model "
-                 f"{args.model} calibrates on its images (--calib-images N)")
+        refuse_for_images(args, "calibrates on its images (--calib-images N)")
         if not args.data:
             fail("--data DIR is required for image models (an ImageNet validation folder "
                  "<root>/<synset>/<image>)")

@@ -37,7 +37,7 @@ from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_config_args
                                 random_weights, random_weights_note, run_main,
                                 show_progress)
 from crossbar_torch.apps.cli_calibration import (add_calibration_args,  # noqa: E402
-                                            calibration_sentences)
+                                            calibration_sentences, refuse_for_images)
 from crossbar_torch.config import atomic_write_text  # noqa: E402
 from crossbar_torch.device import known_devices  # noqa: E402
 from crossbar_torch.apps.report_plot import (PER_LAYER_RUNS, draw, hist_label, plot,  # noqa: E402,F401
@@ -184,10 +184,11 @@ def main(argv=None):
             check_output_file(getattr(args, flag), "--" + flag)
     if args.plot:
         check_output_file(args.plot, "--plot", plot_formats())
-    if args.calibration != "corpus" and not is_sentence_model(args.model):
-        raise UsageError(f"--calibration is for sentence models (--model minilm or mpnet), "
-                         f"not --model {args.model}")
-    args.feedback_text = calibration_sentences(args) if is_sentence_model(args.model) else None
+    if is_sentence_model(args.model):
+        args.feedback_text = calibration_sentences(args)
+    else:
+        refuse_for_images(args, "has no calibration sentences")
+        args.feedback_text = None
     runs = (load_sweep(args.sweep, args.overrides) if args.sweep
             else [(os.path.splitext(os.path.basename(args.config))[0] if args.config
                    else "default config", config_from_args(args))])

@@ -1,6 +1,6 @@
 // feedback_quantize / CPU: rule 21, error-feedback programming targets. Filters (rows) are
-// independent given U, so they run in parallel; each runs feedback_row (feedback_row.h), the
-// arithmetic the CUDA kernel runs. With rule 23's write penalty a filter is charged against
+// independent given U, so they run in parallel; each sees feedback_row's arithmetic
+// (feedback_row.h, what the CUDA kernel runs), bit for bit, run blocked (feedback_rows). With rule 23's write penalty a filter is charged against
 // the cells its predecessor chose, so the chains run in parallel, each filter after its
 // predecessor.
 #include <ATen/Parallel.h>
@@ -33,10 +33,12 @@ struct FeedbackRowArgs {
   uint8_t* chosen;
 };
 
+// filters (or chains) that go through U together: U's rows are read from memory once for all
+// of them (3072 x 3072 doubles do not fit in cache)
 constexpr int kRowsTogether = 32;
 
 // Rule 23 for a weight without held cells, as write_aware_allowed's `!held` branch computes it
-// (the same candidates in the same order, the same cost arithmetic and comparisons), with
+// (the same candidates, cost arithmetic and comparisons; visited nearest first, below), with
 // every value's cells packed b bits apiece in one word, built once per call: the cells that
 // differ from the predecessor's are then an XOR and a count, not a loop over c cells per
 // candidate (the branch was most of the mpnet_best reprogramming).
