@@ -641,3 +641,52 @@ def test_layers_reading_one_tensor_get_their_own_moments(inference):
     y = torch.cat(ys).double()
     torch.testing.assert_close(xmodel.o.input_moment[0].double(), y.T @ y / y.shape[0],
                                rtol=1e-5, atol=1e-6)
+
+
+class _Wide(nn.Module):
+    """A Linear layer with more inputs than one column block of the moment's product, and a
+    grouped convolution with more than one block per group."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(203, 5)
+        self.conv = nn.Conv2d(16, 4, 3, padding=1, groups=2)  # K = 8 * 9 = 72 per group
+
+    def forward(self, x, img):
+        return self.fc(x).sum() + self.conv(img).sum()
+
+
+def test_moment_in_column_blocks_over_many_chunks():
+    """The upper triangle, block by block over chunks of 4096 rows, then mirrored: E[x x^T]
+    of every row read (float64 by hand; float32 products, float64 sums), exactly symmetric."""
+    torch.manual_seed(3)
+    xmodel = xb.convert(_Wide().eval(), _config(rows=16, cols=16))
+    x = torch.randn(9000, 203) + torch.linspace(-1, 1, 203)  # three chunks, the last partial
+    img = torch.randn(2, 16, 5, 5)
+    xb.calibrate(xmodel, (x, img))
+    xd = x.double()
+    torch.testing.assert_close(xmodel.fc.input_moment[0].double(), xd.T @ xd / xd.shape[0],
+                               rtol=1e-5, atol=1e-5)
+    cols = torch.nn.functional.unfold(img.double(), 3, padding=1)  # (N, 16 * 9, L)
+    r = cols.transpose(1, 2).reshape(-1, 2, 72)  # (rows, groups, K), (channel, kh, kw) order
+    want = torch.einsum("ngk,ngl->gkl", r, r) / r.shape[0]
+    torch.testing.assert_close(xmodel.conv.input_moment.double(), want, rtol=1e-5, atol=1e-5)
+    for h in (xmodel.fc.input_moment, xmodel.conv.input_moment):
+        assert torch.equal(h, h.transpose(1, 2))
+
+
+@pytest.mark.parametrize("k", [1, 255, 256, 257, 700])
+def test_factor_by_halves_is_the_independent_factor(k):
+    """U from the halved triangular inverse: upper triangular with exact zeros below the
+    diagonal, and the independent simulator's factor (numpy: invert, then factorise) to
+    float64's rounding, for sizes around and past the halving's leaf."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(2 * k + 3, 2, k, generator=g, dtype=torch.float64)
+    x[:, :, 0] += 2.0
+    h = (torch.einsum("ngk,ngl->gkl", x, x) / x.shape[0]).float()
+    u = feedback_factor(h, 0.01)
+    assert u.dtype == torch.float64 and u.shape == (2, k, k)
+    assert torch.equal(u, u.triu())
+    for gi in range(2):
+        want = torch.from_numpy(ind.feedback_factor(h[gi].double().numpy(), 0.01))
+        torch.testing.assert_close(u[gi], want, rtol=1e-9, atol=1e-10)

@@ -112,7 +112,9 @@ int64_t write_aware_free(double t, const uint8_t* ref, double lambda, const Comp
   const int64_t below = std::min<int64_t>(hi, int64_t(floor(t)));  // values <= t, downwards
   for (int64_t v = below; v >= lo && consider(v); --v) {}
   for (int64_t v = std::max<int64_t>(lo, below + 1); v <= hi && consider(v); ++v) {}
-  encode_one(best_v, f.B, f.b, f.enc, f.S, cells);
+  // its rule-3 cells, unpacked from the table (encode_one's, computed once per call)
+  const uint64_t code = codes.code[size_t(best_v + qmax)], field = (uint64_t(1) << f.b) - 1;
+  for (int i = 0; i < f.c; ++i) cells[i] = uint8_t((code >> (i * f.b)) & field);
   return best_v;
 }
 
@@ -128,60 +130,98 @@ int64_t write_aware_free(double t, const uint8_t* ref, double lambda, const Comp
 constexpr int kBlock = 32;
 constexpr int64_t kTrailPiece = 64;  // columns: the block's piece of U, 16 KiB, stays in L1
 
-// Columns [j0, j1) of the n filters take the carries e[r][0 .. nb-1] of the block's columns,
-// whose rows of U start at ub (row kk at ub + kk * K).
+// Columns [j0, j1) of the n filters take the carries e[r][0 .. nb-1] of the block's columns;
+// the block's rows of U over those columns are packed at ub (row kk, column j at
+// ub[kk * kTrailPiece + j - j0]). Packed because U's rows lie K doubles apart: with K a
+// multiple of 512 (ViT-Base's 768 and 3072) the block's rows fall into the same few L1 sets
+// and evicted each other on every filter; the copy is read by every filter of the block.
 using TrailFn = void (*)(const FeedbackRowArgs*, int, const double (*)[kBlock], int,
-                         const double*, int64_t, int64_t, int64_t);
+                         const double*, int64_t, int64_t);
 
-inline void trail_column(double* t, const double* e, int nb, const double* ub, int64_t K,
-                         int64_t j) {
+inline void trail_column(double* t, const double* e, int nb, const double* ub, int64_t j) {
   double x = t[j];
-  for (int kk = 0; kk < nb; ++kk) x = x - xb_mul(e[kk], ub[kk * K + j]);
+  for (int kk = 0; kk < nb; ++kk) x = x - xb_mul(e[kk], ub[kk * kTrailPiece]);
   t[j] = x;
 }
 
 void trail_scalar(const FeedbackRowArgs* rows, int n, const double (*e)[kBlock], int nb,
-                  const double* ub, int64_t K, int64_t j0, int64_t j1) {
+                  const double* ub, int64_t j0, int64_t j1) {
   for (int r = 0; r < n; ++r) {
-    for (int64_t j = j0; j < j1; ++j) trail_column(rows[r].t, e[r], nb, ub, K, j);
+    for (int64_t j = j0; j < j1; ++j) trail_column(rows[r].t, e[r], nb, ub + (j - j0), j);
   }
 }
 
 #ifdef XB_AVX2_CARRY
 // 4-wide products and differences (no FMA: setup.py builds with -ffp-contract=off and the
-// target enables no fused instruction), 16 columns in flight.
+// target enables no fused instruction), 16 columns of two filters in flight: each load of U
+// serves both, and eight independent running sums hide the latency of the differences.
 __attribute__((target("avx2"))) void trail_avx2(const FeedbackRowArgs* rows, int n,
                                                 const double (*e)[kBlock], int nb,
-                                                const double* ub, int64_t K, int64_t j0,
-                                                int64_t j1) {
-  for (int r = 0; r < n; ++r) {
+                                                const double* ub, int64_t j0, int64_t j1) {
+  int r = 0;
+  for (; r + 2 <= n; r += 2) {
     double* t = rows[r].t;
+    double* s = rows[r + 1].t;
+    const double* ea = e[r];
+    const double* eb = e[r + 1];
     int64_t j = j0;
     for (; j + 16 <= j1; j += 16) {
       __m256d a0 = _mm256_loadu_pd(t + j), a1 = _mm256_loadu_pd(t + j + 4);
       __m256d a2 = _mm256_loadu_pd(t + j + 8), a3 = _mm256_loadu_pd(t + j + 12);
+      __m256d b0 = _mm256_loadu_pd(s + j), b1 = _mm256_loadu_pd(s + j + 4);
+      __m256d b2 = _mm256_loadu_pd(s + j + 8), b3 = _mm256_loadu_pd(s + j + 12);
+      const double* uj = ub + (j - j0);
       for (int kk = 0; kk < nb; ++kk) {
-        const double* uk = ub + kk * K + j;
-        const __m256d ev = _mm256_set1_pd(e[r][kk]);
-        a0 = _mm256_sub_pd(a0, _mm256_mul_pd(ev, _mm256_loadu_pd(uk)));
-        a1 = _mm256_sub_pd(a1, _mm256_mul_pd(ev, _mm256_loadu_pd(uk + 4)));
-        a2 = _mm256_sub_pd(a2, _mm256_mul_pd(ev, _mm256_loadu_pd(uk + 8)));
-        a3 = _mm256_sub_pd(a3, _mm256_mul_pd(ev, _mm256_loadu_pd(uk + 12)));
+        const double* uk = uj + kk * kTrailPiece;
+        const __m256d u0 = _mm256_loadu_pd(uk), u1 = _mm256_loadu_pd(uk + 4);
+        const __m256d u2 = _mm256_loadu_pd(uk + 8), u3 = _mm256_loadu_pd(uk + 12);
+        const __m256d ev = _mm256_set1_pd(ea[kk]);
+        const __m256d fv = _mm256_set1_pd(eb[kk]);
+        a0 = _mm256_sub_pd(a0, _mm256_mul_pd(ev, u0));
+        b0 = _mm256_sub_pd(b0, _mm256_mul_pd(fv, u0));
+        a1 = _mm256_sub_pd(a1, _mm256_mul_pd(ev, u1));
+        b1 = _mm256_sub_pd(b1, _mm256_mul_pd(fv, u1));
+        a2 = _mm256_sub_pd(a2, _mm256_mul_pd(ev, u2));
+        b2 = _mm256_sub_pd(b2, _mm256_mul_pd(fv, u2));
+        a3 = _mm256_sub_pd(a3, _mm256_mul_pd(ev, u3));
+        b3 = _mm256_sub_pd(b3, _mm256_mul_pd(fv, u3));
       }
       _mm256_storeu_pd(t + j, a0);
       _mm256_storeu_pd(t + j + 4, a1);
       _mm256_storeu_pd(t + j + 8, a2);
       _mm256_storeu_pd(t + j + 12, a3);
+      _mm256_storeu_pd(s + j, b0);
+      _mm256_storeu_pd(s + j + 4, b1);
+      _mm256_storeu_pd(s + j + 8, b2);
+      _mm256_storeu_pd(s + j + 12, b3);
     }
+    for (; j + 4 <= j1; j += 4) {
+      __m256d a = _mm256_loadu_pd(t + j), b = _mm256_loadu_pd(s + j);
+      for (int kk = 0; kk < nb; ++kk) {
+        const __m256d u = _mm256_loadu_pd(ub + (j - j0) + kk * kTrailPiece);
+        a = _mm256_sub_pd(a, _mm256_mul_pd(_mm256_set1_pd(ea[kk]), u));
+        b = _mm256_sub_pd(b, _mm256_mul_pd(_mm256_set1_pd(eb[kk]), u));
+      }
+      _mm256_storeu_pd(t + j, a);
+      _mm256_storeu_pd(s + j, b);
+    }
+    for (; j < j1; ++j) {
+      trail_column(t, ea, nb, ub + (j - j0), j);
+      trail_column(s, eb, nb, ub + (j - j0), j);
+    }
+  }
+  for (; r < n; ++r) {  // an odd filter out: on its own
+    double* t = rows[r].t;
+    int64_t j = j0;
     for (; j + 4 <= j1; j += 4) {
       __m256d a = _mm256_loadu_pd(t + j);
       for (int kk = 0; kk < nb; ++kk) {
         a = _mm256_sub_pd(a, _mm256_mul_pd(_mm256_set1_pd(e[r][kk]),
-                                           _mm256_loadu_pd(ub + kk * K + j)));
+                                           _mm256_loadu_pd(ub + (j - j0) + kk * kTrailPiece)));
       }
       _mm256_storeu_pd(t + j, a);
     }
-    for (; j < j1; ++j) trail_column(t, e[r], nb, ub, K, j);
+    for (; j < j1; ++j) trail_column(t, e[r], nb, ub + (j - j0), j);
   }
 }
 #endif
@@ -202,6 +242,7 @@ void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t 
                    const CompFormat& f, double lambda, const CellCodes& codes) {
   static const TrailFn trail = pick_trail();
   double e[kRowsTogether][kBlock];
+  alignas(64) double packed[kBlock * kTrailPiece];  // the block's piece of U (trail_avx2)
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kBlock);
     for (int64_t k = k0; k < k1; ++k) {
@@ -213,10 +254,12 @@ void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t 
           for (int i = 0; i < f.c; ++i) held = held || a.held[k * f.c + i];
         }
         int64_t v;
-        if (a.ref && k + 1 < K) {
-          // the next weight's cells in the predecessor's choice: a sorted position far from
-          // this one, long out of cache (a third of the rule-23 choice waited on it)
-          __builtin_prefetch(a.ref + a.pos[k + 1] * f.c);
+        if (a.chosen && k + 1 < K) {
+          // the next weight's cells in the predecessor's choice, and where its own go: a
+          // sorted position far from this one, long out of cache (a third of the rule-23
+          // choice waited on the first)
+          if (a.ref) __builtin_prefetch(a.ref + a.pos[k + 1] * f.c);
+          __builtin_prefetch(a.chosen + a.pos[k + 1] * f.c, 1);
         }
         if (a.chosen && !held && codes.usable) {
           const int64_t p = a.pos[k];
@@ -231,8 +274,13 @@ void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t 
         for (int64_t j = k + 1; j < k1; ++j) a.t[j] = a.t[j] - xb_mul(er, uk[j]);
       }
     }
+    const int nb = int(k1 - k0);
     for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece) {
-      trail(rows, n, e, int(k1 - k0), u + k0 * K, K, j0, std::min<int64_t>(K, j0 + kTrailPiece));
+      const int64_t j1 = std::min<int64_t>(K, j0 + kTrailPiece);
+      for (int kk = 0; kk < nb; ++kk) {
+        std::copy(u + (k0 + kk) * K + j0, u + (k0 + kk) * K + j1, packed + kk * kTrailPiece);
+      }
+      trail(rows, n, e, nb, packed, j0, j1);
     }
   }
 }
