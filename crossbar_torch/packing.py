@@ -12,12 +12,14 @@ byte per cell the held levels and the stuck flags were most of a converted model
 The packed form is canonical (unused bits 0), so two packed tensors are equal exactly when the
 levels are: code that only compares or hashes them never unpacks. Everything else unpacks one
 layer at a time (``CrossbarMixin.held_cells`` / ``stuck_cells``), a transient copy freed when
-the caller is done with it. Plain torch ops: any device, no host synchronisation.
+the caller is done with it. On the host, two kernels (the ``pack_levels`` / ``unpack_levels``
+ops: a byte table); on a device, plain torch ops, with no host synchronisation.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+from . import ops
 
 
 def slot_bits(bits_per_cell: int) -> int:
@@ -40,18 +42,9 @@ def pack_levels(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
     levels = levels.to(torch.uint8)
     if s == 8:
         return levels.contiguous()
-    *lead, c = levels.shape
     if levels.device.type != "cpu" or torch.compiler.is_compiling():
         return _pack_levels_torch(levels, bits_per_cell)
-    lv = levels.contiguous().numpy()  # numpy's packbits: ~10x the torch ops below
-    if s > 1:  # every slot's s bits, little end first
-        lv = ((lv[..., None] >> np.arange(s, dtype=np.uint8)) & 1).reshape(*lead, c * s)
-    width = packed_width(c, bits_per_cell)
-    # padded to whole bytes, then one flat packbits (5x packbits along a short last axis)
-    padded = np.zeros((*lead, width * 8), dtype=np.uint8)
-    padded[..., :c * s] = lv
-    return torch.from_numpy(np.packbits(padded.reshape(-1), bitorder="little")
-                            .reshape(*lead, width))
+    return ops.pack_levels(levels, bits_per_cell)  # the host kernel: ~10x numpy's packbits
 
 
 def _pack_levels_torch(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
@@ -77,14 +70,9 @@ def unpack_levels(packed: torch.Tensor, cells: int, bits_per_cell: int) -> torch
     s = slot_bits(bits_per_cell)
     if s == 8:
         return packed[..., :cells].contiguous()
-    *lead, _ = packed.shape
     if packed.device.type != "cpu" or torch.compiler.is_compiling():  # traced: torch ops
         return _unpack_levels_torch(packed, cells, bits_per_cell)
-    bits = np.unpackbits(packed.contiguous().numpy(), axis=-1, count=cells * s,
-                         bitorder="little")
-    if s > 1:
-        bits = np.packbits(bits.reshape(*lead, cells, s), axis=-1, bitorder="little")[..., 0]
-    return torch.from_numpy(bits)
+    return ops.unpack_levels(packed, cells, bits_per_cell)  # the host kernel: a byte table
 
 
 def _unpack_levels_torch(packed: torch.Tensor, cells: int, bits_per_cell: int) -> torch.Tensor:
@@ -104,7 +92,8 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, cells: int) -> torch.Tensor:
     """uint8 (..., ceil(c / 8)) -> bool (..., c)."""
-    return unpack_levels(packed, cells, 1).bool()
+    # one-bit slots unpack to bytes 0 and 1, which are bools as they are: no copy
+    return unpack_levels(packed, cells, 1).view(torch.bool)
 
 
 def is_canonical(packed: torch.Tensor, cells: int, bits_per_cell: int) -> bool:

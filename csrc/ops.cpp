@@ -57,6 +57,10 @@ TORCH_LIBRARY(crossbar_torch, m) {
   m.def("chain_order(Tensor bits, int start) -> Tensor");
   // host only: per-row stable descending order of int32 keys (rule 4's sort index)
   m.def("sort_index(Tensor key) -> Tensor");
+  // host only: the packed storage of cell levels and stuck flags (crossbar_torch/packing.py,
+  // whose torch ops run on a device)
+  m.def("pack_levels(Tensor levels, int bits_per_cell) -> Tensor");
+  m.def("unpack_levels(Tensor packed, int cells, int bits_per_cell) -> Tensor");
   m.def(
       "analog_matmul(Tensor x, Tensor g, Tensor sort_index, Tensor cell_weight, "
       "Tensor adc_steps, int groups, int rows, int input_bits, int input_bits_per_cycle, "

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import crossbar_torch as xb
-from crossbar_torch import packing
+from crossbar_torch import ops, packing
 from crossbar_torch.ops import reference
 
 
@@ -96,3 +96,46 @@ def test_a_layer_stores_its_cells_packed_and_computes_with_the_levels(fields, c)
     q = reference.decode(levels, cfg.weight_bits, cfg.bits_per_cell, cfg.encoding_id)
     want = torch.empty_like(q.float()).scatter_(1, layer.sort_index.long(), q.float())
     assert torch.equal(layer.effective_weight(), want * layer.scale[:, None])
+
+
+@settings(max_examples=100, deadline=None)
+@given(shapes, st.integers(1, 8), st.integers(0, 2**31 - 1), st.booleans())
+def test_host_kernels_agree_with_the_device_path(shape, b, seed, transposed):
+    """The CPU ops (a byte table) against the torch ops every device runs: unpacking any bytes
+    (non-canonical ones too, which is_canonical must see), packing any levels in [0, 2^b),
+    from non-contiguous tensors as well."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[-1]
+    width = packing.packed_width(c, b)
+    raw = torch.randint(0, 256, (*shape[:-1], width), generator=g, dtype=torch.int64)
+    raw = raw.to(torch.uint8)
+    levels = torch.randint(0, 1 << b, shape, generator=g, dtype=torch.int64).to(torch.uint8)
+    if transposed and len(shape) == 3:  # same shape, another memory order
+        raw = raw.transpose(0, 1).contiguous().transpose(0, 1)
+        levels = levels.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(packing.unpack_levels(raw, c, b), packing._unpack_levels_torch(raw, c, b))
+    assert torch.equal(packing.pack_levels(levels, b), packing._pack_levels_torch(levels, b))
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ops.unpack_levels(torch.zeros(3, 2), 14, 1), "packed must be Byte"),
+    (lambda: ops.unpack_levels(torch.zeros(3, 3, dtype=torch.uint8), 14, 1),
+     r"packed.size\(-1\) must be 2 for 14 cells"),
+    (lambda: ops.unpack_levels(torch.zeros(3, 2, dtype=torch.uint8), 14, 9), "bits_per_cell"),
+    (lambda: ops.unpack_levels(torch.zeros(3, 2, dtype=torch.uint8), -1, 1), "cells must be"),
+    (lambda: ops.unpack_levels(torch.zeros((), dtype=torch.uint8), 1, 1), "trailing byte axis"),
+    (lambda: ops.pack_levels(torch.zeros(3, 14, dtype=torch.int32), 1), "levels must be Byte"),
+    (lambda: ops.pack_levels(torch.zeros(3, 14, dtype=torch.uint8), 0), "bits_per_cell"),
+])
+def test_packing_ops_refuse_bad_tensors(call, match):
+    with pytest.raises(RuntimeError, match=match):
+        call()
+
+
+def test_packing_ops_trace_on_meta_tensors():
+    packed = ops.pack_levels(torch.empty(3, 5, 14, dtype=torch.uint8, device="meta"), 1)
+    assert packed.shape == (3, 5, 2) and packed.device.type == "meta"
+    levels = ops.unpack_levels(torch.empty(4, 2, dtype=torch.uint8, device="meta"), 5, 2)
+    assert levels.shape == (4, 5)
+    with pytest.raises(RuntimeError, match=r"packed.size\(-1\) must be 2"):
+        ops.unpack_levels(torch.empty(4, 3, dtype=torch.uint8, device="meta"), 5, 2)

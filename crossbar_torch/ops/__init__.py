@@ -215,6 +215,38 @@ def _sort_index_fake(key):
     return key.new_empty(tuple(key.shape), dtype=torch.int64)
 
 
+def _slot_bits(op, bits_per_cell):
+    torch._check(1 <= bits_per_cell <= 8,
+                 lambda: f"crossbar_torch.{op}: bits_per_cell must be in [1, 8], got "
+                         f"{bits_per_cell}")
+    return 1 << (bits_per_cell - 1).bit_length()
+
+
+@torch.library.register_fake("crossbar_torch::pack_levels")
+def _pack_levels_fake(levels, bits_per_cell):
+    s = _slot_bits("pack_levels", bits_per_cell)
+    _check_tensors("pack_levels", ("levels", levels), [("levels", levels, torch.uint8, None)])
+    torch._check(levels.dim() >= 1,
+                 lambda: "crossbar_torch.pack_levels: levels must have a trailing cell axis")
+    per = 8 // s
+    return levels.new_empty((*levels.shape[:-1], -(-levels.shape[-1] // per)))
+
+
+@torch.library.register_fake("crossbar_torch::unpack_levels")
+def _unpack_levels_fake(packed, cells, bits_per_cell):
+    s = _slot_bits("unpack_levels", bits_per_cell)
+    torch._check(cells >= 0, lambda: f"crossbar_torch.unpack_levels: cells must be >= 0, got "
+                                     f"{cells}")
+    _check_tensors("unpack_levels", ("packed", packed), [("packed", packed, torch.uint8, None)])
+    torch._check(packed.dim() >= 1,
+                 lambda: "crossbar_torch.unpack_levels: packed must have a trailing byte axis")
+    width = cells if s == 8 else -(-cells // (8 // s))
+    torch._check(packed.shape[-1] == width or (s == 8 and packed.shape[-1] >= cells),
+                 lambda: f"crossbar_torch.unpack_levels: packed.size(-1) must be {width} for "
+                         f"{cells} cells of {bits_per_cell} bit(s), got {packed.shape[-1]}")
+    return packed.new_empty((*packed.shape[:-1], cells))
+
+
 @torch.library.register_fake("crossbar_torch::analog_matmul")
 def _analog_matmul_fake(x, g, sort_index, cell_weight, adc_steps, groups, rows, input_bits,
                         input_bits_per_cycle, input_scale, adc_bits, g0, encoding_offset,
@@ -340,6 +372,19 @@ def chain_order(bits, start: int) -> torch.Tensor:
     Hamming distance next, ties to the lowest row (int64 (out,)). CPU only (placement is chosen
     on the host, at conversion). See reference.chain_order."""
     return _ops.chain_order(bits, int(start))
+
+
+def pack_levels(levels, bits_per_cell: int) -> torch.Tensor:
+    """uint8 (..., c) levels -> uint8 (..., ceil(c / (8 // s))) packed (crossbar_torch/packing.py's
+    layout; with s = 1 a nonzero level packs as 1, else a level's low s bits). CPU only (on a
+    device, packing.py's torch ops)."""
+    return _ops.pack_levels(levels, int(bits_per_cell))
+
+
+def unpack_levels(packed, cells: int, bits_per_cell: int) -> torch.Tensor:
+    """uint8 (..., ceil(c / (8 // s))) packed -> uint8 (..., c) levels (packing.py's layout).
+    CPU only (on a device, packing.py's torch ops)."""
+    return _ops.unpack_levels(packed, int(cells), int(bits_per_cell))
 
 
 def sort_index(key) -> torch.Tensor:

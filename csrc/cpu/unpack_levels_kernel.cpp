@@ -1,0 +1,79 @@
+// unpack_levels / CPU (host only: on a device the torch ops of crossbar_torch/packing.py run
+// there): packed cell levels uint8 (..., width) -> uint8 (..., cells). The layout is packing.py's:
+// a b-bit level in a slot of s bits (s the smallest power of two >= b), 8 / s slots a byte,
+// little end first; width = ceil(cells / (8 / s)). Reference: packing._unpack_levels_torch.
+//
+// Why a kernel: a programming of the ViT-Base-sized model with stuck cells unpacks every
+// layer's levels and stuck flags several times (1.2G cells each time); numpy's unpackbits along
+// a two-byte axis wrote them at about 1 GB/s, a seventh of that reprogramming.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <array>
+#include <cstring>
+
+#include "../common.h"
+
+namespace crossbar_torch {
+namespace {
+
+// byte -> its 8 / s slots, one a byte (little end first), for slot widths 1, 2, 4
+struct SlotTable {
+  std::array<std::array<uint8_t, 8>, 256> cells{};
+  explicit SlotTable(int s) {
+    const int per = 8 / s, top = (1 << s) - 1;
+    for (int v = 0; v < 256; ++v) {
+      for (int i = 0; i < per; ++i) cells[size_t(v)][size_t(i)] = uint8_t((v >> (i * s)) & top);
+    }
+  }
+};
+
+at::Tensor unpack_levels_cpu(const at::Tensor& packed_in, int64_t cells, int64_t bits_per_cell) {
+  TORCH_CHECK(bits_per_cell >= 1 && bits_per_cell <= 8,
+              "crossbar_torch.unpack_levels: bits_per_cell must be in [1, 8], got ",
+              bits_per_cell);
+  TORCH_CHECK(cells >= 0, "crossbar_torch.unpack_levels: cells must be >= 0, got ", cells);
+  check_dtype(packed_in, at::kByte, "unpack_levels", "packed");
+  TORCH_CHECK(packed_in.device().is_cpu(),
+              "crossbar_torch.unpack_levels: packed must be a CPU tensor, got ",
+              packed_in.device());
+  TORCH_CHECK(packed_in.dim() >= 1,
+              "crossbar_torch.unpack_levels: packed must have a trailing byte axis");
+  const int s = bits_per_cell == 1 ? 1 : bits_per_cell == 2 ? 2 : bits_per_cell <= 4 ? 4 : 8;
+  const int64_t per = 8 / s, width = s == 8 ? cells : (cells + per - 1) / per;
+  TORCH_CHECK(packed_in.size(-1) == width || (s == 8 && packed_in.size(-1) >= cells),
+              "crossbar_torch.unpack_levels: packed.size(-1) must be ", width, " for ", cells,
+              " cells of ", bits_per_cell, " bit(s), got ", packed_in.size(-1));
+  const at::Tensor packed = packed_in.contiguous();
+  auto sizes = packed.sizes().vec();
+  sizes.back() = cells;
+  at::Tensor out = at::empty(sizes, packed.options());
+  const int64_t n = out.numel() / std::max<int64_t>(cells, 1), in_w = packed.size(-1);
+  if (out.numel() == 0) return out;
+  const uint8_t* pp = packed.const_data_ptr<uint8_t>();
+  uint8_t* op = out.mutable_data_ptr<uint8_t>();
+  if (s == 8) {  // one cell a byte: the first `cells` bytes of each row
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) std::memcpy(op + i * cells, pp + i * in_w, cells);
+    });
+    return out;
+  }
+  static const SlotTable tables[3] = {SlotTable(1), SlotTable(2), SlotTable(4)};
+  const SlotTable& t = tables[s == 1 ? 0 : s == 2 ? 1 : 2];
+  const int64_t full = cells / per, rest = cells % per;  // whole bytes, then the last part
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* src = pp + i * width;
+      uint8_t* dst = op + i * cells;
+      for (int64_t j = 0; j < full; ++j) std::memcpy(dst + j * per, t.cells[src[j]].data(), per);
+      if (rest) std::memcpy(dst + full * per, t.cells[src[full]].data(), rest);
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(crossbar_torch, CPU, m) { m.impl("unpack_levels", &unpack_levels_cpu); }
+
+}  // namespace crossbar_torch
