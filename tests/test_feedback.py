@@ -586,10 +586,10 @@ def test_a_wrapped_model_is_programmed_with_its_layers_policies():
 
 @pytest.mark.parametrize("penalty, held_p", [(0.0, 0.0), (0.0, 0.4), (1.5, 0.0), (1.5, 0.4)])
 def test_long_filters_agree_with_the_reference(penalty, held_p):
-    """Filters longer than the CPU kernel's pieces of U's rows (1024 doubles) and its vector
-    width, 9 filters (more than go through U together): the vectorised carry and the
-    distance-ordered write-aware search (weights without held cells) give the reference's
-    integers."""
+    """Filters longer than the CPU kernel's pieces of U's rows and its vector width, 9 filters:
+    the vectorised carry and the distance-ordered write-aware search (weights without held
+    cells) give the reference's integers, on 1, 2 and 3 threads (with rule 23 the 9 filters
+    form 3 chains, which the threads share out)."""
     bits, b, enc, L, k = 4, 1, 0, 1, 1030
     t, u, held, levels = _case(9, k, 1, bits, b, enc, L, seed=5, held_p=held_p)
     args = (t, u, held, levels, bits, b, enc, L)
@@ -598,8 +598,14 @@ def test_long_filters_agree_with_the_reference(penalty, held_p):
         index = torch.stack([torch.randperm(k, generator=torch.Generator().manual_seed(o))
                              for o in range(9)])
         args = args + (pred, index, penalty)
-    got = ops.feedback_quantize(*args)
-    assert torch.equal(got, reference.feedback_quantize(*args))
+    want = reference.feedback_quantize(*args)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(ops.feedback_quantize(*args), want), f"{threads} thread(s)"
+    finally:
+        torch.set_num_threads(before)
 
 
 class _SharedInput(nn.Module):
