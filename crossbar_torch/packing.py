@@ -44,7 +44,7 @@ def pack_levels(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:
         return levels.contiguous()
     if levels.device.type != "cpu" or torch.compiler.is_compiling():
         return _pack_levels_torch(levels, bits_per_cell)
-    return ops.pack_levels(levels, bits_per_cell)  # the host kernel: ~10x numpy's packbits
+    return ops.pack_levels(levels, bits_per_cell)  # the host kernel: a byte at a time
 
 
 def _pack_levels_torch(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:

@@ -139,3 +139,12 @@ def test_packing_ops_trace_on_meta_tensors():
     assert levels.shape == (4, 5)
     with pytest.raises(RuntimeError, match=r"packed.size\(-1\) must be 2"):
         ops.unpack_levels(torch.empty(4, 3, dtype=torch.uint8, device="meta"), 5, 2)
+
+
+@pytest.mark.parametrize("b", [1, 2, 3, 8])
+def test_packing_ops_pass_opcheck(b):
+    """Schema, fake kernel and the CPU kernel agree (torch.library.opcheck)."""
+    levels = torch.randint(0, 1 << b, (3, 4, 11), dtype=torch.int64).to(torch.uint8)
+    torch.library.opcheck(torch.ops.crossbar_torch.pack_levels.default, (levels, b))
+    packed = packing.pack_levels(levels, b) if b < 8 else levels
+    torch.library.opcheck(torch.ops.crossbar_torch.unpack_levels.default, (packed, 11, b))
