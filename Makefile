@@ -2,7 +2,7 @@
 #   make demo    set up .venv (first time) and run the main job on embedded defaults
 #   make test    set up .venv (first time) and run the whole test suite
 #   make sanitize  build the extension with AddressSanitizer + UBSan into a scratch dir and run
-#                the op and fuzz tests and feedback_quantize's kernel tests against it
+#                the op, fuzz and packing tests and feedback_quantize's kernel tests against it
 #                (SANITIZE_OUT, default /tmp/crossbar_sanitize)
 #   make gpu-check  on a GPU machine: CUDA tests, sync-free check, benchmarks/bench_gpu.py
 #   make wheel-check  build a wheel from the checkout, install it into a fresh venv and run a
@@ -88,7 +88,7 @@ sanitize: setup
 	  ASAN_OPTIONS=detect_leaks=0:allocator_may_return_null=1:abort_on_error=1 \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider --rootdir=$(CURDIR) \
-	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_fuzz_ops.py \
+	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_fuzz_ops.py $(CURDIR)/tests/test_packing.py \
 	  $(CURDIR)/tests/test_feedback.py -k "not feedback or kernel or long_filters or many_filters or write_aware_hand"
 
 clean:
