@@ -133,8 +133,9 @@ constexpr int64_t kTrailPiece = 64;  // columns: the block's piece of U, 16 KiB,
 // Columns [j0, j1) of the n filters take the carries e[r][0 .. nb-1] of the block's columns;
 // the block's rows of U over those columns are packed at ub (row kk, column j at
 // ub[kk * kTrailPiece + j - j0]). Packed because U's rows lie K doubles apart: with K a
-// multiple of 512 (ViT-Base's 768 and 3072) the block's rows fall into the same few L1 sets
-// and evicted each other on every filter; the copy is read by every filter of the block.
+// multiple of 256 (ViT-Base's 768 and 3072 inputs) the block's 32 rows map to one or two L1
+// sets of 8 ways and evicted each other on every filter; the copy is read by every filter of
+// the block.
 using TrailFn = void (*)(const FeedbackRowArgs*, int, const double (*)[kBlock], int,
                          const double*, int64_t, int64_t);
 
