@@ -57,3 +57,19 @@ def cell_slices(weight_bits: int, bits_per_cell: int, encoding: int | str) -> li
     """Slice of each of a weight's c cells."""
     S = slices_for(weight_bits, bits_per_cell, encoding)
     return [i % S for i in range(cells_for(weight_bits, bits_per_cell, encoding))]
+
+
+# ---- the packed storage of levels (crossbar_torch/packing.py; csrc/common.h) -------------------
+
+def slot_bits(bits_per_cell: int) -> int:
+    """s: the bits a cell's slot takes when packed (the smallest power of two >= b)."""
+    return 1 << (bits_per_cell - 1).bit_length()
+
+
+def cells_per_byte(bits_per_cell: int) -> int:
+    return 8 // slot_bits(bits_per_cell)
+
+
+def packed_width(cells: int, bits_per_cell: int) -> int:
+    """Bytes one weight's ``cells`` levels take packed."""
+    return -(-cells // cells_per_byte(bits_per_cell))

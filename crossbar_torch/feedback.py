@@ -160,8 +160,8 @@ class MomentAccumulator:
             blocks = [(k0, x[:, :, k0:k0 + self.width].transpose(1, 2) @ x[:, :, k0:])
                       for k0 in range(0, k, self.width)]
             # a NaN / Inf input makes its row and column of the product non-finite
-            if not all(bool(torch.isfinite(p[:, :, :p.shape[1]].diagonal(dim1=1, dim2=2)).all())
-                       for _, p in blocks):
+            # (a block's diagonal, (G, w, K - k0), is that of its leading w x w square)
+            if not all(bool(torch.isfinite(p.diagonal(dim1=1, dim2=2)).all()) for _, p in blocks):
                 raise InvalidTensorError("calibrate: a layer input holds NaN or Inf (or values "
                                          "whose square overflows float32)")
             parts.append((blocks, chunk.shape[0]))

@@ -20,20 +20,8 @@ from __future__ import annotations
 import torch
 
 from . import ops
-
-
-def slot_bits(bits_per_cell: int) -> int:
-    """s: the bits a cell's slot takes (the smallest power of two >= b)."""
-    return 1 << (bits_per_cell - 1).bit_length()
-
-
-def cells_per_byte(bits_per_cell: int) -> int:
-    return 8 // slot_bits(bits_per_cell)
-
-
-def packed_width(cells: int, bits_per_cell: int) -> int:
-    """Bytes one weight's ``cells`` levels take."""
-    return -(-cells // cells_per_byte(bits_per_cell))
+# the layout's sizes live with the rest of the format arithmetic (the ops' fake kernels need them)
+from .encoding import cells_per_byte, packed_width, slot_bits  # noqa: F401
 
 
 def pack_levels(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor:

@@ -182,6 +182,22 @@ inline void check_format(int64_t weight_bits, int64_t bits_per_cell, int64_t enc
               "2 (offset), got ", encoding);
 }
 
+// The packed storage of cells (crossbar_torch/packing.py): a b-bit level in a slot of s bits,
+// the smallest power of two >= b, so 8 / s slots a byte. Checks b in [1, 8]; returns s.
+inline int checked_slot_bits(int64_t bits_per_cell, const char* op) {
+  TORCH_CHECK(bits_per_cell >= 1 && bits_per_cell <= 8, "crossbar_torch.", op,
+              ": bits_per_cell must be in [1, 8], got ", bits_per_cell);
+  int s = 1;
+  while (s < bits_per_cell) s *= 2;
+  return s;
+}
+
+// Bytes a weight's `cells` levels take in slots of s bits (packing.packed_width).
+inline int64_t packed_width(int64_t cells, int s) {
+  const int64_t per = 8 / s;
+  return (cells + per - 1) / per;
+}
+
 inline void check_dtype(const at::Tensor& t, at::ScalarType dtype, const char* op,
                         const char* name) {
   TORCH_CHECK(t.scalar_type() == dtype, "crossbar_torch.", op, ": ", name, " must be ",

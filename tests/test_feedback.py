@@ -696,3 +696,23 @@ def test_factor_by_halves_is_the_independent_factor(k):
     for gi in range(2):
         want = torch.from_numpy(ind.feedback_factor(h[gi].double().numpy(), 0.01))
         torch.testing.assert_close(u[gi], want, rtol=1e-9, atol=1e-10)
+
+
+class _Overflow(nn.Module):
+    """A layer of 100 inputs fed a value whose square overflows float32, in an input past the
+    moment's first column block, from inside the model (the batch itself is finite)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(100, 4)
+
+    def forward(self, x):
+        return self.fc(x * torch.cat([torch.ones(90), torch.full((10,), 1e30)]))
+
+
+def test_an_overflowing_layer_input_fails_calibration_and_keeps_the_moment():
+    torch.manual_seed(0)
+    xmodel = xb.convert(_Overflow().eval(), _config(rows=16, cols=16))
+    with pytest.raises(xb.errors.InvalidTensorError, match="NaN or Inf"):
+        xb.calibrate(xmodel, torch.randn(5, 100))
+    assert xmodel.fc.input_moment.numel() == 0

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..encoding import cells_for, slices_for
+from ..encoding import cells_for, packed_width, slices_for, slot_bits
 
 DIFFERENTIAL, TWOS_COMPLEMENT, OFFSET = 0, 1, 2  # the ops' `encoding` argument
 # Order of the counters returned by the program_layer op (then one entry per slice).
@@ -215,33 +215,32 @@ def _sort_index_fake(key):
     return key.new_empty(tuple(key.shape), dtype=torch.int64)
 
 
-def _slot_bits(op, bits_per_cell):
+def _check_bits_per_cell(op, bits_per_cell):
     torch._check(1 <= bits_per_cell <= 8,
                  lambda: f"crossbar_torch.{op}: bits_per_cell must be in [1, 8], got "
                          f"{bits_per_cell}")
-    return 1 << (bits_per_cell - 1).bit_length()
 
 
 @torch.library.register_fake("crossbar_torch::pack_levels")
 def _pack_levels_fake(levels, bits_per_cell):
-    s = _slot_bits("pack_levels", bits_per_cell)
+    _check_bits_per_cell("pack_levels", bits_per_cell)
     _check_tensors("pack_levels", ("levels", levels), [("levels", levels, torch.uint8, None)])
     torch._check(levels.dim() >= 1,
                  lambda: "crossbar_torch.pack_levels: levels must have a trailing cell axis")
-    per = 8 // s
-    return levels.new_empty((*levels.shape[:-1], -(-levels.shape[-1] // per)))
+    return levels.new_empty((*levels.shape[:-1], packed_width(levels.shape[-1], bits_per_cell)))
 
 
 @torch.library.register_fake("crossbar_torch::unpack_levels")
 def _unpack_levels_fake(packed, cells, bits_per_cell):
-    s = _slot_bits("unpack_levels", bits_per_cell)
+    _check_bits_per_cell("unpack_levels", bits_per_cell)
     torch._check(cells >= 0, lambda: f"crossbar_torch.unpack_levels: cells must be >= 0, got "
                                      f"{cells}")
     _check_tensors("unpack_levels", ("packed", packed), [("packed", packed, torch.uint8, None)])
     torch._check(packed.dim() >= 1,
                  lambda: "crossbar_torch.unpack_levels: packed must have a trailing byte axis")
-    width = cells if s == 8 else -(-cells // (8 // s))
-    torch._check(packed.shape[-1] == width or (s == 8 and packed.shape[-1] >= cells),
+    width = packed_width(cells, bits_per_cell)
+    torch._check(packed.shape[-1] == width or (slot_bits(bits_per_cell) == 8
+                                               and packed.shape[-1] >= cells),
                  lambda: f"crossbar_torch.unpack_levels: packed.size(-1) must be {width} for "
                          f"{cells} cells of {bits_per_cell} bit(s), got {packed.shape[-1]}")
     return packed.new_empty((*packed.shape[:-1], cells))

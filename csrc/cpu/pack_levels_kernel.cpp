@@ -17,17 +17,15 @@ namespace crossbar_torch {
 namespace {
 
 at::Tensor pack_levels_cpu(const at::Tensor& levels_in, int64_t bits_per_cell) {
-  TORCH_CHECK(bits_per_cell >= 1 && bits_per_cell <= 8,
-              "crossbar_torch.pack_levels: bits_per_cell must be in [1, 8], got ", bits_per_cell);
+  const int s = checked_slot_bits(bits_per_cell, "pack_levels");
   check_dtype(levels_in, at::kByte, "pack_levels", "levels");
   TORCH_CHECK(levels_in.device().is_cpu(),
               "crossbar_torch.pack_levels: levels must be a CPU tensor, got ", levels_in.device());
   TORCH_CHECK(levels_in.dim() >= 1,
               "crossbar_torch.pack_levels: levels must have a trailing cell axis");
-  const int s = bits_per_cell == 1 ? 1 : bits_per_cell == 2 ? 2 : bits_per_cell <= 4 ? 4 : 8;
   const at::Tensor levels = levels_in.contiguous();
   if (s == 8) return levels.clone();  // one cell a byte: a copy (an op's output never aliases)
-  const int64_t cells = levels.size(-1), per = 8 / s, width = (cells + per - 1) / per;
+  const int64_t cells = levels.size(-1), per = 8 / s, width = packed_width(cells, s);
   auto sizes = levels.sizes().vec();
   sizes.back() = width;
   at::Tensor out = at::empty(sizes, levels.options());

@@ -29,9 +29,7 @@ struct SlotTable {
 };
 
 at::Tensor unpack_levels_cpu(const at::Tensor& packed_in, int64_t cells, int64_t bits_per_cell) {
-  TORCH_CHECK(bits_per_cell >= 1 && bits_per_cell <= 8,
-              "crossbar_torch.unpack_levels: bits_per_cell must be in [1, 8], got ",
-              bits_per_cell);
+  const int s = checked_slot_bits(bits_per_cell, "unpack_levels");
   TORCH_CHECK(cells >= 0, "crossbar_torch.unpack_levels: cells must be >= 0, got ", cells);
   check_dtype(packed_in, at::kByte, "unpack_levels", "packed");
   TORCH_CHECK(packed_in.device().is_cpu(),
@@ -39,8 +37,7 @@ at::Tensor unpack_levels_cpu(const at::Tensor& packed_in, int64_t cells, int64_t
               packed_in.device());
   TORCH_CHECK(packed_in.dim() >= 1,
               "crossbar_torch.unpack_levels: packed must have a trailing byte axis");
-  const int s = bits_per_cell == 1 ? 1 : bits_per_cell == 2 ? 2 : bits_per_cell <= 4 ? 4 : 8;
-  const int64_t per = 8 / s, width = s == 8 ? cells : (cells + per - 1) / per;
+  const int64_t per = 8 / s, width = packed_width(cells, s);
   TORCH_CHECK(packed_in.size(-1) == width || (s == 8 && packed_in.size(-1) >= cells),
               "crossbar_torch.unpack_levels: packed.size(-1) must be ", width, " for ", cells,
               " cells of ", bits_per_cell, " bit(s), got ", packed_in.size(-1));
