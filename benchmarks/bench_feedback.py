@@ -16,10 +16,12 @@ layers, 85M weights), three ways:
 3. ``best``: ``configs/mpnet_best.yaml`` (rule 23's write penalty, nothing stuck): the same
    three steps.
 
-Each case starts from the same float model (a deep copy); the times are wall seconds of the
-steps (the report is not timed: it is the same counting for every case). Prints each case's
+Each case starts from the same float model (a deep copy); ``comp`` runs first and again last,
+and the faster of its two runs is the base (the first run of a process pays warm-up costs);
+the times are wall seconds of the steps (the report is not timed: it is the same counting for every case). Prints each case's
 steps and its total over ``comp``'s. The calibration forward is part of what the user runs, so
-it is counted; its own time is printed beside.
+it is counted; its own time is printed beside, and the reprogramming step alone over ``comp``
+(programming with rule 21 against programming with rule 13).
 """
 from __future__ import annotations
 
@@ -90,6 +92,10 @@ def main(argv=None) -> int:
     cases = [("comp", xb.CrossbarConfig(**stuck)),
              ("feedback", xb.CrossbarConfig(**stuck, feedback="hessian")),
              ("best", best)]
+    # comp runs first and again last: the first run of a process pays warm-up costs (thread
+    # pool, allocator, first-touch pages) that would flatter every ratio, so the base is the
+    # faster of the two
+    cases.append(("comp again", cases[0][1]))
     rows = []
     for name, cfg in cases:
         rows.append(run_case(name, st, cfg, sentences))
@@ -97,15 +103,24 @@ def main(argv=None) -> int:
         steps = ", ".join(f"{k} {v:.1f} s" for k, v in r["steps"].items())
         print(f"{name:9s} {r['total']:7.1f} s  ({steps}; {r['writes_per_pass']:,} writes per pass)",
               flush=True)
-    base = rows[0]["total"]
+    again = rows.pop()
+    base = min(rows[0]["total"], again["total"])
+    print(f"comp base: {base:.1f} s (the faster of {rows[0]['total']:.1f} s and "
+          f"{again['total']:.1f} s)")
     for r in rows[1:]:
+        # end to end (what the user waits for), and the programming step alone against plain
+        # compensation's programming (convert): the calibration's forward passes and moment
+        # products are a cost of their own, about 1.2x comp on 2 cores
         r["ratio_to_comp"] = r["total"] / base
-        print(f"{r['case']} / comp: {r['ratio_to_comp']:.2f}x (target <= 3x)")
+        r["reprogram_to_comp"] = r["steps"]["reprogram"] / base
+        print(f"{r['case']} / comp: {r['ratio_to_comp']:.2f}x end to end (target <= 3x); "
+              f"its reprogram alone {r['reprogram_to_comp']:.2f}x")
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"threads": torch.get_num_threads(), "sentences": len(sentences),
-                       "calibration": args.calibration,
+                       "calibration": args.calibration, "comp_base_s": base,
+                       "comp_again_s": again["total"],
                        "cases": rows}, f, indent=2)
         os.replace(tmp, args.json)
     return 0

@@ -36,7 +36,7 @@ def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
     """U (float64 (G, K, K)): ``U^T U = (H + lambda I)^-1`` with ``U`` upper triangular, for each
     group's ``H`` (float32 (G, K, K)). An input never seen (``H[k, k] == 0``) gets ``H[k, k] = 1``
     (its weight carries no error onward); ``lambda = damp * mean(diag H)`` per group."""
-    h = moment.detach().to("cpu", torch.float64).clone()
+    h = moment.detach().to("cpu", torch.float64, copy=True)
     if h.shape[-1] == 0:
         return h
     diag = h.diagonal(dim1=1, dim2=2)
@@ -90,15 +90,32 @@ def placement_predecessors(filter_index: torch.Tensor, out: int, config) -> torc
     return pred
 
 
+class FactorCache:
+    """The factor of the layer programmed last, given again for the next layer when its moment
+    and damping are equal: a transformer's query, key and value read the same rows, so their
+    moments are equal and one factor serves the three (the same U, so the same choices)."""
+
+    def __init__(self):
+        self.moment = self.damp = self.u = None
+
+    def factor(self, moment: torch.Tensor, damp: float) -> torch.Tensor:
+        last = self.moment
+        if not (last is not None and damp == self.damp and last.shape == moment.shape
+                and last.device == moment.device and torch.equal(last, moment)):
+            self.moment, self.damp, self.u = moment, damp, feedback_factor(moment, damp)
+        return self.u
+
+
 @torch.no_grad()
-def feedback_targets(layer, config) -> torch.Tensor:
+def feedback_targets(layer, config, factors: FactorCache | None = None) -> torch.Tensor:
     """Rule 21: the integers (int32 (out, K), original order) that programming writes into
     ``layer``: each weight the allowed value nearest its running target, filters in parallel,
-    inputs in order. Held cells are the layer's stuck cells at the levels it holds."""
+    inputs in order. Held cells are the layer's stuck cells at the levels it holds. ``factors``
+    reuses the previous layer's factor when it is the same (one per programming pass)."""
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
     scale = layer.scale.detach().to("cpu", torch.float32)
     target = (w / scale[:, None]).to(torch.float64)  # rule 2's division, in float32
-    u = feedback_factor(layer.input_moment, config.feedback_damp)
+    u = (factors or FactorCache()).factor(layer.input_moment, config.feedback_damp)
     if config.stucking and layer.stuck.numel():
         index = layer.long_sort_index().cpu()
         # reordered packed (a weight's cells are packed within its own bytes, so moving
@@ -133,6 +150,13 @@ def feedback_cells(layer, config, q: torch.Tensor) -> torch.Tensor:
 
 # ---- calibration: E[x x^T] of every layer's inputs --------------------------------------------
 
+def column_block_width(k: int) -> int:
+    """The width of the column blocks that products with ``H``'s upper triangle go by: 8 blocks,
+    down to 64 wide (the 3072-input layers' moment products in 1.8x less time than the whole
+    square)."""
+    return max(64, -(-k // 8))
+
+
 class MomentAccumulator:
     """Sums of ``x x^T`` and sample counts of one layer, per group (rule 21): of each chunk of
     at most 4096 rows, the upper triangle of the product, column block by column block, as
@@ -146,8 +170,7 @@ class MomentAccumulator:
         # the blocks on and above the diagonal
         self.sum = torch.zeros(groups, k, k, dtype=torch.float64)
         self.count = 0
-        # 8 column blocks (down to 64 wide): the 3072-input layers' products in 1.8x less time
-        self.width = max(64, -(-k // 8))
+        self.width = column_block_width(k)
 
     def products(self, rows: torch.Tensor) -> list:
         """The chunk products of ``rows`` ((N, groups * K) input rows of the layer, im2col rows
@@ -245,13 +268,29 @@ def layer_output_energies(layer, e: torch.Tensor | None = None) -> tuple:
     per = w.shape[0] // h.shape[0]
     num = den = 0.0
     for g in range(h.shape[0]):
-        # the products in float32 (BLAS; float64 made this a quarter of a reprogram of the
-        # ViT-Base-sized model), their sums in float64: a ratio for warnings and the allocator
         both = torch.cat([e[g * per:(g + 1) * per], w[g * per:(g + 1) * per]])
-        prod = (both @ h[g]).double() * both.double()
-        num += float(prod[:per].sum())
-        den += float(prod[per:].sum())
+        forms = quadratic_forms(both, h[g])
+        num += float(forms[:per].sum())
+        den += float(forms[per:].sum())
     return num, den
+
+
+def quadratic_forms(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``r^T H r`` (float64 (n,)) of every row ``r`` of ``rows`` (float32 (n, K)), ``H``
+    (float32 (K, K)) symmetric: column block by column block, each block's rows of ``H`` from
+    the diagonal on, the part right of the block's square counted twice (its mirror below the
+    diagonal). About half the products of ``(rows @ H) * rows`` (rule 21 stores ``H`` exactly
+    symmetric). The products in float32 (BLAS; float64 made this a quarter of a reprogram of
+    the ViT-Base-sized model), their sums in float64: a ratio for warnings and the allocator."""
+    k = h.shape[-1]
+    out = torch.zeros(rows.shape[0], dtype=torch.float64)
+    width = column_block_width(k)
+    for k0 in range(0, k, width):
+        k1 = min(k0 + width, k)
+        prod = (rows[:, k0:k1] @ h[k0:k1, k0:]).mul_(rows[:, k0:])  # (n, K - k0)
+        out += prod[:, :k1 - k0].sum(1, dtype=torch.float64)
+        out += 2 * prod[:, k1 - k0:].sum(1, dtype=torch.float64)
+    return out
 
 
 def layer_output_error(layer) -> float:

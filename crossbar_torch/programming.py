@@ -23,7 +23,7 @@ from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .heap import release_free_memory
 from .packing import pack_mask
-from .feedback import feedback_cells, feedback_targets, warn_output_errors
+from .feedback import FactorCache, feedback_cells, feedback_targets, warn_output_errors
 from .nn.modules import crossbar_layers
 from .nn.modules.state import feedback_active, policy_name
 from .nn.record import no_crossbar_layers
@@ -306,6 +306,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
     feedback = {}  # rule 21's integers per layer, int16 (out, K)
+    factors = FactorCache()  # rule 21: query, key and value share one factor
     orders = {}
     period = result.period = run_cfg.wear_period
     shape = tuple(pool.cell_writes.shape)
@@ -331,7 +332,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                 if pass_no == 0 and not baseline and feedback_active(layer, lcfg):
                     # rule 21: chosen once per programming (from the held cells the last
                     # programming left), kept for the later passes
-                    feedback[i] = feedback_targets(layer, lcfg).to(torch.int16)
+                    feedback[i] = feedback_targets(layer, lcfg, factors).to(torch.int16)
                 target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i),
                                                check_values=pass_no == 0)
                 if pass_no == 0 and target.numel() <= budget:

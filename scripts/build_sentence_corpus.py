@@ -8,6 +8,10 @@ input moments are measured on them, so the fidelity is measured out of sample).
 
   python scripts/build_sentence_corpus.py [--out crossbar_torch/corpus/sentences_en.txt]
                                           [--calibration-out .../calibration_en.txt]
+                                          [--training-out FILE]
+
+``--training-out`` also writes 1,920 more docstring sentences, in neither file, for sentence
+distillation (``scripts/finetune.py --sentences FILE``; not shipped: it is made on demand).
 
 Sentences are cut from prose paragraphs (code blocks and tables skipped, line-wrapping hyphens
 rejoined), kept when they are one plain sentence of 8 to 40 words (no markup, code, URLs or
@@ -27,6 +31,7 @@ PYTHON_SENTENCES = 220
 IDLE_SENTENCES = 85
 SKLEARN_SENTENCES = 25
 CALIBRATION_SENTENCES = 768  # three disjoint draws of 256 (the scripts take the first 256)
+TRAINING_SENTENCES = 1920  # --training-out: distillation text (docs/finetune/RESULTS.md)
 SEED = 0
 # Standard-library folders whose text is not the library's own prose (tests, IDLE, whose help
 # the scored file holds, the reference text behind help(), vendored or generated code).
@@ -128,7 +133,16 @@ def main(argv=None):
         os.path.abspath(__file__))), "crossbar_torch", "corpus", "sentences_en.txt"))
     p.add_argument("--calibration-out", default=None,
                    help="the calibration file (default: calibration_en.txt beside --out)")
+    p.add_argument("--training-out", default=None,
+                   help=f"also write {TRAINING_SENTENCES} docstring sentences in neither file "
+                        "(distillation text for scripts/finetune.py --sentences)")
     args = p.parse_args(argv)
+    for path in (args.out, args.calibration_out, args.training_out):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            print(f"error: {path}: folder {folder} does not exist or is not writable",
+                  file=sys.stderr)
+            return 2
     import pydoc_data.topics as topics
     import sklearn
     descr = os.path.join(os.path.dirname(sklearn.__file__), "datasets", "descr")
@@ -143,8 +157,14 @@ def main(argv=None):
     random.Random(SEED).shuffle(out)
     write_lines(args.out, out)
     scored = {t.lower() for t in out}
-    calib = stride([s for s in sentences(stdlib_docstrings()) if s.lower() not in scored],
-                   CALIBRATION_SENTENCES)
+    docstrings = [s for s in sentences(stdlib_docstrings()) if s.lower() not in scored]
+    calib = stride(docstrings, CALIBRATION_SENTENCES)
+    if args.training_out:  # before the shuffle below: the same set either way
+        taken = {t.lower() for t in calib}
+        train = stride([s for s in docstrings if s.lower() not in taken], TRAINING_SENTENCES)
+        random.Random(SEED + 1).shuffle(train)
+        write_lines(args.training_out, train)
+        print(f"{args.training_out}: {len(train)} sentences for distillation, in neither file")
     random.Random(SEED).shuffle(calib)
     calib_out = args.calibration_out or os.path.join(os.path.dirname(args.out),
                                                      "calibration_en.txt")
@@ -156,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

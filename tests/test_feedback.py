@@ -16,6 +16,7 @@ from hypothesis import given, settings, strategies as st
 
 import crossbar_torch as xb
 from crossbar_torch import ops
+from crossbar_torch import feedback
 from crossbar_torch.feedback import feedback_factor
 from crossbar_torch.encoding import cells_for, slices_for
 from crossbar_torch.ops import feedback_reference as reference
@@ -679,6 +680,62 @@ def test_moment_in_column_blocks_over_many_chunks():
     torch.testing.assert_close(xmodel.conv.input_moment.double(), want, rtol=1e-5, atol=1e-5)
     for h in (xmodel.fc.input_moment, xmodel.conv.input_moment):
         assert torch.equal(h, h.transpose(1, 2))
+
+
+def test_output_energies_over_column_blocks_are_those_of_the_inputs():
+    """tr(E H E^T) and tr(W H W^T) from the upper blocks of H (quadratic_forms) are the mean
+    squared output error and output of the rows the layer read (float64 by hand), for a Linear
+    layer of four column blocks and a grouped convolution of two blocks per group."""
+    torch.manual_seed(4)
+    model = _Wide().eval()
+    xmodel = xb.convert(model, _config(rows=16, cols=16))
+    x = torch.randn(300, 203) + torch.linspace(-1, 1, 203)
+    img = torch.randn(2, 16, 5, 5)
+    xb.calibrate(xmodel, (x, img))
+    xb.reprogram(xmodel)
+    with torch.no_grad():
+        w = model.fc.weight.double()
+        e = xmodel.fc.effective_weight().double() - w
+        want = (float(((x.double() @ e.T) ** 2).sum(1).mean()),
+                float(((x.double() @ w.T) ** 2).sum(1).mean()))
+        assert want[0] > 0
+        assert feedback.layer_output_energies(xmodel.fc) == pytest.approx(want, rel=1e-5)
+        cols = torch.nn.functional.unfold(img.double(), 3, padding=1)
+        r = cols.transpose(1, 2).reshape(-1, 2, 72)  # (rows, groups, K)
+        wc = model.conv.weight.double().reshape(2, 2, 72)  # (groups, out per group, K)
+        ec = xmodel.conv.effective_weight().double().reshape(2, 2, 72) - wc
+        want = tuple(float(torch.einsum("ngk,gok->ngo", r, m).pow(2).sum((1, 2)).mean())
+                     for m in (ec, wc))
+        assert feedback.layer_output_energies(xmodel.conv) == pytest.approx(want, rel=1e-5)
+
+
+def test_factor_cache_gives_the_last_factor_only_for_an_equal_moment_and_damping():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 1, 9, generator=g)
+    h = torch.einsum("ngk,ngl->gkl", x, x) / 40
+    cache = feedback.FactorCache()
+    u = cache.factor(h, 0.01)
+    assert torch.equal(u, feedback_factor(h, 0.01))
+    assert cache.factor(h.clone(), 0.01) is u  # an equal moment (query, key and value)
+    other = h.clone()
+    other[0, 3, 3] += 1e-3
+    for m, damp in ((h, 0.1), (other, 0.01), (h[:, :8, :8].contiguous(), 0.01)):
+        got = cache.factor(m, damp)
+        assert got is not u and torch.equal(got, feedback_factor(m, damp))
+        u = got
+
+
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 203, 700])
+def test_quadratic_forms_from_the_upper_blocks(k):
+    """r^T H r of every row, the part right of each block's square counted twice, against the
+    whole product in float64."""
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(3 * k + 5, k, generator=g) + 0.5
+    h = x.T @ x / x.shape[0]
+    h = torch.triu(h) + torch.triu(h, 1).T  # exactly symmetric, as rule 21 stores it
+    rows = torch.randn(7, k, generator=g)
+    want = ((rows.double() @ h.double()) * rows.double()).sum(1)
+    torch.testing.assert_close(feedback.quadratic_forms(rows, h), want, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("k", [1, 255, 256, 257, 700])

@@ -267,3 +267,37 @@ def test_scorer_calibrates_rule_21_on_its_feedback_sentences():
                          for s in want_text]).double()
         want = (x.T @ x / len(want_text)).float()
         assert torch.allclose(xm.proj.input_moment[0], want, rtol=1e-5, atol=1e-6)
+
+
+def _corpus_builder():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "build_sentence_corpus", os.path.join(REPO, "scripts", "build_sentence_corpus.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_corpus_builder_writes_training_text_in_neither_file(tmp_path, capsys):
+    """--training-out: 1,920 distinct docstring sentences, none scored and none calibrated on,
+    and the two corpus files the same as without it (docs/finetune/RESULTS.md section 5)."""
+    build = _corpus_builder()
+    paths = {k: str(tmp_path / f"{k}.txt") for k in ("s", "c", "t", "s2", "c2")}
+    assert not build.main(["--out", paths["s"], "--calibration-out", paths["c"],
+                           "--training-out", paths["t"]])
+    assert not build.main(["--out", paths["s2"], "--calibration-out", paths["c2"]])
+    read = {k: open(p, encoding="utf-8").read().splitlines() for k, p in paths.items()
+            if os.path.exists(p)}
+    train = read["t"]
+    assert len(train) == build.TRAINING_SENTENCES == 1920
+    assert len({x.lower() for x in train}) == 1920
+    assert all(x == x.strip() and 8 <= len(x.split()) <= 40 for x in train)
+    for k in ("s", "c"):
+        assert not {x.lower() for x in train} & {x.lower() for x in read[k]}
+    assert read["s"] == read["s2"] and read["c"] == read["c2"]
+    assert len(read["c"]) == 768 and len(read["s"]) == 330
+    capsys.readouterr()
+    missing = str(tmp_path / "nowhere" / "t.txt")
+    assert build.main(["--out", paths["s"], "--training-out", missing]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and missing in err and "Traceback" not in err
