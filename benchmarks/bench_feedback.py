@@ -17,11 +17,12 @@ layers, 85M weights), three ways:
    three steps.
 
 Each case starts from the same float model (a deep copy); ``comp`` runs first and again last,
-and the faster of its two runs is the base (the first run of a process pays warm-up costs);
-the times are wall seconds of the steps (the report is not timed: it is the same counting for every case). Prints each case's
-steps and its total over ``comp``'s. The calibration forward is part of what the user runs, so
-it is counted; its own time is printed beside, and the reprogramming step alone over ``comp``
-(programming with rule 21 against programming with rule 13).
+and the faster of its two runs is the base (the first run of a process pays warm-up costs).
+The times are wall seconds of the steps (the report is not timed: it is the same counting for
+every case). Prints each case's steps and its total over ``comp``'s. The calibration forward
+is part of what the user runs, so it is counted; its own time is printed beside, and the
+reprogramming step alone over ``comp`` (programming with rule 21 against programming with
+rule 13).
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
     for r in rows[1:]:
         # end to end (what the user waits for), and the programming step alone against plain
         # compensation's programming (convert): the calibration's forward passes and moment
-        # products are a cost of their own, about 1.2x comp on 2 cores
+        # products are a cost of their own, about 1.1x comp on 2 cores
         r["ratio_to_comp"] = r["total"] / base
         r["reprogram_to_comp"] = r["steps"]["reprogram"] / base
         print(f"{r['case']} / comp: {r['ratio_to_comp']:.2f}x end to end (target <= 3x); "
