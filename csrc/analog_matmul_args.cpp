@@ -11,10 +11,10 @@ namespace crossbar_torch {
 
 namespace {
 
-constexpr const char* kOp = "analog_matmul";
+constexpr const char* kAnalogOp = "analog_matmul";
 
-void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  check_device(t, x, kOp, name, "x");
+void check_on_device_of_x(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  check_device(t, x, kAnalogOp, name, "x");
 }
 
 }  // namespace
@@ -48,20 +48,20 @@ AnalogLayout check_analog_matmul(const at::Tensor& x, const at::Tensor& g,
   TORCH_CHECK(std::isfinite(encoding_offset), "crossbar_torch.analog_matmul: encoding_offset "
               "must be finite, got ", encoding_offset);
 
-  check_dtype(x, at::kFloat, kOp, "x");
-  check_dtype(g, at::kFloat, kOp, "g");
-  check_dtype(sort_index, at::kLong, kOp, "sort_index");
-  check_dtype(cell_weight, at::kDouble, kOp, "cell_weight");
-  check_dtype(adc_steps, at::kDouble, kOp, "adc_steps");
-  check_same_device(g, x, "g");
-  check_same_device(sort_index, x, "sort_index");
-  check_same_device(cell_weight, x, "cell_weight");
-  check_same_device(adc_steps, x, "adc_steps");
-  check_dim(x, 2, kOp, "x", "(N, groups * K)");
-  check_dim(g, 3, kOp, "g", "(out, c, K)");
-  check_dim(sort_index, 2, kOp, "sort_index", "(out, K)");
-  check_dim(cell_weight, 1, kOp, "cell_weight", "(c,)");
-  check_dim(adc_steps, 1, kOp, "adc_steps", "(c,)");
+  check_dtype(x, at::kFloat, kAnalogOp, "x");
+  check_dtype(g, at::kFloat, kAnalogOp, "g");
+  check_dtype(sort_index, at::kLong, kAnalogOp, "sort_index");
+  check_dtype(cell_weight, at::kDouble, kAnalogOp, "cell_weight");
+  check_dtype(adc_steps, at::kDouble, kAnalogOp, "adc_steps");
+  check_on_device_of_x(g, x, "g");
+  check_on_device_of_x(sort_index, x, "sort_index");
+  check_on_device_of_x(cell_weight, x, "cell_weight");
+  check_on_device_of_x(adc_steps, x, "adc_steps");
+  check_dim(x, 2, kAnalogOp, "x", "(N, groups * K)");
+  check_dim(g, 3, kAnalogOp, "g", "(out, c, K)");
+  check_dim(sort_index, 2, kAnalogOp, "sort_index", "(out, K)");
+  check_dim(cell_weight, 1, kAnalogOp, "cell_weight", "(c,)");
+  check_dim(adc_steps, 1, kAnalogOp, "adc_steps", "(c,)");
 
   AnalogLayout L;
   L.N = x.size(0);
@@ -76,18 +76,18 @@ AnalogLayout check_analog_matmul(const at::Tensor& x, const at::Tensor& g,
   int64_t in_cols = 0;
   TORCH_CHECK(!c10::mul_overflows(groups, L.K, &in_cols), "crossbar_torch.analog_matmul: "
               "groups * K = ", groups, " * ", L.K, " overflows int64");
-  check_size(x, 1, in_cols, kOp, "x", "groups * K = groups * g.size(2)");
-  check_size(sort_index, 0, L.out, kOp, "sort_index", "out = g.size(0)");
-  check_size(sort_index, 1, L.K, kOp, "sort_index", "K = g.size(2)");
-  check_size(cell_weight, 0, L.c, kOp, "cell_weight", "c = g.size(1)");
-  check_size(adc_steps, 0, L.c, kOp, "adc_steps", "c = g.size(1)");
+  check_size(x, 1, in_cols, kAnalogOp, "x", "groups * K = groups * g.size(2)");
+  check_size(sort_index, 0, L.out, kAnalogOp, "sort_index", "out = g.size(0)");
+  check_size(sort_index, 1, L.K, kAnalogOp, "sort_index", "K = g.size(2)");
+  check_size(cell_weight, 0, L.c, kAnalogOp, "cell_weight", "c = g.size(1)");
+  check_size(adc_steps, 0, L.c, kAnalogOp, "adc_steps", "c = g.size(1)");
   if (signed_weights) {
     TORCH_CHECK(L.c == 1, "crossbar_torch.analog_matmul: signed_weights needs one cell per "
                 "weight (g.size(1) = c = 1, the signed weight), got c = ", L.c);
     TORCH_CHECK(input_bits > 0, "crossbar_torch.analog_matmul: signed_weights needs quantized "
                 "inputs (input_bits > 0), got input_bits = 0");
   }
-  check_output_size(L.N, L.out, kOp, "the output's N * out entries");
+  check_output_size(L.N, L.out, kAnalogOp, "the output's N * out entries");
   L.sections = L.K == 0 ? 0 : (L.K - 1) / rows + 1;
   L.fmt = make_analog_format(input_bits, input_bits_per_cycle, input_scale, adc_bits, g0,
                              signed_weights);

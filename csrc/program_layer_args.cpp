@@ -9,7 +9,7 @@ namespace crossbar_torch {
 
 namespace {
 
-constexpr const char* kOp = "program_layer";
+constexpr const char* kProgramOp = "program_layer";
 
 // Rule 13 enumerates at most 2**(bits - bits_per_cell) assignments per weight: the same bound
 // as CrossbarConfig (MAX_COMPENSATION_BITS).
@@ -19,8 +19,8 @@ constexpr int64_t kMaxCompensationBits = 21;
 // size derived from them (words, slots, grid sizes) far from overflowing.
 constexpr int64_t kMaxRowsCols = int64_t(1) << 20;
 
-void check_same_device(const at::Tensor& t, const at::Tensor& cells, const char* name) {
-  check_device(t, cells, kOp, name, "cells");
+void check_on_device_of_cells(const at::Tensor& t, const at::Tensor& cells, const char* name) {
+  check_device(t, cells, kProgramOp, name, "cells");
 }
 
 }  // namespace
@@ -51,31 +51,31 @@ ProgramLayout check_program_layer(const at::Tensor& cells, const at::Tensor& fil
               "over ", compensate_slices, " slices searches ", comp_bits, " bits per weight; at "
               "most ", kMaxCompensationBits, " are supported");
 
-  check_dtype(cells, at::kByte, kOp, "cells");
-  check_dtype(filter_index, at::kLong, kOp, "filter_index");
-  check_dtype(order, at::kLong, kOp, "order");
-  check_dtype(pinned, at::kByte, kOp, "pinned");
-  check_dtype(state, at::kLong, kOp, "state");
-  check_dtype(written, at::kLong, kOp, "written");
-  check_dtype(stuck, at::kLong, kOp, "stuck");
-  check_dtype(cell_writes, at::kInt, kOp, "cell_writes");
-  check_same_device(filter_index, cells, "filter_index");
-  check_same_device(order, cells, "order");
-  check_same_device(pinned, cells, "pinned");
-  check_same_device(state, cells, "state");
-  check_same_device(written, cells, "written");
-  check_same_device(stuck, cells, "stuck");
-  check_same_device(cell_writes, cells, "cell_writes");
-  check_contiguous(state, kOp, "state");
-  check_contiguous(written, kOp, "written");
-  check_contiguous(cell_writes, kOp, "cell_writes");
+  check_dtype(cells, at::kByte, kProgramOp, "cells");
+  check_dtype(filter_index, at::kLong, kProgramOp, "filter_index");
+  check_dtype(order, at::kLong, kProgramOp, "order");
+  check_dtype(pinned, at::kByte, kProgramOp, "pinned");
+  check_dtype(state, at::kLong, kProgramOp, "state");
+  check_dtype(written, at::kLong, kProgramOp, "written");
+  check_dtype(stuck, at::kLong, kProgramOp, "stuck");
+  check_dtype(cell_writes, at::kInt, kProgramOp, "cell_writes");
+  check_on_device_of_cells(filter_index, cells, "filter_index");
+  check_on_device_of_cells(order, cells, "order");
+  check_on_device_of_cells(pinned, cells, "pinned");
+  check_on_device_of_cells(state, cells, "state");
+  check_on_device_of_cells(written, cells, "written");
+  check_on_device_of_cells(stuck, cells, "stuck");
+  check_on_device_of_cells(cell_writes, cells, "cell_writes");
+  check_contiguous(state, kProgramOp, "state");
+  check_contiguous(written, kProgramOp, "written");
+  check_contiguous(cell_writes, kProgramOp, "cell_writes");
 
-  check_dim(cells, 3, kOp, "cells", "(out, K, c)");
-  check_dim(state, 4, kOp, "state", "(pool, rows, bits_per_cell, words)");
-  check_dim(written, 3, kOp, "written", "(pool, rows, words)");
-  check_dim(stuck, 3, kOp, "stuck", "(pool, rows, words)");
-  check_dim(filter_index, 1, kOp, "filter_index", "(n_blocks * F,)");
-  check_dim(order, 1, kOp, "order", "(tiles,) or (0,)");
+  check_dim(cells, 3, kProgramOp, "cells", "(out, K, c)");
+  check_dim(state, 4, kProgramOp, "state", "(pool, rows, bits_per_cell, words)");
+  check_dim(written, 3, kProgramOp, "written", "(pool, rows, words)");
+  check_dim(stuck, 3, kProgramOp, "stuck", "(pool, rows, words)");
+  check_dim(filter_index, 1, kProgramOp, "filter_index", "(n_blocks * F,)");
+  check_dim(order, 1, kProgramOp, "order", "(tiles,) or (0,)");
 
   ProgramLayout L;
   L.out = cells.size(0);
@@ -85,25 +85,25 @@ ProgramLayout check_program_layer(const at::Tensor& cells, const at::Tensor& fil
   L.pool = state.size(0);
   L.words = (cols + 63) / 64;
   L.planes = bits_per_cell;
-  check_size(cells, 2, c, kOp, "cells", "cells per weight c");
+  check_size(cells, 2, c, kProgramOp, "cells", "cells per weight c");
   TORCH_CHECK(c <= cols, "crossbar_torch.program_layer: cells per weight c = ", c,
               " must be <= cols = ", cols, " (at least one filter per crossbar)");
   TORCH_CHECK(L.pool >= 1, "crossbar_torch.program_layer: state.size(0) (pool) must be >= 1, got ",
               state.sizes());
-  check_size(state, 1, rows, kOp, "state", "rows");
-  check_size(state, 2, bits_per_cell, kOp, "state", "bits_per_cell (planes)");
-  check_size(state, 3, L.words, kOp, "state", "words = ceil(cols / 64)");
-  check_size(written, 0, L.pool, kOp, "written", "pool = state.size(0)");
-  check_size(written, 1, rows, kOp, "written", "rows");
-  check_size(written, 2, L.words, kOp, "written", "words = ceil(cols / 64)");
-  check_size(stuck, 0, L.pool, kOp, "stuck", "pool = state.size(0)");
-  check_size(stuck, 1, rows, kOp, "stuck", "rows");
-  check_size(stuck, 2, L.words, kOp, "stuck", "words = ceil(cols / 64)");
+  check_size(state, 1, rows, kProgramOp, "state", "rows");
+  check_size(state, 2, bits_per_cell, kProgramOp, "state", "bits_per_cell (planes)");
+  check_size(state, 3, L.words, kProgramOp, "state", "words = ceil(cols / 64)");
+  check_size(written, 0, L.pool, kProgramOp, "written", "pool = state.size(0)");
+  check_size(written, 1, rows, kProgramOp, "written", "rows");
+  check_size(written, 2, L.words, kProgramOp, "written", "words = ceil(cols / 64)");
+  check_size(stuck, 0, L.pool, kProgramOp, "stuck", "pool = state.size(0)");
+  check_size(stuck, 1, rows, kProgramOp, "stuck", "rows");
+  check_size(stuck, 2, L.words, kProgramOp, "stuck", "words = ceil(cols / 64)");
   if (count_cells) {
-    check_dim(cell_writes, 3, kOp, "cell_writes", "(pool, rows, cols)");
-    check_size(cell_writes, 0, L.pool, kOp, "cell_writes", "pool = state.size(0)");
-    check_size(cell_writes, 1, rows, kOp, "cell_writes", "rows");
-    check_size(cell_writes, 2, cols, kOp, "cell_writes", "cols");
+    check_dim(cell_writes, 3, kProgramOp, "cell_writes", "(pool, rows, cols)");
+    check_size(cell_writes, 0, L.pool, kProgramOp, "cell_writes", "pool = state.size(0)");
+    check_size(cell_writes, 1, rows, kProgramOp, "cell_writes", "rows");
+    check_size(cell_writes, 2, cols, kProgramOp, "cell_writes", "cols");
   }
   if (pinned.numel() != 0) {
     TORCH_CHECK(pinned.sizes() == cells.sizes(), "crossbar_torch.program_layer: pinned must be "

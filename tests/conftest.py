@@ -16,7 +16,14 @@ def _seed():
 
 
 def pytest_configure(config):
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Under pytest-xdist (`make test` runs `-n 2`) each worker takes its share of the cores,
+    # and so do the scripts the tests start (they inherit OMP_NUM_THREADS): two workers of one
+    # thread each keep both cores busy through the tests that mostly import and spawn.
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, (os.cpu_count() or 1) // workers))
+    if workers > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    torch.set_num_threads(threads)
 
 
 CUDA = torch.cuda.is_available()
