@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Build a wheel from the checkout, install it into a fresh venv (no -e, nothing from the
-# checkout) and run a smoke test from a folder outside the checkout: the package and its compiled
-# extension must be imported from the fresh venv's site-packages, the device presets must come
-# with the wheel, convert + reprogram_report must run on a small timm model, crossbar-report must
-# do a real (tiny) run and every console entry point must answer --help.
+# Build an sdist of the checkout and a wheel from the sdist, install the wheel into a fresh venv
+# (no -e, nothing from the checkout) and run a smoke test from a folder outside the checkout: the
+# package and its compiled extension must be imported from the fresh venv's site-packages, the
+# device presets must come with the wheel, convert + reprogram_report must run on a small timm
+# model, crossbar-report must do a real (tiny) run and every console entry point must answer
+# --help.
 #
 #   bash scripts/check_wheel.sh            (or: make wheel-check; CI runs it after make test)
 #
@@ -16,7 +17,7 @@
 # editable install of crossbar_torch among them) are not run; the smoke test asserts that
 # crossbar_torch and crossbar_torch._C come from the fresh venv all the same.
 #
-# The wheel is built from a copy of the working tree (tracked and untracked, not ignored files)
+# The sdist is made from a copy of the working tree (tracked and untracked, not ignored files)
 # in a scratch folder, so no object file of the in-place build is reused and the checkout gets no
 # build/ or *.egg-info. The extension is compiled as `make setup` compiles it (CPU kernels, and
 # CUDA ones when a GPU is visible). Variables: VENV (dev venv, default .venv), WHEEL_CHECK_DIR
@@ -35,8 +36,8 @@ mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd -P)
 case "$WORK/" in "$REPO"/*) echo "check_wheel: WHEEL_CHECK_DIR must be outside $REPO" >&2; exit 2;; esac
 if [ "${KEEP:-0}" != 1 ]; then trap 'rm -rf "$WORK"' EXIT; fi
-rm -rf "$WORK/src" "$WORK/dist" "$WORK/venv" "$WORK/run"
-mkdir -p "$WORK/src" "$WORK/dist" "$WORK/run"
+rm -rf "$WORK/src" "$WORK/sdist" "$WORK/dist" "$WORK/venv" "$WORK/run"
+mkdir -p "$WORK/src" "$WORK/sdist" "$WORK/dist" "$WORK/run"
 t0=$(date +%s)
 
 # 1. A copy of the working tree (what `git status` would commit, ignored files left out).
@@ -44,10 +45,14 @@ git ls-files -z --cached --others --exclude-standard \
   | while IFS= read -r -d '' f; do if [ -f "$f" ]; then printf '%s\0' "$f"; fi; done \
   | tar --null -T - -cf - | tar -xf - -C "$WORK/src"
 
-# 2. The wheel, against the dev venv's torch (as make setup builds: --no-build-isolation).
-echo "check_wheel: building the wheel (compiles the extension, MAX_JOBS=$MAX_JOBS; log: $WORK/build.log)"
-(cd "$WORK/src" && "$DEV_PY" -m pip wheel --quiet --no-build-isolation --no-deps -w "$WORK/dist" . \
-  > "$WORK/build.log" 2>&1) || { tail -40 "$WORK/build.log"; echo "check_wheel: wheel build FAILED" >&2; exit 1; }
+# 2. An sdist of that copy, and the wheel built from the sdist (as `python -m build` does), so
+# the sdist must carry every source and header the build needs (MANIFEST.in); against the dev
+# venv's torch (as make setup builds: --no-build-isolation).
+echo "check_wheel: building the sdist, then the wheel from it (compiles the extension, MAX_JOBS=$MAX_JOBS; log: $WORK/build.log)"
+(cd "$WORK/src" && "$DEV_PY" setup.py -q sdist -d "$WORK/sdist" > "$WORK/build.log" 2>&1 \
+  && "$DEV_PY" -m pip wheel --quiet --no-build-isolation --no-deps -w "$WORK/dist" \
+       "$WORK"/sdist/crossbar_torch-*.tar.gz >> "$WORK/build.log" 2>&1) \
+  || { tail -40 "$WORK/build.log"; echo "check_wheel: sdist or wheel build FAILED" >&2; exit 1; }
 t1=$(date +%s)
 WHEEL=$(ls "$WORK"/dist/crossbar_torch-*.whl)
 echo "check_wheel: built $(basename "$WHEEL") in $((t1 - t0)) s"
