@@ -5,9 +5,9 @@ CPU kernels always; CUDA kernels when ``torch.cuda.is_available()`` or ``FORCE_C
 
 The sources stay one op per file; they are compiled as a few "unity" translation units
 (``build/unity/*``, each including several of them), because parsing ATen's and the dispatcher's
-headers is 11 of the 13.5 seconds a kernel file takes to compile: a build spends a fifth of the
-compiler time, and CI makes four of them. ``CROSSBAR_UNITY_BUILD=0`` compiles file by file
-(quicker to rebuild after editing one kernel).
+headers is 11 of the 13.5 seconds a kernel file takes to compile: the CPU build takes 23 s
+instead of 134 s on two cores, and CI builds four times. ``CROSSBAR_UNITY_BUILD=0`` compiles
+file by file (quicker to rebuild after editing one kernel).
 """
 import glob
 import os
