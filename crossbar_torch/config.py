@@ -30,7 +30,7 @@ SCHEDULES = ("section_major", "greedy")
 FEEDBACK_MODES = ("none", "hessian")  # rule 21: output-aware (error-feedback) programming
 # Rule 22: the fields a layer_overrides entry may set for the layers whose names it matches.
 OVERRIDE_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback",
-                   "feedback_damp", "write_penalty")
+                   "feedback_damp", "write_penalty", "feedback_sweeps")
 WEAR_LEVELING = ("none", "rotate_rows", "rotate")
 ADC_RANGES = ("full", "calibrated")
 ADC_SCOPES = ("slice", "weight")
@@ -81,6 +81,10 @@ class CrossbarConfig:
     # Rule 23: write-aware feedback. Each weight's choice also pays this many LSB^2 per cell it
     # would write over what the filter placed before it on the same crossbar chose (0: off).
     write_penalty: float = 0.0
+    # Rule 24: refinement sweeps. After rule 21 / 23, go over every weight this many times more
+    # and move it by up to 3 LSB when that lowers the layer's output error plus write_penalty
+    # per cell written (coordinate descent; needs feedback and nothing stuck; 0: off).
+    feedback_sweeps: int = 0
     # Rule 22: per-layer policies, {glob pattern on module names: {field: value}} for the
     # fields of OVERRIDE_FIELDS; every matching entry applies, later ones over earlier ones.
     layer_overrides: Any = ()
@@ -194,6 +198,19 @@ class CrossbarConfig:
         if self.write_penalty > 0 and self.feedback == "none":
             bad("write_penalty", "0 unless feedback is 'hessian' (rule 23 is a choice inside "
                 "rule 21's error feedback)")
+        fs = self.feedback_sweeps
+        if isinstance(fs, str) and fs.strip().lstrip("-").isdigit():
+            fs = int(fs)
+        if isinstance(fs, bool) or not isinstance(fs, int) or not 0 <= fs <= 100:
+            bad("feedback_sweeps", "an integer in [0, 100] (rule 24's refinement sweeps)")
+        object.__setattr__(self, "feedback_sweeps", fs)
+        if fs > 0 and self.feedback == "none":
+            bad("feedback_sweeps", "0 unless feedback is 'hessian' (rule 24 refines rule 21's "
+                "choices)")
+        if fs > 0 and self.stucking:
+            bad("feedback_sweeps", "0 with bit stucking (rule 24 moves weights whose cells are "
+                "all free: set stuck_slices=0 or reprogram_fraction=1 for these layers, or "
+                "feedback_sweeps=0)")
         if self.feedback != "none" and self.stucking and not self.compensate:
             raise ConfigError(
                 f"CrossbarConfig.feedback={self.feedback!r} is invalid with compensate=False and "
@@ -522,7 +539,8 @@ class CrossbarConfig:
         without it (docs/semantics.md). The device stays: costs compare on the same device."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
                             stuck_value="initial", compensate=False, feedback="none",
-                            write_penalty=0.0, layer_overrides=(), filter_order="natural",
+                            write_penalty=0.0, feedback_sweeps=0, layer_overrides=(),
+                            filter_order="natural",
                             schedule="section_major", wear_leveling="none",
                             **self._ideal_periphery())
 

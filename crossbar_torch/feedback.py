@@ -36,18 +36,27 @@ def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
     """U (float64 (G, K, K)): ``U^T U = (H + lambda I)^-1`` with ``U`` upper triangular, for each
     group's ``H`` (float32 (G, K, K)). An input never seen (``H[k, k] == 0``) gets ``H[k, k] = 1``
     (its weight carries no error onward); ``lambda = damp * mean(diag H)`` per group."""
-    h = moment.detach().to("cpu", torch.float64, copy=True)
+    h = damped_moment(moment, damp)
     if h.shape[-1] == 0:
         return h
-    diag = h.diagonal(dim1=1, dim2=2)
-    diag[diag == 0] = 1.0
-    diag += damp * diag.mean(dim=1, keepdim=True)
     # With J the order reversal and J H J = L L^T (Cholesky), U = J L^-1 J: upper triangular,
     # positive diagonal and U^T U = J L^-T L^-1 J = H^-1, so it is the factor (which is
     # unique). One factorisation and one triangular inverse, instead of factorising H, inverting
     # it and factorising the inverse: half the time on a 3072-input layer.
     lower = torch.linalg.cholesky(h.flip(-1, -2))
     return lower_inverse(lower).flip(-1, -2).contiguous()
+
+
+def damped_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:
+    """Rule 21's damped moment ``H + lambda I`` (float64 (G, K, K), on the host): an input never
+    seen (``H[k, k] == 0``) gets ``H[k, k] = 1``; ``lambda = damp * mean(diag H)`` per group."""
+    h = moment.detach().to("cpu", torch.float64, copy=True)
+    if h.shape[-1] == 0:
+        return h
+    diag = h.diagonal(dim1=1, dim2=2)
+    diag[diag == 0] = 1.0
+    diag += damp * diag.mean(dim=1, keepdim=True)
+    return h
 
 
 def lower_inverse(lower: torch.Tensor, leaf: int = 256) -> torch.Tensor:
@@ -130,12 +139,31 @@ def feedback_targets(layer, config, factors: FactorCache | None = None) -> torch
         levels = torch.zeros(0, dtype=torch.uint8)
         slices = 0
     pred = index = None
-    if config.write_penalty > 0:  # rule 23: charged against the predecessor's chosen cells
+    if config.write_penalty > 0 or config.feedback_sweeps > 0:
+        # rule 23: charged against the predecessor's chosen cells; rule 24: its sweeps' order
         pred = placement_predecessors(layer.filter_index, target.shape[0], config)
         index = layer.long_sort_index().cpu()
-    return ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
-                                 config.bits_per_cell, config.encoding_id, slices, pred, index,
-                                 config.write_penalty)
+    q = ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
+                              config.bits_per_cell, config.encoding_id, slices,
+                              pred if config.write_penalty > 0 else None,
+                              index if config.write_penalty > 0 else None, config.write_penalty)
+    if config.feedback_sweeps > 0:  # rule 24 (nothing is held: the config sticks nothing)
+        hs = scaled_moment(layer.input_moment, config.feedback_damp)
+        q = ops.feedback_refine(target.contiguous(), hs, q, pred, index, config.weight_bits,
+                                config.bits_per_cell, config.encoding_id, config.write_penalty,
+                                config.feedback_sweeps)
+    return q
+
+
+def scaled_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:
+    """Rule 24's ``Hs`` (float64 (groups, K, K), on the host): rule 21's damped moment (a zero
+    diagonal entry made 1, ``damp`` times the mean diagonal added) over the mean of its own
+    diagonal, so that a weight moved by one LSB against an input of average power costs about
+    1 LSB^2, the unit of ``write_penalty``."""
+    h = damped_moment(moment, damp)
+    if h.shape[-1] == 0:
+        return h
+    return h / h.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None]
 
 
 def feedback_cells(layer, config, q: torch.Tensor) -> torch.Tensor:

@@ -81,20 +81,20 @@ void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& 
   if (levels.numel()) check_levels(levels, bits_per_cell, "feedback_quantize", "levels");
 }
 
-FeedbackChains feedback_chains(const at::Tensor& pred_in, int64_t out) {
+FeedbackChains feedback_chains(const at::Tensor& pred_in, int64_t out, const char* op) {
   const at::Tensor pred = pred_in.to(at::kCPU).contiguous();
   const int64_t* p = pred.const_data_ptr<int64_t>();
   FeedbackChains ch;
   ch.succ.assign(out, -1);
   for (int64_t o = 0; o < out; ++o) {
     const int64_t q = p[o];
-    TORCH_CHECK(q >= -1 && q < out && q != o, "crossbar_torch.feedback_quantize: pred[", o,
+    TORCH_CHECK(q >= -1 && q < out && q != o, "crossbar_torch.", op, ": pred[", o,
                 "] = ", q, " must be -1 or another filter in [0, ", out, ")");
     if (q < 0) {
       ch.heads.push_back(o);
       continue;
     }
-    TORCH_CHECK(ch.succ[q] < 0, "crossbar_torch.feedback_quantize: filter ", q,
+    TORCH_CHECK(ch.succ[q] < 0, "crossbar_torch.", op, ": filter ", q,
                 " is the predecessor of both ", ch.succ[q], " and ", o, " (pred must form chains)");
     ch.succ[q] = o;
   }
@@ -106,7 +106,7 @@ FeedbackChains feedback_chains(const at::Tensor& pred_in, int64_t out) {
       ch.waves[d].push_back(x);
     }
   }
-  TORCH_CHECK(reached == out, "crossbar_torch.feedback_quantize: pred has a cycle (", out - reached,
+  TORCH_CHECK(reached == out, "crossbar_torch.", op, ": pred has a cycle (", out - reached,
               " filters are not reached from a filter without a predecessor)");
   return ch;
 }

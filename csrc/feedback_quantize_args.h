@@ -28,7 +28,9 @@ struct FeedbackChains {
   std::vector<int64_t> heads;               // filters without a predecessor
   std::vector<std::vector<int64_t>> waves;  // filters by depth
 };
-FeedbackChains feedback_chains(const at::Tensor& pred, int64_t out);
+// `op` names the op in the messages (feedback_refine checks the same chains).
+FeedbackChains feedback_chains(const at::Tensor& pred, int64_t out,
+                               const char* op = "feedback_quantize");
 
 // inverse of each row of the sort index (a checked permutation): pos[o, index[o, p]] = p.
 at::Tensor sorted_positions(const at::Tensor& sort_index);

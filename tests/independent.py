@@ -502,3 +502,75 @@ def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index,
             result[o] = vals
             done.add(o)
     return result
+
+
+# ---- rule 24: refinement sweeps ---------------------------------------------------------------
+
+def refine_layer(t_rows, hs_groups, q_rows, bits, b, enc, pred, index, penalty, sweeps):
+    """Rule 24 for one layer, a weight at a time: from rule 21's / 23's integers ``q_rows``,
+    ``sweeps`` sweeps; each visits the filters of even chain depth, then of odd depth, sorted
+    position by sorted position, and moves a weight by the delta in -3..3 of least cost
+    ((2 delta) g + delta^2 Hs[k][k]) + penalty * (change of the cells differing from the
+    predecessor's and the successor's at that position) when that cost is below 0 (ties: smaller
+    |delta|, then negative). Returns the integers per filter (original order)."""
+    out = len(q_rows)
+    K = len(q_rows[0]) if out else 0
+    if not out or not K:
+        return [list(r) for r in q_rows]
+    qmax = 2 ** (bits - 1) - 1
+    per = out // len(hs_groups)
+    q = [[int(v) for v in r] for r in q_rows]
+    succ = [-1] * out
+    for o in range(out):
+        if pred[o] >= 0:
+            succ[pred[o]] = o
+    depth = []
+    for o in range(out):
+        d, x = 0, pred[o]
+        while x >= 0:
+            d, x = d + 1, pred[x]
+        depth.append(d)
+    g = []
+    for o in range(out):
+        hs = hs_groups[o // per]
+        row = []
+        for j in range(K):
+            acc = 0.0
+            for k in range(K):
+                acc = acc + (float(q[o][k]) - float(t_rows[o][k])) * float(hs[k][j])
+            row.append(acc)
+        g.append(row)
+
+    def differing(v, r, p):
+        mine = encode_one(v, bits, b, enc)
+        theirs = encode_one(q[r][index[r][p]], bits, b, enc)
+        return sum(1 for x, y in zip(mine, theirs) if x != y)
+
+    for _ in range(sweeps):
+        for parity in (0, 1):
+            for p in range(K):
+                for o in range(out):
+                    if depth[o] % 2 != parity:
+                        continue
+                    hs = hs_groups[o // per]
+                    k = index[o][p]
+                    c = q[o][k]
+                    best = None
+                    for delta in (-1, 1, -2, 2, -3, 3):
+                        v = c + delta
+                        if not -qmax <= v <= qmax:
+                            continue
+                        dw = 0
+                        for r in (pred[o], succ[o]):
+                            if r >= 0:
+                                dw += differing(v, r, p) - differing(c, r, p)
+                        cost = ((2.0 * delta) * g[o][k] + float(delta * delta) * float(hs[k][k])
+                                ) + float(penalty) * float(dw)
+                        if cost < 0 and (best is None or cost < best[0]):
+                            best = (cost, delta)
+                    if best is not None:
+                        delta = best[1]
+                        q[o][k] = c + delta
+                        for j in range(K):
+                            g[o][j] = g[o][j] + float(delta) * float(hs[k][j])
+    return q

@@ -203,6 +203,30 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
     return target.new_empty((out, k), dtype=torch.int32)
 
 
+@torch.library.register_fake("crossbar_torch::feedback_refine")
+def _feedback_refine_fake(target, hs, q, pred, sort_index, weight_bits, bits_per_cell, encoding,
+                          write_penalty, sweeps):
+    op = "feedback_refine"
+    _check_format(op, weight_bits, bits_per_cell, encoding)
+    _check_tensors(op, ("target", target), [("target", target, torch.float64, 2),
+                                            ("hs", hs, torch.float64, 3),
+                                            ("q", q, torch.int32, 2),
+                                            ("pred", pred, torch.int64, 1),
+                                            ("sort_index", sort_index, torch.int64, 2)])
+    out, k = target.shape
+    torch._check(hs.shape[0] >= 1 and out % hs.shape[0] == 0,
+                 lambda: f"crossbar_torch.{op}: out = {out} must be a multiple of the groups "
+                         f"of hs = {hs.shape[0]}")
+    _check_size(op, "hs", hs, 1, k, "K = target.size(1)")
+    _check_size(op, "hs", hs, 2, k, "K = target.size(1)")
+    torch._check(tuple(q.shape) == (out, k) and tuple(sort_index.shape) == (out, k)
+                 and tuple(pred.shape) == (out,),
+                 lambda: f"crossbar_torch.{op}: q {tuple(q.shape)}, sort_index "
+                         f"{tuple(sort_index.shape)} must be (out, K) = {(out, k)} and pred "
+                         f"{tuple(pred.shape)} (out,)")
+    return torch.empty_like(q)
+
+
 @torch.library.register_fake("crossbar_torch::chain_order")
 def _chain_order_fake(bits, start):
     _check_tensors("chain_order", ("bits", bits), [("bits", bits, torch.int64, 2)])
@@ -363,6 +387,17 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
     return _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
                                   int(encoding), int(stuck_slices), pred, sort_index,
                                   float(write_penalty))
+
+
+def feedback_refine(target, hs, q, pred, sort_index, weight_bits: int, bits_per_cell: int,
+                    encoding: int, write_penalty: float, sweeps: int) -> torch.Tensor:
+    """Rule 24: ``sweeps`` refinement sweeps of rule 21's / 23's integers ``q`` (int32 (out, K),
+    original order) for targets ``target`` (float64 (out, K)), the scaled moment ``hs`` (float64
+    (groups, K, K)), rule 23's predecessors ``pred`` (int64 (out,), -1: none) and the sort index
+    ``sort_index`` (int64 (out, K)). Host only. See feedback_reference.feedback_refine."""
+    return _ops.feedback_refine(target, hs, q, pred, sort_index, int(weight_bits),
+                                int(bits_per_cell), int(encoding), float(write_penalty),
+                                int(sweeps))
 
 
 def chain_order(bits, start: int) -> torch.Tensor:

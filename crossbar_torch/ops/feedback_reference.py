@@ -8,6 +8,8 @@ import torch
 from .reference import (_decode_levels, _encode_high, _high_range, cells_for, encode,
                         slices_for)
 
+REFINE_WINDOW = 3  # rule 24: a sweep moves a weight by at most this many LSB
+
 
 def _feedback_better(a: int, b: int, t: float) -> bool:
     da, db = abs(float(a) - t), abs(float(b) - t)
@@ -166,3 +168,86 @@ def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, e
         chosen[o] = mine
         todo.extend(x for x in range(out) if pred[x] == o)
     return q
+
+
+def chain_depths(pred: list) -> list:
+    """Rule 24: each filter's depth in its rule-23 chain (0 without a predecessor)."""
+    depth = [None] * len(pred)
+
+    def of(o):
+        if depth[o] is None:
+            depth[o] = 0 if pred[o] < 0 else of(pred[o]) + 1
+        return depth[o]
+    return [of(o) for o in range(len(pred))]
+
+
+def feedback_refine(target: torch.Tensor, hs: torch.Tensor, q: torch.Tensor, pred: torch.Tensor,
+                    index: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int,
+                    write_penalty: float, sweeps: int) -> torch.Tensor:
+    """Rule 24: ``sweeps`` sweeps of coordinate descent on ``J`` from rule 21's / 23's ``q``
+    (int32 (out, K), original order); ``target`` float64 (out, K), ``hs`` the scaled moment
+    float64 (groups, K, K), ``pred`` int64 (out,) rule 23's predecessors, ``index`` the sort
+    index. Each half (even / odd depth) goes position by position, its filters side by side
+    (independent: their write terms involve the other half only); every product is rounded on
+    its own, as the kernels compute."""
+    q = q.detach().to(torch.int64).clone()
+    out, K = q.shape
+    if out == 0 or K == 0 or sweeps == 0:
+        return q.to(torch.int32)
+    qmax = 2 ** (weight_bits - 1) - 1
+    per = out // hs.shape[0]
+    rows_h = hs.to(torch.float64)[torch.arange(out) // per]             # (out, K, K)
+    table = encode(torch.arange(-qmax, qmax + 1, dtype=torch.int32), weight_bits,
+                   bits_per_cell, encoding).to(torch.int64)             # (2 qmax + 1, c)
+    pred_l = [int(x) for x in pred.tolist()]
+    succ_l = [-1] * out
+    for o, r in enumerate(pred_l):
+        if r >= 0:
+            succ_l[r] = o
+    depth = chain_depths(pred_l)
+    d = q.to(torch.float64) - target.to(torch.float64)
+    g = torch.zeros(out, K, dtype=torch.float64)
+    for k in range(K):  # increasing k, each product rounded, then added
+        g = g + d[:, k:k + 1] * rows_h[:, k, :]
+    idx = index.to(torch.int64)
+    deltas = [x for x in range(-REFINE_WINDOW, REFINE_WINDOW + 1) if x != 0]
+    deltas.sort(key=lambda x: (abs(x), x))  # the tie order: smaller |delta|, then negative
+    for _ in range(sweeps):
+        for parity in (0, 1):
+            half = torch.tensor([o for o in range(out) if depth[o] % 2 == parity],
+                                dtype=torch.int64)
+            if not half.numel():
+                continue
+            nbs = []
+            for links in (pred_l, succ_l):
+                r = torch.tensor([links[o] for o in half.tolist()], dtype=torch.int64)
+                nbs.append((r.clamp(min=0), r >= 0))
+            for p in range(K):
+                k = idx[half, p]
+                c = q[half, k]
+                gk = g[half, k]
+                hkk = rows_h[half, k, k]
+                own = table[c + qmax]
+                ref = [table[q[r, idx[r, p]] + qmax] for r, _ in nbs]
+                best = torch.zeros(half.numel(), dtype=torch.float64)
+                move = torch.zeros(half.numel(), dtype=torch.int64)
+                for delta in deltas:
+                    v = c + delta
+                    ok = (v >= -qmax) & (v <= qmax)
+                    cells = table[v.clamp(-qmax, qmax) + qmax]
+                    dw = torch.zeros(half.numel(), dtype=torch.int64)
+                    for (r, has), rc in zip(nbs, ref):
+                        diff = (cells != rc).sum(1) - (own != rc).sum(1)
+                        dw = dw + torch.where(has, diff, torch.zeros_like(diff))
+                    err = (2.0 * delta) * gk + float(delta * delta) * hkk
+                    cost = err + float(write_penalty) * dw.to(torch.float64)
+                    take = ok & (cost < best)  # strictly lower: the tie order is the loop's
+                    best = torch.where(take, cost, best)
+                    move = torch.where(take, torch.full_like(move, delta), move)
+                moved = torch.nonzero(move != 0).flatten()
+                if moved.numel():
+                    o, kk = half[moved], k[moved]
+                    dv = move[moved]
+                    q[o, kk] = q[o, kk] + dv
+                    g[o] = g[o] + dv.to(torch.float64)[:, None] * rows_h[o, kk, :]
+    return q.to(torch.int32)

@@ -17,13 +17,14 @@ CONFIG_FIELDS = tuple(f.name for f in fields(CrossbarConfig))
 
 def reference_config(base: CrossbarConfig) -> CrossbarConfig:
     """The ideal 8-bit crossbar of a sweep, every drop's reference: its base with no stucking,
-    no compensation, plain rounding (no rule 21 feedback, rule 23 penalty or rule 22 per-layer
-    policy: a feedback preset given as a sweep is not its own reference) and an ideal
+    no compensation, plain rounding (no rule 21 feedback, rule 23 penalty, rule 24 sweeps or
+    rule 22 per-layer policy: a feedback preset given as a sweep is not its own reference) and an
+    ideal
     periphery (no DAC, ADC, noise, drift or finite g_ratio), so a ``--set`` of those fields
     changes every row but this one."""
     return base.replace(stuck_slices=0, reprogram_fraction=1.0, stuck_value="initial",
                         compensate=False, feedback="none", write_penalty=0.0,
-                        layer_overrides=(), **base._ideal_periphery())
+                        feedback_sweeps=0, layer_overrides=(), **base._ideal_periphery())
 
 
 def _is_lossless(cfg: CrossbarConfig) -> bool:

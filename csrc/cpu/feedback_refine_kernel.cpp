@@ -1,0 +1,176 @@
+// feedback_refine / CPU: rule 24, refinement sweeps of coordinate descent on
+// J = sum_o (q_o - t_o)^T Hs (q_o - t_o) + write_penalty * (cells differing from the predecessor).
+// Within one half of a sweep (the filters of even, then odd, chain depth) a filter's write
+// terms involve only filters of the other half, which do not move meanwhile: the filters of a
+// half run in parallel, each through its sorted positions in order, bit for bit what the
+// reference (feedback_reference.feedback_refine) computes.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common.h"
+#include "../feedback_quantize_args.h"
+#include "../feedback_refine_args.h"
+
+namespace crossbar_torch {
+namespace {
+
+constexpr int kRefineWindow = 3;  // a move is at most this many LSB (rule 24)
+
+// The rule-3 cells of every value of [-qmax, qmax]: packed b bits apiece in one word when they
+// fit (the differing cells are then an XOR and a count), else as levels.
+struct RefineCells {
+  int64_t qmax = 0;
+  int c = 0, b = 1;
+  bool packed = false;
+  uint64_t lsb = 0;                 // bit i*b of every cell
+  std::vector<uint64_t> code;       // packed: value + qmax -> cells
+  std::vector<uint8_t> levels;      // otherwise: (value + qmax) * c + i -> level
+
+  RefineCells(int64_t weight_bits, int64_t bits_per_cell, int64_t encoding) {
+    qmax = qmax_for(weight_bits);
+    const int S = int(slices_for(weight_bits, bits_per_cell, encoding));
+    c = int(cells_for(weight_bits, bits_per_cell, encoding));
+    b = int(bits_per_cell);
+    packed = int64_t(c) * b <= 64;
+    const size_t n = size_t(2 * qmax + 1);
+    levels.resize(n * size_t(c));
+    for (int64_t v = -qmax; v <= qmax; ++v) {
+      encode_one(v, int(weight_bits), b, int(encoding), S, levels.data() + (v + qmax) * c);
+    }
+    if (!packed) return;
+    for (int i = 0; i < c; ++i) lsb |= uint64_t(1) << (i * b);
+    code.resize(n);
+    for (size_t x = 0; x < n; ++x) {
+      uint64_t w = 0;
+      for (int i = 0; i < c; ++i) w |= uint64_t(levels[x * c + i]) << (i * b);
+      code[x] = w;
+    }
+  }
+
+  // cells in which the encodings of values v and w differ
+  int64_t differing(int64_t v, int64_t w) const {
+    if (packed) {
+      const uint64_t x = code[size_t(v + qmax)] ^ code[size_t(w + qmax)];
+      uint64_t any = x;
+      for (int s = 1; s < b; ++s) any |= x >> s;
+      return __builtin_popcountll(any & lsb);
+    }
+    const uint8_t* a = levels.data() + (v + qmax) * c;
+    const uint8_t* z = levels.data() + (w + qmax) * c;
+    int64_t n = 0;
+    for (int i = 0; i < c; ++i) n += a[i] != z[i];
+    return n;
+  }
+};
+
+}  // namespace
+
+at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs_in,
+                               const at::Tensor& q_in, const at::Tensor& pred,
+                               const at::Tensor& sort_index_in, int64_t weight_bits,
+                               int64_t bits_per_cell, int64_t encoding, double write_penalty,
+                               int64_t sweeps) {
+  TORCH_CHECK(target_in.device().is_cpu(),
+              "crossbar_torch.feedback_refine: target must be a CPU tensor (the op runs on the "
+              "host, as rule 21's targets are computed), got ", target_in.device());
+  check_feedback_refine(target_in, hs_in, q_in, pred, sort_index_in, weight_bits, bits_per_cell,
+                        encoding, write_penalty, sweeps);
+  const at::Tensor t = target_in.contiguous(), hs = hs_in.contiguous(),
+                   index = sort_index_in.contiguous();
+  at::Tensor q = q_in.contiguous().clone();
+  check_feedback_refine_values(t, hs, q, index, weight_bits);
+  const int64_t out = t.size(0), K = t.size(1), groups = hs.size(0);
+  if (out == 0 || K == 0 || sweeps == 0) return q;
+  const FeedbackChains ch = feedback_chains(pred, out, "feedback_refine");
+  const std::vector<int64_t> pr = [&] {
+    const at::Tensor p = pred.contiguous();
+    return std::vector<int64_t>(p.const_data_ptr<int64_t>(), p.const_data_ptr<int64_t>() + out);
+  }();
+  std::vector<int64_t> half[2];
+  for (size_t d = 0; d < ch.waves.size(); ++d) {
+    for (int64_t o : ch.waves[d]) half[d % 2].push_back(o);
+  }
+  const RefineCells cells(weight_bits, bits_per_cell, encoding);
+  const double* tp = t.const_data_ptr<double>();
+  const double* hp = hs.const_data_ptr<double>();
+  const int64_t* ip = index.const_data_ptr<int64_t>();
+  int32_t* qp = q.mutable_data_ptr<int32_t>();
+  const int64_t per_group = out / groups;
+  // g = (q - t) Hs, each element summed from 0 in increasing k (the products rounded apart:
+  // -ffp-contract=off). kInitFilters filters of one group go through Hs together: its rows are
+  // read from memory once for all of them (3072 x 3072 doubles do not fit in cache).
+  at::Tensor g = at::zeros({out, K}, t.options());
+  double* gp = g.mutable_data_ptr<double>();
+  constexpr int64_t kInitFilters = 16;
+  const int64_t blocks_per_group = (per_group + kInitFilters - 1) / kInitFilters;
+  at::parallel_for(0, groups * blocks_per_group, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t grp = blk / blocks_per_group;
+      const int64_t o0 = grp * per_group + (blk % blocks_per_group) * kInitFilters;
+      const int64_t o1 = std::min<int64_t>((grp + 1) * per_group, o0 + kInitFilters);
+      const double* h = hp + grp * K * K;
+      for (int64_t k = 0; k < K; ++k) {
+        const double* hk = h + k * K;
+        for (int64_t o = o0; o < o1; ++o) {
+          const double d = double(qp[o * K + k]) - tp[o * K + k];
+          double* row = gp + o * K;
+          for (int64_t j = 0; j < K; ++j) row[j] = row[j] + d * hk[j];
+        }
+      }
+    }
+  });
+  static const int kDeltas[2 * kRefineWindow] = {-1, 1, -2, 2, -3, 3};  // the tie order
+  const int64_t qmax = cells.qmax;
+  for (int64_t s = 0; s < sweeps; ++s) {
+    for (int parity = 0; parity < 2; ++parity) {
+      const std::vector<int64_t>& mine = half[parity];
+      at::parallel_for(0, int64_t(mine.size()), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t o = mine[size_t(i)];
+          const double* h = hp + (o / per_group) * K * K;
+          double* row = gp + o * K;
+          int32_t* qo = qp + o * K;
+          const int64_t* io = ip + o * K;
+          const int64_t nb[2] = {pr[size_t(o)], ch.succ[size_t(o)]};
+          for (int64_t p = 0; p < K; ++p) {
+            const int64_t k = io[p];
+            const int64_t c = qo[k];
+            int64_t ref[2], own[2];
+            for (int r = 0; r < 2; ++r) {
+              if (nb[r] < 0) continue;
+              ref[r] = qp[nb[r] * K + ip[nb[r] * K + p]];
+              own[r] = cells.differing(c, ref[r]);
+            }
+            const double gk = row[k], hkk = h[k * K + k];
+            double best = 0.0;
+            int move = 0;
+            for (int delta : kDeltas) {
+              const int64_t v = c + delta;
+              if (v < -qmax || v > qmax) continue;
+              int64_t dw = 0;
+              for (int r = 0; r < 2; ++r) {
+                if (nb[r] >= 0) dw += cells.differing(v, ref[r]) - own[r];
+              }
+              const double err = double(2 * delta) * gk + double(delta * delta) * hkk;
+              const double cost = err + write_penalty * double(dw);
+              if (cost < best) best = cost, move = delta;
+            }
+            if (!move) continue;
+            qo[k] = int32_t(c + move);
+            const double dm = double(move);
+            const double* hk = h + k * K;
+            for (int64_t j = 0; j < K; ++j) row[j] = row[j] + dm * hk[j];
+          }
+        }
+      });
+    }
+  }
+  return q;
+}
+
+TORCH_LIBRARY_IMPL(crossbar_torch, CPU, m) { m.impl("feedback_refine", &feedback_refine_cpu); }
+
+}  // namespace crossbar_torch
