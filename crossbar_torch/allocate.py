@@ -40,7 +40,8 @@ from .programming import reprogram
 from .report import reprogram_report
 from .sensitivity import LayerGain
 
-POLICY_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback", "write_penalty")
+POLICY_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback", "write_penalty",
+                 "feedback_sweeps")
 
 
 @dataclass

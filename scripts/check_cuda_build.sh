@@ -38,8 +38,9 @@ torch.ops.load_library(sys.argv[1])
 missing = []
 DEVICE_OPS = ("encode", "decode", "effective_weight", "sort_and_encode", "program_layer",
               "compensate", "feedback_quantize", "analog_matmul")
-# host only: placement and sort index are chosen at conversion, packing has torch ops on a device
-HOST_OPS = ("chain_order", "sort_index", "pack_levels", "unpack_levels")
+# host only: placement and sort index are chosen at conversion, packing has torch ops on a device,
+# rule 24 refines rule 21's targets, which crossbar_torch/feedback.py computes on the host
+HOST_OPS = ("chain_order", "sort_index", "pack_levels", "unpack_levels", "feedback_refine")
 for op in DEVICE_OPS + HOST_OPS:
     table = torch._C._dispatch_dump_table(f"crossbar_torch::{op}")
     keys = {line.split(":")[0].strip() for line in table.splitlines() if "[kernel]" in line}

@@ -66,6 +66,108 @@ struct RefineCells {
   }
 };
 
+
+// ---- g = (q - t) Hs, in rule 24's order --------------------------------------------------------
+// Each element's sum runs over k in increasing order from 0.0, a product and a sum per step
+// (-ffp-contract=off: no fused multiply-add). A GEMM's blocking keeps that order as long as, for
+// every element, the k panels come in increasing order: the k panels are the outer loop and g is
+// the running sum between them. Four filters by eight columns are carried in registers through
+// a panel (each load of Hs serves four filters); the Hs panel (kKPanel x kJPanel) stays in cache
+// while every filter of the group goes through it.
+constexpr int64_t kKPanel = 256, kJPanel = 512;
+
+template <int MR>
+inline __attribute__((always_inline)) void product_panel(double* g, const double* d,
+                                                         const double* hs, int64_t K,
+                                                         int64_t k0, int64_t k1, int64_t j0,
+                                                         int64_t j1) {
+  int64_t j = j0;
+  for (; j + 8 <= j1; j += 8) {
+    double acc[MR][8];
+    for (int r = 0; r < MR; ++r) {
+      for (int c = 0; c < 8; ++c) acc[r][c] = g[r * K + j + c];
+    }
+    for (int64_t k = k0; k < k1; ++k) {
+      const double* hk = hs + k * K + j;
+      for (int r = 0; r < MR; ++r) {
+        const double dk = d[r * K + k];
+        for (int c = 0; c < 8; ++c) acc[r][c] = acc[r][c] + dk * hk[c];
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      for (int c = 0; c < 8; ++c) g[r * K + j + c] = acc[r][c];
+    }
+  }
+  for (; j < j1; ++j) {
+    for (int r = 0; r < MR; ++r) {
+      double a = g[r * K + j];
+      for (int64_t k = k0; k < k1; ++k) a = a + d[r * K + k] * hs[k * K + j];
+      g[r * K + j] = a;
+    }
+  }
+}
+
+// Filters [o0, o1) of one group through one (k, j) panel: four at a time, then one at a time.
+inline __attribute__((always_inline)) void product_filters(double* g, const double* d,
+                                                           const double* hs, int64_t K,
+                                                           int64_t o0, int64_t o1, int64_t k0,
+                                                           int64_t k1, int64_t j0, int64_t j1) {
+  int64_t o = o0;
+  for (; o + 4 <= o1; o += 4) product_panel<4>(g + o * K, d + o * K, hs, K, k0, k1, j0, j1);
+  for (; o < o1; ++o) product_panel<1>(g + o * K, d + o * K, hs, K, k0, k1, j0, j1);
+}
+
+void product_filters_plain(double* g, const double* d, const double* hs, int64_t K, int64_t o0,
+                           int64_t o1, int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
+  product_filters(g, d, hs, K, o0, o1, k0, k1, j0, j1);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// the same code vectorised four doubles wide (products and sums apart: no FMA is enabled)
+__attribute__((target("avx2"))) void product_filters_avx2(double* g, const double* d,
+                                                          const double* hs, int64_t K,
+                                                          int64_t o0, int64_t o1, int64_t k0,
+                                                          int64_t k1, int64_t j0, int64_t j1) {
+  product_filters(g, d, hs, K, o0, o1, k0, k1, j0, j1);
+}
+#endif
+
+using ProductFn = void (*)(double*, const double*, const double*, int64_t, int64_t, int64_t,
+                           int64_t, int64_t, int64_t, int64_t);
+
+ProductFn pick_product() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx2")) return product_filters_avx2;
+#endif
+  return product_filters_plain;
+}
+
+// g = (q - t) Hs of every filter with its group's Hs (float64 (out, K)).
+at::Tensor running_products(const at::Tensor& t, const at::Tensor& hs, const at::Tensor& q) {
+  static const ProductFn product = pick_product();
+  const int64_t out = t.size(0), K = t.size(1), groups = hs.size(0), per = out / groups;
+  const at::Tensor d = q.to(at::kDouble) - t;  // exact conversion, then one rounded difference
+  at::Tensor g = at::zeros({out, K}, t.options());
+  const double* dp = d.const_data_ptr<double>();
+  const double* hp = hs.const_data_ptr<double>();
+  double* gp = g.mutable_data_ptr<double>();
+  const int64_t quads = (per + 3) / 4;
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    for (int64_t k0 = 0; k0 < K; k0 += kKPanel) {  // increasing k: each sum keeps its order
+      const int64_t k1 = std::min<int64_t>(K, k0 + kKPanel);
+      for (int64_t j0 = 0; j0 < K; j0 += kJPanel) {
+        const int64_t j1 = std::min<int64_t>(K, j0 + kJPanel);
+        at::parallel_for(0, quads, 1, [&](int64_t begin, int64_t end) {
+          const int64_t o0 = grp * per + begin * 4;
+          const int64_t o1 = std::min<int64_t>((grp + 1) * per, grp * per + end * 4);
+          product(gp, dp, hp + grp * K * K, K, o0, o1, k0, k1, j0, j1);
+        });
+      }
+    }
+  }
+  return g;
+}
+
 }  // namespace
 
 at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs_in,
@@ -99,29 +201,9 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   const int64_t* ip = index.const_data_ptr<int64_t>();
   int32_t* qp = q.mutable_data_ptr<int32_t>();
   const int64_t per_group = out / groups;
-  // g = (q - t) Hs, each element summed from 0 in increasing k (the products rounded apart:
-  // -ffp-contract=off). kInitFilters filters of one group go through Hs together: its rows are
-  // read from memory once for all of them (3072 x 3072 doubles do not fit in cache).
-  at::Tensor g = at::zeros({out, K}, t.options());
+  // g = (q - t) Hs, each element summed from 0 in increasing k, each product rounded on its own
+  at::Tensor g = running_products(t, hs, q);
   double* gp = g.mutable_data_ptr<double>();
-  constexpr int64_t kInitFilters = 16;
-  const int64_t blocks_per_group = (per_group + kInitFilters - 1) / kInitFilters;
-  at::parallel_for(0, groups * blocks_per_group, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t grp = blk / blocks_per_group;
-      const int64_t o0 = grp * per_group + (blk % blocks_per_group) * kInitFilters;
-      const int64_t o1 = std::min<int64_t>((grp + 1) * per_group, o0 + kInitFilters);
-      const double* h = hp + grp * K * K;
-      for (int64_t k = 0; k < K; ++k) {
-        const double* hk = h + k * K;
-        for (int64_t o = o0; o < o1; ++o) {
-          const double d = double(qp[o * K + k]) - tp[o * K + k];
-          double* row = gp + o * K;
-          for (int64_t j = 0; j < K; ++j) row[j] = row[j] + d * hk[j];
-        }
-      }
-    }
-  });
   static const int kDeltas[2 * kRefineWindow] = {-1, 1, -2, 2, -3, 3};  // the tie order
   const int64_t qmax = cells.qmax;
   for (int64_t s = 0; s < sweeps; ++s) {

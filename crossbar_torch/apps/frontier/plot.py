@@ -14,12 +14,15 @@ from .sweeps import REFERENCE
 def _category(cfg: CrossbarConfig) -> str:
     """The legend group of a row: what makes it lose accuracy (stucking, the analog
     periphery: DAC, ADC, finite g_ratio, noise or drift; rule 23's write penalty, which moves
-    weights to save writes, with or without stucking), or nothing (lossless)."""
+    weights to save writes, with or without stucking, and with rule 24's sweeps), or nothing
+    (lossless)."""
     if cfg.stucking and cfg.analog:
         return "stucking + analog periphery"
     if cfg.analog:
         return "analog periphery (DAC / ADC / noise), no stucking"
     if _write_aware(cfg):
+        if _anywhere(cfg, "feedback_sweeps"):
+            return "write-aware feedback + sweeps (rules 23, 24)"
         return "write-aware feedback (rule 23)"
     if not cfg.stucking:
         return "lossless (no stucking)"
@@ -27,13 +30,19 @@ def _category(cfg: CrossbarConfig) -> str:
 
 
 def _write_aware(cfg: CrossbarConfig) -> bool:
+    return _anywhere(cfg, "write_penalty")
+
+
+def _anywhere(cfg: CrossbarConfig, field: str) -> bool:
+    """``field`` is above 0 in the config or in one of its rule-22 overrides."""
     # layer_overrides is normalized to ((pattern, ((field, value), ...)), ...)
-    return cfg.write_penalty > 0 or any(float(dict(changes).get("write_penalty", 0)) > 0
-                                        for _, changes in cfg.layer_overrides)
+    return getattr(cfg, field) > 0 or any(float(dict(changes).get(field, 0)) > 0
+                                          for _, changes in cfg.layer_overrides)
 
 
 _STYLE = {"lossless (no stucking)": ("tab:blue", "o"),
           "write-aware feedback (rule 23)": ("tab:cyan", "P"),
+          "write-aware feedback + sweeps (rules 23, 24)": ("tab:olive", "X"),
           "analog periphery (DAC / ADC / noise), no stucking": ("tab:orange", "D"),
           "stucking + compensation": ("tab:green", "s"),
           "stucking, no compensation": ("tab:red", "^"),
