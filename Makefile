@@ -94,7 +94,8 @@ sanitize: setup
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	  $(abspath $(PY)) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --rootdir=$(CURDIR) \
 	  $(CURDIR)/tests/test_ops.py $(CURDIR)/tests/test_fuzz_ops.py $(CURDIR)/tests/test_packing.py \
-	  $(CURDIR)/tests/test_feedback.py -k "not feedback or kernel or long_filters or many_filters or write_aware_hand"
+	  $(CURDIR)/tests/test_feedback.py $(CURDIR)/tests/test_refine.py \
+	  -k "not feedback or kernel or long_filters or many_filters or write_aware_hand"
 
 clean:
 	rm -rf build *.egg-info crossbar_torch/_C*.so

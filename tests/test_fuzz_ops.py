@@ -39,6 +39,7 @@ WORKER = textwrap.dedent(r'''
     import crossbar_torch.ops as ops
     from crossbar_torch.ops import reference as ref
     from crossbar_torch.ops import analog_reference as aref
+    from crossbar_torch.ops import feedback_reference as fref
     torch.set_num_threads(1)
     X = torch.ops.crossbar_torch
     DT = {"uint8": torch.uint8, "int32": torch.int32, "int64": torch.int64,
@@ -101,7 +102,7 @@ WORKER = textwrap.dedent(r'''
     REF = {"encode": ref.encode, "decode": ref.decode, "effective_weight": ref.effective_weight,
            "sort_and_encode": ref.sort_and_encode, "compensate": ref.compensate,
            "analog_matmul": aref.analog_matmul, "chain_order": ref.chain_order,
-           "sort_index": ref.sort_index}
+           "sort_index": ref.sort_index, "feedback_refine": fref.feedback_refine}
 
     def check(op, args, got):
         """A call that succeeded: meta in, meta out; on the CPU, the reference's values."""
@@ -424,6 +425,50 @@ HAND += [
     case("sort_index", "(T('int64', (4, 6)),)", "key must be Int"),
     case("sort_index", "(T('int32', (4,)),)", "key must have 2 dimensions"),
     case("sort_index", "(E('int32', (2**40, 1)),)", "allocate"),
+]
+
+
+
+def _fr(target="T('float64', (4, 6), 'randn', 3.0)", hs="T('float64', (2, 6, 6), 'randn', 1.0)",
+        q="T('int32', (4, 6), 'rand', -5, 6)", pred="T('int64', (4,), 'rand', -1, 0)",
+        index="T('int64', (4, 6), 'perm')", fmt="8, 1, 0", penalty="1.5", sweeps="2"):
+    """feedback_refine's arguments (rule 24): every filter without a predecessor by default."""
+    return f"({target}, {hs}, {q}, {pred}, {index}, {fmt}, {penalty}, {sweeps})"
+
+
+HAND += [
+    case("feedback_refine", _fr()),
+    case("feedback_refine", _fr(pred="T('int64', (4,), 'rand', -1, 0, poke=(1, 0))")),  # a chain
+    case("feedback_refine", _fr(target="T('float64', (0, 6))", q="T('int32', (0, 6))",
+                                pred="T('int64', (0,))", index="T('int64', (0, 6))")),
+    case("feedback_refine", _fr(target="T('float64', (4, 0))", hs="T('float64', (2, 0, 0))",
+                                q="T('int32', (4, 0))", index="T('int64', (4, 0))")),
+    case("feedback_refine", _fr(sweeps="0")),
+    case("feedback_refine", _fr(penalty="0.0", fmt="3, 2, 2",
+                                q="T('int32', (4, 6), 'rand', -3, 4)")),
+    case("feedback_refine", _fr(target="T('float64', (4, 6), 'randn', 3.0, layout='T')",
+                                hs="T('float64', (2, 6, 6), 'randn', 1.0, layout='slice')",
+                                q="T('int32', (4, 6), 'rand', -5, 6, layout='expand')",
+                                index="T('int64', (4, 6), 'perm', layout='expand')")),
+    case("feedback_refine", _fr(target="T('float64', (4, 6), device='meta')",
+                                hs="T('float64', (2, 6, 6), device='meta')",
+                                q="T('int32', (4, 6), device='meta')",
+                                pred="T('int64', (4,), device='meta')",
+                                index="T('int64', (4, 6), device='meta')")),
+    case("feedback_refine", _fr(target="T('float32', (4, 6))"), "target must be Double"),
+    case("feedback_refine", _fr(q="T('int64', (4, 6))"), "q must be Int"),
+    case("feedback_refine", _fr(hs="T('float64', (3, 6, 6))"), "multiple of the groups"),
+    case("feedback_refine", _fr(q="T('int32', (4, 6), 'rand', -5, 6, poke=(3, 200))"),
+         "symmetric range"),
+    case("feedback_refine", _fr(index="T('int64', (4, 6), 'perm', poke=(2, 'dup'))"),
+         "not a permutation"),
+    case("feedback_refine", _fr(pred="T('int64', (4,), 'rand', -1, 0, poke=(0, 9))"),
+         "pred[0] = 9"),
+    case("feedback_refine", _fr(target="T('float64', (4, 6), 'randn', 3.0, poke=(5, math.nan))"),
+         "target holds NaN"),
+    case("feedback_refine", _fr(sweeps="101"), "sweeps must be in"),
+    case("feedback_refine", _fr(penalty="-1.0"), "write_penalty"),
+    case("feedback_refine", _fr(fmt="1, 1, 0"), "weight_bits"),
 ]
 
 META_PL = case("program_layer", _pl(

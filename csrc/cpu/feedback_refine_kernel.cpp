@@ -185,8 +185,8 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   at::Tensor q = q_in.contiguous().clone();
   check_feedback_refine_values(t, hs, q, index, weight_bits);
   const int64_t out = t.size(0), K = t.size(1), groups = hs.size(0);
+  const FeedbackChains ch = feedback_chains(pred, out, "feedback_refine");  // checked even idle
   if (out == 0 || K == 0 || sweeps == 0) return q;
-  const FeedbackChains ch = feedback_chains(pred, out, "feedback_refine");
   const std::vector<int64_t> pr = [&] {
     const at::Tensor p = pred.contiguous();
     return std::vector<int64_t>(p.const_data_ptr<int64_t>(), p.const_data_ptr<int64_t>() + out);
