@@ -184,14 +184,16 @@ def test_a_feedback_preset_is_not_its_own_reference(tmp_path):
     itself as crossbar8, so its drops read 0 and its reference row held its own writes."""
     preset = tmp_path / "preset.yaml"
     preset.write_text("rows: 16\ncols: 16\nsort: value\nfilter_order: chain\n"
-                      "feedback: hessian\nwrite_penalty: 2.0\nlayer_overrides:\n"
-                      "  '*.fc':\n    write_penalty: 6.0\n")
+                      "feedback: hessian\nwrite_penalty: 2.0\nfeedback_sweeps: 4\n"
+                      "layer_overrides:\n  '*.fc':\n    write_penalty: 6.0\n")
     runs = fr.load_sweeps([str(preset)])
     assert [r.name for r in runs] == ["crossbar8", "preset"]
     ref, run = runs[0].config, runs[1].config
-    assert (ref.feedback, ref.write_penalty, ref.layer_overrides) == ("none", 0.0, ())
+    assert (ref.feedback, ref.write_penalty, ref.feedback_sweeps, ref.layer_overrides) == (
+        "none", 0.0, 0, ())
     assert ref == xb.CrossbarConfig(rows=16, cols=16, sort="value", filter_order="chain")
-    assert (run.feedback, run.write_penalty) == ("hessian", 2.0) and run.layer_overrides
+    assert (run.feedback, run.write_penalty, run.feedback_sweeps) == ("hessian", 2.0, 4)
+    assert run.layer_overrides
 
 
 def test_set_keeps_the_reference_lossless_and_ideal(tmp_path):
