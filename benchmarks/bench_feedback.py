@@ -13,8 +13,10 @@ layers, 85M weights), three ways:
    ``calibrate`` on N sentences of the packaged calibration corpus (the input moments, as the
    scripts do by default; ``--calibration generated`` for the generated ones), then
    ``reprogram``.
-3. ``best``: ``configs/mpnet_best.yaml`` (rule 23's write penalty, nothing stuck): the same
-   three steps.
+3. ``best``: ``configs/mpnet_best.yaml`` (rule 23's write penalty, nothing stuck, rule 24's
+   refinement sweeps): the same three steps.
+4. ``best-0``: the same without rule 24's sweeps (``feedback_sweeps: 0``): what the sweeps
+   cost.
 
 Each case starts from the same float model (a deep copy); ``comp`` runs first and again last,
 and the faster of its two runs is the base (the first run of a process pays warm-up costs).
@@ -92,7 +94,7 @@ def main(argv=None) -> int:
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mpnet_best.yaml"))
     cases = [("comp", xb.CrossbarConfig(**stuck)),
              ("feedback", xb.CrossbarConfig(**stuck, feedback="hessian")),
-             ("best", best)]
+             ("best", best), ("best-0", best.replace(feedback_sweeps=0))]
     # comp runs first and again last: the first run of a process pays warm-up costs (thread
     # pool, allocator, first-touch pages) that would flatter every ratio, so the base is the
     # faster of the two

@@ -204,6 +204,12 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   // g = (q - t) Hs, each element summed from 0 in increasing k, each product rounded on its own
   at::Tensor g = running_products(t, hs, q);
   double* gp = g.mutable_data_ptr<double>();
+  // each group's diagonal of Hs, contiguous: read once per weight and sweep, it would otherwise
+  // be a cache miss each time (its entries are K + 1 doubles apart)
+  std::vector<double> diag(size_t(groups * K));
+  for (int64_t grp = 0; grp < groups; ++grp) {
+    for (int64_t k = 0; k < K; ++k) diag[size_t(grp * K + k)] = hp[grp * K * K + k * K + k];
+  }
   static const int kDeltas[2 * kRefineWindow] = {-1, 1, -2, 2, -3, 3};  // the tie order
   const int64_t qmax = cells.qmax;
   for (int64_t s = 0; s < sweeps; ++s) {
@@ -213,6 +219,7 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
         for (int64_t i = begin; i < end; ++i) {
           const int64_t o = mine[size_t(i)];
           const double* h = hp + (o / per_group) * K * K;
+          const double* dg = diag.data() + (o / per_group) * K;
           double* row = gp + o * K;
           int32_t* qo = qp + o * K;
           const int64_t* io = ip + o * K;
@@ -226,7 +233,7 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
               ref[r] = qp[nb[r] * K + ip[nb[r] * K + p]];
               own[r] = cells.differing(c, ref[r]);
             }
-            const double gk = row[k], hkk = h[k * K + k];
+            const double gk = row[k], hkk = dg[k];
             double best = 0.0;
             int move = 0;
             for (int delta : kDeltas) {
