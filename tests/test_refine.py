@@ -114,6 +114,18 @@ def test_many_filters_long_rows_and_threads_agree_with_the_reference(threads):
         torch.set_num_threads(old)
 
 
+@pytest.mark.parametrize("n, k, groups", [(13, 300, 1), (10, 530, 2)])
+def test_rows_longer_than_a_panel_agree_with_the_reference(n, k, groups):
+    """The running products go through Hs in panels of 256 rows by 512 columns, four filters
+    by eight columns at a time: rows that cross panels, columns and filters past the last full
+    block, and groups, give the reference's integers."""
+    t, hs, q, _, index = _case(n, k, groups, 8, 3)
+    pred = _chains(n * groups, 4, p=0.9)
+    got = ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 1.5, 2)
+    want = reference.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 1.5, 2)
+    assert torch.equal(got, want) and int((got != q).sum()) > 0
+
+
 def test_hand_case():
     """Worked by hand (8-bit differential, 1-bit cells: 4 and 5 differ in one cell, 3 and 4 in
     three). Filter 1 follows filter 0; Hs = [[1]]; penalty 10.
