@@ -2,6 +2,7 @@
 """Rule 24's refinement sweeps against rule 23 alone, layer by layer, on all-mpnet-base-v2.
 
     python benchmarks/bench_refine.py [--config YAML] [--layers GLOB ...] [--sweeps N ...]
+    python benchmarks/bench_refine.py --product-only
 
 Converts the model with ``--config`` (default ``configs/mpnet_allocated_17x.yaml``: rule 23
 penalties, nothing stuck), calibrates it on the first 256 sentences of the packaged calibration
@@ -16,6 +17,11 @@ each with its writes (the cells that differ from the predecessor filter's at the
 position: rule 23's count; the programming's rule-8 count adds the first block's writes) and its
 in-sample relative output error ``tr(E H E^T) / tr(W H W^T)``, and the time of the sweeps over
 the time of rule 23's op in the same process (these machines are noisy: a ratio, not seconds).
+
+Then (alone with ``--product-only``, which needs no model) the op on a synthetic 768 x 3072
+layer where nothing moves (its time is the running product ``g = (q - t) Hs``, rule 24's exact
+order, and one sweep of choices) against a float64 BLAS product of the same shape (fused,
+blocked in any order: the floor for this many multiply-adds).
 """
 from __future__ import annotations
 
@@ -54,7 +60,11 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", nargs="+", default=list(DEFAULT_LAYERS), metavar="GLOB",
                     help="glob patterns on the converted model's layer names")
     ap.add_argument("--sweeps", nargs="+", type=int, default=[1, 4, 8], metavar="N")
+    ap.add_argument("--product-only", action="store_true",
+                    help="only the running product against a BLAS product (no model)")
     args = ap.parse_args(argv)
+    if args.product_only:
+        return product_ratio()
     if not os.path.isfile(args.config):
         print(f"error: --config {args.config}: no such file", file=sys.stderr)
         return 2
@@ -123,6 +133,31 @@ def main(argv=None) -> int:
                                      lcfg.encoding_id, w, n)
             took = time.perf_counter() - start
             row(f"w = {w:g} + {n} sweep(s)", q2, f"  (time {took / base:.2f}x rule 23's op)")
+    return product_ratio()
+
+
+def product_ratio(n: int = 768, k: int = 3072, repeats: int = 3) -> int:
+    """The op where no weight moves (targets on their integers, no penalty: every move costs
+    more than it saves), against ``a @ Hs`` in float64 BLAS; the best of ``repeats`` each."""
+    from crossbar_torch import ops
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(k, k, generator=g, dtype=torch.float64) / k ** 0.5
+    hs = (x @ x.T)[None].contiguous()
+    q = torch.randint(-100, 100, (n, k), generator=g, dtype=torch.int32)
+    t = q.double()
+    pred = torch.full((n,), -1, dtype=torch.int64)
+    index = torch.arange(k).expand(n, k).contiguous()
+    a = torch.randn(n, k, generator=g, dtype=torch.float64)
+    ours = blas = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 0.0, 1)
+        ours = min(ours, time.perf_counter() - start)
+        start = time.perf_counter()
+        a @ hs[0]
+        blas = min(blas, time.perf_counter() - start)
+    print(f"running product + one idle sweep, {n} x {k} x {k}: {ours:.2f} s, "
+          f"{ours / blas:.1f}x a float64 BLAS product of that shape ({blas:.2f} s)")
     return 0
 
 
