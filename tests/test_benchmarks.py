@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("bench_counting.py", ["--reps", "1", "--threads", "1"], "total"),
     ("bench_compensation.py", ["--layers", "lite0", "--reps", "1", "--threads", "1"],
      "total, every setting"),
+    ("bench_refine.py", ["--product-only"], "running product + one idle sweep"),
 ])
 def test_benchmark_runs(script, args, expect):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args],
