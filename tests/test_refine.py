@@ -16,7 +16,6 @@ from hypothesis import given, settings, strategies as st
 
 import crossbar_torch as xb
 from crossbar_torch import ops
-from crossbar_torch.encoding import cells_for
 from crossbar_torch.feedback import scaled_moment
 from crossbar_torch.ops import feedback_reference as reference
 
@@ -321,4 +320,3 @@ def test_config_fields_are_validated():
     with pytest.raises(ValueError, match=r"layer_overrides\['fc\*'\].*feedback_sweeps"):
         xb.CrossbarConfig(feedback="hessian", feedback_sweeps=2, compensate=True,
                           layer_overrides={"fc*": {"stuck_slices": 1, "reprogram_fraction": 0.0}})
-    assert cells_for(8, 1, 0) == 14  # the hand case's format: 7 cells a side
