@@ -20,20 +20,10 @@ from crossbar_torch.feedback import scaled_moment
 from crossbar_torch.ops import feedback_reference as reference
 
 import independent as ind
+# the rule-21 / 23 tests' model, random chains and rule 23's predecessors by hand
+from test_feedback import Tiny, _chains, _predecessors
 
 ENCODINGS = ("differential", "twos_complement", "offset")
-
-
-def _chains(out, seed, p=0.7):
-    """A random pred: chains over a shuffled order, some links left out."""
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(out, generator=g).tolist()
-    pred = torch.full((out,), -1, dtype=torch.int64)
-    links = torch.rand(out, generator=g) < p
-    for i in range(1, out):
-        if links[i]:
-            pred[perm[i]] = perm[i - 1]
-    return pred
 
 
 def _case(out, k, groups, bits, seed):
@@ -199,31 +189,6 @@ def test_fake_kernel_shapes():
 
 
 # ---- the layers --------------------------------------------------------------------------------
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 6, 3, padding=1, groups=2)
-        self.fc1 = nn.Linear(6 * 4, 20)
-        self.fc2 = nn.Linear(20, 7)
-
-    def forward(self, x):
-        y = torch.relu(self.conv(x)).mean((2, 3), keepdim=True)
-        y = y.repeat(1, 4, 1, 1).flatten(1)
-        return self.fc2(torch.nn.functional.gelu(self.fc1(y)))
-
-
-def _predecessors(layer, cfg):
-    """Rule 23 by hand: the filter in the same slot `pool` blocks earlier."""
-    F = cfg.cols // cfg.cells_per_weight
-    fi = layer.filter_index.tolist()
-    pred = [-1] * layer.cells.shape[0]
-    for pos, o in enumerate(fi):
-        j, f = divmod(pos, F)
-        if o >= 0 and j >= cfg.pool and fi[(j - cfg.pool) * F + f] >= 0:
-            pred[o] = fi[(j - cfg.pool) * F + f]
-    return pred
-
 
 def _expected(layer, cfg):
     """The simulator's integers: rule 23 (rule 21 without a penalty), then rule 24's sweeps."""

@@ -18,6 +18,7 @@
 #include "../common.h"
 #include "../feedback_quantize_args.h"
 #include "../feedback_row.h"
+#include "cell_codes.h"
 
 namespace crossbar_torch {
 namespace {
@@ -38,45 +39,8 @@ struct FeedbackRowArgs {
 constexpr int kRowsTogether = 32;
 
 // Rule 23 for a weight without held cells, as write_aware_allowed's `!held` branch computes it
-// (the same candidates, cost arithmetic and comparisons; visited nearest first, below), with
-// every value's cells packed b bits apiece in one word, built once per call: the cells that
-// differ from the predecessor's are then an XOR and a count, not a loop over c cells per
-// candidate (the branch was most of the mpnet_best reprogramming).
-struct CellCodes {
-  std::vector<uint64_t> code;  // value v -> its rule-3 cells, cell i at bits [i*b, (i+1)*b)
-  int64_t qmax = 0;
-  uint64_t lsb = 0;            // bit i*b of every cell
-  bool usable = false;         // c * b <= 64
-};
-
-inline uint64_t pack_cells(const uint8_t* cells, const CompFormat& f) {
-  uint64_t w = 0;
-  for (int i = 0; i < f.c; ++i) w |= uint64_t(cells[i]) << (i * f.b);
-  return w;
-}
-
-CellCodes make_cell_codes(const CompFormat& f) {
-  CellCodes t;
-  if (int64_t(f.c) * f.b > 64) return t;
-  t.usable = true;
-  t.qmax = qmax_for(f.B);
-  for (int i = 0; i < f.c; ++i) t.lsb |= uint64_t(1) << (i * f.b);
-  uint8_t cells[kMaxCells];
-  t.code.resize(size_t(2 * t.qmax + 1));
-  for (int64_t v = -t.qmax; v <= t.qmax; ++v) {
-    encode_one(v, f.B, f.b, f.enc, f.S, cells);
-    t.code[size_t(v + t.qmax)] = pack_cells(cells, f);
-  }
-  return t;
-}
-
-// Cells whose b-bit fields differ between two packed words.
-inline int64_t cells_differing(uint64_t x, const CellCodes& t, int b) {
-  uint64_t any = x;
-  for (int s = 1; s < b; ++s) any |= x >> s;
-  return __builtin_popcountll(any & t.lsb);
-}
-
+// (the same candidates, cost arithmetic and comparisons; visited nearest first, below), the
+// writes counted on the packed codes (cell_codes.h).
 int64_t write_aware_free(double t, const uint8_t* ref, double lambda, const CompFormat& f,
                          const CellCodes& codes, uint8_t* cells) {
   const int64_t qmax = codes.qmax;

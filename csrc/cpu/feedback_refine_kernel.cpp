@@ -17,59 +17,13 @@
 #include "../common.h"
 #include "../feedback_quantize_args.h"
 #include "../feedback_refine_args.h"
+#include "../program_row.h"
+#include "cell_codes.h"
 
 namespace crossbar_torch {
 namespace {
 
 constexpr int kRefineWindow = 3;  // a move is at most this many LSB (rule 24)
-
-// The rule-3 cells of every value of [-qmax, qmax]: packed b bits apiece in one word when they
-// fit (the differing cells are then an XOR and a count), else as levels.
-struct RefineCells {
-  int64_t qmax = 0;
-  int c = 0, b = 1;
-  bool packed = false;
-  uint64_t lsb = 0;                 // bit i*b of every cell
-  std::vector<uint64_t> code;       // packed: value + qmax -> cells
-  std::vector<uint8_t> levels;      // otherwise: (value + qmax) * c + i -> level
-
-  RefineCells(int64_t weight_bits, int64_t bits_per_cell, int64_t encoding) {
-    qmax = qmax_for(weight_bits);
-    const int S = int(slices_for(weight_bits, bits_per_cell, encoding));
-    c = int(cells_for(weight_bits, bits_per_cell, encoding));
-    b = int(bits_per_cell);
-    packed = int64_t(c) * b <= 64;
-    const size_t n = size_t(2 * qmax + 1);
-    levels.resize(n * size_t(c));
-    for (int64_t v = -qmax; v <= qmax; ++v) {
-      encode_one(v, int(weight_bits), b, int(encoding), S, levels.data() + (v + qmax) * c);
-    }
-    if (!packed) return;
-    for (int i = 0; i < c; ++i) lsb |= uint64_t(1) << (i * b);
-    code.resize(n);
-    for (size_t x = 0; x < n; ++x) {
-      uint64_t w = 0;
-      for (int i = 0; i < c; ++i) w |= uint64_t(levels[x * c + i]) << (i * b);
-      code[x] = w;
-    }
-  }
-
-  // cells in which the encodings of values v and w differ
-  int64_t differing(int64_t v, int64_t w) const {
-    if (packed) {
-      const uint64_t x = code[size_t(v + qmax)] ^ code[size_t(w + qmax)];
-      uint64_t any = x;
-      for (int s = 1; s < b; ++s) any |= x >> s;
-      return __builtin_popcountll(any & lsb);
-    }
-    const uint8_t* a = levels.data() + (v + qmax) * c;
-    const uint8_t* z = levels.data() + (w + qmax) * c;
-    int64_t n = 0;
-    for (int i = 0; i < c; ++i) n += a[i] != z[i];
-    return n;
-  }
-};
-
 
 // ---- g = (q - t) Hs, in rule 24's order --------------------------------------------------------
 // Each element's sum runs over k in increasing order from 0.0, a product and a sum per step
@@ -233,7 +187,16 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   for (size_t d = 0; d < ch.waves.size(); ++d) {
     for (int64_t o : ch.waves[d]) half[d % 2].push_back(o);
   }
-  const RefineCells cells(weight_bits, bits_per_cell, encoding);
+  const CellCodes codes = make_cell_codes(make_comp_format(int(weight_bits), int(bits_per_cell),
+                                                          int(encoding), 0));
+  // every format check_format accepts packs into one word (c * b <= 44)
+  TORCH_CHECK(codes.usable, "crossbar_torch.feedback_refine: internal error: the cells of a "
+              "weight do not pack into 64 bits");
+  const int b = int(bits_per_cell);
+  auto differing = [&](int64_t v, int64_t w) {
+    return cells_differing(codes.code[size_t(v + codes.qmax)] ^ codes.code[size_t(w + codes.qmax)],
+                           codes, b);
+  };
   const double* tp = t.const_data_ptr<double>();
   const double* hp = hs.const_data_ptr<double>();
   const int64_t* ip = index.const_data_ptr<int64_t>();
@@ -249,7 +212,7 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
     for (int64_t k = 0; k < K; ++k) diag[size_t(grp * K + k)] = hp[grp * K * K + k * K + k];
   }
   static const int kDeltas[2 * kRefineWindow] = {-1, 1, -2, 2, -3, 3};  // the tie order
-  const int64_t qmax = cells.qmax;
+  const int64_t qmax = codes.qmax;
   for (int64_t s = 0; s < sweeps; ++s) {
     for (int parity = 0; parity < 2; ++parity) {
       const std::vector<int64_t>& mine = half[parity];
@@ -269,7 +232,7 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
             for (int r = 0; r < 2; ++r) {
               if (nb[r] < 0) continue;
               ref[r] = qp[nb[r] * K + ip[nb[r] * K + p]];
-              own[r] = cells.differing(c, ref[r]);
+              own[r] = differing(c, ref[r]);
             }
             const double gk = row[k], hkk = dg[k];
             double best = 0.0;
@@ -279,7 +242,7 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
               if (v < -qmax || v > qmax) continue;
               int64_t dw = 0;
               for (int r = 0; r < 2; ++r) {
-                if (nb[r] >= 0) dw += cells.differing(v, ref[r]) - own[r];
+                if (nb[r] >= 0) dw += differing(v, ref[r]) - own[r];
               }
               const double err = double(2 * delta) * gk + double(delta * delta) * hkk;
               const double cost = err + write_penalty * double(dw);
