@@ -65,22 +65,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.product_only:
         return product_ratio()
-    if not os.path.isfile(args.config):
-        print(f"error: --config {args.config}: no such file", file=sys.stderr)
-        return 2
     if any(not 1 <= n <= 100 for n in args.sweeps):
         print(f"error: --sweeps must be in [1, 100], got {args.sweeps}", file=sys.stderr)
         return 2
     import crossbar_torch as xb
     from crossbar_torch import ops
+    from crossbar_torch.apps.cli import config_from_file
     from crossbar_torch.apps.frontier import feedback_sentences
     from crossbar_torch.apps.models.mpnet import load_mpnet
     from crossbar_torch.errors import UserInputError
     from crossbar_torch.feedback import feedback_factor, placement_predecessors, scaled_moment
-    try:
-        cfg = xb.CrossbarConfig.from_yaml(args.config)
+    try:  # a missing or broken file, a bad field; then the parts not installed
+        cfg = config_from_file(args.config)
         st = load_mpnet()
-    except (UserInputError, ValueError) as e:  # parts not installed, or a bad config
+    except UserInputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model = xb.convert(st, cfg, inplace=True)
