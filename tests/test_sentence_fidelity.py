@@ -250,6 +250,48 @@ def test_feedback_sentences_sources(tmp_path):
         fr.feedback_sentences(source=str(tmp_path / "none.txt"))
 
 
+def test_corpus_draws_are_the_corpus_blocks_of_256():
+    """``corpus:K``: the calibration corpus's K-th block of 256 lines (the disjoint draws a
+    preset is checked on), ``n`` of them from the block's start; ``corpus:1`` is the default."""
+    corpus = fr.calibration_corpus()
+    assert len(corpus) == 768
+    assert fr.feedback_sentences(source="corpus:1") == fr.feedback_sentences() == corpus[:256]
+    assert fr.feedback_sentences(source="corpus:2") == corpus[256:512]
+    assert fr.feedback_sentences(source="corpus:3") == corpus[512:768]
+    assert fr.feedback_sentences(7, "corpus:3") == corpus[512:519]
+    draws = [set(fr.feedback_sentences(source=f"corpus:{k}")) for k in (1, 2, 3)]
+    assert not (draws[0] & draws[1] or draws[0] & draws[2] or draws[1] & draws[2])
+    for n, source, match in ((None, "corpus:4", "3 draws of 256 sentences, corpus:1 to corpus:3"),
+                             (None, "corpus:0", "corpus:1 to corpus:3"),
+                             (300, "corpus:3", "300 sentences asked from line 513"),
+                             (None, "corpus:two", "corpus:K with K a whole number"),
+                             (None, "corpus:", "corpus:K with K a whole number"),
+                             (None, "corpus:-1", "corpus:K with K a whole number")):
+        with pytest.raises(fr.FrontierError, match=match):
+            fr.feedback_sentences(n, source)
+
+
+def test_calibration_flag_takes_a_corpus_draw_without_looking_for_a_file(tmp_path):
+    """The scripts' ``--calibration corpus:K`` is a packaged draw, not a path; a bad draw is
+    one usage error naming the flag and the value."""
+    import argparse
+    from crossbar_torch.apps.cli_calibration import calibration_sentences, calibration_setup
+    from crossbar_torch.errors import UserInputError
+    args = argparse.Namespace(calibration="corpus:2", calib_sentences=None)
+    got = calibration_sentences(args)
+    assert got == fr.calibration_corpus()[256:512]
+    setup = calibration_setup(args, got)
+    assert setup["source"] == "corpus:2" and setup["sentences"] == 256
+    assert setup != calibration_setup(argparse.Namespace(calibration="corpus"),
+                                      fr.feedback_sentences())
+    args = argparse.Namespace(calibration="corpus:3", calib_sentences=257)
+    with pytest.raises(UserInputError, match=r"--calibration corpus:3 --calib-sentences 257: "
+                                             r"calibration: 257 sentences asked"):
+        calibration_sentences(args)
+    with pytest.raises(UserInputError, match="--calibration corpus:9: .*corpus:1 to corpus:3"):
+        calibration_sentences(argparse.Namespace(calibration="corpus:9", calib_sentences=None))
+
+
 def test_scorer_calibrates_rule_21_on_its_feedback_sentences():
     """The moments a feedback config is programmed from are those of the scorer's ``feedback``
     sentences (none of the scored ones), computed here by hand from the toy's inputs."""

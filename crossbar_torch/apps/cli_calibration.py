@@ -17,7 +17,9 @@ def add_calibration_args(p: argparse.ArgumentParser, count: bool = True) -> None
     g.add_argument("--calibration", default="corpus", metavar="SOURCE",
                    help="the sentences whose layer inputs set rule 21's input moments (never "
                         "the ones scored): 'corpus' (default: 256 real sentences packaged in "
-                        "crossbar_torch/corpus/calibration_en.txt), 'generated' (128 generated "
+                        "crossbar_torch/corpus/calibration_en.txt), 'corpus:K' (its K-th block "
+                        "of 256, K = 1 to 3: the disjoint draws presets are checked on), "
+                        "'generated' (128 generated "
                         "sentences, as the figures before 2026-12-05), or a UTF-8 text file, "
                         "one sentence a line (text like the text the model will embed)")
     if count:
@@ -29,8 +31,8 @@ def add_calibration_args(p: argparse.ArgumentParser, count: bool = True) -> None
 def calibration_sentences(args) -> list:
     """The sentences ``--calibration`` / ``--calib-sentences`` name; a missing or unreadable
     file, or more sentences than the source holds, is one ``error:`` line."""
-    from .frontier.sentences import FEEDBACK_SOURCES, feedback_sentences
-    if args.calibration not in FEEDBACK_SOURCES:
+    from .frontier.sentences import feedback_sentences, is_packaged_source
+    if not is_packaged_source(args.calibration):
         check_input_file(args.calibration, "--calibration")
     n = getattr(args, "calib_sentences", None)
     try:
@@ -53,7 +55,7 @@ def refuse_for_images(args, instead: str) -> None:
 def calibration_setup(args, sentences) -> dict:
     """What a result was calibrated on (for a CSV's setup / a JSON's meta)."""
     from .frontier.scorers import _hash
-    from .frontier.sentences import FEEDBACK_SOURCES
-    source = (args.calibration if args.calibration in FEEDBACK_SOURCES
+    from .frontier.sentences import is_packaged_source
+    source = (args.calibration if is_packaged_source(args.calibration)
               else os.path.abspath(args.calibration))
     return {"source": source, "sentences": len(sentences), "sha256": _hash(sentences)}

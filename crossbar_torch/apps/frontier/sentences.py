@@ -15,6 +15,9 @@ CALIBRATION_SENTENCES = 32   # sentences that set the analog ranges (rule 20)
 # by default; "generated" gives the 128 generated sentences the figures before 2026-12-05 used.
 FEEDBACK_SOURCES = ("corpus", "generated")
 FEEDBACK_SENTENCES = {"corpus": 256, "generated": 128}
+# "corpus:K": the corpus's K-th block of 256 (K = 1 is "corpus"): the disjoint calibration
+# draws a preset is checked on (nothing stuck, its seed draws nothing: the text is what varies)
+CORPUS_DRAW_PREFIX = "corpus:"
 CALIBRATION_CORPUS = "corpus/calibration_en.txt"  # package data; sources: corpus/README.md
 
 _TEMPLATES = (
@@ -45,12 +48,27 @@ def feedback_sentences(n: int = None, source: str = "corpus") -> List[str]:
       error (1 - cos) fell by 39% to 63% (docs/transformers.md, "Calibration text");
     * ``"generated"``: the ``n`` (default 128) generated sentences after the first 1024 of
       :func:`frontier_sentences` (MiniLM is scored on the first 256 by default);
+    * ``"corpus:K"``: the corpus's ``K``-th block of 256 (``n`` of them from the block's start;
+      ``"corpus:1"`` is ``"corpus"``): lines 257-512 for ``K = 2``, 513-768 for ``K = 3``;
     * any other string: a text file, one sentence a line (:func:`read_sentences`), its first
       ``n`` (all by default).
 
     Raises :class:`FrontierError` (one line) for a bad file or an ``n`` the source lacks."""
     if n is not None and n < 1:
         raise FrontierError(f"calibration: the number of sentences must be >= 1, got {n}")
+    draw = corpus_draw(source)
+    if draw is not None:
+        text, block = calibration_corpus(), FEEDBACK_SENTENCES["corpus"]
+        draws = len(text) // block
+        if not 1 <= draw <= draws:
+            raise FrontierError(f"calibration: {source!r}: the corpus holds {draws} draws of "
+                                f"{block} sentences, corpus:1 to corpus:{draws}")
+        n = block if n is None else n
+        start = (draw - 1) * block
+        if start + n > len(text):
+            raise FrontierError(f"calibration: {n} sentences asked from line {start + 1} of "
+                                f"the corpus ({source!r}); it holds {len(text)}")
+        return text[start:start + n]
     if source == "generated":
         n = FEEDBACK_SENTENCES["generated"] if n is None else n
         if 1024 + n > 4096:
@@ -62,6 +80,24 @@ def feedback_sentences(n: int = None, source: str = "corpus") -> List[str]:
     if n > len(text):
         raise FrontierError(f"calibration: {n} sentences asked, {source!r} holds {len(text)}")
     return text[:n]
+
+
+def corpus_draw(source: str):
+    """``K`` of a ``"corpus:K"`` source (an int, checked by :func:`feedback_sentences`), None
+    for any other source. ``"corpus:"`` followed by anything but digits is refused: it is a
+    mistyped draw, not a file name."""
+    if not source.startswith(CORPUS_DRAW_PREFIX):
+        return None
+    k = source[len(CORPUS_DRAW_PREFIX):]
+    if not (k.isascii() and k.isdigit()):
+        raise FrontierError(f"calibration: {source!r}: a corpus draw is corpus:K with K a "
+                            "whole number (corpus:1 is the default corpus)")
+    return int(k)
+
+
+def is_packaged_source(source: str) -> bool:
+    """Whether ``source`` names packaged or generated sentences rather than a file."""
+    return source in FEEDBACK_SOURCES or source.startswith(CORPUS_DRAW_PREFIX)
 
 
 def calibration_corpus() -> List[str]:
