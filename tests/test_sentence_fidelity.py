@@ -271,7 +271,7 @@ def test_corpus_draws_are_the_corpus_blocks_of_256():
             fr.feedback_sentences(n, source)
 
 
-def test_calibration_flag_takes_a_corpus_draw_without_looking_for_a_file(tmp_path):
+def test_calibration_flag_takes_a_corpus_draw_without_looking_for_a_file():
     """The scripts' ``--calibration corpus:K`` is a packaged draw, not a path; a bad draw is
     one usage error naming the flag and the value."""
     import argparse
