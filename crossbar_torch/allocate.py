@@ -41,7 +41,7 @@ from .report import reprogram_report
 from .sensitivity import LayerGain
 
 POLICY_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback", "write_penalty",
-                 "feedback_sweeps")
+                 "feedback_sweeps", "filter_weight")
 
 
 @dataclass

@@ -28,9 +28,12 @@ STUCK_VALUES = ("initial", 0, 1)
 FILTER_ORDERS = ("natural", "profile", "chain")  # chain: this project's, beyond rule 11
 SCHEDULES = ("section_major", "greedy")
 FEEDBACK_MODES = ("none", "hessian")  # rule 21: output-aware (error-feedback) programming
+# Rule 25: the unit a filter's error is weighed in against its writes (rules 23 and 24): its
+# own LSB, or the layer's output units (its scale squared, over the layer's median filter's).
+FILTER_WEIGHTS = ("lsb", "scale")
 # Rule 22: the fields a layer_overrides entry may set for the layers whose names it matches.
 OVERRIDE_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback",
-                   "feedback_damp", "write_penalty", "feedback_sweeps")
+                   "feedback_damp", "write_penalty", "feedback_sweeps", "filter_weight")
 WEAR_LEVELING = ("none", "rotate_rows", "rotate")
 ADC_RANGES = ("full", "calibrated")
 ADC_SCOPES = ("slice", "weight")
@@ -85,6 +88,10 @@ class CrossbarConfig:
     # and move it by up to 3 LSB when that lowers the layer's output error plus write_penalty
     # per cell written (coordinate descent; needs feedback and nothing stuck; 0: off).
     feedback_sweeps: int = 0
+    # Rule 25: "scale" weighs each filter's error by its scale squared over the layer's median
+    # filter's when rules 23 and 24 trade it against writes, so that a write is saved where it
+    # costs the layer's output least ("lsb": every filter's LSB alike, rules 23 and 24 as such).
+    filter_weight: str = "lsb"
     # Rule 22: per-layer policies, {glob pattern on module names: {field: value}} for the
     # fields of OVERRIDE_FIELDS; every matching entry applies, later ones over earlier ones.
     layer_overrides: Any = ()
@@ -207,6 +214,11 @@ class CrossbarConfig:
         if fs > 0 and self.feedback == "none":
             bad("feedback_sweeps", "0 unless feedback is 'hessian' (rule 24 refines rule 21's "
                 "choices)")
+        if self.filter_weight not in FILTER_WEIGHTS:
+            bad("filter_weight", f"one of {', '.join(FILTER_WEIGHTS)} (rule 25)")
+        if self.filter_weight != "lsb" and self.feedback == "none":
+            bad("filter_weight", "'lsb' unless feedback is 'hessian' (rule 25 weighs rule 23's "
+                "and rule 24's errors)")
         if fs > 0 and self.stucking:
             bad("feedback_sweeps", "0 with bit stucking (rule 24 moves weights whose cells are "
                 "all free: set stuck_slices=0 or reprogram_fraction=1 for these layers, or "
@@ -539,8 +551,8 @@ class CrossbarConfig:
         without it (docs/semantics.md). The device stays: costs compare on the same device."""
         return self.replace(sort="none", stuck_slices=0, reprogram_fraction=1.0,
                             stuck_value="initial", compensate=False, feedback="none",
-                            write_penalty=0.0, feedback_sweeps=0, layer_overrides=(),
-                            filter_order="natural",
+                            write_penalty=0.0, feedback_sweeps=0, filter_weight="lsb",
+                            layer_overrides=(), filter_order="natural",
                             schedule="section_major", wear_leveling="none",
                             **self._ideal_periphery())
 
@@ -614,6 +626,11 @@ def ignored_settings(config: CrossbarConfig) -> list:
     if config.input_bits_per_cycle != 1 and config.input_bits is None:
         out.append(f"input_bits_per_cycle={config.input_bits_per_cycle} changes nothing without "
                    "input_bits (ideal inputs are not bit-serial)")
+    if config.filter_weight != "lsb" and not (
+            config.write_penalty > 0 or any(float(dict(ch).get("write_penalty", 0)) > 0
+                                            for _, ch in config.layer_overrides)):
+        out.append(f"filter_weight={config.filter_weight!r} changes nothing without a "
+                   "write_penalty (rule 25 weighs each filter's error against its writes)")
     # rule 22: stucking may come from a per-layer override
     if config.compensate and not getattr(config, "stucking_anywhere", config.stucking):
         out.append(f"compensate=True changes nothing without bit stucking (stuck_slices="

@@ -143,16 +143,30 @@ def feedback_targets(layer, config, factors: FactorCache | None = None) -> torch
         # rule 23: charged against the predecessor's chosen cells; rule 24: its sweeps' order
         pred = placement_predecessors(layer.filter_index, target.shape[0], config)
         index = layer.long_sort_index().cpu()
+    fw = (filter_weights(scale) if config.filter_weight == "scale" and config.write_penalty > 0
+          else None)
     q = ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
                               config.bits_per_cell, config.encoding_id, slices,
                               pred if config.write_penalty > 0 else None,
-                              index if config.write_penalty > 0 else None, config.write_penalty)
+                              index if config.write_penalty > 0 else None, config.write_penalty,
+                              fw)
     if config.feedback_sweeps > 0:  # rule 24 (nothing is held: the config sticks nothing)
         hs = scaled_moment(layer.input_moment, config.feedback_damp)
         q = ops.feedback_refine(target.contiguous(), hs, q, pred, index, config.weight_bits,
                                 config.bits_per_cell, config.encoding_id, config.write_penalty,
-                                config.feedback_sweeps)
+                                config.feedback_sweeps, fw)
     return q
+
+
+def filter_weights(scale: torch.Tensor) -> torch.Tensor:
+    """Rule 25's ``a`` (float64 (out,)): each filter's scale squared over the layer's median
+    filter's (the lower median), both in float64. A filter's error in its own LSB is ``s**2``
+    times as much in the layer's output as in the median filter's unit: weighing it so, rules
+    23 and 24 save their writes on the filters whose LSB is worth least to the output."""
+    s2 = scale.detach().to("cpu", torch.float64) ** 2
+    if s2.numel() == 0:
+        return s2
+    return (s2 / s2.sort().values[(s2.numel() - 1) // 2]).contiguous()
 
 
 def scaled_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:

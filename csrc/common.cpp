@@ -87,6 +87,19 @@ void check_output_size(int64_t numel, int64_t per, const char* op, const char* w
               " = ", numel, " * ", per, " overflows int64; the inputs are too large");
 }
 
+void check_filter_weight(const std::optional<at::Tensor>& filter_weight, int64_t out,
+                         const char* op) {
+  if (!filter_weight.has_value() || !filter_weight->defined()) return;
+  const at::Tensor& a = *filter_weight;
+  check_dtype(a, at::kDouble, op, "filter_weight");
+  check_dim(a, 1, op, "filter_weight", "(out,)");
+  check_size(a, 0, out, op, "filter_weight", "out");
+  if (a.numel()) {
+    TORCH_CHECK((at::isfinite(a) & (a > 0)).all().item<bool>(), "crossbar_torch.", op,
+                ": filter_weight must hold finite numbers > 0");
+  }
+}
+
 void clear_padding_bits(at::Tensor& state, at::Tensor& written, int64_t cols) {
   const int64_t rem = cols % 64;
   if (rem == 0) return;

@@ -16,6 +16,8 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
+
 #include <cstdint>
 
 #if defined(__CUDACC__)
@@ -289,6 +291,11 @@ void check_index_permutation(const at::Tensor& index, const char* op);
 // Error unless an output of `numel` elements of `per` items each can be indexed with int64
 // (what): sizes of expanded (stride 0) inputs may be huge without any memory behind them.
 void check_output_size(int64_t numel, int64_t per, const char* op, const char* what);
+
+// Rule 25's filter weights: absent, or float64 (out,), every entry finite and > 0 (a weight
+// of 0 would make the filter's writes free of any error bound, one below 0 reward error).
+void check_filter_weight(const std::optional<at::Tensor>& filter_weight, int64_t out,
+                         const char* op);
 
 // Clears the bits beyond `cols` in the last word of state and written, as the reference
 // does when it repacks them.

@@ -11,7 +11,8 @@ int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
                                 const at::Tensor& held, const at::Tensor& levels,
                                 int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
                                 int64_t stuck_slices, const at::Tensor& pred,
-                                const at::Tensor& sort_index, double write_penalty) {
+                                const at::Tensor& sort_index, double write_penalty,
+                                const std::optional<at::Tensor>& filter_weight) {
   const char* op = "feedback_quantize";
   check_format(weight_bits, bits_per_cell, encoding);
   const int64_t S = slices_for(weight_bits, bits_per_cell, encoding);
@@ -62,7 +63,20 @@ int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
     check_size(sort_index, 0, out, op, "sort_index", "out");
     check_size(sort_index, 1, K, op, "sort_index", "K");
   }
+  check_filter_weight(filter_weight, out, op);
   return c;
+}
+
+std::vector<double> filter_penalties(double write_penalty,
+                                     const std::optional<at::Tensor>& filter_weight,
+                                     int64_t out) {
+  std::vector<double> lam(size_t(out), write_penalty);
+  if (filter_weight.has_value() && filter_weight->defined()) {
+    const at::Tensor a = filter_weight->to(at::kCPU).contiguous();
+    const double* ap = a.const_data_ptr<double>();
+    for (int64_t o = 0; o < out; ++o) lam[size_t(o)] = write_penalty / ap[o];
+  }
+  return lam;
 }
 
 void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& u,

@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <vector>
 
 namespace crossbar_torch {
@@ -12,7 +13,15 @@ int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
                                 const at::Tensor& held, const at::Tensor& levels,
                                 int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
                                 int64_t stuck_slices, const at::Tensor& pred,
-                                const at::Tensor& sort_index, double write_penalty);
+                                const at::Tensor& sort_index, double write_penalty,
+                                const std::optional<at::Tensor>& filter_weight);
+
+// Rule 25: each filter's write penalty, write_penalty / filter_weight[o] (float64 division),
+// or write_penalty itself for every filter when filter_weight is absent (rule 23). Read on
+// the host (the chains are too).
+std::vector<double> filter_penalties(double write_penalty,
+                                     const std::optional<at::Tensor>& filter_weight,
+                                     int64_t out);
 
 // Values, on the contiguous copies the kernel reads: finite targets, a finite u with a positive
 // diagonal, levels in [0, 2**bits_per_cell).

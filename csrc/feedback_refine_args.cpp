@@ -11,7 +11,7 @@ int64_t check_feedback_refine(const at::Tensor& target, const at::Tensor& hs,
                               const at::Tensor& q, const at::Tensor& pred,
                               const at::Tensor& sort_index, int64_t weight_bits,
                               int64_t bits_per_cell, int64_t encoding, double write_penalty,
-                              int64_t sweeps) {
+                              int64_t sweeps, const std::optional<at::Tensor>& filter_weight) {
   const char* op = "feedback_refine";
   check_format(weight_bits, bits_per_cell, encoding);
   const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
@@ -46,6 +46,7 @@ int64_t check_feedback_refine(const at::Tensor& target, const at::Tensor& hs,
               write_penalty);
   TORCH_CHECK(sweeps >= 0 && sweeps <= 100,
               "crossbar_torch.feedback_refine: sweeps must be in [0, 100], got ", sweeps);
+  check_filter_weight(filter_weight, out, op);
   return c;
 }
 

@@ -52,13 +52,13 @@ TORCH_LIBRARY(crossbar_torch, m) {
   m.def(
       "feedback_quantize(Tensor target, Tensor u, Tensor held, Tensor levels, int weight_bits, "
       "int bits_per_cell, int encoding, int stuck_slices, Tensor pred, Tensor sort_index, "
-      "float write_penalty=0.) -> Tensor");
+      "float write_penalty=0., Tensor? filter_weight=None) -> Tensor");
   // host only (no CUDA kernel): rule 24 refines rule 21's targets, which are computed on the
   // host (crossbar_torch/feedback.py)
   m.def(
       "feedback_refine(Tensor target, Tensor hs, Tensor q, Tensor pred, Tensor sort_index, "
-      "int weight_bits, int bits_per_cell, int encoding, float write_penalty, int sweeps) "
-      "-> Tensor");
+      "int weight_bits, int bits_per_cell, int encoding, float write_penalty, int sweeps, "
+      "Tensor? filter_weight=None) -> Tensor");
   // host only (no CUDA kernel): filter placement is chosen at conversion, on the host
   m.def("chain_order(Tensor bits, int start) -> Tensor");
   // host only: per-row stable descending order of int32 keys (rule 4's sort index)

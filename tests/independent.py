@@ -460,11 +460,13 @@ def realizations(held_levels, bits, b, enc, L):
     return inside or out
 
 
-def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index, penalty):
+def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index, penalty,
+                      weights=None):
     """Rule 23 for one layer: filters after their predecessors; each weight the realization
     of least (t - v)^2 + penalty * (cells not held that differ from what the predecessor chose
     at the same sorted position); ties nearer, even, smaller value, first realization. Returns
-    the chosen integers per filter (original order)."""
+    the chosen integers per filter (original order). Rule 25: filter o pays
+    ``penalty / weights[o]`` per write."""
     out = len(t_rows)
     K = len(t_rows[0]) if out else 0
     per = out // len(u_groups)
@@ -477,6 +479,7 @@ def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index,
             t = [float(x) for x in t_rows[o]]
             u = u_groups[o // per]
             ref = chosen.get(pred[o]) if pred[o] >= 0 else None
+            lam = float(penalty) if weights is None else float(penalty) / float(weights[o])
             sorted_cells = [None] * K
             vals = []
             for k in range(K):
@@ -489,7 +492,7 @@ def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index,
                         writes = sum(1 for i, lv in enumerate(cells)
                                      if (hl is None or hl[i] is None) and lv != ref[p][i])
                     e = t[k] - float(v)
-                    key = (e * e + penalty * float(writes), abs(e), v % 2 != 0, v)
+                    key = (e * e + lam * float(writes), abs(e), v % 2 != 0, v)
                     if best is None or key < best[0]:
                         best = (key, v, cells)
                 v = best[1]
@@ -506,13 +509,15 @@ def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index,
 
 # ---- rule 24: refinement sweeps ---------------------------------------------------------------
 
-def refine_layer(t_rows, hs_groups, q_rows, bits, b, enc, pred, index, penalty, sweeps):
+def refine_layer(t_rows, hs_groups, q_rows, bits, b, enc, pred, index, penalty, sweeps,
+                 weights=None):
     """Rule 24 for one layer, a weight at a time: from rule 21's / 23's integers ``q_rows``,
     ``sweeps`` sweeps; each visits the filters of even chain depth, then of odd depth, sorted
     position by sorted position, and moves a weight by the delta in -3..3 of least cost
     ((2 delta) g + delta^2 Hs[k][k]) + penalty * (change of the cells differing from the
     predecessor's and the successor's at that position) when that cost is below 0 (ties: smaller
-    |delta|, then negative). Returns the integers per filter (original order)."""
+    |delta|, then negative). Returns the integers per filter (original order). Rule 25: the
+    error part of filter o's cost is multiplied by ``weights[o]``."""
     out = len(q_rows)
     K = len(q_rows[0]) if out else 0
     if not out or not K:
@@ -564,8 +569,10 @@ def refine_layer(t_rows, hs_groups, q_rows, bits, b, enc, pred, index, penalty, 
                         for r in (pred[o], succ[o]):
                             if r >= 0:
                                 dw += differing(v, r, p) - differing(c, r, p)
-                        cost = ((2.0 * delta) * g[o][k] + float(delta * delta) * float(hs[k][k])
-                                ) + float(penalty) * float(dw)
+                        err = (2.0 * delta) * g[o][k] + float(delta * delta) * float(hs[k][k])
+                        if weights is not None:
+                            err = float(weights[o]) * err
+                        cost = err + float(penalty) * float(dw)
                         if cost < 0 and (best is None or cost < best[0]):
                             best = (cost, delta)
                     if best is not None:

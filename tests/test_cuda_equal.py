@@ -1,6 +1,6 @@
 """CPU and CUDA kernels agree bit for bit (issue 19's GPU check): the ops tests/test_ops.py does
 not parametrize over the device (compensate, feedback_quantize with and without rule 23's write
-penalty, analog_matmul) on random inputs of odd sizes. Without a CUDA device they skip;
+penalty and rule 25's filter weights, analog_matmul) on random inputs of odd sizes. Without a CUDA device they skip;
 ``make gpu-check`` runs them where a GPU exists."""
 import pytest
 import torch
@@ -52,6 +52,12 @@ def test_write_aware_feedback_cpu_cuda_equal(out, k, groups):
         cpu = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 1.5)
         gpu = ops.feedback_quantize(*_cuda(t, u, held, levels), bits, b, enc, L,
                                     *_cuda(pred, index), 1.5)
+        assert torch.equal(gpu.cpu(), cpu)
+        # rule 25: each filter's own penalty, copied to the device beside the waves
+        a = 10.0 ** (torch.rand(n, generator=g, dtype=torch.float64) * 3 - 1.5)
+        cpu = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 1.5, a)
+        gpu = ops.feedback_quantize(*_cuda(t, u, held, levels), bits, b, enc, L,
+                                    *_cuda(pred, index), 1.5, a.cuda())
         assert torch.equal(gpu.cpu(), cpu)
 
 

@@ -181,7 +181,7 @@ def _compensate_fake(cells, held, old, weight_bits, bits_per_cell, encoding, com
 
 @torch.library.register_fake("crossbar_torch::feedback_quantize")
 def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell, encoding,
-                            stuck_slices, pred, sort_index, write_penalty=0.0):
+                            stuck_slices, pred, sort_index, write_penalty=0.0, filter_weight=None):
     op = "feedback_quantize"
     c = _check_format(op, weight_bits, bits_per_cell, encoding)
     _check_tensors(op, ("target", target), [("target", target, torch.float64, 2),
@@ -200,12 +200,21 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
     torch._check(levels.shape == held.shape,
                  lambda: f"crossbar_torch.{op}: levels {tuple(levels.shape)} must have the "
                          f"shape of held {tuple(held.shape)}")
+    _check_filter_weight(op, filter_weight, out)
     return target.new_empty((out, k), dtype=torch.int32)
+
+
+def _check_filter_weight(op, filter_weight, out):
+    """Rule 25's weights: absent, or float64 (out,) (their values are the kernels' to check)."""
+    torch._check(filter_weight is None or (filter_weight.dtype == torch.float64
+                                           and tuple(filter_weight.shape) == (out,)),
+                 lambda: f"crossbar_torch.{op}: filter_weight must be float64 (out,) = "
+                         f"({out},), got {filter_weight.dtype} {tuple(filter_weight.shape)}")
 
 
 @torch.library.register_fake("crossbar_torch::feedback_refine")
 def _feedback_refine_fake(target, hs, q, pred, sort_index, weight_bits, bits_per_cell, encoding,
-                          write_penalty, sweeps):
+                          write_penalty, sweeps, filter_weight=None):
     op = "feedback_refine"
     _check_format(op, weight_bits, bits_per_cell, encoding)
     _check_tensors(op, ("target", target), [("target", target, torch.float64, 2),
@@ -224,6 +233,7 @@ def _feedback_refine_fake(target, hs, q, pred, sort_index, weight_bits, bits_per
                  lambda: f"crossbar_torch.{op}: q {tuple(q.shape)}, sort_index "
                          f"{tuple(sort_index.shape)} must be (out, K) = {(out, k)} and pred "
                          f"{tuple(pred.shape)} (out,)")
+    _check_filter_weight(op, filter_weight, out)
     return torch.empty_like(q)
 
 
@@ -372,7 +382,7 @@ def compensate(cells, held, old, weight_bits: int, bits_per_cell: int, encoding:
 
 def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: int,
                       encoding: int, stuck_slices: int, pred=None, sort_index=None,
-                      write_penalty: float = 0.0) -> torch.Tensor:
+                      write_penalty: float = 0.0, filter_weight=None) -> torch.Tensor:
     """Rule 21: error-feedback programming targets (int32 (out, K), original order) of a layer
     whose targets in scale units are ``target`` (float64 (out, K)), given ``u`` (float64
     (groups, K, K), the upper Cholesky factor of the damped inverse input second moment of each
@@ -386,18 +396,19 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
         sort_index = torch.zeros(0, 0, dtype=torch.int64, device=target.device)
     return _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
                                   int(encoding), int(stuck_slices), pred, sort_index,
-                                  float(write_penalty))
+                                  float(write_penalty), filter_weight)
 
 
 def feedback_refine(target, hs, q, pred, sort_index, weight_bits: int, bits_per_cell: int,
-                    encoding: int, write_penalty: float, sweeps: int) -> torch.Tensor:
+                    encoding: int, write_penalty: float, sweeps: int,
+                    filter_weight=None) -> torch.Tensor:
     """Rule 24: ``sweeps`` refinement sweeps of rule 21's / 23's integers ``q`` (int32 (out, K),
     original order) for targets ``target`` (float64 (out, K)), the scaled moment ``hs`` (float64
     (groups, K, K)), rule 23's predecessors ``pred`` (int64 (out,), -1: none) and the sort index
     ``sort_index`` (int64 (out, K)). Host only. See feedback_reference.feedback_refine."""
     return _ops.feedback_refine(target, hs, q, pred, sort_index, int(weight_bits),
                                 int(bits_per_cell), int(encoding), float(write_penalty),
-                                int(sweeps))
+                                int(sweeps), filter_weight)
 
 
 def chain_order(bits, start: int) -> torch.Tensor:

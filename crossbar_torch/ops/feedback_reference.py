@@ -104,14 +104,17 @@ def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
                       levels: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int,
                       stuck_slices: int, pred: torch.Tensor | None = None,
                       index: torch.Tensor | None = None,
-                      write_penalty: float = 0.0) -> torch.Tensor:
+                      write_penalty: float = 0.0,
+                      filter_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Rule 21, column by column for all filters at once: each weight takes the allowed value
     nearest its running target, and the residual ``(t - v) / u[k, k]`` is carried onto the later
     columns through row k of ``u`` (each product rounded on its own, as the kernels do). With
-    rule 23's ``write_penalty`` > 0, one filter at a time, each after its ``pred``."""
+    rule 23's ``write_penalty`` > 0, one filter at a time, each after its ``pred``; rule 25's
+    ``filter_weight`` (float64 (out,)) makes filter o pay ``write_penalty / filter_weight[o]``."""
     if write_penalty > 0:
         return _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell,
-                                     encoding, stuck_slices, pred, index, write_penalty)
+                                     encoding, stuck_slices, pred, index, write_penalty,
+                                     filter_weight)
     t = target.detach().to(torch.float64).clone()
     out, K = t.shape
     groups = u.shape[0]
@@ -134,7 +137,7 @@ def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
 
 
 def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, encoding,
-                          stuck_slices, pred, sort_order, penalty):
+                          stuck_slices, pred, sort_order, penalty, filter_weight=None):
     """Rule 23: filters in an order where each comes after its predecessor ``pred[o]``; weight
     k of filter o is charged against the cells its predecessor chose at o's sorted position of
     k (``sort_order``: the layer's sort index)."""
@@ -155,11 +158,12 @@ def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, e
         uo = u[o // per].to(torch.float64)
         pos = {k: p for p, k in enumerate(index[o])}
         ref = chosen.get(pred[o])
+        lam = penalty if filter_weight is None else penalty / float(filter_weight[o])
         mine = [None] * K
         for k in range(K):
             v, cells = write_aware_allowed(
                 float(t[o, k]), lv[o][k] if lv else None, hl[o][k] if hl else None,
-                ref[pos[k]] if ref is not None else None, penalty, weight_bits, bits_per_cell,
+                ref[pos[k]] if ref is not None else None, lam, weight_bits, bits_per_cell,
                 encoding, stuck_slices)
             q[o, k] = v
             mine[pos[k]] = cells
@@ -183,13 +187,15 @@ def chain_depths(pred: list) -> list:
 
 def feedback_refine(target: torch.Tensor, hs: torch.Tensor, q: torch.Tensor, pred: torch.Tensor,
                     index: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int,
-                    write_penalty: float, sweeps: int) -> torch.Tensor:
+                    write_penalty: float, sweeps: int,
+                    filter_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Rule 24: ``sweeps`` sweeps of coordinate descent on ``J`` from rule 21's / 23's ``q``
     (int32 (out, K), original order); ``target`` float64 (out, K), ``hs`` the scaled moment
     float64 (groups, K, K), ``pred`` int64 (out,) rule 23's predecessors, ``index`` the sort
     index. Each half (even / odd depth) goes position by position, its filters side by side
     (independent: their write terms involve the other half only); every product is rounded on
-    its own, as the kernels compute."""
+    its own, as the kernels compute. Rule 25's ``filter_weight`` (float64 (out,)) multiplies
+    filter o's error part of the cost."""
     q = q.detach().to(torch.int64).clone()
     out, K = q.shape
     if out == 0 or K == 0 or sweeps == 0:
@@ -210,6 +216,7 @@ def feedback_refine(target: torch.Tensor, hs: torch.Tensor, q: torch.Tensor, pre
     for k in range(K):  # increasing k, each product rounded, then added
         g = g + d[:, k:k + 1] * rows_h[:, k, :]
     idx = index.to(torch.int64)
+    fw = None if filter_weight is None else filter_weight.to(torch.float64)
     deltas = [x for x in range(-REFINE_WINDOW, REFINE_WINDOW + 1) if x != 0]
     deltas.sort(key=lambda x: (abs(x), x))  # the tie order: smaller |delta|, then negative
     for _ in range(sweeps):
@@ -240,6 +247,8 @@ def feedback_refine(target: torch.Tensor, hs: torch.Tensor, q: torch.Tensor, pre
                         diff = (cells != rc).sum(1) - (own != rc).sum(1)
                         dw = dw + torch.where(has, diff, torch.zeros_like(diff))
                     err = (2.0 * delta) * gk + float(delta * delta) * hkk
+                    if fw is not None:
+                        err = fw[half] * err
                     cost = err + float(write_penalty) * dw.to(torch.float64)
                     take = ok & (cost < best)  # strictly lower: the tie order is the loop's
                     best = torch.where(take, cost, best)

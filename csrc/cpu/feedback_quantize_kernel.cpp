@@ -32,6 +32,7 @@ struct FeedbackRowArgs {
   const int64_t* pos;
   const uint8_t* ref;
   uint8_t* chosen;
+  double lambda;  // rule 23's write penalty of this filter (rule 25: over its weight)
 };
 
 // filters (or chains) that go through U together: U's rows are read from memory once for all
@@ -204,7 +205,7 @@ TrailFn pick_trail() {
 // ViT-Base's layers (3072 x 3072 doubles), is read from memory once per block for the n
 // filters.
 void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t K,
-                   const CompFormat& f, double lambda, const CellCodes& codes) {
+                   const CompFormat& f, const CellCodes& codes) {
   static const TrailFn trail = pick_trail();
   double e[kRowsTogether][kBlock];
   alignas(64) double packed[kBlock * kTrailPiece];  // the block's piece of U (trail_avx2)
@@ -228,10 +229,10 @@ void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t 
         }
         if (a.chosen && !held && codes.usable) {
           const int64_t p = a.pos[k];
-          v = write_aware_free(a.t[k], a.ref ? a.ref + p * f.c : nullptr, lambda, f, codes,
+          v = write_aware_free(a.t[k], a.ref ? a.ref + p * f.c : nullptr, a.lambda, f, codes,
                                a.chosen + p * f.c);
         } else {
-          v = feedback_pick(a.t[k], k, a.held, a.lv, f, lambda, a.pos, a.ref, a.chosen);
+          v = feedback_pick(a.t[k], k, a.held, a.lv, f, a.lambda, a.pos, a.ref, a.chosen);
         }
         a.out[k] = int32_t(v);
         const double er = (a.t[k] - double(v)) / uk[k];
@@ -254,13 +255,14 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
                                  const at::Tensor& held_in, const at::Tensor& levels_in,
                                  int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
                                  int64_t stuck_slices, const at::Tensor& pred,
-                                 const at::Tensor& sort_index, double write_penalty) {
+                                 const at::Tensor& sort_index, double write_penalty,
+                                 const std::optional<at::Tensor>& filter_weight) {
   TORCH_CHECK(target_in.device().is_cpu(),
               "crossbar_torch.feedback_quantize: target must be a CPU tensor here, got ",
               target_in.device());
   const int64_t c = check_feedback_quantize(target_in, u_in, held_in, levels_in, weight_bits,
                                             bits_per_cell, encoding, stuck_slices, pred,
-                                            sort_index, write_penalty);
+                                            sort_index, write_penalty, filter_weight);
   at::Tensor t = target_in.contiguous().clone();  // running targets, updated in place
   const at::Tensor u = u_in.contiguous(), held = held_in.contiguous(),
                    levels = levels_in.contiguous();
@@ -277,6 +279,8 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
   int32_t* qp = q.mutable_data_ptr<int32_t>();
   const int64_t per_group = out / groups;
   if (write_penalty > 0.0) {
+    // rule 25: filter o pays write_penalty / a[o] per write (a[o] = 1: rule 23 exactly)
+    const std::vector<double> lam = filter_penalties(write_penalty, filter_weight, out);
     const CellCodes codes = make_cell_codes(fmt);
     const FeedbackChains ch = feedback_chains(pred, out);
     const at::Tensor pos = sorted_positions(sort_index.contiguous());
@@ -303,17 +307,18 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
             if (group >= 0 && o / per_group != group) {  // another group's U: on its own
               feedback_row(tp + o * K, up + (o / per_group) * K * K,
                            hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr, K,
-                           fmt, qp + o * K, write_penalty, pp + o * K,
+                           fmt, qp + o * K, lam[size_t(o)], pp + o * K,
                            prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c);
               continue;
             }
             group = o / per_group;
             rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr,
                          lp ? lp + o * K * c : nullptr, qp + o * K, pp + o * K,
-                         prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c};
+                         prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c,
+                         lam[size_t(o)]};
           }
           if (group < 0) break;  // every chain of this set has ended
-          feedback_rows(rows, n, up + group * K * K, K, fmt, write_penalty, codes);
+          feedback_rows(rows, n, up + group * K * K, K, fmt, codes);
           for (int64_t i = 0; i < c1 - c0; ++i) {
             if (cur[i] >= 0) prev[i] = cur[i], cur[i] = ch.succ[cur[i]];
           }
@@ -334,9 +339,9 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
       int n = 0;
       for (int64_t o = o0; o < o1; ++o) {
         rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr,
-                     qp + o * K, nullptr, nullptr, nullptr};
+                     qp + o * K, nullptr, nullptr, nullptr, 0.0};
       }
-      feedback_rows(rows, n, up + g * K * K, K, fmt, 0.0, codes);
+      feedback_rows(rows, n, up + g * K * K, K, fmt, codes);
     }
   });
   return q;

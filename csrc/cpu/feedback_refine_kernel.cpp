@@ -166,12 +166,12 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
                                const at::Tensor& q_in, const at::Tensor& pred,
                                const at::Tensor& sort_index_in, int64_t weight_bits,
                                int64_t bits_per_cell, int64_t encoding, double write_penalty,
-                               int64_t sweeps) {
+                               int64_t sweeps, const std::optional<at::Tensor>& filter_weight) {
   TORCH_CHECK(target_in.device().is_cpu(),
               "crossbar_torch.feedback_refine: target must be a CPU tensor (the op runs on the "
               "host, as rule 21's targets are computed), got ", target_in.device());
   check_feedback_refine(target_in, hs_in, q_in, pred, sort_index_in, weight_bits, bits_per_cell,
-                        encoding, write_penalty, sweeps);
+                        encoding, write_penalty, sweeps, filter_weight);
   const at::Tensor t = target_in.contiguous(), hs = hs_in.contiguous(),
                    index = sort_index_in.contiguous();
   at::Tensor q = q_in.contiguous().clone();
@@ -202,6 +202,10 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   const int64_t* ip = index.const_data_ptr<int64_t>();
   int32_t* qp = q.mutable_data_ptr<int32_t>();
   const int64_t per_group = out / groups;
+  // rule 25: filter o's error counts a[o] times (absent: once, rule 24 exactly)
+  const at::Tensor fw = filter_weight.has_value() && filter_weight->defined()
+                            ? filter_weight->to(at::kCPU).contiguous() : at::Tensor();
+  const double* ap = fw.defined() ? fw.const_data_ptr<double>() : nullptr;
   // g = (q - t) Hs, each element summed from 0 in increasing k, each product rounded on its own
   at::Tensor g = running_products(t, hs, q);
   double* gp = g.mutable_data_ptr<double>();
@@ -244,7 +248,8 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
               for (int r = 0; r < 2; ++r) {
                 if (nb[r] >= 0) dw += differing(v, ref[r]) - own[r];
               }
-              const double err = double(2 * delta) * gk + double(delta * delta) * hkk;
+              double err = double(2 * delta) * gk + double(delta * delta) * hkk;
+              if (ap) err = ap[o] * err;
               const double cost = err + write_penalty * double(dw);
               if (cost < best) best = cost, move = delta;
             }

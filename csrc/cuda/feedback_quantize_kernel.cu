@@ -27,14 +27,14 @@ __global__ void feedback_kernel(double* t, const double* u, const bool* held, co
 
 __global__ void feedback_wave_kernel(double* t, const double* u, const bool* held,
                                      const uint8_t* lv, int32_t* q, int64_t K, int64_t c,
-                                     int64_t per_group, CompFormat fmt, double lambda,
+                                     int64_t per_group, CompFormat fmt, const double* lambda,
                                      const int64_t* pos, const int64_t* pred, uint8_t* chosen,
                                      const int64_t* wave, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
        i += int64_t(blockDim.x) * gridDim.x) {
     const int64_t o = wave[i], p = pred[o];
     feedback_row(t + o * K, u + (o / per_group) * K * K, held ? held + o * K * c : nullptr,
-                 lv ? lv + o * K * c : nullptr, K, fmt, q + o * K, lambda, pos + o * K,
+                 lv ? lv + o * K * c : nullptr, K, fmt, q + o * K, lambda[o], pos + o * K,
                  p >= 0 ? chosen + p * K * c : nullptr, chosen + o * K * c);
   }
 }
@@ -43,11 +43,12 @@ at::Tensor feedback_quantize_cuda(const at::Tensor& target_in, const at::Tensor&
                                   const at::Tensor& held_in, const at::Tensor& levels_in,
                                   int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
                                   int64_t stuck_slices, const at::Tensor& pred,
-                                  const at::Tensor& sort_index, double write_penalty) {
+                                  const at::Tensor& sort_index, double write_penalty,
+                                  const std::optional<at::Tensor>& filter_weight) {
   check_cuda(target_in, "feedback_quantize", "target");
   const int64_t c = check_feedback_quantize(target_in, u_in, held_in, levels_in, weight_bits,
                                             bits_per_cell, encoding, stuck_slices, pred,
-                                            sort_index, write_penalty);
+                                            sort_index, write_penalty, filter_weight);
   const c10::cuda::CUDAGuard guard(target_in.device());
   at::Tensor t = target_in.contiguous().clone();
   const at::Tensor u = u_in.contiguous(), held = held_in.contiguous(),
@@ -66,6 +67,10 @@ at::Tensor feedback_quantize_cuda(const at::Tensor& target_in, const at::Tensor&
     for (const auto& w : ch.waves) flat.insert(flat.end(), w.begin(), w.end());
     const at::Tensor waves = at::tensor(flat, at::TensorOptions().dtype(at::kLong))
                                  .to(t.device());
+    // each filter's write penalty (rule 25), copied once beside the waves
+    const at::Tensor lam = at::tensor(filter_penalties(write_penalty, filter_weight, out),
+                                      at::TensorOptions().dtype(at::kDouble))
+                               .to(t.device());
     int64_t start = 0;
     for (const auto& w : ch.waves) {
       const int64_t n = int64_t(w.size());
@@ -73,7 +78,7 @@ at::Tensor feedback_quantize_cuda(const at::Tensor& target_in, const at::Tensor&
           t.mutable_data_ptr<double>(), u.const_data_ptr<double>(),
           held.numel() ? held.const_data_ptr<bool>() : nullptr,
           levels.numel() ? levels.const_data_ptr<uint8_t>() : nullptr,
-          q.mutable_data_ptr<int32_t>(), K, c, out / groups, fmt, write_penalty,
+          q.mutable_data_ptr<int32_t>(), K, c, out / groups, fmt, lam.const_data_ptr<double>(),
           pos.const_data_ptr<int64_t>(), pred_d.const_data_ptr<int64_t>(),
           chosen.mutable_data_ptr<uint8_t>(), waves.const_data_ptr<int64_t>() + start, n);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -24,7 +24,8 @@ def reference_config(base: CrossbarConfig) -> CrossbarConfig:
     changes every row but this one."""
     return base.replace(stuck_slices=0, reprogram_fraction=1.0, stuck_value="initial",
                         compensate=False, feedback="none", write_penalty=0.0,
-                        feedback_sweeps=0, layer_overrides=(), **base._ideal_periphery())
+                        feedback_sweeps=0, filter_weight="lsb", layer_overrides=(),
+                        **base._ideal_periphery())
 
 
 def _is_lossless(cfg: CrossbarConfig) -> bool:
