@@ -604,7 +604,9 @@ def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
             "stuck adc": base.replace(stuck_slices=2, reprogram_fraction=0.5, input_bits=8,
                                       adc_bits=6),
             "fbw": base.replace(feedback="hessian", write_penalty=2.0),
-            "fbw sweeps": base.replace(feedback="hessian", write_penalty=2.0, feedback_sweeps=4)}
+            "fbw sweeps": base.replace(feedback="hessian", write_penalty=2.0, feedback_sweeps=4),
+            "fbw scale": base.replace(feedback="hessian", write_penalty=2.0, feedback_sweeps=4,
+                                      filter_weight="scale")}
     fb = base.replace(feedback="hessian")
     assert fr_plot._category(fb) == "lossless (no stucking)"  # rule 21 alone is GPTQ rounding
     for c in (fb.replace(write_penalty=2.0), fb.replace(layer_overrides={"x": {"write_penalty": 1}}),
@@ -614,17 +616,21 @@ def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
     for c in (fb.replace(write_penalty=2.0, feedback_sweeps=4),
               fb.replace(write_penalty=2.0, layer_overrides={"x": {"feedback_sweeps": 2}})):
         assert fr_plot._category(c) == "write-aware feedback + sweeps (rules 23, 24)"
+    for c in (fb.replace(write_penalty=2.0, feedback_sweeps=4, filter_weight="scale"),
+              fb.replace(write_penalty=2.0, layer_overrides={"x": {"filter_weight": "scale"}})):
+        assert fr_plot._category(c) == "write-aware feedback, filter weights (rules 23, 25)"
     assert {n: fr_plot._category(c) for n, c in cfgs.items()} == {
         "crossbar8": "lossless (no stucking)",
         "adc6": "analog periphery (DAC / ADC / noise), no stucking",
         "noise 2%": "analog periphery (DAC / ADC / noise), no stucking",
         "stuck": "stucking, no compensation", "comp": "stucking + compensation",
         "stuck adc": "stucking + analog periphery", "fbw": "write-aware feedback (rule 23)",
-        "fbw sweeps": "write-aware feedback + sweeps (rules 23, 24)"}
+        "fbw sweeps": "write-aware feedback + sweeps (rules 23, 24)",
+        "fbw scale": "write-aware feedback, filter weights (rules 23, 25)"}
     # (reduction, drop): "noise 2%" sits where an upper-left legend would be
     xy = {"crossbar8": (1.0, 0.0), "adc6": (1.0, 3.0), "noise 2%": (1.01, 7.5),
           "stuck": (3.0, 2.0), "comp": (2.5, 0.5), "stuck adc": (3.2, 6.0), "fbw": (5.0, 0.4),
-          "fbw sweeps": (6.0, 0.3)}
+          "fbw sweeps": (6.0, 0.3), "fbw scale": (15.0, 0.2)}
     rows = [{"name": n, "config": c, "reduction": xy[n][0], "top1_drop": xy[n][1]}
             for n, c in cfgs.items()]
     fig = fr.draw_frontier(rows, fr.ImageScorer, title="t")

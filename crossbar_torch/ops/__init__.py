@@ -47,9 +47,8 @@ def _check_format(op, weight_bits, bits_per_cell, encoding):
     return cells_for(weight_bits, bits_per_cell, encoding)
 
 
-_DTYPE_NAMES = {torch.uint8: "Byte", torch.int32: "Int", torch.int64: "Long",
-                torch.float32: "Float", torch.float64: "Double",
-                torch.bool: "Bool"}  # as the C++ checks name them
+_DTYPE_NAMES = {torch.uint8: "Byte", torch.int32: "Int", torch.int64: "Long",  # the C++ checks'
+                torch.float32: "Float", torch.float64: "Double", torch.bool: "Bool"}  # names
 
 
 def _dtype_name(dtype):
@@ -204,12 +203,10 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
     return target.new_empty((out, k), dtype=torch.int32)
 
 
-def _check_filter_weight(op, filter_weight, out):
-    """Rule 25's weights: absent, or float64 (out,) (their values are the kernels' to check)."""
-    torch._check(filter_weight is None or (filter_weight.dtype == torch.float64
-                                           and tuple(filter_weight.shape) == (out,)),
-                 lambda: f"crossbar_torch.{op}: filter_weight must be float64 (out,) = "
-                         f"({out},), got {filter_weight.dtype} {tuple(filter_weight.shape)}")
+def _check_filter_weight(op, a, out):  # rule 25's: absent or float64 (out,); values: kernels'
+    torch._check(a is None or (a.dtype == torch.float64 and tuple(a.shape) == (out,)), lambda: (
+        f"crossbar_torch.{op}: filter_weight must be float64 (out,) = ({out},), got {a.dtype} "
+        f"{tuple(a.shape)}"))
 
 
 @torch.library.register_fake("crossbar_torch::feedback_refine")
@@ -389,11 +386,11 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
     group) and the held cells ``held`` / their ``levels`` ((out, K, c), original order; both
     empty: nothing held). Rule 23 (``write_penalty`` > 0): ``pred`` (int64 (out,), -1: none)
     names the filter each is charged against, ``sort_index`` (int64 (out, K)) the sorted
-    positions. See feedback_reference.feedback_quantize."""
-    if pred is None:
-        pred = torch.zeros(0, dtype=torch.int64, device=target.device)
-    if sort_index is None:
-        sort_index = torch.zeros(0, 0, dtype=torch.int64, device=target.device)
+    positions; rule 25's ``filter_weight`` (float64 (out,), > 0) makes filter o pay
+    ``write_penalty / filter_weight[o]``. See feedback_reference.feedback_quantize."""
+    none = dict(dtype=torch.int64, device=target.device)
+    pred = torch.zeros(0, **none) if pred is None else pred
+    sort_index = torch.zeros(0, 0, **none) if sort_index is None else sort_index
     return _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
                                   int(encoding), int(stuck_slices), pred, sort_index,
                                   float(write_penalty), filter_weight)
@@ -405,7 +402,8 @@ def feedback_refine(target, hs, q, pred, sort_index, weight_bits: int, bits_per_
     """Rule 24: ``sweeps`` refinement sweeps of rule 21's / 23's integers ``q`` (int32 (out, K),
     original order) for targets ``target`` (float64 (out, K)), the scaled moment ``hs`` (float64
     (groups, K, K)), rule 23's predecessors ``pred`` (int64 (out,), -1: none) and the sort index
-    ``sort_index`` (int64 (out, K)). Host only. See feedback_reference.feedback_refine."""
+    ``sort_index`` (int64 (out, K)); rule 25's ``filter_weight`` (float64 (out,), > 0) weighs
+    filter o's error. Host only. See feedback_reference.feedback_refine."""
     return _ops.feedback_refine(target, hs, q, pred, sort_index, int(weight_bits),
                                 int(bits_per_cell), int(encoding), float(write_penalty),
                                 int(sweeps), filter_weight)
