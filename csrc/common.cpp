@@ -95,8 +95,9 @@ void check_filter_weight(const std::optional<at::Tensor>& filter_weight, int64_t
   check_dim(a, 1, op, "filter_weight", "(out,)");
   check_size(a, 0, out, op, "filter_weight", "out");
   if (a.numel()) {
-    TORCH_CHECK((at::isfinite(a) & (a > 0)).all().item<bool>(), "crossbar_torch.", op,
-                ": filter_weight must hold finite numbers > 0");
+    TORCH_CHECK(((a >= kMinFilterWeight) & (a <= kMaxFilterWeight)).all().item<bool>(),
+                "crossbar_torch.", op, ": filter_weight must hold numbers in [",
+                kMinFilterWeight, ", ", kMaxFilterWeight, "] (finite, > 0)");
   }
 }
 

@@ -292,8 +292,11 @@ void check_index_permutation(const at::Tensor& index, const char* op);
 // (what): sizes of expanded (stride 0) inputs may be huge without any memory behind them.
 void check_output_size(int64_t numel, int64_t per, const char* op, const char* what);
 
-// Rule 25's filter weights: absent, or float64 (out,), every entry finite and > 0 (a weight
-// of 0 would make the filter's writes free of any error bound, one below 0 reward error).
+// Rule 25's filter weights: absent, or float64 (out,), every entry in [1e-12, 1e12] (the
+// rule's clamp: a weight of 0 would divide the penalty by zero, one below 0 reward error, and
+// within these bounds every penalty, window and cost of rules 23 and 24 stays finite and fits
+// int64 where it is converted).
+constexpr double kMinFilterWeight = 1e-12, kMaxFilterWeight = 1e12;
 void check_filter_weight(const std::optional<at::Tensor>& filter_weight, int64_t out,
                          const char* op);
 
