@@ -358,6 +358,21 @@ def _chains(out, seed, p=0.7):
        penalty=st.sampled_from([0.25, 1.0, 2.5, 40.0]), held_p=st.sampled_from([0.0, 0.5]))
 def test_write_aware_kernel_reference_independent_agree(out, k, groups, bits, b, enc, L, seed,
                                                          penalty, held_p):
+    b, L, t, u, held, levels, pred, index = _write_aware_case(out, k, groups, bits, b, enc, L,
+                                                              seed, held_p)
+    got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
+    want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
+    assert torch.equal(got, want)
+    if t.numel():
+        sim = ind.write_aware_layer(t.tolist(), [x.tolist() for x in u], _held_rows(held, levels),
+                                    bits, b, ENCODINGS[enc], L, pred.tolist(), index.tolist(),
+                                    penalty)
+        assert got.tolist() == sim
+
+
+def _write_aware_case(out, k, groups, bits, b, enc, L, seed, held_p):
+    """A drawn rule-23 case: the format made valid (``b``, ``L``), then ``_case``'s targets,
+    factor and held cells, random chains and a random sort index per filter."""
     if b > (bits - 1 if enc == 0 else bits):
         b = 1
     S = slices_for(bits, b, enc)
@@ -368,15 +383,13 @@ def test_write_aware_kernel_reference_independent_agree(out, k, groups, bits, b,
     g = torch.Generator().manual_seed(seed + 1)
     index = (torch.stack([torch.randperm(k, generator=g) for _ in range(n)]) if n
              else torch.zeros(0, k, dtype=torch.int64))
-    got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
-    want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
-    assert torch.equal(got, want)
-    if t.numel():
-        rows = [[[int(lv) if h else None for h, lv in zip(hw, lw)]
-                 for hw, lw in zip(ho, lo)] for ho, lo in zip(held.tolist(), levels.tolist())]
-        sim = ind.write_aware_layer(t.tolist(), [x.tolist() for x in u], rows, bits, b,
-                                    ENCODINGS[enc], L, pred.tolist(), index.tolist(), penalty)
-        assert got.tolist() == sim
+    return b, L, t, u, held, levels, pred, index
+
+
+def _held_rows(held, levels):
+    """The simulator's held cells: per filter, weight and cell, its level or None (free)."""
+    return [[[int(lv) if h else None for h, lv in zip(hw, lw)]
+             for hw, lw in zip(ho, lo)] for ho, lo in zip(held.tolist(), levels.tolist())]
 
 
 @settings(max_examples=15, deadline=None)

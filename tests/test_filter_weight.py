@@ -19,11 +19,10 @@ import crossbar_torch as xb
 from crossbar_torch import ops
 from crossbar_torch.feedback import filter_weights, scaled_moment
 from crossbar_torch.ops import feedback_reference as reference
-from crossbar_torch.ops.reference import slices_for
 
 import independent as ind
-from test_feedback import Tiny, _case, _chains, _predecessors
-from test_refine import _case as _refine_case
+from test_feedback import Tiny, _case, _chains, _held_rows, _write_aware_case
+from test_refine import _case as _refine_case, _expected as _refine_expected
 
 ENCODINGS = ("differential", "twos_complement", "offset")
 
@@ -34,11 +33,6 @@ def _weights(n, seed, spread):
     return (10.0 ** ((torch.rand(n, generator=g, dtype=torch.float64) - 0.5) * spread))
 
 
-def _held_rows(held, levels):
-    return [[[int(lv) if h else None for h, lv in zip(hw, lw)]
-             for hw, lw in zip(ho, lo)] for ho, lo in zip(held.tolist(), levels.tolist())]
-
-
 @settings(max_examples=60, deadline=None)
 @given(out=st.integers(0, 5), k=st.integers(0, 6), groups=st.sampled_from([1, 2]),
        bits=st.integers(3, 6), b=st.sampled_from([1, 2]), enc=st.integers(0, 2),
@@ -47,17 +41,9 @@ def _held_rows(held, levels):
        spread=st.sampled_from([0.0, 1.0, 4.0]))
 def test_quantize_kernel_reference_independent_agree(out, k, groups, bits, b, enc, L, seed,
                                                      penalty, held_p, spread):
-    if b > (bits - 1 if enc == 0 else bits):
-        b = 1
-    S = slices_for(bits, b, enc)
-    L = min(L, S - 1) if S > 1 else 0
-    t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed, held_p)
-    n = out * groups
-    pred = _chains(n, seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    index = (torch.stack([torch.randperm(k, generator=g) for _ in range(n)]) if n
-             else torch.zeros(0, k, dtype=torch.int64))
-    a = _weights(n, seed, spread)
+    b, L, t, u, held, levels, pred, index = _write_aware_case(out, k, groups, bits, b, enc, L,
+                                                              seed, held_p)
+    a = _weights(out * groups, seed, spread)
     got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty, a)
     want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index,
                                        penalty, a)
@@ -167,23 +153,10 @@ def test_filter_weights_are_scale_squared_over_the_lower_median(scales):
 
 
 def _expected(layer, cfg, weighted):
-    """The simulator's integers: rule 23 then rule 24 (when configured), with rule 25's weights
-    computed here from the layer's scales."""
-    w = layer.matrix_weight().detach().float()
-    t = (w / layer.scale[:, None]).double()
-    u = [ind.feedback_factor(h, cfg.feedback_damp).tolist()
-         for h in layer.input_moment.double().numpy()]
-    idx = layer.sort_index.long().tolist()
-    pred = _predecessors(layer, cfg)
-    a = _independent_weights(layer.scale.tolist()) if weighted else None
-    q = ind.write_aware_layer(t.tolist(), u, None, cfg.weight_bits, cfg.bits_per_cell,
-                              cfg.encoding, 0, pred, idx, cfg.write_penalty, a)
-    if cfg.feedback_sweeps:
-        hs = scaled_moment(layer.input_moment, cfg.feedback_damp)  # given Hs, exact
-        q = ind.refine_layer(t.tolist(), [h.tolist() for h in hs], q, cfg.weight_bits,
-                             cfg.bits_per_cell, cfg.encoding, pred, idx, cfg.write_penalty,
-                             cfg.feedback_sweeps, a)
-    return torch.tensor(q, dtype=torch.int32)
+    """The simulator's integers (rule 23, then rule 24's sweeps), with rule 25's weights
+    computed here from the layer's scales, or without them."""
+    return _refine_expected(layer, cfg,
+                            _independent_weights(layer.scale.tolist()) if weighted else None)
 
 
 class Spread(nn.Module):

@@ -190,8 +190,9 @@ def test_fake_kernel_shapes():
 
 # ---- the layers --------------------------------------------------------------------------------
 
-def _expected(layer, cfg):
-    """The simulator's integers: rule 23 (rule 21 without a penalty), then rule 24's sweeps."""
+def _expected(layer, cfg, weights=None):
+    """The simulator's integers: rule 23 (rule 21 without a penalty), then rule 24's sweeps;
+    ``weights``: rule 25's filter weights (a list, or None)."""
     w = layer.matrix_weight().detach().float()
     t = (w / layer.scale[:, None]).double()
     u = [ind.feedback_factor(h, cfg.feedback_damp).tolist()
@@ -200,7 +201,7 @@ def _expected(layer, cfg):
     pred = _predecessors(layer, cfg)
     if cfg.write_penalty > 0:
         q = ind.write_aware_layer(t.tolist(), u, None, cfg.weight_bits, cfg.bits_per_cell,
-                                  cfg.encoding, 0, pred, idx, cfg.write_penalty)
+                                  cfg.encoding, 0, pred, idx, cfg.write_penalty, weights)
     else:
         per = t.shape[0] // len(u)
         q = [ind.feedback_row(t[o].tolist(), u[o // per], None, cfg.weight_bits,
@@ -208,7 +209,7 @@ def _expected(layer, cfg):
     hs = scaled_moment(layer.input_moment, cfg.feedback_damp)  # rule 24: given Hs, exact
     return torch.tensor(ind.refine_layer(t.tolist(), [h.tolist() for h in hs], q,
                                          cfg.weight_bits, cfg.bits_per_cell, cfg.encoding, pred,
-                                         idx, cfg.write_penalty, cfg.feedback_sweeps),
+                                         idx, cfg.write_penalty, cfg.feedback_sweeps, weights),
                         dtype=torch.int32)
 
 
