@@ -7,8 +7,8 @@ memristor writes against an unsorted baseline. The normative semantics: docs/sem
 from .config import CrossbarConfig, load_config  # noqa: F401
 from .errors import (ConfigError, CrossbarError, DeviceError, MissingDependencyError,  # noqa: F401
                      UsageError, UserInputError)
-from .nn import (ConversionRecord, CrossbarConv2d, CrossbarLinear, calibrate, convert,  # noqa: F401
-                 crossbar_layers)
+from .nn import (ConversionRecord, CrossbarConv2d, CrossbarLinear, calibrate,  # noqa: F401
+                 calibrate_gains, convert, crossbar_layers)
 from .programming import CrossbarPool, ProgramResult, program_model, reprogram, stuck_mask  # noqa: F401
 from .report import ReprogramReport, reprogram_report  # noqa: F401
 

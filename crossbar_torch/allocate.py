@@ -59,9 +59,11 @@ def layer_error(layer) -> float:
 
 def measure(model: nn.Module, base: CrossbarConfig, setting: dict,
             run: Callable[[nn.Module], object],
-            gains: Optional[Dict[str, LayerGain]] = None) -> Measured:
+            gains: Optional[Dict[str, LayerGain]] = None,
+            gain_run: Optional[Callable[[nn.Module], object]] = None) -> Measured:
     """Convert a copy of ``model`` with ``setting`` on every layer, calibrate it with
-    ``run(model)`` (input moments always; rule 21 reprograms with them when the setting asks),
+    ``run(model)`` (input moments always; rule 21 reprograms with them when the setting asks,
+    after ``gain_run(model)``, which measures rule 26's gains where the setting weighs by them),
     and return each layer's writes per pass and error: relative output error, or with
     ``gains`` (``sensitivity.output_gains``) its predicted share of the output's error."""
     cfg = base.replace(layer_overrides=(), **setting)
@@ -73,6 +75,8 @@ def measure(model: nn.Module, base: CrossbarConfig, setting: dict,
             raise ValueError(f"measure: no gain for the crossbar layer(s) {missing[:3]}")
     if cfg.feedback != "none":
         calibrate(xm, run=run)
+        if gain_run is not None:
+            gain_run(xm)
         reprogram(xm)
     else:  # the moments only, to measure the error (programming does not read them)
         was = xm.training

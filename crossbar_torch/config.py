@@ -30,7 +30,7 @@ SCHEDULES = ("section_major", "greedy")
 FEEDBACK_MODES = ("none", "hessian")  # rule 21: output-aware (error-feedback) programming
 # Rule 25: the unit a filter's error is weighed in against its writes (rules 23 and 24): its
 # own LSB, or the layer's output units (its scale squared, over the layer's median filter's).
-FILTER_WEIGHTS = ("lsb", "scale")
+FILTER_WEIGHTS = ("lsb", "scale", "gain")  # rules 25 and 26
 # Rule 22: the fields a layer_overrides entry may set for the layers whose names it matches.
 OVERRIDE_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback",
                    "feedback_damp", "write_penalty", "feedback_sweeps", "filter_weight")
@@ -215,10 +215,10 @@ class CrossbarConfig:
             bad("feedback_sweeps", "0 unless feedback is 'hessian' (rule 24 refines rule 21's "
                 "choices)")
         if self.filter_weight not in FILTER_WEIGHTS:
-            bad("filter_weight", f"one of {', '.join(FILTER_WEIGHTS)} (rule 25)")
+            bad("filter_weight", f"one of {', '.join(FILTER_WEIGHTS)} (rules 25, 26)")
         if self.filter_weight != "lsb" and self.feedback == "none":
-            bad("filter_weight", "'lsb' unless feedback is 'hessian' (rule 25 weighs rule 23's "
-                "and rule 24's errors)")
+            bad("filter_weight", "'lsb' unless feedback is 'hessian' (rules 25 and 26 weigh rule "
+                "23's and rule 24's errors)")
         if fs > 0 and self.stucking:
             bad("feedback_sweeps", "0 with bit stucking (rule 24 moves weights whose cells are "
                 "all free: set stuck_slices=0 or reprogram_fraction=1 for these layers, or "
@@ -630,7 +630,7 @@ def ignored_settings(config: CrossbarConfig) -> list:
             config.write_penalty > 0 or any(float(dict(ch).get("write_penalty", 0)) > 0
                                             for _, ch in config.layer_overrides)):
         out.append(f"filter_weight={config.filter_weight!r} changes nothing without a "
-                   "write_penalty (rule 25 weighs each filter's error against its writes)")
+                   "write_penalty (rules 25 and 26 weigh each filter's error against its writes)")
     # rule 22: stucking may come from a per-layer override
     if config.compensate and not getattr(config, "stucking_anywhere", config.stucking):
         out.append(f"compensate=True changes nothing without bit stucking (stuck_slices="

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from . import ops
 from .packing import unpack_levels, unpack_mask
-from .errors import InvalidTensorError
+from .errors import InvalidTensorError, ModelStateError
 
 
 def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
@@ -143,8 +143,7 @@ def feedback_targets(layer, config, factors: FactorCache | None = None) -> torch
         # rule 23: charged against the predecessor's chosen cells; rule 24: its sweeps' order
         pred = placement_predecessors(layer.filter_index, target.shape[0], config)
         index = layer.long_sort_index().cpu()
-    fw = (filter_weights(scale) if config.filter_weight == "scale" and config.write_penalty > 0
-          else None)
+    fw = layer_filter_weights(layer, config, scale)
     q = ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
                               config.bits_per_cell, config.encoding_id, slices,
                               pred if config.write_penalty > 0 else None,
@@ -158,16 +157,42 @@ def feedback_targets(layer, config, factors: FactorCache | None = None) -> torch
     return q
 
 
-def filter_weights(scale: torch.Tensor) -> torch.Tensor:
+def layer_filter_weights(layer, config, scale: torch.Tensor) -> torch.Tensor | None:
+    """The filter weights rules 23 and 24 use for ``layer`` under its ``config``: None (every
+    filter weighs 1) with ``lsb`` or without a write penalty, else rule 25's or rule 26's."""
+    if config.filter_weight == "lsb" or config.write_penalty <= 0:
+        return None
+    if config.filter_weight == "scale":
+        return filter_weights(scale)
+    if layer.output_gain.numel() != scale.numel():
+        raise ModelStateError(
+            f"{layer.layer_name}: filter_weight='gain' (rule 26) weighs each filter by its output "
+            "gain, and this layer has none: call crossbar_torch.calibrate_gains(model, run=...) "
+            "(run returns the model's output, differentiable) before reprogram")
+    return filter_weights(scale, layer.output_gain)
+
+
+def filter_weights(scale: torch.Tensor, gain: torch.Tensor | None = None) -> torch.Tensor:
     """Rule 25's ``a`` (float64 (out,)): each filter's scale squared over the layer's median
     filter's (the lower median), both in float64. A filter's error in its own LSB is ``s**2``
     times as much in the layer's output as in the median filter's unit: weighing it so, rules
     23 and 24 save their writes on the filters whose LSB is worth least to the output. Clamped
-    into [1e-12, 1e12], the ops' bounds (real layers stay far inside: 0.04 to 4e3 on mpnet)."""
-    s2 = scale.detach().to("cpu", torch.float64) ** 2
-    if s2.numel() == 0:
-        return s2
-    return (s2 / s2.sort().values[(s2.numel() - 1) // 2]).clamp(1e-12, 1e12).contiguous()
+    into [1e-12, 1e12], the ops' bounds (real layers stay far inside: 0.04 to 4e3 on mpnet).
+    Rule 26 (``gain``, float64 (out,), >= 0): ``u = s**2 * gain`` over the lower median of its
+    positive values, so that a filter's error is weighed by what it is worth in the model's
+    output; every ``a`` is 1 when no ``u`` is positive (the layer does not reach the output)."""
+    u = scale.detach().to("cpu", torch.float64) ** 2
+    if gain is not None:
+        u = u * gain.detach().to("cpu", torch.float64)  # gains are finite and >= 0
+        positive = u[u > 0]
+        if u.numel() and not positive.numel():
+            return torch.ones_like(u)
+    else:
+        positive = u
+    if u.numel() == 0:
+        return u
+    m = positive.sort().values[(positive.numel() - 1) // 2]
+    return (u / m).clamp(1e-12, 1e12).contiguous()
 
 
 def scaled_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:

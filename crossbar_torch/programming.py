@@ -424,7 +424,7 @@ def _program_stamp(model: nn.Module):
     stamp = []
     for name, layer in crossbar_layers(model):
         for buf in ("cells", "stuck", "scale", "sort_index", "filter_index", "tile_order",
-                    "input_moment"):  # rule 21 programs with the input moment
+                    "input_moment", "output_gain"):  # rules 21 and 26 program with them
             t = getattr(layer, buf)
             if t.is_inference():
                 return None

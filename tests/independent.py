@@ -581,3 +581,21 @@ def refine_layer(t_rows, hs_groups, q_rows, bits, b, enc, pred, index, penalty, 
                         for j in range(K):
                             g[o][j] = g[o][j] + float(delta) * float(hs[k][j])
     return q
+
+
+# ---- rules 25 and 26: filter weights -----------------------------------------------------------
+
+def filter_weights(scales, gains=None):
+    """Rule 25's a[o] (``gains`` None) or rule 26's, from the float32 scales and float64 gains
+    as Python floats: u = s^2 (times the gain), over the lower median of the positive u (all
+    of them under rule 25), clamped into [1e-12, 1e12]; all 1 when no u is positive."""
+    u = [float(s) * float(s) for s in scales]
+    if gains is not None:
+        u = [x * float(g) for x, g in zip(u, gains)]
+    positive = sorted(x for x in u if x > 0)
+    if not u:
+        return []
+    if not positive:
+        return [1.0] * len(u)
+    m = positive[(len(positive) - 1) // 2]
+    return [min(max(x / m, 1e-12), 1e12) for x in u]

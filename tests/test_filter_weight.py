@@ -137,18 +137,11 @@ def test_refine_threads_and_panels_take_each_filters_weight():
 
 # ---- the weights and the layers ---------------------------------------------------------------
 
-def _independent_weights(scales):
-    """Rule 25's a[o], from the float32 scales as Python floats: s^2 over the lower median."""
-    s2 = [float(s) * float(s) for s in scales]
-    m = sorted(s2)[(len(s2) - 1) // 2]
-    return [min(max(x / m, 1e-12), 1e12) for x in s2]
-
-
 @pytest.mark.parametrize("scales", [[2.0], [1.0, 4.0], [3.0, 1.0, 2.0, 0.5],
                                     [1e-3, 7.25, 0.1, 0.1, 100.0], [1e-30, 1.0, 1.0, 1e30]])
 def test_filter_weights_are_scale_squared_over_the_lower_median(scales):
     s = torch.tensor(scales, dtype=torch.float32)
-    assert filter_weights(s).tolist() == _independent_weights(s.tolist())
+    assert filter_weights(s).tolist() == ind.filter_weights(s.tolist())
     assert filter_weights(torch.zeros(0)).numel() == 0
 
 
@@ -156,7 +149,7 @@ def _expected(layer, cfg, weighted):
     """The simulator's integers (rule 23, then rule 24's sweeps), with rule 25's weights
     computed here from the layer's scales, or without them."""
     return _refine_expected(layer, cfg,
-                            _independent_weights(layer.scale.tolist()) if weighted else None)
+                            ind.filter_weights(layer.scale.tolist()) if weighted else None)
 
 
 class Spread(nn.Module):

@@ -606,7 +606,8 @@ def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
             "fbw": base.replace(feedback="hessian", write_penalty=2.0),
             "fbw sweeps": base.replace(feedback="hessian", write_penalty=2.0, feedback_sweeps=4),
             "fbw scale": base.replace(feedback="hessian", write_penalty=2.0, feedback_sweeps=4,
-                                      filter_weight="scale")}
+                                      filter_weight="scale"),
+            "fbw gain": base.replace(feedback="hessian", write_penalty=2.0, filter_weight="gain")}
     fb = base.replace(feedback="hessian")
     assert fr_plot._category(fb) == "lossless (no stucking)"  # rule 21 alone is GPTQ rounding
     for c in (fb.replace(write_penalty=2.0), fb.replace(layer_overrides={"x": {"write_penalty": 1}}),
@@ -619,6 +620,10 @@ def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
     for c in (fb.replace(write_penalty=2.0, feedback_sweeps=4, filter_weight="scale"),
               fb.replace(write_penalty=2.0, layer_overrides={"x": {"filter_weight": "scale"}})):
         assert fr_plot._category(c) == "write-aware feedback, filter weights (rules 23, 25)"
+    for c in (fb.replace(write_penalty=2.0, filter_weight="gain"),
+              fb.replace(write_penalty=2.0, filter_weight="scale",
+                         layer_overrides={"x": {"filter_weight": "gain"}})):
+        assert fr_plot._category(c) == "write-aware feedback, output gains (rules 23, 26)"
     assert {n: fr_plot._category(c) for n, c in cfgs.items()} == {
         "crossbar8": "lossless (no stucking)",
         "adc6": "analog periphery (DAC / ADC / noise), no stucking",
@@ -626,11 +631,12 @@ def test_plot_groups_analog_rows_apart_and_its_legend_covers_no_point():
         "stuck": "stucking, no compensation", "comp": "stucking + compensation",
         "stuck adc": "stucking + analog periphery", "fbw": "write-aware feedback (rule 23)",
         "fbw sweeps": "write-aware feedback + sweeps (rules 23, 24)",
-        "fbw scale": "write-aware feedback, filter weights (rules 23, 25)"}
+        "fbw scale": "write-aware feedback, filter weights (rules 23, 25)",
+        "fbw gain": "write-aware feedback, output gains (rules 23, 26)"}
     # (reduction, drop): "noise 2%" sits where an upper-left legend would be
     xy = {"crossbar8": (1.0, 0.0), "adc6": (1.0, 3.0), "noise 2%": (1.01, 7.5),
           "stuck": (3.0, 2.0), "comp": (2.5, 0.5), "stuck adc": (3.2, 6.0), "fbw": (5.0, 0.4),
-          "fbw sweeps": (6.0, 0.3), "fbw scale": (15.0, 0.2)}
+          "fbw sweeps": (6.0, 0.3), "fbw scale": (15.0, 0.2), "fbw gain": (16.0, 0.1)}
     rows = [{"name": n, "config": c, "reduction": xy[n][0], "top1_drop": xy[n][1]}
             for n, c in cfgs.items()]
     fig = fr.draw_frontier(rows, fr.ImageScorer, title="t")

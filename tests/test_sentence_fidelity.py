@@ -311,6 +311,25 @@ def test_scorer_calibrates_rule_21_on_its_feedback_sentences():
         assert torch.allclose(xm.proj.input_moment[0], want, rtol=1e-5, atol=1e-6)
 
 
+def test_scorer_measures_rule_26_gains_on_its_first_feedback_sentences():
+    """The toy's embedding is its one layer's output, so each probe adds (+-1)^2 = 1 per
+    sentence and channel: the gains count the sentences they were measured on (the first
+    GAIN_SENTENCES of the scorer's feedback sentences), whatever the crossbars hold."""
+    import crossbar_torch as xb
+    torch.manual_seed(0)
+    cfg = xb.CrossbarConfig(rows=16, cols=16, sort="value", feedback="hessian",
+                            write_penalty=1.0, filter_weight="gain", stuck_slices=2,
+                            reprogram_fraction=0.0, compensate=True)
+    scored, mine = fr.builtin_sentences()[:20], fr.calibration_corpus()[300:340]
+    for feedback, rows in ((mine, 40), (None, fr.GAIN_SENTENCES)):
+        xm = xb.convert(_Toy().eval(), cfg)
+        scorer = fr.SentenceScorer(scored, encode=_toy_encode, feedback=feedback)
+        scorer.calibrate(xm)
+        assert torch.equal(xm.proj.output_gain, torch.full((24,), float(rows),
+                                                           dtype=torch.float64))
+        xb.reprogram(xm)  # the gains are what rule 26 programs with
+
+
 def _corpus_builder():
     import importlib.util
     spec = importlib.util.spec_from_file_location(

@@ -332,15 +332,26 @@ def is_sentence_model(name: str) -> bool:
     return is_minilm(name) or is_mpnet(name)
 
 
-def sentence_encoder(name: str):
+def sentence_encoder(name: str, grad: bool = False):
     """``encode(model, sentences)``: normalized embeddings of the sentence model ``name``
-    (mpnet: sentence-transformers' own encode; MiniLM: its tokenizer, loaded once)."""
+    (mpnet: sentence-transformers' own encode; MiniLM: its tokenizer, loaded once). With
+    ``grad`` they are differentiable (rule 26's output gains, the allocator's)."""
     if is_mpnet(name):
-        from .models.mpnet import encode_sentences as encode_st
-        return encode_st
+        from .models.mpnet import embed_with_grad, encode_sentences as encode_st
+        return embed_with_grad if grad else encode_st
     from .models.minilm import encode_sentences, minilm_tokenizer
     tok = minilm_tokenizer()
-    return lambda model, sentences: encode_sentences(model, sentences, tok)
+    return lambda model, sentences: encode_sentences(model, sentences, tok, grad=grad)
+
+
+def calibrate_gains_on_text(xmodel, name: str, text) -> None:
+    """Rule 26, where a layer asks for it: the output gains of the sentence model ``name`` on
+    the first ``GAIN_SENTENCES`` sentences of its calibration ``text``."""
+    from crossbar_torch.nn.gains import calibrate_gains, needs_gains
+    from .frontier.sentences import GAIN_SENTENCES
+    if needs_gains(xmodel):
+        encode = sentence_encoder(name, grad=True)
+        calibrate_gains(xmodel, run=lambda m: encode(m, text[:GAIN_SENTENCES]))
 
 
 def weight_source(args) -> dict:

@@ -26,7 +26,7 @@ import torch
 
 from crossbar_torch.apps.cli import (ArgumentParser, UsageError, add_progress_args,
                                 check_input_file, check_output_file, read_yaml, run_main,
-                                sentence_encoder)
+                                calibrate_gains_on_text, sentence_encoder)
 from crossbar_torch.apps.cli_calibration import add_calibration_args, calibration_sentences
 
 DEFAULT_CANDIDATES = [
@@ -107,12 +107,8 @@ def main(argv=None):
     if args.sensitivity == "embedding":
         from crossbar_torch.sensitivity import output_gains
         gain_text = calib[:args.gain_sentences]
-        if args.model == "mpnet":
-            from crossbar_torch.apps.models.mpnet import embed_with_grad
-            forward = lambda mm: embed_with_grad(mm, gain_text)  # noqa: E731
-        else:
-            from crossbar_torch.apps.models.minilm import encode_sentences as enc, minilm_tokenizer
-            forward = lambda mm: enc(mm, gain_text, minilm_tokenizer(), grad=True)  # noqa: E731
+        encode_grad = sentence_encoder(args.model, grad=True)
+        forward = lambda mm: encode_grad(mm, gain_text)  # noqa: E731
         print(f"embedding gains of every layer on {len(gain_text)} calibration sentences ...",
               file=sys.stderr, flush=True)
         names = [n for n, mod in model.named_modules()
@@ -121,7 +117,8 @@ def main(argv=None):
     measured = []
     for i, c in enumerate(candidates):
         print(f"candidate {i}: {c} ...", file=sys.stderr, flush=True)
-        m = al.measure(model, base, c, lambda mm: encode(mm, calib), gains)
+        m = al.measure(model, base, c, lambda mm: encode(mm, calib), gains,
+                       gain_run=lambda mm: calibrate_gains_on_text(mm, args.model, calib))
         measured.append(m)
         print(f"  writes/pass {sum(m.writes.values()):,.0f}  summed error "
               f"{sum(m.error.values()):.4g}", file=sys.stderr, flush=True)
@@ -133,6 +130,7 @@ def main(argv=None):
     xm = xb.convert(copy.deepcopy(model), cfg)
     if xb.feedback.needs_moments(xm):
         xb.calibrate(xm, run=lambda mm: encode(mm, calib))
+        calibrate_gains_on_text(xm, args.model, calib)  # rule 26, where the policy asks
         xb.reprogram(xm)
     rep = xb.reprogram_report(xm).to_dict()
     with torch.no_grad():

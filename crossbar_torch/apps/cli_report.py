@@ -120,7 +120,8 @@ def calibrate_feedback(xmodel, args, name: str) -> None:
     those of a programming that ignores the preset's point. A sentence model calibrates on
     ``args.feedback_text`` (``--calibration``, as the frontier tool does), then reprograms; an image
     model has no calibration data in this script: one line saying where to count it."""
-    from crossbar_torch.apps.cli import is_sentence_model, sentence_encoder
+    from crossbar_torch.apps.cli import (calibrate_gains_on_text, is_sentence_model,
+                                         sentence_encoder)
     from crossbar_torch.feedback import needs_moments
     if not needs_moments(xmodel):
         return
@@ -132,6 +133,7 @@ def calibrate_feedback(xmodel, args, name: str) -> None:
     text, encode = args.feedback_text, sentence_encoder(args.model)
     xb.reprogram(xmodel)  # calibration runs the model: it must hold cells first
     xb.calibrate(xmodel, run=lambda m: encode(m, text))
+    calibrate_gains_on_text(xmodel, args.model, text)  # rule 26, where the config asks
     xb.reprogram(xmodel)
 
 

@@ -317,3 +317,23 @@ def calibrating():
         yield
     finally:
         _CALIBRATING.pop()
+
+
+# ---- latent mode (rule 26's output gains; crossbar_torch.nn.gains runs it) -------------------
+
+_LATENT = []
+
+
+def is_latent() -> bool:
+    return bool(_LATENT)
+
+
+@contextlib.contextmanager
+def latent_weights():
+    """Within: every crossbar layer computes with its latent float weight, as the float model
+    does (no cells, no periphery): rule 26 measures the float model's output gains."""
+    _LATENT.append(True)
+    try:
+        yield
+    finally:
+        _LATENT.pop()

@@ -15,15 +15,18 @@ def _category(cfg: CrossbarConfig) -> str:
     """The legend group of a row: what makes it lose accuracy (stucking, the analog
     periphery: DAC, ADC, finite g_ratio, noise or drift; rule 23's write penalty, which moves
     weights to save writes, with or without stucking, with rule 24's sweeps, and with rule 25's
-    filter weights), or nothing
+    or rule 26's filter weights), or nothing
     (lossless)."""
     if cfg.stucking and cfg.analog:
         return "stucking + analog periphery"
     if cfg.analog:
         return "analog periphery (DAC / ADC / noise), no stucking"
     if _write_aware(cfg):
-        if cfg.filter_weight != "lsb" or any(dict(ch).get("filter_weight", "lsb") != "lsb"
-                                             for _, ch in cfg.layer_overrides):
+        weights = {cfg.filter_weight} | {dict(ch).get("filter_weight", "lsb")
+                                         for _, ch in cfg.layer_overrides}
+        if "gain" in weights:
+            return "write-aware feedback, output gains (rules 23, 26)"
+        if weights != {"lsb"}:
             return "write-aware feedback, filter weights (rules 23, 25)"
         if _anywhere(cfg, "feedback_sweeps"):
             return "write-aware feedback + sweeps (rules 23, 24)"
@@ -48,6 +51,7 @@ _STYLE = {"lossless (no stucking)": ("tab:blue", "o"),
           "write-aware feedback (rule 23)": ("tab:cyan", "P"),
           "write-aware feedback + sweeps (rules 23, 24)": ("tab:olive", "X"),
           "write-aware feedback, filter weights (rules 23, 25)": ("tab:brown", "*"),
+          "write-aware feedback, output gains (rules 23, 26)": ("tab:pink", "p"),
           "analog periphery (DAC / ADC / noise), no stucking": ("tab:orange", "D"),
           "stucking + compensation": ("tab:green", "s"),
           "stucking, no compensation": ("tab:red", "^"),

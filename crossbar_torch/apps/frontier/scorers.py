@@ -17,7 +17,7 @@ from ...config import atomic_write
 from ..evaluate import topk_correct
 from .errors import FrontierError
 from .metrics import decode_bits, embedding_fidelity, encode_bits, paired_top1_drop
-from .sentences import CALIBRATION_SENTENCES, feedback_sentences
+from .sentences import CALIBRATION_SENTENCES, GAIN_SENTENCES, feedback_sentences
 from .shard import broadcast, gather, rank_world
 
 CALIBRATION_IMAGES = 8       # images that set the analog ranges (rule 20)
@@ -190,10 +190,14 @@ class ImageScorer:
 
     def calibrate(self, model: nn.Module, images: Optional[int] = None) -> None:
         """Rule 20: the analog ranges from the first ``images`` images of the data (default
-        the scorer's ``calib_images``)."""
+        the scorer's ``calib_images``); rule 26's output gains (of the logits) from the same
+        images where a layer is weighed by them."""
         from ...nn.calibration import calibrate
-        x = self._first_images(self.calib_images if images is None else images)
-        calibrate(model, x.to(self.device))
+        from ...nn.gains import calibrate_gains, needs_gains
+        x = self._first_images(self.calib_images if images is None else images).to(self.device)
+        calibrate(model, x)
+        if needs_gains(model):
+            calibrate_gains(model, run=lambda m: m(x))
 
     def score(self, model: nn.Module) -> dict:
         rec = self._record(model)
@@ -256,16 +260,19 @@ class SentenceScorer:
         self.encode = encode
         self.ref: Optional[torch.Tensor] = None
 
-    def _encode(self, model: nn.Module, sentences: List[str]) -> torch.Tensor:
+    def _encode(self, model: nn.Module, sentences: List[str], grad: bool = False) -> torch.Tensor:
+        """The embeddings of ``sentences``; with ``grad`` differentiable (rule 26; a scorer's
+        own ``encode`` is called as it is, and must then be differentiable)."""
         if self.encode is not None:
             return self.encode(model, sentences)
         if _is_sentence_transformer(model):
-            from ..models.mpnet import encode_sentences as encode_st
-            return encode_st(model, sentences, batch_size=self.batch_size)
+            from ..models.mpnet import embed_with_grad, encode_sentences as encode_st
+            return (embed_with_grad(model, sentences) if grad
+                    else encode_st(model, sentences, batch_size=self.batch_size))
         from ..models.minilm import encode_sentences, minilm_tokenizer
         if self.tokenizer is None:
             self.tokenizer = minilm_tokenizer()
-        return encode_sentences(model, sentences, self.tokenizer)
+        return encode_sentences(model, sentences, self.tokenizer, grad=grad)
 
     @torch.no_grad()
     def embed(self, model: nn.Module) -> torch.Tensor:
@@ -300,11 +307,15 @@ class SentenceScorer:
         measured out of sample). Every rank calibrates on the same sentences."""
         from ...nn.calibration import calibrate
         from ...feedback import needs_moments
+        from ...nn.gains import calibrate_gains, needs_gains
         if needs_moments(model):
             text = self.feedback if self.feedback is not None else feedback_sentences()
         else:
             text = self.sentences[:sentences]
         calibrate(model, run=lambda m: self._encode(m, text))
+        if needs_gains(model):  # rule 26: the float model's gains, on the first sentences
+            calibrate_gains(model, run=lambda m: self._encode(m, text[:GAIN_SENTENCES],
+                                                             grad=True))
 
     def score(self, model: nn.Module) -> dict:
         if self.ref is None:

@@ -15,6 +15,7 @@ CALIBRATION_SENTENCES = 32   # sentences that set the analog ranges (rule 20)
 # by default; "generated" gives the 128 generated sentences the figures before 2026-12-05 used.
 FEEDBACK_SOURCES = ("corpus", "generated")
 FEEDBACK_SENTENCES = {"corpus": 256, "generated": 128}
+GAIN_SENTENCES = 64  # rule 26's output gains: the first of the calibration sentences
 # "corpus:K": the corpus's K-th block of 256 (K = 1 is "corpus"): the disjoint calibration
 # draws a preset is checked on (nothing stuck, its seed draws nothing: the text is what varies)
 CORPUS_DRAW_PREFIX = "corpus:"

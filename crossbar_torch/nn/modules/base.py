@@ -29,12 +29,8 @@ stuck cells' levels, compensate (rule 13) when configured, decode, un-sort; a ca
 layer computes with the cells it holds, its feedback being a sequential solve) and passes the
 gradient straight through to the latent weight. Semantics: docs/semantics.md.
 
-Stored formats (docs/checkpoints.md). The sort index is kept in the narrowest integer type that
-holds its values (:func:`index_dtype`), widened to int64 only transiently, per layer, where an
-op or ``scatter`` / ``gather`` needs it (:meth:`CrossbarMixin.long_sort_index`); int64 indices
-of older state dicts are checked (a permutation of every row) and narrowed on load. The cells
-and the stuck flags are stored packed (1-bit cells: 8 a byte) and unpacked per layer,
-transiently, where levels are computed with; state dicts with a byte per cell are packed on load.
+Stored formats (docs/checkpoints.md): the sort index in the narrowest integer type holding K - 1
+(widened per call: ``long_sort_index``), cells and stuck flags packed (unpacked per layer).
 """
 from __future__ import annotations
 
@@ -57,13 +53,13 @@ from .state import check_loaded_buffers, feedback_active
 # What a crossbar layer keeps beside the parameters of the layer it replaced.
 CROSSBAR_BUFFERS = ("scale", "sort_index", "cells", "stuck", "filter_index", "tile_order",
                     "input_range", "adc_range", "prog_eps", "drift_nu", "input_moment",
-                    "_extra_state")
-# Rules 17 to 21: empty unless the periphery (or rule 21's input moment E[x x^T], float32
-# (groups, K, K)) needs them; their size depends on the config and calibration, and state dicts
-# from before they existed load without them.
+                    "output_gain", "_extra_state")
+# Rules 17 to 21 and 26: empty unless the periphery (or rule 21's input moment E[x x^T], float32
+# (groups, K, K), or rule 26's output gains, float64 (out,)) needs them; their size depends on
+# the config and calibration, and state dicts from before they existed load without them.
 ANALOG_BUFFERS = {"input_range": torch.float32, "adc_range": torch.float64,
                   "prog_eps": torch.float32, "drift_nu": torch.float32,
-                  "input_moment": torch.float32}
+                  "input_moment": torch.float32, "output_gain": torch.float64}
 
 
 def k_of(layer) -> int:
@@ -330,6 +326,8 @@ class CrossbarMixin:
         return w_eff.detach() + (w - w.detach())
 
     def weight_for_forward(self) -> torch.Tensor:
+        if analog.is_latent():  # rule 26 measures the float model
+            return self.matrix_weight().reshape(self._weight_shape())
         self._check_programmed()
         if self.training:  # simulate programming the current latent weight (fine-tuning)
             return self.simulated_weight()
@@ -356,6 +354,8 @@ class CrossbarMixin:
         conductances and the ADC (rules 17 to 20), without bias. ``rows_fn(x)``: the input rows
         (N, groups*K); ``apply_fn(x, w)``: the layer's op with weight ``w``, as rows. In train
         mode the result carries the ideal path's gradient (a straight-through estimator)."""
+        if analog.is_latent():  # rule 26 measures the float model: no periphery
+            return apply_fn(x, self.matrix_weight().reshape(self._weight_shape()))
         self._check_programmed()
         calibrating = analog.is_calibrating()
         if not self.training:

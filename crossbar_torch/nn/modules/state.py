@@ -95,6 +95,9 @@ def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
     moment = loaded("input_moment", (torch.float32,), [(0,), (groups, k, k)])
     if moment is not None and moment.numel() and not bool(torch.isfinite(moment).all()):
         bad("input_moment", "holds NaN or Inf")
+    gain = loaded("output_gain", (torch.float64,), [(0,), (out,)])  # rule 26
+    if gain is not None and gain.numel() and not bool((torch.isfinite(gain) & (gain >= 0)).all()):
+        bad("output_gain", "holds NaN, Inf or a negative value")
     tiles = layer_tiles(out, k, cfg)
     order = loaded("tile_order", (torch.int64,), [(0,), (tiles,)])
     if order is not None and order.numel() and not torch.equal(
