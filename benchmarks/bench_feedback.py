@@ -17,6 +17,9 @@ layers, 85M weights), three ways:
    refinement sweeps): the same three steps.
 4. ``best-0``: the same without rule 24's sweeps (``feedback_sweeps: 0``): what the sweeps
    cost.
+5. ``gain16``: ``configs/mpnet_allocated_16x_gain.yaml`` (the >= 15x preset: per-layer
+   penalties, sweeps, rule 26's output gains): convert, calibrate, ``calibrate_gains`` on the
+   first 64 calibration sentences (as the scripts do), reprogram.
 
 Each case starts from the same float model (a deep copy); ``comp`` runs first and again last,
 and the faster of its two runs is the base (the first run of a process pays warm-up costs).
@@ -48,12 +51,18 @@ def _timed(fn):
 
 def run_case(name, st, cfg, sentences) -> dict:
     import crossbar_torch as xb
+    from crossbar_torch.apps.frontier import GAIN_SENTENCES
+    from crossbar_torch.apps.models.mpnet import embed_with_grad
+    from crossbar_torch.nn.gains import needs_gains
     holder = {}
     steps = {"convert": _timed(lambda: holder.setdefault("m", xb.convert(copy.deepcopy(st), cfg)))}
     model = holder["m"]
     if cfg.feedback != "none":
         steps["calibrate"] = _timed(lambda: xb.calibrate(
             model, run=lambda m: m.encode(sentences, batch_size=64)))
+        if needs_gains(model):  # rule 26, as the scripts measure them
+            steps["gains"] = _timed(lambda: xb.calibrate_gains(
+                model, run=lambda m: embed_with_grad(m, sentences[:GAIN_SENTENCES])))
         steps["reprogram"] = _timed(lambda: xb.reprogram(model))
     writes = xb.reprogram_report(model).writes_per_pass
     del model, holder
@@ -90,11 +99,12 @@ def main(argv=None) -> int:
     sentences = feedback_sentences(args.sentences, args.calibration)
     stuck = dict(sort="value", filter_order="chain", stuck_slices=1, reprogram_fraction=0.0,
                  compensate=True)
-    best = xb.CrossbarConfig.from_yaml(os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "mpnet_best.yaml"))
+    configs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    best = xb.CrossbarConfig.from_yaml(os.path.join(configs, "mpnet_best.yaml"))
+    gain16 = xb.CrossbarConfig.from_yaml(os.path.join(configs, "mpnet_allocated_16x_gain.yaml"))
     cases = [("comp", xb.CrossbarConfig(**stuck)),
              ("feedback", xb.CrossbarConfig(**stuck, feedback="hessian")),
-             ("best", best), ("best-0", best.replace(feedback_sweeps=0))]
+             ("best", best), ("best-0", best.replace(feedback_sweeps=0)), ("gain16", gain16)]
     # comp runs first and again last: the first run of a process pays warm-up costs (thread
     # pool, allocator, first-touch pages) that would flatter every ratio, so the base is the
     # faster of the two
