@@ -34,6 +34,8 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
+from .nn.gains import measuring
+
 
 @dataclass
 class LayerGain:
@@ -88,13 +90,10 @@ def output_gains(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor],
     for n in names:
         handles.append(modules[n].register_forward_pre_hook(pre_for(n)))
         handles.append(modules[n].register_forward_hook(post_for(n)))
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was = model.training
     spread, coherent = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-    try:
-        for p, _ in flags:
+    with measuring(model, handles):
+        for p in model.parameters():
             p.requires_grad_(False)
-        model.eval()
         with torch.enable_grad():
             z = forward(model)
             zz = float(z.detach().double().pow(2).sum())
@@ -117,12 +116,6 @@ def output_gains(model: nn.Module, forward: Callable[[nn.Module], torch.Tensor],
                     if grads:
                         spread[n] += sum(float(gr.pow(2).sum()) for gr in grads)
                         coherent[n] += float(sum(gr.sum(0) for gr in grads).pow(2).sum())
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was)
     per = 1.0 if probes is None else 1.0 / max(count, 1)  # a basis sums, probes average
     gains = {}
     for n in names:

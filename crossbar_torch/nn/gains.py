@@ -4,6 +4,8 @@ its latent weight) by Hutchinson's estimator, and kept in each layer's ``output_
 (float64 (out,)), which ``filter_weight: gain`` weighs rules 23 and 24 by."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -20,6 +22,24 @@ def needs_gains(model: nn.Module) -> bool:
     """Whether any crossbar layer of ``model`` is weighed by its output gains (rule 26)."""
     return any(layer.config.for_layer(policy_name(layer, name)).filter_weight == "gain"
                for name, layer in crossbar_layers(model))
+
+
+@contextlib.contextmanager
+def measuring(model: nn.Module, handles):
+    """Within: ``model`` in eval mode, free to change its parameters' ``requires_grad``. On the
+    way out, whatever happened: the hook ``handles`` removed, every flag and the mode as they
+    were (the model is the user's; measuring it leaves no trace)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was)
 
 
 def rademacher_probes(shape, probes: int, seed: int):
@@ -60,20 +80,11 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
         return out.clone()
 
     handles = [layer.register_forward_hook(keep) for _, layer in layers]
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was = model.training
-    model.eval()
-    try:
+    with measuring(model, handles):
         for _, layer in layers:  # every layer's output in the graph, even of a frozen model
             layer.weight.requires_grad_(True)
         with torch.enable_grad(), latent_weights():
             z = run(model)
-    finally:
-        for h in handles:
-            h.remove()
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was)
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or not z.numel():
         raise InvalidTensorError("calibrate_gains: run(model) must return the model's output as "
                                  f"a non-empty float tensor, got {_what(z)}")
