@@ -40,10 +40,6 @@ from .programming import reprogram
 from .report import reprogram_report
 from .sensitivity import LayerGain
 
-POLICY_FIELDS = ("stuck_slices", "reprogram_fraction", "compensate", "feedback", "write_penalty",
-                 "feedback_sweeps", "filter_weight")
-
-
 @dataclass
 class Measured:
     """One candidate on the whole model: per layer (writes per pass, relative output error)."""

@@ -327,6 +327,12 @@ class CrossbarConfig:
             return self
         return _config_for_layer(self, name)
 
+    def values_anywhere(self, field: str) -> set:
+        """The values ``field`` takes in this config and in its rule-22 overrides: what some
+        layer may be programmed with."""
+        return {getattr(self, field)} | {dict(ch)[field] for _, ch in self.layer_overrides
+                                         if field in dict(ch)}
+
     @property
     def stucking_anywhere(self) -> bool:
         """Some layer can have stuck cells (this config's or an override's stucking)."""
@@ -626,9 +632,8 @@ def ignored_settings(config: CrossbarConfig) -> list:
     if config.input_bits_per_cycle != 1 and config.input_bits is None:
         out.append(f"input_bits_per_cycle={config.input_bits_per_cycle} changes nothing without "
                    "input_bits (ideal inputs are not bit-serial)")
-    if config.filter_weight != "lsb" and not (
-            config.write_penalty > 0 or any(float(dict(ch).get("write_penalty", 0)) > 0
-                                            for _, ch in config.layer_overrides)):
+    if config.filter_weight != "lsb" and not any(
+            float(v) > 0 for v in config.values_anywhere("write_penalty")):
         out.append(f"filter_weight={config.filter_weight!r} changes nothing without a "
                    "write_penalty (rules 25 and 26 weigh each filter's error against its writes)")
     # rule 22: stucking may come from a per-layer override

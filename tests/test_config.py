@@ -183,6 +183,11 @@ def test_settings_that_change_nothing_are_warned_by_convert():
         "input_bits_per_cycle=2 changes nothing without input_bits": dict(
             input_bits_per_cycle=2),
         "compensate=True changes nothing without bit stucking": dict(compensate=True),
+        "filter_weight='scale' changes nothing without a write_penalty": dict(
+            feedback="hessian", filter_weight="scale"),
+        "filter_weight='gain' changes nothing without a write_penalty": dict(
+            feedback="hessian", filter_weight="gain",
+            layer_overrides={"*": {"write_penalty": 0.0}}),
     }
     for start, fields in cases.items():
         cfg = CrossbarConfig(rows=8, cols=28, **fields)
@@ -194,7 +199,9 @@ def test_settings_that_change_nothing_are_warned_by_convert():
                 CrossbarConfig(rows=8, cols=28, adc_bits=6, adc_range="calibrated"),
                 CrossbarConfig(rows=8, cols=28, input_bits=8, input_bits_per_cycle=2),
                 CrossbarConfig(rows=8, cols=28, compensate=True, stuck_slices=2,
-                               reprogram_fraction=0.5)):
+                               reprogram_fraction=0.5),
+                CrossbarConfig(rows=8, cols=28, feedback="hessian", filter_weight="gain",
+                               layer_overrides={"*": {"write_penalty": 2.0}})):
         assert ignored_settings(cfg) == []
         with warnings.catch_warnings():
             warnings.simplefilter("error")

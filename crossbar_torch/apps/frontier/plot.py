@@ -22,8 +22,7 @@ def _category(cfg: CrossbarConfig) -> str:
     if cfg.analog:
         return "analog periphery (DAC / ADC / noise), no stucking"
     if _write_aware(cfg):
-        weights = {cfg.filter_weight} | {dict(ch).get("filter_weight", "lsb")
-                                         for _, ch in cfg.layer_overrides}
+        weights = cfg.values_anywhere("filter_weight")
         if "gain" in weights:
             return "write-aware feedback, output gains (rules 23, 26)"
         if weights != {"lsb"}:
@@ -42,9 +41,7 @@ def _write_aware(cfg: CrossbarConfig) -> bool:
 
 def _anywhere(cfg: CrossbarConfig, field: str) -> bool:
     """``field`` is above 0 in the config or in one of its rule-22 overrides."""
-    # layer_overrides is normalized to ((pattern, ((field, value), ...)), ...)
-    return getattr(cfg, field) > 0 or any(float(dict(changes).get(field, 0)) > 0
-                                          for _, changes in cfg.layer_overrides)
+    return any(float(v) > 0 for v in cfg.values_anywhere(field))
 
 
 _STYLE = {"lossless (no stucking)": ("tab:blue", "o"),
