@@ -97,6 +97,29 @@ def test_measure_with_gains_predicts_from_the_shared_and_the_varying_error():
                    {"0": gains["0"]})
 
 
+def test_measure_weighs_a_gain_candidate_by_the_gains_gain_run_measures():
+    """A candidate with rule 26's filter weights is programmed after ``gain_run`` measured the
+    gains: its writes are those of the model calibrated, given those gains and reprogrammed,
+    and without ``gain_run`` reprogramming says what is missing."""
+    from crossbar_torch.errors import ModelStateError
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 6), nn.Tanh(), nn.Linear(6, 4)).eval()
+    x = torch.randn(50, 12)
+    base = xb.CrossbarConfig(rows=8, cols=28, sort="value", filter_order="chain")
+    setting = {"feedback": "hessian", "write_penalty": 3.0, "filter_weight": "gain"}
+    run = lambda mm: mm(x)  # noqa: E731
+    with pytest.raises(ModelStateError, match="calibrate_gains"):
+        al.measure(model, base, setting, run)
+    m = al.measure(model, base, setting, run,
+                   gain_run=lambda mm: xb.calibrate_gains(mm, run=run))
+    xm = xb.convert(model, base.replace(**setting))
+    xb.calibrate(xm, x)
+    xb.calibrate_gains(xm, run=run)
+    xb.reprogram(xm)
+    layers = xb.reprogram_report(xm).to_dict()["layers"]
+    assert [m.writes["0"], m.writes["2"]] == [e["writes_per_pass"] for e in layers]
+
+
 @pytest.mark.slow
 def test_allocate_command_on_minilm_writes_a_policy_of_its_candidates(tmp_path):
     """The whole command on MiniLM's real weights: gains by back-propagation, two candidates
