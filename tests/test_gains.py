@@ -208,3 +208,25 @@ def test_bad_calls_are_refused():
         xb.calibrate_gains(nn.Linear(5, 2), run=lambda m: m(x))
     with pytest.raises(ValueError, match="filter_weight"):
         xb.CrossbarConfig(filter_weight="gain")  # needs feedback
+
+
+def test_the_scripts_image_calibration_measures_the_logits_gains():
+    """``calibrate_from_loader`` (eval_imagenet.py, finetune.py) measures rule 26's gains on the
+    images it calibrates on, where a layer asks for them, and only there."""
+    from crossbar_torch.nn.calibration import calibrate_from_loader
+    torch.manual_seed(4)
+    model = Scalar(conv=True).eval()
+    x = torch.randn(5, 3, 6, 6)
+    loader = [(x[:3], torch.zeros(3)), (x[3:], torch.zeros(2))]
+    for fw, gained in (("gain", True), ("scale", False)):
+        cfg = xb.CrossbarConfig(rows=8, cols=28, feedback="hessian", write_penalty=1.0,
+                                filter_weight=fw)
+        xm = xb.convert(copy.deepcopy(model), cfg)
+        assert calibrate_from_loader(xm, loader, "cpu", images=4) == 4
+        got = {n: layer.output_gain for n, layer in xb.crossbar_layers(xm)}
+        if not gained:
+            assert all(g.numel() == 0 for g in got.values())
+            continue
+        for name in got:
+            assert torch.allclose(got[name], _per_row_energy(model, x[:4], name), rtol=1e-4)
+        xb.reprogram(xm)

@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..errors import InvalidTensorError, UserInputError
 from ..feedback import collect_moments, needs_moments, warn_output_errors
 from .analog import calibrating
+from .gains import calibrate_gains, needs_gains
 from .record import no_crossbar_layers
 from .modules import crossbar_layers
 
@@ -84,9 +85,10 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
 
 
 def calibrate_from_loader(model: nn.Module, loader, device, images: int = 8) -> int:
-    """Rule 20 for the scripts: calibrate on the first ``images`` readable images of ``loader``
-    (batches of ``(images, labels, ...)`` or :class:`~crossbar_torch.apps.data.Batch`). Returns the
-    number of images used."""
+    """Rules 20, 21 and 26 for the scripts: calibrate (and, where a layer asks, measure the
+    output gains) on the first ``images`` readable images of ``loader`` (batches of ``(images,
+    labels, ...)`` or :class:`~crossbar_torch.apps.data.Batch`). Returns the number of images
+    used."""
     got, n = [], 0
     for batch in loader:
         x = batch.images if hasattr(batch, "images") else batch[0]
@@ -98,7 +100,10 @@ def calibrate_from_loader(model: nn.Module, loader, device, images: int = 8) -> 
             break
     if not n:
         raise UserInputError("calibrate: no readable image to calibrate the analog ranges on")
-    calibrate(model, torch.cat(got).to(device))
+    x = torch.cat(got).to(device)
+    calibrate(model, x)
+    if needs_gains(model):  # rule 26: the logits' gains, on the same images
+        calibrate_gains(model, run=lambda m: m(x))
     return n
 
 

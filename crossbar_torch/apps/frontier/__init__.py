@@ -57,8 +57,8 @@ from .run import run_frontier
 from .scorers import CALIBRATION_IMAGES, FloatCache, ImageScorer, SentenceScorer, _hash
 from .sentences import (BUILTIN_SENTENCES, CALIBRATION_CORPUS, CALIBRATION_SENTENCES,
                         FEEDBACK_SENTENCES, FEEDBACK_SOURCES, GAIN_SENTENCES,
-                        MAX_SENTENCE_CHARS, builtin_sentences, calibration_corpus, feedback_sentences,
-                        frontier_sentences, read_sentences)
+                        MAX_SENTENCE_CHARS, builtin_sentences, calibration_corpus,
+                        feedback_sentences, frontier_sentences, read_sentences)
 from .store import REPORT_COLUMNS, SETUP_COLUMN, TAIL_COLUMNS, check_setup, read_previous, \
     write_outputs
 from .sweeps import CONFIG_FIELDS, REFERENCE, load_sweeps, reference_config, varying_fields
@@ -70,5 +70,6 @@ __all__ = ["REFERENCE", "SweepRun", "frontier_sentences", "builtin_sentences", "
            "paired_top1_drop", "encode_bits", "decode_bits", "feedback_sentences",
            "calibration_corpus", "CALIBRATION_CORPUS", "FEEDBACK_SOURCES",
            "draw_frontier", "write_outputs", "FloatCache", "CALIBRATION_IMAGES",
-           "CALIBRATION_SENTENCES", "FEEDBACK_SENTENCES", "GAIN_SENTENCES", "CONFIG_FIELDS", "SETUP_COLUMN",
+           "CALIBRATION_SENTENCES", "FEEDBACK_SENTENCES", "GAIN_SENTENCES", "CONFIG_FIELDS",
+           "SETUP_COLUMN",
            "REPORT_COLUMNS", "TAIL_COLUMNS", "MAX_SENTENCE_CHARS", "Z95"]
