@@ -71,3 +71,25 @@ def test_analog_matmul_cpu_cuda_equal(signed, adc_bits, input_bits):
     g = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in a.items()}
     acc_g, pmax_g = call(g)
     assert torch.equal(acc_g.cpu(), acc) and torch.equal(pmax_g.cpu(), pmax)
+
+
+def test_output_gains_on_the_device_equal_the_hosts():
+    """Rule 26 on a GPU: the gains stay on the device (summed there) and equal the host's up to
+    the float32 arithmetic of the two devices' kernels."""
+    import copy
+
+    import torch.nn as nn
+
+    import crossbar_torch as xb
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5), nn.GELU(), nn.Linear(5, 3)).eval()
+    x = torch.randn(9, 6)
+    cfg = xb.CrossbarConfig(rows=8, cols=28, feedback="hessian", write_penalty=1.0,
+                            filter_weight="gain")
+    cpu = xb.convert(copy.deepcopy(model), cfg)
+    gpu = xb.convert(copy.deepcopy(model).cuda(), cfg)
+    want = xb.calibrate_gains(cpu, run=lambda m: m(x).sum(0))
+    got = xb.calibrate_gains(gpu, run=lambda m: m(x.cuda()).sum(0))
+    for name, layer in xb.crossbar_layers(gpu):
+        assert layer.output_gain.is_cuda
+        assert torch.allclose(got[name], want[name], rtol=1e-4)

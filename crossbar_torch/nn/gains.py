@@ -60,7 +60,7 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
     (every crossbar layer computes with its latent weight while ``run`` runs, in eval mode) and
     ``r_p`` the ``P = probes`` Rademacher probes (:func:`rademacher_probes`, ``seed`` default
     the config's). Its expectation is the channel's Jacobian energy ``sum_rows sum_j
-    (dZ_j / dy[row, o])^2``. Returns ``{layer name: gains}``."""
+    (dZ_j / dy[row, o])^2``. Returns ``{layer name: gains}`` (on the host)."""
     layers = crossbar_layers(model)
     if not layers:
         raise no_crossbar_layers(model, "calibrate_gains")
@@ -95,8 +95,10 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
     if not bool(torch.isfinite(z).all()):
         raise InvalidTensorError("calibrate_gains: the model's output holds NaN or Inf")
     ys = [(name, layer, y) for name, layer in layers for y in outputs[id(layer)]]
+    # summed where the layer lives: no host round trip per layer and probe on a GPU
     sums = {name: torch.zeros(layer.out_channels if isinstance(layer, CrossbarConv2d)
-                              else layer.out_features, dtype=torch.float64)
+                              else layer.out_features, dtype=torch.float64,
+                              device=layer.cells.device)
             for name, layer in layers}
     for p, r in enumerate(rademacher_probes(z.shape, probes, seed)):
         grads = torch.autograd.grad(z, [y for _, _, y in ys], grad_outputs=r.to(z),
@@ -106,12 +108,10 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
                 continue
             dim = 1 if isinstance(layer, CrossbarConv2d) else -1
             g = g.detach().to(torch.float64).movedim(dim, -1)
-            sums[name] += g.reshape(-1, g.shape[-1]).square().sum(0).cpu()
-    gains = {}
+            sums[name] += g.reshape(-1, g.shape[-1]).square().sum(0).to(sums[name].device)
     for name, layer in layers:
-        gains[name] = sums[name] / probes
-        layer.output_gain = gains[name].to(layer.cells.device)
-    return gains
+        layer.output_gain = sums[name] / probes
+    return {name: layer.output_gain.cpu() for name, layer in layers}
 
 
 def _what(z) -> str:
