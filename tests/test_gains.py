@@ -202,6 +202,8 @@ def test_bad_calls_are_refused():
         xb.calibrate_gains(xm, run=lambda m: None)
     with pytest.raises(UserInputError, match="probes"):
         xb.calibrate_gains(xm, run=lambda m: m(x), probes=0)
+    with pytest.raises(UserInputError, match="seed"):
+        xb.calibrate_gains(xm, run=lambda m: m(x), seed=-1)
     with pytest.raises(UserInputError, match="callable"):
         xb.calibrate_gains(xm, run=x)
     with pytest.raises(Exception, match="calibrate_gains"):

@@ -71,6 +71,9 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
         raise UserInputError(f"calibrate_gains: probes must be an integer in [1, 4096], got "
                              f"{probes!r}")
     seed = layers[0][1].config.seed if seed is None else seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise UserInputError(f"calibrate_gains: seed must be an integer in [0, 2**63), got "
+                             f"{seed!r}")
     outputs = {id(layer): [] for _, layer in layers}
 
     def keep(module, args, out):
