@@ -382,10 +382,9 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
     if bad:
         worst = sorted(bad.items(), key=lambda kv: -kv[1])[:3]
         # the advice for what the worst layers lack: rule 21, or a lighter policy under it
-        from .nn.modules.state import policy_name
+        from .nn.modules.state import layer_policy
         by_name = dict(layers)
-        fed = all(by_name[n].config.for_layer(policy_name(by_name[n], n)).feedback != "none"
-                  for n, _ in worst)
+        fed = all(layer_policy(by_name[n], n).feedback != "none" for n, _ in worst)
         advice = ("lighter stucking or a lower write_penalty" if fed else
                   "feedback='hessian' (rule 21) or lighter stucking")
         warnings.warn(
@@ -399,6 +398,6 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
 
 def needs_moments(model: nn.Module) -> bool:
     from .nn.modules import crossbar_layers
-    from .nn.modules.state import policy_name
-    return any(layer.config.for_layer(policy_name(layer, name)).feedback != "none"  # rule 22
+    from .nn.modules.state import layer_policy
+    return any(layer_policy(layer, name).feedback != "none"  # rule 22
                for name, layer in crossbar_layers(model))

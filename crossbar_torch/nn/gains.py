@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..errors import InvalidTensorError, UserInputError
 from .analog import latent_weights
 from .modules import CrossbarConv2d, crossbar_layers
-from .modules.state import policy_name
+from .modules.state import layer_policy
 from .record import no_crossbar_layers
 
 GAIN_PROBES = 8  # rule 26's default P: the estimate's relative spread is about 1 / sqrt(P rows)
@@ -20,7 +20,7 @@ GAIN_PROBES = 8  # rule 26's default P: the estimate's relative spread is about 
 
 def needs_gains(model: nn.Module) -> bool:
     """Whether any crossbar layer of ``model`` is weighed by its output gains (rule 26)."""
-    return any(layer.config.for_layer(policy_name(layer, name)).filter_weight == "gain"
+    return any(layer_policy(layer, name).filter_weight == "gain"
                for name, layer in crossbar_layers(model))
 
 

@@ -23,6 +23,12 @@ def policy_name(layer, name: str) -> str:
     return name if layer.layer_name == type(layer).__name__ else layer.layer_name
 
 
+def layer_policy(layer, name: str):
+    """The config ``layer`` (``name`` in the model at hand) is programmed with: its own, with
+    the rule-22 overrides that match its policy name applied."""
+    return layer.config.for_layer(policy_name(layer, name))
+
+
 def check_loaded_buffers(module, state_dict, prefix: str, layer: str) -> None:
     """Refuse a loaded buffer that no programming can have produced (a tampered or corrupt
     file), naming the layer and the buffer, before anything is copied: load_state_dict
