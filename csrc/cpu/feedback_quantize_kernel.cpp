@@ -10,7 +10,8 @@
 #include <cmath>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "vector_isa.h"
+#ifdef XB_X86_VECTOR
 #include <immintrin.h>
 #define XB_AVX2_CARRY 1
 #endif
@@ -42,7 +43,7 @@ constexpr int kRowsTogether = 32;
 // Rule 23 for a weight without held cells, as write_aware_allowed's `!held` branch computes it
 // (the same candidates, cost arithmetic and comparisons; visited nearest first, below), the
 // writes counted on the packed codes (cell_codes.h).
-int64_t write_aware_free(double t, const uint8_t* ref, double lambda, const CompFormat& f,
+inline __attribute__((always_inline)) int64_t write_aware_free(double t, const uint8_t* ref, double lambda, const CompFormat& f,
                          const CellCodes& codes, uint8_t* cells) {
   const int64_t qmax = codes.qmax;
   const int64_t v0 = nearest_allowed(t, nullptr, 0u, f);
@@ -97,12 +98,7 @@ constexpr int64_t kTrailPiece = 64;  // columns: the block's piece of U, 16 KiB,
 
 // Columns [j0, j1) of the n filters take the carries e[r][0 .. nb-1] of the block's columns;
 // the block's rows of U over those columns are packed at ub (row kk, column j at
-// ub[kk * kTrailPiece + j - j0]). Packed because U's rows lie K doubles apart: with K a
-// multiple of 256 (ViT-Base's 768 and 3072 inputs) the block's 32 rows map to one or two L1
-// sets of 8 ways and evicted each other on every filter; the copy is read by every filter of
-// the block.
-using TrailFn = void (*)(const FeedbackRowArgs*, int, const double (*)[kBlock], int,
-                         const double*, int64_t, int64_t);
+// ub[kk * kTrailPiece + j - j0]; a tile of pack_trail_tiles, below).
 
 inline void trail_column(double* t, const double* e, int nb, const double* ub, int64_t j) {
   double x = t[j];
@@ -192,23 +188,121 @@ __attribute__((target("avx2"))) void trail_avx2(const FeedbackRowArgs* rows, int
 }
 #endif
 
-TrailFn pick_trail() {
 #ifdef XB_AVX2_CARRY
-  if (__builtin_cpu_supports("avx2")) return trail_avx2;
+// F filters by W = 8 * V columns (V registers apiece), the products and differences of
+// trail_column 8-wide (_mm512_mul_pd then _mm512_sub_pd): each load of U serves F filters.
+template <int F, int V>
+__attribute__((target("avx512f"), always_inline)) inline void trail_tile_avx512(
+    double* const* t, const double* const* e, int nb, const double* ub, int64_t j0,
+    int64_t j) {
+  __m512d x[F][V];
+  for (int r = 0; r < F; ++r) {
+    for (int v = 0; v < V; ++v) x[r][v] = _mm512_loadu_pd(t[r] + j + 8 * v);
+  }
+  const double* uj = ub + (j - j0);
+  for (int kk = 0; kk < nb; ++kk) {
+    __m512d u[V];
+    for (int v = 0; v < V; ++v) u[v] = _mm512_load_pd(uj + kk * kTrailPiece + 8 * v);
+    for (int r = 0; r < F; ++r) {
+      const __m512d ev = _mm512_set1_pd(e[r][kk]);
+      for (int v = 0; v < V; ++v) x[r][v] = _mm512_sub_pd(x[r][v], _mm512_mul_pd(ev, u[v]));
+    }
+  }
+  for (int r = 0; r < F; ++r) {
+    for (int v = 0; v < V; ++v) _mm512_storeu_pd(t[r] + j + 8 * v, x[r][v]);
+  }
+}
+
+// F filters through the piece's columns: 32 at a time, then 8, then one by one.
+template <int F>
+__attribute__((target("avx512f"), always_inline)) inline void trail_filters_avx512(
+    double* const* t, const double* const* e, int nb, const double* ub, int64_t j0,
+    int64_t j1) {
+  int64_t j = j0;
+  for (; j + 32 <= j1; j += 32) trail_tile_avx512<F, 4>(t, e, nb, ub, j0, j);
+  for (; j + 8 <= j1; j += 8) trail_tile_avx512<F, 1>(t, e, nb, ub, j0, j);
+  for (; j < j1; ++j) {
+    for (int r = 0; r < F; ++r) trail_column(t[r], e[r], nb, ub + (j - j0), j);
+  }
+}
+
+// Four filters by 32 columns in sixteen registers (each load of U serves four filters), then
+// the filters left two and one at a time. The piece of U must be 64-byte aligned.
+__attribute__((target("avx512f"))) void trail_avx512(const FeedbackRowArgs* rows, int n,
+                                                     const double (*e)[kBlock], int nb,
+                                                     const double* ub, int64_t j0,
+                                                     int64_t j1) {
+  int r = 0;
+  for (; r < n; ) {
+    const int f = n - r >= 4 ? 4 : n - r >= 2 ? 2 : 1;
+    double* t[4];
+    const double* er[4];
+    for (int i = 0; i < f; ++i) t[i] = rows[r + i].t, er[i] = e[r + i];
+    if (f == 4) trail_filters_avx512<4>(t, er, nb, ub, j0, j1);
+    if (f == 2) trail_filters_avx512<2>(t, er, nb, ub, j0, j1);
+    if (f == 1) trail_filters_avx512<1>(t, er, nb, ub, j0, j1);
+    r += f;
+  }
+}
 #endif
-  return trail_scalar;
+
+// U's part right of each block, in the order the trail reads it: for block b (columns
+// [k0, k1) = [b * kBlock, ...)), its rows over the later columns, piece by piece, each piece a
+// kBlock x kTrailPiece tile (row kk, column j at tile[kk * kTrailPiece + j - j0]), 64-byte
+// aligned. Packed once per call: in place, U's rows lie K doubles apart, and with K a multiple
+// of 256 (ViT-Base's 768 and 3072 inputs) a block's 32 rows map to one or two L1 sets of 8 ways
+// and evict each other; copied for every set of filters instead (as until stop 35), the copies
+// took two thirds of the trail's own time on a 3072-input layer.
+struct TrailTiles {
+  std::vector<double> store;
+  const double* base = nullptr;   // group g's tiles start at base + g * per_group
+  std::vector<int64_t> offset;    // block b's first tile, from its group's start
+  int64_t per_group = 0;
+  static constexpr int64_t kTile = kBlock * kTrailPiece;
+};
+
+TrailTiles pack_trail_tiles(const double* u, int64_t groups, int64_t K) {
+  TrailTiles tt;
+  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  tt.offset.resize(size_t(blocks));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t k1 = std::min<int64_t>(K, (b + 1) * kBlock);
+    tt.offset[size_t(b)] = tt.per_group;
+    tt.per_group += (K - k1 + kTrailPiece - 1) / kTrailPiece * TrailTiles::kTile;
+  }
+  tt.store.resize(size_t(groups * tt.per_group + 8));
+  double* base = tt.store.data();
+  base += (8 - (reinterpret_cast<uintptr_t>(base) / sizeof(double)) % 8) % 8;
+  tt.base = base;
+  at::parallel_for(0, groups * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t gb = begin; gb < end; ++gb) {
+      const int64_t g = gb / blocks, b = gb % blocks, k0 = b * kBlock;
+      const int64_t k1 = std::min<int64_t>(K, k0 + kBlock);
+      double* tile = base + g * tt.per_group + tt.offset[size_t(b)];
+      for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece, tile += TrailTiles::kTile) {
+        const int64_t j1 = std::min<int64_t>(K, j0 + kTrailPiece);
+        for (int64_t kk = 0; kk < k1 - k0; ++kk) {
+          const double* src = u + g * K * K + (k0 + kk) * K;
+          std::copy(src + j0, src + j1, tile + kk * kTrailPiece);
+        }
+      }
+    }
+  });
+  return tt;
 }
 
 // feedback_row for n <= kRowsTogether filters of one group at once: column k is chosen in every
 // filter; the carries go as above. Each filter sees exactly feedback_row's operations on each
 // element in feedback_row's order (bit-identical results). U, which does not fit in cache on
 // ViT-Base's layers (3072 x 3072 doubles), is read from memory once per block for the n
-// filters.
-void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t K,
-                   const CompFormat& f, const CellCodes& codes) {
-  static const TrailFn trail = pick_trail();
+// filters (its tiles: `tiles` is the group's, pack_trail_tiles). Inlined into each
+// instruction-set variant below (the POPCNT instruction for rule 23's write counts; the
+// trail's width).
+template <VectorIsa I>
+inline __attribute__((always_inline)) void feedback_rows_impl(
+    const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
+    const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
   double e[kRowsTogether][kBlock];
-  alignas(64) double packed[kBlock * kTrailPiece];  // the block's piece of U (trail_avx2)
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kBlock);
     for (int64_t k = k0; k < k1; ++k) {
@@ -241,14 +335,52 @@ void feedback_rows(const FeedbackRowArgs* rows, int n, const double* u, int64_t 
       }
     }
     const int nb = int(k1 - k0);
-    for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece) {
+    const double* tile = tiles + tt.offset[size_t(k0 / kBlock)];
+    for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece, tile += TrailTiles::kTile) {
       const int64_t j1 = std::min<int64_t>(K, j0 + kTrailPiece);
-      for (int kk = 0; kk < nb; ++kk) {
-        std::copy(u + (k0 + kk) * K + j0, u + (k0 + kk) * K + j1, packed + kk * kTrailPiece);
+#ifdef XB_AVX2_CARRY
+      if constexpr (I == VectorIsa::kAvx512) {
+        trail_avx512(rows, n, e, nb, tile, j0, j1);
+        continue;
+      } else if constexpr (I == VectorIsa::kAvx2) {
+        trail_avx2(rows, n, e, nb, tile, j0, j1);
+        continue;
       }
-      trail(rows, n, e, nb, packed, j0, j1);
+#endif
+      trail_scalar(rows, n, e, nb, tile, j0, j1);
     }
   }
+}
+
+using RowsFn = void (*)(const FeedbackRowArgs*, int, const double*, const TrailTiles&,
+                        const double*, int64_t, const CompFormat&, const CellCodes&);
+
+void feedback_rows_plain(const FeedbackRowArgs* rows, int n, const double* u,
+                         const TrailTiles& tt, const double* tiles, int64_t K,
+                         const CompFormat& f, const CellCodes& codes) {
+  feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, tiles, K, f, codes);
+}
+
+#ifdef XB_AVX2_CARRY
+__attribute__((target("popcnt"))) void feedback_rows_avx2(
+    const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
+    const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
+  feedback_rows_impl<VectorIsa::kAvx2>(rows, n, u, tt, tiles, K, f, codes);
+}
+
+__attribute__((target("avx512f,popcnt"))) void feedback_rows_avx512(
+    const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
+    const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
+  feedback_rows_impl<VectorIsa::kAvx512>(rows, n, u, tt, tiles, K, f, codes);
+}
+#endif
+
+RowsFn pick_rows(VectorIsa isa) {
+#ifdef XB_AVX2_CARRY
+  if (isa == VectorIsa::kAvx512) return feedback_rows_avx512;
+  if (isa == VectorIsa::kAvx2) return feedback_rows_avx2;
+#endif
+  return feedback_rows_plain;
 }
 
 at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& u_in,
@@ -278,6 +410,8 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
   const uint8_t* lp = levels.numel() ? levels.const_data_ptr<uint8_t>() : nullptr;
   int32_t* qp = q.mutable_data_ptr<int32_t>();
   const int64_t per_group = out / groups;
+  const RowsFn feedback_rows = pick_rows(cpu_vector_isa());
+  const TrailTiles tt = pack_trail_tiles(up, groups, K);
   if (write_penalty > 0.0) {
     // rule 25: filter o pays write_penalty / a[o] per write (a[o] = 1: rule 23 exactly)
     const std::vector<double> lam = filter_penalties(write_penalty, filter_weight, out);
@@ -318,7 +452,8 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
                          lam[size_t(o)]};
           }
           if (group < 0) break;  // every chain of this set has ended
-          feedback_rows(rows, n, up + group * K * K, K, fmt, codes);
+          feedback_rows(rows, n, up + group * K * K, tt, tt.base + group * tt.per_group, K,
+                        fmt, codes);
           for (int64_t i = 0; i < c1 - c0; ++i) {
             if (cur[i] >= 0) prev[i] = cur[i], cur[i] = ch.succ[cur[i]];
           }
@@ -341,7 +476,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
         rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr,
                      qp + o * K, nullptr, nullptr, nullptr, 0.0};
       }
-      feedback_rows(rows, n, up + g * K * K, K, fmt, codes);
+      feedback_rows(rows, n, up + g * K * K, tt, tt.base + g * tt.per_group, K, fmt, codes);
     }
   });
   return q;

@@ -8,9 +8,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#include "vector_isa.h"
+#ifdef XB_X86_VECTOR
 #include <immintrin.h>
 #endif
 
@@ -24,6 +26,10 @@ namespace crossbar_torch {
 namespace {
 
 constexpr int kRefineWindow = 3;  // a move is at most this many LSB (rule 24)
+
+// inlined into each instruction-set variant below, so each compiles with that variant's
+// instructions (the POPCNT instruction for the write counts, AVX-512 for the row updates)
+#define XB_REFINE_INLINE inline __attribute__((always_inline))
 
 // ---- g = (q - t) Hs, in rule 24's order --------------------------------------------------------
 // Each element's sum runs over k in increasing order from 0.0, a product and a sum per step
@@ -80,7 +86,7 @@ void product_filters_plain(double* g, const double* d, const double* hs, int64_t
   product_filters(g, d, hs, K, o0, o1, k0, k1, j0, j1);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef XB_X86_VECTOR
 // Four filters by eight columns in eight registers through the whole k panel: a product and a
 // sum per element and step, as product_panel computes them (_mm256_mul_pd then _mm256_add_pd:
 // no fused multiply-add), each load of Hs serving four filters. The columns past the last
@@ -124,40 +130,241 @@ __attribute__((target("avx2"))) void product_filters_avx2(double* g, const doubl
 }
 #endif
 
+#ifdef XB_X86_VECTOR
+// Eight filters by sixteen columns in sixteen registers through the whole k panel (each load of
+// Hs serves eight filters), the same product and sum per element and step as product_panel
+// (_mm512_mul_pd then _mm512_add_pd). The panel's whole 16-column blocks come packed
+// (pack_panel): read in place, its rows lie K doubles apart, and the loads of Hs stalled on
+// the TLB and on L1 sets (a third of the kernel on a 3072-input layer). The filters past the
+// last multiple of 8 go through product_filters_avx2, the columns past the last whole block
+// through product_panel, both from Hs in place.
+__attribute__((target("avx512f"))) void product_filters_avx512(
+    double* g, const double* d, const double* hs, const double* packed, int64_t K, int64_t o0,
+    int64_t o1, int64_t k0, int64_t k1, int64_t j0, int64_t j1) {
+  constexpr int R = 8;
+  const int64_t whole = j0 + (j1 - j0) / 16 * 16, rows = k1 - k0;
+  int64_t o = o0;
+  for (; o + R <= o1; o += R) {
+    double* g0 = g + o * K;
+    const double* d0 = d + o * K;
+    for (int64_t j = j0; j < whole; j += 16) {
+      const double* pb = packed + (j - j0) * rows;  // block (j - j0) / 16: rows x 16
+      __m512d lo[R], hi[R];
+      for (int r = 0; r < R; ++r) {
+        lo[r] = _mm512_loadu_pd(g0 + r * K + j);
+        hi[r] = _mm512_loadu_pd(g0 + r * K + j + 8);
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const double* hk = pb + (k - k0) * 16;
+        const __m512d h0 = _mm512_load_pd(hk), h1 = _mm512_load_pd(hk + 8);
+        for (int r = 0; r < R; ++r) {
+          const __m512d dk = _mm512_set1_pd(d0[r * K + k]);
+          lo[r] = _mm512_add_pd(lo[r], _mm512_mul_pd(dk, h0));
+          hi[r] = _mm512_add_pd(hi[r], _mm512_mul_pd(dk, h1));
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        _mm512_storeu_pd(g0 + r * K + j, lo[r]);
+        _mm512_storeu_pd(g0 + r * K + j + 8, hi[r]);
+      }
+    }
+    if (whole < j1) product_panel<R>(g0, d0, hs, K, k0, k1, whole, j1);
+  }
+  if (o < o1) product_filters_avx2(g, d, hs, K, o, o1, k0, k1, j0, j1);
+}
+#endif
+
+// The panel's whole 16-column blocks, each rows x 16 contiguous (block b at b * 16 * rows).
+void pack_panel(const double* hs, int64_t K, int64_t k0, int64_t k1, int64_t j0, int64_t j1,
+                double* packed) {
+  const int64_t rows = k1 - k0;
+  for (int64_t j = j0; j + 16 <= j1; j += 16) {
+    double* pb = packed + (j - j0) * rows;
+    for (int64_t k = k0; k < k1; ++k) std::copy(hs + k * K + j, hs + k * K + j + 16,
+                                                 pb + (k - k0) * 16);
+  }
+}
+
 using ProductFn = void (*)(double*, const double*, const double*, int64_t, int64_t, int64_t,
                            int64_t, int64_t, int64_t, int64_t);
 
-ProductFn pick_product() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  if (__builtin_cpu_supports("avx2")) return product_filters_avx2;
+ProductFn pick_product(VectorIsa isa) {
+#ifdef XB_X86_VECTOR
+  if (isa != VectorIsa::kScalar) return product_filters_avx2;
 #endif
   return product_filters_plain;
 }
 
 // g = (q - t) Hs of every filter with its group's Hs (float64 (out, K)).
-at::Tensor running_products(const at::Tensor& t, const at::Tensor& hs, const at::Tensor& q) {
-  static const ProductFn product = pick_product();
+at::Tensor running_products(const at::Tensor& t, const at::Tensor& hs, const at::Tensor& q,
+                            VectorIsa isa) {
+  const ProductFn product = pick_product(isa);
+  const bool wide = isa == VectorIsa::kAvx512;
+  // the AVX-512 kernel's packed panel (64-byte aligned: its loads are aligned)
+  std::vector<double> packed_store(wide ? size_t(kKPanel * kJPanel + 8) : 0);
+  double* packed = wide ? packed_store.data() + (8 - (reinterpret_cast<uintptr_t>(
+                                                     packed_store.data()) / 8) % 8) % 8
+                        : nullptr;
   const int64_t out = t.size(0), K = t.size(1), groups = hs.size(0), per = out / groups;
   const at::Tensor d = q.to(at::kDouble) - t;  // exact conversion, then one rounded difference
   at::Tensor g = at::zeros({out, K}, t.options());
   const double* dp = d.const_data_ptr<double>();
   const double* hp = hs.const_data_ptr<double>();
   double* gp = g.mutable_data_ptr<double>();
-  const int64_t quads = (per + 3) / 4;
+  // the kernels take eight (AVX-512) or four filters at a time: chunks of whole such sets
+  const int64_t unit = isa == VectorIsa::kAvx512 ? 8 : 4, units = (per + unit - 1) / unit;
   for (int64_t grp = 0; grp < groups; ++grp) {
     for (int64_t k0 = 0; k0 < K; k0 += kKPanel) {  // increasing k: each sum keeps its order
       const int64_t k1 = std::min<int64_t>(K, k0 + kKPanel);
       for (int64_t j0 = 0; j0 < K; j0 += kJPanel) {
         const int64_t j1 = std::min<int64_t>(K, j0 + kJPanel);
-        at::parallel_for(0, quads, 1, [&](int64_t begin, int64_t end) {
-          const int64_t o0 = grp * per + begin * 4;
-          const int64_t o1 = std::min<int64_t>((grp + 1) * per, grp * per + end * 4);
-          product(gp, dp, hp + grp * K * K, K, o0, o1, k0, k1, j0, j1);
+        const double* h = hp + grp * K * K;
+        if (wide) pack_panel(h, K, k0, k1, j0, j1, packed);
+        at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+          const int64_t o0 = grp * per + begin * unit;
+          const int64_t o1 = std::min<int64_t>((grp + 1) * per, grp * per + end * unit);
+#ifdef XB_X86_VECTOR
+          if (wide) return product_filters_avx512(gp, dp, h, packed, K, o0, o1, k0, k1, j0, j1);
+#endif
+          product(gp, dp, h, K, o0, o1, k0, k1, j0, j1);
         });
       }
     }
   }
   return g;
+}
+
+// ---- the sweeps ------------------------------------------------------------------------------
+
+// What one half-sweep of rule 24 reads and writes (feedback_refine_cpu's tensors).
+struct SweepArgs {
+  const double* hs;      // (groups, K, K)
+  const double* diag;    // (groups, K): Hs's diagonals
+  double* g;             // (out, K): the running products
+  int32_t* q;            // (out, K), original order
+  const int64_t* index;  // (out, K): sort index
+  const int64_t* pred;   // (out,): -1 none
+  const int64_t* succ;   // (out,): -1 none
+  const double* a;       // (out,): rule 25's filter weights, or null
+  const CellCodes* codes;
+  int b;
+  int64_t K, per_group;
+  double write_penalty;
+};
+
+// g[j] = g[j] + dm * h[j] for every j (a product, then a sum: the reference's rounding).
+inline void add_scaled_plain(double* g, const double* h, double dm, int64_t K) {
+  for (int64_t j = 0; j < K; ++j) g[j] = g[j] + dm * h[j];
+}
+
+#ifdef XB_X86_VECTOR
+__attribute__((target("avx512f"))) void add_scaled_avx512(double* g, const double* h, double dm,
+                                                         int64_t K) {
+  const __m512d m = _mm512_set1_pd(dm);
+  int64_t j = 0;
+  for (; j + 16 <= K; j += 16) {
+    const __m512d x0 = _mm512_add_pd(_mm512_loadu_pd(g + j),
+                                     _mm512_mul_pd(m, _mm512_loadu_pd(h + j)));
+    const __m512d x1 = _mm512_add_pd(_mm512_loadu_pd(g + j + 8),
+                                     _mm512_mul_pd(m, _mm512_loadu_pd(h + j + 8)));
+    _mm512_storeu_pd(g + j, x0);
+    _mm512_storeu_pd(g + j + 8, x1);
+  }
+  for (; j < K; ++j) g[j] = g[j] + dm * h[j];
+}
+#endif
+
+template <VectorIsa I>
+XB_REFINE_INLINE void add_scaled(double* g, const double* h, double dm, int64_t K) {
+#ifdef XB_X86_VECTOR
+  if constexpr (I == VectorIsa::kAvx512) return add_scaled_avx512(g, h, dm, K);
+#endif
+  add_scaled_plain(g, h, dm, K);
+}
+
+// Filters mine[0 .. n) of one half, each through its sorted positions in order: rule 24's moves.
+template <VectorIsa I>
+XB_REFINE_INLINE void sweep_filters(const SweepArgs& s, const int64_t* mine, int64_t n) {
+  static const int kDeltas[2 * kRefineWindow] = {-1, 1, -2, 2, -3, 3};  // the tie order
+  const CellCodes& codes = *s.codes;
+  const int64_t K = s.K, qmax = codes.qmax;
+  auto differing = [&](int64_t v, int64_t w) {
+    return cells_differing(codes.code[size_t(v + qmax)] ^ codes.code[size_t(w + qmax)], codes,
+                           s.b);
+  };
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t o = mine[i];
+    const double* h = s.hs + (o / s.per_group) * K * K;
+    const double* dg = s.diag + (o / s.per_group) * K;
+    double* row = s.g + o * K;
+    int32_t* qo = s.q + o * K;
+    const int64_t* io = s.index + o * K;
+    const int64_t nb[2] = {s.pred[o], s.succ[o]};
+    for (int64_t p = 0; p < K; ++p) {
+      const int64_t k = io[p];
+      const int64_t c = qo[k];
+      int64_t ref[2], own[2], owned = 0;
+      for (int r = 0; r < 2; ++r) {
+        if (nb[r] < 0) continue;
+        ref[r] = s.q[nb[r] * K + s.index[nb[r] * K + p]];
+        own[r] = differing(c, ref[r]);
+        owned += own[r];
+      }
+      const double gk = row[k], hkk = dg[k];
+      // Most weights, once the first sweep is done: no move can cost below 0, so the six
+      // candidates need not be priced. With no cell differing from the neighbours (owned == 0)
+      // every write term is >= 0; with hkk >= 2 |gk| every error term is >= 0 as rounded:
+      // +-2 gk + hkk and +-4 gk + 4 hkk (exact products) are >= 0 before their one rounding,
+      // fl(9 hkk) >= fl(6 |gk|) since 9 hkk >= 18 |gk| and rounding is monotone, and a
+      // weight a[o] > 0 keeps the sign. (2 |gk| is exact; NaN or overflow fails the test.)
+      if (owned == 0 && hkk >= 2.0 * std::fabs(gk)) continue;
+      double best = 0.0;
+      int move = 0;
+      for (int delta : kDeltas) {
+        const int64_t v = c + delta;
+        if (v < -qmax || v > qmax) continue;
+        int64_t dw = 0;
+        for (int r = 0; r < 2; ++r) {
+          if (nb[r] >= 0) dw += differing(v, ref[r]) - own[r];
+        }
+        double err = double(2 * delta) * gk + double(delta * delta) * hkk;
+        if (s.a) err = s.a[o] * err;
+        const double cost = err + s.write_penalty * double(dw);
+        if (cost < best) best = cost, move = delta;
+      }
+      if (!move) continue;
+      qo[k] = int32_t(c + move);
+      add_scaled<I>(row, h + k * K, double(move), K);
+    }
+  }
+}
+
+using SweepFn = void (*)(const SweepArgs&, const int64_t*, int64_t);
+
+void sweep_plain(const SweepArgs& s, const int64_t* mine, int64_t n) {
+  sweep_filters<VectorIsa::kScalar>(s, mine, n);
+}
+
+#ifdef XB_X86_VECTOR
+// The write counts are popcounts: without the POPCNT instruction (x86-64's baseline has none)
+// each is a libgcc call, 6% of a ViT-Base FFN layer's refinement.
+__attribute__((target("popcnt"))) void sweep_popcnt(const SweepArgs& s, const int64_t* mine,
+                                                    int64_t n) {
+  sweep_filters<VectorIsa::kAvx2>(s, mine, n);
+}
+
+__attribute__((target("avx512f,popcnt"))) void sweep_avx512(const SweepArgs& s,
+                                                            const int64_t* mine, int64_t n) {
+  sweep_filters<VectorIsa::kAvx512>(s, mine, n);
+}
+#endif
+
+SweepFn pick_sweep(VectorIsa isa) {
+#ifdef XB_X86_VECTOR
+  if (isa == VectorIsa::kAvx512) return sweep_avx512;
+  if (isa == VectorIsa::kAvx2) return sweep_popcnt;
+#endif
+  return sweep_plain;
 }
 
 }  // namespace
@@ -192,74 +399,29 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   // every format check_format accepts packs into one word (c * b <= 44)
   TORCH_CHECK(codes.usable, "crossbar_torch.feedback_refine: internal error: the cells of a "
               "weight do not pack into 64 bits");
-  const int b = int(bits_per_cell);
-  auto differing = [&](int64_t v, int64_t w) {
-    return cells_differing(codes.code[size_t(v + codes.qmax)] ^ codes.code[size_t(w + codes.qmax)],
-                           codes, b);
-  };
-  const double* tp = t.const_data_ptr<double>();
   const double* hp = hs.const_data_ptr<double>();
-  const int64_t* ip = index.const_data_ptr<int64_t>();
-  int32_t* qp = q.mutable_data_ptr<int32_t>();
-  const int64_t per_group = out / groups;
   // rule 25: filter o's error counts a[o] times (absent: once, rule 24 exactly)
   const at::Tensor fw = filter_weight.has_value() && filter_weight->defined()
                             ? filter_weight->to(at::kCPU).contiguous() : at::Tensor();
-  const double* ap = fw.defined() ? fw.const_data_ptr<double>() : nullptr;
+  const VectorIsa isa = cpu_vector_isa();
   // g = (q - t) Hs, each element summed from 0 in increasing k, each product rounded on its own
-  at::Tensor g = running_products(t, hs, q);
-  double* gp = g.mutable_data_ptr<double>();
+  at::Tensor g = running_products(t, hs, q, isa);
   // each group's diagonal of Hs, contiguous: read once per weight and sweep, it would otherwise
   // be a cache miss each time (its entries are K + 1 doubles apart)
   std::vector<double> diag(size_t(groups * K));
   for (int64_t grp = 0; grp < groups; ++grp) {
     for (int64_t k = 0; k < K; ++k) diag[size_t(grp * K + k)] = hp[grp * K * K + k * K + k];
   }
-  static const int kDeltas[2 * kRefineWindow] = {-1, 1, -2, 2, -3, 3};  // the tie order
-  const int64_t qmax = codes.qmax;
+  const SweepArgs a{hp, diag.data(), g.mutable_data_ptr<double>(),
+                    q.mutable_data_ptr<int32_t>(), index.const_data_ptr<int64_t>(), pr.data(),
+                    ch.succ.data(), fw.defined() ? fw.const_data_ptr<double>() : nullptr,
+                    &codes, int(bits_per_cell), K, out / groups, write_penalty};
+  const SweepFn sweep = pick_sweep(isa);
   for (int64_t s = 0; s < sweeps; ++s) {
     for (int parity = 0; parity < 2; ++parity) {
       const std::vector<int64_t>& mine = half[parity];
       at::parallel_for(0, int64_t(mine.size()), 1, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t o = mine[size_t(i)];
-          const double* h = hp + (o / per_group) * K * K;
-          const double* dg = diag.data() + (o / per_group) * K;
-          double* row = gp + o * K;
-          int32_t* qo = qp + o * K;
-          const int64_t* io = ip + o * K;
-          const int64_t nb[2] = {pr[size_t(o)], ch.succ[size_t(o)]};
-          for (int64_t p = 0; p < K; ++p) {
-            const int64_t k = io[p];
-            const int64_t c = qo[k];
-            int64_t ref[2], own[2];
-            for (int r = 0; r < 2; ++r) {
-              if (nb[r] < 0) continue;
-              ref[r] = qp[nb[r] * K + ip[nb[r] * K + p]];
-              own[r] = differing(c, ref[r]);
-            }
-            const double gk = row[k], hkk = dg[k];
-            double best = 0.0;
-            int move = 0;
-            for (int delta : kDeltas) {
-              const int64_t v = c + delta;
-              if (v < -qmax || v > qmax) continue;
-              int64_t dw = 0;
-              for (int r = 0; r < 2; ++r) {
-                if (nb[r] >= 0) dw += differing(v, ref[r]) - own[r];
-              }
-              double err = double(2 * delta) * gk + double(delta * delta) * hkk;
-              if (ap) err = ap[o] * err;
-              const double cost = err + write_penalty * double(dw);
-              if (cost < best) best = cost, move = delta;
-            }
-            if (!move) continue;
-            qo[k] = int32_t(c + move);
-            const double dm = double(move);
-            const double* hk = h + k * K;
-            for (int64_t j = 0; j < K; ++j) row[j] = row[j] + dm * hk[j];
-          }
-        }
+        sweep(a, mine.data() + begin, end - begin);
       });
     }
   }
