@@ -56,8 +56,8 @@ def _pack_levels_torch(levels: torch.Tensor, bits_per_cell: int) -> torch.Tensor
 def unpack_levels(packed: torch.Tensor, cells: int, bits_per_cell: int) -> torch.Tensor:
     """uint8 (..., ceil(c / (8 // s))) packed -> uint8 (..., c) levels."""
     s = slot_bits(bits_per_cell)
-    if s == 8:
-        return packed[..., :cells].contiguous()
+    if s == 8:  # a copy even where the slice is the whole tensor: callers may write to it
+        return packed[..., :cells].clone(memory_format=torch.contiguous_format)
     if packed.device.type != "cpu" or torch.compiler.is_compiling():  # traced: torch ops
         return _unpack_levels_torch(packed, cells, bits_per_cell)
     return ops.unpack_levels(packed, cells, bits_per_cell)  # the host kernel: a byte table
@@ -67,7 +67,7 @@ def _unpack_levels_torch(packed: torch.Tensor, cells: int, bits_per_cell: int) -
     """:func:`unpack_levels` in torch ops (any device, no host synchronisation)."""
     s = slot_bits(bits_per_cell)
     if s == 8:
-        return packed[..., :cells].contiguous()
+        return packed[..., :cells].clone(memory_format=torch.contiguous_format)
     per, top = 8 // s, (1 << s) - 1
     parts = [(packed >> (i * s)) & top for i in range(per)]
     return torch.stack(parts, -1).flatten(-2)[..., :cells].contiguous()

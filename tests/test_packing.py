@@ -57,6 +57,21 @@ def test_packing_matches_the_documented_layout(shape, b, seed, torch_path):
     assert packing.is_canonical(got, c, b)
 
 
+@pytest.mark.parametrize("b", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("torch_path", [False, True])
+def test_unpacked_levels_are_a_new_tensor(b, torch_path):
+    """Programming writes into the levels it unpacks (programming.layer_targets marks the free
+    cells of ``held_cells()`` in place): with 8-bit slots (b >= 5) the packed tensor is the
+    levels themselves, and unpacking must still copy it."""
+    g = torch.Generator().manual_seed(b)
+    levels = torch.randint(0, 1 << b, (3, 4, 6), generator=g).to(torch.uint8)
+    packed = packing.pack_levels(levels.clone(), b)  # (b >= 5: packing returns its input)
+    unpack = packing._unpack_levels_torch if torch_path else packing.unpack_levels
+    out = unpack(packed, 6, b)
+    out.fill_(255)
+    assert torch.equal(unpack(packed, 6, b), levels)
+
+
 @settings(max_examples=100, deadline=None)
 @given(shapes, st.integers(0, 2**31 - 1))
 def test_masks_pack_eight_a_byte(shape, seed):

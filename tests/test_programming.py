@@ -463,3 +463,28 @@ def test_layer_override_pattern_matching_nothing_is_an_error():
     with pytest.raises(ValueError, match="stuck_value='initial'"):
         xb.CrossbarConfig(stuck_value=0, layer_overrides={"x": {"stuck_slices": 1,
                                                                 "reprogram_fraction": 0.5}})
+
+
+@pytest.mark.parametrize("bits_per_cell, compensate", [(1, True), (5, True), (5, False)])
+def test_layer_targets_leave_the_stored_cells_as_they_are(bits_per_cell, compensate):
+    """A later programming's targets mark the stuck cells' levels in the unpacked copies of the
+    layer's buffers, in place: with one cell a byte (b >= 5) the packed buffer is the levels
+    themselves, and it must come out unchanged (and the targets as computed out of place)."""
+    from crossbar_torch.programming import NOT_PINNED, layer_targets
+    cfg = xb.CrossbarConfig(rows=5, cols=40, weight_bits=7, bits_per_cell=bits_per_cell,
+                            stuck_slices=1, reprogram_fraction=0.3, sort="value",
+                            compensate=compensate, seed=3)
+    xm = xb.convert(small_model(4, conv=False), cfg)
+    for _, layer in xb.crossbar_layers(xm):
+        cells, stuck = layer.cells.clone(), layer.stuck.clone()
+        stuck_cells, held = layer.stuck_cells(), layer.held_cells()
+        assert bool(stuck_cells.any())
+        target, pinned = layer_targets(layer, cfg, baseline=False)
+        assert torch.equal(layer.cells, cells) and torch.equal(layer.stuck, stuck)
+        plain = layer.target_cells()
+        if compensate:
+            assert torch.equal(target, plain)
+            assert torch.equal(pinned, torch.where(stuck_cells, held,
+                                                   torch.full_like(held, NOT_PINNED)))
+        else:
+            assert pinned is None and torch.equal(target, torch.where(stuck_cells, held, plain))
