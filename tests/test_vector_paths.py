@@ -10,9 +10,6 @@ groups; chains of write-aware filters; filter weights.
 """
 from __future__ import annotations
 
-import os
-from contextlib import contextmanager
-
 import pytest
 import torch
 
@@ -27,19 +24,6 @@ ENV = "CROSSBAR_TORCH_CPU_VECTOR"
 PATHS = ("scalar", "avx2", "avx512")
 
 
-@contextmanager
-def vector_path(name: str):
-    before = os.environ.get(ENV)
-    os.environ[ENV] = name
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[ENV]
-        else:
-            os.environ[ENV] = before
-
-
 def _sort_index(n: int, k: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randperm(k, generator=g) for _ in range(n)])
@@ -52,14 +36,13 @@ def _weights(n: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("out, k, groups", [(7, 33, 1), (19, 100, 1), (5, 161, 2), (11, 1, 1)])
-def test_rule_21_paths_agree_with_the_reference(path, out, k, groups):
+def test_rule_21_paths_agree_with_the_reference(path, out, k, groups, monkeypatch):
     """Rule 21 alone: blocks of up to 32 filters through the trail, held cells."""
     bits, b, enc, L = 6, 1, 0, 1
     t, u, held, levels = _quantize_case(out, k, groups, bits, b, enc, L, out * k)
     want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L)
-    with vector_path(path):
-        got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L)
-    assert torch.equal(got, want)
+    monkeypatch.setenv(ENV, path)
+    assert torch.equal(ops.feedback_quantize(t, u, held, levels, bits, b, enc, L), want)
 
 
 @pytest.mark.parametrize("out, k, groups, link, weighted, held_p", [
@@ -67,7 +50,8 @@ def test_rule_21_paths_agree_with_the_reference(path, out, k, groups):
     (19, 40, 1, 0.0, True, 0.0),   # every filter its own chain, 19 in step, weighted filters
     (4, 72, 2, 0.6, True, 0.0),    # chains that change group on the way
 ])
-def test_rule_23_paths_agree_with_the_reference(out, k, groups, link, weighted, held_p):
+def test_rule_23_paths_agree_with_the_reference(out, k, groups, link, weighted, held_p,
+                                                monkeypatch):
     """Write-aware feedback: chains in step, held cells (rule 13's candidates) or none (the
     packed cell codes); the reference once, then every path."""
     bits, b, enc = 8, 1, 0
@@ -78,9 +62,8 @@ def test_rule_23_paths_agree_with_the_reference(out, k, groups, link, weighted, 
     fw = _weights(n, out) if weighted else None
     want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0, fw)
     for path in PATHS:
-        with vector_path(path):
-            got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0,
-                                        fw)
+        monkeypatch.setenv(ENV, path)
+        got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0, fw)
         assert torch.equal(got, want), path
 
 
@@ -90,20 +73,20 @@ def test_rule_23_paths_agree_with_the_reference(out, k, groups, link, weighted, 
     (11, 530, 2, True),   # past a 512-column panel, groups, filters past the last 8
     (3, 40, 1, True),     # fewer filters than one AVX-512 set
 ])
-def test_rule_24_paths_agree_with_the_reference(path, out, k, groups, weighted):
+def test_rule_24_paths_agree_with_the_reference(path, out, k, groups, weighted, monkeypatch):
     t, hs, q, _, index = _refine_case(out, k, groups, 8, out + k)
     n = out * groups
     pred = _chains(n, k, p=0.8)
     fw = _weights(n, k) if weighted else None
+    monkeypatch.setenv(ENV, path)
     for penalty, sweeps in ((0.0, 1), (1.5, 3)):
         want = reference.feedback_refine(t, hs, q, pred, index, 8, 1, 0, penalty, sweeps, fw)
-        with vector_path(path):
-            got = ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, penalty, sweeps, fw)
+        got = ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, penalty, sweeps, fw)
         assert torch.equal(got, want)
         assert int((got != q).sum()) > 0  # the case exercises moves
 
 
-def test_every_path_gives_the_same_integers_on_a_wide_layer():
+def test_every_path_gives_the_same_integers_on_a_wide_layer(monkeypatch):
     """One ViT-sized row length (768 inputs, 24 filters in chains), every path: the same
     integers from rule 23 and from rule 24 (the reference would take minutes here)."""
     out, k = 24, 768
@@ -113,10 +96,9 @@ def test_every_path_gives_the_same_integers_on_a_wide_layer():
     _, hs, _, _, _ = _refine_case(1, k, 1, 8, 9)
     results = []
     for path in PATHS:
-        with vector_path(path):
-            q = ops.feedback_quantize(t, u, held, levels, 8, 1, 0, 0, pred, index, 3.0, fw)
-            r = ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 3.0, 2, fw)
-        results.append((q, r))
+        monkeypatch.setenv(ENV, path)
+        q = ops.feedback_quantize(t, u, held, levels, 8, 1, 0, 0, pred, index, 3.0, fw)
+        results.append((q, ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 3.0, 2, fw)))
     for q, r in results[1:]:
         assert torch.equal(q, results[0][0]) and torch.equal(r, results[0][1])
     assert int((results[0][1] != results[0][0]).sum()) > 0

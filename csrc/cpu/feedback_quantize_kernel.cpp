@@ -13,7 +13,6 @@
 #include "vector_isa.h"
 #ifdef XB_X86_VECTOR
 #include <immintrin.h>
-#define XB_AVX2_CARRY 1
 #endif
 
 #include "../common.h"
@@ -113,7 +112,7 @@ void trail_scalar(const FeedbackRowArgs* rows, int n, const double (*e)[kBlock],
   }
 }
 
-#ifdef XB_AVX2_CARRY
+#ifdef XB_X86_VECTOR
 // 4-wide products and differences (no FMA: setup.py builds with -ffp-contract=off and the
 // target enables no fused instruction), 16 columns of two filters in flight: each load of U
 // serves both, and eight independent running sums hide the latency of the differences.
@@ -188,7 +187,7 @@ __attribute__((target("avx2"))) void trail_avx2(const FeedbackRowArgs* rows, int
 }
 #endif
 
-#ifdef XB_AVX2_CARRY
+#ifdef XB_X86_VECTOR
 // F filters by W = 8 * V columns (V registers apiece), the products and differences of
 // trail_column 8-wide (_mm512_mul_pd then _mm512_sub_pd): each load of U serves F filters.
 template <int F, int V>
@@ -338,7 +337,7 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
     const double* tile = tiles + tt.offset[size_t(k0 / kBlock)];
     for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece, tile += TrailTiles::kTile) {
       const int64_t j1 = std::min<int64_t>(K, j0 + kTrailPiece);
-#ifdef XB_AVX2_CARRY
+#ifdef XB_X86_VECTOR
       if constexpr (I == VectorIsa::kAvx512) {
         trail_avx512(rows, n, e, nb, tile, j0, j1);
         continue;
@@ -361,7 +360,7 @@ void feedback_rows_plain(const FeedbackRowArgs* rows, int n, const double* u,
   feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, tiles, K, f, codes);
 }
 
-#ifdef XB_AVX2_CARRY
+#ifdef XB_X86_VECTOR
 __attribute__((target("popcnt"))) void feedback_rows_avx2(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
     const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
@@ -376,11 +375,11 @@ __attribute__((target("avx512f,popcnt"))) void feedback_rows_avx512(
 #endif
 
 RowsFn pick_rows(VectorIsa isa) {
-#ifdef XB_AVX2_CARRY
-  if (isa == VectorIsa::kAvx512) return feedback_rows_avx512;
-  if (isa == VectorIsa::kAvx2) return feedback_rows_avx2;
-#endif
+#ifdef XB_X86_VECTOR
+  return pick_variant<RowsFn>(isa, feedback_rows_plain, feedback_rows_avx2, feedback_rows_avx512);
+#else
   return feedback_rows_plain;
+#endif
 }
 
 at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& u_in,

@@ -361,10 +361,10 @@ __attribute__((target("avx512f,popcnt"))) void sweep_avx512(const SweepArgs& s,
 
 SweepFn pick_sweep(VectorIsa isa) {
 #ifdef XB_X86_VECTOR
-  if (isa == VectorIsa::kAvx512) return sweep_avx512;
-  if (isa == VectorIsa::kAvx2) return sweep_popcnt;
-#endif
+  return pick_variant<SweepFn>(isa, sweep_plain, sweep_popcnt, sweep_avx512);
+#else
   return sweep_plain;
+#endif
 }
 
 }  // namespace

@@ -37,4 +37,10 @@ inline VectorIsa cpu_vector_isa() {
 #endif
 }
 
+// A kernel's variant for `isa`, among its scalar, AVX2 and AVX-512 ones.
+template <class Fn>
+Fn pick_variant(VectorIsa isa, Fn scalar, Fn avx2, Fn avx512) {
+  return isa == VectorIsa::kAvx512 ? avx512 : isa == VectorIsa::kAvx2 ? avx2 : scalar;
+}
+
 }  // namespace crossbar_torch
