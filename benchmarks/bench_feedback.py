@@ -27,7 +27,8 @@ The times are wall seconds of the steps (the report is not timed: it is the same
 every case). Prints each case's steps and its total over ``comp``'s. The calibration forward
 is part of what the user runs, so it is counted; its own time is printed beside, and the
 reprogramming step alone over ``comp`` (programming with rule 21 against programming with
-rule 13).
+rule 13). The rule-21/24 kernels run the widest vector path the CPU has;
+``CROSSBAR_TORCH_CPU_VECTOR=avx2`` (or ``scalar``) times a narrower one (the same integers).
 """
 from __future__ import annotations
 
@@ -132,6 +133,7 @@ def main(argv=None) -> int:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"threads": torch.get_num_threads(), "sentences": len(sentences),
+                       "cpu_vector": os.environ.get("CROSSBAR_TORCH_CPU_VECTOR", "widest"),
                        "calibration": args.calibration, "comp_base_s": base,
                        "comp_again_s": again["total"],
                        "cases": rows}, f, indent=2)
