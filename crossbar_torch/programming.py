@@ -266,9 +266,8 @@ def layer_targets(layer, config: CrossbarConfig, baseline: bool,
         target = layer.target_cells(check_values=check_values)
     if not layer.stuck.numel():
         return target, None
-    # both transient copies (unpacked from the packed buffers), so they are changed in place:
-    # on the ViT-Base-sized model these are 1.2G cells a pass, and each tensor not allocated
-    # and written is a second or so of a reprogramming
+    # transient copies (unpacked), changed in place: on the ViT-Base-sized model each is 1.2G
+    # cells a pass, and each full-size temporary not written is a second of a reprogramming
     stuck, held = layer.stuck_cells().to(target.device), layer.held_cells().to(target.device)
     if not config.compensate:  # the kernel needs only the levels to write
         return torch.where(stuck, held, target, out=target), None
