@@ -4,7 +4,9 @@ AVX2 and AVX-512 (with the POPCNT instruction) must each give the reference's in
 The kernels run the widest path the CPU has; ``CROSSBAR_TORCH_CPU_VECTOR`` caps it (read on
 every call). A path the CPU lacks falls back to the widest it has, so on such a machine a case
 checks that path again. The shapes cross every blocking boundary of the kernels: inputs past a
-32-column block, a 64-column trail piece, a 16-column AVX-512 tile and a 256 x 512 panel;
+32-column block, a 64-column trail piece, a 16-column AVX-512 tile and a 256 x 512 panel
+(rule 21's trail read from tiles of U packed once per call, or, with
+``CROSSBAR_TORCH_TRAIL_TILES=0`` as for layers too wide for them, copied as it goes);
 filter counts that are not multiples of the 8, 4 or 2 filters the wide kernels take at once;
 groups; chains of write-aware filters; filter weights.
 """
@@ -21,6 +23,7 @@ from test_feedback import _chains
 from test_refine import _case as _refine_case
 
 ENV = "CROSSBAR_TORCH_CPU_VECTOR"
+TILES = "CROSSBAR_TORCH_TRAIL_TILES"  # "0": rule 21's kernel copies U's tiles as it goes
 PATHS = ("scalar", "avx2", "avx512")
 
 
@@ -42,7 +45,9 @@ def test_rule_21_paths_agree_with_the_reference(path, out, k, groups, monkeypatc
     t, u, held, levels = _quantize_case(out, k, groups, bits, b, enc, L, out * k)
     want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L)
     monkeypatch.setenv(ENV, path)
-    assert torch.equal(ops.feedback_quantize(t, u, held, levels, bits, b, enc, L), want)
+    for tiles in ("1", "0"):  # U's trail tiles packed once per call, or copied as it goes
+        monkeypatch.setenv(TILES, tiles)
+        assert torch.equal(ops.feedback_quantize(t, u, held, levels, bits, b, enc, L), want)
 
 
 @pytest.mark.parametrize("out, k, groups, link, weighted, held_p", [
@@ -62,9 +67,12 @@ def test_rule_23_paths_agree_with_the_reference(out, k, groups, link, weighted, 
     fw = _weights(n, out) if weighted else None
     want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0, fw)
     for path in PATHS:
-        monkeypatch.setenv(ENV, path)
-        got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0, fw)
-        assert torch.equal(got, want), path
+        for tiles in ("1", "0"):
+            monkeypatch.setenv(ENV, path)
+            monkeypatch.setenv(TILES, tiles)
+            got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0,
+                                        fw)
+            assert torch.equal(got, want), (path, tiles)
 
 
 @pytest.mark.parametrize("path", PATHS)

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cmath>
 #include <vector>
 
@@ -251,14 +252,19 @@ __attribute__((target("avx512f"))) void trail_avx512(const FeedbackRowArgs* rows
 // aligned. Packed once per call: in place, U's rows lie K doubles apart, and with K a multiple
 // of 256 (ViT-Base's 768 and 3072 inputs) a block's 32 rows map to one or two L1 sets of 8 ways
 // and evict each other; copied for every set of filters instead (as until stop 35), the copies
-// took two thirds of the trail's own time on a 3072-input layer.
+// took two thirds of the trail's own time on a 3072-input layer. The tiles take about half of
+// U's memory again; beyond kTrailTilesBytes (K over about 16,000), or with
+// CROSSBAR_TORCH_TRAIL_TILES=0 (read on every call: the tests compare both), each set of
+// filters copies a block's tile as it goes instead (the same operations on the same values).
 struct TrailTiles {
   std::vector<double> store;
-  const double* base = nullptr;   // group g's tiles start at base + g * per_group
+  const double* base = nullptr;   // group g's tiles start at base + g * per_group; null: none
   std::vector<int64_t> offset;    // block b's first tile, from its group's start
   int64_t per_group = 0;
   static constexpr int64_t kTile = kBlock * kTrailPiece;
 };
+
+constexpr int64_t kTrailTilesBytes = int64_t(1) << 30;
 
 TrailTiles pack_trail_tiles(const double* u, int64_t groups, int64_t K) {
   TrailTiles tt;
@@ -268,6 +274,11 @@ TrailTiles pack_trail_tiles(const double* u, int64_t groups, int64_t K) {
     const int64_t k1 = std::min<int64_t>(K, (b + 1) * kBlock);
     tt.offset[size_t(b)] = tt.per_group;
     tt.per_group += (K - k1 + kTrailPiece - 1) / kTrailPiece * TrailTiles::kTile;
+  }
+  const char* env = std::getenv("CROSSBAR_TORCH_TRAIL_TILES");
+  if ((env != nullptr && env[0] == '0' && env[1] == '\0') ||
+      groups * tt.per_group * int64_t(sizeof(double)) > kTrailTilesBytes) {
+    return tt;  // no tiles: feedback_rows copies them as it goes
   }
   tt.store.resize(size_t(groups * tt.per_group + 8));
   double* base = tt.store.data();
@@ -290,6 +301,11 @@ TrailTiles pack_trail_tiles(const double* u, int64_t groups, int64_t K) {
   return tt;
 }
 
+// group g's tiles, or null where none were packed
+inline const double* tt_group(const TrailTiles& tt, int64_t g) {
+  return tt.base ? tt.base + g * tt.per_group : nullptr;
+}
+
 // feedback_row for n <= kRowsTogether filters of one group at once: column k is chosen in every
 // filter; the carries go as above. Each filter sees exactly feedback_row's operations on each
 // element in feedback_row's order (bit-identical results). U, which does not fit in cache on
@@ -302,6 +318,7 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
     const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
   double e[kRowsTogether][kBlock];
+  alignas(64) double own[TrailTiles::kTile];  // a block's tile, where none were packed
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kBlock);
     for (int64_t k = k0; k < k1; ++k) {
@@ -334,9 +351,14 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
       }
     }
     const int nb = int(k1 - k0);
-    const double* tile = tiles + tt.offset[size_t(k0 / kBlock)];
-    for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece, tile += TrailTiles::kTile) {
+    const double* tile = tiles ? tiles + tt.offset[size_t(k0 / kBlock)] : own;
+    for (int64_t j0 = k1; j0 < K; j0 += kTrailPiece, tile += tiles ? TrailTiles::kTile : 0) {
       const int64_t j1 = std::min<int64_t>(K, j0 + kTrailPiece);
+      if (!tiles) {
+        for (int kk = 0; kk < nb; ++kk) {
+          std::copy(u + (k0 + kk) * K + j0, u + (k0 + kk) * K + j1, own + kk * kTrailPiece);
+        }
+      }
 #ifdef XB_X86_VECTOR
       if constexpr (I == VectorIsa::kAvx512) {
         trail_avx512(rows, n, e, nb, tile, j0, j1);
@@ -451,7 +473,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
                          lam[size_t(o)]};
           }
           if (group < 0) break;  // every chain of this set has ended
-          feedback_rows(rows, n, up + group * K * K, tt, tt.base + group * tt.per_group, K,
+          feedback_rows(rows, n, up + group * K * K, tt, tt_group(tt, group), K,
                         fmt, codes);
           for (int64_t i = 0; i < c1 - c0; ++i) {
             if (cur[i] >= 0) prev[i] = cur[i], cur[i] = ch.succ[cur[i]];
@@ -475,7 +497,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
         rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr,
                      qp + o * K, nullptr, nullptr, nullptr, 0.0};
       }
-      feedback_rows(rows, n, up + g * K * K, tt, tt.base + g * tt.per_group, K, fmt, codes);
+      feedback_rows(rows, n, up + g * K * K, tt, tt_group(tt, g), K, fmt, codes);
     }
   });
   return q;
