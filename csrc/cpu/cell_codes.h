@@ -43,7 +43,8 @@ inline CellCodes make_cell_codes(const CompFormat& f) {
 
 // Cells whose b-bit fields differ between two packed words. Always inlined, so that a caller
 // compiled for the POPCNT instruction (target("popcnt")) counts with it, not with libgcc.
-inline __attribute__((always_inline)) int64_t cells_differing(uint64_t x, const CellCodes& t, int b) {
+inline __attribute__((always_inline)) int64_t cells_differing(uint64_t x,
+                                                               const CellCodes& t, int b) {
   uint64_t any = x;
   for (int s = 1; s < b; ++s) any |= x >> s;
   return __builtin_popcountll(any & t.lsb);

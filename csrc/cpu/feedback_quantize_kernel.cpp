@@ -1,14 +1,15 @@
 // feedback_quantize / CPU: rule 21, error-feedback programming targets. Filters (rows) are
 // independent given U, so they run in parallel; each sees feedback_row's arithmetic
-// (feedback_row.h, what the CUDA kernel runs), bit for bit, run blocked (feedback_rows). With rule 23's write penalty a filter is charged against
-// the cells its predecessor chose, so the chains run in parallel, each filter after its
-// predecessor.
+// (feedback_row.h, what the CUDA kernel runs), bit for bit, run blocked (feedback_rows), in
+// scalar, AVX2 or AVX-512 code (vector_isa.h). With rule 23's write penalty a filter is
+// charged against the cells its predecessor chose, so the chains run in parallel, each filter
+// after its predecessor.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <cmath>
+#include <cstdlib>
 #include <vector>
 
 #include "vector_isa.h"
@@ -42,9 +43,11 @@ constexpr int kRowsTogether = 32;
 
 // Rule 23 for a weight without held cells, as write_aware_allowed's `!held` branch computes it
 // (the same candidates, cost arithmetic and comparisons; visited nearest first, below), the
-// writes counted on the packed codes (cell_codes.h).
-inline __attribute__((always_inline)) int64_t write_aware_free(double t, const uint8_t* ref, double lambda, const CompFormat& f,
-                         const CellCodes& codes, uint8_t* cells) {
+// writes counted on the packed codes (cell_codes.h). Inlined into feedback_rows' variants, so
+// that the counts use the POPCNT instruction where they are built for it.
+inline __attribute__((always_inline)) int64_t write_aware_free(
+    double t, const uint8_t* ref, double lambda, const CompFormat& f, const CellCodes& codes,
+    uint8_t* cells) {
   const int64_t qmax = codes.qmax;
   const int64_t v0 = nearest_allowed(t, nullptr, 0u, f);
   const double e0 = t - double(v0);

@@ -3,7 +3,8 @@
 // Within one half of a sweep (the filters of even, then odd, chain depth) a filter's write
 // terms involve only filters of the other half, which do not move meanwhile: the filters of a
 // half run in parallel, each through its sorted positions in order, bit for bit what the
-// reference (feedback_reference.feedback_refine) computes.
+// reference (feedback_reference.feedback_refine) computes, in scalar, AVX2 or AVX-512 code
+// (vector_isa.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
