@@ -313,13 +313,14 @@ inline const double* tt_group(const TrailTiles& tt, int64_t g) {
 // filter; the carries go as above. Each filter sees exactly feedback_row's operations on each
 // element in feedback_row's order (bit-identical results). U, which does not fit in cache on
 // ViT-Base's layers (3072 x 3072 doubles), is read from memory once per block for the n
-// filters (its tiles: `tiles` is the group's, pack_trail_tiles). Inlined into each
+// filters (from group `group`'s tiles, pack_trail_tiles). Inlined into each
 // instruction-set variant below (the POPCNT instruction for rule 23's write counts; the
 // trail's width).
 template <VectorIsa I>
 inline __attribute__((always_inline)) void feedback_rows_impl(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
-    const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
+    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes) {
+  const double* tiles = tt_group(tt, group);  // null: none packed, copied as it goes below
   double e[kRowsTogether][kBlock];
   alignas(64) double own[TrailTiles::kTile];  // a block's tile, where none were packed
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
@@ -376,26 +377,26 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
   }
 }
 
-using RowsFn = void (*)(const FeedbackRowArgs*, int, const double*, const TrailTiles&,
-                        const double*, int64_t, const CompFormat&, const CellCodes&);
+using RowsFn = void (*)(const FeedbackRowArgs*, int, const double*, const TrailTiles&, int64_t,
+                        int64_t, const CompFormat&, const CellCodes&);
 
 void feedback_rows_plain(const FeedbackRowArgs* rows, int n, const double* u,
-                         const TrailTiles& tt, const double* tiles, int64_t K,
+                         const TrailTiles& tt, int64_t group, int64_t K,
                          const CompFormat& f, const CellCodes& codes) {
-  feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, tiles, K, f, codes);
+  feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, group, K, f, codes);
 }
 
 #ifdef XB_X86_VECTOR
 __attribute__((target("popcnt"))) void feedback_rows_avx2(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
-    const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
-  feedback_rows_impl<VectorIsa::kAvx2>(rows, n, u, tt, tiles, K, f, codes);
+    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes) {
+  feedback_rows_impl<VectorIsa::kAvx2>(rows, n, u, tt, group, K, f, codes);
 }
 
 __attribute__((target("avx512f,popcnt"))) void feedback_rows_avx512(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
-    const double* tiles, int64_t K, const CompFormat& f, const CellCodes& codes) {
-  feedback_rows_impl<VectorIsa::kAvx512>(rows, n, u, tt, tiles, K, f, codes);
+    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes) {
+  feedback_rows_impl<VectorIsa::kAvx512>(rows, n, u, tt, group, K, f, codes);
 }
 #endif
 
@@ -476,8 +477,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
                          lam[size_t(o)]};
           }
           if (group < 0) break;  // every chain of this set has ended
-          feedback_rows(rows, n, up + group * K * K, tt, tt_group(tt, group), K,
-                        fmt, codes);
+          feedback_rows(rows, n, up + group * K * K, tt, group, K, fmt, codes);
           for (int64_t i = 0; i < c1 - c0; ++i) {
             if (cur[i] >= 0) prev[i] = cur[i], cur[i] = ch.succ[cur[i]];
           }
@@ -500,7 +500,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
         rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr,
                      qp + o * K, nullptr, nullptr, nullptr, 0.0};
       }
-      feedback_rows(rows, n, up + g * K * K, tt, tt_group(tt, g), K, fmt, codes);
+      feedback_rows(rows, n, up + g * K * K, tt, g, K, fmt, codes);
     }
   });
   return q;
