@@ -33,8 +33,8 @@ import torch.nn as nn
 from .nn.calibration import calibrate
 from .config import CrossbarConfig
 from .nn.conversion import convert
-from .feedback import (collect_moments, layer_output_energies, layer_output_error,
-                       weight_error)
+from .feedback import layer_output_energies, layer_output_error, weight_error
+from .moments import collect_moments
 from .nn.modules import crossbar_layers
 from .programming import reprogram
 from .report import reprogram_report

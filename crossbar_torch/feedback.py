@@ -11,10 +11,10 @@ to stuck cells).
 
 The stages, one owner each:
 
-* ``collect_moments``: forward pre-hooks that accumulate ``E[x x^T]`` of every layer's inputs
-  (per group for grouped convolutions) while :func:`crossbar_torch.calibrate` runs the model;
-  stored as the layer's ``input_moment`` buffer (float32 ``(groups, K, K)``), so a saved model
-  can be reprogrammed without its calibration data;
+* ``moments.collect_moments``: forward pre-hooks that accumulate ``E[x x^T]`` of every layer's
+  inputs (per group for grouped convolutions) while :func:`crossbar_torch.calibrate` runs the
+  model; stored as the layer's ``input_moment`` buffer (float32 ``(groups, K, K)``), so a saved
+  model can be reprogrammed without its calibration data;
 * ``feedback_factor``: the upper Cholesky factor of the damped inverse moment;
 * ``feedback_targets``: the integer targets of one layer (the ``feedback_quantize`` op), which
   programming then writes with rule 13 (every chosen value is reachable, so the layer computes
@@ -22,14 +22,13 @@ The stages, one owner each:
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
 from . import ops
 from .packing import unpack_levels, unpack_mask
-from .errors import InvalidTensorError, ModelStateError
+from .errors import ModelStateError
+from .moments import column_block_width
 
 
 def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
@@ -214,104 +213,6 @@ def feedback_cells(layer, config, q: torch.Tensor) -> torch.Tensor:
     sorted_q = torch.gather(q.to(torch.int32).clamp(-qmax, qmax), 1, layer.long_sort_index().cpu())
     return ops.encode(sorted_q.contiguous(), config.weight_bits, config.bits_per_cell,
                       config.encoding_id).to(layer.cells.device)
-
-
-# ---- calibration: E[x x^T] of every layer's inputs --------------------------------------------
-
-def column_block_width(k: int) -> int:
-    """The width of the column blocks that products with ``H``'s upper triangle go by: 8 blocks,
-    down to 64 wide (the 3072-input layers' moment products in 1.8x less time than the whole
-    square)."""
-    return max(64, -(-k // 8))
-
-
-class MomentAccumulator:
-    """Sums of ``x x^T`` and sample counts of one layer, per group (rule 21): of each chunk of
-    at most 4096 rows, the upper triangle of the product, column block by column block, as
-    float32 matrix products (BLAS), each block added into a float64 sum; the lower triangle is
-    mirrored once, when the moment is read. A float64 product took twice as long (a third of
-    calibrating the ViT-Base-sized model) for a moment that is stored in float32 anyway, and
-    the full product (the lower triangle again, and twice the float64 additions) 1.5-1.8x as
-    long as the upper blocks."""
-
-    def __init__(self, groups: int, k: int):
-        # the blocks on and above the diagonal
-        self.sum = torch.zeros(groups, k, k, dtype=torch.float64)
-        self.count = 0
-        self.width = column_block_width(k)
-
-    def products(self, rows: torch.Tensor) -> list:
-        """The chunk products of ``rows`` ((N, groups * K) input rows of the layer, im2col rows
-        for a convolution): [([(k0, float32 (G, w, K - k0)), ...], rows in the chunk), ...],
-        the rows ``k0 .. k0 + w`` of each chunk's product from the diagonal on."""
-        g, k = self.sum.shape[0], self.sum.shape[1]
-        parts = []
-        for chunk in rows.detach().to("cpu", torch.float32).split(4096):
-            x = chunk.reshape(-1, g, k).transpose(0, 1)  # (G, n, K)
-            blocks = [(k0, x[:, :, k0:k0 + self.width].transpose(1, 2) @ x[:, :, k0:])
-                      for k0 in range(0, k, self.width)]
-            # a NaN / Inf input makes its row and column of the product non-finite
-            # (a block's diagonal, (G, w, K - k0), is that of its leading w x w square)
-            if not all(bool(torch.isfinite(p.diagonal(dim1=1, dim2=2)).all()) for _, p in blocks):
-                raise InvalidTensorError("calibrate: a layer input holds NaN or Inf (or values "
-                                         "whose square overflows float32)")
-            parts.append((blocks, chunk.shape[0]))
-        return parts
-
-    def add(self, parts: list) -> None:
-        """Sum the chunk products of one forward call (``products``)."""
-        for blocks, n in parts:
-            for k0, p in blocks:
-                self.sum[:, k0:k0 + p.shape[1], k0:] += p
-            self.count += n
-
-    def moment(self) -> torch.Tensor:
-        k = self.sum.shape[1]
-        upper = torch.ones(k, k, dtype=torch.bool).triu_()
-        full = torch.where(upper, self.sum, self.sum.transpose(1, 2))  # mirrored
-        return (full / max(self.count, 1)).to(torch.float32)
-
-
-@contextlib.contextmanager
-def collect_moments(layers):
-    """While active, every layer of ``layers`` ((name, layer) pairs) accumulates its inputs'
-    second moment; on a clean exit each stores it as its ``input_moment``. On an error the
-    layers keep the moments they had."""
-    accumulators, handles = {}, []
-    # Linear layers that read the same tensor (a transformer's query, key and value) read the
-    # same rows: their products are computed once. Shared only when the tensor still equals a
-    # copy taken with the products (an in-place change in between is seen, also under
-    # inference mode, which keeps no version counter); the copy costs 1 / K of the product.
-    last = {}
-
-    def hook(module, args):
-        x = args[0]
-        acc = accumulators.get(id(module))
-        if acc is None:
-            acc = accumulators[id(module)] = MomentAccumulator(module.moment_groups,
-                                                               module.cells.shape[1])
-        if (module.shares_input_rows and last.get("x") is x
-                and torch.equal(x, last["copy"])):
-            parts = last["parts"]
-        else:
-            parts = acc.products(module.input_rows(x))
-            last.clear()
-            if module.shares_input_rows:
-                last.update(x=x, copy=x.detach().clone(), parts=parts)
-        acc.add(parts)
-
-    for _, layer in layers:
-        handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        yield accumulators
-    finally:
-        last.clear()
-        for h in handles:
-            h.remove()
-    for _, layer in layers:
-        acc = accumulators.get(id(layer))
-        if acc is not None:
-            layer.input_moment = acc.moment().to(layer.cells.device)
 
 
 @torch.no_grad()

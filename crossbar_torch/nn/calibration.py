@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import InvalidTensorError, UserInputError
-from ..feedback import collect_moments, needs_moments, warn_output_errors
+from ..feedback import needs_moments, warn_output_errors
+from ..moments import collect_moments
 from .analog import calibrating
 from .gains import calibrate_gains, needs_gains
 from .record import no_crossbar_layers
