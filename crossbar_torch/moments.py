@@ -6,7 +6,8 @@ threads: rules 21, 23 and 24 choose levels by it, so a moment that moved with th
 moved the writes per pass (a multi-threaded BLAS product splits its sums differently for each
 thread count: MiniLM's preset counted 4,249,618 writes on one thread, 4,250,246 on two). Each
 product is therefore computed by one thread, and the threads share the products (the column
-blocks of every chunk of rows) instead of sharing each one."""
+blocks of every chunk of rows) instead of sharing each one; :func:`one_thread` keeps the factor
+of the moment (``feedback.feedback_factor``, LAPACK) to one thread likewise."""
 from __future__ import annotations
 
 import contextlib
@@ -24,8 +25,21 @@ def column_block_width(k: int) -> int:
     return max(64, -(-k // 8))
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Within: torch (its BLAS and LAPACK calls included) runs on the calling thread alone, so
+    that a result's rounding does not move with the thread count; on the way out the thread
+    count is what it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _on_one_thread(fn, args):
-    torch.set_num_threads(1)  # this thread's BLAS calls run on it alone
+    torch.set_num_threads(1)  # this worker's BLAS calls run on it alone
     return fn(*args)
 
 
@@ -50,9 +64,10 @@ class OneThreadEach:
     def map(self, fn, jobs: list) -> list:
         """``[fn(*job) for job in jobs]``, each call on one thread (the largest jobs first
         balance best)."""
+        if self.threads == 1 or len(jobs) < 2:
+            with one_thread():
+                return [fn(*job) for job in jobs]
         try:
-            if self.threads == 1 or len(jobs) < 2:
-                return [_on_one_thread(fn, job) for job in jobs]
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(self.threads,
                                                thread_name_prefix="crossbar-moments")
