@@ -28,7 +28,8 @@ import torch.nn as nn
 from . import ops
 from .packing import unpack_levels, unpack_mask
 from .errors import ModelStateError
-from .moments import column_block_width, one_thread
+from .moments import column_block_width
+from .threads import one_thread
 
 
 def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:

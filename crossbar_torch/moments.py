@@ -6,16 +6,14 @@ threads: rules 21, 23 and 24 choose levels by it, so a moment that moved with th
 moved the writes per pass (a multi-threaded BLAS product splits its sums differently for each
 thread count: MiniLM's preset counted 4,249,618 writes on one thread, 4,250,246 on two). Each
 product is therefore computed by one thread, and the threads share the products (the column
-blocks of every chunk of rows) instead of sharing each one; :func:`one_thread` keeps the factor
-of the moment (``feedback.feedback_factor``, LAPACK) to one thread likewise."""
+blocks of every chunk of rows) instead of sharing each one (``threads.OneThreadEach``)."""
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
 
 from .errors import InvalidTensorError
+from .threads import OneThreadEach
 
 
 def column_block_width(k: int) -> int:
@@ -23,60 +21,6 @@ def column_block_width(k: int) -> int:
     down to 64 wide (the 3072-input layers' moment products in 1.8x less time than the whole
     square)."""
     return max(64, -(-k // 8))
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Within: torch (its BLAS and LAPACK calls included) runs on the calling thread alone, so
-    that a result's rounding does not move with the thread count; on the way out the thread
-    count is what it was."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _on_one_thread(fn, args):
-    torch.set_num_threads(1)  # this worker's BLAS calls run on it alone
-    return fn(*args)
-
-
-class OneThreadEach:
-    """Runs independent products each on one thread, as many at once as torch has threads
-    (``torch.get_num_threads()`` when it is made), so that their bits do not depend on the
-    thread count. A context manager: worker threads (made at the first call with more than one
-    product) live while it is open; the model keeps its thread count."""
-
-    def __init__(self):
-        self.threads = torch.get_num_threads()
-        self.pool = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        if self.pool is not None:
-            self.pool.shutdown()
-            self.pool = None
-
-    def map(self, fn, jobs: list) -> list:
-        """``[fn(*job) for job in jobs]``, each call on one thread (the largest jobs first
-        balance best)."""
-        if self.threads == 1 or len(jobs) < 2:
-            with one_thread():
-                return [fn(*job) for job in jobs]
-        try:
-            if self.pool is None:
-                self.pool = ThreadPoolExecutor(self.threads,
-                                               thread_name_prefix="crossbar-moments")
-            futures = [self.pool.submit(_on_one_thread, fn, job) for job in jobs]
-            return [f.result() for f in futures]
-        finally:
-            # torch.set_num_threads(1) set BLAS to one thread for the whole process: give the
-            # model back the threads it runs with
-            torch.set_num_threads(self.threads)
 
 
 def _upper_block(x: torch.Tensor, k0: int, width: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import InvalidTensorError, UserInputError
+from ..threads import OneThreadEach, one_thread
 from .analog import latent_weights
 from .modules import CrossbarConv2d, crossbar_layers
 from .modules.state import layer_policy
@@ -86,7 +87,9 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
     with measuring(model, handles):
         for _, layer in layers:  # every layer's output in the graph, even of a frozen model
             layer.weight.requires_grad_(True)
-        with torch.enable_grad(), latent_weights():
+        # on one thread, as the probes below: the derivatives' rounding moved with the thread
+        # count, and the writes of a `filter_weight: gain` preset with it
+        with torch.enable_grad(), latent_weights(), one_thread():
             z = run(model)
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or not z.numel():
         raise InvalidTensorError("calibrate_gains: run(model) must return the model's output as "
@@ -103,15 +106,29 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
                               else layer.out_features, dtype=torch.float64,
                               device=layer.cells.device)
             for name, layer in layers}
-    for p, r in enumerate(rademacher_probes(z.shape, probes, seed)):
+    def probe_sums(r):
+        """One probe's sum_rows (d <Z, r> / d y[row, o])^2 of every layer call (None for a call
+        whose output does not reach Z), by one backward pass on one thread."""
         grads = torch.autograd.grad(z, [y for _, _, y in ys], grad_outputs=r.to(z),
-                                    retain_graph=p < probes - 1, allow_unused=True)
-        for (name, layer, y), g in zip(ys, grads):
-            if g is None:  # this call's output does not reach Z
-                continue
-            dim = 1 if isinstance(layer, CrossbarConv2d) else -1
-            g = g.detach().to(torch.float64).movedim(dim, -1)
-            sums[name] += g.reshape(-1, g.shape[-1]).square().sum(0).to(sums[name].device)
+                                    retain_graph=True, allow_unused=True)
+        out = []
+        for (_, layer, _), g in zip(ys, grads):
+            if g is not None:
+                dim = 1 if isinstance(layer, CrossbarConv2d) else -1
+                g = g.detach().to(torch.float64).movedim(dim, -1)
+                g = g.reshape(-1, g.shape[-1]).square().sum(0)
+            out.append(g)
+        return out
+
+    # the probes' backward passes run side by side, each on one thread (the threads share the
+    # probes, never one pass); their sums are added in probe order, as one thread would
+    with OneThreadEach() as threads:
+        per_probe = threads.map(probe_sums, [(r,) for r in
+                                             rademacher_probes(z.shape, probes, seed)])
+    for calls in per_probe:
+        for (name, _, _), g in zip(ys, calls):
+            if g is not None:
+                sums[name] += g.to(sums[name].device)
     for name, layer in layers:
         layer.output_gain = sums[name] / probes
     return {name: layer.output_gain.cpu() for name, layer in layers}

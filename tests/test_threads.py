@@ -1,11 +1,13 @@
-"""Rule 21's input moments do not depend on the number of threads (crossbar_torch/moments.py).
+"""Results that decide levels do not depend on the number of threads (crossbar_torch/threads.py).
 
-A multi-threaded BLAS product splits its sums differently for each thread count, so the moment,
-and with it the levels rules 21, 23 and 24 choose and the writes per pass, moved with the
-thread count (CI counted MiniLM's preset on two threads in the test and on one in the script it
-was held to). The products are now computed one per thread: every thread count gives the same
-bits, the model keeps its threads, and the worker threads are gone after calibration.
+A multi-threaded BLAS or LAPACK call splits its sums differently for each thread count, so rule
+21's moment and factor and rule 26's gains, and with them the levels rules 21, 23 and 24 choose
+and the writes per pass, moved with the thread count (CI counted MiniLM's preset on two threads
+in the test and on one in the script it was held to). Each such computation now runs on one
+thread, the threads sharing independent ones: every thread count gives the same bits, the model
+keeps its threads, and the worker threads are gone afterwards.
 """
+import os
 import threading
 
 import pytest
@@ -14,6 +16,7 @@ import torch.nn as nn
 
 import crossbar_torch as xb
 from crossbar_torch.moments import MomentAccumulator
+from conftest import REPO
 
 
 class _Encoder(nn.Module):
@@ -67,7 +70,7 @@ def test_every_thread_count_gives_the_same_moments_and_programming():
     xd = x.double()
     torch.testing.assert_close(one.a.input_moment[0].double(), xd.T @ xd / xd.shape[0],
                                rtol=1e-5, atol=1e-5)
-    assert not [t for t in threading.enumerate() if t.name.startswith("crossbar-moments")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("crossbar-one-thread")]
 
 
 def test_one_accumulator_alone_matches_the_calibrated_layer():
@@ -97,7 +100,7 @@ def test_a_failed_calibration_gives_the_threads_back():
         with pytest.raises(xb.errors.InvalidTensorError, match="NaN or Inf"):
             xb.calibrate(xmodel, torch.randn(5, 100))
         assert torch.get_num_threads() == 2
-        assert not [t for t in threading.enumerate() if t.name.startswith("crossbar-moments")]
+        assert not [t for t in threading.enumerate() if t.name.startswith("crossbar-one-thread")]
     finally:
         torch.set_num_threads(before)
 
@@ -125,3 +128,29 @@ def test_the_factor_is_the_same_for_every_thread_count():
     torch.testing.assert_close(u.T @ u @ hd, torch.eye(768, dtype=torch.float64),
                                rtol=0, atol=1e-9)
     assert torch.equal(u, u.triu())
+
+
+@pytest.mark.slow
+def test_gains_of_a_real_model_are_the_same_for_every_thread_count():
+    """Rule 26's gains (one forward, eight backward passes) of MiniLM-L6, whose backward passes
+    rounded differently on one and two threads (32 of its 37 layers' gains differed)."""
+    from crossbar_torch.apps.cli import sentence_encoder
+    from crossbar_torch.apps.frontier import feedback_sentences
+    from crossbar_torch.apps.models import load_model
+    cfg = xb.load_config(os.path.join(REPO, "configs", "minilm_best.yaml")).replace(
+        filter_weight="gain")
+    xmodel = xb.convert(load_model("minilm").eval(), cfg)
+    text, encode = feedback_sentences()[:32], sentence_encoder("minilm", grad=True)
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            got.append(xb.calibrate_gains(xmodel, run=lambda m: encode(m, text)))
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    for name, gains in got[0].items():  # the pooler does not reach the mean-pooled embedding
+        assert name == "pooler.dense" or bool((gains > 0).any()), name
+        assert torch.equal(gains, got[1][name]) and torch.equal(gains, got[2][name]), name
+    assert not [t for t in threading.enumerate() if t.name.startswith("crossbar-one-thread")]

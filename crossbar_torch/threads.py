@@ -1,0 +1,66 @@
+"""Results whose bits do not depend on the number of threads.
+
+A multi-threaded BLAS or LAPACK call splits its sums differently for each thread count, so its
+rounding moves with it; where such a result decides levels (rule 21's moments and factor, rule
+26's gains), the writes per pass moved with the thread count too. These helpers keep each such
+computation on one thread, and let the threads share independent computations instead."""
+from __future__ import annotations
+
+import contextlib
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Within: torch (its BLAS and LAPACK calls included) runs on the calling thread alone, so
+    that a result's rounding does not move with the thread count; on the way out the thread
+    count is what it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _on_one_thread(fn, args):
+    torch.set_num_threads(1)  # this worker's BLAS calls run on it alone
+    return fn(*args)
+
+
+class OneThreadEach:
+    """Runs independent computations each on one thread, as many at once as torch has threads
+    (``torch.get_num_threads()`` when it is made), so that their bits do not depend on the
+    thread count. A context manager: worker threads (made at the first call with more than one
+    job) live while it is open; the model keeps its thread count."""
+
+    def __init__(self):
+        self.threads = torch.get_num_threads()
+        self.pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
+
+    def map(self, fn, jobs: list) -> list:
+        """``[fn(*job) for job in jobs]``, each call on one thread (the largest jobs first
+        balance best)."""
+        if self.threads == 1 or len(jobs) < 2:
+            with one_thread():
+                return [fn(*job) for job in jobs]
+        try:
+            if self.pool is None:
+                self.pool = ThreadPoolExecutor(self.threads,
+                                               thread_name_prefix="crossbar-one-thread")
+            futures = [self.pool.submit(_on_one_thread, fn, job) for job in jobs]
+            return [f.result() for f in futures]
+        finally:
+            # torch.set_num_threads(1) set BLAS to one thread for the whole process: give the
+            # model back the threads it runs with
+            torch.set_num_threads(self.threads)
