@@ -43,13 +43,10 @@ def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
     # positive diagonal and U^T U = J L^-T L^-1 J = H^-1, so it is the factor (which is
     # unique). One factorisation and one triangular inverse, instead of factorising H, inverting
     # it and factorising the inverse: half the time on a 3072-input layer. Each LAPACK / BLAS
-    # call on one thread: the factor's rounding moved with the thread count. The factorisation
-    # alone (0.28 s against 0.16 s on two threads, 3072 inputs); the inverse's halves and
-    # products side by side (one thread each), as fast as on two threads.
-    with one_thread():
-        lower = torch.linalg.cholesky(h.flip(-1, -2))
+    # call on one thread (the factor's rounding moved with the thread count), the threads
+    # sharing the products of both by halves.
     with OneThreadEach() as threads:
-        inverse = lower_inverse(lower, threads=threads)
+        inverse = inverse_factor(h.flip(-1, -2), threads)
     return inverse.flip(-1, -2).contiguous()
 
 
@@ -65,32 +62,36 @@ def damped_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:
     return h
 
 
-def lower_inverse(lower: torch.Tensor, leaf: int = 256, threads=None) -> torch.Tensor:
-    """``L^-1`` of lower triangular ``L`` (float64 (G, K, K)), by halves: with
-    ``L = [[A, 0], [B, C]]``, ``L^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]``. A triangular solve
-    against the identity does K^3 multiply-adds where the inverse needs a third of that; halving
-    down to ``leaf`` rows puts most of the rest in matrix products: 1.7x faster on a 3072-input
-    layer, the same matrix to float64's rounding. ``threads`` (a ``threads.OneThreadEach``):
-    the top level's two halves, then each product in two halves, side by side, one thread each
-    (the same jobs on every thread count, so the same bits); None: on the calling thread."""
-    k = lower.shape[-1]
+def inverse_factor(h: torch.Tensor, threads, leaf: int = 256) -> torch.Tensor:
+    """``L^-1`` (float64 (G, K, K)) of the Cholesky factor of ``h`` (``L L^T = h``, symmetric
+    positive definite), by halves: with ``h = [[P, Q^T], [Q, R]]`` and ``L = [[A, 0], [B, C]]``,
+    ``A A^T = P``, ``B = Q A^-T``, ``C C^T = R - B B^T`` and ``L^-1 = [[A^-1, 0], [-C^-1 B A^-1,
+    C^-1]]``; up to ``leaf`` rows LAPACK's factor and a triangular solve against the identity,
+    on one thread. The halving puts most of the work in matrix products (a triangular solve
+    against the identity does K^3 multiply-adds where the inverse needs a third of that), and
+    every product goes in two halves, side by side on ``threads`` (a ``threads.OneThreadEach``):
+    the same jobs on every thread count, so the same bits. On two threads about as fast as
+    LAPACK's factor of the whole matrix and its inverse by halves, each on two threads (0.59 s
+    against 0.49-0.58 s, 3072 inputs; on one thread the factor alone took 0.28 s, 0.16 s on
+    two)."""
+    k = h.shape[-1]
     if k <= leaf:
-        eye = torch.eye(k, dtype=lower.dtype).expand_as(lower)
-        return torch.linalg.solve_triangular(lower, eye, upper=False)
+        eye = torch.eye(k, dtype=h.dtype).expand_as(h)
+        with one_thread():
+            return torch.linalg.solve_triangular(torch.linalg.cholesky(h), eye, upper=False)
     m = k // 2
-    halves, b = [(lower[:, :m, :m], leaf), (lower[:, m:, m:], leaf)], lower[:, m:, :m]
-    if threads is None:
-        a_inv, c_inv = (lower_inverse(*half) for half in halves)
-        off = c_inv @ (b @ a_inv)
-    else:
-        a_inv, c_inv = threads.map(lower_inverse, halves)
-        n, r = m // 2, (k - m) // 2  # B A^-1 by column halves, then C^-1 (B A^-1) by row halves
-        t = torch.cat(threads.map(torch.matmul, [(b, a_inv[:, :, :n]), (b, a_inv[:, :, n:])]), 2)
-        off = torch.cat(threads.map(torch.matmul, [(c_inv[:, :r], t), (c_inv[:, r:], t)]), 1)
-    out = torch.zeros_like(lower)
+    r = (k - m) // 2  # the rows of Q, B and C^-1 in two halves
+
+    def by_rows(x, y):  # x @ y, x's rows in two halves
+        return torch.cat(threads.map(torch.matmul, [(x[:, :r], y), (x[:, r:], y)]), 1)
+
+    a_inv = inverse_factor(h[:, :m, :m], threads, leaf)
+    b = by_rows(h[:, m:, :m], a_inv.mT)
+    c_inv = inverse_factor(h[:, m:, m:] - by_rows(b, b.mT), threads, leaf)
+    out = torch.zeros_like(h)
     out[:, :m, :m] = a_inv
     out[:, m:, m:] = c_inv
-    out[:, m:, :m] = -off
+    out[:, m:, :m] = -by_rows(c_inv, by_rows(b, a_inv))
     return out
 
 
