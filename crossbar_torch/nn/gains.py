@@ -88,7 +88,9 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
         for _, layer in layers:  # every layer's output in the graph, even of a frozen model
             layer.weight.requires_grad_(True)
         # on one thread, as the probes below: the derivatives' rounding moved with the thread
-        # count, and the writes of a `filter_weight: gain` preset with it
+        # count, and the writes of a `filter_weight: gain` preset with it (sharing the threads
+        # among the crossbar layers' products, as calibrate does, was not enough: the model's
+        # own ops under autograd rounded differently too)
         with torch.enable_grad(), latent_weights(), one_thread():
             z = run(model)
     if not isinstance(z, torch.Tensor) or not z.is_floating_point() or not z.numel():
