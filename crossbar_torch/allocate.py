@@ -35,6 +35,7 @@ from .config import CrossbarConfig
 from .nn.conversion import convert
 from .feedback import layer_output_energies, layer_output_error, weight_error
 from .moments import collect_moments
+from .threads import sharing_threads
 from .nn.modules import crossbar_layers
 from .programming import reprogram
 from .report import reprogram_report
@@ -77,7 +78,7 @@ def measure(model: nn.Module, base: CrossbarConfig, setting: dict,
     else:  # the moments only, to measure the error (programming does not read them)
         was = xm.training
         xm.eval()
-        with collect_moments(layers):
+        with collect_moments(layers), sharing_threads():  # as calibrate runs it
             run(xm)
         xm.train(was)
     rep = reprogram_report(xm).to_dict()
