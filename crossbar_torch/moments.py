@@ -10,6 +10,7 @@ blocks of every chunk of rows) instead of sharing each one (``threads.OneThreadE
 from __future__ import annotations
 
 import contextlib
+
 import torch
 
 from .errors import InvalidTensorError

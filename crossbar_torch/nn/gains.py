@@ -122,11 +122,15 @@ def calibrate_gains(model: nn.Module, run, probes: int = GAIN_PROBES,
             out.append(g)
         return out
 
-    # the probes' backward passes run side by side, each on one thread (the threads share the
-    # probes, never one pass); their sums are added in probe order, as one thread would
-    with OneThreadEach() as threads:
-        per_probe = threads.map(probe_sums, [(r,) for r in
-                                             rademacher_probes(z.shape, probes, seed)])
+    # on the host the probes' backward passes run side by side, each on one thread (the threads
+    # share the probes, never one pass); their sums are added in probe order, as one thread
+    # would (a GPU's passes do not depend on the host's threads: one after the other)
+    jobs = [(r,) for r in rademacher_probes(z.shape, probes, seed)]
+    if z.device.type == "cpu":
+        with OneThreadEach() as threads:
+            per_probe = threads.map(probe_sums, jobs)
+    else:
+        per_probe = [probe_sums(*job) for job in jobs]
     for calls in per_probe:
         for (name, _, _), g in zip(ys, calls):
             if g is not None:
