@@ -1,11 +1,12 @@
 """Results that decide levels do not depend on the number of threads (crossbar_torch/threads.py).
 
-A multi-threaded BLAS or LAPACK call splits its sums differently for each thread count, so rule
-21's moment and factor and rule 26's gains, and with them the levels rules 21, 23 and 24 choose
-and the writes per pass, moved with the thread count (CI counted MiniLM's preset on two threads
-in the test and on one in the script it was held to). Each such computation now runs on one
-thread, the threads sharing independent ones: every thread count gives the same bits, the model
-keeps its threads, and the worker threads are gone afterwards.
+A multi-threaded BLAS, LAPACK or oneDNN call splits its sums differently for each thread
+count, so rule 21's moment and factor, rule 26's gains and the layer outputs a calibration
+reads, and with them the levels rules 21, 23 and 24 choose and the writes per pass, moved with
+the thread count (CI counted MiniLM's preset on two threads in the test and on one in the
+script it was held to). Each such computation now runs on one thread, the threads sharing
+independent ones: every thread count gives the same bits, the model keeps its threads, and the
+worker threads are gone afterwards.
 """
 import os
 import threading
