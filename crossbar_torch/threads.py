@@ -96,6 +96,13 @@ def shared():
     return _SHARED[-1] if _SHARED else None
 
 
+def splits(x: torch.Tensor) -> bool:
+    """Whether a crossbar layer computes its product of ``x`` with :func:`in_halves`: within
+    :func:`sharing_threads`, on the host (a GPU's bits do not depend on the host's threads, and
+    its streams are per thread)."""
+    return shared() is not None and x.device.type == "cpu"
+
+
 def in_halves(fn, x: torch.Tensor, *args) -> torch.Tensor:
     """``fn(x, *args)`` with ``x``'s first dimension in two halves (one part under two rows),
     each on one thread of :func:`shared` (which must be active), the parts concatenated."""
