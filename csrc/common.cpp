@@ -17,6 +17,12 @@ void check_levels_fit(int64_t max_level, int64_t bits_per_cell, const char* op,
               " holds levels in [0, ", (int64_t(1) << bits_per_cell) - 1, "]");
 }
 
+void check_pinned_fit(int64_t max_pinned, int64_t bits_per_cell) {
+  const int64_t top = (int64_t(1) << bits_per_cell) - 1;
+  TORCH_CHECK(max_pinned <= top, "crossbar_torch.program_layer: pinned levels must be in [0, ",
+              top, "] or 255 (not pinned)");
+}
+
 void check_levels(const at::Tensor& cells, int64_t bits_per_cell, const char* op,
                   const char* name) {
   if (cells.numel() == 0 || bits_per_cell >= 8) return;  // uint8 holds nothing beyond 255

@@ -108,10 +108,15 @@ ProgramLayout check_program_layer(const at::Tensor& cells, const at::Tensor& fil
   if (pinned.numel() != 0) {
     TORCH_CHECK(pinned.sizes() == cells.sizes(), "crossbar_torch.program_layer: pinned must be "
                 "empty or have the shape of cells ", cells.sizes(), ", got ", pinned.sizes());
-    const int64_t top = (int64_t(1) << bits_per_cell) - 1;
-    TORCH_CHECK(!at::logical_and(at::gt(pinned, top), at::ne(pinned, 255)).any().item<bool>(),
-                "crossbar_torch.program_layer: pinned levels must be in [0, ", top,
-                "] or 255 (not pinned)");
+    // the CPU kernel checks the levels in its first pass over the cells: these three
+    // full-size temporaries cost as much as programming the layer's stuck cells
+    if (!pinned.is_cpu()) {
+      const int64_t top = (int64_t(1) << bits_per_cell) - 1;
+      check_pinned_fit(
+          at::logical_and(at::gt(pinned, top), at::ne(pinned, 255)).any().item<bool>() ? top + 1
+                                                                                       : 0,
+          bits_per_cell);
+    }
   }
 
   L.F = cols / c;

@@ -484,7 +484,9 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
     }
     a.allowed[w] = allowed;
     any_held |= cov & ~allowed;
-    any_pinned |= cov & a.stuck[w];
+    // a known level matters only where a stuck cell is written now (its first write, when
+    // stuck cells take one): a held cell keeps its level whatever the target says
+    any_pinned |= allowed & a.stuck[w];
   }
   const bool pin = a.pinned != nullptr && any_pinned != 0;
   const bool comp = a.comp_slices > 0 && any_held != 0;
@@ -495,10 +497,10 @@ XB_HD void program_tile_row(const TileRowArgs& a, int64_t* rs) {
   }
   // The loops below walk set bits in increasing column order and track the slot a column lies
   // in by stepping over whole slots (no division per cell).
-  if (pin) {  // cells on stuck positions whose level is already known take that level
+  if (pin) {  // stuck cells written now whose level is already known take that level
     int64_t slot = 0, col0 = 0;  // slot of the current column, and its first column
     for (int64_t w = 0; w < a.nw; ++w) {
-      for (uint64_t m = a.covered[w] & a.stuck[w]; m; m &= m - 1) {
+      for (uint64_t m = a.allowed[w] & a.stuck[w]; m; m &= m - 1) {
         const int64_t col = w * 64 + ctz64(m);
         while (col >= col0 + a.c) {
           ++slot;

@@ -120,25 +120,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> program_layer_cpu(
   // on an oversubscribed machine).
   const int64_t ncells = cells.numel();
   const bool small = ncells < (int64_t(1) << 21);
-  // One pass over the cells before anything is mutated: the largest level (validation) and
-  // the effective cells' starting point, a copy of the targets (cells that end on another
-  // level are patched while programming).
+  // One pass over the cells before anything is mutated: the largest level of the targets and
+  // of the pinned levels other than 255 (validation), and the effective cells' starting
+  // point, a copy of the targets (cells that end on another level are patched while
+  // programming).
   at::Tensor eff = at::empty_like(cells);
+  const at::Tensor pinned = pinned_in.numel() ? pinned_in.contiguous() : pinned_in;
   {
     const uint8_t* cp = cells.const_data_ptr<uint8_t>();
+    const uint8_t* pp = pinned.numel() ? pinned.const_data_ptr<uint8_t>() : nullptr;
     uint8_t* ep = eff.mutable_data_ptr<uint8_t>();
-    const uint8_t max_level = at::parallel_reduce(
-        0, ncells, small ? std::max<int64_t>(ncells, 1) : (int64_t(1) << 20), uint8_t(0),
-        [&](int64_t b, int64_t e, uint8_t acc) {
+    // (target max, pinned max): 16 bits each, reduced as one integer pair
+    const uint32_t maxes = at::parallel_reduce(
+        0, ncells, small ? std::max<int64_t>(ncells, 1) : (int64_t(1) << 20), uint32_t(0),
+        [&](int64_t b, int64_t e, uint32_t acc) {
           std::memcpy(ep + b, cp + b, size_t(e - b));
-          for (int64_t i = b; i < e; ++i) acc = std::max(acc, cp[i]);
-          return acc;
+          uint8_t mc = uint8_t(acc & 0xFF), mp = uint8_t(acc >> 16);
+          for (int64_t i = b; i < e; ++i) mc = std::max(mc, cp[i]);
+          if (pp) {  // level + 1, wrapping: 255 (not pinned) counts as 0 (vectorizes)
+            for (int64_t i = b; i < e; ++i) mp = std::max(mp, uint8_t(pp[i] + 1));
+          }
+          return uint32_t(mc) | (uint32_t(mp) << 16);
         },
-        [](uint8_t x, uint8_t y) { return std::max(x, y); });
-    check_levels_fit(max_level, bits_per_cell);
+        [](uint32_t x, uint32_t y) {
+          return uint32_t(std::max(x & 0xFF, y & 0xFF)) | (std::max(x >> 16, y >> 16) << 16);
+        });
+    check_levels_fit(int64_t(maxes & 0xFF), bits_per_cell);
+    check_pinned_fit(int64_t(maxes >> 16) - 1, bits_per_cell);
   }
   const at::Tensor stuck = stuck_in.contiguous();
-  const at::Tensor pinned = pinned_in.numel() ? pinned_in.contiguous() : pinned_in;
   const int64_t K = L.K, c = L.c, pool = L.pool, words = L.words, F = L.F, nb = L.n_blocks;
   const int planes = int(L.planes);
   const int64_t nstat = kNumStats + L.S;
