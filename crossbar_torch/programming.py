@@ -9,8 +9,6 @@ programming (pool) -> layer (held cells, stuck cells, tile order).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -18,7 +16,6 @@ import torch.nn as nn
 from . import ops
 from .config import COUNTING_FIELDS, CrossbarConfig
 from .errors import ConfigError, ModelStateError
-from .ops import STAT_NAMES
 from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .heap import release_free_memory
@@ -29,7 +26,8 @@ from .nn.modules.state import feedback_active, policy_name
 from .nn.record import no_crossbar_layers
 from .quantization import check_weight
 from .noise import program_noise
-from .wear import CellStats, cell_stats, shift_frame
+from .counts import PassCounts, ProgramResult  # noqa: F401 (re-exported)
+from .wear import cell_stats, shift_frame
 
 NOT_PINNED = 255  # program_layer's `pinned` level for a cell whose held level is not known
 
@@ -131,6 +129,17 @@ class CrossbarPool:
         self.next_tile += layer_tiles(cells.shape[0], cells.shape[1], cfg)
         return eff, stats.cpu(), used.cpu(), t0
 
+    def all_written(self, geom: LayerGeometry) -> bool:
+        """Whether every cell a layer's tiles can cover (the first ``min(k, rows)`` rows and
+        ``F * c`` columns of every crossbar) has been written: a stuck cell takes a level only
+        on its first write (``stuck_value='initial'``), so from then on the levels known for
+        stuck cells change nothing and need not be built. Answered on the host only (False
+        on a GPU, where asking would wait for the device)."""
+        if self.written.device.type != "cpu":
+            return False
+        bits = unpack_bits(self.written[:, :min(geom.k, geom.rows)], self.config.cols)
+        return bool(bits[..., :geom.F * geom.c].all())
+
     def layer_stuck(self, geom: LayerGeometry, filter_index: torch.Tensor, order: torch.Tensor,
                     t0: int, layer_config: CrossbarConfig | None = None) -> torch.Tensor:
         """Which cells of a layer (sorted order) sit on stuck physical cells (of the layer's
@@ -154,67 +163,6 @@ class CrossbarPool:
         if result is None:
             return pack_mask(torch.zeros(geom.out, geom.k, geom.c, dtype=torch.bool))
         return result
-
-
-@dataclass
-class PassCounts:
-    writes: int = 0
-    sets: int = 0
-    resets: int = 0
-    pulses: int = 0
-    rows_programmed: int = 0
-    set_pulses: int = 0
-    per_slice: list = field(default_factory=list)
-
-    @property
-    def reset_pulses(self) -> int:
-        return self.pulses - self.set_pulses
-
-    def per_pass(self, passes: int) -> "PassCounts":
-        """These totals over ``passes`` passes as averages per pass (exact quotients; the same
-        integers when ``passes`` is 1)."""
-        if passes == 1:
-            return self
-        return PassCounts(*(getattr(self, f) / passes for f in
-                            ("writes", "sets", "resets", "pulses", "rows_programmed",
-                             "set_pulses")), [v / passes for v in self.per_slice])
-
-    def add(self, stats: torch.Tensor) -> None:
-        v = [int(x) for x in stats.tolist()]
-        self.writes += v[0]
-        self.sets += v[1]
-        self.resets += v[2]
-        self.pulses += v[3]
-        self.rows_programmed += v[4]
-        self.set_pulses += v[5]
-        sl = v[len(STAT_NAMES):]
-        if not self.per_slice:
-            self.per_slice = [0] * len(sl)
-        self.per_slice = [a + b for a, b in zip(self.per_slice, sl)]
-
-
-@dataclass
-class ProgramResult:
-    """Counts of one programming of a model: the initial programming, then the steady passes of
-    one wear-levelling period (rules 8 and 14; one pass without wear levelling)."""
-    config: CrossbarConfig
-    tiles: int = 0
-    initial: PassCounts = field(default_factory=PassCounts)
-    period: int = 1
-    period_total: PassCounts = field(default_factory=PassCounts)
-    # {name, kind, shape, tiles, initial_writes, writes_per_pass, tile_order, cell_stats}
-    layers: list = field(default_factory=list)
-    cells: CellStats = field(default_factory=CellStats)  # rule 15, over the whole pool
-    crossbar_max: list = field(default_factory=list)  # max writes per pass of each crossbar
-
-    @property
-    def per_pass(self) -> PassCounts:
-        """Steady-state counts per pass: the period's totals over its passes."""
-        return self.period_total.per_pass(self.period)
-
-    @property
-    def max_cell_writes_per_pass(self):
-        return int(self.cells.max) if self.period == 1 else self.cells.max
 
 
 def _check_config(layers, config):
@@ -243,9 +191,11 @@ def identity_index(out: int, k: int, device=None) -> torch.Tensor:
 
 
 def layer_targets(layer, config: CrossbarConfig, baseline: bool,
-                  feedback: torch.Tensor | None = None, check_values: bool = True):
+                  feedback: torch.Tensor | None = None, check_values: bool = True,
+                  pool: CrossbarPool | None = None):
     """Target levels of a layer in programming order, and the levels already known for its
-    cells on stuck positions (or None).
+    cells on stuck positions (or None; None too when ``pool``, the crossbars it goes onto, has
+    written every cell it can cover: no stuck cell takes a level now, ``all_written``).
 
     * ``baseline``: unsorted (identity index), as rule 10's baseline programs them.
     * otherwise: sorted through the layer's fixed index; a cell already known to be stuck
@@ -264,7 +214,8 @@ def layer_targets(layer, config: CrossbarConfig, baseline: bool,
         target = feedback_cells(layer, config, feedback)
     else:
         target = layer.target_cells(check_values=check_values)
-    if not layer.stuck.numel():
+    if not layer.stuck.numel() or (pool is not None and pool.all_written(
+            LayerGeometry.of(target.shape[0], target.shape[1], config))):
         return target, None
     # transient copies (unpacked), changed in place: on the ViT-Base-sized model each is 1.2G
     # cells a pass, and each full-size temporary not written is a second of a reprogramming
@@ -336,7 +287,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                     # programming left), kept for the later passes
                     feedback[i] = feedback_targets(layer, lcfg, factors).to(torch.int16)
                 target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i),
-                                               check_values=pass_no == 0)
+                                               check_values=pass_no == 0, pool=pool)
                 if pass_no == 0 and target.numel() <= budget:
                     cached[i] = (target, pinned)
                     budget -= target.numel() * (2 if pinned is not None else 1)

@@ -488,3 +488,64 @@ def test_layer_targets_leave_the_stored_cells_as_they_are(bits_per_cell, compens
                                                    torch.full_like(held, NOT_PINNED)))
         else:
             assert pinned is None and torch.equal(target, torch.where(stuck_cells, held, plain))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cfg=mapping_configs, seed=st.integers(0, 1000))
+def test_skipping_known_levels_once_every_cell_is_written_changes_nothing(cfg, seed):
+    """A reprogramming (after the weights moved, as after fine-tuning) leaves out the stuck
+    cells' known levels for a layer once the pool has written every cell the layer can cover
+    (``CrossbarPool.all_written``): a stuck cell takes a level only on its first write. The
+    cells, stuck flags and counts must be those of building the levels for every layer."""
+    from crossbar_torch.programming import CrossbarPool
+    config = make_config(dict(cfg["base"], stuck_value="initial")).replace(
+        filter_order=cfg["filter_order"], schedule=cfg["schedule"],
+        schedule_window=cfg["schedule_window"], compensate=cfg["compensate"])
+    if not config.stucking:
+        config = config.replace(stuck_slices=1, reprogram_fraction=0.3)
+    g = torch.Generator().manual_seed(seed)
+    models = []
+    answers = []
+    real = CrossbarPool.all_written
+    for always_build in (False, True):
+        xm = xb.convert(small_model(seed), config)
+        with torch.no_grad():
+            for p in xm.parameters():
+                p.add_(torch.randn(p.shape, generator=g.manual_seed(seed)) * p.abs().mean())
+
+        def spy(pool, geom, always_build=always_build):
+            answers.append(real(pool, geom))
+            return False if always_build else answers[-1]
+
+        CrossbarPool.all_written = spy
+        try:
+            result = xb.reprogram(xm)
+        finally:
+            CrossbarPool.all_written = real
+        models.append((xm, result))
+    (a, ra), (b, rb) = models
+    for (_, la), (_, lb) in zip(xb.crossbar_layers(a), xb.crossbar_layers(b)):
+        assert torch.equal(la.cells, lb.cells) and torch.equal(la.stuck, lb.stuck)
+    assert ra.initial == rb.initial and ra.period_total == rb.period_total
+    assert [e["writes_per_pass"] for e in ra.layers] == [e["writes_per_pass"] for e in rb.layers]
+    assert answers  # the pool was asked (every layer with stuck cells asks)
+
+
+def test_all_written_says_when_every_covered_cell_was_written():
+    """The shortcut's condition, by hand: a pool that has programmed one layer covering every
+    row and slot has written its cells (that layer's geometry), not those of a layer with more
+    rows; a fresh pool has written nothing."""
+    from crossbar_torch.mapping import LayerGeometry
+    from crossbar_torch.programming import CrossbarPool
+    cfg = xb.CrossbarConfig(rows=4, cols=16, weight_bits=4, bits_per_cell=1,
+                            encoding="offset", stuck_slices=1, reprogram_fraction=0.5)
+    pool = CrossbarPool(cfg)
+    geom = LayerGeometry.of(4, 4, cfg)  # 4 filters of 4 cells: 4 slots of 16 columns
+    assert geom.F * geom.c == 16 and not pool.all_written(geom)
+    cells = torch.ones(4, 4, cfg.cells_per_weight, dtype=torch.uint8)
+    pool.program(cells, torch.arange(4), None, None, count_cells=False)
+    assert pool.all_written(geom)
+    assert pool.all_written(LayerGeometry.of(2, 3, cfg))  # fewer rows and slots: within
+    pool = CrossbarPool(cfg)
+    pool.program(cells[:, :3], torch.arange(4), None, None, count_cells=False)  # 3 rows
+    assert not pool.all_written(geom) and pool.all_written(LayerGeometry.of(4, 3, cfg))
