@@ -259,7 +259,10 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
     feedback = {}  # rule 21's integers per layer, int16 (out, K)
-    factors = FactorCache()  # rule 21: query, key and value share one factor
+    # rule 21: query, key and value share one factor; the next of a shape is computed beside
+    factors = FactorCache([] if baseline else [
+        (layer.input_moment, cfg.feedback_damp) for name, layer in layers
+        for cfg in [run_cfg.for_layer(policy_name(layer, name))] if feedback_active(layer, cfg)])
     orders = {}
     period = result.period = run_cfg.wear_period
     shape = tuple(pool.cell_writes.shape)

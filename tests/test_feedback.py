@@ -738,6 +738,45 @@ def test_factor_cache_gives_the_last_factor_only_for_an_equal_moment_and_damping
         u = got
 
 
+def test_factors_side_by_side_are_the_factors_one_at_a_time():
+    """``feedback_factors`` (each factor on one thread from end to end, two at once) gives
+    ``feedback_factor``'s bits (each product's halves side by side): the same products. Sizes
+    past the 256-row leaf, so the halving runs; groups; an empty moment."""
+    g = torch.Generator().manual_seed(11)
+    moments = []
+    for groups, k in ((1, 300), (2, 520), (1, 7), (1, 0)):
+        x = torch.randn(2 * k + 3, groups, k, generator=g).relu()
+        moments.append(torch.einsum("ngk,ngl->gkl", x, x) / (2 * k + 3))
+    for got, m in zip(feedback.feedback_factors(moments, 0.01), moments):
+        assert torch.equal(got, feedback_factor(m, 0.01))
+
+
+def test_factor_cache_computes_the_next_factor_of_a_shape_beside_and_gives_it_later():
+    """With a plan (the layers' moments in programming order), a factor is computed beside the
+    next planned one of its shape that has another factor; every factor given is
+    ``feedback_factor``'s, equal moments share one, and a moment off the plan still gets its
+    own."""
+    g = torch.Generator().manual_seed(6)
+
+    def moment(k):
+        x = torch.randn(3 * k, 1, k, generator=g)
+        return torch.einsum("ngk,ngl->gkl", x, x) / (3 * k)
+
+    a, b, c, d, e = moment(9), moment(9), moment(13), moment(9), moment(13)
+    a2 = a.clone()  # the key's moment after the query's
+    plan = [(a, 0.01), (a2, 0.01), (b, 0.01), (c, 0.01), (d, 0.01), (e, 0.01), (b, 0.1)]
+    cache = feedback.FactorCache(plan)
+    ua = cache.factor(a, 0.01)
+    assert torch.equal(ua, feedback_factor(a, 0.01))
+    assert set(cache.ahead) == {id(b)}  # a's partner: b (a2 is equal to a)
+    assert cache.factor(a2, 0.01) is ua
+    for m, damp in plan[2:]:
+        assert torch.equal(cache.factor(m, damp), feedback_factor(m, damp))
+    assert not cache.ahead  # c went with e, d alone, b at 0.1 alone: none left over
+    off = moment(9)
+    assert torch.equal(cache.factor(off, 0.01), feedback_factor(off, 0.01))
+
+
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 203, 700])
 def test_quadratic_forms_from_the_upper_blocks(k):
     """r^T H r of every row, the part right of each block's square counted twice, against the
