@@ -77,9 +77,9 @@ class MomentAccumulator:
 
     def moment(self) -> torch.Tensor:
         k = self.sum.shape[1]
-        upper = torch.ones(k, k, dtype=torch.bool).triu_()
-        full = torch.where(upper, self.sum, self.sum.transpose(1, 2))  # mirrored
-        return (full / max(self.count, 1)).to(torch.float32)
+        # divided and rounded first, then mirrored: the same bits in half the bytes moved
+        m = (self.sum / max(self.count, 1)).to(torch.float32)
+        return torch.where(torch.ones(k, k, dtype=torch.bool).triu_(), m, m.transpose(1, 2))
 
 
 @contextlib.contextmanager
