@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .config import CrossbarConfig
 from .ops import STAT_NAMES
 from .wear import CellStats

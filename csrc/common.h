@@ -275,11 +275,11 @@ void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
 void check_effective_weight_values(const at::Tensor& cells, const at::Tensor& index,
                                    int64_t bits_per_cell);
 
+// Error unless program_layer's pinned levels are in [0, 2^b - 1] or 255 (max_pinned: the
+// largest level other than 255, -1 when there is none).
+void check_pinned_fit(int64_t max_pinned, int64_t bits_per_cell);
 // Error unless every cell level fits in bits_per_cell bits (max_level: the largest level of
 // the tensor `name` given to `op`).
-// pinned levels (program_layer) are in [0, 2^b - 1] or 255: `max_pinned` is the largest
-// level other than 255
-void check_pinned_fit(int64_t max_pinned, int64_t bits_per_cell);
 void check_levels_fit(int64_t max_level, int64_t bits_per_cell, const char* op = "program_layer",
                       const char* name = "cells");
 
