@@ -35,19 +35,23 @@ from .threads import OneThreadEach, one_thread
 def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
     """U (float64 (G, K, K)): ``U^T U = (H + lambda I)^-1`` with ``U`` upper triangular, for each
     group's ``H`` (float32 (G, K, K)). An input never seen (``H[k, k] == 0``) gets ``H[k, k] = 1``
-    (its weight carries no error onward); ``lambda = damp * mean(diag H)`` per group."""
+    (its weight carries no error onward); ``lambda = damp * mean(diag H)`` per group. Each
+    LAPACK / BLAS call on one thread (the factor's rounding moved with the thread count), the
+    threads sharing the products by halves."""
+    with OneThreadEach() as threads:
+        return _factor(moment, damp, threads)
+
+
+def _factor(moment: torch.Tensor, damp: float, threads) -> torch.Tensor:
+    """``feedback_factor``, its products' halves run by ``threads`` (``inverse_factor``)."""
     h = damped_moment(moment, damp)
     if h.shape[-1] == 0:
         return h
     # With J the order reversal and J H J = L L^T (Cholesky), U = J L^-1 J: upper triangular,
     # positive diagonal and U^T U = J L^-T L^-1 J = H^-1, so it is the factor (which is
     # unique). One factorisation and one triangular inverse, instead of factorising H, inverting
-    # it and factorising the inverse: half the time on a 3072-input layer. Each LAPACK / BLAS
-    # call on one thread (the factor's rounding moved with the thread count), the threads
-    # sharing the products of both by halves.
-    with OneThreadEach() as threads:
-        inverse = inverse_factor(h.flip(-1, -2), threads)
-    return inverse.flip(-1, -2).contiguous()
+    # it and factorising the inverse: half the time on a 3072-input layer.
+    return inverse_factor(h.flip(-1, -2), threads).flip(-1, -2).contiguous()
 
 
 class _InTurn:
@@ -64,14 +68,8 @@ def feedback_factors(moments: list, damp: float) -> list:
     thread from end to end: two factors of a 3072-input layer in 0.57 s on two threads where
     one took 0.39 s sharing them (its products split in halves, 1,164 hand-overs for the
     ViT-Base-sized model's 49 factors)."""
-    def one(moment):
-        h = damped_moment(moment, damp)
-        if h.shape[-1] == 0:
-            return h
-        return inverse_factor(h.flip(-1, -2), _InTurn).flip(-1, -2).contiguous()
-
     with OneThreadEach() as threads:
-        return threads.map(one, [(m,) for m in moments])
+        return threads.map(_factor, [(m, damp, _InTurn) for m in moments])
 
 
 def damped_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:

@@ -259,10 +259,11 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
     feedback = {}  # rule 21's integers per layer, int16 (out, K)
+    layer_cfgs = [run_cfg.for_layer(policy_name(layer, name)) for name, layer in layers]  # rule 22
     # rule 21: query, key and value share one factor; the next of a shape is computed beside
     factors = FactorCache([] if baseline else [
-        (layer.input_moment, cfg.feedback_damp) for name, layer in layers
-        for cfg in [run_cfg.for_layer(policy_name(layer, name))] if feedback_active(layer, cfg)])
+        (layer.input_moment, cfg.feedback_damp) for (_, layer), cfg in zip(layers, layer_cfgs)
+        if feedback_active(layer, cfg)])
     orders = {}
     period = result.period = run_cfg.wear_period
     shape = tuple(pool.cell_writes.shape)
@@ -280,7 +281,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
         counting = pass_no >= 1
         counts = result.period_total if counting else result.initial
         for i, (name, layer) in enumerate(layers):
-            lcfg = run_cfg.for_layer(policy_name(layer, name))  # rule 22
+            lcfg = layer_cfgs[i]
             target, pinned = cached.get(i, (None, None))
             if pass_no == 0:  # name the layer (the kernel's message cannot)
                 check_weight(layer.matrix_weight().detach(), f"{name}.weight")
