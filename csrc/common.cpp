@@ -136,12 +136,17 @@ void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const a
                     "the output's out * K * c cells");
 }
 
+bool all_finite(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  return at::isfinite(t.sum()).item<bool>() || at::isfinite(t).all().item<bool>();
+}
+
 void check_sort_and_encode_values(const at::Tensor& w, const at::Tensor& scale,
                                   const at::Tensor& index) {
   const char* op = "sort_and_encode";
-  TORCH_CHECK(w.numel() == 0 || at::isfinite(w).all().item<bool>(),
+  TORCH_CHECK(all_finite(w),
               "crossbar_torch.sort_and_encode: w contains NaN or Inf; weights must be finite");
-  TORCH_CHECK(scale.numel() == 0 || at::isfinite(scale).all().item<bool>(),
+  TORCH_CHECK(all_finite(scale),
               "crossbar_torch.sort_and_encode: scale contains NaN or Inf; scales must be finite");
   TORCH_CHECK(scale.numel() == 0 || at::ne(scale, 0).all().item<bool>(),
               "crossbar_torch.sort_and_encode: scale contains 0; scales must be nonzero");

@@ -82,11 +82,11 @@ std::vector<double> filter_penalties(double write_penalty,
 void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& u,
                                     const at::Tensor& levels, int64_t bits_per_cell) {
   if (target.numel()) {
-    TORCH_CHECK(at::isfinite(target).all().item<bool>(),
+    TORCH_CHECK(all_finite(target),
                 "crossbar_torch.feedback_quantize: target holds NaN or Inf");
   }
   if (u.numel()) {
-    TORCH_CHECK(at::isfinite(u).all().item<bool>(),
+    TORCH_CHECK(all_finite(u),
                 "crossbar_torch.feedback_quantize: u holds NaN or Inf");
     TORCH_CHECK((u.diagonal(0, 1, 2) > 0).all().item<bool>(),
                 "crossbar_torch.feedback_quantize: the diagonal of u must be positive (an upper "

@@ -54,11 +54,11 @@ void check_feedback_refine_values(const at::Tensor& target, const at::Tensor& hs
                                   const at::Tensor& q, const at::Tensor& sort_index,
                                   int64_t weight_bits) {
   if (target.numel()) {
-    TORCH_CHECK(at::isfinite(target).all().item<bool>(),
+    TORCH_CHECK(all_finite(target),
                 "crossbar_torch.feedback_refine: target holds NaN or Inf");
   }
   if (hs.numel()) {
-    TORCH_CHECK(at::isfinite(hs).all().item<bool>(),
+    TORCH_CHECK(all_finite(hs),
                 "crossbar_torch.feedback_refine: hs holds NaN or Inf");
   }
   if (q.numel()) {

@@ -23,18 +23,68 @@ XB_HD bool feedback_better(int64_t a, int64_t b, double t) {
   return a < b;
 }
 
-// floor / ceil of n / d for d > 0 (integer division rounding toward -inf / +inf).
-XB_HD int64_t floor_div(int64_t n, int64_t d) { return n >= 0 ? n / d : -((-n + d - 1) / d); }
-XB_HD int64_t ceil_div(int64_t n, int64_t d) { return -floor_div(-n, d); }
+// The best candidates so far of nearest_allowed: within [-qmax, qmax] (in) and among every
+// decodable value (any).
+struct NearestSoFar {
+  bool found_in = false, found_any = false;
+  int64_t best_in = 0, best_any = 0;
+  XB_HD int64_t value() const { return found_in ? best_in : best_any; }
+};
+
+// nearest_allowed's step for one assignment of the low cells, which decode to d: the two high
+// parts around (t - d) / 2**m, each clamped to the range of the high slices (any) and, when
+// some are, to those that keep the value in [-qmax, qmax] (in).
+// The unit is a power of two, so its divisions are shifts and a scaling (the same results:
+// an arithmetic shift right is the floor of the quotient, and x / 2**m and x * 2**-m are both
+// x * 2**-m rounded once), where dividing took most of a weight's time on the CPU.
+XB_HD void nearest_with_low(double t, int64_t d, const CompFormat& f, NearestSoFar& s) {
+  const int64_t qmax = qmax_for(f.B);
+  const int64_t unit = int64_t(1) << f.m;
+  const double r = (t - double(d)) * f.inv_unit;
+  const int64_t h0 = int64_t(floor(r));
+  const int64_t lo = -((qmax + d) >> f.m), hi = (qmax - d) >> f.m;  // ceil / floor of / unit
+  for (int64_t step = 0; step < 2; ++step) {
+    int64_t h = h0 + step;
+    h = h < f.hmin ? f.hmin : (h > f.hmax ? f.hmax : h);
+    const int64_t any = h * unit + d;
+    if (!s.found_any || feedback_better(any, s.best_any, t)) s.best_any = any;
+    s.found_any = true;
+    const int64_t a = lo > f.hmin ? lo : f.hmin, z = hi < f.hmax ? hi : f.hmax;
+    if (a <= z) {
+      int64_t hin = h0 + step;
+      hin = hin < a ? a : (hin > z ? z : hin);
+      const int64_t v = hin * unit + d;
+      if (!s.found_in || feedback_better(v, s.best_in, t)) s.best_in = v;
+      s.found_in = true;
+    }
+  }
+}
+
+// The low cells of one weight with held cells (held != 0) as nearest_allowed starts them: held
+// low cells at their level, the others 0 (high slices read as 0 in d(x)); `free_cells` gets
+// the free low cells (nearest_allowed's odometer). Returns their number.
+XB_HD int held_low_cells(const uint8_t* lv, uint32_t held, const CompFormat& f, uint8_t* cur,
+                         int* free_cells) {
+  int nfree = 0;
+  for (int i = 0; i < f.c; ++i) {
+    const bool low = (f.low >> i) & 1u;  // slice_of's division, once per call (make_comp_format)
+    const bool h = (held >> i) & 1u;
+    cur[i] = h && low ? lv[i] : 0;
+    if (!h && low) free_cells[nfree++] = i;
+  }
+  return nfree;
+}
 
 // The value nearest t that one weight can decode to (rule 21). `held` (bit i): cell i keeps
 // level lv[i] (held cells lie in the low slices < L); the other cells are free. Values are
 // restricted to [-qmax, qmax] when any is reachable there (with a high part, h = 0 always is),
 // otherwise every decodable value competes. Enumerates the free low cells (an odometer) and,
-// for each, the two high parts around (t - d) / 2**m.
+// for each, the two high parts around (t - d) / 2**m (nearest_with_low). A weight whose low
+// cells are all held has one assignment: the CPU kernel decodes it once, before the weight's
+// target is known, and calls nearest_with_low alone (the same operations).
 XB_HD int64_t nearest_allowed(double t, const uint8_t* lv, uint32_t held, const CompFormat& f) {
-  const int64_t qmax = qmax_for(f.B);
   if (!held) {  // every integer of [-qmax, qmax]: round half to even, clamp
+    const int64_t qmax = qmax_for(f.B);
     const double fl = floor(t);
     const double r = t - fl;
     int64_t v = int64_t(fl);
@@ -43,43 +93,17 @@ XB_HD int64_t nearest_allowed(double t, const uint8_t* lv, uint32_t held, const 
   }
   uint8_t cur[kMaxCells];
   int free_cells[kMaxCells];
-  int nfree = 0;
-  for (int i = 0; i < f.c; ++i) {
-    const bool low = slice_of(i, f.S) < f.L;
-    const bool h = (held >> i) & 1u;
-    cur[i] = h && low ? lv[i] : 0;  // high slices read as 0 in d(x)
-    if (!h && low) free_cells[nfree++] = i;
-  }
-  const int64_t unit = int64_t(1) << f.m;
+  const int nfree = held_low_cells(lv, held, f, cur, free_cells);
   const int top = (1 << f.b) - 1;
-  bool found_in = false, found_any = false;
-  int64_t best_in = 0, best_any = 0;
+  NearestSoFar s;
   for (;;) {
-    const int64_t d = decode_one(cur, f.B, f.b, f.enc, f.S);
-    const double r = (t - double(d)) / double(unit);
-    const int64_t h0 = int64_t(floor(r));
-    const int64_t lo = ceil_div(-qmax - d, unit), hi = floor_div(qmax - d, unit);
-    for (int64_t step = 0; step < 2; ++step) {
-      int64_t h = h0 + step;
-      h = h < f.hmin ? f.hmin : (h > f.hmax ? f.hmax : h);
-      const int64_t any = h * unit + d;
-      if (!found_any || feedback_better(any, best_any, t)) best_any = any;
-      found_any = true;
-      const int64_t a = lo > f.hmin ? lo : f.hmin, z = hi < f.hmax ? hi : f.hmax;
-      if (a <= z) {
-        int64_t hin = h0 + step;
-        hin = hin < a ? a : (hin > z ? z : hin);
-        const int64_t v = hin * unit + d;
-        if (!found_in || feedback_better(v, best_in, t)) best_in = v;
-        found_in = true;
-      }
-    }
+    nearest_with_low(t, decode_one(cur, f.B, f.b, f.enc, f.S), f, s);
     int k = 0;  // next assignment of the free low cells
     while (k < nfree && cur[free_cells[k]] == top) cur[free_cells[k++]] = 0;
     if (k == nfree) break;
     cur[free_cells[k]] += 1;
   }
-  return found_in ? best_in : best_any;
+  return s.value();
 }
 
 // Rule 23 (write-aware feedback): the cost of value v reached with candidate cells `cand`:
@@ -130,23 +154,17 @@ XB_HD int64_t write_aware_allowed(double t, const uint8_t* lv, uint32_t held, co
   }
   uint8_t cur[kMaxCells];
   int free_cells[kMaxCells];
-  int nfree = 0;
-  for (int i = 0; i < f.c; ++i) {
-    const bool low = slice_of(i, f.S) < f.L;
-    const bool h = (held >> i) & 1u;
-    cur[i] = h && low ? lv[i] : 0;  // high slices read as 0 in d(x)
-    if (!h && low) free_cells[nfree++] = i;
-  }
+  const int nfree = held_low_cells(lv, held, f, cur, free_cells);
   const int64_t unit = int64_t(1) << f.m;
   const int top = (1 << f.b) - 1;
   for (;;) {
     const int64_t d = decode_one(cur, f.B, f.b, f.enc, f.S);
-    int64_t lo = int64_t(floor((t - r - double(d)) / double(unit))) - 1;
-    int64_t hi = int64_t(ceil((t + r - double(d)) / double(unit))) + 1;
+    int64_t lo = int64_t(floor((t - r - double(d)) * f.inv_unit)) - 1;
+    int64_t hi = int64_t(ceil((t + r - double(d)) * f.inv_unit)) + 1;
     lo = lo < f.hmin ? f.hmin : lo;
     hi = hi > f.hmax ? f.hmax : hi;
     if (in_range) {
-      const int64_t a = ceil_div(-qmax - d, unit), z = floor_div(qmax - d, unit);
+      const int64_t a = -((qmax + d) >> f.m), z = (qmax - d) >> f.m;  // as nearest_with_low
       lo = lo < a ? a : lo;
       hi = hi > z ? z : hi;
     }

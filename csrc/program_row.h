@@ -22,6 +22,8 @@ struct CompFormat {
   int B, b, enc, S, c, L, m;  // m = L*b: the weight of the high part is 2**m
   int64_t hmin, hmax;         // integers the high slices (>= L) can hold
   int hbits;                  // bits of the high part (0: no high slices)
+  double inv_unit;            // 2**-m (exact): a division by 2**m as a multiplication
+  uint32_t low;               // bit i: cell i lies in a low slice (slice_of(i, S) < L)
 };
 
 XB_HD CompFormat make_comp_format(int B, int b, int enc, int L) {
@@ -33,6 +35,9 @@ XB_HD CompFormat make_comp_format(int B, int b, int enc, int L) {
   f.c = int(cells_for(B, b, enc));
   f.L = L < f.S ? L : f.S;
   f.m = f.L * b;
+  f.inv_unit = 1.0 / double(int64_t(1) << f.m);
+  f.low = 0;
+  for (int i = 0; i < f.c; ++i) f.low |= uint32_t(i % f.S < f.L) << i;  // slice_of
   const int stored = enc == kDifferential ? B - 1 : B;
   f.hbits = f.L < f.S ? stored - f.m : 0;
   if (f.hbits <= 0) {

@@ -309,6 +309,30 @@ inline const double* tt_group(const TrailTiles& tt, int64_t g) {
   return tt.base ? tt.base + g * tt.per_group : nullptr;
 }
 
+// Rule 21 alone (no write penalty), a weight with held cells: nearest_allowed, whose setup
+// (the held mask, the low cells' decoded value d) does not depend on the running target, so it
+// is done for a whole filter ahead of its sequential walk, reading the filter's cells in order
+// (interleaved over kRowsTogether filters, those reads missed the cache, and the setup took
+// most of the walk's time on ViT-Base's layers stuck at p = 0). Returns d where every low cell
+// is held (one assignment: the weight takes nearest_with_low(t, d)), kFreeWeight where no cell
+// is held (rounding), kSeveralLow where some low cell is free (nearest_allowed's odometer).
+constexpr int64_t kFreeWeight = INT64_MIN, kSeveralLow = INT64_MAX;
+
+inline uint32_t held_mask(const bool* h, const CompFormat& f) {  // bit i: cell i held
+  uint32_t mask = 0;
+  for (int i = 0; i < f.c; ++i) mask |= uint32_t(h[i]) << i;
+  return mask;
+}
+
+inline int64_t decoded_low_cells(const bool* h, const uint8_t* lv, const CompFormat& f) {
+  const uint32_t mask = held_mask(h, f);
+  if (!mask) return kFreeWeight;
+  if (f.low & ~mask) return kSeveralLow;
+  uint8_t cur[kMaxCells];  // as held_low_cells starts them: every low cell held
+  for (int i = 0; i < f.c; ++i) cur[i] = (f.low >> i) & 1u ? lv[i] : 0;
+  return decode_one(cur, f.B, f.b, f.enc, f.S);
+}
+
 // feedback_row for n <= kRowsTogether filters of one group at once: column k is chosen in every
 // filter; the carries go as above. Each filter sees exactly feedback_row's operations on each
 // element in feedback_row's order (bit-identical results). U, which does not fit in cache on
@@ -323,12 +347,42 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
   const double* tiles = tt_group(tt, group);  // null: none packed, copied as it goes below
   double e[kRowsTogether][kBlock];
   alignas(64) double own[TrailTiles::kTile];  // a block's tile, where none were packed
+  // rule 21 alone with held cells: every weight's setup, filter by filter (decoded_low_cells)
+  thread_local std::vector<int64_t> low;
+  const bool ahead = rows[0].held && !rows[0].chosen;  // the same for every filter of a call
+  if (ahead) {
+    low.resize(size_t(n * K));
+    for (int r = 0; r < n; ++r) {
+      const bool* h = rows[r].held;
+      const uint8_t* lv = rows[r].lv;
+      int64_t* lr = low.data() + r * K;
+      for (int64_t k = 0; k < K; ++k) lr[k] = decoded_low_cells(h + k * f.c, lv + k * f.c, f);
+    }
+  }
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kBlock);
     for (int64_t k = k0; k < k1; ++k) {
       const double* uk = u + k * K;
       for (int r = 0; r < n; ++r) {
         const FeedbackRowArgs& a = rows[r];
+        if (ahead) {
+          const int64_t d = low[size_t(r * K + k)];
+          int64_t v;
+          if (d == kFreeWeight) {
+            v = nearest_allowed(a.t[k], nullptr, 0u, f);
+          } else if (d != kSeveralLow) {
+            NearestSoFar s;
+            nearest_with_low(a.t[k], d, f, s);
+            v = s.value();
+          } else {
+            v = nearest_allowed(a.t[k], a.lv + k * f.c, held_mask(a.held + k * f.c, f), f);
+          }
+          a.out[k] = int32_t(v);
+          const double er = (a.t[k] - double(v)) / uk[k];
+          e[r][k - k0] = er;
+          for (int64_t j = k + 1; j < k1; ++j) a.t[j] = a.t[j] - xb_mul(er, uk[j]);
+          continue;
+        }
         bool held = false;
         if (a.held) {
           for (int i = 0; i < f.c; ++i) held = held || a.held[k * f.c + i];
