@@ -24,11 +24,6 @@ def column_block_width(k: int) -> int:
     return max(64, -(-k // 8))
 
 
-def _upper_block(x: torch.Tensor, k0: int, width: int) -> torch.Tensor:
-    # rows k0 .. k0 + width of x^T x from the diagonal on
-    return x[:, :, k0:k0 + width].transpose(1, 2) @ x[:, :, k0:]
-
-
 class MomentAccumulator:
     """Sums of ``x x^T`` and sample counts of one layer, per group (rule 21): of each chunk of
     at most 4096 rows, the upper triangle of the product, column block by column block, as
@@ -55,8 +50,11 @@ class MomentAccumulator:
         g, k = self.sum.shape[0], self.sum.shape[1]
         chunks = [(c.reshape(-1, g, k).transpose(0, 1), c.shape[0])  # (G, n, K)
                   for c in rows.detach().to("cpu", torch.float32).split(4096)]
-        jobs = [(x, k0, self.width) for x, _ in chunks for k0 in range(0, k, self.width)]
-        done = iter(threads.map(_upper_block, jobs))
+        # rows k0 .. k0 + width of x^T x from the diagonal on
+        done = iter(threads.products(
+            [x[:, :, k0:k0 + self.width].transpose(1, 2) for x, _ in chunks
+             for k0 in range(0, k, self.width)],
+            [x[:, :, k0:] for x, _ in chunks for k0 in range(0, k, self.width)]))
         parts = []
         for _, n in chunks:
             blocks = [(k0, next(done)) for k0 in range(0, k, self.width)]

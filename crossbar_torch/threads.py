@@ -10,6 +10,7 @@ import contextlib
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+import torch.nn.functional as F
 
 
 @contextlib.contextmanager
@@ -50,6 +51,27 @@ class OneThreadEach:
         if self.pool is not None:
             self.pool.shutdown()
             self.pool = None
+
+    def products(self, a: list, b: list, bias: torch.Tensor | None = None,
+                 linear: bool = False) -> list:
+        """``[a[i] @ b[i] ...]`` (``linear``: ``[F.linear(a[i], b[i], bias) ...]``), each on one
+        thread. Without autograd to record, on the host, by the ``one_thread_each`` op: the
+        jobs on the threads of torch's own pool, where the worker threads of :meth:`map` had
+        that pool's idle worker spin against them (a seventh of calibrating the ViT-Base-sized
+        model); the same products, so the same bits."""
+        if not a:  # the op dispatches on its tensors: none to dispatch on
+            return []
+        tensors = [*a, *b] + ([bias] if bias is not None else [])
+        # the op tells MKL to use one thread on each of torch's threads; another BLAS (a torch
+        # built without MKL) is not told, and the op runs the products one after the other
+        if (torch.backends.mkl.is_available() and all(t.device.type == "cpu" for t in tensors)
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
+            if self.threads == 1 or len(a) < 2:
+                with one_thread():
+                    return torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
+            return torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
+        fn = (lambda x, y: F.linear(x, y, bias)) if linear else torch.matmul
+        return self.map(fn, list(zip(a, b)))
 
     def map(self, fn, jobs: list) -> list:
         """``[fn(*job) for job in jobs]``, each call on one thread (the largest jobs first
@@ -101,6 +123,16 @@ def splits(x: torch.Tensor) -> bool:
     :func:`sharing_threads`, on the host (a GPU's bits do not depend on the host's threads, and
     its streams are per thread)."""
     return shared() is not None and x.device.type == "cpu"
+
+
+def linear_in_halves(x: torch.Tensor, w: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, w, bias)`` of 2-D ``x`` as :func:`in_halves` computes it (the same two
+    products), by :meth:`OneThreadEach.products`."""
+    h = x.shape[0] // 2
+    parts = [x] if h == 0 else [x[:h], x[h:]]
+    out = shared().products(parts, [w] * len(parts), bias, linear=True)
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def in_halves(fn, x: torch.Tensor, *args) -> torch.Tensor:

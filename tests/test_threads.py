@@ -181,3 +181,79 @@ def test_a_real_convolutional_model_calibrates_alike_on_every_thread_count():
         torch.set_num_threads(before)
     assert got[0][0] == got[1][0]
     assert all(torch.equal(a, b) for a, b in zip(got[0][1], got[1][1]))
+
+
+# ---- the one_thread_each op: products each on one of torch's own threads -------------------
+
+def _single_threaded(fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn()
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_one_thread_each_gives_the_single_threaded_products(threads):
+    """The tall and narrow moment products that MKL splits along their sums on two threads
+    (other bits) and the crossbar layers' halves: on every thread count, the bits of one
+    thread, for views (transposed, sliced) as the callers pass them."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2336, 384, generator=g)[None]
+    a = [x[:, :, k0:k0 + 64].transpose(1, 2) for k0 in range(0, 384, 64)]
+    b = [x[:, :, k0:] for k0 in range(0, 384, 64)]
+    rows, w, bias = torch.randn(1171, 384, generator=g), torch.randn(768, 384, generator=g), \
+        torch.randn(768, generator=g)
+    halves = [rows[:585], rows[585:]]
+    want = _single_threaded(lambda: ([p @ q for p, q in zip(a, b)],
+                                     [torch.nn.functional.linear(h, w, bias) for h in halves]))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.crossbar_torch.one_thread_each(a, b, None, False)
+        lin = torch.ops.crossbar_torch.one_thread_each(halves, [w, w], bias, True)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(p, q) for p, q in zip(got, want[0]))
+    assert all(torch.equal(p, q) for p, q in zip(lin, want[1]))
+
+
+def test_one_thread_each_records_no_autograd_and_keeps_empty_lists():
+    w = torch.randn(3, 4, requires_grad=True)
+    with torch.no_grad():
+        out = torch.ops.crossbar_torch.one_thread_each([torch.randn(2, 4)], [w], None, True)
+    assert out[0].shape == (2, 3) and not out[0].requires_grad
+    from crossbar_torch.threads import OneThreadEach
+    with OneThreadEach() as threads:
+        assert threads.products([], []) == []
+        # with autograd to record, the thread pool runs them (the op records none)
+        x = torch.randn(6, 4)
+        got = threads.products([x[:3], x[3:]], [w, w], None, linear=True)
+    assert all(t.requires_grad for t in got)
+    assert torch.equal(torch.cat(got), _single_threaded(lambda: torch.nn.functional.linear(x, w)))
+
+
+@pytest.mark.parametrize("a, b, bias, linear, match", [
+    ([torch.ones(2, 2)], [], None, False, "as many tensors"),
+    ([torch.ones(2, 2)], [torch.ones(2, 2)], torch.ones(2), False, "bias goes with linear"),
+    ([torch.ones(2, 2, dtype=torch.int32)], [torch.ones(2, 2)], None, False,
+     r"a\[0\] must be floating"),
+    ([torch.ones(2, 3)], [torch.ones(2, 2)], None, False, "cannot be multiplied|size"),
+])
+def test_one_thread_each_refuses_bad_input(a, b, bias, linear, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
+
+
+def test_one_thread_each_fake_kernel_gives_the_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        out = torch.ops.crossbar_torch.one_thread_each(
+            [torch.empty(5, 4), torch.empty(1, 2, 4)], [torch.empty(4, 3), torch.empty(1, 4, 6)],
+            None, False)
+        lin = torch.ops.crossbar_torch.one_thread_each([torch.empty(5, 4)], [torch.empty(3, 4)],
+                                                       torch.empty(3), True)
+    assert [tuple(t.shape) for t in out] == [(5, 3), (1, 2, 6)]
+    assert tuple(lin[0].shape) == (5, 3)

@@ -313,3 +313,15 @@ def _f32_positive(v):
     """v > 0 and finite once rounded to float32 (the scale the inputs are divided by)."""
     v32 = float(torch.tensor(v, dtype=torch.float32))
     return math.isfinite(v32) and v32 > 0
+
+
+@torch.library.register_fake("crossbar_torch::one_thread_each")
+def _one_thread_each_fake(a, b, bias, linear):
+    op = "one_thread_each"
+    torch._check(len(a) == len(b),
+                 lambda: f"crossbar_torch.{op}: a and b must hold as many tensors, got {len(a)} "
+                         f"and {len(b)}")
+    torch._check(bias is None or linear,
+                 lambda: f"crossbar_torch.{op}: a bias goes with linear=True only")
+    return [torch.nn.functional.linear(x, y, bias) if linear else torch.matmul(x, y)
+            for x, y in zip(a, b)]

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...config import CrossbarConfig
-from ...threads import in_halves, splits
+from ...threads import linear_in_halves, splits
 from .base import CrossbarMixin
 
 
@@ -45,7 +45,7 @@ class CrossbarLinear(CrossbarMixin, nn.Module):
             return y if self.bias is None else y + self.bias
         w = self.weight_for_forward()
         if splits(x):  # calibration: the same bits on every thread count
-            rows = in_halves(F.linear, x.reshape(-1, x.shape[-1]), w, self.bias)
+            rows = linear_in_halves(x.reshape(-1, x.shape[-1]), w, self.bias)
             return rows.reshape(*x.shape[:-1], rows.shape[-1])
         return F.linear(x, w, self.bias)
 
