@@ -153,3 +153,22 @@ def test_state_dict_carries_the_device_values_not_the_name():
     assert saved == {**layer.config.load_device().to_dict(), "source": ""}
     twin = xb.convert(_model(), _cfg(sort="value"))
     twin.load_state_dict(xm.state_dict())  # loads back into a model made with the name
+
+
+def test_reprogramming_after_an_in_place_edit_records_the_new_bytes():
+    """Reprogramming keeps the digest it has while the weight is the same object at the same
+    version (no second hash of the same bytes); after an in-place edit it hashes them again, so
+    a later object holding the edited values is not stale and one holding the old values is."""
+    xm, layer = _convert()
+    before = layer._programmed_digest
+    xb.reprogram(xm)  # unchanged: the digest kept
+    assert layer._programmed_digest == before
+    old = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.weight[0, 0] += 0.5  # in place: a new version
+    xb.reprogram(xm)
+    assert layer._programmed_digest != before
+    for values, stale in ((layer.weight.detach().clone(), False), (old, True)):
+        layer.weight = nn.Parameter(values.clone())  # another object: the bytes decide
+        assert _warns_stale(xm, torch.randn(2, 12)) == stale
+        xb.reprogram(xm)  # programmed from these values again

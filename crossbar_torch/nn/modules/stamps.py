@@ -16,7 +16,7 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     h.update(f"{t.dtype}{tuple(t.shape)}".encode())
     data = t.detach().contiguous()
     if data.numel():
-        h.update(data.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
+        h.update(data.reshape(-1).view(torch.uint8).cpu().numpy())  # its buffer, not a copy
     return h.digest()
 
 
