@@ -39,8 +39,15 @@ missing = []
 DEVICE_OPS = ("encode", "decode", "effective_weight", "sort_and_encode", "program_layer",
               "compensate", "feedback_quantize", "analog_matmul")
 # host only: placement and sort index are chosen at conversion, packing has torch ops on a device,
-# rule 24 refines rule 21's targets, which crossbar_torch/feedback.py computes on the host
-HOST_OPS = ("chain_order", "sort_index", "pack_levels", "unpack_levels", "feedback_refine")
+# rule 24 refines rule 21's targets, which crossbar_torch/feedback.py computes on the host;
+# one_thread_each shares the host's threads among products (crossbar_torch/threads.py)
+HOST_OPS = ("chain_order", "sort_index", "pack_levels", "unpack_levels", "feedback_refine",
+            "one_thread_each")
+every = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
+         if n.startswith("crossbar_torch::")}
+unlisted = sorted(every - set(DEVICE_OPS + HOST_OPS))
+if unlisted:
+    sys.exit("check_cuda_build: ops in neither DEVICE_OPS nor HOST_OPS: " + ", ".join(unlisted))
 for op in DEVICE_OPS + HOST_OPS:
     table = torch._C._dispatch_dump_table(f"crossbar_torch::{op}")
     keys = {line.split(":")[0].strip() for line in table.splitlines() if "[kernel]" in line}

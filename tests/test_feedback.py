@@ -76,6 +76,20 @@ def test_kernel_reference_independent_agree(out, k, groups, bits, b, enc, L, see
         assert torch.equal(got, _independent(t, u, held, levels, bits, b, enc, L))
 
 
+@pytest.mark.parametrize("bits, b, enc, L", [(8, 1, 0, 1), (8, 2, 1, 2), (6, 1, 2, 3),
+                                             (7, 2, 0, 1), (6, 1, 1, 1)])
+def test_every_low_cell_held_as_stucking_at_p_zero_leaves_them(bits, b, enc, L):
+    """p = 0 holds every low cell: each weight has one assignment of its low cells, which the
+    CPU kernel decodes for a whole filter before the filter's walk (and a few weights hold
+    none, the rounding path): across 32-filter sets and 32-column blocks, the reference's and
+    the independent simulator's integers."""
+    t, u, held, levels = _case(37, 70, 1, bits, b, enc, L, 11, held_p=1.0)
+    held[3, ::5] = False  # weights whose cells are all free
+    got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L)
+    assert torch.equal(got, reference.feedback_quantize(t, u, held, levels, bits, b, enc, L))
+    assert torch.equal(got, _independent(t, u, held, levels, bits, b, enc, L))
+
+
 @pytest.mark.parametrize("enc", [0, 1, 2])
 def test_every_slice_held_decodes_what_the_cells_hold(enc):
     """L == S: no high part; a weight whose cells are all held has one value (which may lie

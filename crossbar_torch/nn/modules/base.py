@@ -46,7 +46,7 @@ from ...errors import ModelStateError
 from ...mapping import check_filter_index, filter_index, natural_filter_index
 from ...packing import pack_levels, packed_width, unpack_levels, unpack_mask
 from ...quantization import index_dtype, quantize, sort_index
-from .stamps import no_object, same_stamp, tensor_digest
+from .stamps import ProgrammedWeight, no_object, same_stamp
 from .state import check_loaded_buffers, feedback_active
 
 
@@ -67,7 +67,7 @@ def k_of(layer) -> int:
     return layer.cells.shape[1]
 
 
-class CrossbarMixin:
+class CrossbarMixin(ProgrammedWeight):
     """What CrossbarLinear and CrossbarConv2d share: buffers, programming state, weights."""
 
     config: CrossbarConfig
@@ -174,23 +174,6 @@ class CrossbarMixin:
                 f"{'from_linear' if hasattr(self, 'in_features') else 'from_conv'}(...) or "
                 "crossbar_torch.convert(model), or load a state dict into it")
 
-    # ---- is the latent weight still the one the crossbars were programmed with? -------------
-    # The version counter says when the weight changed in place; it is compared only for the
-    # same tensor object, held by a weak reference (an id() can be reused after garbage
-    # collection). deepcopy, .to() and load_state_dict give new objects with fresh counters:
-    # then a digest of the bytes (exact) decides, once, and the new object's counter is
-    # followed. Inference tensors cannot change outside inference_mode: they are not checked.
-    def _weight_stamp(self):
-        w = self.weight
-        if w.is_inference():
-            return None
-        return weakref.ref(w), w._version
-
-    def _weight_digest(self) -> bytes | None:
-        if self.weight.is_meta:  # no values to compare
-            return None
-        return tensor_digest(self.weight)
-
     def __getstate__(self):
         # pickling (torch.save of a whole module, deepcopy): weak references do not pickle and
         # the caches are derived; a stamp's object becomes "another object", so the first
@@ -201,34 +184,6 @@ class CrossbarMixin:
         if state.get("_programmed_version") is not None:
             state["_programmed_version"] = (no_object, state["_programmed_version"][1])
         return state
-
-    def _mark_programmed(self) -> None:
-        before, now = self._programmed_version, self._weight_stamp()
-        # the same tensor at the same version as at the last mark: the same bytes, whose digest
-        # is at hand (a reprogramming of ViT-Base hashed its 85M weights again, 0.35 s)
-        if (now is None or before is None or before[0]() is not self.weight
-                or before[1] != now[1] or self._programmed_digest is None):
-            self._programmed_digest = self._weight_digest()
-        self._programmed_version = now
-        self._stale_warned = False
-
-    def _weight_changed(self) -> bool:
-        # inside a compiled graph the check would cost a graph break per layer: there it is
-        # made when the model is switched to eval (``train(False)``, eager), see ``train``
-        if self._programmed_version is None or torch.compiler.is_compiling():
-            return False
-        now = self._weight_stamp()
-        if now is None:
-            return False
-        if self._programmed_version[0]() is self.weight:
-            return now[1] != self._programmed_version[1]
-        # another tensor object: compare values, then follow the new object's counter
-        digest = self._weight_digest()
-        changed = (digest is not None and self._programmed_digest is not None
-                   and digest != self._programmed_digest)
-        if not changed:
-            self._programmed_version = now
-        return changed
 
     # ---- caches of what the held cells give, stamped with the tensors they derive from ------
     def derived_stamp(self) -> tuple:
