@@ -20,7 +20,8 @@
 
 // MKL's thread count for the calling thread alone (0: the process's; the C interface, which
 // mkl.h names mkl_set_num_threads_local: that symbol is the Fortran one), where torch is built
-// with MKL (libtorch_cpu exports it; weak: null elsewhere, see one_thread_each_isolates).
+// with MKL (libtorch_cpu exports it; weak: null elsewhere, and then the products run one after
+// the other, below; crossbar_torch/threads.py keeps its thread pool for such a build).
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace crossbar_torch {
@@ -79,7 +80,8 @@ std::vector<at::Tensor> one_thread_each_cpu(at::TensorList a, at::TensorList b,
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   // one range per thread; in it, jobs are claimed one at a time. Within ATen's parallel region
-  // each product runs on its thread alone (nested parallelism, ATen's and the BLAS's, is off).
+  // each product runs on its thread alone: ATen's nested parallel loops run inline, and MKL is
+  // told one thread (OneBlasThread).
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowADInplaceOrView no_autograd;  // a worker thread's own dispatch state
     const OneBlasThread blas;
