@@ -51,10 +51,9 @@ class MomentAccumulator:
         chunks = [(c.reshape(-1, g, k).transpose(0, 1), c.shape[0])  # (G, n, K)
                   for c in rows.detach().to("cpu", torch.float32).split(4096)]
         # rows k0 .. k0 + width of x^T x from the diagonal on
-        done = iter(threads.products(
-            [x[:, :, k0:k0 + self.width].transpose(1, 2) for x, _ in chunks
-             for k0 in range(0, k, self.width)],
-            [x[:, :, k0:] for x, _ in chunks for k0 in range(0, k, self.width)]))
+        jobs = [(x, k0) for x, _ in chunks for k0 in range(0, k, self.width)]
+        done = iter(threads.products([x[:, :, k0:k0 + self.width].transpose(1, 2)
+                                      for x, k0 in jobs], [x[:, :, k0:] for x, k0 in jobs]))
         parts = []
         for _, n in chunks:
             blocks = [(k0, next(done)) for k0 in range(0, k, self.width)]

@@ -66,10 +66,9 @@ class OneThreadEach:
         # built without MKL) is not told, and the op runs the products one after the other
         if (torch.backends.mkl.is_available() and all(t.device.type == "cpu" for t in tensors)
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
-            if self.threads == 1 or len(a) < 2:
-                with one_thread():
-                    return torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
-            return torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
+            alone = self.threads == 1 or len(a) < 2  # then on the calling thread alone
+            with one_thread() if alone else contextlib.nullcontext():
+                return torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
         fn = (lambda x, y: F.linear(x, y, bias)) if linear else torch.matmul
         return self.map(fn, list(zip(a, b)))
 
@@ -129,16 +128,19 @@ def linear_in_halves(x: torch.Tensor, w: torch.Tensor,
                      bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, w, bias)`` of 2-D ``x`` as :func:`in_halves` computes it (the same two
     products), by :meth:`OneThreadEach.products`."""
-    h = x.shape[0] // 2
-    parts = [x] if h == 0 else [x[:h], x[h:]]
+    parts = _halves(x)
     out = shared().products(parts, [w] * len(parts), bias, linear=True)
     return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _halves(x: torch.Tensor) -> list:
+    """``x``'s first dimension in two halves (one part under two rows)."""
+    h = x.shape[0] // 2
+    return [x] if h == 0 else [x[:h], x[h:]]
 
 
 def in_halves(fn, x: torch.Tensor, *args) -> torch.Tensor:
     """``fn(x, *args)`` with ``x``'s first dimension in two halves (one part under two rows),
     each on one thread of :func:`shared` (which must be active), the parts concatenated."""
-    h = x.shape[0] // 2
-    parts = [x] if h == 0 else [x[:h], x[h:]]
-    out = shared().map(fn, [(part, *args) for part in parts])
+    out = shared().map(fn, [(part, *args) for part in _halves(x)])
     return out[0] if len(out) == 1 else torch.cat(out)

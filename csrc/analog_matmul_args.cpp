@@ -105,13 +105,13 @@ void check_analog_matmul_values(const at::Tensor& g, const at::Tensor& sort_inde
     TORCH_CHECK(lo >= 0 && hi < K, "crossbar_torch.analog_matmul: sort_index entries must be in "
                 "[0, K-1] = [0, ", K - 1, "], got min ", lo, ", max ", hi);
   }
-  TORCH_CHECK(g.numel() == 0 || at::isfinite(g).all().item<bool>(),
+  TORCH_CHECK(all_finite(g),
               "crossbar_torch.analog_matmul: g contains NaN or Inf; conductances must be finite");
-  TORCH_CHECK(cell_weight.numel() == 0 || at::isfinite(cell_weight).all().item<bool>(),
+  TORCH_CHECK(all_finite(cell_weight),
               "crossbar_torch.analog_matmul: cell_weight contains NaN or Inf; cell weights "
               "must be finite");
   if (adc_bits > 0 && adc_steps.numel() != 0) {
-    TORCH_CHECK(at::isfinite(adc_steps).all().item<bool>(),
+    TORCH_CHECK(all_finite(adc_steps),
                 "crossbar_torch.analog_matmul: adc_steps contains NaN or Inf; ADC steps must be "
                 "finite and > 0 when adc_bits > 0");
     TORCH_CHECK(at::gt(adc_steps, 0).all().item<bool>(),

@@ -374,40 +374,30 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
       const double* uk = u + k * K;
       for (int r = 0; r < n; ++r) {
         const FeedbackRowArgs& a = rows[r];
-        if (ahead) {
-          const int64_t d = low[size_t(r * K + k)];
-          int64_t v;
-          if (d == kFreeWeight) {
-            v = nearest_allowed(a.t[k], nullptr, 0u, f);
-          } else if (d != kSeveralLow) {
-            NearestSoFar s;
-            nearest_with_low(a.t[k], d, f, s);
-            v = s.value();
-          } else {
-            v = nearest_allowed(a.t[k], a.lv + k * f.c, held_mask(a.held + k * f.c, f), f);
-          }
-          a.out[k] = int32_t(v);
-          const double er = (a.t[k] - double(v)) / uk[k];
-          e[r][k - k0] = er;
-          for (int64_t j = k + 1; j < k1; ++j) a.t[j] = a.t[j] - xb_mul(er, uk[j]);
-          continue;
-        }
-        bool held = false;
-        if (a.held) {
-          for (int i = 0; i < f.c; ++i) held = held || a.held[k * f.c + i];
-        }
+        // not set up ahead (rule 23, or nothing held): the general pick, below
+        const int64_t d = ahead ? low[size_t(r * K + k)] : kSeveralLow;
         int64_t v;
-        if (a.chosen && k + 1 < K) {
-          // the next weight's cells in the predecessor's choice, and where its own go: a
-          // sorted position far from this one, long out of cache (a third of the rule-23
-          // choice waited on the first)
-          if (a.ref) __builtin_prefetch(a.ref + a.pos[k + 1] * f.c);
-          __builtin_prefetch(a.chosen + a.pos[k + 1] * f.c, 1);
-        }
-        if (a.chosen && !held && codes.usable) {
-          const int64_t p = a.pos[k];
-          v = write_aware_free(a.t[k], a.ref ? a.ref + p * f.c : nullptr, a.lambda, f, codes,
-                               a.chosen + p * f.c);
+        if (d == kFreeWeight) {
+          v = nearest_allowed(a.t[k], nullptr, 0u, f);
+        } else if (d != kSeveralLow) {
+          NearestSoFar s;
+          nearest_with_low(a.t[k], d, f, s);
+          v = s.value();
+        } else if (a.chosen) {  // rule 23
+          if (k + 1 < K) {
+            // the next weight's cells in the predecessor's choice, and where its own go: a
+            // sorted position far from this one, long out of cache (a third of the rule-23
+            // choice waited on the first)
+            if (a.ref) __builtin_prefetch(a.ref + a.pos[k + 1] * f.c);
+            __builtin_prefetch(a.chosen + a.pos[k + 1] * f.c, 1);
+          }
+          if (codes.usable && !(a.held && held_mask(a.held + k * f.c, f))) {
+            const int64_t p = a.pos[k];
+            v = write_aware_free(a.t[k], a.ref ? a.ref + p * f.c : nullptr, a.lambda, f, codes,
+                                 a.chosen + p * f.c);
+          } else {
+            v = feedback_pick(a.t[k], k, a.held, a.lv, f, a.lambda, a.pos, a.ref, a.chosen);
+          }
         } else {
           v = feedback_pick(a.t[k], k, a.held, a.lv, f, a.lambda, a.pos, a.ref, a.chosen);
         }
