@@ -77,12 +77,17 @@ def test_kernel_reference_independent_agree(out, k, groups, bits, b, enc, L, see
 
 
 @pytest.mark.parametrize("bits, b, enc, L", [(8, 1, 0, 1), (8, 2, 1, 2), (6, 1, 2, 3),
-                                             (7, 2, 0, 1), (6, 1, 1, 1)])
+                                             (7, 2, 0, 1), (6, 1, 1, 1), (12, 1, 0, 7),
+                                             (10, 1, 2, 2), (9, 1, 0, 2), (5, 1, 2, 2),
+                                             (16, 2, 0, 5)])
 def test_every_low_cell_held_as_stucking_at_p_zero_leaves_them(bits, b, enc, L):
     """p = 0 holds every low cell: each weight has one assignment of its low cells, which the
     CPU kernel decodes for a whole filter before the filter's walk (and a few weights hold
     none, the rounding path): across 32-filter sets and 32-column blocks, the reference's and
-    the independent simulator's integers."""
+    the independent simulator's integers. The formats read the held flags 8 at a time with
+    and without an overlapping last 8 (c = 14, 22, 10, 16, 5 cells), and decode the low cells
+    by table (up to 12 bits of low levels) or cell by cell (14 and 20 bits: 12 / 1 / 0 / 7,
+    16 / 2 / 0 / 5)."""
     t, u, held, levels = _case(37, 70, 1, bits, b, enc, L, 11, held_p=1.0)
     held[3, ::5] = False  # weights whose cells are all free
     got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L)

@@ -315,31 +315,96 @@ inline const double* tt_group(const TrailTiles& tt, int64_t g) {
 // is done for a whole filter ahead of its sequential walk, reading the filter's cells in order
 // (interleaved over kRowsTogether filters, those reads missed the cache, and the setup took
 // most of the walk's time on ViT-Base's layers stuck at p = 0). Returns d where every low cell
-// is held (one assignment: the weight takes nearest_with_low(t, d)), kFreeWeight where no cell
+// is held (one assignment: the weight takes nearest_held_low(t, d)), kFreeWeight where no cell
 // is held (rounding), kSeveralLow where some low cell is free (nearest_allowed's odometer).
 constexpr int64_t kFreeWeight = INT64_MIN, kSeveralLow = INT64_MAX;
 
 // Bit i: cell i held. Eight flags (bytes 0 or 1) at a time: the product with 0x0102...80 puts
-// byte i's bit at bit 56 + i, which no other byte's reaches.
+// byte i's bit at bit 56 + i, which no other byte's reaches. A weight of 8 < c < 16 cells
+// (ViT-Base's 14) reads its last eight flags again, overlapping, and keeps the new ones.
 inline uint32_t held_mask(const bool* h, const CompFormat& f) {
+  constexpr uint64_t kGather = 0x0102040810204080ull;
   uint32_t mask = 0;
   int i = 0;
   for (; i + 8 <= f.c; i += 8) {
     uint64_t x;
     std::memcpy(&x, h + i, 8);
-    mask |= uint32_t((x * 0x0102040810204080ull) >> 56) << i;
+    mask |= uint32_t((x * kGather) >> 56) << i;
   }
-  for (; i < f.c; ++i) mask |= uint32_t(h[i]) << i;
+  if (i < f.c && f.c >= 8) {  // flags c - 8 .. c - 1: the last c - i of them are new
+    uint64_t x;
+    std::memcpy(&x, h + f.c - 8, 8);
+    mask |= (uint32_t((x * kGather) >> 56) >> (8 - (f.c - i))) << i;
+  } else {
+    for (; i < f.c; ++i) mask |= uint32_t(h[i]) << i;
+  }
   return mask;
 }
 
-inline int64_t decoded_low_cells(const bool* h, const uint8_t* lv, const CompFormat& f) {
+// decode_one of a weight's cells with its low cells at their levels and the others 0 (what
+// decoded_low_cells decodes), by table: the low cells' levels, b bits each in cell order, index
+// the decoded values (ViT-Base's format: 2 low cells of 1 bit, 4 values), where decoding the
+// c cells took a third of a 768-input layer's time. No table (n = 0) beyond kLowTableBits.
+struct LowDecode {
+  static constexpr int kLowTableBits = 12;
+  int n = 0;               // low cells
+  int cell[kMaxCells];     // their positions
+  std::vector<int64_t> value;
+};
+
+LowDecode make_low_decode(const CompFormat& f) {
+  LowDecode ld;
+  int n = 0;
+  for (int i = 0; i < f.c; ++i) {
+    if ((f.low >> i) & 1u) ld.cell[n++] = i;
+  }
+  if (n == 0 || n * f.b > LowDecode::kLowTableBits) return ld;
+  ld.n = n;
+  ld.value.resize(size_t(1) << (n * f.b));
+  const uint32_t field = (1u << f.b) - 1;
+  for (uint32_t idx = 0; idx < ld.value.size(); ++idx) {
+    uint8_t cur[kMaxCells] = {0};
+    for (int j = 0; j < n; ++j) cur[ld.cell[j]] = uint8_t((idx >> (j * f.b)) & field);
+    ld.value[idx] = decode_one(cur, f.B, f.b, f.enc, f.S);
+  }
+  return ld;
+}
+
+inline int64_t decoded_low_cells(const bool* h, const uint8_t* lv, const CompFormat& f,
+                                 const LowDecode& ld) {
   const uint32_t mask = held_mask(h, f);
   if (!mask) return kFreeWeight;
   if (f.low & ~mask) return kSeveralLow;
+  if (ld.n) {  // levels are checked to fit b bits (check_levels)
+    uint32_t idx = 0;
+    for (int j = 0; j < ld.n; ++j) idx |= uint32_t(lv[ld.cell[j]]) << (j * f.b);
+    return ld.value[idx];
+  }
   uint8_t cur[kMaxCells];  // as held_low_cells starts them: every low cell held
   for (int i = 0; i < f.c; ++i) cur[i] = (f.low >> i) & 1u ? lv[i] : 0;
   return decode_one(cur, f.B, f.b, f.enc, f.S);
+}
+
+// nearest_with_low(t, d, f, s).value() for a fresh s (nearest_allowed where every low cell is
+// held and they decode to d), its comparisons without branches: the two high parts around
+// (t - d) / 2**m, clamped to those that keep the value in [-qmax, qmax] when there are any,
+// else to the high slices' range, and feedback_better between them (the running targets'
+// comparisons went either way and mispredicted, a quarter of a 768-input layer's time).
+inline int64_t nearest_held_low(double t, int64_t d, const CompFormat& f) {
+  const int64_t qmax = qmax_for(f.B), unit = int64_t(1) << f.m;
+  const int64_t lo = -((qmax + d) >> f.m), hi = (qmax - d) >> f.m;  // as nearest_with_low
+  const int64_t a = lo > f.hmin ? lo : f.hmin, z = hi < f.hmax ? hi : f.hmax;
+  const bool in = a <= z;
+  const int64_t p = in ? a : f.hmin, q = in ? z : f.hmax;
+  const int64_t h0 = int64_t(floor((t - double(d)) * f.inv_unit));
+  const int64_t h1 = h0 < p ? p : (h0 > q ? q : h0);
+  const int64_t h2 = h0 + 1 < p ? p : (h0 + 1 > q ? q : h0 + 1);
+  const int64_t v1 = h1 * unit + d, v2 = h2 * unit + d;
+  const double d1 = fabs(double(v1) - t), d2 = fabs(double(v2) - t);
+  const bool e1 = (v1 & 1) == 0, e2 = (v2 & 1) == 0;
+  // feedback_better(v2, v1, t): nearer; ties to the even value, then the smaller
+  const bool second = (d2 < d1) | ((d2 == d1) & ((e2 & !e1) | ((e2 == e1) & (v2 < v1))));
+  return second ? v2 : v1;
 }
 
 // feedback_row for n <= kRowsTogether filters of one group at once: column k is chosen in every
@@ -352,7 +417,8 @@ inline int64_t decoded_low_cells(const bool* h, const uint8_t* lv, const CompFor
 template <VectorIsa I>
 inline __attribute__((always_inline)) void feedback_rows_impl(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
-    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes) {
+    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes,
+    const LowDecode& ld) {
   const double* tiles = tt_group(tt, group);  // null: none packed, copied as it goes below
   double e[kRowsTogether][kBlock];
   alignas(64) double own[TrailTiles::kTile];  // a block's tile, where none were packed
@@ -365,7 +431,9 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
       const bool* h = rows[r].held;
       const uint8_t* lv = rows[r].lv;
       int64_t* lr = low.data() + r * K;
-      for (int64_t k = 0; k < K; ++k) lr[k] = decoded_low_cells(h + k * f.c, lv + k * f.c, f);
+      for (int64_t k = 0; k < K; ++k) {
+        lr[k] = decoded_low_cells(h + k * f.c, lv + k * f.c, f, ld);
+      }
     }
   }
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
@@ -380,9 +448,7 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
         if (d == kFreeWeight) {
           v = nearest_allowed(a.t[k], nullptr, 0u, f);
         } else if (d != kSeveralLow) {
-          NearestSoFar s;
-          nearest_with_low(a.t[k], d, f, s);
-          v = s.value();
+          v = nearest_held_low(a.t[k], d, f);
         } else if (a.chosen) {  // rule 23
           if (k + 1 < K) {
             // the next weight's cells in the predecessor's choice, and where its own go: a
@@ -431,25 +497,27 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
 }
 
 using RowsFn = void (*)(const FeedbackRowArgs*, int, const double*, const TrailTiles&, int64_t,
-                        int64_t, const CompFormat&, const CellCodes&);
+                        int64_t, const CompFormat&, const CellCodes&, const LowDecode&);
 
 void feedback_rows_plain(const FeedbackRowArgs* rows, int n, const double* u,
                          const TrailTiles& tt, int64_t group, int64_t K,
-                         const CompFormat& f, const CellCodes& codes) {
-  feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, group, K, f, codes);
+                         const CompFormat& f, const CellCodes& codes, const LowDecode& ld) {
+  feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, group, K, f, codes, ld);
 }
 
 #ifdef XB_X86_VECTOR
 __attribute__((target("popcnt"))) void feedback_rows_avx2(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
-    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes) {
-  feedback_rows_impl<VectorIsa::kAvx2>(rows, n, u, tt, group, K, f, codes);
+    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes,
+    const LowDecode& ld) {
+  feedback_rows_impl<VectorIsa::kAvx2>(rows, n, u, tt, group, K, f, codes, ld);
 }
 
 __attribute__((target("avx512f,popcnt"))) void feedback_rows_avx512(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
-    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes) {
-  feedback_rows_impl<VectorIsa::kAvx512>(rows, n, u, tt, group, K, f, codes);
+    int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes,
+    const LowDecode& ld) {
+  feedback_rows_impl<VectorIsa::kAvx512>(rows, n, u, tt, group, K, f, codes, ld);
 }
 #endif
 
@@ -490,6 +558,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
   const int64_t per_group = out / groups;
   const RowsFn feedback_rows = pick_rows(cpu_vector_isa());
   const TrailTiles tt = pack_trail_tiles(up, groups, K);
+  const LowDecode ld = hp ? make_low_decode(fmt) : LowDecode();  // rule 21's held weights
   if (write_penalty > 0.0) {
     // rule 25: filter o pays write_penalty / a[o] per write (a[o] = 1: rule 23 exactly)
     const std::vector<double> lam = filter_penalties(write_penalty, filter_weight, out);
@@ -530,7 +599,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
                          lam[size_t(o)]};
           }
           if (group < 0) break;  // every chain of this set has ended
-          feedback_rows(rows, n, up + group * K * K, tt, group, K, fmt, codes);
+          feedback_rows(rows, n, up + group * K * K, tt, group, K, fmt, codes, ld);
           for (int64_t i = 0; i < c1 - c0; ++i) {
             if (cur[i] >= 0) prev[i] = cur[i], cur[i] = ch.succ[cur[i]];
           }
@@ -553,7 +622,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
         rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr,
                      qp + o * K, nullptr, nullptr, nullptr, 0.0};
       }
-      feedback_rows(rows, n, up + g * K * K, tt, g, K, fmt, codes);
+      feedback_rows(rows, n, up + g * K * K, tt, g, K, fmt, codes, ld);
     }
   });
   return q;
