@@ -305,8 +305,12 @@ def layer_output_energies(layer, e: torch.Tensor | None = None) -> tuple:
     if not h.numel():
         return 0.0, 0.0
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
-    # the difference in float64, then small numbers in float32
-    e = (weight_error(layer) if e is None else e).float()
+    if e is None:  # in float32: rounded once where weight_error's float64 difference (exact
+        # unless one weight is under 2**-29 of the other) is rounded again, and three full-size
+        # float64 copies fewer (a twentieth of a reprogramming of the ViT-Base-sized model)
+        e = layer.effective_weight().detach().to("cpu", torch.float32).reshape(w.shape) - w
+    else:
+        e = e.float()
     per = w.shape[0] // h.shape[0]
     num = den = 0.0
     for g in range(h.shape[0]):
@@ -322,16 +326,19 @@ def quadratic_forms(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     (float32 (K, K)) symmetric: column block by column block, each block's rows of ``H`` from
     the diagonal on, the part right of the block's square counted twice (its mirror below the
     diagonal). About half the products of ``(rows @ H) * rows`` (rule 21 stores ``H`` exactly
-    symmetric). The products in float32 (BLAS; float64 made this a quarter of a reprogram of
-    the ViT-Base-sized model), their sums in float64: a ratio for warnings and the allocator."""
+    symmetric). In float32 (BLAS, and each row's dot products with its block of ``rows``, whose
+    sum adds an error of the order the products' own rounding has), the blocks' sums in
+    float64: a ratio for warnings and the allocator. (Summed in float64, the dot products took
+    half the time of a reprogramming's warnings on the ViT-Base-sized model; float64 products
+    took a quarter of the reprogramming.)"""
     k = h.shape[-1]
     out = torch.zeros(rows.shape[0], dtype=torch.float64)
     width = column_block_width(k)
     for k0 in range(0, k, width):
         k1 = min(k0 + width, k)
-        prod = (rows[:, k0:k1] @ h[k0:k1, k0:]).mul_(rows[:, k0:])  # (n, K - k0)
-        out += prod[:, :k1 - k0].sum(1, dtype=torch.float64)
-        out += 2 * prod[:, k1 - k0:].sum(1, dtype=torch.float64)
+        prod = rows[:, k0:k1] @ h[k0:k1, k0:]  # (n, K - k0)
+        out += torch.linalg.vecdot(prod[:, :k1 - k0], rows[:, k0:k1]).double()
+        out += 2 * torch.linalg.vecdot(prod[:, k1 - k0:], rows[:, k1:]).double()
     return out
 
 
