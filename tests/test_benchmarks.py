@@ -31,3 +31,13 @@ def test_bench_gpu_without_a_gpu_says_so():
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0 and out.stdout.strip().splitlines() == [
         "bench_gpu: no CUDA device on this machine; nothing measured"], out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("args,why", [(["--rounds", "0"], "--rounds must be >= 1, got 0"),
+                                      (["--sentences", "0"], "--sentences must be >= 1, got 0")])
+def test_bench_feedback_refuses_bad_counts_in_one_line(args, why):
+    """Before loading the ViT-Base-sized model (the run itself takes minutes: the README reports
+    it), a bad count is one line naming the flag."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_feedback.py"),
+                          *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 2 and out.stderr.strip() == f"error: {why}", out.stderr
