@@ -307,7 +307,7 @@ def layer_output_energies(layer, e: torch.Tensor | None = None) -> tuple:
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
     if e is None:  # in float32: rounded once where weight_error's float64 difference (exact
         # unless one weight is under 2**-29 of the other) is rounded again, and three full-size
-        # float64 copies fewer (a twentieth of a reprogramming of the ViT-Base-sized model)
+        # float64 copies fewer (0.4 s of a reprogramming of the ViT-Base-sized model)
         e = layer.effective_weight().detach().to("cpu", torch.float32).reshape(w.shape) - w
     else:
         e = e.float()
@@ -328,9 +328,9 @@ def quadratic_forms(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     diagonal). About half the products of ``(rows @ H) * rows`` (rule 21 stores ``H`` exactly
     symmetric). In float32 (BLAS, and each row's dot products with its block of ``rows``, whose
     sum adds an error of the order the products' own rounding has), the blocks' sums in
-    float64: a ratio for warnings and the allocator. (Summed in float64, the dot products took
-    half the time of a reprogramming's warnings on the ViT-Base-sized model; float64 products
-    took a quarter of the reprogramming.)"""
+    float64: a ratio for warnings and the allocator. (An in-place product and two float64 sums
+    per block took half as long again on the ViT-Base-sized model; float64 products took a
+    quarter of its reprogramming.)"""
     k = h.shape[-1]
     out = torch.zeros(rows.shape[0], dtype=torch.float64)
     width = column_block_width(k)
