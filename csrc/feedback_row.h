@@ -31,6 +31,14 @@ struct NearestSoFar {
   XB_HD int64_t value() const { return found_in ? best_in : best_any; }
 };
 
+// The high parts h that keep h * 2**m + d in [-qmax, qmax] (before the high slices' range):
+// [lo, hi], the ceiling and floor of (-qmax - d) / 2**m and (qmax - d) / 2**m, as shifts.
+XB_HD void in_range_highs(int64_t d, const CompFormat& f, int64_t& lo, int64_t& hi) {
+  const int64_t qmax = qmax_for(f.B);
+  lo = -((qmax + d) >> f.m);
+  hi = (qmax - d) >> f.m;
+}
+
 // nearest_allowed's step for one assignment of the low cells, which decode to d: the two high
 // parts around (t - d) / 2**m, each clamped to the range of the high slices (any) and, when
 // some are, to those that keep the value in [-qmax, qmax] (in).
@@ -38,11 +46,11 @@ struct NearestSoFar {
 // an arithmetic shift right is the floor of the quotient, and x / 2**m and x * 2**-m are both
 // x * 2**-m rounded once), where dividing took most of a weight's time on the CPU.
 XB_HD void nearest_with_low(double t, int64_t d, const CompFormat& f, NearestSoFar& s) {
-  const int64_t qmax = qmax_for(f.B);
   const int64_t unit = int64_t(1) << f.m;
   const double r = (t - double(d)) * f.inv_unit;
   const int64_t h0 = int64_t(floor(r));
-  const int64_t lo = -((qmax + d) >> f.m), hi = (qmax - d) >> f.m;  // ceil / floor of / unit
+  int64_t lo, hi;
+  in_range_highs(d, f, lo, hi);
   for (int64_t step = 0; step < 2; ++step) {
     int64_t h = h0 + step;
     h = h < f.hmin ? f.hmin : (h > f.hmax ? f.hmax : h);
@@ -164,7 +172,8 @@ XB_HD int64_t write_aware_allowed(double t, const uint8_t* lv, uint32_t held, co
     lo = lo < f.hmin ? f.hmin : lo;
     hi = hi > f.hmax ? f.hmax : hi;
     if (in_range) {
-      const int64_t a = -((qmax + d) >> f.m), z = (qmax - d) >> f.m;  // as nearest_with_low
+      int64_t a, z;
+      in_range_highs(d, f, a, z);
       lo = lo < a ? a : lo;
       hi = hi > z ? z : hi;
     }

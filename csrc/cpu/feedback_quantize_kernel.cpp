@@ -391,8 +391,9 @@ inline int64_t decoded_low_cells(const bool* h, const uint8_t* lv, const CompFor
 // else to the high slices' range, and feedback_better between them (the running targets'
 // comparisons went either way and mispredicted, a quarter of a 768-input layer's time).
 inline int64_t nearest_held_low(double t, int64_t d, const CompFormat& f) {
-  const int64_t qmax = qmax_for(f.B), unit = int64_t(1) << f.m;
-  const int64_t lo = -((qmax + d) >> f.m), hi = (qmax - d) >> f.m;  // as nearest_with_low
+  const int64_t unit = int64_t(1) << f.m;
+  int64_t lo, hi;
+  in_range_highs(d, f, lo, hi);
   const int64_t a = lo > f.hmin ? lo : f.hmin, z = hi < f.hmax ? hi : f.hmax;
   const bool in = a <= z;
   const int64_t p = in ? a : f.hmin, q = in ? z : f.hmax;
