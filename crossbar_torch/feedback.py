@@ -15,8 +15,9 @@ The stages, one owner each:
   inputs (per group for grouped convolutions) while :func:`crossbar_torch.calibrate` runs the
   model; stored as the layer's ``input_moment`` buffer (float32 ``(groups, K, K)``), so a saved
   model can be reprogrammed without its calibration data;
-* ``feedback_factor``: the upper Cholesky factor of the damped inverse moment;
-* ``feedback_targets``: the integer targets of one layer (the ``feedback_quantize`` op), which
+* ``feedback_factor``: the unit upper triangular factor ``U`` of the damped moment
+  (``U D U^T``);
+* ``feedback_choice``: the integer targets of one layer (the ``feedback_quantize`` op), which
   programming then writes with rule 13 (every chosen value is reachable, so the layer computes
   with exactly these integers).
 """
@@ -33,43 +34,39 @@ from .threads import OneThreadEach, one_thread
 
 
 def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
-    """U (float64 (G, K, K)): ``U^T U = (H + lambda I)^-1`` with ``U`` upper triangular, for each
-    group's ``H`` (float32 (G, K, K)). An input never seen (``H[k, k] == 0``) gets ``H[k, k] = 1``
-    (its weight carries no error onward); ``lambda = damp * mean(diag H)`` per group. Each
-    LAPACK / BLAS call on one thread (the factor's rounding moved with the thread count), the
-    threads sharing the products by halves."""
-    with OneThreadEach() as threads:
-        return _factor(moment, damp, threads)
+    """Rule 21's factor (float64 (G, K, K)) of each group's ``H`` (float32 (G, K, K)): ``U``
+    unit upper triangular and ``D`` diagonal with ``U D U^T = H + lambda I``, ``U``'s strict
+    upper triangle above ``D`` on the diagonal. An input never seen (``H[k, k] == 0``) gets
+    ``H[k, k] = 1`` (its weight carries no error onward); ``lambda = damp * mean(diag H)`` per
+    group. LAPACK's factor on one thread (its rounding moved with the thread count)."""
+    with one_thread():
+        return _factor(moment, damp)
 
 
-def _factor(moment: torch.Tensor, damp: float, threads) -> torch.Tensor:
-    """``feedback_factor``, its products' halves run by ``threads`` (``inverse_factor``)."""
+def _factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
+    """``feedback_factor`` on the calling thread's torch thread count (one, by its callers)."""
     h = damped_moment(moment, damp)
     if h.shape[-1] == 0:
         return h
-    # With J the order reversal and J H J = L L^T (Cholesky), U = J L^-1 J: upper triangular,
-    # positive diagonal and U^T U = J L^-T L^-1 J = H^-1, so it is the factor (which is
-    # unique). One factorisation and one triangular inverse, instead of factorising H, inverting
-    # it and factorising the inverse: half the time on a 3072-input layer.
-    return inverse_factor(h.flip(-1, -2), threads).flip(-1, -2).contiguous()
-
-
-class _InTurn:
-    """``inverse_factor``'s ``threads`` for a factor computed on one thread from end to end:
-    each product's two halves in turn (the same products as side by side, so the same bits)."""
-
-    @staticmethod
-    def map(fn, jobs: list) -> list:
-        return [fn(*job) for job in jobs]
+    # With J the order reversal and J Hd J = L L^T (Cholesky), Hd = (J L J)(J L^T J): J L J is
+    # upper triangular, and with its columns divided by its diagonal d it is U, D = d^2. One
+    # factorisation, where carrying (t - v) / R[k, k] through R with R^T R = Hd^-1 (GPTQ's form,
+    # the same choices in exact arithmetic) needed a triangular inverse as well: half the time
+    # on a 3072-input layer.
+    # (LAPACK's upper factor R = L^T comes in column-major order: R^T is L, row-major, as the
+    # kernels read it; the lower factor's flip needed a copy more)
+    f = torch.linalg.cholesky(h.flip(-1, -2), upper=True).mT.flip(-1, -2)
+    d = f.diagonal(dim1=1, dim2=2).clone()
+    f.div_(d[:, None, :])
+    f.diagonal(dim1=1, dim2=2).copy_(d * d)
+    return f
 
 
 def feedback_factors(moments: list, damp: float) -> list:
-    """``feedback_factor`` of each moment (the same bits), the factors side by side, each on one
-    thread from end to end: two factors of a 3072-input layer in 0.57 s on two threads where
-    one took 0.39 s sharing them (its products split in halves, 1,164 hand-overs for the
-    ViT-Base-sized model's 49 factors)."""
+    """``feedback_factor`` of each moment (the same bits), side by side, each on one thread:
+    two factors of a 3072-input layer in 0.35 s on two threads."""
     with OneThreadEach() as threads:
-        return threads.map(_factor, [(m, damp, _InTurn) for m in moments])
+        return threads.map(_factor, [(m, damp) for m in moments])
 
 
 def damped_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:
@@ -82,39 +79,6 @@ def damped_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:
     diag[diag == 0] = 1.0
     diag += damp * diag.mean(dim=1, keepdim=True)
     return h
-
-
-def inverse_factor(h: torch.Tensor, threads, leaf: int = 256) -> torch.Tensor:
-    """``L^-1`` (float64 (G, K, K)) of the Cholesky factor of ``h`` (``L L^T = h``, symmetric
-    positive definite), by halves: with ``h = [[P, Q^T], [Q, R]]`` and ``L = [[A, 0], [B, C]]``,
-    ``A A^T = P``, ``B = Q A^-T``, ``C C^T = R - B B^T`` and ``L^-1 = [[A^-1, 0], [-C^-1 B A^-1,
-    C^-1]]``; up to ``leaf`` rows LAPACK's factor and a triangular solve against the identity,
-    on one thread. The halving puts most of the work in matrix products (a triangular solve
-    against the identity does K^3 multiply-adds where the inverse needs a third of that), and
-    every product goes in two halves, side by side on ``threads`` (a ``threads.OneThreadEach``):
-    the same jobs on every thread count, so the same bits. On two threads about as fast as
-    LAPACK's factor of the whole matrix and its inverse by halves, each on two threads (0.59 s
-    against 0.49-0.58 s, 3072 inputs; on one thread the factor alone took 0.28 s, 0.16 s on
-    two)."""
-    k = h.shape[-1]
-    if k <= leaf:
-        eye = torch.eye(k, dtype=h.dtype).expand_as(h)
-        with one_thread():
-            return torch.linalg.solve_triangular(torch.linalg.cholesky(h), eye, upper=False)
-    m = k // 2
-    r = (k - m) // 2  # the rows of Q, B and C^-1 in two halves
-
-    def by_rows(x, y):  # x @ y, x's rows in two halves
-        return torch.cat(threads.map(torch.matmul, [(x[:, :r], y), (x[:, r:], y)]), 1)
-
-    a_inv = inverse_factor(h[:, :m, :m], threads, leaf)
-    b = by_rows(h[:, m:, :m], a_inv.mT)
-    c_inv = inverse_factor(h[:, m:, m:] - by_rows(b, b.mT), threads, leaf)
-    out = torch.zeros_like(h)
-    out[:, :m, :m] = a_inv
-    out[:, m:, m:] = c_inv
-    out[:, m:, :m] = -by_rows(c_inv, by_rows(b, a_inv))
-    return out
 
 
 def original_order(t: torch.Tensor, sort_index: torch.Tensor) -> torch.Tensor:
@@ -188,11 +152,13 @@ class FactorCache:
 
 
 @torch.no_grad()
-def feedback_targets(layer, config, factors: FactorCache | None = None) -> torch.Tensor:
+def feedback_choice(layer, config, factors: FactorCache | None = None) -> tuple:
     """Rule 21: the integers (int32 (out, K), original order) that programming writes into
     ``layer``: each weight the allowed value nearest its running target, filters in parallel,
     inputs in order. Held cells are the layer's stuck cells at the levels it holds. ``factors``
-    reuses the previous layer's factor when it is the same (one per programming pass)."""
+    reuses the previous layer's factor when it is the same (one per programming pass). With
+    them, ``tr(E H E^T)``, the output error energy the layer has once programmed with them
+    (``residual_energy``), or None after rule 24's sweeps."""
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
     scale = layer.scale.detach().to("cpu", torch.float32)
     target = (w / scale[:, None]).to(torch.float64)  # rule 2's division, in float32
@@ -216,17 +182,42 @@ def feedback_targets(layer, config, factors: FactorCache | None = None) -> torch
         pred = placement_predecessors(layer.filter_index, target.shape[0], config)
         index = layer.long_sort_index().cpu()
     fw = layer_filter_weights(layer, config, scale)
-    q = ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
-                              config.bits_per_cell, config.encoding_id, slices,
-                              pred if config.write_penalty > 0 else None,
-                              index if config.write_penalty > 0 else None, config.write_penalty,
-                              fw)
+    q, running = ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
+                                       config.bits_per_cell, config.encoding_id, slices,
+                                       pred if config.write_penalty > 0 else None,
+                                       index if config.write_penalty > 0 else None,
+                                       config.write_penalty, fw, running=True)
     if config.feedback_sweeps > 0:  # rule 24 (nothing is held: the config sticks nothing)
         hs = scaled_moment(layer.input_moment, config.feedback_damp)
         q = ops.feedback_refine(target.contiguous(), hs, q, pred, index, config.weight_bits,
                                 config.bits_per_cell, config.encoding_id, config.write_penalty,
                                 config.feedback_sweeps, fw)
-    return q
+        return q, None
+    return q, residual_energy(q, running, target, u, layer.input_moment, config.feedback_damp,
+                              scale)
+
+
+def residual_energy(q, running, target, u, moment, damp: float, scale) -> float:
+    """``tr(E H E^T)`` of a layer programmed with rule 21's integers ``q`` (its effective
+    weights, rule 21), ``E = s (q - t0)``, from the kernel's running targets alone: with
+    ``e = q - t0``, ``e^T Hd e = sum_k D[k] (q[k] - t[k])^2`` (rule 21's identity: ``t[k] =
+    t0[k] - sum_{j<k} U[j, k] e[j]``), and ``Hd - H`` is diagonal. O(out K) where the products
+    with ``H`` are O(out K^2): the reprogramming's warning (``warn_output_errors``) reads it.
+    Equal to the products' value up to rounding (and to ``s t0`` standing for ``W``)."""
+    per = q.shape[0] // max(u.shape[0], 1)
+    r2 = (q.double() - running).square_()
+    e2 = (q.double() - target).square_()
+    h = moment.detach().diagonal(dim1=1, dim2=2).to("cpu", torch.float64, copy=True)
+    hd = h.clone()
+    hd[hd == 0] = 1.0  # as damped_moment makes Hd's diagonal
+    hd += damp * hd.mean(dim=1, keepdim=True)
+    extra = hd - h  # lambda, and 1 + lambda where H[k, k] == 0
+    s2 = scale.to(torch.float64).square()
+    num = 0.0
+    for g in range(u.shape[0]):
+        rows = slice(g * per, (g + 1) * per)
+        num += float((s2[rows] * (r2[rows] @ u[g].diagonal() - e2[rows] @ extra[g])).sum())
+    return num
 
 
 def layer_filter_weights(layer, config, scale: torch.Tensor) -> torch.Tensor | None:
@@ -296,15 +287,21 @@ def weight_error(layer) -> torch.Tensor:
 
 
 @torch.no_grad()
-def layer_output_energies(layer, e: torch.Tensor | None = None) -> tuple:
+def layer_output_energies(layer, e: torch.Tensor | None = None, noted: bool = False) -> tuple:
     """``(tr(E H E^T), tr(W H W^T))`` of a calibrated layer, with ``E = W_eff - W``
     (``weight_error``; pass ``e`` when it is at hand): the mean squared error its crossbars
     add to one output row (one token, one position) on the calibration inputs, and that row's
-    mean square ((0, 0) without an input moment)."""
+    mean square ((0, 0) without an input moment). ``noted``: the first from the programming's
+    residuals where it noted them and nothing changed since (``residual_energy``)."""
     h = layer.input_moment.detach().to("cpu", torch.float32)
     if not h.numel():
         return 0.0, 0.0
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
+    known = layer.noted_output_error() if noted and e is None else None
+    if known is not None:
+        per = w.shape[0] // h.shape[0]
+        return known, sum(float(quadratic_forms(w[g * per:(g + 1) * per], h[g]).sum())
+                          for g in range(h.shape[0]))
     if e is None:  # in float32: rounded once where weight_error's float64 difference (exact
         # unless one weight is under 2**-29 of the other) is rounded again, and three full-size
         # float64 copies fewer (0.4 s of a reprogramming of the ViT-Base-sized model)
@@ -342,11 +339,11 @@ def quadratic_forms(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def layer_output_error(layer) -> float:
+def layer_output_error(layer, noted: bool = False) -> float:
     """``tr(E H E^T) / tr(W H W^T)`` (layer_output_energies): the mean squared error the
     layer's crossbars add to its output on the calibration inputs, relative to the output's
     mean square (0 for a layer without an input moment)."""
-    num, den = layer_output_energies(layer)
+    num, den = layer_output_energies(layer, noted=noted)
     return num / den if den > 0 else 0.0
 
 
@@ -359,7 +356,8 @@ def warn_output_errors(model: nn.Module, what: str = "reprogram") -> dict:
     if not layers or not layers[0][1].config.warn_output_error:
         return {}
     limit = layers[0][1].config.warn_output_error
-    bad = {n: e for n, e in ((n, layer_output_error(l)) for n, l in layers) if e > limit}
+    bad = {n: e for n, e in ((n, layer_output_error(l, noted=True)) for n, l in layers)
+           if e > limit}
     if bad:
         worst = sorted(bad.items(), key=lambda kv: -kv[1])[:3]
         # the advice for what the worst layers lack: rule 21, or a lighter policy under it

@@ -20,7 +20,7 @@ from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .heap import release_free_memory
 from .packing import pack_mask
-from .feedback import FactorCache, feedback_cells, feedback_targets, warn_output_errors
+from .feedback import FactorCache, feedback_cells, feedback_choice, warn_output_errors
 from .nn.modules import crossbar_layers
 from .nn.modules.state import feedback_active, policy_name
 from .nn.record import no_crossbar_layers
@@ -259,6 +259,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
     feedback = {}  # rule 21's integers per layer, int16 (out, K)
+    energies = {}  # the output error energy each will have, known from rule 21's residuals
     layer_cfgs = [run_cfg.for_layer(policy_name(layer, name)) for name, layer in layers]  # rule 22
     # rule 21: query, key and value share one factor; the next of a shape is computed beside
     factors = FactorCache([] if baseline else [
@@ -289,7 +290,9 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                 if pass_no == 0 and not baseline and feedback_active(layer, lcfg):
                     # rule 21: chosen once per programming (from the held cells the last
                     # programming left), kept for the later passes
-                    feedback[i] = feedback_targets(layer, lcfg, factors).to(torch.int16)
+                    q, energies[i] = feedback_choice(layer, lcfg, factors)
+                    feedback[i] = q.to(torch.int16)
+                    del q
                 target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i),
                                                check_values=pass_no == 0, pool=pool)
                 if pass_no == 0 and target.numel() <= budget:
@@ -337,6 +340,8 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                     stuck = (pool.layer_stuck(geom, layer.filter_index, used, t0, lcfg)
                              if lcfg.stucking else None)
                     layer.set_cells(eff, stuck, used)
+                    if energies.get(i) is not None:  # the effective weights are rule 21's q'
+                        layer.note_output_error(energies[i])
             bar.update(1)
         if pass_no == 0:
             result.tiles = pool.next_tile

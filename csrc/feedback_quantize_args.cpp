@@ -89,8 +89,8 @@ void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& 
     TORCH_CHECK(all_finite(u),
                 "crossbar_torch.feedback_quantize: u holds NaN or Inf");
     TORCH_CHECK((u.diagonal(0, 1, 2) > 0).all().item<bool>(),
-                "crossbar_torch.feedback_quantize: the diagonal of u must be positive (an upper "
-                "Cholesky factor)");
+                "crossbar_torch.feedback_quantize: the diagonal of u must be positive (the pivots "
+                "D of H + lambda I = U D U^T)");
   }
   if (levels.numel()) check_levels(levels, bits_per_cell, "feedback_quantize", "levels");
 }

@@ -3,8 +3,11 @@
 //
 // One filter (row of W in scale units, original input order) is quantized column by column:
 // each weight takes, among the values its held cells allow, the one nearest its running target
-// t; the residual (t - v) / U[k][k] is carried onto the columns not yet chosen through row k of
-// U, the upper Cholesky factor of the damped inverse input second moment (GPTQ / OBQ).
+// t; its error against its own target, v - t0[k], is carried onto the columns not yet chosen
+// through row k of U, the unit upper triangular factor of the damped input second moment
+// H + lambda I = U D U^T (GPTQ / OBQ in the form of Babai's nearest plane: the same choices
+// as carrying (t - v) / R[k][k] through the upper Cholesky factor R of the inverse, without
+// inverting anything).
 #pragma once
 
 #include <cmath>
@@ -216,20 +219,22 @@ XB_HD int64_t feedback_pick(double tk, int64_t k, const bool* held, const uint8_
   return nearest_allowed(tk, lk, mask, f);
 }
 
-// One filter: t (K doubles, updated in place: the running targets), u (K x K, row-major, upper
-// triangle read), held / lv (K x c, original order; held may be null: nothing held), out (K).
+// One filter: t (K doubles, updated in place: the running targets), t0 (K doubles: the
+// targets before any carry), u (K x K, row-major, strictly upper triangle read), held / lv
+// (K x c, original order; held may be null: nothing held), out (K).
 // Rule 23 (lambda > 0): `pos[k]` is weight k's sorted position; `ref` (K x c, sorted order) the
 // cells the filter's predecessor chose (null: none); the chosen cells go to `chosen` (K x c,
 // sorted order) for the filter's successor. (The CPU kernel runs the same steps for a few
 // filters at once: feedback_rows in cpu/feedback_quantize_kernel.cpp.)
-XB_HD void feedback_row(double* t, const double* u, const bool* held, const uint8_t* lv,
-                        int64_t K, const CompFormat& f, int32_t* out, double lambda = 0.0,
+XB_HD void feedback_row(double* t, const double* t0, const double* u, const bool* held,
+                        const uint8_t* lv, int64_t K, const CompFormat& f, int32_t* out,
+                        double lambda = 0.0,
                         const int64_t* pos = nullptr, const uint8_t* ref = nullptr,
                         uint8_t* chosen = nullptr) {
   for (int64_t k = 0; k < K; ++k) {
     const int64_t v = feedback_pick(t[k], k, held, lv, f, lambda, pos, ref, chosen);
     out[k] = int32_t(v);
-    const double e = (t[k] - double(v)) / u[k * K + k];
+    const double e = double(v) - t0[k];
     const double* uk = u + k * K;
     for (int64_t j = k + 1; j < K; ++j) t[j] = t[j] - xb_mul(e, uk[j]);
   }

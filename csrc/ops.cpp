@@ -52,7 +52,7 @@ TORCH_LIBRARY(crossbar_torch, m) {
   m.def(
       "feedback_quantize(Tensor target, Tensor u, Tensor held, Tensor levels, int weight_bits, "
       "int bits_per_cell, int encoding, int stuck_slices, Tensor pred, Tensor sort_index, "
-      "float write_penalty=0., Tensor? filter_weight=None) -> Tensor");
+      "float write_penalty=0., Tensor? filter_weight=None) -> (Tensor, Tensor)");
   // host only (no CUDA kernel): rule 24 refines rule 21's targets, which are computed on the
   // host (crossbar_torch/feedback.py)
   m.def(

@@ -400,20 +400,28 @@ def nearest_value(t, values):
 
 
 def feedback_factor(h, damp):
-    """U upper triangular with U^T U = (H + lambda I)^-1 (numpy float64)."""
+    """Rule 21's factor (numpy float64): U unit upper triangular and D diagonal with
+    U D U^T = H + lambda I, U's strict upper triangle above D on the diagonal. Computed another
+    way than the project's (which factorises the reversed matrix): the upper Cholesky factor R
+    of the inverse (R^T R = (H + lambda I)^-1) has R^-1 (R^-1)^T = H + lambda I, so
+    U = R^-1 diag(R) and D = diag(R)^-2."""
     h = np.array(h, dtype=np.float64)
     d = np.diag(h).copy()
     d[d == 0] = 1.0
     d = d + damp * d.mean()
     np.fill_diagonal(h, d)
-    inv = np.linalg.inv(h)
-    return np.linalg.cholesky(inv).T
+    r = np.linalg.cholesky(np.linalg.inv(h)).T
+    u = np.linalg.inv(r) * np.diag(r)[None, :]
+    u = np.triu(u, 1)
+    np.fill_diagonal(u, np.diag(r) ** -2.0)
+    return u
 
 
 def feedback_row(t, u, held_levels, bits, b, enc, L):
     """One filter: t (list of float64 targets), u (K x K), held_levels[k]: the weight's cells
     (level or None). Returns the chosen integers."""
     t = [float(x) for x in t]
+    t0 = list(t)
     K = len(t)
     qmax = 2 ** (bits - 1) - 1
     out = []
@@ -425,7 +433,7 @@ def feedback_row(t, u, held_levels, bits, b, enc, L):
             values = allowed_values(cells, bits, b, enc, L)
         v = nearest_value(t[k], values)
         out.append(v)
-        e = (t[k] - v) / float(u[k][k])
+        e = float(v) - t0[k]  # the error against the weight's own target
         for j in range(k + 1, K):
             t[j] = t[j] - float(np.float64(e) * np.float64(u[k][j]))
     return out
@@ -477,6 +485,7 @@ def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index,
             if o in done or (pred[o] >= 0 and pred[o] not in done):
                 continue
             t = [float(x) for x in t_rows[o]]
+            t0 = list(t)
             u = u_groups[o // per]
             ref = chosen.get(pred[o]) if pred[o] >= 0 else None
             lam = float(penalty) if weights is None else float(penalty) / float(weights[o])
@@ -498,7 +507,7 @@ def write_aware_layer(t_rows, u_groups, held_rows, bits, b, enc, L, pred, index,
                 v = best[1]
                 vals.append(v)
                 sorted_cells[p] = best[2]
-                e = (t[k] - v) / float(u[k][k])
+                e = float(v) - t0[k]
                 for j in range(k + 1, K):
                     t[j] = t[j] - float(np.float64(e) * np.float64(u[k][j]))
             chosen[o] = sorted_cells

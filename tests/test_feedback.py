@@ -810,10 +810,10 @@ def test_quadratic_forms_from_the_upper_blocks(k):
 
 
 @pytest.mark.parametrize("k", [1, 255, 256, 257, 700])
-def test_factor_by_halves_is_the_independent_factor(k):
-    """U from the halved triangular inverse: upper triangular with exact zeros below the
-    diagonal, and the independent simulator's factor (numpy: invert, then factorise) to
-    float64's rounding, for sizes around and past the halving's leaf."""
+def test_factor_is_the_independent_factor(k):
+    """U and D from one Cholesky factor of the reversed matrix: upper triangular with exact
+    zeros below the diagonal, and the independent simulator's factor (numpy: invert, factorise
+    the inverse, invert its factor) to float64's rounding."""
     g = torch.Generator().manual_seed(k)
     x = torch.randn(2 * k + 3, 2, k, generator=g, dtype=torch.float64)
     x[:, :, 0] += 2.0
@@ -844,3 +844,64 @@ def test_an_overflowing_layer_input_fails_calibration_and_keeps_the_moment():
     with pytest.raises(xb.errors.InvalidTensorError, match="NaN or Inf"):
         xb.calibrate(xmodel, torch.randn(5, 100))
     assert xmodel.fc.input_moment.numel() == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(out=st.integers(0, 5), k=st.integers(0, 9), groups=st.sampled_from([1, 2]),
+       L=st.integers(0, 2), penalty=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 2 ** 16))
+def test_running_targets_are_the_references(out, k, groups, L, penalty, seed):
+    """The op's running targets (each weight's when it was chosen; what the warning's output
+    error is computed from) equal the reference's bit for bit, with and without rule 23."""
+    bits, b, enc = 6, 1, 0
+    t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed)
+    kw, n = {}, t.shape[0]
+    if penalty:  # one chain through every filter; random sort positions
+        gen = torch.Generator().manual_seed(seed)
+        kw = dict(pred=torch.arange(-1, n - 1, dtype=torch.int64),
+                  sort_index=torch.stack([torch.randperm(k, generator=gen) for _ in range(n)])
+                  if n else torch.zeros(0, k, dtype=torch.int64),
+                  write_penalty=penalty)
+    q, run = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, running=True, **kw)
+    if penalty:  # the reference names the sort index `index`
+        kw["index"] = kw.pop("sort_index")
+    want_q, want_run = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L,
+                                                   running=True, **kw)
+    assert torch.equal(q, want_q) and torch.equal(run, want_run)
+    if out and k:  # the first weight of each filter sees no carry
+        assert torch.equal(run[:, 0], t[:, 0])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(write_penalty=2.0, stuck_slices=0,
+                                              reprogram_fraction=1.0, compensate=False)])
+def test_the_warnings_energy_from_the_residuals_is_the_products(kw):
+    """After a rule-21 reprogramming, the output error energy the warning reads (from the
+    kernel's running targets: tr(E Hd E^T) = sum D (q - t)^2, less the damping) is the one the
+    products with H give, both to 1e-5 of a float64 computation by hand (the products are
+    float32; the residuals stand s t0 for W); it is dropped once the latent weight changes, and
+    rule 24's sweeps (which move q after the kernel) note none."""
+    torch.manual_seed(4)
+    xmodel = xb.convert(_Wide().eval(), _config(rows=16, cols=16, **kw))
+    x = torch.randn(300, 203) + torch.linspace(-1, 1, 203)
+    img = torch.randn(2, 16, 5, 5)
+    xb.calibrate(xmodel, (x, img))
+    xb.reprogram(xmodel)
+    for layer in (xmodel.fc, xmodel.conv):
+        assert layer.noted_output_error() is not None
+        noted = feedback.layer_output_energies(layer, noted=True)
+        products = feedback.layer_output_energies(layer)
+        h = layer.input_moment.double()
+        w = layer.matrix_weight().detach().double().reshape(h.shape[0], -1, h.shape[1])
+        e = layer.effective_weight().detach().double().reshape(w.shape) - w
+        want = tuple(float(torch.einsum("gok,gkl,gol->", m, h, m)) for m in (e, w))
+        assert want[0] > 0
+        assert noted == pytest.approx(want, rel=1e-5)
+        assert products == pytest.approx(want, rel=1e-5)
+    with torch.no_grad():
+        xmodel.fc.weight.mul_(1.01)
+    assert xmodel.fc.noted_output_error() is None
+    swept = xb.convert(_Wide().eval(), _config(rows=16, cols=16, stuck_slices=0,
+                                               reprogram_fraction=1.0, compensate=False,
+                                               feedback_sweeps=1))
+    xb.calibrate(swept, (x, img))
+    xb.reprogram(swept)
+    assert swept.fc.noted_output_error() is None

@@ -108,8 +108,8 @@ def test_a_failed_calibration_gives_the_threads_back():
 
 
 def test_the_factor_is_the_same_for_every_thread_count():
-    """Rule 21's factor U (Cholesky and the triangular inverse by halves, LAPACK and BLAS in
-    float64) rounded differently on one and two threads; it is computed on one."""
+    """Rule 21's factor (LAPACK's Cholesky in float64) rounded differently on one and two
+    threads; it is computed on one. It is the factor: U D U^T = H + lambda I."""
     from crossbar_torch.feedback import feedback_factor
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2000, 768, generator=g)
@@ -125,10 +125,10 @@ def test_the_factor_is_the_same_for_every_thread_count():
         torch.set_num_threads(before)
     assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
     hd = h[0].double() + 0.3 * h[0].double().diagonal().mean() * torch.eye(768, dtype=torch.float64)
-    u = got[0][0]
-    torch.testing.assert_close(u.T @ u @ hd, torch.eye(768, dtype=torch.float64),
-                               rtol=0, atol=1e-9)
-    assert torch.equal(u, u.triu())
+    f = got[0][0]
+    assert torch.equal(f, f.triu())
+    u = f.triu(1) + torch.eye(768, dtype=torch.float64)
+    torch.testing.assert_close(u @ torch.diag(f.diagonal()) @ u.T, hd, rtol=0, atol=1e-12)
 
 
 @pytest.mark.slow

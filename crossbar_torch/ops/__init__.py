@@ -74,21 +74,24 @@ def compensate(cells, held, old, weight_bits: int, bits_per_cell: int, encoding:
 
 def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: int,
                       encoding: int, stuck_slices: int, pred=None, sort_index=None,
-                      write_penalty: float = 0.0, filter_weight=None) -> torch.Tensor:
+                      write_penalty: float = 0.0, filter_weight=None,
+                      running: bool = False) -> torch.Tensor:
     """Rule 21: error-feedback programming targets (int32 (out, K), original order) of a layer
     whose targets in scale units are ``target`` (float64 (out, K)), given ``u`` (float64
-    (groups, K, K), the upper Cholesky factor of the damped inverse input second moment of each
-    group) and the held cells ``held`` / their ``levels`` ((out, K, c), original order; both
+    (groups, K, K), each group's factor ``U D U^T`` of its damped input second moment: ``U``'s
+    strict upper triangle, ``D`` on the diagonal; ``feedback.feedback_factor``) and the held cells ``held`` / their ``levels`` ((out, K, c), original order; both
     empty: nothing held). Rule 23 (``write_penalty`` > 0): ``pred`` (int64 (out,), -1: none)
     names the filter each is charged against, ``sort_index`` (int64 (out, K)) the sorted
     positions; rule 25's ``filter_weight`` (float64 (out,), > 0) makes filter o pay
-    ``write_penalty / filter_weight[o]``. See feedback_reference.feedback_quantize."""
+    ``write_penalty / filter_weight[o]``. ``running``: also the running targets (float64
+    (out, K), each weight's when it was chosen). See feedback_reference.feedback_quantize."""
     none = dict(dtype=torch.int64, device=target.device)
     pred = torch.zeros(0, **none) if pred is None else pred
     sort_index = torch.zeros(0, 0, **none) if sort_index is None else sort_index
-    return _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
+    q, t = _ops.feedback_quantize(target, u, held, levels, int(weight_bits), int(bits_per_cell),
                                   int(encoding), int(stuck_slices), pred, sort_index,
                                   float(write_penalty), filter_weight)
+    return (q, t) if running else q
 
 
 def feedback_refine(target, hs, q, pred, sort_index, weight_bits: int, bits_per_cell: int,

@@ -182,7 +182,7 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
                  lambda: f"crossbar_torch.{op}: levels {tuple(levels.shape)} must have the "
                          f"shape of held {tuple(held.shape)}")
     _check_filter_weight(op, filter_weight, out)
-    return target.new_empty((out, k), dtype=torch.int32)
+    return target.new_empty((out, k), dtype=torch.int32), torch.empty_like(target)
 
 
 def _check_filter_weight(op, a, out):

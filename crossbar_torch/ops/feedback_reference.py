@@ -105,23 +105,27 @@ def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
                       stuck_slices: int, pred: torch.Tensor | None = None,
                       index: torch.Tensor | None = None,
                       write_penalty: float = 0.0,
-                      filter_weight: torch.Tensor | None = None) -> torch.Tensor:
+                      filter_weight: torch.Tensor | None = None, running: bool = False):
     """Rule 21, column by column for all filters at once: each weight takes the allowed value
-    nearest its running target, and the residual ``(t - v) / u[k, k]`` is carried onto the later
-    columns through row k of ``u`` (each product rounded on its own, as the kernels do). With
+    nearest its running target, and its error against its own target, ``v - target[o, k]``, is
+    carried onto the later columns through row k of ``u`` (``t[j] -= e * u[k, j]``, each
+    product rounded on its own, as the kernels do; ``u``'s diagonal is not read). With
     rule 23's ``write_penalty`` > 0, one filter at a time, each after its ``pred``; rule 25's
-    ``filter_weight`` (float64 (out,)) makes filter o pay ``write_penalty / filter_weight[o]``."""
+    ``filter_weight`` (float64 (out,)) makes filter o pay ``write_penalty / filter_weight[o]``.
+    ``running``: also the running targets (each weight's when it was chosen)."""
     if write_penalty > 0:
-        return _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell,
+        q, t = _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell,
                                      encoding, stuck_slices, pred, index, write_penalty,
                                      filter_weight)
-    t = target.detach().to(torch.float64).clone()
+        return (q, t) if running else q
+    t0 = target.detach().to(torch.float64)
+    t = t0.clone()
     out, K = t.shape
     groups = u.shape[0]
     per = out // groups if groups else 0
     q = torch.zeros(out, K, dtype=torch.int32)
     if out == 0 or K == 0:
-        return q
+        return (q, t) if running else q
     rows_u = u.to(torch.float64)[torch.arange(out) // per]  # (out, K, K)
     hl = held.tolist() if held.numel() else None
     lv = levels.tolist() if levels.numel() else None
@@ -131,9 +135,9 @@ def feedback_quantize(target: torch.Tensor, u: torch.Tensor, held: torch.Tensor,
                                           bits_per_cell, encoding, stuck_slices)
                           for o in range(out)], dtype=torch.float64)
         q[:, k] = v.to(torch.int32)
-        e = (t[:, k] - v) / rows_u[:, k, k]
+        e = v - t0[:, k]
         t[:, k + 1:] = t[:, k + 1:] - e[:, None] * rows_u[:, k, k + 1:]
-    return q
+    return (q, t) if running else q
 
 
 def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, encoding,
@@ -141,11 +145,12 @@ def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, e
     """Rule 23: filters in an order where each comes after its predecessor ``pred[o]``; weight
     k of filter o is charged against the cells its predecessor chose at o's sorted position of
     k (``sort_order``: the layer's sort index)."""
-    t = target.detach().to(torch.float64).clone()
+    t0 = target.detach().to(torch.float64)
+    t = t0.clone()
     out, K = t.shape
     q = torch.zeros(out, K, dtype=torch.int32)
     if out == 0 or K == 0:
-        return q
+        return q, t
     per = out // u.shape[0]
     pred = [int(p) for p in pred.tolist()]
     index = sort_order.tolist()
@@ -167,11 +172,11 @@ def _write_aware_quantize(target, u, held, levels, weight_bits, bits_per_cell, e
                 encoding, stuck_slices)
             q[o, k] = v
             mine[pos[k]] = cells
-            e = (t[o, k] - float(v)) / uo[k, k]
+            e = float(v) - float(t0[o, k])
             t[o, k + 1:] = t[o, k + 1:] - e * uo[k, k + 1:]
         chosen[o] = mine
         todo.extend(x for x in range(out) if pred[x] == o)
-    return q
+    return q, t
 
 
 def chain_depths(pred: list) -> list:

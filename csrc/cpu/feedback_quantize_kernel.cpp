@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #include "vector_isa.h"
@@ -29,6 +30,7 @@ namespace {
 // One filter's pointers for feedback_rows (those feedback_row takes).
 struct FeedbackRowArgs {
   double* t;
+  const double* t0;  // the targets before any carry (rule 21's error is against them)
   const bool* held;
   const uint8_t* lv;
   int32_t* out;
@@ -469,7 +471,7 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
           v = feedback_pick(a.t[k], k, a.held, a.lv, f, a.lambda, a.pos, a.ref, a.chosen);
         }
         a.out[k] = int32_t(v);
-        const double er = (a.t[k] - double(v)) / uk[k];
+        const double er = double(v) - a.t0[k];
         e[r][k - k0] = er;
         for (int64_t j = k + 1; j < k1; ++j) a.t[j] = a.t[j] - xb_mul(er, uk[j]);
       }
@@ -530,28 +532,30 @@ RowsFn pick_rows(VectorIsa isa) {
 #endif
 }
 
-at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& u_in,
-                                 const at::Tensor& held_in, const at::Tensor& levels_in,
-                                 int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
-                                 int64_t stuck_slices, const at::Tensor& pred,
-                                 const at::Tensor& sort_index, double write_penalty,
-                                 const std::optional<at::Tensor>& filter_weight) {
+// (q, the running targets: each weight's at its choice, rule 21's warning reads them)
+std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
+    const at::Tensor& target_in, const at::Tensor& u_in, const at::Tensor& held_in,
+    const at::Tensor& levels_in, int64_t weight_bits, int64_t bits_per_cell, int64_t encoding,
+    int64_t stuck_slices, const at::Tensor& pred, const at::Tensor& sort_index,
+    double write_penalty, const std::optional<at::Tensor>& filter_weight) {
   TORCH_CHECK(target_in.device().is_cpu(),
               "crossbar_torch.feedback_quantize: target must be a CPU tensor here, got ",
               target_in.device());
   const int64_t c = check_feedback_quantize(target_in, u_in, held_in, levels_in, weight_bits,
                                             bits_per_cell, encoding, stuck_slices, pred,
                                             sort_index, write_penalty, filter_weight);
-  at::Tensor t = target_in.contiguous().clone();  // running targets, updated in place
+  const at::Tensor t0 = target_in.contiguous();  // the targets (rule 21's errors)
+  at::Tensor t = t0.clone();  // running targets, updated in place
   const at::Tensor u = u_in.contiguous(), held = held_in.contiguous(),
                    levels = levels_in.contiguous();
   check_feedback_quantize_values(t, u, levels, bits_per_cell);
   const int64_t out = t.size(0), K = t.size(1), groups = u.size(0);
   at::Tensor q = at::empty({out, K}, t.options().dtype(at::kInt));
-  if (out == 0 || K == 0) return q;
+  if (out == 0 || K == 0) return {q, t};
   const CompFormat fmt = make_comp_format(int(weight_bits), int(bits_per_cell), int(encoding),
                                           int(stuck_slices));
   double* tp = t.mutable_data_ptr<double>();
+  const double* t0p = t0.const_data_ptr<double>();
   const double* up = u.const_data_ptr<double>();
   const bool* hp = held.numel() ? held.const_data_ptr<bool>() : nullptr;
   const uint8_t* lp = levels.numel() ? levels.const_data_ptr<uint8_t>() : nullptr;
@@ -587,14 +591,14 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
             const int64_t o = cur[i];
             if (o < 0) continue;
             if (group >= 0 && o / per_group != group) {  // another group's U: on its own
-              feedback_row(tp + o * K, up + (o / per_group) * K * K,
+              feedback_row(tp + o * K, t0p + o * K, up + (o / per_group) * K * K,
                            hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr, K,
                            fmt, qp + o * K, lam[size_t(o)], pp + o * K,
                            prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c);
               continue;
             }
             group = o / per_group;
-            rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr,
+            rows[n++] = {tp + o * K, t0p + o * K, hp ? hp + o * K * c : nullptr,
                          lp ? lp + o * K * c : nullptr, qp + o * K, pp + o * K,
                          prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c,
                          lam[size_t(o)]};
@@ -607,7 +611,7 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
         }
       }
     });
-    return q;
+    return {q, t};
   }
   const CellCodes codes;  // rule 21 alone: not used
   // blocks of kRowsTogether filters within one group (they share U)
@@ -620,13 +624,13 @@ at::Tensor feedback_quantize_cpu(const at::Tensor& target_in, const at::Tensor& 
       FeedbackRowArgs rows[kRowsTogether];
       int n = 0;
       for (int64_t o = o0; o < o1; ++o) {
-        rows[n++] = {tp + o * K, hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr,
-                     qp + o * K, nullptr, nullptr, nullptr, 0.0};
+        rows[n++] = {tp + o * K, t0p + o * K, hp ? hp + o * K * c : nullptr,
+                     lp ? lp + o * K * c : nullptr, qp + o * K, nullptr, nullptr, nullptr, 0.0};
       }
       feedback_rows(rows, n, up + g * K * K, tt, g, K, fmt, codes, ld);
     }
   });
-  return q;
+  return {q, t};
 }
 
 }  // namespace

@@ -179,7 +179,7 @@ class CrossbarMixin(ProgrammedWeight):
         # the caches are derived; a stamp's object becomes "another object", so the first
         # check after unpickling compares the digest
         state = super().__getstate__().copy()
-        state["_eff_cache"] = state["_linear_cache"] = None
+        state["_eff_cache"] = state["_linear_cache"] = state["_output_error"] = None
         state["_verified"] = {}
         if state.get("_programmed_version") is not None:
             state["_programmed_version"] = (no_object, state["_programmed_version"][1])
@@ -246,6 +246,22 @@ class CrossbarMixin(ProgrammedWeight):
             return self._decode(self.held_cells())
         with torch.no_grad():
             return self.cached("_eff_cache", lambda: self._decode(self.held_cells()))
+
+    def note_output_error(self, energy: float) -> None:
+        """Keep ``tr(E H E^T)`` as rule 21's programming knew it (its residuals), for the
+        warning, until a tensor it derives from (cells, scale, sort index, stuck cells, latent
+        weight, input moment) is replaced or changed."""
+        self._output_error = (energy, self._output_error_stamp())
+
+    def noted_output_error(self) -> float | None:
+        """The energy of :meth:`note_output_error` while it holds, else None."""
+        hit = getattr(self, "_output_error", None)
+        return hit[0] if hit is not None and same_stamp(hit[1], self._output_error_stamp()) \
+            else None
+
+    def _output_error_stamp(self) -> tuple:
+        return self.derived_stamp() + tuple((weakref.ref(t), t._version) for t in (
+            self.weight, self.input_moment) if not t.is_inference())
 
     def effective_q(self) -> torch.Tensor:
         """Integer effective weights q_eff (out, K) in the original order (rule 9)."""
