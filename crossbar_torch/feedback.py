@@ -75,10 +75,16 @@ def damped_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:
     h = moment.detach().to("cpu", torch.float64, copy=True)
     if h.shape[-1] == 0:
         return h
-    diag = h.diagonal(dim1=1, dim2=2)
+    damp_diagonal_(h.diagonal(dim1=1, dim2=2), damp)
+    return h
+
+
+def damp_diagonal_(diag: torch.Tensor, damp: float) -> torch.Tensor:
+    """Rule 21's damping of ``H``'s diagonal (float64 (G, K)), in place: a zero entry becomes 1,
+    then ``damp`` times the group's mean entry is added."""
     diag[diag == 0] = 1.0
     diag += damp * diag.mean(dim=1, keepdim=True)
-    return h
+    return diag
 
 
 def original_order(t: torch.Tensor, sort_index: torch.Tensor) -> torch.Tensor:
@@ -204,14 +210,11 @@ def residual_energy(q, running, target, u, moment, damp: float, scale) -> float:
     t0[k] - sum_{j<k} U[j, k] e[j]``), and ``Hd - H`` is diagonal. O(out K) where the products
     with ``H`` are O(out K^2): the reprogramming's warning (``warn_output_errors``) reads it.
     Equal to the products' value up to rounding (and to ``s t0`` standing for ``W``)."""
-    per = q.shape[0] // max(u.shape[0], 1)
+    per = q.shape[0] // u.shape[0]
     r2 = (q.double() - running).square_()
     e2 = (q.double() - target).square_()
     h = moment.detach().diagonal(dim1=1, dim2=2).to("cpu", torch.float64, copy=True)
-    hd = h.clone()
-    hd[hd == 0] = 1.0  # as damped_moment makes Hd's diagonal
-    hd += damp * hd.mean(dim=1, keepdim=True)
-    extra = hd - h  # lambda, and 1 + lambda where H[k, k] == 0
+    extra = damp_diagonal_(h.clone(), damp) - h  # lambda, and 1 + lambda where H[k, k] == 0
     s2 = scale.to(torch.float64).square()
     num = 0.0
     for g in range(u.shape[0]):
@@ -298,11 +301,9 @@ def layer_output_energies(layer, e: torch.Tensor | None = None, noted: bool = Fa
         return 0.0, 0.0
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
     known = layer.noted_output_error() if noted and e is None else None
-    if known is not None:
-        per = w.shape[0] // h.shape[0]
-        return known, sum(float(quadratic_forms(w[g * per:(g + 1) * per], h[g]).sum())
-                          for g in range(h.shape[0]))
-    if e is None:  # in float32: rounded once where weight_error's float64 difference (exact
+    if known is not None:  # the rows of W alone
+        e = w[:0]
+    elif e is None:  # in float32: rounded once where weight_error's float64 difference (exact
         # unless one weight is under 2**-29 of the other) is rounded again, and three full-size
         # float64 copies fewer (0.4 s of a reprogramming of the ViT-Base-sized model)
         e = layer.effective_weight().detach().to("cpu", torch.float32).reshape(w.shape) - w
@@ -311,11 +312,11 @@ def layer_output_energies(layer, e: torch.Tensor | None = None, noted: bool = Fa
     per = w.shape[0] // h.shape[0]
     num = den = 0.0
     for g in range(h.shape[0]):
-        both = torch.cat([e[g * per:(g + 1) * per], w[g * per:(g + 1) * per]])
-        forms = quadratic_forms(both, h[g])
-        num += float(forms[:per].sum())
-        den += float(forms[per:].sum())
-    return num, den
+        mine = e[g * per:(g + 1) * per]
+        forms = quadratic_forms(torch.cat([mine, w[g * per:(g + 1) * per]]), h[g])
+        num += float(forms[:mine.shape[0]].sum())
+        den += float(forms[mine.shape[0]:].sum())
+    return (num if known is None else known), den
 
 
 def quadratic_forms(rows: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

@@ -292,7 +292,6 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                     # programming left), kept for the later passes
                     q, energies[i] = feedback_choice(layer, lcfg, factors)
                     feedback[i] = q.to(torch.int16)
-                    del q
                 target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i),
                                                check_values=pass_no == 0, pool=pool)
                 if pass_no == 0 and target.numel() <= budget:

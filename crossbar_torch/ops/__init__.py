@@ -75,11 +75,12 @@ def compensate(cells, held, old, weight_bits: int, bits_per_cell: int, encoding:
 def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: int,
                       encoding: int, stuck_slices: int, pred=None, sort_index=None,
                       write_penalty: float = 0.0, filter_weight=None,
-                      running: bool = False) -> torch.Tensor:
+                      running: bool = False):
     """Rule 21: error-feedback programming targets (int32 (out, K), original order) of a layer
     whose targets in scale units are ``target`` (float64 (out, K)), given ``u`` (float64
     (groups, K, K), each group's factor ``U D U^T`` of its damped input second moment: ``U``'s
-    strict upper triangle, ``D`` on the diagonal; ``feedback.feedback_factor``) and the held cells ``held`` / their ``levels`` ((out, K, c), original order; both
+    strict upper triangle, ``D`` on the diagonal; ``feedback.feedback_factor``) and the held
+    cells ``held`` / their ``levels`` ((out, K, c), original order; both
     empty: nothing held). Rule 23 (``write_penalty`` > 0): ``pred`` (int64 (out,), -1: none)
     names the filter each is charged against, ``sort_index`` (int64 (out, K)) the sorted
     positions; rule 25's ``filter_weight`` (float64 (out,), > 0) makes filter o pay
