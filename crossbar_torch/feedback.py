@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 
 from . import ops
-from .packing import unpack_levels, unpack_mask
 from .errors import ModelStateError
 from .moments import column_block_width
 from .threads import OneThreadEach, one_thread
@@ -85,14 +84,6 @@ def damp_diagonal_(diag: torch.Tensor, damp: float) -> torch.Tensor:
     diag[diag == 0] = 1.0
     diag += damp * diag.mean(dim=1, keepdim=True)
     return diag
-
-
-def original_order(t: torch.Tensor, sort_index: torch.Tensor) -> torch.Tensor:
-    """(out, K, c) in sorted order -> original order (position k' holds weight index[o, k']);
-    also for packed cells (out, K, bytes)."""
-    out = torch.empty_like(t)
-    out.scatter_(1, sort_index[:, :, None].expand(-1, -1, t.shape[2]).to(t.device), t)
-    return out
 
 
 def placement_predecessors(filter_index: torch.Tensor, out: int, config) -> torch.Tensor:
@@ -169,29 +160,26 @@ def feedback_choice(layer, config, factors: FactorCache | None = None) -> tuple:
     scale = layer.scale.detach().to("cpu", torch.float32)
     target = (w / scale[:, None]).to(torch.float64)  # rule 2's division, in float32
     u = (factors or FactorCache()).factor(layer.input_moment, config.feedback_damp)
+    index = None
     if config.stucking and layer.stuck.numel():
+        # the layer's own packed buffers, as stored (sorted order): the kernel reads each
+        # weight's bytes at its sorted position, a filter at a time
+        held, levels = layer.stuck.cpu(), layer.cells.cpu()
         index = layer.long_sort_index().cpu()
-        # reordered packed (a weight's cells are packed within its own bytes, so moving
-        # weights commutes with packing), then unpacked: a fraction of the bytes to move
-        cfg = layer.config
-        held = unpack_mask(original_order(layer.stuck.cpu(), index), cfg.cells_per_weight)
-        levels = unpack_levels(original_order(layer.cells.cpu(), index), cfg.cells_per_weight,
-                               cfg.bits_per_cell)
         slices = config.stuck_slices
     else:
         held = torch.zeros(0, dtype=torch.bool)
         levels = torch.zeros(0, dtype=torch.uint8)
         slices = 0
-    pred = index = None
+    pred = None
     if config.write_penalty > 0 or config.feedback_sweeps > 0:
         # rule 23: charged against the predecessor's chosen cells; rule 24: its sweeps' order
         pred = placement_predecessors(layer.filter_index, target.shape[0], config)
-        index = layer.long_sort_index().cpu()
+        index = layer.long_sort_index().cpu() if index is None else index
     fw = layer_filter_weights(layer, config, scale)
     q, running = ops.feedback_quantize(target.contiguous(), u, held, levels, config.weight_bits,
                                        config.bits_per_cell, config.encoding_id, slices,
-                                       pred if config.write_penalty > 0 else None,
-                                       index if config.write_penalty > 0 else None,
+                                       pred if config.write_penalty > 0 else None, index,
                                        config.write_penalty, fw, running=True)
     if config.feedback_sweeps > 0:  # rule 24 (nothing is held: the config sticks nothing)
         hs = scaled_moment(layer.input_moment, config.feedback_damp)

@@ -25,7 +25,10 @@ int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
               " slices exceeds 21 bits per weight");
   check_dtype(target, at::kDouble, op, "target");
   check_dtype(u, at::kDouble, op, "u");
-  check_dtype(held, at::kBool, op, "held");
+  const bool packed = held_packed(held);
+  TORCH_CHECK(packed || held.scalar_type() == at::kBool, "crossbar_torch.feedback_quantize: held "
+              "must be bool (out, K, c), or uint8 packed flags in sorted order, got ",
+              held.scalar_type());
   check_dtype(levels, at::kByte, op, "levels");
   check_device(u, target, op, "u", "target");
   check_device(held, target, op, "held", "target");
@@ -42,23 +45,38 @@ int64_t check_feedback_quantize(const at::Tensor& target, const at::Tensor& u,
   if (held.numel() == 0) {
     TORCH_CHECK(levels.numel() == 0, "crossbar_torch.feedback_quantize: levels must be empty "
                 "when held is empty, got shape ", levels.sizes());
-  } else {
+  } else if (!packed) {
     check_dim(held, 3, op, "held", "(out, K, c)");
     check_size(held, 0, out, op, "held", "out");
     check_size(held, 1, K, op, "held", "K");
     check_size(held, 2, c, op, "held", "cells per weight c");
     TORCH_CHECK(levels.sizes() == held.sizes(), "crossbar_torch.feedback_quantize: levels ",
                 levels.sizes(), " must have the shape of held ", held.sizes());
+  } else {  // a layer's own buffers: packed (crossbar_torch/packing.py), in sorted order
+    const int s = checked_slot_bits(bits_per_cell, op);
+    check_dim(held, 3, op, "held", "(out, K, ceil(c / 8)) packed");
+    check_size(held, 0, out, op, "held", "out");
+    check_size(held, 1, K, op, "held", "K");
+    check_size(held, 2, packed_width(c, 1), op, "held", "ceil(c / 8) bytes of packed flags");
+    check_dim(levels, 3, op, "levels", "(out, K, bytes) packed");
+    check_size(levels, 0, out, op, "levels", "out");
+    check_size(levels, 1, K, op, "levels", "K");
+    check_size(levels, 2, packed_width(c, s), op, "levels", "the packed width of c cells");
+    TORCH_CHECK(held.device().is_cpu(), "crossbar_torch.feedback_quantize: packed held cells "
+                "are read on the host only; on ", held.device(), " give them unpacked (bool "
+                "(out, K, c) and their levels, original order)");
   }
   TORCH_CHECK(std::isfinite(write_penalty) && write_penalty >= 0.0,
               "crossbar_torch.feedback_quantize: write_penalty must be a finite number >= 0, got ",
               write_penalty);
   if (write_penalty > 0.0) {
     check_dtype(pred, at::kLong, op, "pred");
-    check_dtype(sort_index, at::kLong, op, "sort_index");
-    check_device(sort_index, target, op, "sort_index", "target");
     check_dim(pred, 1, op, "pred", "(out,)");
     check_size(pred, 0, out, op, "pred", "out");
+  }
+  if (write_penalty > 0.0 || (packed && held.numel())) {  // sorted positions are read
+    check_dtype(sort_index, at::kLong, op, "sort_index");
+    check_device(sort_index, target, op, "sort_index", "target");
     check_dim(sort_index, 2, op, "sort_index", "(out, K)");
     check_size(sort_index, 0, out, op, "sort_index", "out");
     check_size(sort_index, 1, K, op, "sort_index", "K");
@@ -79,8 +97,11 @@ std::vector<double> filter_penalties(double write_penalty,
   return lam;
 }
 
+bool held_packed(const at::Tensor& held) { return held.scalar_type() == at::kByte; }
+
 void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& u,
-                                    const at::Tensor& levels, int64_t bits_per_cell) {
+                                    const at::Tensor& levels, int64_t bits_per_cell,
+                                    bool packed) {
   if (target.numel()) {
     TORCH_CHECK(all_finite(target),
                 "crossbar_torch.feedback_quantize: target holds NaN or Inf");
@@ -92,7 +113,16 @@ void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& 
                 "crossbar_torch.feedback_quantize: the diagonal of u must be positive (the pivots "
                 "D of H + lambda I = U D U^T)");
   }
-  if (levels.numel()) check_levels(levels, bits_per_cell, "feedback_quantize", "levels");
+  if (!levels.numel()) return;
+  const int s = checked_slot_bits(bits_per_cell, "feedback_quantize");
+  if (!packed || s == 8) return check_levels(levels, bits_per_cell, "feedback_quantize", "levels");
+  if (s == bits_per_cell) return;  // every slot value is a level
+  // b = 3: each 4-bit slot must hold a level below 8 (unused slots and bits are 0 when packed)
+  const int per = 8 / s;
+  for (int i = 0; i < per; ++i) {
+    check_levels_fit(levels.bitwise_right_shift(i * s).bitwise_and((1 << s) - 1).max()
+                         .item<int64_t>(), bits_per_cell, "feedback_quantize", "levels");
+  }
 }
 
 FeedbackChains feedback_chains(const at::Tensor& pred_in, int64_t out, const char* op) {

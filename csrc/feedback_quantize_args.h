@@ -23,10 +23,16 @@ std::vector<double> filter_penalties(double write_penalty,
                                      const std::optional<at::Tensor>& filter_weight,
                                      int64_t out);
 
+// Whether held / levels are a layer's own buffers (held uint8): packed flags and levels
+// (crossbar_torch/packing.py) in sorted order, read through sort_index, on the host only.
+// Otherwise held is bool (out, K, c) and levels uint8 (out, K, c), both in original order.
+bool held_packed(const at::Tensor& held);
+
 // Values, on the contiguous copies the kernel reads: finite targets, a finite u with a positive
-// diagonal, levels in [0, 2**bits_per_cell).
+// diagonal, levels in [0, 2**bits_per_cell) (packed: every slot's).
 void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& u,
-                                    const at::Tensor& levels, int64_t bits_per_cell);
+                                    const at::Tensor& levels, int64_t bits_per_cell,
+                                    bool packed = false);
 
 // Rule 23's chains: pred[o] is the filter whose chosen cells filter o is charged against (-1:
 // none). Every filter has at most one successor and every chain starts at a filter without a

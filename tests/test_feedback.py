@@ -149,6 +149,14 @@ def test_fake_kernel_shapes():
     lv = torch.empty(4, 6, 14, dtype=torch.uint8, device="meta")
     out = ops.feedback_quantize(t, u, h, lv, 8, 1, 0, 1)
     assert out.shape == (4, 6) and out.dtype == torch.int32 and out.is_meta
+    # a layer's packed buffers: 14 flags in 2 bytes, 14 one-bit levels in 2
+    flags = torch.empty(4, 6, 2, dtype=torch.uint8, device="meta")
+    index = torch.empty(4, 6, dtype=torch.int64, device="meta")
+    q, run = ops.feedback_quantize(t, u, flags, flags, 8, 1, 0, 1, sort_index=index,
+                                   running=True)
+    assert q.shape == run.shape == (4, 6) and q.dtype == torch.int32 and run.is_meta
+    with pytest.raises(RuntimeError, match="held must be empty or"):
+        ops.feedback_quantize(t, u, lv, lv, 8, 1, 0, 1, sort_index=index)
 
 
 # ---- the layers --------------------------------------------------------------------------------
@@ -869,6 +877,75 @@ def test_running_targets_are_the_references(out, k, groups, L, penalty, seed):
     assert torch.equal(q, want_q) and torch.equal(run, want_run)
     if out and k:  # the first weight of each filter sees no carry
         assert torch.equal(run[:, 0], t[:, 0])
+
+
+def _packed_sorted(held, levels, index, b):
+    """A layer's own buffers for ``held`` / ``levels`` ((out, K, c), original order), packed and
+    sorted independently of ``crossbar_torch.packing``: position p of filter o holds weight
+    index[o, p]; 8 flags a byte, and 8 // s levels of s bits (s the power of two >= b), little
+    end first (docs/checkpoints.md)."""
+    h = held.numpy()[np.arange(held.shape[0])[:, None], index.numpy()]
+    lv = levels.numpy()[np.arange(levels.shape[0])[:, None], index.numpy()].astype(np.int64)
+    flags = np.packbits(h, axis=-1, bitorder="little")
+    s = 1 << (b - 1).bit_length()
+    per = 8 // s
+    c = lv.shape[-1]
+    padded = np.zeros(lv.shape[:-1] + (-(-c // per) * per,), dtype=np.int64)
+    padded[..., :c] = lv
+    parts = padded.reshape(lv.shape[:-1] + (padded.shape[-1] // per, per))
+    packed = sum(parts[..., i] << (i * s) for i in range(per)).astype(np.uint8)
+    return torch.from_numpy(flags), torch.from_numpy(packed)
+
+
+@settings(max_examples=60, deadline=None)
+@given(out=st.integers(0, 40), k=st.integers(0, 9), groups=st.sampled_from([1, 2]),
+       bits=st.integers(3, 8), b=st.sampled_from([1, 2, 3, 4]), enc=st.integers(0, 2),
+       L=st.integers(0, 3), held_p=st.sampled_from([0.4, 1.0]),
+       penalty=st.sampled_from([0.0, 1.5]), seed=st.integers(0, 2 ** 16))
+def test_packed_sorted_held_cells_are_the_unpacked_ones(out, k, groups, bits, b, enc, L,
+                                                        held_p, penalty, seed):
+    """The op reads a layer's own buffers (``stuck`` / ``cells``: uint8, packed, sorted order,
+    through the sort index; what reprogramming passes) exactly as the unpacked original-order
+    cells: the same integers and running targets, with and without rule 23, over 32-filter
+    sets, slot widths 1, 2 and 4 (b = 3 keeps a nibble a cell) and every low cell held."""
+    if b > (bits - 1 if enc == 0 else bits):
+        b = 1
+    S = slices_for(bits, b, enc)
+    L = min(L, S - 1) if S > 1 else 0
+    t, u, held, levels = _case(out, k, groups, bits, b, enc, L, seed, held_p)
+    n = t.shape[0]
+    gen = torch.Generator().manual_seed(seed + 2)
+    index = (torch.stack([torch.randperm(k, generator=gen) for _ in range(n)]) if n
+             else torch.zeros(0, k, dtype=torch.int64))
+    pred = _chains(n, seed) if penalty else None
+    flags, packed = _packed_sorted(held, levels, index, b)
+    got = ops.feedback_quantize(t, u, flags, packed, bits, b, enc, L, pred, index, penalty,
+                                running=True)
+    want = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty,
+                                 running=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    ref = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty)
+    assert torch.equal(got[0], ref)
+
+
+def test_packed_held_cells_need_their_sort_index_and_valid_levels():
+    """Packed held cells are read through the sort index: without one, or with packed levels
+    whose slot holds a level the cell cannot (b = 3: a nibble of 8 or more), the op says so."""
+    t = torch.zeros(2, 3, dtype=torch.float64)
+    u = torch.eye(3, dtype=torch.float64)[None]
+    c = cells_for(6, 3, 0)
+    flags = torch.zeros(2, 3, 1, dtype=torch.uint8)
+    levels = torch.zeros(2, 3, -(-c // 2), dtype=torch.uint8)
+    index = torch.tensor([[0, 1, 2], [2, 1, 0]])
+    with pytest.raises(RuntimeError, match="sort_index"):
+        ops.feedback_quantize(t, u, flags, levels, 6, 3, 0, 1)
+    assert ops.feedback_quantize(t, u, flags, levels, 6, 3, 0, 1, sort_index=index).shape == (2, 3)
+    levels[1, 2, 0] = 0x80  # the second slot of the first byte: level 8
+    with pytest.raises(RuntimeError, match="level 8"):
+        ops.feedback_quantize(t, u, flags, levels, 6, 3, 0, 1, sort_index=index)
+    with pytest.raises(RuntimeError, match=r"held.*ceil\(c / 8\) bytes"):
+        ops.feedback_quantize(t, u, torch.zeros(2, 3, 2, dtype=torch.uint8), levels, 6, 3, 0, 1,
+                              sort_index=index)
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(write_penalty=2.0, stuck_slices=0,

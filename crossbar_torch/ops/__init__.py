@@ -80,10 +80,12 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
     whose targets in scale units are ``target`` (float64 (out, K)), given ``u`` (float64
     (groups, K, K), each group's factor ``U D U^T`` of its damped input second moment: ``U``'s
     strict upper triangle, ``D`` on the diagonal; ``feedback.feedback_factor``) and the held
-    cells ``held`` / their ``levels`` ((out, K, c), original order; both
-    empty: nothing held). Rule 23 (``write_penalty`` > 0): ``pred`` (int64 (out,), -1: none)
-    names the filter each is charged against, ``sort_index`` (int64 (out, K)) the sorted
-    positions; rule 25's ``filter_weight`` (float64 (out,), > 0) makes filter o pay
+    cells ``held`` / their ``levels``: bool / uint8 (out, K, c) in original order, or, on the
+    host, a layer's own ``stuck`` / ``cells`` buffers (uint8, packed as ``packing`` stores
+    them, in sorted order: read through ``sort_index``); both empty: nothing held. Rule 23
+    (``write_penalty`` > 0): ``pred`` (int64 (out,), -1: none) names the filter each is charged
+    against, ``sort_index`` (int64 (out, K), the layer's sort index) the sorted positions;
+    rule 25's ``filter_weight`` (float64 (out,), > 0) makes filter o pay
     ``write_penalty / filter_weight[o]``. ``running``: also the running targets (float64
     (out, K), each weight's when it was chosen). See feedback_reference.feedback_quantize."""
     none = dict(dtype=torch.int64, device=target.device)

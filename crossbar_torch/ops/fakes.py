@@ -165,9 +165,11 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
                             stuck_slices, pred, sort_index, write_penalty=0.0, filter_weight=None):
     op = "feedback_quantize"
     c = _check_format(op, weight_bits, bits_per_cell, encoding)
+    packed = held.dtype == torch.uint8  # a layer's own buffers, packed, in sorted order
     _check_tensors(op, ("target", target), [("target", target, torch.float64, 2),
                                             ("u", u, torch.float64, 3),
-                                            ("held", held, torch.bool, None),
+                                            ("held", held, torch.uint8 if packed else torch.bool,
+                                             None),
                                             ("levels", levels, torch.uint8, None)])
     out, k = target.shape
     torch._check(u.shape[0] >= 1 and out % u.shape[0] == 0,
@@ -175,12 +177,14 @@ def _feedback_quantize_fake(target, u, held, levels, weight_bits, bits_per_cell,
                          f"of u = {u.shape[0]}")
     _check_size(op, "u", u, 1, k, "K = target.size(1)")
     _check_size(op, "u", u, 2, k, "K = target.size(1)")
-    torch._check(held.numel() == 0 or tuple(held.shape) == (out, k, c),
-                 lambda: f"crossbar_torch.{op}: held must be empty or (out, K, c) = "
-                         f"{(out, k, c)}, got {tuple(held.shape)}")
-    torch._check(levels.shape == held.shape,
-                 lambda: f"crossbar_torch.{op}: levels {tuple(levels.shape)} must have the "
-                         f"shape of held {tuple(held.shape)}")
+    shape = (out, k, packed_width(c, 1)) if packed else (out, k, c)
+    torch._check(held.numel() == 0 or tuple(held.shape) == shape,
+                 lambda: f"crossbar_torch.{op}: held must be empty or {shape}, got "
+                         f"{tuple(held.shape)}")
+    shape = (out, k, packed_width(c, bits_per_cell)) if packed else tuple(held.shape)
+    torch._check(held.numel() == 0 and levels.numel() == 0 or tuple(levels.shape) == shape,
+                 lambda: f"crossbar_torch.{op}: levels {tuple(levels.shape)} must be "
+                         f"{shape} with held {tuple(held.shape)}")
     _check_filter_weight(op, filter_weight, out)
     return target.new_empty((out, k), dtype=torch.int32), torch.empty_like(target)
 

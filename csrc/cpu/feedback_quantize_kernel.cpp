@@ -23,6 +23,7 @@
 #include "../feedback_quantize_args.h"
 #include "../feedback_row.h"
 #include "cell_codes.h"
+#include "slot_table.h"
 
 namespace crossbar_torch {
 namespace {
@@ -43,6 +44,50 @@ struct FeedbackRowArgs {
 // filters (or chains) that go through U together: U's rows are read from memory once for all
 // of them (3072 x 3072 doubles do not fit in cache)
 constexpr int kRowsTogether = 32;
+
+// The held cells a filter's walk reads (K x c flags and levels, original order): pointers into
+// the unpacked tensors given, or, from a layer's own packed buffers in sorted order (the op's
+// uint8 `held`), each weight's bytes at its sorted position unpacked into this thread's scratch
+// as its filter starts: a few MB reused, where unpacking and reordering whole layers
+// beforehand (packing.unpack_levels of scattered copies) wrote and read 2 x 1.2G cells of
+// transient tensors per programming of the ViT-Base-sized model.
+struct HeldCells {
+  const bool* held = nullptr;  // unpacked, (out, K, c)
+  const uint8_t* lv = nullptr;
+  const uint8_t* hpk = nullptr;  // packed, sorted order: (out, K, hb) flags, (out, K, lb) levels
+  const uint8_t* lpk = nullptr;
+  const int64_t* pos = nullptr;  // (out, K): weight k's sorted position
+  int64_t K = 0, c = 0, hb = 0, lb = 0;
+  int s = 1;  // the levels' slot width
+
+  bool any() const { return held != nullptr || hpk != nullptr; }
+
+  // Filter o's flags `h` and levels `l` (null where nothing is held). Packed, they go to slot
+  // `slot` (0 .. kRowsTogether) of this thread's scratch, which holds them until the slot is
+  // filled again.
+  void filter(int64_t o, int slot, const bool*& h, const uint8_t*& l) const {
+    if (!hpk) {
+      h = held ? held + o * K * c : nullptr;
+      l = lv ? lv + o * K * c : nullptr;
+      return;
+    }
+    thread_local std::vector<uint8_t> flags, levels;
+    const size_t need = size_t((kRowsTogether + 1) * K * c + 8);
+    if (flags.size() < need) flags.resize(need), levels.resize(need);
+    uint8_t* hs = flags.data() + slot * K * c;
+    uint8_t* ls = levels.data() + slot * K * c;
+    const int64_t* po = pos + o * K;
+    const uint8_t* hrow = hpk + o * K * hb;
+    const uint8_t* lrow = lpk + o * K * lb;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t p = po[k];
+      unpack_slots(hrow + p * hb, c, 1, hs + k * c);
+      unpack_slots(lrow + p * lb, c, s, ls + k * c);
+    }
+    h = reinterpret_cast<const bool*>(hs);  // bytes 0 and 1
+    l = ls;
+  }
+};
 
 // Rule 23 for a weight without held cells, as write_aware_allowed's `!held` branch computes it
 // (the same candidates, cost arithmetic and comparisons; visited nearest first, below), the
@@ -548,7 +593,8 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
   at::Tensor t = t0.clone();  // running targets, updated in place
   const at::Tensor u = u_in.contiguous(), held = held_in.contiguous(),
                    levels = levels_in.contiguous();
-  check_feedback_quantize_values(t, u, levels, bits_per_cell);
+  const bool packed = held_packed(held) && held.numel();  // a layer's buffers, sorted order
+  check_feedback_quantize_values(t, u, levels, bits_per_cell, packed);
   const int64_t out = t.size(0), K = t.size(1), groups = u.size(0);
   at::Tensor q = at::empty({out, K}, t.options().dtype(at::kInt));
   if (out == 0 || K == 0) return {q, t};
@@ -557,20 +603,34 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
   double* tp = t.mutable_data_ptr<double>();
   const double* t0p = t0.const_data_ptr<double>();
   const double* up = u.const_data_ptr<double>();
-  const bool* hp = held.numel() ? held.const_data_ptr<bool>() : nullptr;
-  const uint8_t* lp = levels.numel() ? levels.const_data_ptr<uint8_t>() : nullptr;
+  // weight k's sorted position: rule 23's cells, and packed held cells, are in sorted order
+  at::Tensor pos;
+  if (write_penalty > 0.0 || packed) pos = sorted_positions(sort_index.contiguous());
+  const int64_t* pp = pos.defined() ? pos.const_data_ptr<int64_t>() : nullptr;
+  HeldCells hc;
+  if (packed) {
+    hc.hpk = held.const_data_ptr<uint8_t>();
+    hc.lpk = levels.const_data_ptr<uint8_t>();
+    hc.pos = pp;
+    hc.hb = held.size(2);
+    hc.lb = levels.size(2);
+    hc.s = checked_slot_bits(bits_per_cell, "feedback_quantize");
+  } else if (held.numel()) {
+    hc.held = held.const_data_ptr<bool>();
+    hc.lv = levels.const_data_ptr<uint8_t>();
+  }
+  hc.K = K;
+  hc.c = c;
   int32_t* qp = q.mutable_data_ptr<int32_t>();
   const int64_t per_group = out / groups;
   const RowsFn feedback_rows = pick_rows(cpu_vector_isa());
   const TrailTiles tt = pack_trail_tiles(up, groups, K);
-  const LowDecode ld = hp ? make_low_decode(fmt) : LowDecode();  // rule 21's held weights
+  const LowDecode ld = hc.any() ? make_low_decode(fmt) : LowDecode();  // rule 21's held weights
   if (write_penalty > 0.0) {
     // rule 25: filter o pays write_penalty / a[o] per write (a[o] = 1: rule 23 exactly)
     const std::vector<double> lam = filter_penalties(write_penalty, filter_weight, out);
     const CellCodes codes = make_cell_codes(fmt);
     const FeedbackChains ch = feedback_chains(pred, out);
-    const at::Tensor pos = sorted_positions(sort_index.contiguous());
-    const int64_t* pp = pos.const_data_ptr<int64_t>();
     // the cells each filter chose, in sorted order: its successor's reference
     at::Tensor chosen = at::empty({out, K, c}, t.options().dtype(at::kByte));
     uint8_t* cp = chosen.mutable_data_ptr<uint8_t>();
@@ -590,16 +650,18 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
           for (int64_t i = 0; i < c1 - c0; ++i) {
             const int64_t o = cur[i];
             if (o < 0) continue;
+            const bool* h;
+            const uint8_t* l;
             if (group >= 0 && o / per_group != group) {  // another group's U: on its own
-              feedback_row(tp + o * K, t0p + o * K, up + (o / per_group) * K * K,
-                           hp ? hp + o * K * c : nullptr, lp ? lp + o * K * c : nullptr, K,
+              hc.filter(o, kRowsTogether, h, l);
+              feedback_row(tp + o * K, t0p + o * K, up + (o / per_group) * K * K, h, l, K,
                            fmt, qp + o * K, lam[size_t(o)], pp + o * K,
                            prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c);
               continue;
             }
             group = o / per_group;
-            rows[n++] = {tp + o * K, t0p + o * K, hp ? hp + o * K * c : nullptr,
-                         lp ? lp + o * K * c : nullptr, qp + o * K, pp + o * K,
+            hc.filter(o, n, h, l);
+            rows[n++] = {tp + o * K, t0p + o * K, h, l, qp + o * K, pp + o * K,
                          prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c,
                          lam[size_t(o)]};
           }
@@ -624,8 +686,10 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
       FeedbackRowArgs rows[kRowsTogether];
       int n = 0;
       for (int64_t o = o0; o < o1; ++o) {
-        rows[n++] = {tp + o * K, t0p + o * K, hp ? hp + o * K * c : nullptr,
-                     lp ? lp + o * K * c : nullptr, qp + o * K, nullptr, nullptr, nullptr, 0.0};
+        const bool* h;
+        const uint8_t* l;
+        hc.filter(o, n, h, l);
+        rows[n++] = {tp + o * K, t0p + o * K, h, l, qp + o * K, nullptr, nullptr, nullptr, 0.0};
       }
       feedback_rows(rows, n, up + g * K * K, tt, g, K, fmt, codes, ld);
     }

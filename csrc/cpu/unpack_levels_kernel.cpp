@@ -9,24 +9,13 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <array>
 #include <cstring>
 
 #include "../common.h"
+#include "slot_table.h"
 
 namespace crossbar_torch {
 namespace {
-
-// byte -> its 8 / s slots, one a byte (little end first), for slot widths 1, 2, 4
-struct SlotTable {
-  std::array<std::array<uint8_t, 8>, 256> cells{};
-  explicit SlotTable(int s) {
-    const int per = 8 / s, top = (1 << s) - 1;
-    for (int v = 0; v < 256; ++v) {
-      for (int i = 0; i < per; ++i) cells[size_t(v)][size_t(i)] = uint8_t((v >> (i * s)) & top);
-    }
-  }
-};
 
 at::Tensor unpack_levels_cpu(const at::Tensor& packed_in, int64_t cells, int64_t bits_per_cell) {
   const int s = checked_slot_bits(bits_per_cell, "unpack_levels");
@@ -37,7 +26,7 @@ at::Tensor unpack_levels_cpu(const at::Tensor& packed_in, int64_t cells, int64_t
               packed_in.device());
   TORCH_CHECK(packed_in.dim() >= 1,
               "crossbar_torch.unpack_levels: packed must have a trailing byte axis");
-  const int64_t per = 8 / s, width = packed_width(cells, s);
+  const int64_t width = packed_width(cells, s);
   TORCH_CHECK(packed_in.size(-1) == width || (s == 8 && packed_in.size(-1) >= cells),
               "crossbar_torch.unpack_levels: packed.size(-1) must be ", width, " for ", cells,
               " cells of ", bits_per_cell, " bit(s), got ", packed_in.size(-1));
@@ -55,16 +44,8 @@ at::Tensor unpack_levels_cpu(const at::Tensor& packed_in, int64_t cells, int64_t
     });
     return out;
   }
-  static const SlotTable tables[3] = {SlotTable(1), SlotTable(2), SlotTable(4)};
-  const SlotTable& t = tables[s == 1 ? 0 : s == 2 ? 1 : 2];
-  const int64_t full = cells / per, rest = cells % per;  // whole bytes, then the last part
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const uint8_t* src = pp + i * width;
-      uint8_t* dst = op + i * cells;
-      for (int64_t j = 0; j < full; ++j) std::memcpy(dst + j * per, t.cells[src[j]].data(), per);
-      if (rest) std::memcpy(dst + full * per, t.cells[src[full]].data(), rest);
-    }
+    for (int64_t i = begin; i < end; ++i) unpack_slots(pp + i * width, cells, s, op + i * cells);
   });
   return out;
 }
