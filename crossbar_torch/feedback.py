@@ -199,16 +199,25 @@ def residual_energy(q, running, target, u, moment, damp: float, scale) -> float:
     with ``H`` are O(out K^2): the reprogramming's warning (``warn_output_errors``) reads it.
     Equal to the products' value up to rounding (and to ``s t0`` standing for ``W``)."""
     per = q.shape[0] // u.shape[0]
-    r2 = (q.double() - running).square_()
-    e2 = (q.double() - target).square_()
     h = moment.detach().diagonal(dim1=1, dim2=2).to("cpu", torch.float64, copy=True)
     extra = damp_diagonal_(h.clone(), damp) - h  # lambda, and 1 + lambda where H[k, k] == 0
     s2 = scale.to(torch.float64).square()
     num = 0.0
+    # a few rows at a time: their float64 squares stay in cache, where whole-layer ones were
+    # four transient copies of the layer (out, K) in float64
+    step = max(1, RESIDUAL_CHUNK // max(q.shape[1], 1))
     for g in range(u.shape[0]):
-        rows = slice(g * per, (g + 1) * per)
-        num += float((s2[rows] * (r2[rows] @ u[g].diagonal() - e2[rows] @ extra[g])).sum())
+        d, x = u[g].diagonal(), extra[g]
+        for r0 in range(g * per, (g + 1) * per, step):
+            rows = slice(r0, min(r0 + step, (g + 1) * per))
+            qd = q[rows].double()
+            r2 = torch.sub(qd, running[rows]).square_()
+            e2 = qd.sub_(target[rows]).square_()
+            num += float((s2[rows] * (r2 @ d - e2 @ x)).sum())
     return num
+
+
+RESIDUAL_CHUNK = 1 << 16  # weights at a time (512 KiB of float64)
 
 
 def layer_filter_weights(layer, config, scale: torch.Tensor) -> torch.Tensor | None:

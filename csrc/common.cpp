@@ -156,7 +156,7 @@ void check_sort_and_encode_values(const at::Tensor& w, const at::Tensor& scale,
 
 void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
                             const at::Tensor& scale, int64_t weight_bits, int64_t bits_per_cell,
-                            int64_t encoding) {
+                            int64_t encoding, bool allow_packed) {
   const char* op = "effective_weight";
   check_format(weight_bits, bits_per_cell, encoding);
   check_dtype(cells, at::kByte, op, "cells");
@@ -169,18 +169,34 @@ void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
   check_dim(scale, 1, op, "scale", "(out,)");
   const int64_t out = cells.size(0), K = cells.size(1);
   const int64_t c = cells_for(weight_bits, bits_per_cell, encoding);
-  check_size(cells, 2, c, op, "cells", "cells per weight c");
+  const int64_t width = packed_width(c, checked_slot_bits(bits_per_cell, op));
+  if (!allow_packed || cells.size(2) != width) {
+    check_size(cells, 2, c, op, "cells", allow_packed ? "cells per weight c (or, packed, their "
+               "width in bytes)" : "cells per weight c");
+  }
   check_size(index, 0, out, op, "index", "out = cells.size(0)");
   check_size(index, 1, K, op, "index", "K = cells.size(1)");
   check_size(scale, 0, out, op, "scale", "out = cells.size(0)");
 }
 
 void check_effective_weight_values(const at::Tensor& cells, const at::Tensor& index,
-                                   int64_t bits_per_cell) {
+                                   int64_t bits_per_cell, bool packed) {
   const char* op = "effective_weight";
   if (!index.device().is_cpu()) check_index_range(index, op);  // the CPU permutation check covers it
   check_index_permutation(index, op);
+  if (packed) return check_packed_levels(cells, bits_per_cell, op, "cells");
   check_levels(cells, bits_per_cell, op, "cells");
+}
+
+void check_packed_levels(const at::Tensor& packed, int64_t bits_per_cell, const char* op,
+                         const char* name) {
+  const int s = checked_slot_bits(bits_per_cell, op);
+  if (packed.numel() == 0 || s == bits_per_cell) return;  // every slot value is a level
+  if (s == 8) return check_levels(packed, bits_per_cell, op, name);
+  for (int i = 0; i < 8 / s; ++i) {  // unused slots and bits are 0 when packed
+    check_levels_fit(packed.bitwise_right_shift(i * s).bitwise_and((1 << s) - 1).max()
+                         .item<int64_t>(), bits_per_cell, op, name);
+  }
 }
 
 }  // namespace crossbar_torch

@@ -267,13 +267,20 @@ void check_sort_and_encode(const at::Tensor& w, const at::Tensor& scale, const a
 void check_sort_and_encode_values(const at::Tensor& w, const at::Tensor& scale,
                                   const at::Tensor& index);
 
-// effective_weight: metadata.
+// effective_weight: metadata. `allow_packed` (the host kernel): cells may also be a layer's
+// packed buffer, (out, K, packed width) (crossbar_torch/packing.py).
 void check_effective_weight(const at::Tensor& cells, const at::Tensor& index,
                             const at::Tensor& scale, int64_t weight_bits, int64_t bits_per_cell,
-                            int64_t encoding);
-// effective_weight: each index row a permutation of [0, K), cell levels in [0, 2**b).
+                            int64_t encoding, bool allow_packed = false);
+// effective_weight: each index row a permutation of [0, K), cell levels in [0, 2**b) (packed:
+// every slot's).
 void check_effective_weight_values(const at::Tensor& cells, const at::Tensor& index,
-                                   int64_t bits_per_cell);
+                                   int64_t bits_per_cell, bool packed = false);
+
+// Packed levels (crossbar_torch/packing.py): every slot must hold a level below 2**b (with
+// b a power of two, or one cell a byte, the bytes' own check; b = 3: each nibble's).
+void check_packed_levels(const at::Tensor& packed, int64_t bits_per_cell, const char* op,
+                         const char* name);
 
 // Error unless program_layer's pinned levels are in [0, 2^b - 1] or 255 (max_pinned: the
 // largest level other than 255, -1 when there is none).

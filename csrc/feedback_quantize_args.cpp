@@ -114,15 +114,8 @@ void check_feedback_quantize_values(const at::Tensor& target, const at::Tensor& 
                 "D of H + lambda I = U D U^T)");
   }
   if (!levels.numel()) return;
-  const int s = checked_slot_bits(bits_per_cell, "feedback_quantize");
-  if (!packed || s == 8) return check_levels(levels, bits_per_cell, "feedback_quantize", "levels");
-  if (s == bits_per_cell) return;  // every slot value is a level
-  // b = 3: each 4-bit slot must hold a level below 8 (unused slots and bits are 0 when packed)
-  const int per = 8 / s;
-  for (int i = 0; i < per; ++i) {
-    check_levels_fit(levels.bitwise_right_shift(i * s).bitwise_and((1 << s) - 1).max()
-                         .item<int64_t>(), bits_per_cell, "feedback_quantize", "levels");
-  }
+  if (packed) return check_packed_levels(levels, bits_per_cell, "feedback_quantize", "levels");
+  check_levels(levels, bits_per_cell, "feedback_quantize", "levels");
 }
 
 FeedbackChains feedback_chains(const at::Tensor& pred_in, int64_t out, const char* op) {

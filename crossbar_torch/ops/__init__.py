@@ -44,6 +44,9 @@ def decode(cells, weight_bits: int, bits_per_cell: int, encoding: int,
 
 def effective_weight(cells, index, scale, weight_bits: int, bits_per_cell: int,
                      encoding: int, check_values: bool = True) -> torch.Tensor:
+    """Rule 9: float32 (out, K) ``W_eff`` in original order of the cells (uint8 (out, K, c),
+    sorted order; on the host also a layer's packed ``cells`` buffer, (out, K, packed width)),
+    the sort index (int64 (out, K)) and the scales (float32 (out,))."""
     return _ops.effective_weight(cells, index, scale, weight_bits, bits_per_cell, encoding,
                                  check_values)
 

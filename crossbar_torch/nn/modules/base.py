@@ -244,8 +244,10 @@ class CrossbarMixin(ProgrammedWeight):
         """The weight the crossbars compute with: decoded held cells, un-sorted, times scale."""
         if torch.compiler.is_compiling():  # traced: the decode is part of the graph
             return self._decode(self.held_cells())
+        # the host decodes the packed buffer as stored (a device unpacks it first)
+        cells = self.cells if self.cells.device.type == "cpu" else self.held_cells()
         with torch.no_grad():
-            return self.cached("_eff_cache", lambda: self._decode(self.held_cells()))
+            return self.cached("_eff_cache", lambda: self._decode(cells))
 
     def note_output_error(self, energy: float) -> None:
         """Keep ``tr(E H E^T)`` as rule 21's programming knew it (its residuals), for the
