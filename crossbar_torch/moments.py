@@ -34,8 +34,9 @@ class MomentAccumulator:
     and twice the float64 additions) 1.5-1.8x as long as the upper blocks."""
 
     def __init__(self, groups: int, k: int):
-        # the blocks on and above the diagonal
-        self.sum = torch.zeros(groups, k, k, dtype=torch.float64)
+        # the blocks on and above the diagonal, set by the first chunk's products (not zeroed
+        # first: a pass over the whole float64 square saved per layer; below them, never read)
+        self.sum = torch.empty(groups, k, k, dtype=torch.float64)
         self.count = 0
         self.width = column_block_width(k)
 
@@ -68,23 +69,40 @@ class MomentAccumulator:
     def add(self, parts: list) -> None:
         """Sum the chunk products of one forward call (``products``)."""
         for blocks, n in parts:
+            first = self.count == 0  # 0 + p is p: the first chunk's products are copied in
             for k0, p in blocks:
-                self.sum[:, k0:k0 + p.shape[1], k0:] += p
+                block = self.sum[:, k0:k0 + p.shape[1], k0:]
+                block.copy_(p) if first else block.add_(p)
             self.count += n
 
     def moment(self) -> torch.Tensor:
-        k = self.sum.shape[1]
-        # divided and rounded first, then mirrored: the same bits in half the bytes moved
-        m = (self.sum / max(self.count, 1)).to(torch.float32)
-        # block by block, as the products went: the part below each block's row span from its
-        # rows right of its square, then the square's own lower triangle from its upper one
-        # (a whole-matrix select with the transpose took twice as long on 3072 inputs)
+        """The mean ``E[x x^T]`` (float32 (G, K, K)), once: each upper block's sum divided in
+        float64 (in place: the sums are done) and rounded to float32, then mirrored."""
+        if self.sum is None:
+            raise RuntimeError("MomentAccumulator.moment: already read (its sums are divided in "
+                               "place and freed)")
+        g, k = self.sum.shape[0], self.sum.shape[1]
+        if self.count == 0:  # never called: nothing seen
+            return torch.zeros(g, k, k, dtype=torch.float32)
+        m = torch.empty(g, k, k, dtype=torch.float32)
+        # block by block, as the products went: the block's rows from the diagonal on, then
+        # the part below its row span from its rows right of its square, and the square's own
+        # lower triangle from its upper one (a whole-matrix select with the transpose took twice
+        # as long on 3072 inputs; dividing the whole float64 square, lower half included, and
+        # converting it whole moved twice the bytes)
+        # (the sums were made where the run made them, under inference mode for a sentence
+        # model's encode: divided in place there; the moment is an ordinary tensor)
+        inference = self.sum.is_inference()
         for k0 in range(0, k, self.width):
             k1 = min(k0 + self.width, k)
+            with torch.inference_mode(inference):
+                mean = self.sum[:, k0:k1, k0:].div_(self.count)
+            m[:, k0:k1, k0:].copy_(mean)
             m[:, k1:, k0:k1] = m[:, k0:k1, k1:].transpose(1, 2)
             square = m[:, k0:k1, k0:k1]
             upper = torch.ones(k1 - k0, k1 - k0, dtype=torch.bool).triu_()
             square.copy_(torch.where(upper, square, square.transpose(1, 2)))
+        self.sum = None  # divided: done (and its memory goes back now)
         return m
 
 

@@ -53,12 +53,14 @@ class OneThreadEach:
             self.pool = None
 
     def products(self, a: list, b: list, bias: torch.Tensor | None = None,
-                 linear: bool = False) -> list:
+                 linear: bool = False, stacked: bool = False) -> list:
         """``[a[i] @ b[i] ...]`` (``linear``: ``[F.linear(a[i], b[i], bias) ...]``), each on one
         thread. Without autograd to record, on the host, by the ``one_thread_each`` op: the
         jobs on the threads of torch's own pool, where the worker threads of :meth:`map` had
         that pool's idle worker spin against them (a seventh of calibrating the ViT-Base-sized
-        model); the same products, so the same bits."""
+        model); the same products, so the same bits. ``stacked`` (``linear``, 2-D row blocks
+        of one input, one weight): ``[torch.cat(products)]``, the op writing each block's
+        product into its rows of the one output (no copy after them)."""
         if not a:  # the op dispatches on its tensors: none to dispatch on
             return []
         tensors = [*a, *b] + ([bias] if bias is not None else [])
@@ -68,9 +70,10 @@ class OneThreadEach:
                 and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))):
             alone = self.threads == 1 or len(a) < 2  # then on the calling thread alone
             with one_thread() if alone else contextlib.nullcontext():
-                return torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
+                return torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear, stacked)
         fn = (lambda x, y: F.linear(x, y, bias)) if linear else torch.matmul
-        return self.map(fn, list(zip(a, b)))
+        out = self.map(fn, list(zip(a, b)))
+        return [out[0] if len(out) == 1 else torch.cat(out)] if stacked else out
 
     def map(self, fn, jobs: list) -> list:
         """``[fn(*job) for job in jobs]``, each call on one thread (the largest jobs first
@@ -129,8 +132,7 @@ def linear_in_halves(x: torch.Tensor, w: torch.Tensor,
     """``F.linear(x, w, bias)`` of 2-D ``x`` as :func:`in_halves` computes it (the same two
     products), by :meth:`OneThreadEach.products`."""
     parts = _halves(x)
-    out = shared().products(parts, [w] * len(parts), bias, linear=True)
-    return out[0] if len(out) == 1 else torch.cat(out)
+    return shared().products(parts, [w] * len(parts), bias, linear=True, stacked=True)[0]
 
 
 def _halves(x: torch.Tensor) -> list:

@@ -64,7 +64,8 @@ TORCH_LIBRARY(crossbar_torch, m) {
   // host only: independent products, each on one thread, the pool's threads sharing them
   // (rule 21's moments and the layers' products while calibrating: the same bits on every
   // thread count; crossbar_torch/threads.py)
-  m.def("one_thread_each(Tensor[] a, Tensor[] b, Tensor? bias, bool linear) -> Tensor[]");
+  m.def("one_thread_each(Tensor[] a, Tensor[] b, Tensor? bias, bool linear, bool stacked=False) "
+        "-> Tensor[]");
   // host only: per-row stable descending order of int32 keys (rule 4's sort index)
   m.def("sort_index(Tensor key) -> Tensor");
   // host only: the packed storage of cell levels and stuck flags (crossbar_torch/packing.py,

@@ -608,3 +608,25 @@ def filter_weights(scales, gains=None):
         return [1.0] * len(u)
     m = positive[(len(positive) - 1) // 2]
     return [min(max(x / m, 1e-12), 1e12) for x in u]
+
+
+# ---- the packed storage of cells (docs/checkpoints.md) ------------------------------------------
+
+def pack_by_hand(levels, b):
+    """uint8 (..., c) levels -> the packed bytes (..., ceil(c / (8 // s))), s the smallest
+    power of two >= b: cell j of a weight in byte j // (8 // s), bits (j % (8 // s)) * s
+    upward. Flags pack as b = 1."""
+    import torch
+    s = 1
+    while s < b:
+        s *= 2
+    per = 8 // s
+    *lead, c = levels.shape
+    width = -(-c // per)
+    out = []
+    for row in levels.reshape(-1, c).tolist():
+        bytes_ = [0] * width
+        for j, level in enumerate(row):
+            bytes_[j // per] |= int(level) << ((j % per) * s)
+        out.append(bytes_)
+    return torch.tensor(out, dtype=torch.uint8).reshape(*lead, width)

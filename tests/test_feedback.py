@@ -880,21 +880,11 @@ def test_running_targets_are_the_references(out, k, groups, L, penalty, seed):
 
 
 def _packed_sorted(held, levels, index, b):
-    """A layer's own buffers for ``held`` / ``levels`` ((out, K, c), original order), packed and
-    sorted independently of ``crossbar_torch.packing``: position p of filter o holds weight
-    index[o, p]; 8 flags a byte, and 8 // s levels of s bits (s the power of two >= b), little
-    end first (docs/checkpoints.md)."""
-    h = held.numpy()[np.arange(held.shape[0])[:, None], index.numpy()]
-    lv = levels.numpy()[np.arange(levels.shape[0])[:, None], index.numpy()].astype(np.int64)
-    flags = np.packbits(h, axis=-1, bitorder="little")
-    s = 1 << (b - 1).bit_length()
-    per = 8 // s
-    c = lv.shape[-1]
-    padded = np.zeros(lv.shape[:-1] + (-(-c // per) * per,), dtype=np.int64)
-    padded[..., :c] = lv
-    parts = padded.reshape(lv.shape[:-1] + (padded.shape[-1] // per, per))
-    packed = sum(parts[..., i] << (i * s) for i in range(per)).astype(np.uint8)
-    return torch.from_numpy(flags), torch.from_numpy(packed)
+    """A layer's own buffers for ``held`` / ``levels`` ((out, K, c), original order): sorted
+    (position p of filter o holds weight index[o, p]), then packed by hand (8 flags a byte)."""
+    rows = index[:, :, None].expand(-1, -1, held.shape[2])
+    return (ind.pack_by_hand(torch.gather(held, 1, rows).to(torch.uint8), 1),
+            ind.pack_by_hand(torch.gather(levels, 1, rows), b))
 
 
 @settings(max_examples=60, deadline=None)

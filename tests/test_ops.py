@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 import crossbar_torch.ops as ops
 from crossbar_torch.ops import reference as ref
 
+from independent import pack_by_hand
+
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
 SETTINGS = settings(max_examples=30, deadline=None,
@@ -99,6 +101,27 @@ def test_effective_weight_matches_reference(device, fmt, out, K, seed):
     got = ops.effective_weight(cells.to(device), index.to(device), scale.to(device), B, b, e)
     assert got.dtype == torch.float32
     assert torch.equal(got.cpu(), ref.effective_weight(cells, index, scale, B, b, e))
+
+
+@SETTINGS
+@given(fmt=formats(), out=st.integers(0, 6), K=st.integers(0, 9), seed=st.integers(0, 2**31 - 1))
+def test_effective_weight_decodes_a_packed_buffer_on_the_host(fmt, out, K, seed):
+    """A layer's packed ``cells`` buffer (packed by hand: one, two, four or eight bits a slot,
+    one to four bytes a weight) gives the reference's W_eff of the levels it packs; a slot
+    holding a level the cell cannot (b = 3: a nibble of 8 or more) is refused."""
+    B, b, e = fmt
+    g = _gen(seed)
+    c = ref.cells_for(B, b, e)
+    cells = torch.randint(0, 2 ** b, (out, K, c), generator=g, dtype=torch.uint8)
+    index = random_perm_index(out, K, g)
+    scale = torch.rand(out, generator=g) * 0.1 + 1e-3
+    packed = pack_by_hand(cells, b)
+    got = ops.effective_weight(packed, index, scale, B, b, e)
+    assert torch.equal(got, ref.effective_weight(cells, index, scale, B, b, e))
+    if b == 3 and packed.numel():
+        packed.view(-1)[0] |= 0x08  # the first slot's nibble: 8 or more
+        with pytest.raises(RuntimeError, match="hold level"):
+            ops.effective_weight(packed, index, scale, B, b, e)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -11,28 +11,7 @@ import crossbar_torch as xb
 from crossbar_torch import ops, packing
 from crossbar_torch.ops import reference
 
-
-def slot(b):  # the smallest power of two >= b
-    s = 1
-    while s < b:
-        s *= 2
-    return s
-
-
-def pack_by_hand(levels, b):
-    """Cell j of a weight: byte j // (8 // s), bits (j % (8 // s)) * s upward (docs)."""
-    s = slot(b)
-    per = 8 // s
-    *lead, c = levels.shape
-    width = -(-c // per)
-    flat = levels.reshape(-1, c).tolist()
-    out = []
-    for row in flat:
-        bytes_ = [0] * width
-        for j, level in enumerate(row):
-            bytes_[j // per] |= int(level) << ((j % per) * s)
-        out.append(bytes_)
-    return torch.tensor(out, dtype=torch.uint8).reshape(*lead, width)
+from independent import pack_by_hand
 
 
 shapes = st.tuples(st.integers(0, 5), st.integers(0, 7), st.integers(1, 20))

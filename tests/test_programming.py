@@ -391,6 +391,32 @@ def test_stuck_cells_never_change_after_first_pass_even_after_finetuning():
     assert r1 == r2
 
 
+def test_reprogramming_reuses_the_stuck_flags_it_computed(monkeypatch):
+    """A reprogramming replays each layer's masks, first tile, placement and tile order: it keeps
+    the stuck flags they gave (computing none), the flags a fresh computation gives. Flags
+    changed in place, or a layer whose placement was replaced, are computed again."""
+    from crossbar_torch.programming import CrossbarPool
+    m = small_model(8)
+    cfg = xb.CrossbarConfig(rows=8, cols=32, stuck_slices=2, reprogram_fraction=0.3, pool=3,
+                            sort="value", filter_order="chain")
+    xm = xb.convert(m, cfg)
+    layers = [l for _, l in xb.crossbar_layers(xm)]
+    flags = [l.stuck.clone() for l in layers]
+    assert sum(int(f.count_nonzero()) for f in flags) > 0
+    calls, computed = [], CrossbarPool.layer_stuck
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[3])  # the first tile
+        return computed(self, *args, **kwargs)
+    monkeypatch.setattr(CrossbarPool, "layer_stuck", counted)
+    xb.reprogram(xm)
+    assert calls == [] and all(torch.equal(l.stuck, f) for l, f in zip(layers, flags))
+    layers[0].stuck.zero_()  # no longer the flags computed (nor what the crossbars hold)
+    layers[1].filter_index = layers[1].filter_index.clone()  # another tensor, the same values
+    xb.reprogram(xm)
+    assert len(calls) == 2 and all(torch.equal(l.stuck, f) for l, f in zip(layers, flags))
+
+
 def test_stuck_mask_is_a_pure_function_and_has_the_right_rate():
     cfg = xb.CrossbarConfig(rows=128, cols=128, stuck_slices=7, reprogram_fraction=0.25,
                             seed=11)

@@ -75,7 +75,8 @@ def test_every_thread_count_gives_the_same_moments_and_programming():
 
 
 def test_one_accumulator_alone_matches_the_calibrated_layer():
-    """products() without an OneThreadEach opens one for the call: same bits."""
+    """products() without an OneThreadEach opens one for the call: same bits. The moment is
+    read once (its sums are divided in place); an accumulator that saw nothing gives zeros."""
     torch.manual_seed(1)
     rows = torch.randn(5000, 200)
     acc = MomentAccumulator(1, 200)
@@ -83,6 +84,27 @@ def test_one_accumulator_alone_matches_the_calibrated_layer():
     xmodel = xb.convert(nn.Sequential(nn.Linear(200, 4)).eval(), _config())
     xb.calibrate(xmodel, rows)
     assert torch.equal(acc.moment(), xmodel[0].input_moment)
+    with pytest.raises(RuntimeError, match="already read"):
+        acc.moment()
+    assert torch.equal(MomentAccumulator(2, 3).moment(), torch.zeros(2, 3, 3))
+
+
+def test_moments_summed_under_inference_mode_are_ordinary_tensors():
+    """A sentence model's encode runs under inference mode: the moments summed there are read
+    as ordinary tensors (programming stamps them by version), equal to the ones summed without
+    it."""
+    torch.manual_seed(2)
+    rows = torch.randn(700, 40)
+    xmodel = xb.convert(nn.Sequential(nn.Linear(40, 4)).eval(), _config())
+
+    def run(m):
+        with torch.inference_mode():
+            m(rows)
+    xb.calibrate(xmodel, run=run)
+    moment = xmodel[0].input_moment
+    assert not moment.is_inference()
+    xb.calibrate(xmodel, rows)
+    assert torch.equal(moment, xmodel[0].input_moment)
 
 
 def test_a_failed_calibration_gives_the_threads_back():
@@ -213,11 +235,17 @@ def test_one_thread_each_gives_the_single_threaded_products(threads):
     try:
         got = torch.ops.crossbar_torch.one_thread_each(a, b, None, False)
         lin = torch.ops.crossbar_torch.one_thread_each(halves, [w, w], bias, True)
+        # stacked: the halves' products written into one output, with and without a bias
+        one = torch.ops.crossbar_torch.one_thread_each(halves, [w, w], bias, True, True)
+        plain = torch.ops.crossbar_torch.one_thread_each(halves, [w, w], None, True, True)
         assert torch.get_num_threads() == threads
     finally:
         torch.set_num_threads(before)
     assert all(torch.equal(p, q) for p, q in zip(got, want[0]))
     assert all(torch.equal(p, q) for p, q in zip(lin, want[1]))
+    assert len(one) == 1 and torch.equal(one[0], torch.cat(want[1]))
+    assert torch.equal(plain[0], _single_threaded(
+        lambda: torch.cat([torch.nn.functional.linear(h, w) for h in halves])))
 
 
 def test_one_thread_each_records_no_autograd_and_keeps_empty_lists():
@@ -247,6 +275,16 @@ def test_one_thread_each_refuses_bad_input(a, b, bias, linear, match):
         torch.ops.crossbar_torch.one_thread_each(a, b, bias, linear)
 
 
+@pytest.mark.parametrize("a, b, linear, match", [
+    ([torch.ones(2, 2)], [torch.ones(2, 2)], False, "stacked goes with linear"),
+    ([torch.ones(2, 2), torch.ones(1, 3)], [torch.ones(4, 2)] * 2, True, r"a\[1\] has shape"),
+    ([torch.ones(2, 2)], [torch.ones(4, 3)], True, "does not take 2 inputs"),
+])
+def test_stacked_products_refuse_what_is_not_row_blocks_of_one_input(a, b, linear, match):
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.crossbar_torch.one_thread_each(a, b, None, linear, True)
+
+
 def test_one_thread_each_fake_kernel_gives_the_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -255,5 +293,8 @@ def test_one_thread_each_fake_kernel_gives_the_shapes():
             None, False)
         lin = torch.ops.crossbar_torch.one_thread_each([torch.empty(5, 4)], [torch.empty(3, 4)],
                                                        torch.empty(3), True)
+        stacked = torch.ops.crossbar_torch.one_thread_each(
+            [torch.empty(5, 4), torch.empty(2, 4)], [torch.empty(3, 4)] * 2, None, True, True)
     assert [tuple(t.shape) for t in out] == [(5, 3), (1, 2, 6)]
     assert tuple(lin[0].shape) == (5, 3)
+    assert [tuple(t.shape) for t in stacked] == [(7, 3)]

@@ -322,12 +322,16 @@ def _f32_positive(v):
 
 
 @torch.library.register_fake("crossbar_torch::one_thread_each")
-def _one_thread_each_fake(a, b, bias, linear):
+def _one_thread_each_fake(a, b, bias, linear, stacked=False):
     op = "one_thread_each"
     torch._check(len(a) == len(b),
                  lambda: f"crossbar_torch.{op}: a and b must hold as many tensors, got {len(a)} "
                          f"and {len(b)}")
     torch._check(bias is None or linear,
                  lambda: f"crossbar_torch.{op}: a bias goes with linear=True only")
+    torch._check(not stacked or (linear and len(a) >= 1),
+                 lambda: f"crossbar_torch.{op}: stacked goes with linear=True and a product")
+    if stacked:  # row blocks of one input, one output
+        return [torch.nn.functional.linear(torch.cat(list(a)), b[0], bias)]
     return [torch.nn.functional.linear(x, y, bias) if linear else torch.matmul(x, y)
             for x, y in zip(a, b)]

@@ -8,7 +8,10 @@
 // worker: the same products, one thread each, so the same bits.
 //
 // `linear`: out[i] = at::linear(a[i], b[i], bias) (what torch.nn.functional.linear computes);
-// otherwise out[i] = at::matmul(a[i], b[i]). Jobs are taken in order by whichever thread is
+// otherwise out[i] = at::matmul(a[i], b[i]). `stacked` (linear, 2-D a[i] with one b): the row
+// blocks of one input, their products written into the row blocks of one output, returned
+// alone (at::addmm_out / at::mm_out: the products at::linear computes for 2-D inputs, the same
+// bits, without a concatenation after them). Jobs are taken in order by whichever thread is
 // free (the largest first balance best). No autograd: the results are plain tensors.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,7 +45,7 @@ struct OneBlasThread {
 
 std::vector<at::Tensor> one_thread_each_cpu(at::TensorList a, at::TensorList b,
                                             const std::optional<at::Tensor>& bias,
-                                            bool linear) {
+                                            bool linear, bool stacked) {
   const int64_t n = int64_t(a.size());
   TORCH_CHECK(int64_t(b.size()) == n, "crossbar_torch.one_thread_each: a and b must hold as "
               "many tensors, got ", n, " and ", b.size());
@@ -60,9 +63,36 @@ std::vector<at::Tensor> one_thread_each_cpu(at::TensorList a, at::TensorList b,
   }
   if (bias.has_value()) check(*bias, "bias", 0);
   std::vector<at::Tensor> out(static_cast<size_t>(n));
+  at::Tensor whole;  // stacked: the one output
+  std::vector<int64_t> first_row(static_cast<size_t>(n) + 1, 0);
+  if (stacked) {
+    TORCH_CHECK(linear, "crossbar_torch.one_thread_each: stacked goes with linear=True only");
+    TORCH_CHECK(n >= 1, "crossbar_torch.one_thread_each: stacked needs at least one product");
+    for (int64_t i = 0; i < n; ++i) {
+      const at::Tensor& x = a[size_t(i)];
+      TORCH_CHECK(x.dim() == 2 && x.size(1) == a[0].size(1) &&
+                  x.scalar_type() == a[0].scalar_type() && b[size_t(i)].is_same(b[0]),
+                  "crossbar_torch.one_thread_each: stacked products are 2-D row blocks of one "
+                  "input with one weight; a[", i, "] has shape ", x.sizes());
+      first_row[size_t(i) + 1] = first_row[size_t(i)] + x.size(0);
+    }
+    TORCH_CHECK(b[0].dim() == 2 && b[0].size(1) == a[0].size(1),
+                "crossbar_torch.one_thread_each: the weight ", b[0].sizes(), " does not take ",
+                a[0].size(1), " inputs");
+    whole = at::empty({first_row[size_t(n)], b[0].size(0)}, a[0].options());
+  }
   auto product = [&](int64_t i) {
     const at::Tensor& x = a[size_t(i)];
     const at::Tensor& y = b[size_t(i)];
+    if (stacked) {  // at::linear of a 2-D input: addmm with a bias, mm without
+      at::Tensor rows = whole.narrow(0, first_row[size_t(i)], x.size(0));
+      if (bias.has_value()) {
+        at::addmm_out(rows, *bias, x, y.t());
+      } else {
+        at::mm_out(rows, x, y.t());
+      }
+      return;
+    }
     out[size_t(i)] = linear ? at::linear(x, y, bias) : at::matmul(x, y);
   };
   if (!MKL_Set_Num_Threads_Local) {
@@ -75,7 +105,7 @@ std::vector<at::Tensor> one_thread_each_cpu(at::TensorList a, at::TensorList b,
     } one;
     at::AutoDispatchBelowADInplaceOrView no_autograd;
     for (int64_t i = 0; i < n; ++i) product(i);
-    return out;
+    return stacked ? std::vector<at::Tensor>{whole} : out;
   }
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
@@ -89,7 +119,7 @@ std::vector<at::Tensor> one_thread_each_cpu(at::TensorList a, at::TensorList b,
       for (int64_t i = next++; i < n; i = next++) product(i);
     }
   });
-  return out;
+  return stacked ? std::vector<at::Tensor>{whole} : out;
 }
 
 }  // namespace
