@@ -44,21 +44,13 @@ def feedback_factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
 
 def _factor(moment: torch.Tensor, damp: float) -> torch.Tensor:
     """``feedback_factor`` on the calling thread's torch thread count (one, by its callers)."""
-    h = damped_moment(moment, damp)
-    if h.shape[-1] == 0:
-        return h
     # With J the order reversal and J Hd J = L L^T (Cholesky), Hd = (J L J)(J L^T J): J L J is
     # upper triangular, and with its columns divided by its diagonal d it is U, D = d^2. One
     # factorisation, where carrying (t - v) / R[k, k] through R with R^T R = Hd^-1 (GPTQ's form,
-    # the same choices in exact arithmetic) needed a triangular inverse as well: half the time
-    # on a 3072-input layer.
-    # (LAPACK's upper factor R = L^T comes in column-major order: R^T is L, row-major, as the
-    # kernels read it; the lower factor's flip needed a copy more)
-    f = torch.linalg.cholesky(h.flip(-1, -2), upper=True).mT.flip(-1, -2)
-    d = f.diagonal(dim1=1, dim2=2).clone()
-    f.div_(d[:, None, :])
-    f.diagonal(dim1=1, dim2=2).copy_(d * d)
-    return f
+    # the same choices in exact arithmetic) needed a triangular inverse as well. The op writes
+    # J Hd J straight into LAPACK's buffer and reads U back from it (csrc/cpu/
+    # feedback_factor_kernel.cpp: the torch ops' flips and copies were a fifth of the time)
+    return ops.feedback_factor(moment.detach().to("cpu", torch.float32), damp)
 
 
 def feedback_factors(moments: list, damp: float) -> list:

@@ -59,6 +59,9 @@ TORCH_LIBRARY(crossbar_torch, m) {
       "feedback_refine(Tensor target, Tensor hs, Tensor q, Tensor pred, Tensor sort_index, "
       "int weight_bits, int bits_per_cell, int encoding, float write_penalty, int sweeps, "
       "Tensor? filter_weight=None) -> Tensor");
+  // host only: rule 21's factor U D U^T of each group's damped input moment (float64; on the
+  // host, one thread, as rule 21 computes it: crossbar_torch/feedback.py)
+  m.def("feedback_factor(Tensor moment, float damp) -> Tensor");
   // host only (no CUDA kernel): filter placement is chosen at conversion, on the host
   m.def("chain_order(Tensor bits, int start) -> Tensor");
   // host only: independent products, each on one thread, the pool's threads sharing them

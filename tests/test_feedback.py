@@ -18,6 +18,7 @@ import crossbar_torch as xb
 from crossbar_torch import ops
 from crossbar_torch import feedback
 from crossbar_torch.feedback import feedback_factor
+from crossbar_torch.threads import one_thread
 from crossbar_torch.encoding import cells_for, slices_for
 from crossbar_torch.ops import feedback_reference as reference
 
@@ -832,6 +833,58 @@ def test_factor_is_the_independent_factor(k):
     for gi in range(2):
         want = torch.from_numpy(ind.feedback_factor(h[gi].double().numpy(), 0.01))
         torch.testing.assert_close(u[gi], want, rtol=1e-9, atol=1e-10)
+
+
+def _factor_by_torch_ops(moment, damp):
+    """Rule 21's factor as torch's own ops give it: the damped moment in float64, its reversal,
+    linalg.cholesky's upper factor, reversed back, each column over its diagonal."""
+    h = moment.to(torch.float64, copy=True)
+    d = h.diagonal(dim1=1, dim2=2)
+    d[d == 0] = 1.0
+    d += damp * d.mean(dim=1, keepdim=True)
+    if h.shape[-1] == 0:
+        return h
+    f = torch.linalg.cholesky(h.flip(-1, -2), upper=True).mT.flip(-1, -2)
+    dd = f.diagonal(dim1=1, dim2=2).clone()
+    f.div_(dd[:, None, :])
+    f.diagonal(dim1=1, dim2=2).copy_(dd * dd)
+    return f
+
+
+@settings(max_examples=25, deadline=None)
+@given(groups=st.integers(1, 3), k=st.sampled_from([0, 1, 2, 5, 64, 129, 300]),
+       damp=st.sampled_from([0.0, 0.01, 0.3]), unseen=st.booleans(),
+       seed=st.integers(0, 2 ** 16))
+def test_factor_op_is_the_factor_torchs_cholesky_gives(groups, k, damp, unseen, seed):
+    """The ``feedback_factor`` op (the reversed damped moment written straight into LAPACK's
+    buffer, U read back from it) gives, bit for bit, what torch's flip / cholesky / flip /
+    divide give, on one thread: groups, inputs never seen (a zero row and column, made 1),
+    no damping, K of 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2 * k + 5, groups, k, generator=g).relu()
+    m = torch.einsum("ngk,ngl->gkl", x, x) / x.shape[0]
+    if unseen and k > 1:
+        m[:, 1, :] = 0
+        m[:, :, 1] = 0
+    with one_thread():
+        assert torch.equal(ops.feedback_factor(m, damp), _factor_by_torch_ops(m, damp))
+
+
+def test_factor_op_refuses_what_it_cannot_factor():
+    m = torch.ones(1, 3, 3)  # rank one: not positive-definite without damping
+    with pytest.raises(RuntimeError, match="not positive-definite"):
+        ops.feedback_factor(m, 0.0)
+    assert ops.feedback_factor(m, 0.01).shape == (1, 3, 3)
+    with pytest.raises(RuntimeError, match="NaN or Inf"):
+        ops.feedback_factor(torch.full((1, 2, 2), float("nan")), 0.01)
+    with pytest.raises(RuntimeError, match="damp"):
+        ops.feedback_factor(torch.eye(2)[None], -1.0)
+    with pytest.raises(RuntimeError, match="Float"):
+        ops.feedback_factor(torch.eye(2, dtype=torch.float64)[None], 0.01)
+    with pytest.raises(RuntimeError, match="K = moment.size"):
+        ops.feedback_factor(torch.zeros(1, 2, 3), 0.01)
+    meta = ops.feedback_factor(torch.empty(2, 4, 4, device="meta"), 0.01)
+    assert meta.shape == (2, 4, 4) and meta.dtype == torch.float64 and meta.is_meta
 
 
 class _Overflow(nn.Module):

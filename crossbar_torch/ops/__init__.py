@@ -100,6 +100,15 @@ def feedback_quantize(target, u, held, levels, weight_bits: int, bits_per_cell: 
     return (q, t) if running else q
 
 
+def feedback_factor(moment, damp: float) -> torch.Tensor:
+    """Rule 21's factor (float64 (G, K, K)) of each group's input moment ``moment`` (float32
+    (G, K, K), on the host): ``U`` unit upper triangular and ``D`` diagonal with ``U D U^T =
+    H + lambda I`` (an input never seen, ``H[k, k] == 0``, made 1; ``lambda = damp * mean(diag
+    H)``), ``U``'s strict upper triangle above ``D`` on the diagonal. LAPACK's factorisation on
+    the calling thread's thread count (rule 21 computes it on one)."""
+    return _ops.feedback_factor(moment, float(damp))
+
+
 def feedback_refine(target, hs, q, pred, sort_index, weight_bits: int, bits_per_cell: int,
                     encoding: int, write_penalty: float, sweeps: int,
                     filter_weight=None) -> torch.Tensor:

@@ -198,6 +198,14 @@ def _check_filter_weight(op, a, out):
         f"{tuple(a.shape)}"))
 
 
+@torch.library.register_fake("crossbar_torch::feedback_factor")
+def _feedback_factor_fake(moment, damp):
+    op = "feedback_factor"
+    _check_tensors(op, ("moment", moment), [("moment", moment, torch.float32, 3)])
+    _check_size(op, "moment", moment, 2, moment.shape[1], "K = moment.size(1)")
+    return moment.new_empty(moment.shape, dtype=torch.float64)
+
+
 @torch.library.register_fake("crossbar_torch::feedback_refine")
 def _feedback_refine_fake(target, hs, q, pred, sort_index, weight_bits, bits_per_cell, encoding,
                           write_penalty, sweeps, filter_weight=None):
