@@ -261,13 +261,18 @@ def scaled_moment(moment: torch.Tensor, damp: float) -> torch.Tensor:
     return h / h.diagonal(dim1=1, dim2=2).mean(dim=1)[:, None, None]
 
 
-def feedback_cells(layer, config, q: torch.Tensor) -> torch.Tensor:
-    """The plain target cells (sorted order) of the integers ``q`` (original order)."""
+def sorted_integers(layer, config, q: torch.Tensor) -> torch.Tensor:
+    """Rule 21's integers ``q`` (int32 (out, K), original order) as programming writes them:
+    in sorted order, int16 (kept for every pass of the programming; rule 21's values fit 16
+    bits), clamped into [-qmax, qmax]: a chosen value outside exists only for a weight whose
+    every cell is held, and its cells decode to it whatever the target."""
     qmax = 2 ** (config.weight_bits - 1) - 1
-    # a chosen value outside [-qmax, qmax] exists only for a weight whose every cell is held
-    # (rule 21): its cells decode to it whatever the target, so the target is clamped
-    sorted_q = torch.gather(q.to(torch.int32).clamp(-qmax, qmax), 1, layer.long_sort_index().cpu())
-    return ops.encode(sorted_q.contiguous(), config.weight_bits, config.bits_per_cell,
+    return torch.gather(q.clamp(-qmax, qmax), 1, layer.long_sort_index().cpu()).to(torch.int16)
+
+
+def feedback_cells(layer, config, sorted_q: torch.Tensor) -> torch.Tensor:
+    """The plain target cells (sorted order) of rule 21's integers (``sorted_integers``)."""
+    return ops.encode(sorted_q.to(torch.int32), config.weight_bits, config.bits_per_cell,
                       config.encoding_id).to(layer.cells.device)
 
 

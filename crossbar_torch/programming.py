@@ -22,7 +22,8 @@ from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .heap import release_free_memory
 from .packing import pack_mask
-from .feedback import FactorCache, feedback_cells, feedback_choice, warn_output_errors
+from .feedback import (FactorCache, feedback_cells, feedback_choice, sorted_integers,
+                       warn_output_errors)
 from .nn.modules import crossbar_layers
 from .nn.modules.state import feedback_active, policy_name
 from .nn.record import no_crossbar_layers
@@ -235,7 +236,7 @@ def layer_targets(layer, config: CrossbarConfig, baseline: bool,
     * ``baseline``: unsorted (identity index), as rule 10's baseline programs them.
     * otherwise: sorted through the layer's fixed index; a cell already known to be stuck
       keeps the level it holds (after fine-tuning, a stuck cell does not take a new weight).
-    * ``feedback``: rule 21's integers (original order) replace the latent weight's.
+    * ``feedback``: rule 21's integers (``feedback.sorted_integers``) replace the latent weight's.
     * ``check_values``: check the weight, scales and sort index (the first pass does; later
       passes of the same programming read the same, unchanged tensors).
     """
@@ -293,7 +294,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
     # Targets are the same in every pass: keep them from the first while they fit the budget,
     # recompute the rest (memory stays bounded on ViT-sized models).
     cached, budget = {}, TARGET_CACHE_BYTES
-    feedback = {}  # rule 21's integers per layer, int16 (out, K)
+    feedback = {}  # rule 21's integers per layer, int16 (out, K) in sorted order
     energies = {}  # the output error energy each will have, known from rule 21's residuals
     layer_cfgs = [run_cfg.for_layer(policy_name(layer, name)) for name, layer in layers]  # rule 22
     # rule 21: query, key and value share one factor; the next of a shape is computed beside
@@ -326,7 +327,7 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                     # rule 21: chosen once per programming (from the held cells the last
                     # programming left), kept for the later passes
                     q, energies[i] = feedback_choice(layer, lcfg, factors)
-                    feedback[i] = q.to(torch.int16)
+                    feedback[i] = sorted_integers(layer, lcfg, q)
                 target, pinned = layer_targets(layer, lcfg, baseline, feedback.get(i),
                                                check_values=pass_no == 0, pool=pool)
                 if pass_no == 0 and target.numel() <= budget:
