@@ -200,9 +200,21 @@ XB_HD int64_t write_aware_allowed(double t, const uint8_t* lv, uint32_t held, co
   return best_v;
 }
 
-// Weight k of one filter: the value it takes (rule 21, or rule 23 with `chosen`), from its
-// running target tk. held / lv: the filter's (K x c, original order; held may be null);
-// rule 23: pos / ref / chosen as in feedback_row.
+// One weight: the value it takes (rule 21, or rule 23 with `chosen`), from its running target
+// tk. `mask` (bit i: cell i held) and `lk` (its c levels; may be null when nothing is held);
+// rule 23: `p` its sorted position, ref / chosen as in feedback_row.
+XB_HD int64_t feedback_pick_weight(double tk, uint32_t mask, const uint8_t* lk,
+                                   const CompFormat& f, double lambda, int64_t p,
+                                   const uint8_t* ref, uint8_t* chosen) {
+  if (chosen) {
+    return write_aware_allowed(tk, lk, mask, ref ? ref + p * f.c : nullptr, lambda, f,
+                               chosen + p * f.c);
+  }
+  return nearest_allowed(tk, lk, mask, f);
+}
+
+// Weight k of one filter (feedback_pick_weight). held / lv: the filter's (K x c, original
+// order; held may be null); rule 23: pos / ref / chosen as in feedback_row.
 XB_HD int64_t feedback_pick(double tk, int64_t k, const bool* held, const uint8_t* lv,
                             const CompFormat& f, double lambda, const int64_t* pos,
                             const uint8_t* ref, uint8_t* chosen) {
@@ -210,13 +222,8 @@ XB_HD int64_t feedback_pick(double tk, int64_t k, const bool* held, const uint8_
   if (held) {
     for (int i = 0; i < f.c; ++i) mask |= uint32_t(held[k * f.c + i]) << i;
   }
-  const uint8_t* lk = lv ? lv + k * f.c : nullptr;
-  if (chosen) {
-    const int64_t p = pos[k];
-    return write_aware_allowed(tk, lk, mask, ref ? ref + p * f.c : nullptr, lambda, f,
-                               chosen + p * f.c);
-  }
-  return nearest_allowed(tk, lk, mask, f);
+  return feedback_pick_weight(tk, mask, lv ? lv + k * f.c : nullptr, f, lambda,
+                              chosen ? pos[k] : 0, ref, chosen);
 }
 
 // One filter: t (K doubles, updated in place: the running targets), t0 (K doubles: the

@@ -983,6 +983,9 @@ def test_packed_held_cells_need_their_sort_index_and_valid_levels():
     with pytest.raises(RuntimeError, match="sort_index"):
         ops.feedback_quantize(t, u, flags, levels, 6, 3, 0, 1)
     assert ops.feedback_quantize(t, u, flags, levels, 6, 3, 0, 1, sort_index=index).shape == (2, 3)
+    with pytest.raises(RuntimeError, match="index row 1 is not a permutation"):
+        ops.feedback_quantize(t, u, flags, levels, 6, 3, 0, 1,
+                              sort_index=torch.tensor([[0, 1, 2], [2, 2, 0]]))
     levels[1, 2, 0] = 0x80  # the second slot of the first byte: level 8
     with pytest.raises(RuntimeError, match="level 8"):
         ops.feedback_quantize(t, u, flags, levels, 6, 3, 0, 1, sort_index=index)

@@ -32,25 +32,27 @@ namespace {
 struct FeedbackRowArgs {
   double* t;
   const double* t0;  // the targets before any carry (rule 21's error is against them)
-  const bool* held;
+  const bool* held;  // unpacked held cells (K x c, original order), or null
   const uint8_t* lv;
   int32_t* out;
-  const int64_t* pos;
+  const int64_t* pos;  // each weight's sorted position (rule 23, packed held cells)
   const uint8_t* ref;
   uint8_t* chosen;
   double lambda;  // rule 23's write penalty of this filter (rule 25: over its weight)
+  const uint8_t* hpk = nullptr;  // packed held cells (the filter's rows, sorted order), or null
+  const uint8_t* lpk = nullptr;
 };
 
 // filters (or chains) that go through U together: U's rows are read from memory once for all
 // of them (3072 x 3072 doubles do not fit in cache)
 constexpr int kRowsTogether = 32;
 
-// The held cells a filter's walk reads (K x c flags and levels, original order): pointers into
-// the unpacked tensors given, or, from a layer's own packed buffers in sorted order (the op's
-// uint8 `held`), each weight's bytes at its sorted position unpacked into this thread's scratch
-// as its filter starts: a few MB reused, where unpacking and reordering whole layers
-// beforehand (packing.unpack_levels of scattered copies) wrote and read 2 x 1.2G cells of
-// transient tensors per programming of the ViT-Base-sized model.
+// The held cells a filter's walk reads: the unpacked tensors given (K x c flags and levels a
+// filter, original order), or a layer's own packed buffers in sorted order (the op's uint8
+// `held`), each weight's bytes read at its sorted position (a filter's rows stay in L1): its
+// flags as a mask and its low levels straight from the bytes. Unpacking and reordering whole
+// layers beforehand (packing.unpack_levels of scattered copies) wrote and read 2 x 1.2G cells
+// of transient tensors per programming of the ViT-Base-sized model.
 struct HeldCells {
   const bool* held = nullptr;  // unpacked, (out, K, c)
   const uint8_t* lv = nullptr;
@@ -62,9 +64,35 @@ struct HeldCells {
 
   bool any() const { return held != nullptr || hpk != nullptr; }
 
-  // Filter o's flags `h` and levels `l` (null where nothing is held). Packed, they go to slot
-  // `slot` (0 .. kRowsTogether) of this thread's scratch, which holds them until the slot is
-  // filled again.
+  // A packed weight's held flags as a mask (bit i: cell i), from its hb bytes, little end first.
+  uint32_t mask_at(const uint8_t* w) const {
+    uint64_t m = 0;
+    for (int64_t i = 0; i < hb; ++i) m |= uint64_t(w[i]) << (8 * i);
+    return uint32_t(c >= 32 ? m : m & ((uint64_t(1) << c) - 1));
+  }
+  // cell i's level in a packed weight's bytes: byte i / (8 / s), bit (i % (8 / s)) * s, by
+  // shifts (log_per = log2(8 / s), log_s = log2(s))
+  int log_per = 3, log_s = 0;
+  uint8_t level_at(const uint8_t* w, int i) const {
+    return uint8_t((w[i >> log_per] >> ((i & ((1 << log_per) - 1)) << log_s)) & ((1 << s) - 1));
+  }
+
+  // Filter o's held cells in its row arguments: the unpacked rows, or the packed rows and the
+  // sorted positions they are read through (feedback_rows reads each weight's bytes).
+  void set_row(int64_t o, FeedbackRowArgs& a) const {
+    if (hpk) {
+      a.hpk = hpk + o * K * hb;
+      a.lpk = lpk + o * K * lb;
+      a.pos = pos + o * K;
+      return;
+    }
+    a.held = held ? held + o * K * c : nullptr;
+    a.lv = lv ? lv + o * K * c : nullptr;
+  }
+
+  // Filter o's flags `h` and levels `l` unpacked in original order (null where nothing is
+  // held), for feedback_row. Packed, they go to slot `slot` of this thread's scratch, which
+  // holds them until the slot is filled again.
   void filter(int64_t o, int slot, const bool*& h, const uint8_t*& l) const {
     if (!hpk) {
       h = held ? held + o * K * c : nullptr;
@@ -72,7 +100,7 @@ struct HeldCells {
       return;
     }
     thread_local std::vector<uint8_t> flags, levels;
-    const size_t need = size_t((kRowsTogether + 1) * K * c + 8);
+    const size_t need = size_t((slot + 1) * K * c + 8);
     if (flags.size() < need) flags.resize(need), levels.resize(need);
     uint8_t* hs = flags.data() + slot * K * c;
     uint8_t* ls = levels.data() + slot * K * c;
@@ -432,6 +460,23 @@ inline int64_t decoded_low_cells(const bool* h, const uint8_t* lv, const CompFor
   return decode_one(cur, f.B, f.b, f.enc, f.S);
 }
 
+// decoded_low_cells of a packed weight: its flags' bytes `h`, its levels' bytes `lv` (the same
+// answers, read without unpacking the weight's c cells)
+inline int64_t decoded_low_packed(const uint8_t* h, const uint8_t* lv, const HeldCells& hc,
+                                  const CompFormat& f, const LowDecode& ld) {
+  const uint32_t mask = hc.mask_at(h);
+  if (!mask) return kFreeWeight;
+  if (f.low & ~mask) return kSeveralLow;
+  if (ld.n) {
+    uint32_t idx = 0;
+    for (int j = 0; j < ld.n; ++j) idx |= uint32_t(hc.level_at(lv, ld.cell[j])) << (j * f.b);
+    return ld.value[idx];
+  }
+  uint8_t cur[kMaxCells];  // as held_low_cells starts them: every low cell held
+  for (int i = 0; i < f.c; ++i) cur[i] = (f.low >> i) & 1u ? hc.level_at(lv, i) : 0;
+  return decode_one(cur, f.B, f.b, f.enc, f.S);
+}
+
 // nearest_with_low(t, d, f, s).value() for a fresh s (nearest_allowed where every low cell is
 // held and they decode to d), its comparisons without branches: the two high parts around
 // (t - d) / 2**m, clamped to those that keep the value in [-qmax, qmax] when there are any,
@@ -466,24 +511,49 @@ template <VectorIsa I>
 inline __attribute__((always_inline)) void feedback_rows_impl(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
     int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes,
-    const LowDecode& ld) {
+    const LowDecode& ld, const HeldCells& hc) {
   const double* tiles = tt_group(tt, group);  // null: none packed, copied as it goes below
   double e[kRowsTogether][kBlock];
   alignas(64) double own[TrailTiles::kTile];  // a block's tile, where none were packed
-  // rule 21 alone with held cells: every weight's setup, filter by filter (decoded_low_cells)
+  // rule 21 alone with held cells: every weight's setup, filter by filter (decoded_low_cells;
+  // packed, each weight's bytes at its sorted position, a filter's rows in L1)
   thread_local std::vector<int64_t> low;
-  const bool ahead = rows[0].held && !rows[0].chosen;  // the same for every filter of a call
+  const bool packed = rows[0].hpk != nullptr;  // the same for every filter of a call
+  const bool ahead = (rows[0].held || packed) && !rows[0].chosen;
   if (ahead) {
     low.resize(size_t(n * K));
     for (int r = 0; r < n; ++r) {
+      int64_t* lr = low.data() + r * K;
+      if (packed) {
+        const int64_t* po = rows[r].pos;
+        for (int64_t k = 0; k < K; ++k) {
+          lr[k] = decoded_low_packed(rows[r].hpk + po[k] * hc.hb, rows[r].lpk + po[k] * hc.lb,
+                                     hc, f, ld);
+        }
+        continue;
+      }
       const bool* h = rows[r].held;
       const uint8_t* lv = rows[r].lv;
-      int64_t* lr = low.data() + r * K;
       for (int64_t k = 0; k < K; ++k) {
         lr[k] = decoded_low_cells(h + k * f.c, lv + k * f.c, f, ld);
       }
     }
   }
+  // a packed weight's cells for the general pick: its flags as a mask, its levels unpacked
+  uint8_t lk[kMaxCells];
+  auto weight_mask = [&](const FeedbackRowArgs& a, int64_t k) -> uint32_t {
+    if (!packed) return a.held ? held_mask(a.held + k * f.c, f) : 0u;
+    const int64_t p = a.pos[k];
+    unpack_slots(a.lpk + p * hc.lb, f.c, hc.s, lk);
+    return hc.mask_at(a.hpk + p * hc.hb);
+  };
+  auto pick = [&](const FeedbackRowArgs& a, int64_t k) -> int64_t {
+    if (!packed) return feedback_pick(a.t[k], k, a.held, a.lv, f, a.lambda, a.pos, a.ref,
+                                      a.chosen);
+    const uint32_t mask = weight_mask(a, k);
+    return feedback_pick_weight(a.t[k], mask, lk, f, a.lambda, a.chosen ? a.pos[k] : 0, a.ref,
+                                a.chosen);
+  };
   for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
     const int64_t k1 = std::min<int64_t>(K, k0 + kBlock);
     for (int64_t k = k0; k < k1; ++k) {
@@ -505,15 +575,18 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
             if (a.ref) __builtin_prefetch(a.ref + a.pos[k + 1] * f.c);
             __builtin_prefetch(a.chosen + a.pos[k + 1] * f.c, 1);
           }
-          if (codes.usable && !(a.held && held_mask(a.held + k * f.c, f))) {
+          const uint32_t mask = (a.held || packed) ? weight_mask(a, k) : 0u;
+          if (codes.usable && !mask) {
             const int64_t p = a.pos[k];
             v = write_aware_free(a.t[k], a.ref ? a.ref + p * f.c : nullptr, a.lambda, f, codes,
                                  a.chosen + p * f.c);
+          } else if (packed) {  // lk holds its levels (weight_mask)
+            v = feedback_pick_weight(a.t[k], mask, lk, f, a.lambda, a.pos[k], a.ref, a.chosen);
           } else {
             v = feedback_pick(a.t[k], k, a.held, a.lv, f, a.lambda, a.pos, a.ref, a.chosen);
           }
         } else {
-          v = feedback_pick(a.t[k], k, a.held, a.lv, f, a.lambda, a.pos, a.ref, a.chosen);
+          v = pick(a, k);
         }
         a.out[k] = int32_t(v);
         const double er = double(v) - a.t0[k];
@@ -545,27 +618,29 @@ inline __attribute__((always_inline)) void feedback_rows_impl(
 }
 
 using RowsFn = void (*)(const FeedbackRowArgs*, int, const double*, const TrailTiles&, int64_t,
-                        int64_t, const CompFormat&, const CellCodes&, const LowDecode&);
+                        int64_t, const CompFormat&, const CellCodes&, const LowDecode&,
+                        const HeldCells&);
 
 void feedback_rows_plain(const FeedbackRowArgs* rows, int n, const double* u,
                          const TrailTiles& tt, int64_t group, int64_t K,
-                         const CompFormat& f, const CellCodes& codes, const LowDecode& ld) {
-  feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, group, K, f, codes, ld);
+                         const CompFormat& f, const CellCodes& codes, const LowDecode& ld,
+                         const HeldCells& hc) {
+  feedback_rows_impl<VectorIsa::kScalar>(rows, n, u, tt, group, K, f, codes, ld, hc);
 }
 
 #ifdef XB_X86_VECTOR
 __attribute__((target("popcnt"))) void feedback_rows_avx2(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
     int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes,
-    const LowDecode& ld) {
-  feedback_rows_impl<VectorIsa::kAvx2>(rows, n, u, tt, group, K, f, codes, ld);
+    const LowDecode& ld, const HeldCells& hc) {
+  feedback_rows_impl<VectorIsa::kAvx2>(rows, n, u, tt, group, K, f, codes, ld, hc);
 }
 
 __attribute__((target("avx512f,popcnt"))) void feedback_rows_avx512(
     const FeedbackRowArgs* rows, int n, const double* u, const TrailTiles& tt,
     int64_t group, int64_t K, const CompFormat& f, const CellCodes& codes,
-    const LowDecode& ld) {
-  feedback_rows_impl<VectorIsa::kAvx512>(rows, n, u, tt, group, K, f, codes, ld);
+    const LowDecode& ld, const HeldCells& hc) {
+  feedback_rows_impl<VectorIsa::kAvx512>(rows, n, u, tt, group, K, f, codes, ld, hc);
 }
 #endif
 
@@ -615,6 +690,8 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
     hc.hb = held.size(2);
     hc.lb = levels.size(2);
     hc.s = checked_slot_bits(bits_per_cell, "feedback_quantize");
+    while ((1 << hc.log_s) < hc.s) ++hc.log_s;
+    hc.log_per = 3 - hc.log_s;
   } else if (held.numel()) {
     hc.held = held.const_data_ptr<bool>();
     hc.lv = levels.const_data_ptr<uint8_t>();
@@ -653,20 +730,20 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
             const bool* h;
             const uint8_t* l;
             if (group >= 0 && o / per_group != group) {  // another group's U: on its own
-              hc.filter(o, kRowsTogether, h, l);
+              hc.filter(o, 0, h, l);
               feedback_row(tp + o * K, t0p + o * K, up + (o / per_group) * K * K, h, l, K,
                            fmt, qp + o * K, lam[size_t(o)], pp + o * K,
                            prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c);
               continue;
             }
             group = o / per_group;
-            hc.filter(o, n, h, l);
-            rows[n++] = {tp + o * K, t0p + o * K, h, l, qp + o * K, pp + o * K,
-                         prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c,
-                         lam[size_t(o)]};
+            rows[n] = {tp + o * K, t0p + o * K, nullptr, nullptr, qp + o * K, pp + o * K,
+                       prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c,
+                       lam[size_t(o)]};
+            hc.set_row(o, rows[n++]);
           }
           if (group < 0) break;  // every chain of this set has ended
-          feedback_rows(rows, n, up + group * K * K, tt, group, K, fmt, codes, ld);
+          feedback_rows(rows, n, up + group * K * K, tt, group, K, fmt, codes, ld, hc);
           for (int64_t i = 0; i < c1 - c0; ++i) {
             if (cur[i] >= 0) prev[i] = cur[i], cur[i] = ch.succ[cur[i]];
           }
@@ -686,12 +763,11 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
       FeedbackRowArgs rows[kRowsTogether];
       int n = 0;
       for (int64_t o = o0; o < o1; ++o) {
-        const bool* h;
-        const uint8_t* l;
-        hc.filter(o, n, h, l);
-        rows[n++] = {tp + o * K, t0p + o * K, h, l, qp + o * K, nullptr, nullptr, nullptr, 0.0};
+        rows[n] = {tp + o * K, t0p + o * K, nullptr, nullptr, qp + o * K, nullptr, nullptr,
+                   nullptr, 0.0};
+        hc.set_row(o, rows[n++]);
       }
-      feedback_rows(rows, n, up + g * K * K, tt, g, K, fmt, codes, ld);
+      feedback_rows(rows, n, up + g * K * K, tt, g, K, fmt, codes, ld, hc);
     }
   });
   return {q, t};
