@@ -691,6 +691,30 @@ def test_layers_reading_one_tensor_get_their_own_moments(inference):
                                rtol=1e-5, atol=1e-6)
 
 
+def test_layers_reading_one_tensor_share_its_products_on_every_call(monkeypatch):
+    """The rows' products are computed once per tensor the layers read, on the first call and
+    on later ones (where a copy to compare is taken only for the layers whose input the next
+    layer read): q and k share, v2 (after the in-place change) and o do not; the moments are
+    the same as with every product computed."""
+    from crossbar_torch import moments
+    torch.manual_seed(1)
+    xmodel = xb.convert(_SharedInput().eval(), _config(rows=8, cols=16))
+    xs = [torch.randn(4, 6) for _ in range(3)]
+    calls, products = [], moments.MomentAccumulator.products
+
+    def counted(self, rows, threads=None):
+        calls.append(rows.shape)
+        return products(self, rows, threads)
+    monkeypatch.setattr(moments.MomentAccumulator, "products", counted)
+    xb.calibrate(xmodel, run=lambda m: [m(x) for x in xs])
+    assert len(calls) == 3 * len(xs)  # q (k shares), v2, o: on every call
+    got = [getattr(xmodel, n).input_moment.clone() for n in ("q", "k", "v2", "o")]
+    monkeypatch.setattr(xmodel.k, "shares_input_rows", False)  # k computes its own
+    xb.calibrate(xmodel, run=lambda m: [m(x) for x in xs])
+    for g, n in zip(got, ("q", "k", "v2", "o")):
+        assert torch.equal(g, getattr(xmodel, n).input_moment), n
+
+
 class _Wide(nn.Module):
     """A Linear layer with more inputs than one column block of the moment's product, and a
     grouped convolution with more than one block per group."""
