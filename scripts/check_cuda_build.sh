@@ -39,10 +39,11 @@ missing = []
 DEVICE_OPS = ("encode", "decode", "effective_weight", "sort_and_encode", "program_layer",
               "compensate", "feedback_quantize", "analog_matmul")
 # host only: placement and sort index are chosen at conversion, packing has torch ops on a device,
-# rule 24 refines rule 21's targets, which crossbar_torch/feedback.py computes on the host;
-# one_thread_each shares the host's threads among products (crossbar_torch/threads.py)
+# rule 24 refines rule 21's targets, which crossbar_torch/feedback.py computes on the host, as
+# it does rule 21's factor; one_thread_each shares the host's threads among products
+# (crossbar_torch/threads.py)
 HOST_OPS = ("chain_order", "sort_index", "pack_levels", "unpack_levels", "feedback_refine",
-            "one_thread_each")
+            "feedback_factor", "one_thread_each")
 every = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
          if n.startswith("crossbar_torch::")}
 unlisted = sorted(every - set(DEVICE_OPS + HOST_OPS))

@@ -429,6 +429,28 @@ HAND += [
 
 
 
+HAND += [
+    # feedback_factor (rule 21's factor): a zero moment (every input unseen: made 1), layouts,
+    # empty, meta; refused: no damping on a singular moment, NaN, dtype, rank, shape, damp
+    case("feedback_factor", "(T('float32', (2, 6, 6)), 0.01)"),
+    case("feedback_factor", "(T('float32', (2, 6, 6), layout='T'), 0.01)"),
+    case("feedback_factor", "(T('float32', (2, 6, 6), layout='slice'), 0.01)"),
+    case("feedback_factor", "(T('float32', (3, 6, 6), layout='expand'), 0.3)"),
+    case("feedback_factor", "(T('float32', (1, 0, 0)), 0.01)"),
+    case("feedback_factor", "(T('float32', (0, 4, 4)), 0.01)"),
+    case("feedback_factor", "(T('float32', (2, 5, 5), device='meta'), 0.01)"),
+    case("feedback_factor", "(T('float32', (1, 3, 3), 'rand', 1, 2), 0.0)", "not positive-def"),
+    case("feedback_factor", "(T('float32', (1, 3, 3), poke=(4, float('nan'))), 0.01)",
+         "NaN or Inf"),
+    case("feedback_factor", "(T('float64', (1, 3, 3)), 0.01)", "moment must be Float"),
+    case("feedback_factor", "(T('float32', (3, 3)), 0.01)", "moment must have shape (groups, K, K)"),
+    case("feedback_factor", "(T('float32', (1, 3, 4)), 0.01)", "K = moment.size"),
+    case("feedback_factor", "(T('float32', (1, 3, 3)), -1.0)", "damp must be"),
+    case("feedback_factor", "(T('float32', (1, 3, 3)), float('nan'))", "damp must be"),
+    case("feedback_factor", "(E('float32', (1, 2**16, 2**16)), 0.01)", "too large"),
+]
+
+
 def _fr(target="T('float64', (4, 6), 'randn', 3.0)", hs="T('float64', (2, 6, 6), 'randn', 1.0)",
         q="T('int32', (4, 6), 'rand', -5, 6)", pred="T('int64', (4,), 'rand', -1, 0)",
         index="T('int64', (4, 6), 'perm')", fmt="8, 1, 0", penalty="1.5", sweeps="2"):

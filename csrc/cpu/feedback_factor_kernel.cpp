@@ -46,6 +46,9 @@ at::Tensor feedback_factor_cpu(const at::Tensor& moment_in, double damp) {
   check_size(moment_in, 2, K, op, "moment", "K = moment.size(1)");
   TORCH_CHECK(std::isfinite(damp) && damp >= 0.0, "crossbar_torch.feedback_factor: damp must be "
               "a finite number >= 0, got ", damp);
+  // LAPACK indexes the K x K buffer with 32-bit integers (checked before anything is copied)
+  TORCH_CHECK(K == 0 || K <= int64_t(INT32_MAX) / K, "crossbar_torch.feedback_factor: K = ",
+              K, " is too large for LAPACK (K * K must fit 32 bits)");
   const at::Tensor moment = moment_in.contiguous();
   TORCH_CHECK(moment.numel() == 0 || all_finite(moment),
               "crossbar_torch.feedback_factor: the input moment holds NaN or Inf");
@@ -60,8 +63,6 @@ at::Tensor feedback_factor_cpu(const at::Tensor& moment_in, double damp) {
     h.diagonal(0, 1, 2).copy_(diag);
     return factor_by_torch_ops(h);
   }
-  TORCH_CHECK(K <= int64_t(INT32_MAX / K), "crossbar_torch.feedback_factor: K = ", K,
-              " is too large for LAPACK");
   at::Tensor out = at::empty({G, K, K}, moment.options().dtype(at::kDouble));
   const int64_t n2 = K * K;
   // LAPACK's buffer, aligned as torch's own (its results may depend on the alignment), not
