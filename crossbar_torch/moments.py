@@ -77,10 +77,13 @@ class MomentAccumulator:
     def add(self, parts: list) -> None:
         """Sum the chunk products of one forward call (``products``)."""
         for blocks, n in parts:
-            first = self.count == 0  # 0 + p is p: the first chunk's products are copied in
+            first = self.count == 0
             for k0, p in blocks:
                 block = self.sum[:, k0:k0 + p.shape[1], k0:]
-                block.copy_(p) if first else block.add_(p)
+                if first:  # 0 + p: p, with a product of -0.0 summed to +0.0 as from zeros
+                    torch.add(p, 0.0, out=block)
+                else:
+                    block.add_(p)
             self.count += n
 
     def moment(self) -> torch.Tensor:

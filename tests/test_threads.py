@@ -87,6 +87,15 @@ def test_one_accumulator_alone_matches_the_calibrated_layer():
     with pytest.raises(RuntimeError, match="already read"):
         acc.moment()
     assert torch.equal(MomentAccumulator(2, 3).moment(), torch.zeros(2, 3, 3))
+    # an input that is always 0: a one-row chunk's products with it are -0.0 where the other
+    # input is negative, and the moment holds +0.0 there (summed from zero, as the saved
+    # moments always were)
+    rows = torch.rand(1, 100) - 0.5
+    rows[:, 99] = 0.0
+    acc = MomentAccumulator(1, 100)
+    acc.add(acc.products(rows))
+    m = acc.moment()
+    assert (m[0, 99] == 0).all() and not (torch.signbit(m) & (m == 0)).any()
 
 
 def test_moments_summed_under_inference_mode_are_ordinary_tensors():
