@@ -172,12 +172,15 @@ class CrossbarPool:
 _stuck_sources = weakref.WeakKeyDictionary()
 
 
-def _stuck_source(pool: CrossbarPool, layer, t0: int, cfg: CrossbarConfig) -> tuple:
+def _stuck_source(pool: CrossbarPool, layer, t0: int, cfg: CrossbarConfig) -> tuple | None:
     """What ``pool.layer_stuck`` of ``layer`` depends on: the pool's config (its masks' draws),
     the layer's mask (rule 22's L and p), its first tile, and its placement and stored stuck
     flags as objects and versions (an in-place edit or a new tensor changes them); the tile
-    order is compared by value."""
-    stamp = tuple((weakref.ref(b), b._version) for b in (layer.filter_index, layer.stuck))
+    order is compared by value. None for inference tensors (no version counter to stamp)."""
+    buffers = (layer.filter_index, layer.stuck)
+    if any(b.is_inference() for b in buffers):
+        return None
+    stamp = tuple((weakref.ref(b), b._version) for b in buffers)
     return (pool.config, pool._mask_key(cfg), t0, stamp)
 
 
@@ -190,8 +193,7 @@ def layer_stuck(pool: CrossbarPool, layer, geom: LayerGeometry, order: torch.Ten
     if not cfg.stucking:
         return None
     known = _stuck_sources.get(layer)
-    if (known is not None and not layer.stuck.is_inference()
-            and not layer.filter_index.is_inference()):
+    if known is not None:  # (an inference tensor's layer has none: _stuck_source)
         config, key, first, stamp = known
         if (first == t0 and key == pool._mask_key(cfg) and config == pool.config
                 and all(ref() is b and v == b._version
@@ -374,8 +376,11 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                 if write_back:
                     stuck = layer_stuck(pool, layer, geom, used, t0, lcfg)
                     layer.set_cells(eff, stuck, used)
-                    if stuck is not None:
-                        _stuck_sources[layer] = _stuck_source(pool, layer, t0, lcfg)
+                    source = _stuck_source(pool, layer, t0, lcfg) if stuck is not None else None
+                    if source is None:
+                        _stuck_sources.pop(layer, None)
+                    else:
+                        _stuck_sources[layer] = source
                     if energies.get(i) is not None:  # the effective weights are rule 21's q'
                         layer.note_output_error(energies[i])
             bar.update(1)

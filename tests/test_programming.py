@@ -415,6 +415,14 @@ def test_reprogramming_reuses_the_stuck_flags_it_computed(monkeypatch):
     layers[1].filter_index = layers[1].filter_index.clone()  # another tensor, the same values
     xb.reprogram(xm)
     assert len(calls) == 2 and all(torch.equal(l.stuck, f) for l, f in zip(layers, flags))
+    # converted and reprogrammed under inference mode (buffers without version counters):
+    # nothing to stamp, so the flags are computed each time, the same ones
+    calls.clear()
+    with torch.inference_mode():
+        xi = xb.convert(m, cfg)
+        xb.reprogram(xi)
+    assert len(calls) == 2 * len(layers)
+    assert all(torch.equal(l.stuck, f) for (_, l), f in zip(xb.crossbar_layers(xi), flags))
 
 
 def test_stuck_mask_is_a_pure_function_and_has_the_right_rate():
