@@ -9,8 +9,6 @@ programming (pool) -> layer (held cells, stuck cells, tile order).
 """
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -22,6 +20,7 @@ from .mapping import (LayerGeometry, column_slices, layer_tiles,  # noqa: F401
                       natural_filter_index, pack_bits, unpack_bits, weight_crossbars, words_for)
 from .heap import release_free_memory
 from .packing import pack_mask
+from .stuck_flags import remember_stuck_flags, stuck_flags
 from .feedback import (FactorCache, feedback_cells, feedback_choice, sorted_integers,
                        warn_output_errors)
 from .nn.modules import crossbar_layers
@@ -166,41 +165,6 @@ class CrossbarPool:
         if result is None:
             return pack_mask(torch.zeros(geom.out, geom.k, geom.c, dtype=torch.bool))
         return result
-
-
-# layer -> what its `stuck` buffer was computed from (_stuck_source), while it holds
-_stuck_sources = weakref.WeakKeyDictionary()
-
-
-def _stuck_source(pool: CrossbarPool, layer, t0: int, cfg: CrossbarConfig) -> tuple | None:
-    """What ``pool.layer_stuck`` of ``layer`` depends on: the pool's config (its masks' draws),
-    the layer's mask (rule 22's L and p), its first tile, and its placement and stored stuck
-    flags as objects and versions (an in-place edit or a new tensor changes them); the tile
-    order is compared by value. None for inference tensors (no version counter to stamp)."""
-    buffers = (layer.filter_index, layer.stuck)
-    if any(b.is_inference() for b in buffers):
-        return None
-    stamp = tuple((weakref.ref(b), b._version) for b in buffers)
-    return (pool.config, pool._mask_key(cfg), t0, stamp)
-
-
-def layer_stuck(pool: CrossbarPool, layer, geom: LayerGeometry, order: torch.Tensor, t0: int,
-                cfg: CrossbarConfig) -> torch.Tensor | None:
-    """``pool.layer_stuck`` for the layer programmed with ``order`` from tile ``t0`` under its
-    ``cfg`` (None without stucking), or the layer's own ``stuck`` buffer when it was computed
-    from the same masks, first tile, placement and tile order (a reprogramming replays all of
-    them: a third of a second of the ViT-Base-sized model's, for the same flags)."""
-    if not cfg.stucking:
-        return None
-    known = _stuck_sources.get(layer)
-    if known is not None:  # (an inference tensor's layer has none: _stuck_source)
-        config, key, first, stamp = known
-        if (first == t0 and key == pool._mask_key(cfg) and config == pool.config
-                and all(ref() is b and v == b._version
-                        for (ref, v), b in zip(stamp, (layer.filter_index, layer.stuck)))
-                and torch.equal(order.to(layer.tile_order.device), layer.tile_order)):
-            return layer.stuck
-    return pool.layer_stuck(geom, layer.filter_index, order, t0, cfg)
 
 
 def _check_config(layers, config):
@@ -374,13 +338,9 @@ def program_model(model: nn.Module, config: CrossbarConfig | None = None, *,
                 if noise:
                     placed[i][5] = eff.cpu()
                 if write_back:
-                    stuck = layer_stuck(pool, layer, geom, used, t0, lcfg)
+                    stuck = stuck_flags(pool, layer, geom, used, t0, lcfg)
                     layer.set_cells(eff, stuck, used)
-                    source = _stuck_source(pool, layer, t0, lcfg) if stuck is not None else None
-                    if source is None:
-                        _stuck_sources.pop(layer, None)
-                    else:
-                        _stuck_sources[layer] = source
+                    remember_stuck_flags(pool, layer, t0, lcfg)
                     if energies.get(i) is not None:  # the effective weights are rule 21's q'
                         layer.note_output_error(energies[i])
             bar.update(1)
