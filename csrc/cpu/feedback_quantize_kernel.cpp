@@ -91,19 +91,19 @@ struct HeldCells {
   }
 
   // Filter o's flags `h` and levels `l` unpacked in original order (null where nothing is
-  // held), for feedback_row. Packed, they go to slot `slot` of this thread's scratch, which
-  // holds them until the slot is filled again.
-  void filter(int64_t o, int slot, const bool*& h, const uint8_t*& l) const {
+  // held), for feedback_row (a chain's filter on another group's U, rule 23). Packed, they go
+  // to this thread's scratch, which holds them until the next call.
+  void filter(int64_t o, const bool*& h, const uint8_t*& l) const {
     if (!hpk) {
       h = held ? held + o * K * c : nullptr;
       l = lv ? lv + o * K * c : nullptr;
       return;
     }
     thread_local std::vector<uint8_t> flags, levels;
-    const size_t need = size_t((slot + 1) * K * c + 8);
+    const size_t need = size_t(K * c + 8);
     if (flags.size() < need) flags.resize(need), levels.resize(need);
-    uint8_t* hs = flags.data() + slot * K * c;
-    uint8_t* ls = levels.data() + slot * K * c;
+    uint8_t* hs = flags.data();
+    uint8_t* ls = levels.data();
     const int64_t* po = pos + o * K;
     const uint8_t* hrow = hpk + o * K * hb;
     const uint8_t* lrow = lpk + o * K * lb;
@@ -727,10 +727,10 @@ std::tuple<at::Tensor, at::Tensor> feedback_quantize_cpu(
           for (int64_t i = 0; i < c1 - c0; ++i) {
             const int64_t o = cur[i];
             if (o < 0) continue;
-            const bool* h;
-            const uint8_t* l;
             if (group >= 0 && o / per_group != group) {  // another group's U: on its own
-              hc.filter(o, 0, h, l);
+              const bool* h;
+              const uint8_t* l;
+              hc.filter(o, h, l);
               feedback_row(tp + o * K, t0p + o * K, up + (o / per_group) * K * K, h, l, K,
                            fmt, qp + o * K, lam[size_t(o)], pp + o * K,
                            prev[i] >= 0 ? cp + prev[i] * K * c : nullptr, cp + o * K * c);
