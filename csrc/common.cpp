@@ -31,8 +31,10 @@ void check_levels(const at::Tensor& cells, int64_t bits_per_cell, const char* op
 
 // CPU: one pass over the (contiguous) index, rows in parallel, a bitmap of K bits per thread;
 // reports the first bad row. (The ATen path below costs several full passes and allocations:
-// it made sort_and_encode 4x slower on ViT-Base.)
-static void check_index_permutation_cpu(const at::Tensor& index, const char* op) {
+// it made sort_and_encode 4x slower on ViT-Base.) With `inverse` (contiguous, the index's
+// shape), each row's inverse is written in the same pass: inverse[o, index[o, k]] = k.
+static void check_index_permutation_cpu(const at::Tensor& index, const char* op,
+                                        int64_t* inverse = nullptr) {
   const at::Tensor idx = index.contiguous();
   const int64_t out = idx.size(0), K = idx.size(1);
   const int64_t* data = idx.data_ptr<int64_t>();
@@ -48,6 +50,7 @@ static void check_index_permutation_cpu(const at::Tensor& index, const char* op)
         const int64_t v = row[k];
         if (v < 0 || v >= K || (seen[v >> 6] >> (v & 63)) & 1) { ok = false; break; }
         seen[v >> 6] |= uint64_t(1) << (v & 63);
+        if (inverse) inverse[o * K + v] = k;
       }
       if (!ok) {
         int64_t cur = bad_row.load();
@@ -69,6 +72,20 @@ static void check_index_permutation_cpu(const at::Tensor& index, const char* op)
   const int64_t value = std::max_element(counts.begin(), counts.end()) - counts.begin();
   TORCH_CHECK(false, "crossbar_torch.", op, ": index row ", row, " is not a permutation of [0, ",
               K, "): entry value ", value, " occurs ", counts[value], " times");
+}
+
+at::Tensor inverse_permutation(const at::Tensor& index, const char* op) {
+  if (index.device().is_cpu() && index.dim() == 2) {
+    at::Tensor inverse = at::empty(index.sizes(), index.options().memory_format(
+                                                      at::MemoryFormat::Contiguous));
+    if (index.numel()) check_index_permutation_cpu(index, op, inverse.mutable_data_ptr<int64_t>());
+    return inverse;
+  }
+  check_index_permutation(index, op);
+  const int64_t K = index.size(1);
+  at::Tensor inverse = at::empty_like(index);
+  inverse.scatter_(1, index, at::arange(K, index.options()).unsqueeze(0).expand(index.sizes()));
+  return inverse.contiguous();
 }
 
 void check_index_permutation(const at::Tensor& index, const char* op) {

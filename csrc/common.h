@@ -304,6 +304,9 @@ void check_levels(const at::Tensor& cells, int64_t bits_per_cell, const char* op
 
 // Error unless each row of index (out, K), already range-checked, is a permutation of [0, K).
 void check_index_permutation(const at::Tensor& index, const char* op);
+// Each row's inverse of a checked permutation index (int64 (out, K), contiguous):
+// inverse[o, index[o, k]] = k; on the host in the check's own pass.
+at::Tensor inverse_permutation(const at::Tensor& index, const char* op);
 
 // Error unless an output of `numel` elements of `per` items each can be indexed with int64
 // (what): sizes of expanded (stride 0) inputs may be huge without any memory behind them.

@@ -1,12 +1,7 @@
 // feedback_quantize: argument checks (see feedback_quantize_args.h).
 #include "feedback_quantize_args.h"
 
-#include <ATen/Parallel.h>
-
-#include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <vector>
 
 #include "common.h"
 
@@ -154,42 +149,7 @@ FeedbackChains feedback_chains(const at::Tensor& pred_in, int64_t out, const cha
 }
 
 at::Tensor sorted_positions(const at::Tensor& sort_index) {
-  if (sort_index.device().is_cpu() && sort_index.dim() == 2) {
-    // one pass: each row checked (a bitmap of K bits) as its inverse is written; a bad row is
-    // named by check_index_permutation
-    const at::Tensor idx = sort_index.contiguous();
-    const int64_t out = idx.size(0), K = idx.size(1);
-    at::Tensor pos = at::empty_like(idx);
-    const int64_t* ip = idx.const_data_ptr<int64_t>();
-    int64_t* pp = pos.mutable_data_ptr<int64_t>();
-    std::atomic<bool> bad{false};
-    at::parallel_for(0, out, std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1)),
-                     [&](int64_t begin, int64_t end) {
-      std::vector<uint64_t> seen(size_t((K + 63) / 64));
-      for (int64_t o = begin; o < end && !bad.load(std::memory_order_relaxed); ++o) {
-        std::fill(seen.begin(), seen.end(), 0);
-        const int64_t* row = ip + o * K;
-        int64_t* prow = pp + o * K;
-        for (int64_t k = 0; k < K; ++k) {
-          const int64_t v = row[k];
-          if (v < 0 || v >= K || (seen[size_t(v >> 6)] >> (v & 63)) & 1) {
-            bad = true;
-            break;
-          }
-          seen[size_t(v >> 6)] |= uint64_t(1) << (v & 63);
-          prow[v] = k;
-        }
-      }
-    });
-    if (bad) check_index_permutation(idx, "feedback_quantize");  // raises, naming the row
-    return pos;
-  }
-  check_index_permutation(sort_index, "feedback_quantize");
-  const int64_t K = sort_index.size(1);
-  at::Tensor pos = at::empty_like(sort_index);
-  pos.scatter_(1, sort_index,
-               at::arange(K, sort_index.options()).unsqueeze(0).expand(sort_index.sizes()));
-  return pos.contiguous();
+  return inverse_permutation(sort_index, "feedback_quantize");
 }
 
 }  // namespace crossbar_torch
