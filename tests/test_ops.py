@@ -88,16 +88,21 @@ def test_encode_extremes():
 
 # ---- effective_weight / sort_and_encode -----------------------------------------------------
 
+def _effective_weight_case(fmt, out, K, seed):
+    """Random held levels (out, K, c) of the format, a random sort index and scales."""
+    B, b, e = fmt
+    g = _gen(seed)
+    cells = torch.randint(0, 2 ** b, (out, K, ref.cells_for(B, b, e)), generator=g,
+                          dtype=torch.uint8)
+    return cells, random_perm_index(out, K, g), torch.rand(out, generator=g) * 0.1 + 1e-3
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @SETTINGS
 @given(fmt=formats(), out=st.integers(0, 6), K=st.integers(0, 9), seed=st.integers(0, 2**31 - 1))
 def test_effective_weight_matches_reference(device, fmt, out, K, seed):
     B, b, e = fmt
-    g = _gen(seed)
-    c = ref.cells_for(B, b, e)
-    cells = torch.randint(0, 2 ** b, (out, K, c), generator=g, dtype=torch.uint8)
-    index = random_perm_index(out, K, g)
-    scale = torch.rand(out, generator=g) * 0.1 + 1e-3
+    cells, index, scale = _effective_weight_case(fmt, out, K, seed)
     got = ops.effective_weight(cells.to(device), index.to(device), scale.to(device), B, b, e)
     assert got.dtype == torch.float32
     assert torch.equal(got.cpu(), ref.effective_weight(cells, index, scale, B, b, e))
@@ -106,15 +111,11 @@ def test_effective_weight_matches_reference(device, fmt, out, K, seed):
 @SETTINGS
 @given(fmt=formats(), out=st.integers(0, 6), K=st.integers(0, 9), seed=st.integers(0, 2**31 - 1))
 def test_effective_weight_decodes_a_packed_buffer_on_the_host(fmt, out, K, seed):
-    """A layer's packed ``cells`` buffer (packed by hand: one, two, four or eight bits a slot,
-    one to four bytes a weight) gives the reference's W_eff of the levels it packs; a slot
-    holding a level the cell cannot (b = 3: a nibble of 8 or more) is refused."""
+    """A layer's packed ``cells`` buffer (packed by hand: one, two or four bits a slot, one byte
+    a weight and more, past the two-byte table) gives the reference's W_eff of the levels it
+    packs; a slot holding a level the cell cannot (b = 3: a nibble of 8 or more) is refused."""
     B, b, e = fmt
-    g = _gen(seed)
-    c = ref.cells_for(B, b, e)
-    cells = torch.randint(0, 2 ** b, (out, K, c), generator=g, dtype=torch.uint8)
-    index = random_perm_index(out, K, g)
-    scale = torch.rand(out, generator=g) * 0.1 + 1e-3
+    cells, index, scale = _effective_weight_case(fmt, out, K, seed)
     packed = pack_by_hand(cells, b)
     got = ops.effective_weight(packed, index, scale, B, b, e)
     assert torch.equal(got, ref.effective_weight(cells, index, scale, B, b, e))
