@@ -62,7 +62,7 @@ def _objective(t, hs, q, pred, index, bits, b, enc, penalty):
 
 @settings(max_examples=80, deadline=None)
 @given(out=st.integers(0, 5), k=st.integers(0, 7), groups=st.sampled_from([1, 2]),
-       bits=st.integers(2, 8), b=st.sampled_from([1, 2]), enc=st.integers(0, 2),
+       bits=st.integers(2, 8), b=st.sampled_from([1, 2, 4]), enc=st.integers(0, 2),
        penalty=st.sampled_from([0.0, 0.3, 1.0, 4.0]), sweeps=st.integers(0, 3),
        seed=st.integers(0, 2 ** 16))
 def test_kernel_reference_independent_agree(out, k, groups, bits, b, enc, penalty, sweeps,

@@ -248,6 +248,7 @@ struct SweepArgs {
   const int64_t* succ;   // (out,): -1 none
   const double* a;       // (out,): rule 25's filter weights, or null
   const CellCodes* codes;
+  const uint64_t* padded_codes;  // value v's code at [v + qmax + 3] (a window of 8 from c - 3)
   int b;
   int64_t K, per_group;
   double write_penalty;
@@ -275,16 +276,8 @@ __attribute__((target("avx512f"))) void add_scaled_avx512(double* g, const doubl
 }
 #endif
 
-template <VectorIsa I>
-XB_REFINE_INLINE void add_scaled(double* g, const double* h, double dm, int64_t K) {
-#ifdef XB_X86_VECTOR
-  if constexpr (I == VectorIsa::kAvx512) return add_scaled_avx512(g, h, dm, K);
-#endif
-  add_scaled_plain(g, h, dm, K);
-}
-
-// Filters mine[0 .. n) of one half, each through its sorted positions in order: rule 24's moves.
-template <VectorIsa I>
+// Filters mine[0 .. n) of one half, each through its sorted positions in order: rule 24's moves
+// (the scalar and AVX2 paths; the AVX-512 one is sweep_avx512, below).
 XB_REFINE_INLINE void sweep_filters(const SweepArgs& s, const int64_t* mine, int64_t n) {
   static const int kDeltas[2 * kRefineWindow] = {-1, 1, -2, 2, -3, 3};  // the tie order
   const CellCodes& codes = *s.codes;
@@ -335,15 +328,111 @@ XB_REFINE_INLINE void sweep_filters(const SweepArgs& s, const int64_t* mine, int
       }
       if (!move) continue;
       qo[k] = int32_t(c + move);
-      add_scaled<I>(row, h + k * K, double(move), K);
+      add_scaled_plain(row, h + k * K, double(move), K);
     }
   }
 }
 
+#ifdef XB_X86_VECTOR
+// ---- rule 24's moves, priced eight candidates at a time (AVX-512) ----------------------------
+// A weight's candidates c + delta, delta = -3 .. 3, are the lanes 0 .. 6 of one window of the
+// cell codes (lane i: delta = i - 3; lane 3 is c itself, whose counts are the `own` terms; lane
+// 7 is never a candidate). Each lane's write count, error and cost are the scalar loop's
+// operations on the same values (products and sums rounded one by one, in its order), and the
+// least cost below 0 is picked among the lanes in the scalar loop's tie order: the same move.
+// Priced one by one, the six candidates (a code look-up, a count and a branch apiece for each
+// neighbour) were most of a sweep once the first had moved what it would.
+
+// (GCC 12's AVX-512 headers build some of these intrinsics on an undefined vector and warn of it
+// where they are inlined: the lanes they leave undefined are never read.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// Cells whose b-bit fields differ, per 64-bit lane (cells_differing's count): the bits of each
+// byte by a nibble table, then the bytes of each lane summed. (AVX-512's own count,
+// VPOPCNTQ, is on fewer CPUs than the rest of what this path uses.)
+#define XB_WIDE_SWEEP_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,popcnt")))
+XB_WIDE_SWEEP_TARGET XB_REFINE_INLINE __m512i lanes_differing(__m512i x, __m512i lsb, int b) {
+  __m512i any = x;
+  for (int sh = 1; sh < b; ++sh) {
+    any = _mm512_or_si512(any, _mm512_srl_epi64(x, _mm_cvtsi32_si128(sh)));
+  }
+  any = _mm512_and_si512(any, lsb);
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  const __m512i table = _mm512_broadcast_i32x4(
+      _mm_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4));
+  const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(any, nib));
+  const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi64(any, 4), nib));
+  return _mm512_sad_epu8(_mm512_add_epi8(lo, hi), _mm512_setzero_si512());
+}
+
+// The lane of the first set bit of `m` in the scalar loop's tie order (delta -1, 1, -2, 2, -3,
+// 3: lanes 2, 4, 1, 5, 0, 6).
+inline int first_in_tie_order(unsigned m) {
+  static const int kOrder[6] = {2, 4, 1, 5, 0, 6};
+  for (int lane : kOrder) {
+    if (m >> lane & 1u) return lane;
+  }
+  return 3;  // none: no move
+}
+
+XB_WIDE_SWEEP_TARGET void sweep_avx512(const SweepArgs& s, const int64_t* mine, int64_t n) {
+  const CellCodes& codes = *s.codes;
+  const int64_t K = s.K, qmax = codes.qmax;
+  const __m512i lsb = _mm512_set1_epi64(int64_t(codes.lsb));
+  const __m512d two_delta = _mm512_setr_pd(-6, -4, -2, 0, 2, 4, 6, 8);
+  const __m512d delta_sq = _mm512_setr_pd(9, 4, 1, 0, 1, 4, 9, 16);
+  const __m512d lam = _mm512_set1_pd(s.write_penalty), zero = _mm512_setzero_pd();
+  const __m512i lane3 = _mm512_set1_epi64(3);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t o = mine[i];
+    const double* h = s.hs + (o / s.per_group) * K * K;
+    const double* dg = s.diag + (o / s.per_group) * K;
+    double* row = s.g + o * K;
+    int32_t* qo = s.q + o * K;
+    const int64_t* io = s.index + o * K;
+    const int64_t nb[2] = {s.pred[o], s.succ[o]};
+    const __m512d aw = _mm512_set1_pd(s.a ? s.a[o] : 1.0);
+    for (int64_t p = 0; p < K; ++p) {
+      const int64_t k = io[p];
+      const int64_t c = qo[k];
+      const __m512i window = _mm512_loadu_si512(s.padded_codes + (c + qmax));
+      __m512i count = _mm512_setzero_si512();
+      for (int r = 0; r < 2; ++r) {
+        if (nb[r] < 0) continue;
+        const int64_t ref = s.q[nb[r] * K + s.index[nb[r] * K + p]];
+        const __m512i rc = _mm512_set1_epi64(int64_t(codes.code[size_t(ref + qmax)]));
+        count = _mm512_add_epi64(count, lanes_differing(
+                                            _mm512_xor_si512(window, rc), lsb, s.b));
+      }
+      const __m512d dw = _mm512_cvtepi64_pd(
+          _mm512_sub_epi64(count, _mm512_permutexvar_epi64(lane3, count)));
+      __m512d err = _mm512_add_pd(_mm512_mul_pd(two_delta, _mm512_set1_pd(row[k])),
+                                  _mm512_mul_pd(delta_sq, _mm512_set1_pd(dg[k])));
+      if (s.a) err = _mm512_mul_pd(aw, err);
+      const __m512d cost = _mm512_add_pd(err, _mm512_mul_pd(lam, dw));
+      // lanes 0 .. 6 but 3, those whose value c + lane - 3 lies in [-qmax, qmax]
+      const int64_t lo = std::max<int64_t>(0, 3 - qmax - c);
+      const int64_t hi = std::min<int64_t>(6, qmax - c + 3);
+      const unsigned in_range = hi < lo ? 0u : ((2u << hi) - 1u) & ~((1u << lo) - 1u);
+      const __mmask8 below = _mm512_mask_cmp_pd_mask(__mmask8(in_range & 0x77u), cost, zero,
+                                                     _CMP_LT_OQ);
+      if (!below) continue;
+      const double least = _mm512_mask_reduce_min_pd(below, cost);
+      const __mmask8 ties = _mm512_mask_cmp_pd_mask(below, cost, _mm512_set1_pd(least),
+                                                    _CMP_EQ_OQ);
+      const int move = first_in_tie_order(ties) - 3;
+      qo[k] = int32_t(c + move);
+      add_scaled_avx512(row, h + k * K, double(move), K);
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 using SweepFn = void (*)(const SweepArgs&, const int64_t*, int64_t);
 
 void sweep_plain(const SweepArgs& s, const int64_t* mine, int64_t n) {
-  sweep_filters<VectorIsa::kScalar>(s, mine, n);
+  sweep_filters(s, mine, n);
 }
 
 #ifdef XB_X86_VECTOR
@@ -352,18 +441,19 @@ void sweep_plain(const SweepArgs& s, const int64_t* mine, int64_t n) {
 // no AVX2: their row updates are the plain loop, which SSE2 vectorizes.)
 __attribute__((target("popcnt"))) void sweep_avx2(const SweepArgs& s, const int64_t* mine,
                                                   int64_t n) {
-  sweep_filters<VectorIsa::kAvx2>(s, mine, n);
-}
-
-__attribute__((target("avx512f,popcnt"))) void sweep_avx512(const SweepArgs& s,
-                                                            const int64_t* mine, int64_t n) {
-  sweep_filters<VectorIsa::kAvx512>(s, mine, n);
+  sweep_filters(s, mine, n);
 }
 #endif
 
 SweepFn pick_sweep(VectorIsa isa) {
 #ifdef XB_X86_VECTOR
-  return pick_variant<SweepFn>(isa, sweep_plain, sweep_avx2, sweep_avx512);
+  // (an AVX-512 CPU without its byte and quadword instructions, a first Xeon Phi, takes the
+  // AVX2 path's sweeps)
+  if (isa == VectorIsa::kAvx512 && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq")) {
+    return sweep_avx512;
+  }
+  return pick_variant<SweepFn>(isa, sweep_plain, sweep_avx2, sweep_avx2);
 #else
   return sweep_plain;
 #endif
@@ -414,10 +504,15 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   for (int64_t grp = 0; grp < groups; ++grp) {
     for (int64_t k = 0; k < K; ++k) diag[size_t(grp * K + k)] = hp[grp * K * K + k * K + k];
   }
+  // the codes with three entries before and four after (never candidates: masked), so that
+  // the window of every value of [-qmax, qmax] lies inside
+  std::vector<uint64_t> padded(codes.code.size() + 7, 0);
+  std::copy(codes.code.begin(), codes.code.end(), padded.begin() + 3);
   const SweepArgs a{hp, diag.data(), g.mutable_data_ptr<double>(),
                     q.mutable_data_ptr<int32_t>(), index.const_data_ptr<int64_t>(), pr.data(),
                     ch.succ.data(), fw.defined() ? fw.const_data_ptr<double>() : nullptr,
-                    &codes, int(bits_per_cell), K, out / groups, write_penalty};
+                    &codes, padded.data(), int(bits_per_cell), K, out / groups,
+                    write_penalty};
   const SweepFn sweep = pick_sweep(isa);
   for (int64_t s = 0; s < sweeps; ++s) {
     for (int parity = 0; parity < 2; ++parity) {
