@@ -50,28 +50,34 @@ def test_rule_21_paths_agree_with_the_reference(path, out, k, groups, monkeypatc
         assert torch.equal(ops.feedback_quantize(t, u, held, levels, bits, b, enc, L), want)
 
 
-@pytest.mark.parametrize("out, k, groups, link, weighted, held_p", [
-    (9, 100, 1, 0.9, False, 0.3),  # a few long chains: one to five filters through a tile
-    (19, 40, 1, 0.0, True, 0.0),   # every filter its own chain, 19 in step, weighted filters
-    (4, 72, 2, 0.6, True, 0.0),    # chains that change group on the way
+@pytest.mark.parametrize("out, k, groups, link, weighted, held_p, penalty", [
+    (9, 100, 1, 0.9, False, 0.3, 2.0),  # a few long chains: one to five filters through a tile
+    (19, 40, 1, 0.0, True, 0.0, 2.0),   # every filter its own chain, 19 in step, weighted
+    (4, 72, 2, 0.6, True, 0.0, 2.0),    # chains that change group on the way
+    (9, 90, 1, 0.9, False, 0.0, 0.1),   # windows of a few values (the scalar search)
+    (9, 90, 1, 0.9, False, 0.0, 12.0),  # windows of 20 to 32 values (priced at once)
+    (9, 90, 1, 0.9, False, 0.0, 40.0),  # windows past 32 values (the scalar search again)
 ])
 def test_rule_23_paths_agree_with_the_reference(out, k, groups, link, weighted, held_p,
-                                                monkeypatch):
+                                                penalty, monkeypatch):
     """Write-aware feedback: chains in step, held cells (rule 13's candidates) or none (the
-    packed cell codes); the reference once, then every path."""
+    packed cell codes, a weight's window of values searched nearest first or, on the AVX-512
+    path, priced at once: penalties that give windows of each kind); the reference once, then
+    every path."""
     bits, b, enc = 8, 1, 0
     L = 1 if held_p else 0
     t, u, held, levels = _quantize_case(out, k, groups, bits, b, enc, L, k + out, held_p=held_p)
     n = out * groups
     pred, index = _chains(n, k, link), _sort_index(n, k, k)
     fw = _weights(n, out) if weighted else None
-    want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0, fw)
+    want = reference.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, penalty,
+                                       fw)
     for path in PATHS:
         for tiles in ("1", "0"):
             monkeypatch.setenv(ENV, path)
             monkeypatch.setenv(TILES, tiles)
-            got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index, 2.0,
-                                        fw)
+            got = ops.feedback_quantize(t, u, held, levels, bits, b, enc, L, pred, index,
+                                        penalty, fw)
             assert torch.equal(got, want), (path, tiles)
 
 

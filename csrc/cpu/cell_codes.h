@@ -5,6 +5,7 @@
 // 24's write terms (feedback_refine_kernel.cpp) count with it.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -18,6 +19,12 @@ struct CellCodes {
   int64_t qmax = 0;
   uint64_t lsb = 0;            // bit i*b of every cell
   bool usable = false;         // c * b <= 64
+  // `code` with kPadBefore zero words before it and kPadAfter after, so that the vector paths
+  // (cell_codes_wide.h) load a window of values around any v of [-qmax, qmax] in one piece:
+  // codes_from(v)[i] is the code of v + i (0 outside the range: those lanes are never used)
+  static constexpr int64_t kPadBefore = 3, kPadAfter = 32;
+  std::vector<uint64_t> padded;
+  const uint64_t* codes_from(int64_t v) const { return padded.data() + (v + qmax + kPadBefore); }
 };
 
 inline uint64_t pack_cells(const uint8_t* cells, const CompFormat& f) {
@@ -38,6 +45,8 @@ inline CellCodes make_cell_codes(const CompFormat& f) {
     encode_one(v, f.B, f.b, f.enc, f.S, cells);
     t.code[size_t(v + t.qmax)] = pack_cells(cells, f);
   }
+  t.padded.assign(t.code.size() + size_t(CellCodes::kPadBefore + CellCodes::kPadAfter), 0);
+  std::copy(t.code.begin(), t.code.end(), t.padded.begin() + CellCodes::kPadBefore);
   return t;
 }
 

@@ -22,6 +22,7 @@
 #include "../feedback_refine_args.h"
 #include "../program_row.h"
 #include "cell_codes.h"
+#include "cell_codes_wide.h"
 
 namespace crossbar_torch {
 namespace {
@@ -248,7 +249,6 @@ struct SweepArgs {
   const int64_t* succ;   // (out,): -1 none
   const double* a;       // (out,): rule 25's filter weights, or null
   const CellCodes* codes;
-  const uint64_t* padded_codes;  // value v's code at [v + qmax + 3] (a window of 8 from c - 3)
   int b;
   int64_t K, per_group;
   double write_penalty;
@@ -347,24 +347,6 @@ XB_REFINE_INLINE void sweep_filters(const SweepArgs& s, const int64_t* mine, int
 // where they are inlined: the lanes they leave undefined are never read.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-// Cells whose b-bit fields differ, per 64-bit lane (cells_differing's count): the bits of each
-// byte by a nibble table, then the bytes of each lane summed. (AVX-512's own count,
-// VPOPCNTQ, is on fewer CPUs than the rest of what this path uses.)
-#define XB_WIDE_SWEEP_TARGET __attribute__((target("avx512f,avx512bw,avx512dq,popcnt")))
-XB_WIDE_SWEEP_TARGET XB_REFINE_INLINE __m512i lanes_differing(__m512i x, __m512i lsb, int b) {
-  __m512i any = x;
-  for (int sh = 1; sh < b; ++sh) {
-    any = _mm512_or_si512(any, _mm512_srl_epi64(x, _mm_cvtsi32_si128(sh)));
-  }
-  any = _mm512_and_si512(any, lsb);
-  const __m512i nib = _mm512_set1_epi8(0x0f);
-  const __m512i table = _mm512_broadcast_i32x4(
-      _mm_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4));
-  const __m512i lo = _mm512_shuffle_epi8(table, _mm512_and_si512(any, nib));
-  const __m512i hi = _mm512_shuffle_epi8(table, _mm512_and_si512(_mm512_srli_epi64(any, 4), nib));
-  return _mm512_sad_epu8(_mm512_add_epi8(lo, hi), _mm512_setzero_si512());
-}
-
 // The lane of the first set bit of `m` in the scalar loop's tie order (delta -1, 1, -2, 2, -3,
 // 3: lanes 2, 4, 1, 5, 0, 6).
 inline int first_in_tie_order(unsigned m) {
@@ -375,7 +357,7 @@ inline int first_in_tie_order(unsigned m) {
   return 3;  // none: no move
 }
 
-XB_WIDE_SWEEP_TARGET void sweep_avx512(const SweepArgs& s, const int64_t* mine, int64_t n) {
+XB_WIDE_CODES_TARGET void sweep_avx512(const SweepArgs& s, const int64_t* mine, int64_t n) {
   const CellCodes& codes = *s.codes;
   const int64_t K = s.K, qmax = codes.qmax;
   const __m512i lsb = _mm512_set1_epi64(int64_t(codes.lsb));
@@ -395,7 +377,7 @@ XB_WIDE_SWEEP_TARGET void sweep_avx512(const SweepArgs& s, const int64_t* mine, 
     for (int64_t p = 0; p < K; ++p) {
       const int64_t k = io[p];
       const int64_t c = qo[k];
-      const __m512i window = _mm512_loadu_si512(s.padded_codes + (c + qmax));
+      const __m512i window = _mm512_loadu_si512(codes.codes_from(c - 3));
       __m512i count = _mm512_setzero_si512();
       for (int r = 0; r < 2; ++r) {
         if (nb[r] < 0) continue;
@@ -447,12 +429,8 @@ __attribute__((target("popcnt"))) void sweep_avx2(const SweepArgs& s, const int6
 
 SweepFn pick_sweep(VectorIsa isa) {
 #ifdef XB_X86_VECTOR
-  // (an AVX-512 CPU without its byte and quadword instructions, a first Xeon Phi, takes the
-  // AVX2 path's sweeps)
-  if (isa == VectorIsa::kAvx512 && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512dq")) {
-    return sweep_avx512;
-  }
+  // (an AVX-512 CPU without wide_codes_supported's instructions takes the AVX2 path's sweeps)
+  if (isa == VectorIsa::kAvx512 && wide_codes_supported()) return sweep_avx512;
   return pick_variant<SweepFn>(isa, sweep_plain, sweep_avx2, sweep_avx2);
 #else
   return sweep_plain;
@@ -504,15 +482,10 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   for (int64_t grp = 0; grp < groups; ++grp) {
     for (int64_t k = 0; k < K; ++k) diag[size_t(grp * K + k)] = hp[grp * K * K + k * K + k];
   }
-  // the codes with three entries before and four after (never candidates: masked), so that
-  // the window of every value of [-qmax, qmax] lies inside
-  std::vector<uint64_t> padded(codes.code.size() + 7, 0);
-  std::copy(codes.code.begin(), codes.code.end(), padded.begin() + 3);
   const SweepArgs a{hp, diag.data(), g.mutable_data_ptr<double>(),
                     q.mutable_data_ptr<int32_t>(), index.const_data_ptr<int64_t>(), pr.data(),
                     ch.succ.data(), fw.defined() ? fw.const_data_ptr<double>() : nullptr,
-                    &codes, padded.data(), int(bits_per_cell), K, out / groups,
-                    write_penalty};
+                    &codes, int(bits_per_cell), K, out / groups, write_penalty};
   const SweepFn sweep = pick_sweep(isa);
   for (int64_t s = 0; s < sweeps; ++s) {
     for (int parity = 0; parity < 2; ++parity) {
