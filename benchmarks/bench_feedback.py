@@ -73,6 +73,10 @@ def run_case(name, st, cfg, sentences) -> dict:
         steps["reprogram"] = _timed(lambda: xb.reprogram(model))
     writes = xb.reprogram_report(model).writes_per_pass
     del model, holder
+    # the case's freed pages back to the OS (untimed), so that the next case starts from the
+    # same footprint: the run of every case was killed for memory on a 24 GB machine once
+    from crossbar_torch.heap import release_free_memory
+    release_free_memory()
     return {"case": name, "steps": steps, "total": sum(steps.values()), "writes_per_pass": writes}
 
 
