@@ -276,6 +276,23 @@ __attribute__((target("avx512f"))) void add_scaled_avx512(double* g, const doubl
 }
 #endif
 
+// What filter o's sweep reads and writes: its group's Hs and diagonal, its running products,
+// integers and sort index, and its two neighbours (-1: none).
+struct SweepFilter {
+  const double* h;
+  const double* dg;
+  double* row;
+  int32_t* qo;
+  const int64_t* io;
+  int64_t nb[2];
+};
+
+inline SweepFilter sweep_filter(const SweepArgs& s, int64_t o) {
+  const int64_t K = s.K, grp = o / s.per_group;
+  return {s.hs + grp * K * K, s.diag + grp * K, s.g + o * K, s.q + o * K, s.index + o * K,
+          {s.pred[o], s.succ[o]}};
+}
+
 // Filters mine[0 .. n) of one half, each through its sorted positions in order: rule 24's moves
 // (the scalar and AVX2 paths; the AVX-512 one is sweep_avx512, below).
 XB_REFINE_INLINE void sweep_filters(const SweepArgs& s, const int64_t* mine, int64_t n) {
@@ -288,12 +305,7 @@ XB_REFINE_INLINE void sweep_filters(const SweepArgs& s, const int64_t* mine, int
   };
   for (int64_t i = 0; i < n; ++i) {
     const int64_t o = mine[i];
-    const double* h = s.hs + (o / s.per_group) * K * K;
-    const double* dg = s.diag + (o / s.per_group) * K;
-    double* row = s.g + o * K;
-    int32_t* qo = s.q + o * K;
-    const int64_t* io = s.index + o * K;
-    const int64_t nb[2] = {s.pred[o], s.succ[o]};
+    const auto [h, dg, row, qo, io, nb] = sweep_filter(s, o);
     for (int64_t p = 0; p < K; ++p) {
       const int64_t k = io[p];
       const int64_t c = qo[k];
@@ -367,12 +379,7 @@ XB_WIDE_CODES_TARGET void sweep_avx512(const SweepArgs& s, const int64_t* mine, 
   const __m512i lane3 = _mm512_set1_epi64(3);
   for (int64_t i = 0; i < n; ++i) {
     const int64_t o = mine[i];
-    const double* h = s.hs + (o / s.per_group) * K * K;
-    const double* dg = s.diag + (o / s.per_group) * K;
-    double* row = s.g + o * K;
-    int32_t* qo = s.q + o * K;
-    const int64_t* io = s.index + o * K;
-    const int64_t nb[2] = {s.pred[o], s.succ[o]};
+    const auto [h, dg, row, qo, io, nb] = sweep_filter(s, o);
     const __m512d aw = _mm512_set1_pd(s.a ? s.a[o] : 1.0);
     for (int64_t p = 0; p < K; ++p) {
       const int64_t k = io[p];
