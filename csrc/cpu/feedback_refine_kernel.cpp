@@ -355,10 +355,8 @@ XB_REFINE_INLINE void sweep_filters(const SweepArgs& s, const int64_t* mine, int
 // Priced one by one, the six candidates (a code look-up, a count and a branch apiece for each
 // neighbour) were most of a sweep once the first had moved what it would.
 
-// (GCC 12's AVX-512 headers build some of these intrinsics on an undefined vector and warn of it
-// where they are inlined: the lanes they leave undefined are never read.)
 #pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // cell_codes_wide.h says why
 // The lane of the first set bit of `m` in the scalar loop's tie order (delta -1, 1, -2, 2, -3,
 // 3: lanes 2, 4, 1, 5, 0, 6).
 inline int first_in_tie_order(unsigned m) {
