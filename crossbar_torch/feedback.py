@@ -147,7 +147,7 @@ def feedback_choice(layer, config, factors: FactorCache | None = None) -> tuple:
     inputs in order. Held cells are the layer's stuck cells at the levels it holds. ``factors``
     reuses the previous layer's factor when it is the same (one per programming pass). With
     them, ``tr(E H E^T)``, the output error energy the layer has once programmed with them
-    (``residual_energy``), or None after rule 24's sweeps."""
+    (``residual_energy``; after rule 24's sweeps ``swept_energy``)."""
     w = layer.matrix_weight().detach().to("cpu", torch.float32)
     scale = layer.scale.detach().to("cpu", torch.float32)
     target = (w / scale[:, None]).to(torch.float64)  # rule 2's division, in float32
@@ -175,10 +175,12 @@ def feedback_choice(layer, config, factors: FactorCache | None = None) -> tuple:
                                        config.write_penalty, fw, running=True)
     if config.feedback_sweeps > 0:  # rule 24 (nothing is held: the config sticks nothing)
         hs = scaled_moment(layer.input_moment, config.feedback_damp)
-        q = ops.feedback_refine(target.contiguous(), hs, q, pred, index, config.weight_bits,
-                                config.bits_per_cell, config.encoding_id, config.write_penalty,
-                                config.feedback_sweeps, fw)
-        return q, None
+        q, forms = ops.feedback_refine(target.contiguous(), hs, q, pred, index,
+                                       config.weight_bits, config.bits_per_cell,
+                                       config.encoding_id, config.write_penalty,
+                                       config.feedback_sweeps, fw, forms=True)
+        return q, swept_energy(q, forms, target, layer.input_moment, config.feedback_damp,
+                               scale)
     return q, residual_energy(q, running, target, u, layer.input_moment, config.feedback_damp,
                               scale)
 
@@ -210,6 +212,27 @@ def residual_energy(q, running, target, u, moment, damp: float, scale) -> float:
 
 
 RESIDUAL_CHUNK = 1 << 16  # weights at a time (512 KiB of float64)
+
+
+def swept_energy(q, forms, target, moment, damp: float, scale) -> float:
+    """``tr(E H E^T)`` of a layer programmed with rule 24's integers ``q``, ``E = s (q - t0)``,
+    from the op's ``forms`` (``d^T Hs d`` of each filter, ``d = q - t0``): ``Hs = Hd / m`` with
+    ``m`` the mean of ``Hd``'s diagonal, and ``Hd - H`` is diagonal, so ``d^T H d = m forms -
+    sum_k (Hd - H)[k, k] d[k]^2``. O(out K) where the products with ``H`` are O(out K^2), as
+    ``residual_energy`` for rule 21 (equal to the products' value up to rounding)."""
+    per = q.shape[0] // moment.shape[0]
+    h = moment.detach().diagonal(dim1=1, dim2=2).to("cpu", torch.float64, copy=True)
+    hd = damp_diagonal_(h.clone(), damp)
+    extra, m = hd - h, hd.mean(dim=1)
+    s2 = scale.to(torch.float64).square()
+    num = 0.0
+    step = max(1, RESIDUAL_CHUNK // max(q.shape[1], 1))
+    for g in range(moment.shape[0]):
+        for r0 in range(g * per, (g + 1) * per, step):
+            rows = slice(r0, min(r0 + step, (g + 1) * per))
+            e2 = q[rows].double().sub_(target[rows]).square_()
+            num += float((s2[rows] * (m[g] * forms[rows] - e2 @ extra[g])).sum())
+    return num
 
 
 def layer_filter_weights(layer, config, scale: torch.Tensor) -> torch.Tensor | None:

@@ -58,7 +58,7 @@ TORCH_LIBRARY(crossbar_torch, m) {
   m.def(
       "feedback_refine(Tensor target, Tensor hs, Tensor q, Tensor pred, Tensor sort_index, "
       "int weight_bits, int bits_per_cell, int encoding, float write_penalty, int sweeps, "
-      "Tensor? filter_weight=None) -> Tensor");
+      "Tensor? filter_weight=None) -> (Tensor, Tensor)");
   // host only: rule 21's factor U D U^T of each group's damped input moment (float64; on the
   // host, one thread, as rule 21 computes it: crossbar_torch/feedback.py)
   m.def("feedback_factor(Tensor moment, float damp) -> Tensor");

@@ -102,7 +102,8 @@ WORKER = textwrap.dedent(r'''
     REF = {"encode": ref.encode, "decode": ref.decode, "effective_weight": ref.effective_weight,
            "sort_and_encode": ref.sort_and_encode, "compensate": ref.compensate,
            "analog_matmul": aref.analog_matmul, "chain_order": ref.chain_order,
-           "sort_index": ref.sort_index, "feedback_refine": fref.feedback_refine}
+           "sort_index": ref.sort_index,
+           "feedback_refine": lambda *a: fref.feedback_refine(*a, forms=True)}
 
     def check(op, args, got):
         """A call that succeeded: meta in, meta out; on the CPU, the reference's values."""

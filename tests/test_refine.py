@@ -70,9 +70,20 @@ def test_kernel_reference_independent_agree(out, k, groups, bits, b, enc, penalt
     if b > (bits - 1 if enc == 0 else bits):
         b = 1
     t, hs, q, pred, index = _case(out, k, groups, bits, seed)
-    got = ops.feedback_refine(t, hs, q, pred, index, bits, b, enc, penalty, sweeps)
-    want = reference.feedback_refine(t, hs, q, pred, index, bits, b, enc, penalty, sweeps)
+    got, forms = ops.feedback_refine(t, hs, q, pred, index, bits, b, enc, penalty, sweeps,
+                                     forms=True)
+    want, want_forms = reference.feedback_refine(t, hs, q, pred, index, bits, b, enc, penalty,
+                                                 sweeps, forms=True)
     assert got.dtype == torch.int32 and torch.equal(got, want)
+    # each filter's d . g, the running products as the sweeps leave them: the same bits, and
+    # d^T Hs d of the refined integers up to the running sums' rounding
+    assert forms.dtype == torch.float64 and torch.equal(forms, want_forms)
+    assert forms.shape == ((out * groups,) if sweeps else (0,))
+    if sweeps and forms.numel():
+        d = got.double() - t
+        per = d.shape[0] // hs.shape[0]
+        exact = torch.stack([d[o] @ hs[o // per] @ d[o] for o in range(d.shape[0])])
+        assert torch.allclose(forms, exact, rtol=1e-9, atol=1e-9 * float(exact.abs().max()))
     sim = ind.refine_layer(t.tolist(), [h.tolist() for h in hs], q.tolist(), bits, b,
                            ENCODINGS[enc], pred.tolist(), index.tolist(), penalty, sweeps)
     assert got.tolist() == sim
@@ -182,8 +193,10 @@ def test_fake_kernel_shapes():
     q = torch.empty(4, 6, dtype=torch.int32, device="meta")
     pred = torch.empty(4, dtype=torch.int64, device="meta")
     index = torch.empty(4, 6, dtype=torch.int64, device="meta")
-    out = ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 1.0, 2)
+    out, forms = ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 1.0, 2, forms=True)
     assert out.shape == (4, 6) and out.dtype == torch.int32 and out.is_meta
+    assert forms.shape == (4,) and forms.dtype == torch.float64 and forms.is_meta
+    assert ops.feedback_refine(t, hs, q, pred, index, 8, 1, 0, 1.0, 0, forms=True)[1].shape == (0,)
     with pytest.raises(Exception, match="multiple of the groups"):
         ops.feedback_refine(t[:3], hs, q[:3], pred[:3], index[:3], 8, 1, 0, 1.0, 2)
 

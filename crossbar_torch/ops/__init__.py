@@ -111,15 +111,20 @@ def feedback_factor(moment, damp: float) -> torch.Tensor:
 
 def feedback_refine(target, hs, q, pred, sort_index, weight_bits: int, bits_per_cell: int,
                     encoding: int, write_penalty: float, sweeps: int,
-                    filter_weight=None) -> torch.Tensor:
+                    filter_weight=None, forms: bool = False):
     """Rule 24: ``sweeps`` refinement sweeps of rule 21's / 23's integers ``q`` (int32 (out, K),
     original order) for targets ``target`` (float64 (out, K)), the scaled moment ``hs`` (float64
     (groups, K, K)), rule 23's predecessors ``pred`` (int64 (out,), -1: none) and the sort index
     ``sort_index`` (int64 (out, K)); rule 25's ``filter_weight`` (float64 (out,), > 0) weighs
-    filter o's error. Host only. See feedback_reference.feedback_refine."""
-    return _ops.feedback_refine(target, hs, q, pred, sort_index, int(weight_bits),
+    filter o's error. Host only. See feedback_reference.feedback_refine.
+
+    With ``forms``, also each filter's ``d . g`` (float64 (out,); empty with ``sweeps`` 0): ``d
+    = q - target`` as the sweeps leave ``q`` and ``g`` the sweeps' running ``d Hs``, so ``d^T
+    Hs d`` up to the running sum's rounding, which the reprogramming's warning reads."""
+    q, f = _ops.feedback_refine(target, hs, q, pred, sort_index, int(weight_bits),
                                 int(bits_per_cell), int(encoding), float(write_penalty),
                                 int(sweeps), filter_weight)
+    return (q, f) if forms else q
 
 
 def chain_order(bits, start: int) -> torch.Tensor:

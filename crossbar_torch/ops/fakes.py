@@ -228,7 +228,7 @@ def _feedback_refine_fake(target, hs, q, pred, sort_index, weight_bits, bits_per
                          f"{tuple(sort_index.shape)} must be (out, K) = {(out, k)} and pred "
                          f"{tuple(pred.shape)} (out,)")
     _check_filter_weight(op, filter_weight, out)
-    return torch.empty_like(q)
+    return torch.empty_like(q), target.new_empty((out if sweeps else 0,))
 
 
 @torch.library.register_fake("crossbar_torch::chain_order")

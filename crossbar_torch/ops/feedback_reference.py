@@ -193,18 +193,22 @@ def chain_depths(pred: list) -> list:
 def feedback_refine(target: torch.Tensor, hs: torch.Tensor, q: torch.Tensor, pred: torch.Tensor,
                     index: torch.Tensor, weight_bits: int, bits_per_cell: int, encoding: int,
                     write_penalty: float, sweeps: int,
-                    filter_weight: torch.Tensor | None = None) -> torch.Tensor:
+                    filter_weight: torch.Tensor | None = None, forms: bool = False):
     """Rule 24: ``sweeps`` sweeps of coordinate descent on ``J`` from rule 21's / 23's ``q``
     (int32 (out, K), original order); ``target`` float64 (out, K), ``hs`` the scaled moment
     float64 (groups, K, K), ``pred`` int64 (out,) rule 23's predecessors, ``index`` the sort
     index. Each half (even / odd depth) goes position by position, its filters side by side
     (independent: their write terms involve the other half only); every product is rounded on
     its own, as the kernels compute. Rule 25's ``filter_weight`` (float64 (out,)) multiplies
-    filter o's error part of the cost."""
+    filter o's error part of the cost. Returns the refined integers; with ``forms``, also each
+    filter's ``sum_k d[k] g[k]`` (float64 (out,), summed in increasing k; empty without a
+    sweep), ``d = q - target`` and ``g`` the running ``d Hs`` as the sweeps leave them (what
+    the op computes)."""
     q = q.detach().to(torch.int64).clone()
     out, K = q.shape
-    if out == 0 or K == 0 or sweeps == 0:
-        return q.to(torch.int32)
+    if sweeps == 0 or out == 0 or K == 0:
+        sums = torch.zeros(out if sweeps else 0, dtype=torch.float64)
+        return (q.to(torch.int32), sums) if forms else q.to(torch.int32)
     qmax = 2 ** (weight_bits - 1) - 1
     per = out // hs.shape[0]
     rows_h = hs.to(torch.float64)[torch.arange(out) // per]             # (out, K, K)
@@ -264,4 +268,10 @@ def feedback_refine(target: torch.Tensor, hs: torch.Tensor, q: torch.Tensor, pre
                     dv = move[moved]
                     q[o, kk] = q[o, kk] + dv
                     g[o] = g[o] + dv.to(torch.float64)[:, None] * rows_h[o, kk, :]
-    return q.to(torch.int32)
+    if not forms:
+        return q.to(torch.int32)
+    d = q.to(torch.float64) - target.to(torch.float64)
+    sums = torch.zeros(out, dtype=torch.float64)
+    for k in range(K):  # increasing k, each product rounded, then added
+        sums = sums + d[:, k] * g[:, k]
+    return q.to(torch.int32), sums

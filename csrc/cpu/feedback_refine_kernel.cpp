@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 #include "vector_isa.h"
@@ -444,7 +445,9 @@ SweepFn pick_sweep(VectorIsa isa) {
 
 }  // namespace
 
-at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs_in,
+// (q, the forms: filter o's d_o . g_o after the sweeps, the reprogramming's warning reads them)
+std::tuple<at::Tensor, at::Tensor> feedback_refine_cpu(const at::Tensor& target_in,
+                                                       const at::Tensor& hs_in,
                                const at::Tensor& q_in, const at::Tensor& pred,
                                const at::Tensor& sort_index_in, int64_t weight_bits,
                                int64_t bits_per_cell, int64_t encoding, double write_penalty,
@@ -460,7 +463,9 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
   check_feedback_refine_values(t, hs, q, index, weight_bits);
   const int64_t out = t.size(0), K = t.size(1), groups = hs.size(0);
   const FeedbackChains ch = feedback_chains(pred, out, "feedback_refine");  // checked even idle
-  if (out == 0 || K == 0 || sweeps == 0) return q;
+  // no sweep: no running products, no forms; no input: every form an empty sum
+  if (sweeps == 0) return {q, at::empty({0}, t.options())};
+  if (out == 0 || K == 0) return {q, at::zeros({out}, t.options())};
   const std::vector<int64_t> pr = [&] {
     const at::Tensor p = pred.contiguous();
     return std::vector<int64_t>(p.const_data_ptr<int64_t>(), p.const_data_ptr<int64_t>() + out);
@@ -500,7 +505,24 @@ at::Tensor feedback_refine_cpu(const at::Tensor& target_in, const at::Tensor& hs
       });
     }
   }
-  return q;
+  // forms[o] = sum_k d[o, k] * g[o, k] with d = q - t as the sweeps left q, summed from 0 in
+  // increasing k (each product rounded on its own): d^T Hs d up to the rounding of the running
+  // g, from which the warning takes the layer's output error without a product with H
+  at::Tensor forms = at::empty({out}, t.options());
+  const double* tp = t.const_data_ptr<double>();
+  const double* gp = g.const_data_ptr<double>();
+  const int32_t* qp = q.const_data_ptr<int32_t>();
+  double* fp = forms.mutable_data_ptr<double>();
+  at::parallel_for(0, out, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o = begin; o < end; ++o) {
+      double sum = 0.0;
+      for (int64_t k = 0; k < K; ++k) {
+        sum = sum + (double(qp[o * K + k]) - tp[o * K + k]) * gp[o * K + k];
+      }
+      fp[o] = sum;
+    }
+  });
+  return {q, forms};
 }
 
 TORCH_LIBRARY_IMPL(crossbar_torch, CPU, m) { m.impl("feedback_refine", &feedback_refine_cpu); }
