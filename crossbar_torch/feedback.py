@@ -312,7 +312,8 @@ def layer_output_energies(layer, e: torch.Tensor | None = None, noted: bool = Fa
     (``weight_error``; pass ``e`` when it is at hand): the mean squared error its crossbars
     add to one output row (one token, one position) on the calibration inputs, and that row's
     mean square ((0, 0) without an input moment). ``noted``: the first from the programming's
-    residuals where it noted them and nothing changed since (``residual_energy``)."""
+    residuals where it noted them and nothing changed since (``residual_energy``,
+    ``swept_energy``)."""
     h = layer.input_moment.detach().to("cpu", torch.float32)
     if not h.numel():
         return 0.0, 0.0
