@@ -192,23 +192,37 @@ def residual_energy(q, running, target, u, moment, damp: float, scale) -> float:
     t0[k] - sum_{j<k} U[j, k] e[j]``), and ``Hd - H`` is diagonal. O(out K) where the products
     with ``H`` are O(out K^2): the reprogramming's warning (``warn_output_errors``) reads it.
     Equal to the products' value up to rounding (and to ``s t0`` standing for ``W``)."""
-    per = q.shape[0] // u.shape[0]
-    h = moment.detach().diagonal(dim1=1, dim2=2).to("cpu", torch.float64, copy=True)
-    extra = damp_diagonal_(h.clone(), damp) - h  # lambda, and 1 + lambda where H[k, k] == 0
+    extra, _ = damping_of_diagonal(moment, damp)
     s2 = scale.to(torch.float64).square()
     num = 0.0
-    # a few rows at a time: their float64 squares stay in cache, where whole-layer ones were
-    # four transient copies of the layer (out, K) in float64
-    step = max(1, RESIDUAL_CHUNK // max(q.shape[1], 1))
-    for g in range(u.shape[0]):
+    for g, rows in row_chunks(q.shape, u.shape[0]):
         d, x = u[g].diagonal(), extra[g]
-        for r0 in range(g * per, (g + 1) * per, step):
-            rows = slice(r0, min(r0 + step, (g + 1) * per))
-            qd = q[rows].double()
-            r2 = torch.sub(qd, running[rows]).square_()
-            e2 = qd.sub_(target[rows]).square_()
-            num += float((s2[rows] * (r2 @ d - e2 @ x)).sum())
+        qd = q[rows].double()
+        r2 = torch.sub(qd, running[rows]).square_()
+        e2 = qd.sub_(target[rows]).square_()
+        num += float((s2[rows] * (r2 @ d - e2 @ x)).sum())
     return num
+
+
+def damping_of_diagonal(moment, damp: float) -> tuple:
+    """``(Hd - H, mean of Hd's diagonal)`` of each group (float64 (G, K) and (G,)): rule 21's
+    damping, ``lambda`` and ``1 + lambda`` where ``H[k, k] == 0``, all ``Hd - H`` holds (it is
+    diagonal), and rule 24's scale ``m`` (``Hs = Hd / m``)."""
+    h = moment.detach().diagonal(dim1=1, dim2=2).to("cpu", torch.float64, copy=True)
+    hd = damp_diagonal_(h.clone(), damp)
+    return hd - h, hd.mean(dim=1)
+
+
+def row_chunks(shape, groups: int):
+    """``(group, rows)`` of an (out, K) layer, a few rows at a time within each group: their
+    float64 squares stay in cache, where whole-layer ones were four transient copies of the
+    layer (out, K) in float64."""
+    out, k = shape
+    per = out // groups
+    step = max(1, RESIDUAL_CHUNK // max(k, 1))
+    for g in range(groups):
+        for r0 in range(g * per, (g + 1) * per, step):
+            yield g, slice(r0, min(r0 + step, (g + 1) * per))
 
 
 RESIDUAL_CHUNK = 1 << 16  # weights at a time (512 KiB of float64)
@@ -220,18 +234,12 @@ def swept_energy(q, forms, target, moment, damp: float, scale) -> float:
     ``m`` the mean of ``Hd``'s diagonal, and ``Hd - H`` is diagonal, so ``d^T H d = m forms -
     sum_k (Hd - H)[k, k] d[k]^2``. O(out K) where the products with ``H`` are O(out K^2), as
     ``residual_energy`` for rule 21 (equal to the products' value up to rounding)."""
-    per = q.shape[0] // moment.shape[0]
-    h = moment.detach().diagonal(dim1=1, dim2=2).to("cpu", torch.float64, copy=True)
-    hd = damp_diagonal_(h.clone(), damp)
-    extra, m = hd - h, hd.mean(dim=1)
+    extra, m = damping_of_diagonal(moment, damp)
     s2 = scale.to(torch.float64).square()
     num = 0.0
-    step = max(1, RESIDUAL_CHUNK // max(q.shape[1], 1))
-    for g in range(moment.shape[0]):
-        for r0 in range(g * per, (g + 1) * per, step):
-            rows = slice(r0, min(r0 + step, (g + 1) * per))
-            e2 = q[rows].double().sub_(target[rows]).square_()
-            num += float((s2[rows] * (m[g] * forms[rows] - e2 @ extra[g])).sum())
+    for g, rows in row_chunks(q.shape, moment.shape[0]):
+        e2 = q[rows].double().sub_(target[rows]).square_()
+        num += float((s2[rows] * (m[g] * forms[rows] - e2 @ extra[g])).sum())
     return num
 
 
